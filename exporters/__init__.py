@@ -1,0 +1,1 @@
+"""mmedge.exporters: checkpoint -> family split -> per-part graphs -> package. Needs torch."""

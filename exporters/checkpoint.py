@@ -1,0 +1,102 @@
+"""Finding and checking a Hugging Face checkpoint: a local directory, an alias or a Hub id."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from mmedge.errors import ExportError
+from mmedge.exporters.family import aliases, families, family_for
+
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+
+
+def builtin_models() -> dict[str, str]:
+    """Models mmedge can produce itself, with no download."""
+    from mmedge.exporters import tiny
+
+    return {name: spec.description for name, spec in tiny.BUILTIN.items()}
+
+
+def resolve(model: str) -> Path:
+    """Return the local checkpoint directory for `model`, or raise one clear line."""
+    from mmedge.exporters import tiny
+
+    path = Path(model).expanduser()
+    if path.exists():
+        return check_checkpoint(path)
+    if model in tiny.BUILTIN:
+        return tiny.materialize(model)
+    hub_id = aliases().get(model, model)
+    if "/" not in hub_id or model.startswith((".", "/", "~")):
+        known = ", ".join(sorted([*aliases(), *tiny.BUILTIN]))
+        raise ExportError(
+            f"model {model!r} is not a directory, a known alias ({known}) or a Hugging Face id (org/name)"
+        )
+    return check_checkpoint(_from_hub(model, hub_id))
+
+
+def _from_hub(model: str, hub_id: str) -> Path:
+    from huggingface_hub import constants, snapshot_download
+
+    named = f"{model!r} ({hub_id})" if model != hub_id else repr(hub_id)
+    try:
+        return Path(snapshot_download(hub_id, local_files_only=True))
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        try:
+            return Path(snapshot_download(hub_id))
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    raise ExportError(
+        f"model {named} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and could not be "
+        f"downloaded ({reason}); download it where there is network, or pass a local checkpoint "
+        f"directory: --model /path/to/checkpoint"
+    )
+
+
+def read_config(checkpoint: Path) -> dict:
+    path = checkpoint / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ExportError(f"{checkpoint} is not a Hugging Face checkpoint (no config.json)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ExportError(f"{path} is not valid JSON ({exc})") from None
+
+
+def check_checkpoint(checkpoint: Path) -> Path:
+    if not checkpoint.is_dir():
+        raise ExportError(f"{checkpoint} is a file; pass the checkpoint directory (the one with config.json)")
+    config = read_config(checkpoint)
+    model_type = config.get("model_type")
+    if not model_type:
+        raise ExportError(f"{checkpoint / 'config.json'} has no model_type; is this a transformers checkpoint?")
+    if family_for(model_type) is None:
+        supported = ", ".join(sorted(families()))
+        raise ExportError(f"model type {model_type!r} is not supported yet; supported: {supported}")
+    if not any(next(checkpoint.glob(p), None) for p in WEIGHT_PATTERNS):
+        raise ExportError(f"{checkpoint} has no weights (*.safetensors or pytorch_model.bin); the download is incomplete")
+    if not (checkpoint / "tokenizer.json").exists() and not (checkpoint / "tokenizer.model").exists():
+        raise ExportError(f"{checkpoint} has no tokenizer (tokenizer.json or tokenizer.model)")
+    image_processor_config(checkpoint)
+    return checkpoint
+
+
+def image_processor_config(checkpoint: Path) -> dict:
+    """The image processor's settings: preprocessor_config.json, or the newer processor_config.json."""
+    legacy = checkpoint / "preprocessor_config.json"
+    if legacy.exists():
+        return json.loads(legacy.read_text())
+    combined = checkpoint / "processor_config.json"
+    if combined.exists():
+        data = json.loads(combined.read_text())
+        if isinstance(data.get("image_processor"), dict):
+            return data["image_processor"]
+    raise ExportError(
+        f"{checkpoint} has no image processor settings (preprocessor_config.json or processor_config.json)"
+    )

@@ -1,0 +1,161 @@
+"""`mmedge export`: checkpoint -> verified graphs -> package directory."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmedge import __version__
+from mmedge.errors import ExportError
+from mmedge.manifest import GraphSpec, KVCacheSpec, Manifest
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("onnxruntime",)
+PLANNED_TARGETS = ("openvino", "tensorrt", "coreml")
+PRECISIONS = ("fp32",)
+
+
+@dataclass
+class ExportOptions:
+    model: str
+    output: Path
+    target: str = "onnxruntime"
+    quant: str = "fp32"
+    max_context: int | None = None  # default: image tokens + 512, within the model's limit
+    overwrite: bool = False
+    progress: bool = True
+
+
+def check_options(opts: ExportOptions) -> None:
+    if opts.target in PLANNED_TARGETS:
+        raise ExportError(f"target {opts.target!r} is not built yet; available now: {', '.join(TARGETS)}")
+    if opts.target not in TARGETS:
+        raise ExportError(f"unknown target {opts.target!r}; choose one of: {', '.join(TARGETS)}")
+    if opts.quant not in PRECISIONS:
+        raise ExportError(f"precision {opts.quant!r} is not available yet; available now: {', '.join(PRECISIONS)}")
+    if opts.max_context is not None and opts.max_context < 2:
+        raise ExportError(f"--max-context must be at least 2, got {opts.max_context}")
+
+
+def export(opts: ExportOptions) -> Manifest:
+    """Export `opts.model` to a package at `opts.output`; returns its manifest."""
+    from mmedge.exporters import checkpoint as ckpt
+    from mmedge.exporters.package import check_output
+
+    check_options(opts)
+    check_output(Path(opts.output).resolve(), opts.overwrite)  # fail before minutes of loading
+    path = ckpt.resolve(opts.model)
+    family = ckpt.family_for(ckpt.read_config(path)["model_type"])
+    return _export(opts, path, family)
+
+
+def _export(opts: ExportOptions, checkpoint: Path, family) -> Manifest:
+    import torch
+    from tqdm.auto import tqdm
+
+    from mmedge.exporters import onnxruntime_target as target
+    from mmedge.exporters.graphs import build_jobs
+    from mmedge.exporters.package import file_entries, staged_package
+
+    log.info("loading %s", checkpoint)
+    model = _load(family, checkpoint)
+    tokenizer = _load_tokenizer(checkpoint)
+    parts = family.split(model)
+    desc = family.describe(model, checkpoint, tokenizer)
+    max_context = opts.max_context or min(desc.max_position_embeddings, desc.prompt.image_seq_len + 512)
+    if max_context > desc.max_position_embeddings:
+        raise ExportError(
+            f"--max-context {max_context} exceeds the model's {desc.max_position_embeddings} positions"
+        )
+    if max_context <= desc.prompt.image_seq_len + 1:
+        raise ExportError(
+            f"--max-context {max_context} leaves no room after the {desc.prompt.image_seq_len} image tokens"
+        )
+
+    graphs, report = {}, {}
+    started = time.perf_counter()
+    with staged_package(Path(opts.output), opts.overwrite) as stage:
+        jobs = build_jobs(parts)
+        bar = tqdm(jobs, desc="export", unit="graph", disable=not opts.progress)
+        for job in bar:
+            bar.set_postfix_str(job.name)
+            file = f"{job.name}.onnx"
+            target.export_graph(job, stage / file)
+            result = target.verify_graph(job, stage / file)
+            report[job.name] = result
+            if not result["passed"]:
+                worst = max(result["outputs"].items(), key=lambda kv: kv[1]["max_abs_err"])
+                raise ExportError(
+                    f"{job.name} does not match PyTorch: {worst[0]} max abs error {worst[1]['max_abs_err']:.3g} "
+                    f"(tolerance {result['rtol']} x max(1, |ref|)); nothing was written"
+                )
+            inputs, outputs = target.io_specs(stage / file)
+            graphs[job.name] = GraphSpec(file=file, precision=opts.quant, inputs=inputs, outputs=outputs)
+        bar.close()
+        tokenizer.backend_tokenizer.save(str(stage / "tokenizer.json"))
+        manifest = Manifest(
+            family=family.__name__.rsplit(".", 1)[-1],
+            model_type=model.config.model_type,
+            target=opts.target,
+            graphs=graphs,
+            kv_cache=KVCacheSpec(
+                num_layers=parts.num_layers,
+                num_kv_heads=parts.num_kv_heads,
+                head_dim=parts.head_dim,
+                dtype="float32",
+                max_context=max_context,
+            ),
+            preprocess=desc.preprocess,
+            prompt=desc.prompt,
+            schemes=desc.schemes,
+            special_tokens=desc.special_tokens,
+            generation=desc.generation,
+            source={
+                "model": opts.model,
+                "checkpoint": str(checkpoint),
+                "torch": torch.__version__,
+                "transformers": _version("transformers"),
+                "onnx": _version("onnx"),
+            },
+            verification={"reference": "pytorch fp32", "graphs": report},
+            mmedge_version=__version__,
+        )
+        manifest.files = file_entries(stage)
+        manifest.save(stage)
+    log.info("exported %s in %.1f s", opts.output, time.perf_counter() - started)
+    return manifest
+
+
+def _load(family, checkpoint: Path):
+    try:
+        return family.load(checkpoint)
+    except ExportError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"could not load the model from {checkpoint}: {first}") from exc
+
+
+def _load_tokenizer(checkpoint: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=False)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"could not load the tokenizer from {checkpoint}: {first}") from exc
+    if getattr(tok, "backend_tokenizer", None) is None:
+        raise ExportError(f"the tokenizer in {checkpoint} has no fast (tokenizers) version; mmedge needs tokenizer.json")
+    return tok
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,1 @@
+"""One module per model family; see mmedge/exporters/family.py for the contract."""

@@ -1,0 +1,89 @@
+"""What a family file provides, and how families are found.
+
+A family is one module in mmedge/exporters/families/ with:
+
+    MODEL_TYPES = ("paligemma",)          # config.json model_type values it handles
+    ALIASES = {"paligemma": "google/..."}  # short names -> Hub ids (optional)
+    def load(checkpoint: Path) -> torch model
+    def split(model) -> Parts
+    def describe(model, checkpoint: Path) -> Description
+
+The exporter turns `Parts` into graphs and `Description` into manifest
+fields; the runtime never sees the family code. Families are discovered by
+scanning this package, so adding one is adding one file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from functools import cache
+from types import ModuleType
+from typing import Callable
+
+from mmedge.manifest import GenerationDefaults, PreprocessSpec, PromptSpec, SchemeSpec, SpecialTokens
+
+
+@dataclass
+class Parts:
+    """The torch modules of a VLM, each exported as its own graph.
+
+    vision_encoder: pixel_values [B,3,H,W] -> image_features
+    projector: image_features -> image_embeds [B, n_img_tokens, hidden]
+    embed_tokens: input_ids [B,S] -> inputs_embeds [B,S,hidden]
+    text_model: a transformers decoder stack called with inputs_embeds, a
+        ready-made 4-D additive mask (or what `mask_arg` builds from the masks),
+        position_ids and a cache object; returns last_hidden_state
+    head: hidden states -> logits (lm_head plus any final soft-capping)
+    """
+
+    vision_encoder: object
+    projector: object
+    embed_tokens: object
+    text_model: object
+    head: object
+    image_size: tuple[int, int]
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    mask_names: tuple[str, ...] = ("attention_mask",)
+    mask_arg: Callable = field(default=lambda masks: masks[0])
+
+
+@dataclass
+class Description:
+    """Run-time facts a family hands to the manifest."""
+
+    preprocess: PreprocessSpec
+    prompt: PromptSpec
+    schemes: SchemeSpec
+    special_tokens: SpecialTokens
+    generation: GenerationDefaults
+    max_position_embeddings: int
+
+
+@cache
+def families() -> dict[str, ModuleType]:
+    """model_type -> family module, for every file in mmedge.exporters.families."""
+    from mmedge.exporters import families as package
+
+    found: dict[str, ModuleType] = {}
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for model_type in getattr(module, "MODEL_TYPES", ()):
+            found[model_type] = module
+    return found
+
+
+def family_for(model_type: str) -> ModuleType | None:
+    return families().get(model_type)
+
+
+def aliases() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for module in set(families().values()):
+        out.update(getattr(module, "ALIASES", {}))
+    return out

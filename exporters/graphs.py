@@ -1,0 +1,164 @@
+"""The four graph contracts, target-independent: wrappers, names, axes, sample inputs.
+
+Every target exporter (ONNX today; OpenVINO, Core ML, TensorRT build on the
+same jobs) gets a `GraphJob` per part: the torch module to trace, its input and
+output names, the dynamic axes, inputs to trace with and different inputs to
+verify with. Sizes used for tracing differ from every size used for checking
+and from every fixed dimension, so nothing gets specialised silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from mmedge.exporters.family import Parts
+
+TRACE = dict(batch=2, seq=5, cache=7)
+CHECKS = (dict(batch=1, seq=3, cache=4), dict(batch=3, seq=1, cache=9), dict(batch=1, seq=6, cache=0))
+
+
+@dataclass
+class GraphJob:
+    name: str
+    module: torch.nn.Module
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]]  # input name -> {axis: dim name}
+    trace_inputs: tuple
+    check_inputs: list[tuple]
+    output_axes: dict[str, dict[int, str]] = field(default_factory=dict)  # names for derived output dims
+
+
+class _PastKV:
+    """Duck-typed transformers cache: past comes in as tensors, new keys/values are kept.
+
+    Attention layers call update(k, v, layer_idx); we return past+new for
+    attention and remember only the new part, which is what the graph outputs.
+    """
+
+    def __init__(self, past: tuple):
+        self.past = past
+        self.new: list = [None] * (len(past) // 2)
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        self.new[layer_idx] = (key, value)
+        return (
+            torch.cat([self.past[2 * layer_idx], key], dim=2),
+            torch.cat([self.past[2 * layer_idx + 1], value], dim=2),
+        )
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.past[0].shape[2]
+
+
+class DecoderGraph(torch.nn.Module):
+    """inputs_embeds, masks, position_ids, past k/v per layer -> last logits, new k/v per layer."""
+
+    def __init__(self, parts: Parts):
+        super().__init__()
+        self.text_model = parts.text_model
+        self.head = parts.head
+        self.n_masks = len(parts.mask_names)
+        self.mask_arg = parts.mask_arg
+
+    def forward(self, inputs_embeds, *rest):
+        masks, position_ids, past = rest[: self.n_masks], rest[self.n_masks], rest[self.n_masks + 1 :]
+        cache = _PastKV(past)
+        out = self.text_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=self.mask_arg(list(masks)),
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+        )
+        logits = self.head(out.last_hidden_state[:, -1:, :])
+        flat = [t for pair in cache.new for t in pair]
+        return (logits, *flat)
+
+
+def kv_names(prefix: str, num_layers: int) -> list[str]:
+    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def _mask(batch: int, seq: int, cache: int, generator: torch.Generator) -> torch.Tensor:
+    """A valid additive mask: causal over [cache | new] with random holes in the cache."""
+    keep = torch.ones(batch, 1, seq, cache + seq, dtype=torch.bool)
+    keep[..., cache:] = torch.tril(torch.ones(seq, seq, dtype=torch.bool))
+    if cache:
+        keep[..., :cache] = torch.rand(batch, 1, seq, cache, generator=generator) > 0.3
+    return torch.where(keep, 0.0, torch.finfo(torch.float32).min)
+
+
+def build_jobs(parts: Parts, seed: int = 0) -> list[GraphJob]:
+    g = torch.Generator().manual_seed(seed)
+    h, w = parts.image_size
+
+    def pixels(b):
+        return (torch.rand(b, 3, h, w, generator=g) * 2 - 1,)
+
+    vision = GraphJob(
+        "vision_encoder",
+        parts.vision_encoder,
+        ["pixel_values"],
+        ["image_features"],
+        {"pixel_values": {0: "batch"}},
+        pixels(TRACE["batch"]),
+        [pixels(c["batch"]) for c in CHECKS[:2]],
+    )
+    with torch.no_grad():
+        feature_shape = parts.vision_encoder(*pixels(1)).shape[1:]
+
+    def features(b):
+        return (torch.randn(b, *feature_shape, generator=g),)
+
+    projector = GraphJob(
+        "projector",
+        parts.projector,
+        ["image_features"],
+        ["image_embeds"],
+        {"image_features": {0: "batch"}},
+        features(TRACE["batch"]),
+        [features(c["batch"]) for c in CHECKS[:2]],
+    )
+
+    def ids(c):
+        return (torch.randint(0, parts.vocab_size, (c["batch"], c["seq"]), generator=g),)
+
+    embed = GraphJob(
+        "embed_tokens",
+        parts.embed_tokens,
+        ["input_ids"],
+        ["inputs_embeds"],
+        {"input_ids": {0: "batch", 1: "seq"}},
+        ids(TRACE),
+        [ids(c) for c in CHECKS],
+    )
+
+    kv_shape = (parts.num_kv_heads, parts.head_dim)
+
+    def decoder_inputs(c):
+        b, s, p = c["batch"], c["seq"], c["cache"]
+        embeds = torch.randn(b, s, parts.hidden_size, generator=g)
+        masks = [_mask(b, s, p, g) for _ in parts.mask_names]
+        positions = (torch.arange(p, p + s) + 1).repeat(b, 1)
+        past = [torch.randn(b, kv_shape[0], p, kv_shape[1], generator=g) for _ in range(2 * parts.num_layers)]
+        return (embeds, *masks, positions, *past)
+
+    past_names = kv_names("past", parts.num_layers)
+    present_names = kv_names("present", parts.num_layers)
+    axes = {"inputs_embeds": {0: "batch", 1: "seq"}, "position_ids": {0: "batch", 1: "seq"}}
+    axes.update({m: {0: "batch", 2: "seq", 3: "total_len"} for m in parts.mask_names})
+    axes.update({n: {0: "batch", 2: "cache_len"} for n in past_names})
+    decoder = GraphJob(
+        "decoder",
+        DecoderGraph(parts),
+        ["inputs_embeds", *parts.mask_names, "position_ids", *past_names],
+        ["logits", *present_names],
+        axes,
+        decoder_inputs(TRACE),
+        [decoder_inputs(c) for c in CHECKS],
+        output_axes={"logits": {0: "batch"}, **{n: {0: "batch", 2: "seq"} for n in present_names}},
+    )
+    return [vision, projector, embed, decoder]

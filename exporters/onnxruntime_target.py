@@ -1,0 +1,140 @@
+"""Target `onnxruntime`: torch parts -> ONNX graphs (torch.export based), verified in ONNX Runtime."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from mmedge.errors import ExportError
+from mmedge.exporters.graphs import GraphJob
+from mmedge.manifest import TensorSpec
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+DERIVED_DIMS = {"total_len"}  # sizes that follow from others; torch.export infers them
+EXTERNAL_DATA_BYTES = 2 << 30  # protobuf's limit: bigger models keep weights beside the graph
+
+
+def export_graph(job: GraphJob, path: Path) -> None:
+    """Trace `job.module` and write `path` (weights external when over 2 GB)."""
+    dims: dict[str, object] = {}
+
+    def dim(name: str):
+        if name in DERIVED_DIMS:
+            return torch.export.Dim.AUTO
+        return dims.setdefault(name, torch.export.Dim(name))
+
+    dynamic = [{axis: dim(n) for axis, n in job.dynamic_axes.get(name, {}).items()} for name in job.input_names]
+    with _quiet(), torch.no_grad():
+        try:
+            program = torch.onnx.export(
+                job.module,
+                job.trace_inputs,
+                input_names=job.input_names,
+                output_names=job.output_names,
+                dynamic_shapes=_match_signature(job.module, dynamic),
+                opset_version=OPSET,
+                dynamo=True,
+                verbose=False,
+            )
+        except Exception as exc:
+            raise ExportError(f"tracing {job.name} failed: {_first_line(exc)}") from exc
+    model = program.model_proto
+    _name_dims(model, job)
+    big = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=big,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data",
+    )
+
+
+def _match_signature(module: torch.nn.Module, per_input: list) -> tuple:
+    """torch.export wants dynamic shapes nested like forward's parameters (*args as one tuple)."""
+    import inspect
+
+    params = list(inspect.signature(module.forward).parameters.values())
+    fixed = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return (*per_input[: len(fixed)], tuple(per_input[len(fixed) :]))
+    return tuple(per_input)
+
+
+def _name_dims(model: onnx.ModelProto, job: GraphJob) -> None:
+    """Give every dynamic axis the contract's name (torch.export invents names for derived ones)."""
+    axes = {**job.dynamic_axes, **job.output_axes}
+    for value in list(model.graph.input) + list(model.graph.output):
+        for axis, name in axes.get(value.name, {}).items():
+            value.type.tensor_type.shape.dim[axis].dim_param = name
+
+
+def io_specs(path: Path) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+    model = onnx.load(str(path), load_external_data=False)
+
+    def spec(value) -> TensorSpec:
+        t = value.type.tensor_type
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).name
+        return TensorSpec(dtype, [d.dim_param if d.dim_param else d.dim_value for d in t.shape.dim])
+
+    return {v.name: spec(v) for v in model.graph.input}, {v.name: spec(v) for v in model.graph.output}
+
+
+def verify_graph(job: GraphJob, path: Path, rtol: float = 1e-3) -> dict:
+    """Run the graph in ONNX Runtime on inputs not used for tracing; compare with PyTorch.
+
+    Passes when every output's max abs error <= rtol * max(1, max |reference|).
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    worst: dict[str, dict[str, float]] = {}
+    for inputs in job.check_inputs:
+        with torch.no_grad():
+            expected = job.module(*inputs)
+        expected = expected if isinstance(expected, (tuple, list)) else (expected,)
+        feeds = {name: t.numpy() for name, t in zip(job.input_names, inputs)}
+        got = session.run(job.output_names, feeds)
+        for name, ref, out in zip(job.output_names, expected, got):
+            ref = ref.numpy()
+            if ref.shape != out.shape:
+                raise ExportError(f"{job.name} output {name} has shape {out.shape} in ONNX, {ref.shape} in PyTorch")
+            err = float(np.max(np.abs(ref - out))) if ref.size else 0.0
+            scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+            entry = worst.setdefault(name, {"max_abs_err": 0.0, "max_abs_ref": 0.0})
+            entry["max_abs_err"] = max(entry["max_abs_err"], err)
+            entry["max_abs_ref"] = max(entry["max_abs_ref"], scale)
+    passed = all(e["max_abs_err"] <= rtol * max(1.0, e["max_abs_ref"]) for e in worst.values())
+    return {"outputs": worst, "rtol": rtol, "cases": len(job.check_inputs), "passed": passed}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.onnx prints progress and warnings of its own; keep the CLI's output ours."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

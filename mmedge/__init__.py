@@ -1,0 +1,21 @@
+"""mmedge: vision-language models on edge devices.
+
+    import mmedge
+    pipe = mmedge.Pipeline.load("package-dir/")
+    print(pipe.generate("photo.jpg", "caption en"))
+
+Importing mmedge does not import torch; only `mmedge export` needs it.
+"""
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name in ("Pipeline", "GenerationOptions"):
+        from mmedge import runtimes
+
+        return getattr(runtimes, name)
+    raise AttributeError(f"module 'mmedge' has no attribute {name!r}")
+
+
+__all__ = ["Pipeline", "GenerationOptions", "__version__"]

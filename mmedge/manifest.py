@@ -1,0 +1,241 @@
+"""The package format: a directory of graphs, tokenizer.json and mmedge.json.
+
+This module is shared by the exporter (which writes manifests) and the runtime
+(which reads them), so it must stay free of torch and transformers. The
+manifest is a tree of small dataclasses; `Manifest.to_dict()` /
+`Manifest.from_dict()` map it to and from JSON. See docs/package-format.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmedge.errors import PackageError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "mmedge.json"
+
+Dim = typing.Union[int, str]  # a fixed size, or the name of a dynamic axis
+
+
+@dataclass
+class TensorSpec:
+    dtype: str
+    shape: list[Dim]
+
+
+@dataclass
+class GraphSpec:
+    file: str
+    precision: str
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
+
+
+@dataclass
+class KVCacheSpec:
+    """How the decoder's cache is laid out and named.
+
+    The runtime preallocates one key and one value buffer per layer of shape
+    [batch, num_kv_heads, max_context, head_dim] and writes each step's
+    `present` tensors (the new positions only) into it at their positions.
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    max_context: int
+    layout: str = "batch,kv_heads,time,head_dim"
+    past_key: str = "past.{layer}.key"
+    past_value: str = "past.{layer}.value"
+    present_key: str = "present.{layer}.key"
+    present_value: str = "present.{layer}.value"
+
+
+@dataclass
+class PreprocessSpec:
+    """Numbers of the image processor; the runtime reproduces it with Pillow + numpy."""
+
+    height: int
+    width: int
+    resample: str = "bicubic"
+    rescale: float = 1 / 255
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    convert_rgb: bool = True
+    do_resize: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
+
+
+@dataclass
+class PromptSpec:
+    """How the user's text becomes the token sequence.
+
+    `template` uses {image} (the image token repeated image_seq_len times),
+    {bos} and {prompt}. `mode` "template" is the family's fixed format.
+    """
+
+    template: str
+    image_token: str
+    image_token_id: int
+    image_seq_len: int
+    mode: str = "template"
+
+
+@dataclass
+class SchemeSpec:
+    """The named run-time schemes a family selects (see mmedge/runtimes/schemes.py)."""
+
+    positions: str = "linear"  # position id = sequence index + position_offset
+    position_offset: int = 0
+    attention: str = "causal"  # or "prefix_bidirectional"
+    image_placement: str = "replace_image_tokens"
+    sliding_window: int | None = None  # set when the decoder takes a sliding-window mask too
+
+
+@dataclass
+class SpecialTokens:
+    bos_id: int | None
+    bos: str | None
+    eos_ids: list[int]
+    pad_id: int | None = None
+
+
+@dataclass
+class GenerationDefaults:
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+@dataclass
+class FileEntry:
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class Manifest:
+    family: str
+    model_type: str
+    target: str
+    graphs: dict[str, GraphSpec]
+    kv_cache: KVCacheSpec
+    preprocess: PreprocessSpec
+    prompt: PromptSpec
+    schemes: SchemeSpec
+    special_tokens: SpecialTokens
+    generation: GenerationDefaults
+    tokenizer: str = "tokenizer.json"
+    source: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, FileEntry] = field(default_factory=dict)
+    verification: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    mmedge_version: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Manifest":
+        version = data.get("format_version")
+        if not isinstance(version, int):
+            raise PackageError(f"{MANIFEST_NAME} has no format_version; this is not an mmedge package")
+        if version > FORMAT_VERSION:
+            raise PackageError(
+                f"package format {version} is newer than this mmedge reads ({FORMAT_VERSION}); upgrade mmedge"
+            )
+        try:
+            return _build(cls, data)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PackageError(f"{MANIFEST_NAME} is malformed ({exc}); re-export the package") from None
+
+    def save(self, directory: Path) -> None:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=False)
+        (Path(directory) / MANIFEST_NAME).write_text(text + "\n")
+
+
+def _build(cls: type, data: Any) -> Any:
+    """Build dataclass `cls` from plain JSON data, recursing through typed fields."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise KeyError(f"missing field {cls.__name__}.{f.name}")
+            continue
+        kwargs[f.name] = _convert(hints[f.name], data[f.name])
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value)
+    if origin is dict:
+        _, vt = typing.get_args(tp)
+        return {k: _convert(vt, v) for k, v in value.items()}
+    return value
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_manifest(directory: str | Path, verify_files: bool = True) -> Manifest:
+    """Read and check a package's manifest.
+
+    With `verify_files`, every file listed in the manifest must exist with its
+    recorded size and sha256, so a truncated copy or a swapped graph is caught
+    at load time with one clear message.
+    """
+    directory = Path(directory)
+    if not directory.exists():
+        raise PackageError(f"package not found: {directory}")
+    if not directory.is_dir():
+        raise PackageError(f"{directory} is a file, not a package directory (export writes a directory)")
+    path = directory / MANIFEST_NAME
+    if not path.exists():
+        raise PackageError(f"{directory} is not an mmedge package (no {MANIFEST_NAME}); create one with `mmedge export`")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PackageError(f"{path} is not valid JSON ({exc}); re-export the package") from None
+    manifest = Manifest.from_dict(data)
+    if verify_files:
+        verify_package_files(directory, manifest)
+    return manifest
+
+
+def verify_package_files(directory: Path, manifest: Manifest) -> None:
+    needed = {g.file for g in manifest.graphs.values()} | {manifest.tokenizer}
+    missing_entries = sorted(needed - set(manifest.files))
+    if missing_entries:
+        raise PackageError(f"{MANIFEST_NAME} lists no hash for {', '.join(missing_entries)}; re-export the package")
+    for name, entry in manifest.files.items():
+        path = directory / name
+        if not path.is_file():
+            raise PackageError(f"package file missing: {path}; the package is incomplete, re-export or re-copy it")
+        size = path.stat().st_size
+        if size != entry.bytes:
+            raise PackageError(
+                f"package file {name} has {size} bytes, manifest says {entry.bytes}: the copy is damaged, re-copy or re-export"
+            )
+        if sha256_file(path) != entry.sha256:
+            raise PackageError(
+                f"package file {name} does not match its sha256 in {MANIFEST_NAME}: it was changed or damaged, re-copy or re-export"
+            )

@@ -1,0 +1,50 @@
+"""Backends: one module per inference engine, behind a two-method protocol.
+
+A backend loads a graph file and returns a `Graph`, which runs with a dict of
+named numpy arrays and returns a dict of named numpy arrays. Nothing else of
+an engine leaks into the runtime, so adding an engine is one module here plus
+one line in `_BACKENDS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from mmedge.errors import MmedgeError
+
+
+class Graph(Protocol):
+    input_names: list[str]
+    output_names: list[str]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class Backend(Protocol):
+    name: str
+
+    def load(self, path: Path) -> Graph: ...
+
+
+# backend name -> (module, class). Imported lazily so a device needs only the
+# engine it uses.
+_BACKENDS = {
+    "onnxruntime": ("mmedge.runtimes.backends.onnxruntime", "OnnxRuntimeBackend"),
+}
+
+# Which backend runs a package exported for a target, unless the user picks one.
+DEFAULT_BACKEND_FOR_TARGET = {
+    "onnxruntime": "onnxruntime",
+}
+
+
+def get_backend(name: str, **options: Any) -> Backend:
+    if name not in _BACKENDS:
+        raise MmedgeError(f"unknown backend {name!r}; choose one of: {', '.join(sorted(_BACKENDS))}")
+    module_name, class_name = _BACKENDS[name]
+    module = importlib.import_module(module_name)
+    return getattr(module, class_name)(**options)

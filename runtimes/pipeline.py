@@ -1,0 +1,206 @@
+"""Pipeline: load a package, run image + prompt through its graphs, stream text.
+
+    pipe = Pipeline.load("pkg/")
+    print(pipe.generate("cat.jpg", "caption en"))
+    for piece in pipe.stream("cat.jpg", "caption en"):
+        print(piece, end="")
+
+Uses numpy, tokenizers, Pillow and one backend; never torch or transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from mmedge.errors import InputError, PackageError
+from mmedge.manifest import Manifest, load_manifest
+from mmedge.runtimes import schemes
+from mmedge.runtimes.backends import DEFAULT_BACKEND_FOR_TARGET, get_backend
+from mmedge.runtimes.kv_cache import KVCache
+from mmedge.runtimes.preprocess import ImageInput, preprocess
+from mmedge.runtimes.sampling import GenerationOptions, choose
+from mmedge.runtimes.text import StreamDecoder, TextCodec
+
+log = logging.getLogger(__name__)
+
+PARTS = ("vision_encoder", "projector", "embed_tokens", "decoder")
+
+
+@dataclass
+class Timings:
+    """Seconds spent in each stage of the last generate call."""
+
+    preprocess: float = 0.0
+    vision: float = 0.0
+    prefill: float = 0.0
+    decode: float = 0.0
+    new_tokens: int = 0
+    prompt_tokens: int = 0
+    steps: list[float] = field(default_factory=list, repr=False)
+
+
+class Pipeline:
+    def __init__(self, path: Path, manifest: Manifest, graphs: dict[str, Any], codec: TextCodec):
+        self.path = path
+        self.manifest = manifest
+        self.graphs = graphs
+        self.codec = codec
+        self.cache = KVCache(manifest.kv_cache)
+        decoder_inputs = manifest.graphs["decoder"].inputs
+        self.mask_names = [n for n in decoder_inputs if n.endswith("attention_mask")]
+        self.mask_dtype = np.dtype(decoder_inputs[self.mask_names[0]].dtype)
+        self.timings = Timings()
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        backend: str | None = None,
+        providers: Sequence[str] | None = None,
+        threads: int = 0,
+        verify: bool = True,
+    ) -> "Pipeline":
+        """Open a package directory written by `mmedge export`.
+
+        backend: engine to run the graphs (default: the package's target).
+        providers / threads: passed to the backend. verify: check every
+        file's sha256 against the manifest first.
+        """
+        path = Path(path)
+        manifest = load_manifest(path, verify_files=verify)
+        schemes.check_schemes(manifest.schemes)
+        missing = [p for p in PARTS if p not in manifest.graphs]
+        if missing:
+            raise PackageError(f"package {path} lacks the graphs {', '.join(missing)}; re-export it")
+        name = backend or DEFAULT_BACKEND_FOR_TARGET.get(manifest.target)
+        if name is None:
+            raise PackageError(f"no backend here runs target {manifest.target!r}; pass backend=...")
+        options: dict[str, Any] = {"threads": threads}
+        if providers:
+            options["providers"] = providers
+        engine = get_backend(name, **options)
+        graphs = {part: engine.load(path / manifest.graphs[part].file) for part in PARTS}
+        codec = TextCodec(path / manifest.tokenizer, manifest.prompt, manifest.special_tokens)
+        return cls(path, manifest, graphs, codec)
+
+    # -- public API --------------------------------------------------------
+
+    def generate(self, image: ImageInput, prompt: str, **options: Any) -> str:
+        return "".join(self.stream(image, prompt, **options))
+
+    def stream(self, image: ImageInput, prompt: str, **options: Any) -> Iterator[str]:
+        opts = self.options(**options)
+        decoder = StreamDecoder(self.codec, opts.stop)
+        for token in self.generate_ids(image, prompt, **dataclasses.asdict(opts)):
+            piece = decoder.push(token)
+            if piece:
+                yield piece
+            if decoder.stopped:
+                return
+        tail = decoder.finish()
+        if tail:
+            yield tail
+
+    def options(self, **options: Any) -> GenerationOptions:
+        """The package's generation defaults with `options` applied on top."""
+        base = dataclasses.asdict(self.manifest.generation)
+        known = {f.name for f in dataclasses.fields(GenerationOptions)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise InputError(f"unknown generation option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        opts = GenerationOptions(**{**base, **{k: v for k, v in options.items() if v is not None}})
+        opts.check()
+        return opts
+
+    def encode_prompt(self, prompt: str, raw: bool = False) -> np.ndarray:
+        return self.codec.encode(self.codec.render(prompt, raw=raw))
+
+    def generate_ids(self, image: ImageInput, prompt: str, **options: Any) -> Iterator[int]:
+        """Yield generated token ids (EOS is not yielded)."""
+        opts = self.options(**options)
+        rng = np.random.default_rng(opts.seed)
+        t = self.timings = Timings()
+        ids = self.encode_prompt(prompt, raw=opts.raw_prompt)
+        capacity = self.cache.capacity
+        if len(ids) >= capacity:
+            raise InputError(
+                f"the prompt is {len(ids)} tokens but this package's context holds {capacity}; "
+                "shorten the prompt or re-export with a larger --max-context"
+            )
+        t.prompt_tokens = len(ids)
+        start = time.perf_counter()
+        pixels = preprocess(image, self.manifest.preprocess)
+        t.preprocess = time.perf_counter() - start
+        embeds = self._prompt_embeddings(ids, pixels)
+        step = self._cached_step if opts.use_cache else self._uncached_step(embeds)
+        self.cache.reset()
+        start = time.perf_counter()
+        logits = step(embeds, len(ids))
+        t.prefill = time.perf_counter() - start
+        eos = set(self.manifest.special_tokens.eos_ids)
+        budget = min(opts.max_new_tokens, capacity - len(ids))
+        if budget < opts.max_new_tokens:
+            log.warning("context is full after %d new tokens (max_context %d)", budget, capacity)
+        for i in range(budget):
+            token = choose(logits[0, -1], opts, rng)
+            if token in eos and not opts.ignore_eos:
+                return
+            t.new_tokens += 1
+            yield token
+            if i + 1 == budget:
+                return
+            start = time.perf_counter()
+            logits = step(self._embed(np.array([[token]], dtype=np.int64)), len(ids))
+            t.steps.append(time.perf_counter() - start)
+            t.decode += t.steps[-1]
+
+    # -- internals ---------------------------------------------------------
+
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        return self.graphs["embed_tokens"].run({"input_ids": ids})["inputs_embeds"]
+
+    def _prompt_embeddings(self, ids: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
+        features = self.graphs["vision_encoder"].run({"pixel_values": pixels})["image_features"]
+        image_embeds = self.graphs["projector"].run({"image_features": features})["image_embeds"]
+        self.timings.vision = time.perf_counter() - start
+        embeds = self._embed(ids[None])
+        return schemes.place_image(
+            self.manifest.schemes, embeds, ids[None], image_embeds, self.manifest.prompt.image_token_id
+        )
+
+    def _decode(self, embeds: np.ndarray, start: int, cache_feeds: dict, cache_len: int, prefix_len: int) -> dict:
+        n = embeds.shape[1]
+        feeds = {
+            "inputs_embeds": embeds,
+            "position_ids": schemes.position_ids(self.manifest.schemes, start, n),
+            **schemes.attention_masks(
+                self.manifest.schemes, self.mask_names, start, n, cache_len, prefix_len, self.mask_dtype
+            ),
+            **cache_feeds,
+        }
+        return self.graphs["decoder"].run(feeds)
+
+    def _cached_step(self, embeds: np.ndarray, prefix_len: int) -> np.ndarray:
+        out = self._decode(embeds, self.cache.length, self.cache.feeds(), self.cache.capacity, prefix_len)
+        self.cache.write(out, embeds.shape[1])
+        return out["logits"]
+
+    def _uncached_step(self, prompt_embeds: np.ndarray):
+        """A step function that re-runs the whole sequence each time (reference path)."""
+        seq = [prompt_embeds]
+
+        def step(embeds: np.ndarray, prefix_len: int) -> np.ndarray:
+            if embeds is not prompt_embeds:
+                seq.append(embeds)
+            full = np.concatenate(seq, axis=1)
+            return self._decode(full, 0, self.cache.empty_feeds(), 0, prefix_len)["logits"]
+
+        return step

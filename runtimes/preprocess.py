@@ -1,0 +1,106 @@
+"""Image loading and preprocessing in Pillow + numpy.
+
+Reproduces the Hugging Face image processors the families use (resize with
+Pillow's filter, rescale in float64 then float32, normalize), so the vision
+encoder sees the same pixel values as in transformers. Accepts a path, a PIL
+image or an HxW(x3/4) uint8 array; grayscale, palette, alpha and 16-bit
+images are converted to 8-bit RGB (alpha composited onto white, as
+transformers does).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from mmedge.errors import InputError
+from mmedge.manifest import PreprocessSpec
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+# transformers stores PILImageResampling as an int in preprocessor configs
+RESAMPLE_FROM_INT = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    """Open an image from a path, PIL image or array; errors are one clear line."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, np.ndarray):
+        return _from_array(image)
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.exists():
+            raise InputError(f"image not found: {path}")
+        if path.is_dir():
+            raise InputError(f"{path} is a directory; pass an image file")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return im
+        except UnidentifiedImageError:
+            raise InputError(f"{path} is not an image Pillow can read (PNG, JPEG, WebP, BMP, ...)") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise InputError(f"{path} is a damaged or truncated image ({exc})") from None
+    raise InputError(f"unsupported image type {type(image).__name__}; pass a path, a PIL image or an HxWx3 uint8 array")
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    if array.dtype != np.uint8:
+        raise InputError(f"image arrays must be uint8, got {array.dtype}; convert with .astype(np.uint8)")
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3, 4)):
+        return Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[2] == 1 else array)
+    raise InputError(f"image array must be HxW, HxWx3 or HxWx4, got shape {array.shape}")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit integer grayscale: scale to 8 bits instead of clipping.
+        data = np.asarray(image).astype(np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or data.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(data / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    elif image.mode == "F":
+        data = np.asarray(image, dtype=np.float64)
+        lo, hi = float(data.min()), float(data.max())
+        data = (data - lo) / (hi - lo) if hi > lo else np.zeros_like(data)
+        image = Image.fromarray((data * 255.0 + 0.5).astype(np.uint8))
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def preprocess(image: ImageInput, spec: PreprocessSpec) -> np.ndarray:
+    """Image -> pixel_values [1, 3, H, W] float32."""
+    img = load_image(image)
+    if spec.convert_rgb:
+        img = to_rgb(img)
+    if spec.do_resize and img.size != (spec.width, spec.height):
+        img = img.resize((spec.width, spec.height), resample=_RESAMPLE[spec.resample])
+    arr = np.asarray(img)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    pixels = arr.astype(np.float64)
+    if spec.do_rescale:
+        pixels = pixels * spec.rescale
+    pixels = pixels.astype(np.float32)
+    if spec.do_normalize:
+        mean = np.asarray(spec.mean, dtype=np.float32)
+        std = np.asarray(spec.std, dtype=np.float32)
+        pixels = (pixels - mean) / std
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1)[None])

@@ -1,0 +1,54 @@
+"""Next-token choice: greedy, or temperature / top-k / top-p sampling with a seed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mmedge.errors import InputError
+
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks, parity tests)
+    use_cache: bool = True  # False recomputes the whole sequence each step (slow; for checking)
+    raw_prompt: bool = False  # pass the prompt through untouched (already fully formatted)
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.do_sample:
+            if self.temperature <= 0:
+                raise InputError(f"temperature must be > 0 when sampling, got {self.temperature}")
+            if not 0 < self.top_p <= 1:
+                raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+            if self.top_k < 0:
+                raise InputError(f"top_k must be >= 0, got {self.top_k}")
+
+
+def choose(logits: np.ndarray, opts: GenerationOptions, rng: np.random.Generator) -> int:
+    """Pick the next token from logits [vocab]."""
+    if not opts.do_sample:
+        return int(np.argmax(logits))
+    scores = logits.astype(np.float64) / opts.temperature
+    if 0 < opts.top_k < scores.size:
+        kth = np.partition(scores, -opts.top_k)[-opts.top_k]
+        scores = np.where(scores < kth, -np.inf, scores)
+    probs = np.exp(scores - scores.max())
+    probs /= probs.sum()
+    if opts.top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        cumulative = np.cumsum(probs[order])
+        keep = order[: int(np.searchsorted(cumulative, opts.top_p)) + 1]
+        kept = np.zeros_like(probs)
+        kept[keep] = probs[keep]
+        probs = kept / kept.sum()
+    return int(rng.choice(probs.size, p=probs))

@@ -1,0 +1,94 @@
+"""Named run-time schemes: where positions, masks and image embeddings come from.
+
+A family's package selects schemes by name in its manifest (`schemes`); the
+runtime calls the functions here. Nothing in the runtime branches on family.
+
+Cache slots are indexed by sequence position: slot j holds the key/value of
+token j. The decoder attends over [cache slots | new tokens], so each step's
+mask has shape [batch, 1, n_new, cache_len + n_new].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mmedge.errors import InputError, PackageError
+from mmedge.manifest import SchemeSpec
+
+ATTENTION_PATTERNS = ("causal", "prefix_bidirectional")
+POSITION_SCHEMES = ("linear",)
+IMAGE_PLACEMENTS = ("replace_image_tokens",)
+
+
+def check_schemes(schemes: SchemeSpec) -> None:
+    for value, known, what in (
+        (schemes.attention, ATTENTION_PATTERNS, "attention pattern"),
+        (schemes.positions, POSITION_SCHEMES, "position scheme"),
+        (schemes.image_placement, IMAGE_PLACEMENTS, "image placement"),
+    ):
+        if value not in known:
+            raise PackageError(f"this mmedge does not know the {what} {value!r} the package needs; upgrade mmedge")
+
+
+def position_ids(schemes: SchemeSpec, start: int, length: int) -> np.ndarray:
+    """Position ids [1, length] for tokens at sequence indices start..start+length-1."""
+    return (np.arange(start, start + length, dtype=np.int64) + schemes.position_offset)[None]
+
+
+def allowed(
+    schemes: SchemeSpec, q: np.ndarray, k: np.ndarray, prefix_len: int, window: int | None = None
+) -> np.ndarray:
+    """Boolean [len(q), len(k)]: may the token at index q attend to the token at index k.
+
+    Causal (within `window` tokens back, if given); with "prefix_bidirectional"
+    the prompt (image + text) also sees itself whole, window or not, as in
+    transformers' block overlay. Generated tokens stay causal.
+    """
+    ok = k[None, :] <= q[:, None]
+    if window is not None:
+        ok &= q[:, None] - k[None, :] < window
+    if schemes.attention == "prefix_bidirectional":
+        ok |= (q[:, None] < prefix_len) & (k[None, :] < prefix_len)
+    return ok
+
+
+def attention_masks(
+    schemes: SchemeSpec,
+    mask_names: list[str],
+    start: int,
+    n_new: int,
+    cache_len: int,
+    prefix_len: int,
+    dtype: np.dtype = np.float32,
+) -> dict[str, np.ndarray]:
+    """Additive masks for a step that feeds tokens start..start+n_new-1.
+
+    `cache_len` is the length of the past buffers fed (slots >= start are
+    not yet written and are masked out). A second mask name, when the decoder
+    has one, gets the sliding-window variant.
+    """
+    q = np.arange(start, start + n_new)
+    keys = np.concatenate([np.arange(cache_len), q])
+    written = np.concatenate([np.arange(cache_len) < start, np.ones(n_new, dtype=bool)])
+    neg = np.finfo(dtype).min
+    masks = {}
+    for i, name in enumerate(mask_names):
+        ok = allowed(schemes, q, keys, prefix_len, schemes.sliding_window if i else None) & written[None, :]
+        masks[name] = np.where(ok, 0.0, neg).astype(dtype)[None, None]
+    return masks
+
+
+def place_image(
+    schemes: SchemeSpec, inputs_embeds: np.ndarray, input_ids: np.ndarray, image_embeds: np.ndarray, image_token_id: int
+) -> np.ndarray:
+    """Put image embeddings where the prompt has image tokens (in order)."""
+    slots = input_ids[0] == image_token_id
+    flat = image_embeds.reshape(-1, image_embeds.shape[-1])
+    if int(slots.sum()) != flat.shape[0]:
+        raise InputError(
+            f"the prompt has {int(slots.sum())} image tokens but the image gives {flat.shape[0]} embeddings; "
+            "do not type the image token yourself"
+        )
+    out = inputs_embeds.copy()
+    out[0, slots] = flat.astype(out.dtype, copy=False)
+    return out
