@@ -60,6 +60,9 @@ def _export(opts: ExportOptions, checkpoint: Path, family) -> Manifest:
     from mmedge.exporters.graphs import build_jobs
     from mmedge.exporters.package import file_entries, staged_package
 
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     log.info("loading %s", checkpoint)
     model = _load(family, checkpoint)
     tokenizer = _load_tokenizer(checkpoint)

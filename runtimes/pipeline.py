@@ -144,13 +144,14 @@ class Pipeline:
         start = time.perf_counter()
         logits = step(embeds, len(ids))
         t.prefill = time.perf_counter() - start
-        eos = set(self.manifest.special_tokens.eos_ids)
+        eos = self.manifest.special_tokens.eos_ids
+        banned = eos if opts.ignore_eos else None
         budget = min(opts.max_new_tokens, capacity - len(ids))
         if budget < opts.max_new_tokens:
             log.warning("context is full after %d new tokens (max_context %d)", budget, capacity)
         for i in range(budget):
-            token = choose(logits[0, -1], opts, rng)
-            if token in eos and not opts.ignore_eos:
+            token = choose(logits[0, -1], opts, rng, banned)
+            if token in eos:
                 return
             t.new_tokens += 1
             yield token

@@ -18,7 +18,7 @@ class GenerationOptions:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks, parity tests)
+    ignore_eos: bool = False  # never pick EOS: exactly max_new_tokens (benchmarks; transformers' min_new_tokens)
     use_cache: bool = True  # False recomputes the whole sequence each step (slow; for checking)
     raw_prompt: bool = False  # pass the prompt through untouched (already fully formatted)
 
@@ -34,8 +34,13 @@ class GenerationOptions:
                 raise InputError(f"top_k must be >= 0, got {self.top_k}")
 
 
-def choose(logits: np.ndarray, opts: GenerationOptions, rng: np.random.Generator) -> int:
-    """Pick the next token from logits [vocab]."""
+def choose(
+    logits: np.ndarray, opts: GenerationOptions, rng: np.random.Generator, banned: list[int] | None = None
+) -> int:
+    """Pick the next token from logits [vocab], never one of `banned`."""
+    if banned:
+        logits = logits.copy()
+        logits[banned] = -np.inf
     if not opts.do_sample:
         return int(np.argmax(logits))
     scores = logits.astype(np.float64) / opts.temperature

@@ -1,0 +1,200 @@
+"""The `mmedge` command line: export, run, inspect, list-models.
+
+Errors in the user's input print one line on stderr and exit with status 2;
+anything unexpected prints one line too (MMEDGE_DEBUG=1 shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from mmedge import __version__
+from mmedge.errors import MmedgeError
+
+log = logging.getLogger("mmedge")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmedge", description="Vision-language models on edge devices.")
+    p.add_argument("--version", action="version", version=f"mmedge {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="more logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    e = sub.add_parser("export", help="export a Hugging Face checkpoint to a package")
+    e.add_argument("--model", required=True, help="checkpoint directory, alias (see list-models) or Hub id")
+    e.add_argument("--target", default="onnxruntime", help="runtime to export for (default: onnxruntime)")
+    e.add_argument("--quant", default="fp32", help="precision (default: fp32)")
+    e.add_argument("-o", "--output", type=Path, help="package directory to write (default: <model>-<quant>-<target>)")
+    e.add_argument("--max-context", type=int, help="KV cache length in tokens (default: image tokens + 512)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing package at --output")
+
+    r = sub.add_parser("run", help="answer a prompt about an image with a package")
+    r.add_argument("package", type=Path)
+    r.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
+    r.add_argument("--prompt", required=True, help='the question or task, e.g. "caption en"')
+    r.add_argument("--max-new-tokens", type=int)
+    r.add_argument("--stream", action="store_true", help="print text as it is generated")
+    r.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    r.add_argument("--temperature", type=float)
+    r.add_argument("--top-k", type=int)
+    r.add_argument("--top-p", type=float)
+    r.add_argument("--seed", type=int)
+    r.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
+    r.add_argument("--raw-prompt", action="store_true", help="pass --prompt through as the full formatted prompt")
+    r.add_argument("--backend", help="engine to run on (default: the package's target)")
+    r.add_argument("--threads", type=int, default=0, help="intra-op threads (default: engine's choice)")
+    r.add_argument("--no-verify", action="store_true", help="skip checking file hashes at load")
+
+    i = sub.add_parser("inspect", help="show a package's graphs, sizes and export verification")
+    i.add_argument("package", type=Path)
+    i.add_argument("--json", action="store_true", help="print the manifest as JSON")
+
+    sub.add_parser("list-models", help="aliases, built-in models and supported families")
+    return p
+
+
+def cmd_export(args) -> int:
+    from mmedge.exporters.export import ExportOptions, export
+
+    output = args.output or Path(f"{Path(args.model).name}-{args.quant}-{args.target}")
+    manifest = export(
+        ExportOptions(
+            model=args.model,
+            output=output,
+            target=args.target,
+            quant=args.quant,
+            max_context=args.max_context,
+            overwrite=args.overwrite,
+        )
+    )
+    size = sum(f.bytes for f in manifest.files.values())
+    print(f"wrote {output} ({manifest.family}, {manifest.target}, {_mb(size)})")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from mmedge.runtimes import Pipeline
+
+    pipe = Pipeline.load(args.package, backend=args.backend, threads=args.threads, verify=not args.no_verify)
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=True if args.sample else None,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop or None,
+        raw_prompt=args.raw_prompt or None,
+    )
+    if args.stream:
+        for piece in pipe.stream(args.image, args.prompt, **options):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        print(pipe.generate(args.image, args.prompt, **options))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from mmedge.manifest import load_manifest
+
+    m = load_manifest(args.package)
+    if args.json:
+        print(json.dumps(m.to_dict(), indent=2))
+        return 0
+    total = sum(f.bytes for f in m.files.values())
+    print(f"package     {args.package}")
+    print(f"family      {m.family} ({m.model_type})    target {m.target}    format {m.format_version}")
+    print(f"context     {m.kv_cache.max_context} tokens; KV {m.kv_cache.num_layers} layers x "
+          f"{m.kv_cache.num_kv_heads} heads x {m.kv_cache.head_dim} ({m.kv_cache.dtype})")
+    print(f"prompt      {m.prompt.image_seq_len} image tokens; attention {m.schemes.attention}")
+    print(f"size        {_mb(total)} in {len(m.files)} files (sha256 verified)")
+    print()
+    print(f"{'graph':<16}{'precision':<11}{'size':>10}  inputs -> outputs")
+    for name, g in m.graphs.items():
+        size = sum(f.bytes for fname, f in m.files.items() if fname == g.file or fname.startswith(g.file + "."))
+        ins = ", ".join(_short(n, s.shape) for n, s in g.inputs.items() if not n.startswith("past."))
+        outs = ", ".join(_short(n, s.shape) for n, s in g.outputs.items() if not n.startswith("present."))
+        kv = " (+ past/present k,v per layer)" if any(n.startswith("past.") for n in g.inputs) else ""
+        print(f"{name:<16}{g.precision:<11}{_mb(size):>10}  {ins} -> {outs}{kv}")
+    report = m.verification.get("graphs", {})
+    if report:
+        print()
+        print(f"export parity vs {m.verification.get('reference', 'reference')} (inputs not used for tracing)")
+        print(f"{'graph':<16}{'output':<18}{'max abs err':>12}{'max |ref|':>12}  result")
+        for name, r in report.items():
+            outputs = r["outputs"]
+            shown = {k: v for k, v in outputs.items() if not k.startswith("present.")}
+            presents = [v for k, v in outputs.items() if k.startswith("present.")]
+            if presents:
+                shown["present.* (worst)"] = max(presents, key=lambda v: v["max_abs_err"])
+            for out, v in shown.items():
+                status = "ok" if r["passed"] else "FAIL"
+                print(f"{name:<16}{out:<18}{v['max_abs_err']:>12.2e}{v['max_abs_ref']:>12.3g}  {status}")
+    return 0
+
+
+def cmd_list_models(args) -> int:
+    from mmedge.exporters.checkpoint import builtin_models
+    from mmedge.exporters.export import PRECISIONS, TARGETS
+    from mmedge.exporters.family import aliases, families
+
+    print("families (model_type: targets, precisions)")
+    for model_type in sorted(families()):
+        print(f"  {model_type:<20} {', '.join(TARGETS)}; {', '.join(PRECISIONS)}")
+    print("aliases (resolved through the Hugging Face cache)")
+    for alias, hub_id in sorted(aliases().items()):
+        print(f"  {alias:<20} {hub_id}")
+    print("built-in (made here, no download)")
+    for name, description in sorted(builtin_models().items()):
+        print(f"  {name:<20} {description}")
+    return 0
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _short(name: str, shape) -> str:
+    return f"{name}[{','.join(str(d) for d in shape)}]"
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    logging.getLogger("mmedge").setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("onnx_ir", "onnxscript", "torch", "transformers", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+COMMANDS = {"export": cmd_export, "run": cmd_run, "inspect": cmd_inspect, "list-models": cmd_list_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return COMMANDS[args.command](args)
+    except MmedgeError as exc:
+        print(f"mmedge: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("mmedge: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("MMEDGE_DEBUG"):
+            raise
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"mmedge: internal error: {type(exc).__name__}: {text} (MMEDGE_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Bad input: one clear line on stderr, a non-zero exit, no traceback, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_cli
+
+
+def assert_one_line_error(result, *needles: str):
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    err = result.stderr.strip()
+    assert "Traceback" not in result.stderr
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and err.splitlines()[-1] == errors[0], err  # progress lines may precede it
+    assert errors[0].startswith("mmedge: error: ")
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def package(packages):
+    return packages("paligemma-gqa")
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "ok.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_missing_image(package, tmp_path):
+    assert_one_line_error(run_cli("run", str(package), "--image", str(tmp_path / "nope.png"), "--prompt", "x"),
+                          "image not found")
+
+
+def test_non_image_file(package, tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_text("this is text, not pixels")
+    assert_one_line_error(run_cli("run", str(package), "--image", str(bad), "--prompt", "x"), "not an image")
+
+
+def test_truncated_image(package, image_file, tmp_path):
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(image_file.read_bytes()[:200])
+    assert_one_line_error(run_cli("run", str(package), "--image", str(cut), "--prompt", "x"), "damaged or truncated")
+
+
+def test_prompt_longer_than_context(package, image_file):
+    prompt = "describe " * 2000
+    assert_one_line_error(run_cli("run", str(package), "--image", str(image_file), "--prompt", prompt),
+                          "context holds", "--max-context")
+
+
+def test_not_a_package(tmp_path, image_file):
+    assert_one_line_error(run_cli("run", str(tmp_path), "--image", str(image_file), "--prompt", "x"),
+                          "not an mmedge package")
+    assert_one_line_error(run_cli("inspect", str(tmp_path / "missing")), "package not found")
+
+
+def test_hash_mismatch_is_refused(package, image_file, tmp_path):
+    copy = tmp_path / "pkg"
+    shutil.copytree(package, copy)
+    data = bytearray((copy / "decoder.onnx").read_bytes())
+    data[-10] ^= 0xFF
+    (copy / "decoder.onnx").write_bytes(bytes(data))
+    assert_one_line_error(run_cli("run", str(copy), "--image", str(image_file), "--prompt", "x"),
+                          "decoder.onnx", "sha256")
+    assert_one_line_error(run_cli("inspect", str(copy)), "sha256")
+
+
+def test_missing_graph_file(package, image_file, tmp_path):
+    copy = tmp_path / "pkg"
+    shutil.copytree(package, copy)
+    (copy / "projector.onnx").unlink()
+    assert_one_line_error(run_cli("run", str(copy), "--image", str(image_file), "--prompt", "x"),
+                          "projector.onnx", "missing")
+
+
+def test_export_refuses_existing_output(package):
+    assert_one_line_error(run_cli("export", "--model", "tiny-paligemma", "-o", str(package)),
+                          "already exists", "--overwrite")
+
+
+def test_unknown_model_dir(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(run_cli("export", "--model", str(empty), "-o", str(tmp_path / "o")), "no config.json")
+    assert_one_line_error(run_cli("export", "--model", "no-such-model", "-o", str(tmp_path / "o")),
+                          "not a directory, a known alias")
+
+
+def test_unsupported_model_type(tmp_path):
+    ck = tmp_path / "llama"
+    ck.mkdir()
+    (ck / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert_one_line_error(run_cli("export", "--model", str(ck), "-o", str(tmp_path / "o")),
+                          "'llama' is not supported", "paligemma")
+
+
+def test_incomplete_checkpoint(checkpoints, tmp_path):
+    ck = tmp_path / "ck"
+    shutil.copytree(checkpoints["paligemma-gqa"], ck)
+    (ck / "model.safetensors").unlink()
+    assert_one_line_error(run_cli("export", "--model", str(ck), "-o", str(tmp_path / "o")), "no weights")
+    (ck / "model.safetensors").write_bytes(b"\x00" * 64)
+    result = run_cli("export", "--model", str(ck), "-o", str(tmp_path / "o"))
+    assert_one_line_error(result, "could not load the model")
+    assert not (tmp_path / "o").exists()
+
+
+def test_alias_not_cached_offline(tmp_path):
+    result = run_cli("export", "--model", "paligemma", "-o", str(tmp_path / "o"),
+                     env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert_one_line_error(result, "google/paligemma-3b-mix-224", str(tmp_path / "hf"), "--model /path/to/checkpoint")
+
+
+def test_unbuilt_target_and_precision(tmp_path):
+    assert_one_line_error(run_cli("export", "--model", "tiny-paligemma", "--target", "tensorrt",
+                                  "-o", str(tmp_path / "o")), "not built yet")
+    assert_one_line_error(run_cli("export", "--model", "tiny-paligemma", "--quant", "int4",
+                                  "-o", str(tmp_path / "o")), "not available yet")
+
+
+def test_bad_generation_option(package, image_file):
+    assert_one_line_error(run_cli("run", str(package), "--image", str(image_file), "--prompt", "x",
+                                  "--max-new-tokens", "0"), "max_new_tokens")

@@ -1,0 +1,117 @@
+"""Exported packages against transformers: the same greedy tokens, image preprocessing and prompt ids.
+
+One runner over every tiny family shape and target (conftest.CASES).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+
+from conftest import CASES, PROMPTS, sample_images
+from mmedge import Pipeline
+from mmedge.runtimes.preprocess import preprocess
+
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoints):
+    cache = {}
+
+    def get(shape):
+        if shape not in cache:
+            path = checkpoints[shape]
+            model = PaliGemmaForConditionalGeneration.from_pretrained(path).eval()
+            cache[shape] = (model, AutoProcessor.from_pretrained(path))
+        return cache[shape]
+
+    return get
+
+
+def hf_generate(model, processor, image, prompt, n=NEW_TOKENS) -> list[int]:
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+@pytest.mark.parametrize("shape,target", CASES)
+def test_greedy_tokens_match_transformers(shape, target, packages, reference):
+    model, processor = reference(shape)
+    pipe = Pipeline.load(packages(shape, target))
+    seen = set()
+    for image_name, image in sample_images().items():
+        for prompt in PROMPTS:
+            expected = hf_generate(model, processor, image, prompt)
+            got = list(pipe.generate_ids(image, prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True))
+            assert got == expected, f"{shape}/{target} image={image_name} prompt={prompt!r}"
+            seen.update(got)
+    assert len(seen) > NEW_TOKENS // 2, "the tiny model should not be degenerate (repeating one token)"
+
+
+@pytest.mark.parametrize("shape,target", CASES)
+def test_kv_cache_equals_recompute(shape, target, packages):
+    pipe = Pipeline.load(packages(shape, target))
+    image = sample_images()["shapes"]
+    for prompt in PROMPTS:
+        cached = list(pipe.generate_ids(image, prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True))
+        full = list(pipe.generate_ids(image, prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True, use_cache=False))
+        assert cached == full
+
+
+@pytest.mark.parametrize("shape,target", CASES[:1])
+def test_prompt_ids_and_pixels_match_processor(shape, target, packages, reference):
+    _, processor = reference(shape)
+    pipe = Pipeline.load(packages(shape, target))
+    for image in sample_images().values():
+        for prompt in [*PROMPTS, "", "  spaces  and {braces} <b>"]:
+            inputs = processor(images=image, text=prompt, return_tensors="np")
+            assert pipe.encode_prompt(prompt).tolist() == inputs["input_ids"][0].tolist()
+            np.testing.assert_allclose(preprocess(image, pipe.manifest.preprocess), inputs["pixel_values"], atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "LA", "P", "CMYK"])
+def test_image_modes_match_processor(mode, checkpoints, packages, reference):
+    shape = next(iter(checkpoints))
+    _, processor = reference(shape)
+    spec = Pipeline.load(packages(shape)).manifest.preprocess
+    base = sample_images()["shapes"]
+    image = base.convert(mode)
+    if mode in ("RGBA", "LA"):  # a real gradient of transparency, composited onto white
+        image.putalpha(Image.fromarray(np.tile(np.linspace(0, 255, base.size[0], dtype=np.uint8), (base.size[1], 1))))
+    expected = processor.image_processor(images=image, return_tensors="np")["pixel_values"]
+    np.testing.assert_allclose(preprocess(image, spec), expected, atol=1e-6)
+
+
+def test_sixteen_bit_image_is_scaled_not_clipped(checkpoints, packages):
+    spec = Pipeline.load(packages(next(iter(checkpoints)))).manifest.preprocess
+    eight = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (16, 1))
+    sixteen = Image.fromarray(eight.astype(np.uint16) * 257)
+    assert sixteen.mode.startswith("I;16")
+    np.testing.assert_allclose(preprocess(sixteen, spec), preprocess(Image.fromarray(eight), spec), atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,target", CASES[:1])
+def test_stream_pieces_join_to_generate(shape, target, packages):
+    pipe = Pipeline.load(packages(shape, target))
+    image = sample_images()["noise"]
+    text = pipe.generate(image, "caption en", max_new_tokens=16, ignore_eos=True)
+    pieces = list(pipe.stream(image, "caption en", max_new_tokens=16, ignore_eos=True))
+    assert "".join(pieces) == text and len(pieces) > 1
+
+
+@pytest.mark.parametrize("shape,target", CASES[:1])
+def test_sampling_is_seeded(shape, target, packages):
+    pipe = Pipeline.load(packages(shape, target))
+    image = sample_images()["noise"]
+    opts = dict(max_new_tokens=16, ignore_eos=True, do_sample=True, temperature=1.5, top_p=0.95)
+    a = list(pipe.generate_ids(image, "caption en", seed=1, **opts))
+    b = list(pipe.generate_ids(image, "caption en", seed=1, **opts))
+    c = list(pipe.generate_ids(image, "caption en", seed=2, **opts))
+    greedy = list(pipe.generate_ids(image, "caption en", max_new_tokens=16, ignore_eos=True))
+    assert a == b
+    assert a != c or a != greedy
