@@ -1,0 +1,74 @@
+"""The runtime runs where torch and transformers cannot even be imported."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+from conftest import sample_images
+from mmedge import Pipeline
+
+BLOCKER = textwrap.dedent(
+    """
+    import sys, importlib.abc
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "transformers"):
+                raise ImportError(f"{name} is blocked in this test")
+            return None
+
+    sys.meta_path.insert(0, Block())
+    """
+)
+
+
+def test_pipeline_runs_without_torch(packages, tmp_path):
+    package = packages("paligemma-gqa")
+    image = tmp_path / "img.png"
+    sample_images()["shapes"].save(image)
+    script = BLOCKER + textwrap.dedent(
+        f"""
+        import json
+        try:
+            import torch
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("blocker failed")
+        import mmedge
+        pipe = mmedge.Pipeline.load({str(package)!r})
+        ids = list(pipe.generate_ids({str(image)!r}, "caption en", max_new_tokens=12, ignore_eos=True))
+        text = "".join(pipe.stream({str(image)!r}, "caption en", max_new_tokens=12, ignore_eos=True))
+        leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
+        print(json.dumps({{"ids": ids, "text": text, "leaked": leaked}}))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["leaked"] == []
+    # same answer as in this process, where torch is importable (and which matches transformers)
+    pipe = Pipeline.load(package)
+    assert out["ids"] == list(pipe.generate_ids(image, "caption en", max_new_tokens=12, ignore_eos=True))
+    assert out["text"] == pipe.generate(image, "caption en", max_new_tokens=12, ignore_eos=True)
+
+
+def test_cli_run_without_torch(packages, tmp_path):
+    """`mmedge run` itself never imports torch either."""
+    package = packages("paligemma-gqa")
+    image = tmp_path / "img.png"
+    sample_images()["noise"].save(image)
+    script = BLOCKER + textwrap.dedent(
+        f"""
+        from mmedge.cli import main
+        code = main(["run", {str(package)!r}, "--image", {str(image)!r}, "--prompt", "caption en",
+                     "--max-new-tokens", "8"])
+        assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers")]
+        raise SystemExit(code)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,97 @@
+"""Runtime pieces on their own: masks, sampling, streaming text with stop strings, manifest."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mmedge.errors import PackageError
+from mmedge.manifest import SchemeSpec, load_manifest
+from mmedge.runtimes import schemes
+from mmedge.runtimes.sampling import GenerationOptions, choose
+from mmedge.runtimes.text import StreamDecoder
+
+
+def visible(mask):
+    return mask[0, 0] == 0
+
+
+def test_prefix_bidirectional_then_causal():
+    s = SchemeSpec(attention="prefix_bidirectional")
+    # prefill of a 4-token prompt into an empty 6-slot cache: all 4 see each other, no slot is written
+    m = schemes.attention_masks(s, ["attention_mask"], 0, 4, 6, prefix_len=4)["attention_mask"]
+    assert m.shape == (1, 1, 4, 10)
+    assert not visible(m)[:, :6].any() and visible(m)[:, 6:].all()
+    # decode step for token 5: sees slots 0..4 and itself, not slot 5
+    m = schemes.attention_masks(s, ["attention_mask"], 5, 1, 6, prefix_len=4)["attention_mask"]
+    assert visible(m)[0].tolist() == [True] * 5 + [False] + [True]
+
+
+def test_causal_and_sliding_window():
+    s = SchemeSpec(attention="prefix_bidirectional", sliding_window=2)
+    m = schemes.attention_masks(s, ["full", "sliding"], 0, 5, 0, prefix_len=2)
+    full, sliding = visible(m["full"]), visible(m["sliding"])
+    assert full.tolist()[4] == [True] * 5
+    assert full.tolist()[0] == [True, True, False, False, False]  # prefix sees itself whole
+    assert sliding.tolist()[4] == [False, False, False, True, True]  # window of 2 after the prefix
+    assert sliding.tolist()[1] == [True, True, False, False, False]  # the prefix block ignores the window
+
+
+def test_positions_offset():
+    assert schemes.position_ids(SchemeSpec(position_offset=1), 3, 2).tolist() == [[4, 5]]
+
+
+def test_greedy_top_k_top_p():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    rng = np.random.default_rng(0)
+    assert choose(logits, GenerationOptions(), rng) == 0
+    assert choose(logits, GenerationOptions(), rng, banned=[0]) == 1
+    top1 = GenerationOptions(do_sample=True, top_k=1)
+    assert {choose(logits, top1, rng) for _ in range(50)} == {0}
+    nucleus = GenerationOptions(do_sample=True, top_p=0.7)  # 0.5 + 0.3 covers it
+    assert {choose(logits, nucleus, rng) for _ in range(300)} == {0, 1}
+    with pytest.raises(Exception, match="temperature"):
+        GenerationOptions(do_sample=True, temperature=0).check()
+
+
+class _Codec:
+    """Decodes ids as characters: enough to drive StreamDecoder."""
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+def test_stream_decoder_stops_before_stop_string_and_never_retracts():
+    dec = StreamDecoder(_Codec(), stop=["END"])
+    out = "".join(dec.push(ord(c)) for c in "abcENxEND tail")
+    assert dec.stopped and out == "abcENx"
+    dec = StreamDecoder(_Codec(), stop=["END"])
+    pieces = [dec.push(ord(c)) for c in "abEN"]
+    assert "".join(pieces) == "ab"  # "EN" could start "END": held back
+    assert dec.finish() == "EN"
+
+
+def test_manifest_refuses_newer_format(packages, tmp_path):
+    import shutil
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(packages("paligemma-gqa"), pkg)
+    data = json.loads((pkg / "mmedge.json").read_text())
+    data["format_version"] = 99
+    (pkg / "mmedge.json").write_text(json.dumps(data))
+    with pytest.raises(PackageError, match="newer"):
+        load_manifest(pkg)
+    (pkg / "mmedge.json").write_text("{not json")
+    with pytest.raises(PackageError, match="not valid JSON"):
+        load_manifest(pkg)
+
+
+def test_manifest_round_trip(packages):
+    from mmedge.manifest import Manifest
+
+    m = load_manifest(packages("paligemma-gqa"))
+    assert Manifest.from_dict(json.loads(json.dumps(m.to_dict()))) == m
+    assert set(m.graphs) == {"vision_encoder", "projector", "embed_tokens", "decoder"}
+    assert all(r["passed"] for r in m.verification["graphs"].values())
