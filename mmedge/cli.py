@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
     r.add_argument("--raw-prompt", action="store_true", help="pass --prompt through as the full formatted prompt")
     r.add_argument("--backend", help="engine to run on (default: the package's target)")
+    r.add_argument("--providers", help="ONNX Runtime execution providers in priority order, comma-separated "
+                   "(default: CPUExecutionProvider)")
     r.add_argument("--threads", type=int, default=0, help="intra-op threads (default: engine's choice)")
     r.add_argument("--no-verify", action="store_true", help="skip checking file hashes at load")
 
@@ -80,7 +82,9 @@ def cmd_export(args) -> int:
 def cmd_run(args) -> int:
     from mmedge.runtimes import Pipeline
 
-    pipe = Pipeline.load(args.package, backend=args.backend, threads=args.threads, verify=not args.no_verify)
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
+    pipe = Pipeline.load(args.package, backend=args.backend, providers=providers, threads=args.threads,
+                         verify=not args.no_verify)
     options = dict(
         max_new_tokens=args.max_new_tokens,
         do_sample=True if args.sample else None,

@@ -131,3 +131,8 @@ def test_unbuilt_target_and_precision(tmp_path):
 def test_bad_generation_option(package, image_file):
     assert_one_line_error(run_cli("run", str(package), "--image", str(image_file), "--prompt", "x",
                                   "--max-new-tokens", "0"), "max_new_tokens")
+
+
+def test_unavailable_provider(package, image_file):
+    assert_one_line_error(run_cli("run", str(package), "--image", str(image_file), "--prompt", "x",
+                                  "--providers", "TensorrtExecutionProvider"), "TensorrtExecutionProvider", "available")

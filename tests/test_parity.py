@@ -115,3 +115,31 @@ def test_sampling_is_seeded(shape, target, packages):
     greedy = list(pipe.generate_ids(image, "caption en", max_new_tokens=16, ignore_eos=True))
     assert a == b
     assert a != c or a != greedy
+
+
+@pytest.mark.parametrize("shape,target", CASES[:1])
+def test_image_as_path_pil_or_array(shape, target, packages, tmp_path):
+    pipe = Pipeline.load(packages(shape, target))
+    image = sample_images()["shapes"]
+    path = tmp_path / "im.png"
+    image.save(path)
+    runs = [list(pipe.generate_ids(x, "caption en", max_new_tokens=8, ignore_eos=True))
+            for x in (image, np.asarray(image), path, str(path))]
+    assert all(r == runs[0] for r in runs)
+
+
+def test_external_data_package(checkpoints, packages, tmp_path, monkeypatch):
+    """Graphs over the protobuf limit keep weights in .onnx.data files; force that path on a tiny model."""
+    from mmedge.exporters import onnxruntime_target
+    from mmedge.exporters.export import ExportOptions, export
+
+    monkeypatch.setattr(onnxruntime_target, "EXTERNAL_DATA_BYTES", 0)
+    out = tmp_path / "pkg"
+    manifest = export(ExportOptions(model=str(checkpoints["paligemma-gqa"]), output=out, progress=False))
+    assert "decoder.onnx.data" in manifest.files
+    image = sample_images()["noise"]
+    inline = Pipeline.load(packages("paligemma-gqa"))
+    external = Pipeline.load(out)
+    assert list(external.generate_ids(image, "caption en", max_new_tokens=12, ignore_eos=True)) == list(
+        inline.generate_ids(image, "caption en", max_new_tokens=12, ignore_eos=True)
+    )
