@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from mmedge.errors import ExportError
+from mmedge.errors import ExportError, first_line
 from mmedge.exporters.family import aliases, families, family_for
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
@@ -51,7 +51,7 @@ def _from_hub(model: str, hub_id: str) -> Path:
         try:
             return Path(snapshot_download(hub_id))
         except Exception as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = first_line(exc)
     raise ExportError(
         f"model {named} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and could not be "
         f"downloaded ({reason}); download it where there is network, or pass a local checkpoint "

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmedge import __version__
-from mmedge.errors import ExportError
+from mmedge.errors import ExportError, first_line
 from mmedge.manifest import GraphSpec, KVCacheSpec, Manifest
 
 log = logging.getLogger(__name__)
@@ -138,8 +138,7 @@ def _load(family, checkpoint: Path):
     except ExportError:
         raise
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"could not load the model from {checkpoint}: {first}") from exc
+        raise ExportError(f"could not load the model from {checkpoint}: {first_line(exc)}") from exc
 
 
 def _load_tokenizer(checkpoint: Path):
@@ -148,8 +147,7 @@ def _load_tokenizer(checkpoint: Path):
     try:
         tok = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=False)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"could not load the tokenizer from {checkpoint}: {first}") from exc
+        raise ExportError(f"could not load the tokenizer from {checkpoint}: {first_line(exc)}") from exc
     if getattr(tok, "backend_tokenizer", None) is None:
         raise ExportError(f"the tokenizer in {checkpoint} has no fast (tokenizers) version; mmedge needs tokenizer.json")
     return tok

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import torch
 
-from mmedge.errors import ExportError
+from mmedge.errors import ExportError, first_line
 from mmedge.exporters.graphs import GraphJob
 from mmedge.manifest import TensorSpec
 
@@ -46,7 +46,7 @@ def export_graph(job: GraphJob, path: Path) -> None:
                 verbose=False,
             )
         except Exception as exc:
-            raise ExportError(f"tracing {job.name} failed: {_first_line(exc)}") from exc
+            raise ExportError(f"tracing {job.name} failed: {first_line(exc)}") from exc
     model = program.model_proto
     _name_dims(model, job)
     big = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
@@ -133,8 +133,3 @@ def _quiet():
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

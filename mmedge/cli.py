@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from mmedge import __version__
-from mmedge.errors import MmedgeError
+from mmedge.errors import MmedgeError, first_line
 
 log = logging.getLogger("mmedge")
 
@@ -194,8 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if os.environ.get("MMEDGE_DEBUG"):
             raise
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"mmedge: internal error: {type(exc).__name__}: {text} (MMEDGE_DEBUG=1 shows the traceback)",
+        print(f"mmedge: internal error: {type(exc).__name__}: {first_line(exc)} (MMEDGE_DEBUG=1 shows the traceback)",
               file=sys.stderr)
         return 1
 

@@ -29,3 +29,9 @@ class ExportError(MmedgeError):
 
 class InputError(MmedgeError):
     """A bad image, prompt or option given at run time."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type), for one-line reports."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mmedge.errors import MmedgeError
+from mmedge.errors import MmedgeError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,5 @@ class OnnxRuntimeBackend:
         try:
             session = self._ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise MmedgeError(f"onnxruntime could not load {path.name}: {first}") from None
+            raise MmedgeError(f"onnxruntime could not load {path.name}: {first_line(exc)}") from None
         return OnnxRuntimeGraph(session)
