@@ -12,11 +12,27 @@ from mmedge.exporters.family import aliases, families, family_for
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 
 
+def shipped_dir() -> Path:
+    """Where trained demo checkpoints ship: mmedge/models/<name>/ inside the installed package."""
+    import mmedge
+
+    return Path(mmedge.__file__).resolve().parent / "models"
+
+
+def shipped_models() -> dict[str, Path]:
+    root = shipped_dir()
+    if not root.is_dir():
+        return {}
+    return {d.name: d for d in sorted(root.iterdir()) if (d / "config.json").exists()}
+
+
 def builtin_models() -> dict[str, str]:
-    """Models mmedge can produce itself, with no download."""
+    """Models mmedge has without a download: trained demo models it ships, tiny random ones it builds."""
     from mmedge.exporters import tiny
 
-    return {name: spec.description for name, spec in tiny.BUILTIN.items()}
+    out = {name: f"trained demo model, shipped ({path})" for name, path in shipped_models().items()}
+    out.update({name: spec.description for name, spec in tiny.BUILTIN.items()})
+    return out
 
 
 def resolve(model: str) -> Path:
@@ -26,11 +42,14 @@ def resolve(model: str) -> Path:
     path = Path(model).expanduser()
     if path.exists():
         return check_checkpoint(path)
+    shipped = shipped_models()
+    if model in shipped:
+        return check_checkpoint(shipped[model])
     if model in tiny.BUILTIN:
         return tiny.materialize(model)
     hub_id = aliases().get(model, model)
     if "/" not in hub_id or model.startswith((".", "/", "~")):
-        known = ", ".join(sorted([*aliases(), *tiny.BUILTIN]))
+        known = ", ".join(sorted([*aliases(), *shipped, *tiny.BUILTIN]))
         raise ExportError(
             f"model {model!r} is not a directory, a known alias ({known}) or a Hugging Face id (org/name)"
         )

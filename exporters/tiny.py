@@ -72,14 +72,15 @@ SHAPES = {
 BUILTIN = {"tiny-paligemma": SHAPES["paligemma-gqa"]}
 
 
-def build_tokenizer(extra_tokens: list[str], vocab_size: int = 384):
-    """A byte-level BPE trained on a small fixed corpus (deterministic)."""
+def build_tokenizer(extra_tokens: list[str], vocab_size: int = 384, corpus: list[str] | None = None):
+    """A byte-level BPE trained on `corpus` (default: a small fixed word salad); deterministic."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    corpus = [" ".join(_WORDS[(i * 7 + j * 13) % len(_WORDS)] for j in range(12)) for i in range(400)]
+    if corpus is None:
+        corpus = [" ".join(_WORDS[(i * 7 + j * 13) % len(_WORDS)] for j in range(12)) for i in range(400)]
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=SPECIAL,
@@ -92,26 +93,21 @@ def build_tokenizer(extra_tokens: list[str], vocab_size: int = 384):
     return tok
 
 
-def save_paligemma(shape: TinyShape, out: Path) -> Path:
-    """Build and save a random PaliGemma checkpoint of `shape` to `out`."""
-    import torch
-    from transformers import (
-        PaliGemmaConfig,
-        PaliGemmaForConditionalGeneration,
-        PaliGemmaProcessor,
-        PreTrainedTokenizerFast,
-        SiglipImageProcessorPil,
-    )
+def paligemma_config(shape: TinyShape, tok):
+    """A PaliGemmaConfig of `shape` whose vocabulary and special ids fit tokenizer `tok`."""
+    from transformers import PaliGemmaConfig
 
-    tok = build_tokenizer(PALIGEMMA_EXTRA)
-    vocab = tok.get_vocab_size()
-    vocab = (vocab + 63) // 64 * 64
+    vocab = (tok.get_vocab_size() + 63) // 64 * 64
     ids = {t: tok.token_to_id(t) for t in [*SPECIAL, IMAGE_TOKEN]}
-    n_image = (shape.image_size // shape.patch_size) ** 2
-    text = dict(shape.text, vocab_size=vocab, pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"],
-                eos_token_id=ids["<eos>"], max_position_embeddings=512,
-                tie_word_embeddings=False)  # an untied head keeps random models from echoing their input
-    config = PaliGemmaConfig(
+    text = dict(
+        dict(max_position_embeddings=512, tie_word_embeddings=False),
+        **shape.text,
+        vocab_size=vocab,
+        pad_token_id=ids["<pad>"],
+        bos_token_id=ids["<bos>"],
+        eos_token_id=ids["<eos>"],
+    )
+    return PaliGemmaConfig(
         vision_config=dict(shape.vision, image_size=shape.image_size, patch_size=shape.patch_size,
                            projection_dim=text["hidden_size"], model_type="siglip_vision_model"),
         text_config=text,
@@ -120,8 +116,37 @@ def save_paligemma(shape: TinyShape, out: Path) -> Path:
         hidden_size=text["hidden_size"],
         pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"], eos_token_id=ids["<eos>"],
     )
+
+
+def save_paligemma_checkpoint(model, tok, out: Path) -> Path:
+    """save_pretrained the model with a PaliGemma processor (tokenizer + image settings) beside it."""
+    from transformers import PaliGemmaProcessor, PreTrainedTokenizerFast, SiglipImageProcessorPil
+
+    vision = model.config.vision_config
+    for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        setattr(model.generation_config, key, getattr(model.config.text_config, key))
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    image_processor = SiglipImageProcessorPil(
+        size={"height": vision.image_size, "width": vision.image_size},
+        image_seq_length=(vision.image_size // vision.patch_size) ** 2,
+    )
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=hf_tok)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def save_paligemma(shape: TinyShape, out: Path) -> Path:
+    """Build and save a random PaliGemma checkpoint of `shape` to `out`."""
+    import torch
+    from transformers import PaliGemmaForConditionalGeneration
+
+    tok = build_tokenizer(PALIGEMMA_EXTRA)
     torch.manual_seed(shape.seed)
-    model = PaliGemmaForConditionalGeneration(config).eval()
+    model = PaliGemmaForConditionalGeneration(paligemma_config(shape, tok)).eval()
     with torch.no_grad():
         # Default init gives near-uniform logits and a model that repeats one token.
         # Sharp attention and small embeddings make the output depend on the whole
@@ -130,20 +155,7 @@ def save_paligemma(shape: TinyShape, out: Path) -> Path:
             if p.dim() > 1:
                 std = 0.5 if name.endswith(("q_proj.weight", "k_proj.weight")) else 0.2
                 p.normal_(0.0, 0.02 if "embed_tokens" in name else std)
-    model.generation_config.eos_token_id = ids["<eos>"]
-    model.generation_config.bos_token_id = ids["<bos>"]
-    model.generation_config.pad_token_id = ids["<pad>"]
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
-    image_processor = SiglipImageProcessorPil(
-        size={"height": shape.image_size, "width": shape.image_size}, image_seq_length=n_image
-    )
-    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=hf_tok)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return save_paligemma_checkpoint(model, tok, out)
 
 
 def cache_dir() -> Path:

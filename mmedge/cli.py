@@ -56,6 +56,15 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("package", type=Path)
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
+    v = sub.add_parser("eval", help="score a package (or a PyTorch checkpoint) on a task by exact match")
+    v.add_argument("package", type=Path, help="package directory, or a Hugging Face checkpoint directory")
+    v.add_argument("--task", default="shapes", help="task (default: shapes)")
+    v.add_argument("-n", type=int, default=500, help="number of examples (default: 500)")
+    v.add_argument("--seed", type=int, help="data seed (default: the held-out seed 12345)")
+    v.add_argument("--json", action="store_true", help="print one JSON object")
+    v.add_argument("--backend", help="engine to run a package on (default: the package's target)")
+    v.add_argument("--threads", type=int, default=0)
+
     sub.add_parser("list-models", help="aliases, built-in models and supported families")
     return p
 
@@ -144,6 +153,33 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from mmedge.evaluate import DEFAULT_SEED, evaluate, package_answerer, reference_answerer
+    from mmedge.manifest import MANIFEST_NAME
+
+    path = args.package
+    if not path.exists() and "/" not in str(path):
+        from mmedge.exporters.checkpoint import shipped_models
+
+        path = shipped_models().get(str(path), path)  # a shipped demo model by name
+    if (path / MANIFEST_NAME).exists() or not (path / "config.json").exists():
+        answer = package_answerer(path, backend=args.backend, threads=args.threads)
+        what = "package"
+    else:
+        answer = reference_answerer(path)
+        what = "PyTorch checkpoint"
+    seed = DEFAULT_SEED if args.seed is None else args.seed
+    result = evaluate(answer, n=args.n, seed=seed, task=args.task, progress=not args.json)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{args.task} on {path} ({what}), {result['n']} examples, seed {seed}")
+    for kind, acc in result["per_kind"].items():
+        print(f"  {kind:<10}{100 * acc:6.1f}%")
+    print(f"  {'all':<10}{100 * result['accuracy']:6.1f}%")
+    return 0
+
+
 def cmd_list_models(args) -> int:
     from mmedge.exporters.checkpoint import builtin_models
     from mmedge.exporters.export import PRECISIONS, TARGETS
@@ -155,7 +191,7 @@ def cmd_list_models(args) -> int:
     print("aliases (resolved through the Hugging Face cache)")
     for alias, hub_id in sorted(aliases().items()):
         print(f"  {alias:<20} {hub_id}")
-    print("built-in (made here, no download)")
+    print("built-in (shipped with mmedge or made here; no download)")
     for name, description in sorted(builtin_models().items()):
         print(f"  {name:<20} {description}")
     return 0
@@ -177,7 +213,13 @@ def _setup_logging(verbose: bool) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-COMMANDS = {"export": cmd_export, "run": cmd_run, "inspect": cmd_inspect, "list-models": cmd_list_models}
+COMMANDS = {
+    "export": cmd_export,
+    "run": cmd_run,
+    "inspect": cmd_inspect,
+    "eval": cmd_eval,
+    "list-models": cmd_list_models,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

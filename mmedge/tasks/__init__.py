@@ -1,0 +1,1 @@
+"""Evaluation tasks: procedurally generated data with exact answers (numpy + Pillow only)."""

@@ -1,0 +1,76 @@
+"""The trained demo model that ships with mmedge: small, accurate, and scored the same everywhere."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from conftest import run_cli
+from mmedge.evaluate import DEFAULT_SEED
+from mmedge.exporters.checkpoint import shipped_models
+
+NAME = "shapes-paligemma"
+N = 1000
+
+
+@pytest.fixture(scope="module")
+def checkpoint():
+    models = shipped_models()
+    assert NAME in models, f"{NAME} is not shipped in mmedge/models"
+    return models[NAME]
+
+
+@pytest.fixture(scope="module")
+def package(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "pkg"
+    result = run_cli("export", "--model", NAME, "-o", str(out))  # through the alias, as users do
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_checkpoint_is_small_and_complete(checkpoint):
+    files = {p.name: p.stat().st_size for p in checkpoint.iterdir()}
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json", "README.md",
+                 "eval.json"):
+        assert name in files
+    assert sum(files.values()) <= 20 * 2**20
+
+
+def eval_json(path, n=N):
+    result = run_cli("eval", str(path), "--task", "shapes", "-n", str(n), "--seed", str(DEFAULT_SEED), "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_accuracy_parity_and_model_card(checkpoint, package):
+    reference = eval_json(checkpoint)  # transformers generate() on the PyTorch checkpoint
+    exported = eval_json(package)  # the fp32 ONNX Runtime package
+    assert reference["n"] == exported["n"] == N
+    assert reference["accuracy"] >= 0.97, reference
+    assert abs(exported["accuracy"] - reference["accuracy"]) <= 0.002, (exported, reference)
+
+    # the model card states exactly what `mmedge eval` prints
+    recorded = json.loads((checkpoint / "eval.json").read_text())
+    assert recorded["accuracy"] == reference["accuracy"] and recorded["per_kind"] == reference["per_kind"]
+    card = (checkpoint / "README.md").read_text()
+    for kind, acc in reference["per_kind"].items():
+        assert re.search(rf"\| {kind} \| {100 * acc:.1f}% \|", card), kind
+    assert f"**{100 * reference['accuracy']:.1f}%**" in card
+
+
+def test_answers_about_shipped_example(package):
+    from pathlib import Path
+
+    image = Path(__file__).resolve().parents[1] / "examples" / "images" / "shapes.png"
+    asked = {
+        "what color is the circle?": "red",
+        "where is the blue square?": "bottom",
+        "is there a diamond?": "no",
+        "how many triangles?": "one",
+    }
+    for prompt, answer in asked.items():
+        result = run_cli("run", str(package), "--image", str(image), "--prompt", prompt)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == answer, prompt
