@@ -109,7 +109,8 @@ def paligemma_config(shape: TinyShape, tok):
     )
     return PaliGemmaConfig(
         vision_config=dict(shape.vision, image_size=shape.image_size, patch_size=shape.patch_size,
-                           projection_dim=text["hidden_size"], model_type="siglip_vision_model"),
+                           projection_dim=text["hidden_size"], model_type="siglip_vision_model",
+                           vision_use_head=False),  # as in PaliGemma: the pooling head is unused
         text_config=text,
         image_token_index=ids[IMAGE_TOKEN],
         projection_dim=text["hidden_size"],

@@ -15,6 +15,7 @@ training sequence the way its processor does at inference.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -37,7 +38,18 @@ HELD_OUT_SEED = 12345  # `mmedge eval --task shapes` default; never used for tra
 
 
 class PaliGemmaRecipe:
-    """PaliGemma at ~1.5M parameters: 64x64 input, 16 image tokens (16x16 patches), Gemma decoder."""
+    """PaliGemma at ~1.5M parameters: 72x72 input, 24-pixel patches, Gemma decoder.
+
+    One patch per cell of the task's 3x3 grid (9 image tokens) keeps each
+    example cheap (~300 examples/s on 2 cores), so the CPU budget buys many
+    examples. The learning rate matters most: at 1e-3 and above the decoder
+    never learned to read the image tokens; at 1e-4 to 4e-4 it does.
+
+    Status: this recipe does not reach the 97% target yet (46.7% held-out after
+    6000 steps of 32 at 2e-4, 10.6 min on 2 cores): it learns colours and
+    positions but not to match a question's shape word to the image (the
+    `exists` kind stays at chance). See the note on the demo-model issue.
+    """
 
     dims = tiny.TinyShape(
         "shapes demo PaliGemma",
@@ -45,12 +57,16 @@ class PaliGemmaRecipe:
         text=dict(model_type="gemma", hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=1, head_dim=32, tie_word_embeddings=True,
                   max_position_embeddings=256),
-        image_size=64,
-        patch_size=16,
+        image_size=72,
+        patch_size=24,
     )
 
-    def __init__(self):
-        self.tok = tiny.build_tokenizer(tiny.PALIGEMMA_EXTRA, vocab_size=320, corpus=shapes.corpus())
+    def __init__(self, image_size: int | None = None, patch_size: int | None = None):
+        if image_size or patch_size:
+            self.dims = dataclasses.replace(
+                self.dims, image_size=image_size or self.dims.image_size, patch_size=patch_size or self.dims.patch_size
+            )
+        self.tok = tiny.build_tokenizer(tiny.PALIGEMMA_EXTRA, vocab_size=512, corpus=shapes.corpus())
         self.config = tiny.paligemma_config(self.dims, self.tok)
         size = self.dims.image_size
         self.pre = PreprocessSpec(height=size, width=size)  # SigLIP: bicubic, 1/255, mean/std 0.5
@@ -70,10 +86,10 @@ class PaliGemmaRecipe:
             prefix += self.tok.encode(ex.prompt + "\n", add_special_tokens=False).ids
             suffix = self.tok.encode(ex.answer, add_special_tokens=False).ids + [self.ids["<eos>"]]
             seqs.append(prefix + suffix)
-            types.append([0] * len(prefix) + [1] * len(suffix))
+            types.append([0] * len(prefix) + [1] * len(suffix))  # padding below is typed 1: never prefix
         width = max(map(len, seqs))
         ids = torch.full((len(seqs), width), self.ids["<pad>"], dtype=torch.long)
-        tt = torch.zeros((len(seqs), width), dtype=torch.long)
+        tt = torch.ones((len(seqs), width), dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, (s, t) in enumerate(zip(seqs, types)):
             ids[i, : len(s)] = torch.tensor(s)
@@ -90,9 +106,9 @@ class PaliGemmaRecipe:
 RECIPES = {"paligemma": PaliGemmaRecipe}
 
 
-def train(recipe, steps: int, batch_size: int, lr: float, seed: int, progress: bool = True):
+def train(recipe, steps: int, batch_size: int, lr: float, seed: int, progress: bool = True, device: str = "cpu"):
     torch.manual_seed(seed)
-    model = recipe.model().train()
+    model = recipe.model().to(device).train()
     params = sum(p.numel() for p in model.parameters())
     log.info("%s: %.2fM parameters, %d steps of %d", type(recipe).__name__, params / 1e6, steps, batch_size)
     decay = [p for n, p in model.named_parameters() if p.dim() > 1]
@@ -111,7 +127,7 @@ def train(recipe, steps: int, batch_size: int, lr: float, seed: int, progress: b
     bar = tqdm(range(steps), desc="train", disable=not progress, mininterval=2)
     ema = None
     for step in bar:
-        batch = recipe.batch([next(data) for _ in range(batch_size)])
+        batch = {k: v.to(device) for k, v in recipe.batch([next(data) for _ in range(batch_size)]).items()}
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -120,7 +136,7 @@ def train(recipe, steps: int, batch_size: int, lr: float, seed: int, progress: b
         sched.step()
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         bar.set_postfix(loss=f"{ema:.4f}")
-    return model.eval()
+    return model.cpu().eval()
 
 
 MODEL_CARD = """# {name}
@@ -157,18 +173,21 @@ def main(argv=None) -> int:
     p.add_argument("--family", default="paligemma", choices=sorted(RECIPES))
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=48)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-n", type=int, default=1000)
+    p.add_argument("--device", default="cpu", help="torch device; the shipped model is trained on cpu")
+    p.add_argument("--image-size", type=int, help="override the recipe's input size")
+    p.add_argument("--patch-size", type=int, help="override the recipe's patch size")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
 
-    recipe = RECIPES[args.family]()
+    recipe = RECIPES[args.family](image_size=args.image_size, patch_size=args.patch_size)
     start = time.perf_counter()
-    model = train(recipe, args.steps, args.batch_size, args.lr, args.seed)
+    model = train(recipe, args.steps, args.batch_size, args.lr, args.seed, device=args.device)
     minutes = (time.perf_counter() - start) / 60
     log.info("trained in %.1f min", minutes)
     recipe.save(model, args.out)

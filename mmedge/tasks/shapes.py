@@ -38,6 +38,7 @@ COLORS = {
 CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 NUMBERS = ("zero", "one", "two", "three", "four")
 IMAGE_SIZE = 96
+JITTER = 0.8  # how far a shape may wander from its cell's centre, as a fraction of the room it has
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,8 @@ def draw(objs: list[Obj], rng: np.random.Generator, size: int) -> Image.Image:
     cell = size / 3
     for o in objs:
         r = cell * rng.uniform(0.22, 0.4)  # half-size: small to large
-        cx = (o.col + 0.5) * cell + rng.uniform(-1, 1) * (cell / 2 - r) * 0.8
-        cy = (o.row + 0.5) * cell + rng.uniform(-1, 1) * (cell / 2 - r) * 0.8
+        cx = (o.col + 0.5) * cell + rng.uniform(-1, 1) * (cell / 2 - r) * JITTER
+        cy = (o.row + 0.5) * cell + rng.uniform(-1, 1) * (cell / 2 - r) * JITTER
         fill = tuple(int(np.clip(v + rng.integers(-15, 16), 0, 255)) for v in COLORS[o.color])
         if o.shape == "circle":
             d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
