@@ -54,7 +54,9 @@ class Pipeline:
         self.codec = codec
         self.cache = KVCache(manifest.kv_cache)
         decoder_inputs = manifest.graphs["decoder"].inputs
-        self.mask_names = [n for n in decoder_inputs if n.endswith("attention_mask")]
+        # "attention_mask" first; a decoder with sliding-window layers also takes "sliding_attention_mask"
+        self.mask_names = sorted((n for n in decoder_inputs if n.endswith("attention_mask")),
+                                 key=lambda n: n != "attention_mask")
         self.mask_dtype = np.dtype(decoder_inputs[self.mask_names[0]].dtype)
         self.timings = Timings()
 
