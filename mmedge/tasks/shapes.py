@@ -39,6 +39,7 @@ CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left
 NUMBERS = ("zero", "one", "two", "three", "four")
 IMAGE_SIZE = 96
 JITTER = 0.8  # how far a shape may wander from its cell's centre, as a fraction of the room it has
+SIZE_RANGE = (0.22, 0.4)  # a shape's half-size as a fraction of its cell
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def draw(objs: list[Obj], rng: np.random.Generator, size: int) -> Image.Image:
     d = ImageDraw.Draw(img)
     cell = size / 3
     for o in objs:
-        r = cell * rng.uniform(0.22, 0.4)  # half-size: small to large
+        r = cell * rng.uniform(*SIZE_RANGE)
         cx = (o.col + 0.5) * cell + rng.uniform(-1, 1) * (cell / 2 - r) * JITTER
         cy = (o.row + 0.5) * cell + rng.uniform(-1, 1) * (cell / 2 - r) * JITTER
         fill = tuple(int(np.clip(v + rng.integers(-15, 16), 0, 255)) for v in COLORS[o.color])
