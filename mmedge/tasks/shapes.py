@@ -68,6 +68,7 @@ class Example:
     prompt: str
     answer: str
     kind: str
+    objects: tuple[Obj, ...] = ()  # the scene, in reading order
 
 
 def _scene(rng: np.random.Generator) -> list[Obj]:
@@ -154,7 +155,7 @@ def sample(rng: np.random.Generator, kind: str, size: int = IMAGE_SIZE) -> Examp
         objs = _scene(rng)
         qa = _question(kind, objs, rng, variant)
         if qa is not None:
-            return Example(draw(objs, rng, size), qa[0], qa[1], kind)
+            return Example(draw(objs, rng, size), qa[0], qa[1], kind, tuple(objs))
 
 
 def examples(n: int, seed: int, size: int = IMAGE_SIZE):
