@@ -24,6 +24,11 @@ class KVCache:
         self.values = [np.zeros(shape, dtype) for _ in layers]
         self._past_names = [(spec.past_key.format(layer=i), spec.past_value.format(layer=i)) for i in layers]
         self._present_names = [(spec.present_key.format(layer=i), spec.present_value.format(layer=i)) for i in layers]
+        # the buffers are written in place, so one feed dict serves every step
+        self._feeds = {}
+        for (kname, vname), k, v in zip(self._past_names, self.keys, self.values):
+            self._feeds[kname] = k
+            self._feeds[vname] = v
         self.length = 0
 
     @property
@@ -34,11 +39,7 @@ class KVCache:
         self.length = 0  # stale slots are masked out, no need to clear them
 
     def feeds(self) -> dict[str, np.ndarray]:
-        out = {}
-        for (kname, vname), k, v in zip(self._past_names, self.keys, self.values):
-            out[kname] = k
-            out[vname] = v
-        return out
+        return self._feeds
 
     def empty_feeds(self) -> dict[str, np.ndarray]:
         """Zero-length past, for running a sequence from scratch without the cache."""

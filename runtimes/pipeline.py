@@ -100,7 +100,7 @@ class Pipeline:
     def stream(self, image: ImageInput, prompt: str, **options: Any) -> Iterator[str]:
         opts = self.options(**options)
         decoder = StreamDecoder(self.codec, opts.stop)
-        for token in self.generate_ids(image, prompt, **dataclasses.asdict(opts)):
+        for token in self._tokens(image, prompt, opts):
             piece = decoder.push(token)
             if piece:
                 yield piece
@@ -126,7 +126,11 @@ class Pipeline:
 
     def generate_ids(self, image: ImageInput, prompt: str, **options: Any) -> Iterator[int]:
         """Yield generated token ids (EOS is not yielded)."""
-        opts = self.options(**options)
+        return self._tokens(image, prompt, self.options(**options))
+
+    # -- internals ---------------------------------------------------------
+
+    def _tokens(self, image: ImageInput, prompt: str, opts: GenerationOptions) -> Iterator[int]:
         rng = np.random.default_rng(opts.seed)
         t = self.timings = Timings()
         ids = self.encode_prompt(prompt, raw=opts.raw_prompt)
@@ -163,8 +167,6 @@ class Pipeline:
             logits = step(self._embed(np.array([[token]], dtype=np.int64)), len(ids))
             t.steps.append(time.perf_counter() - start)
             t.decode += t.steps[-1]
-
-    # -- internals ---------------------------------------------------------
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         return self.graphs["embed_tokens"].run({"input_ids": ids})["inputs_embeds"]

@@ -25,11 +25,19 @@ BLOCKER = textwrap.dedent(
 )
 
 
+def run_blocked(code: str, cwd):
+    """Run `code` in a fresh interpreter where torch and transformers cannot be imported."""
+    script = BLOCKER + textwrap.dedent(code)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=cwd, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
 def test_pipeline_runs_without_torch(packages, tmp_path):
     package = packages("paligemma-gqa")
     image = tmp_path / "img.png"
     sample_images()["shapes"].save(image)
-    script = BLOCKER + textwrap.dedent(
+    result = run_blocked(
         f"""
         import json
         try:
@@ -44,10 +52,9 @@ def test_pipeline_runs_without_torch(packages, tmp_path):
         text = "".join(pipe.stream({str(image)!r}, "caption en", max_new_tokens=12, ignore_eos=True))
         leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
         print(json.dumps({{"ids": ids, "text": text, "leaked": leaked}}))
-        """
+        """,
+        tmp_path,
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["leaked"] == []
     # same answer as in this process, where torch is importable (and which matches transformers)
@@ -61,14 +68,13 @@ def test_cli_run_without_torch(packages, tmp_path):
     package = packages("paligemma-gqa")
     image = tmp_path / "img.png"
     sample_images()["noise"].save(image)
-    script = BLOCKER + textwrap.dedent(
+    run_blocked(
         f"""
         from mmedge.cli import main
         code = main(["run", {str(package)!r}, "--image", {str(image)!r}, "--prompt", "caption en",
                      "--max-new-tokens", "8"])
         assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers")]
         raise SystemExit(code)
-        """
+        """,
+        tmp_path,
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert result.returncode == 0, result.stderr
