@@ -1,6 +1,6 @@
 """Answer a prompt about an image with an exported package, streaming the answer.
 
-    python examples/caption.py PACKAGE_DIR examples/images/shapes.png "caption en"
+    python examples/caption.py PACKAGE_DIR examples/images/shapes.png "caption"
 """
 
 import sys
@@ -15,7 +15,7 @@ def main() -> None:
     pipe = mmedge.Pipeline.load(package)
     for piece in pipe.stream(image, prompt, max_new_tokens=32):
         print(piece, end="", flush=True)
-    print()
+    print(flush=True)
     t = pipe.timings
     print(
         f"[{t.prompt_tokens} prompt tokens, {t.new_tokens} new; vision {t.vision * 1e3:.0f} ms, "

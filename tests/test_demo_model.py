@@ -15,15 +15,11 @@ NAME = "shapes-paligemma"
 N = 1000
 
 
-pytestmark = pytest.mark.skipif(
-    NAME not in shipped_models(),
-    reason=f"{NAME} is not trained and shipped yet (tools/train_shapes.py does not reach 97% so far)",
-)
-
-
 @pytest.fixture(scope="module")
 def checkpoint():
-    return shipped_models()[NAME]
+    models = shipped_models()
+    assert NAME in models, f"{NAME} must ship inside the package (mmedge/models/{NAME}/)"
+    return models[NAME]
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,13 @@ def test_same_seed_same_examples_other_seed_other_examples():
     assert [key(x) for x in a] != [key(x) for x in c]
 
 
+def test_examples_of_chosen_kinds_and_unknown_kinds():
+    exs = list(shapes.examples(6, seed=2, kinds=("exists", "count")))
+    assert [e.kind for e in exs] == ["exists", "count"] * 3
+    with pytest.raises(ValueError, match="unknown question kinds"):
+        next(shapes.examples(1, seed=0, kinds=("colour",)))
+
+
 def test_kinds_rotate_and_answers_are_balanced():
     exs = list(shapes.examples(1200, seed=11))
     assert Counter(e.kind for e in exs) == {k: 200 for k in shapes.KINDS}

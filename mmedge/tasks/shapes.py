@@ -158,11 +158,14 @@ def sample(rng: np.random.Generator, kind: str, size: int = IMAGE_SIZE) -> Examp
             return Example(draw(objs, rng, size), qa[0], qa[1], kind, tuple(objs))
 
 
-def examples(n: int, seed: int, size: int = IMAGE_SIZE):
-    """n examples from `seed`, kinds in rotation (a generator: images are made as consumed)."""
+def examples(n: int, seed: int, size: int = IMAGE_SIZE, kinds: tuple[str, ...] = KINDS):
+    """n examples from `seed`, `kinds` in rotation (a generator: images are made as consumed)."""
+    unknown = set(kinds) - set(KINDS)
+    if unknown or not kinds:
+        raise ValueError(f"unknown question kinds {sorted(unknown)}; known: {', '.join(KINDS)}")
     rng = np.random.default_rng(seed)
     for i in range(n):
-        yield sample(rng, KINDS[i % len(KINDS)], size)
+        yield sample(rng, kinds[i % len(kinds)], size)
 
 
 def normalize(text: str) -> str:
