@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmedge import __version__
+from mmedge.calibration.plan import parse_quant
 from mmedge.errors import ExportError, first_line
 from mmedge.manifest import GraphSpec, KVCacheSpec, Manifest
 
@@ -15,7 +16,6 @@ log = logging.getLogger(__name__)
 
 TARGETS = ("onnxruntime",)
 PLANNED_TARGETS = ("openvino", "tensorrt", "coreml")
-PRECISIONS = ("fp32",)
 
 
 @dataclass
@@ -23,10 +23,15 @@ class ExportOptions:
     model: str
     output: Path
     target: str = "onnxruntime"
-    quant: str = "fp32"
+    quant: str = "fp32"  # a preset (fp32, fp16, int8, int4) and/or part=precision pairs
     max_context: int | None = None  # default: image tokens + 512, within the model's limit
     overwrite: bool = False
     progress: bool = True
+    calib: str = "builtin"  # image folder, JSONL of {image, prompt}, or builtin
+    calib_samples: int = 64
+    calib_method: str = "minmax"
+    int4_method: str = "awq"
+    int4_block_size: int = 32
 
 
 def check_options(opts: ExportOptions) -> None:
@@ -34,8 +39,15 @@ def check_options(opts: ExportOptions) -> None:
         raise ExportError(f"target {opts.target!r} is not built yet; available now: {', '.join(TARGETS)}")
     if opts.target not in TARGETS:
         raise ExportError(f"unknown target {opts.target!r}; choose one of: {', '.join(TARGETS)}")
-    if opts.quant not in PRECISIONS:
-        raise ExportError(f"precision {opts.quant!r} is not available yet; available now: {', '.join(PRECISIONS)}")
+    from mmedge.calibration import plan as qplan
+
+    qplan.parse_quant(opts.quant)
+    if opts.calib_method not in qplan.CALIB_METHODS:
+        raise ExportError(f"unknown --calib-method {opts.calib_method!r}; choose one of {', '.join(qplan.CALIB_METHODS)}")
+    if opts.int4_method not in qplan.INT4_METHODS:
+        raise ExportError(f"unknown --int4-method {opts.int4_method!r}; choose one of {', '.join(qplan.INT4_METHODS)}")
+    if opts.int4_block_size not in qplan.INT4_BLOCK_SIZES:
+        raise ExportError(f"--int4-block-size must be one of {', '.join(map(str, qplan.INT4_BLOCK_SIZES))}")
     if opts.max_context is not None and opts.max_context < 2:
         raise ExportError(f"--max-context must be at least 2, got {opts.max_context}")
 
@@ -49,10 +61,15 @@ def export(opts: ExportOptions) -> Manifest:
     check_output(Path(opts.output).resolve(), opts.overwrite)  # fail before minutes of loading
     path = ckpt.resolve(opts.model)
     family = ckpt.family_for(ckpt.read_config(path)["model_type"])
-    return _export(opts, path, family)
+    calib = None
+    if set(parse_quant(opts.quant).values()) != {"fp32"}:
+        from mmedge.calibration.data import load_calibration
+
+        calib = load_calibration(opts.calib, opts.calib_samples, checkpoint=path)  # bad data fails before export
+    return _export(opts, path, family, calib)
 
 
-def _export(opts: ExportOptions, checkpoint: Path, family) -> Manifest:
+def _export(opts: ExportOptions, checkpoint: Path, family, calib=None) -> Manifest:
     import torch
     from tqdm.auto import tqdm
 
@@ -96,7 +113,7 @@ def _export(opts: ExportOptions, checkpoint: Path, family) -> Manifest:
                     f"(tolerance {result['rtol']} x max(1, |ref|)); nothing was written"
                 )
             inputs, outputs = target.io_specs(stage / file)
-            graphs[job.name] = GraphSpec(file=file, precision=opts.quant, inputs=inputs, outputs=outputs)
+            graphs[job.name] = GraphSpec(file=file, precision="fp32", inputs=inputs, outputs=outputs)
         bar.close()
         tokenizer.backend_tokenizer.save(str(stage / "tokenizer.json"))
         manifest = Manifest(
@@ -126,6 +143,13 @@ def _export(opts: ExportOptions, checkpoint: Path, family) -> Manifest:
             verification={"reference": "pytorch fp32", "graphs": report},
             mmedge_version=__version__,
         )
+        plan = parse_quant(opts.quant)
+        if calib is not None:
+            from mmedge.calibration.onnxruntime import QuantOptions, quantize_package
+
+            options = QuantOptions(calib_method=opts.calib_method, int4_method=opts.int4_method,
+                                   int4_block_size=opts.int4_block_size)
+            manifest.quantization = quantize_package(stage, manifest, plan, calib, options, opts.progress)
         manifest.files = file_entries(stage)
         manifest.save(stage)
     log.info("exported %s in %.1f s", opts.output, time.perf_counter() - started)

@@ -28,7 +28,15 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a Hugging Face checkpoint to a package")
     e.add_argument("--model", required=True, help="checkpoint directory, alias (see list-models) or Hub id")
     e.add_argument("--target", default="onnxruntime", help="runtime to export for (default: onnxruntime)")
-    e.add_argument("--quant", default="fp32", help="precision (default: fp32)")
+    e.add_argument("--quant", default="fp32",
+                   help="fp32, fp16, int8 or int4 (int4: decoder int4, the rest int8), optionally followed by "
+                        "per-graph overrides, e.g. int4,vision_encoder=fp32 or vision_encoder=int8,decoder=int4")
+    e.add_argument("--calib", default="builtin",
+                   help="calibration data: an image folder, a JSONL of {image, prompt}, or builtin (default)")
+    e.add_argument("--calib-samples", type=int, default=64, help="calibration samples (default: 64)")
+    e.add_argument("--calib-method", default="minmax", help="INT8 activation ranges: minmax, entropy or percentile")
+    e.add_argument("--int4-method", default="awq", help="INT4 decoder weights: awq (activation-aware) or rtn")
+    e.add_argument("--int4-block-size", type=int, default=32, help="INT4 block size: 32, 64 or 128 (default: 32)")
     e.add_argument("-o", "--output", type=Path, help="package directory to write (default: <model>-<quant>-<target>)")
     e.add_argument("--max-context", type=int, help="KV cache length in tokens (default: image tokens + 512)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing package at --output")
@@ -81,11 +89,34 @@ def cmd_export(args) -> int:
             quant=args.quant,
             max_context=args.max_context,
             overwrite=args.overwrite,
+            calib=args.calib,
+            calib_samples=args.calib_samples,
+            calib_method=args.calib_method,
+            int4_method=args.int4_method,
+            int4_block_size=args.int4_block_size,
         )
     )
     size = sum(f.bytes for f in manifest.files.values())
+    if manifest.quantization:
+        _print_quantization(manifest.quantization)
     print(f"wrote {output} ({manifest.family}, {manifest.target}, {_mb(size)})")
     return 0
+
+
+def _print_quantization(q: dict) -> None:
+    cal = q["calibration"]
+    used = f"calibrated on {cal['calibration_samples']} samples, " if cal.get("used", True) else ""
+    print(f"quantization {q['name']}: {used}measured on {cal['held_out_samples']} held-out samples "
+          f"from {cal['source']}")
+    print(f"{'graph':<16}{'precision':<11}{'fp32':>10}{'now':>10}{'max abs err':>13}{'rel L2 err':>12}")
+    for name, g in q["graphs"].items():
+        err = f"{g['held_out_max_abs_err']:>13.3g}{g['held_out_rel_l2_err']:>12.3g}" if "held_out_max_abs_err" in g else ""
+        print(f"{name:<16}{g['precision']:<11}{_mb(g['bytes_fp32']):>10}{_mb(g['bytes']):>10}{err}")
+    print(f"{'total':<27}{_mb(q['bytes_fp32']):>10}{_mb(q['bytes']):>10}"
+          f"   ({q['bytes_fp32'] / max(1, q['bytes']):.1f}x smaller)")
+    print(f"decoder logits, teacher-forced: top-1 agreement {q['teacher_forced_top1_agreement']:.1%}, "
+          f"KL {q['teacher_forced_kl']:.2e} over {q['teacher_forced_positions']} positions; "
+          f"greedy answers identical to fp32: {q['greedy_agreement']:.1%}")
 
 
 def cmd_run(args) -> int:
@@ -150,6 +181,9 @@ def cmd_inspect(args) -> int:
             for out, v in shown.items():
                 status = "ok" if r["passed"] else "FAIL"
                 print(f"{name:<16}{out:<18}{v['max_abs_err']:>12.2e}{v['max_abs_ref']:>12.3g}  {status}")
+    if m.quantization:
+        print()
+        _print_quantization(m.quantization)
     return 0
 
 
@@ -182,7 +216,8 @@ def cmd_eval(args) -> int:
 
 def cmd_list_models(args) -> int:
     from mmedge.exporters.checkpoint import builtin_models
-    from mmedge.exporters.export import PRECISIONS, TARGETS
+    from mmedge.calibration.plan import PRECISIONS
+    from mmedge.exporters.export import TARGETS
     from mmedge.exporters.family import aliases, families
 
     print("families (model_type: targets, precisions)")

@@ -140,6 +140,7 @@ class Manifest:
     source: dict[str, Any] = field(default_factory=dict)
     files: dict[str, FileEntry] = field(default_factory=dict)
     verification: dict[str, Any] = field(default_factory=dict)
+    quantization: dict[str, Any] = field(default_factory=dict)  # plan, calibration and the accuracy report
     format_version: int = FORMAT_VERSION
     mmedge_version: str = ""
 

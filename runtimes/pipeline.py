@@ -128,6 +128,25 @@ class Pipeline:
         """Yield generated token ids (EOS is not yielded)."""
         return self._tokens(image, prompt, self.options(**options))
 
+    def teacher_forced_logits(self, image: ImageInput, prompt: str, tokens: Sequence[int]) -> np.ndarray:
+        """Next-token logits after the prompt and after each of `tokens` fed in turn: [len(tokens) + 1, vocab].
+
+        Runs the same cached prefill and decode steps as generation, so two
+        packages of one model (fp32 and quantized) can be compared position by
+        position on the same token sequence.
+        """
+        ids = self.encode_prompt(prompt)
+        if len(ids) + len(tokens) > self.cache.capacity:
+            raise InputError(
+                f"{len(ids)} prompt and {len(tokens)} forced tokens exceed this package's context of {self.cache.capacity}"
+            )
+        embeds = self._prompt_embeddings(ids, preprocess(image, self.manifest.preprocess))
+        self.cache.reset()
+        rows = [self._cached_step(embeds, len(ids))[0, -1]]
+        for token in tokens:
+            rows.append(self._cached_step(self._embed(np.array([[token]], dtype=np.int64)), len(ids))[0, -1])
+        return np.stack(rows)
+
     # -- internals ---------------------------------------------------------
 
     def _tokens(self, image: ImageInput, prompt: str, opts: GenerationOptions) -> Iterator[int]:

@@ -121,11 +121,14 @@ def test_alias_not_cached_offline(tmp_path):
     assert_one_line_error(result, "google/paligemma-3b-mix-224", str(tmp_path / "hf"), "--model /path/to/checkpoint")
 
 
-def test_unbuilt_target_and_precision(tmp_path):
+def test_unbuilt_target_and_unknown_precision(tmp_path):
     assert_one_line_error(run_cli("export", "--model", "tiny-paligemma", "--target", "tensorrt",
                                   "-o", str(tmp_path / "o")), "not built yet")
-    assert_one_line_error(run_cli("export", "--model", "tiny-paligemma", "--quant", "int4",
-                                  "-o", str(tmp_path / "o")), "not available yet")
+    assert_one_line_error(run_cli("export", "--model", "tiny-paligemma", "--quant", "int3",
+                                  "-o", str(tmp_path / "o")), "unknown precision 'int3'")
+    assert_one_line_error(run_cli("export", "--model", "tiny-paligemma", "--quant", "int8,projector=int4",
+                                  "-o", str(tmp_path / "o")), "projector cannot be 'int4'")
+    assert not (tmp_path / "o").exists()
 
 
 def test_bad_generation_option(package, image_file):

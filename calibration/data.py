@@ -1,0 +1,177 @@
+"""Calibration sets: (image, prompt) pairs that run through the real pipeline.
+
+    --calib builtin          the model's own task generator for a shipped demo
+                             model, otherwise scikit-image's bundled photographs
+                             with a set of prompts
+    --calib photos/          every image in a folder, prompts cycled from PROMPTS
+    --calib calib.jsonl      one {"image": path, "prompt": text} per line (paths
+                             relative to the file)
+
+A set is split into samples that calibrate and held-out samples that measure
+the quantized package against the fp32 one. Unreadable images are skipped
+with one warning that counts them; too few readable samples is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from mmedge.errors import ExportError
+
+log = logging.getLogger(__name__)
+
+PROMPTS = (
+    "caption en",
+    "describe en",
+    "answer en what is in the image?",
+    "answer en what color is the largest object?",
+    "answer en how many objects are there?",
+    "detect object",
+    "question: what is shown here? answer:",
+    "",
+)
+# The photographs bundled in scikit-image's wheel (skimage/data), colour and greyscale.
+SKIMAGE_PHOTOS = (
+    "astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "motorcycle_right.png",
+    "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "color.png", "gravel.png", "brick.png", "grass.png",
+    "coins.png", "camera.png", "moon.png", "page.png", "text.png", "horse.png", "cell.png", "clock_motion.png",
+    "logo.png",
+)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+MIN_SAMPLES = 8  # fewer cannot both calibrate and leave held-out samples to measure on
+TASK_SEED = 777  # the demo task's calibration stream: not a training seed, not the eval seed (12345)
+
+
+@dataclass
+class Sample:
+    image: Image.Image
+    prompt: str
+    answer: str | None = None  # known for task-generated samples
+
+
+@dataclass
+class CalibrationSet:
+    source: str
+    calibrate: list[Sample]
+    held_out: list[Sample]
+    skipped: int = 0
+
+    def describe(self) -> dict:
+        return {"source": self.source, "calibration_samples": len(self.calibrate),
+                "held_out_samples": len(self.held_out), "skipped_unreadable": self.skipped}
+
+
+def load_calibration(source: str, samples: int, checkpoint: Path | None = None,
+                     held_out: int | None = None) -> CalibrationSet:
+    """`samples` calibration samples from `source`, plus held-out ones (default: a quarter as many, at least 4)."""
+    if samples < MIN_SAMPLES:
+        raise ExportError(f"--calib-samples must be at least {MIN_SAMPLES}, got {samples}")
+    n_held = held_out if held_out is not None else max(4, samples // 4)
+    if source == "builtin":
+        task = _checkpoint_task(checkpoint)
+        if task == "shapes":
+            return _task_set(samples, n_held)
+        return _split("builtin (scikit-image photographs)", *_skimage(samples + n_held), samples, n_held)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ExportError(f"calibration source not found: {path}; pass an image folder, a .jsonl file or 'builtin'")
+    if path.is_dir():
+        pairs, skipped = _folder(path, samples + n_held)
+        return _split(str(path), pairs, skipped, samples, n_held)
+    if path.suffix.lower() in (".jsonl", ".json"):
+        pairs, skipped = _jsonl(path, samples + n_held)
+        return _split(str(path), pairs, skipped, samples, n_held)
+    raise ExportError(f"calibration source {path} is neither a folder of images nor a .jsonl file")
+
+
+def _checkpoint_task(checkpoint: Path | None) -> str | None:
+    """The task a shipped demo model was trained on (its eval.json), if any."""
+    if checkpoint is None or not (Path(checkpoint) / "eval.json").is_file():
+        return None
+    try:
+        return json.loads((Path(checkpoint) / "eval.json").read_text()).get("task")
+    except (OSError, ValueError):
+        return None
+
+
+def _task_set(samples: int, n_held: int) -> CalibrationSet:
+    from mmedge.tasks import shapes
+
+    stream = shapes.examples(samples + n_held, seed=TASK_SEED)
+    pairs = [Sample(ex.image, ex.prompt, ex.answer) for ex in stream]
+    return CalibrationSet("builtin (shapes task generator)", pairs[:samples], pairs[samples:])
+
+
+def _skimage(n: int) -> tuple[list[Sample], int]:
+    try:
+        import skimage
+    except ImportError:
+        raise ExportError("--calib builtin needs scikit-image for its photographs: `pip install scikit-image`, "
+                          "or pass --calib <image folder | calib.jsonl>") from None
+    root = Path(skimage.__file__).parent / "data"
+    paths = [root / name for name in SKIMAGE_PHOTOS if (root / name).is_file()]
+    images, skipped = _open_all(paths)
+    # every photograph with several prompts: more samples than photographs, no photograph twice with one prompt
+    pairs = [Sample(images[i % len(images)], PROMPTS[(i + i // len(images)) % len(PROMPTS)])
+             for i in range(n)] if images else []
+    return pairs, skipped
+
+
+def _folder(path: Path, n: int) -> tuple[list[Sample], int]:
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    images, skipped = _open_all(files[:n])
+    return [Sample(img, PROMPTS[i % len(PROMPTS)]) for i, img in enumerate(images)], skipped
+
+
+def _jsonl(path: Path, n: int) -> tuple[list[Sample], int]:
+    pairs, skipped = [], 0
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            image, prompt = record["image"], record.get("prompt", "")
+            if not isinstance(image, str) or not isinstance(prompt, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            raise ExportError(f"{path}:{lineno}: expected a JSON object {{\"image\": path, \"prompt\": text}}") from None
+        opened, bad = _open_all([(path.parent / image)])
+        skipped += bad
+        pairs += [Sample(img, prompt) for img in opened]
+        if len(pairs) >= n:
+            break
+    return pairs, skipped
+
+
+def _open_all(paths: list[Path]) -> tuple[list[Image.Image], int]:
+    images, skipped = [], 0
+    for p in paths:
+        try:
+            with Image.open(p) as img:
+                img.load()
+                images.append(img.copy())
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            skipped += 1
+            log.debug("skipping %s: %s", p, exc)
+    return images, skipped
+
+
+def _split(source: str, pairs: list[Sample], skipped: int, samples: int, n_held: int) -> CalibrationSet:
+    if skipped:
+        log.warning("skipped %d unreadable calibration image%s in %s", skipped, "s" * (skipped != 1), source)
+    if len(pairs) < MIN_SAMPLES:
+        raise ExportError(
+            f"calibration set {source} has {len(pairs)} readable sample(s); at least {MIN_SAMPLES} are needed "
+            "(add images, or use --calib builtin)"
+        )
+    if len(pairs) < samples + n_held:
+        n_held = max(1, len(pairs) // 4)
+        log.warning("%s has %d readable samples, fewer than the %d asked for: calibrating on %d, measuring on %d",
+                    source, len(pairs), samples + n_held, len(pairs) - n_held, n_held)
+        samples = len(pairs) - n_held
+    return CalibrationSet(source, pairs[:samples], pairs[samples:samples + n_held], skipped)

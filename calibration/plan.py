@@ -1,0 +1,56 @@
+"""What precision each graph gets: `--quant int4` or `--quant int8,decoder=int4` or `vision_encoder=int8,decoder=int4`."""
+
+from __future__ import annotations
+
+from mmedge.errors import ExportError
+
+PARTS = ("vision_encoder", "projector", "embed_tokens", "decoder")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+# What a single precision means for each graph. INT4 is weight-only and pays
+# off in the decoder, where the weights are the bytes read per token; the
+# vision encoder and projector run once per image and stay INT8 there.
+PRESETS = {
+    "fp32": dict.fromkeys(PARTS, "fp32"),
+    "fp16": dict.fromkeys(PARTS, "fp16"),
+    "int8": dict.fromkeys(PARTS, "int8"),
+    "int4": {"vision_encoder": "int8", "projector": "int8", "embed_tokens": "int8", "decoder": "int4"},
+}
+ALLOWED = {part: ("fp32", "fp16", "int8") for part in PARTS} | {"decoder": PRECISIONS}
+CALIB_METHODS = ("minmax", "entropy", "percentile")
+INT4_METHODS = ("awq", "rtn")
+INT4_BLOCK_SIZES = (32, 64, 128)
+
+
+def parse_quant(text: str) -> dict[str, str]:
+    """Per-graph precisions from --quant: a preset, `part=precision` pairs, or a preset followed by pairs."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise ExportError(f"--quant is empty; choose one of {', '.join(PRECISIONS)} or part=precision pairs")
+    plan = dict(PRESETS["fp32"])
+    if "=" not in items[0]:
+        preset = items.pop(0)
+        if preset not in PRESETS:
+            raise ExportError(f"unknown precision {preset!r} in --quant; choose one of {', '.join(PRECISIONS)}")
+        plan = dict(PRESETS[preset])
+    for item in items:
+        part, sep, precision = (s.strip() for s in item.partition("="))
+        if not sep:
+            raise ExportError(f"--quant: expected part=precision after the first item, got {item!r}")
+        if part not in PARTS:
+            raise ExportError(f"--quant: unknown graph {part!r}; graphs are {', '.join(PARTS)}")
+        if precision not in ALLOWED[part]:
+            raise ExportError(
+                f"--quant: {part} cannot be {precision!r}; choose one of {', '.join(ALLOWED[part])}"
+            )
+        plan[part] = precision
+    return plan
+
+
+def describe(plan: dict[str, str]) -> str:
+    values = set(plan.values())
+    if len(values) == 1:
+        return values.pop()
+    for name, preset in PRESETS.items():
+        if preset == plan:
+            return name
+    return ",".join(f"{p}={plan[p]}" for p in PARTS)

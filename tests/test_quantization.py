@@ -1,0 +1,188 @@
+"""INT8 / INT4 / fp16 packages: accuracy on the demo task, the measured report, calibration data, bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+from conftest import run_cli
+from mmedge.calibration import data as cdata
+from mmedge.calibration.onnxruntime import _fake_int4, awq_scales
+from mmedge.calibration.plan import parse_quant
+from mmedge.errors import ExportError
+from mmedge.exporters.checkpoint import shipped_models
+from mmedge.manifest import MANIFEST_NAME
+
+DEMO = "shapes-paligemma"
+N_EVAL = 300
+# Accuracy a quantized package may lose against the fp32 one, in points, on N_EVAL held-out examples.
+MAX_DROP = {"int8": 0.01, "int4": 0.02}
+
+
+@pytest.fixture(scope="module")
+def demo_packages(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant")
+    made = {}
+
+    def get(quant: str, *extra: str):
+        key = (quant, *extra)
+        if key not in made:
+            out = root / "-".join(key).replace("=", "_").replace(",", "_")
+            result = run_cli("export", "--model", DEMO, "-o", str(out), "--quant", quant, "--calib-samples", "32", *extra)
+            assert result.returncode == 0, result.stderr
+            made[key] = (out, result.stdout)
+        return made[key]
+
+    return get
+
+
+def accuracy(package) -> dict:
+    result = run_cli("eval", str(package), "--task", "shapes", "-n", str(N_EVAL), "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_demo_model_keeps_its_accuracy_and_shrinks(demo_packages, quant):
+    fp32, _ = demo_packages("fp32")
+    package, stdout = demo_packages(quant)
+    ref, got = accuracy(fp32), accuracy(package)
+    assert got["accuracy"] >= ref["accuracy"] - MAX_DROP[quant], (quant, got, ref)
+
+    manifest = json.loads((package / MANIFEST_NAME).read_text())
+    q = manifest["quantization"]
+    assert q["plan"] == parse_quant(quant)
+    assert {g["precision"] for g in manifest["graphs"].values()} == set(parse_quant(quant).values())
+    assert q["calibration"]["source"].startswith("builtin (shapes task")
+    assert q["bytes"] < q["bytes_fp32"]
+    decoder = q["graphs"]["decoder"]
+    assert decoder["bytes"] < decoder["bytes_fp32"] / (2.5 if quant == "int4" else 2)
+    assert q["teacher_forced_top1_agreement"] >= 0.95 and q["greedy_agreement"] >= 0.9, q
+    assert "teacher-forced: top-1 agreement" in stdout  # the table printed at export
+    ops = {n.op_type for n in onnx.load(str(package / "decoder.onnx")).graph.node}
+    assert ("MatMulNBits" in ops) == (quant == "int4")
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops  # int8 decoder / int8 LM head
+
+    shown = run_cli("inspect", str(package))
+    assert shown.returncode == 0 and "greedy answers identical to fp32" in shown.stdout
+
+
+def test_per_graph_overrides_and_rtn(demo_packages):
+    package, _ = demo_packages("vision_encoder=fp32,decoder=int4", "--int4-method", "rtn", "--int4-block-size", "64")
+    manifest = json.loads((package / MANIFEST_NAME).read_text())
+    precisions = {k: g["precision"] for k, g in manifest["graphs"].items()}
+    assert precisions == {"vision_encoder": "fp32", "projector": "fp32", "embed_tokens": "fp32", "decoder": "int4"}
+    assert manifest["quantization"]["graphs"]["decoder"]["int4_method"] == "rtn"
+    assert "awq_alpha" not in manifest["quantization"]["graphs"]["decoder"]
+    assert accuracy(package)["accuracy"] >= accuracy(demo_packages("fp32")[0])["accuracy"] - MAX_DROP["int4"]
+
+
+def test_parse_quant():
+    assert parse_quant("int8") == dict.fromkeys(("vision_encoder", "projector", "embed_tokens", "decoder"), "int8")
+    assert parse_quant("int4")["decoder"] == "int4" and parse_quant("int4")["vision_encoder"] == "int8"
+    assert parse_quant("int4,vision_encoder=fp32")["vision_encoder"] == "fp32"
+    assert parse_quant("decoder=int4") == {"vision_encoder": "fp32", "projector": "fp32", "embed_tokens": "fp32",
+                                           "decoder": "int4"}
+    for bad, message in [("int3", "unknown precision"), ("decoder=int2", "cannot be"), ("vision=int8", "unknown graph"),
+                         ("projector=int4", "cannot be"), ("int8,fp16", "part=precision"), ("", "empty")]:
+        with pytest.raises(ExportError, match=message):
+            parse_quant(bad)
+
+
+def test_fake_int4_is_what_matmulnbits_computes(tmp_path):
+    """The INT4 round trip used by the scale search is the quantizer's own: same outputs as ORT's MatMulNBits."""
+    import onnxruntime as ort
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(96, 40)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 96])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 40])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    q = MatMulNBitsQuantizer(model, bits=4, block_size=32, is_symmetric=True,
+                             algo_config=DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, bits=4))
+    q.process()
+    path = tmp_path / "q.onnx"
+    onnx.save(q.model.model, str(path))
+    x = rng.normal(size=(5, 96)).astype(np.float32)
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    simulated = x @ _fake_int4(w, 32)
+    exact = x @ w
+    assert np.abs(got - simulated).max() < 0.05 * np.abs(got - exact).max()
+
+
+def test_activation_aware_scales_beat_round_to_nearest_on_outlier_channels():
+    rng = np.random.default_rng(1)
+    k, n = 128, 64
+    channel_scale = np.exp(rng.normal(0, 1.5, k))  # a few input channels carry most of the signal
+    w = rng.normal(size=(k, n)).astype(np.float32)
+
+    def rows(m):
+        return (rng.normal(size=(m, k)) * channel_scale).astype(np.float32)
+
+    calib, fresh = rows(256), rows(256)
+    s, alpha, ratio = awq_scales(w, np.abs(calib).mean(0), calib, block=32)
+    assert alpha > 0 and ratio < 0.9
+    ref = fresh @ w
+    awq = np.mean((ref - (fresh / s) @ _fake_int4(w * s[:, None], 32)) ** 2)
+    rtn = np.mean((ref - fresh @ _fake_int4(w, 32)) ** 2)
+    assert awq < 0.9 * rtn  # on rows the search never saw
+
+
+def _image(path, color):
+    Image.new("RGB", (32, 32), color).save(path)
+
+
+def test_calibration_folder_skips_unreadable_images_with_a_count(tmp_path, caplog):
+    for i in range(10):
+        _image(tmp_path / f"{i}.png", (i * 20, 0, 0))
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    (tmp_path / "notes.txt").write_text("ignored: not an image suffix")
+    with caplog.at_level(logging.WARNING):
+        s = cdata.load_calibration(str(tmp_path), samples=8)
+    assert s.skipped == 1 and "skipped 1 unreadable" in caplog.text
+    assert len(s.calibrate) + len(s.held_out) == 10 and s.held_out
+
+
+def test_calibration_jsonl(tmp_path):
+    lines = []
+    for i in range(12):
+        _image(tmp_path / f"{i}.png", (0, i * 20, 0))
+        lines.append(json.dumps({"image": f"{i}.png", "prompt": f"question {i}"}))
+    (tmp_path / "calib.jsonl").write_text("\n".join(lines))
+    s = cdata.load_calibration(str(tmp_path / "calib.jsonl"), samples=8)
+    assert [x.prompt for x in s.calibrate] == [f"question {i}" for i in range(8)]
+    assert [x.prompt for x in s.held_out] == [f"question {i}" for i in range(8, 12)]
+    (tmp_path / "bad.jsonl").write_text('{"img": "0.png"}\n')
+    with pytest.raises(ExportError, match=r"bad.jsonl:1: expected a JSON object"):
+        cdata.load_calibration(str(tmp_path / "bad.jsonl"), samples=8)
+
+
+def test_builtin_calibration_uses_the_demo_task_or_photographs():
+    demo = cdata.load_calibration("builtin", samples=8, checkpoint=shipped_models()[DEMO])
+    assert demo.source.startswith("builtin (shapes task") and all(x.answer for x in demo.calibrate)
+    photos = cdata.load_calibration("builtin", samples=16)
+    assert "scikit-image" in photos.source and len({x.image.size for x in photos.calibrate}) > 3
+
+
+def test_too_small_or_missing_calibration_set_is_one_clear_line(tmp_path):
+    for i in range(3):
+        _image(tmp_path / f"{i}.png", (0, 0, i * 50))
+    out = tmp_path / "pkg"
+    result = run_cli("export", "--model", DEMO, "-o", str(out), "--quant", "int8", "--calib", str(tmp_path))
+    assert result.returncode == 2 and "3 readable sample(s); at least 8" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
+    result = run_cli("export", "--model", DEMO, "-o", str(out), "--quant", "int8", "--calib", str(tmp_path / "none"))
+    assert result.returncode == 2 and "calibration source not found" in result.stderr
+    result = run_cli("export", "--model", DEMO, "-o", str(out), "--quant", "int4", "--int4-block-size", "48")
+    assert result.returncode == 2 and "--int4-block-size must be one of" in result.stderr
