@@ -14,8 +14,8 @@ from mmedge.manifest import GraphSpec, KVCacheSpec, Manifest
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("onnxruntime",)
-PLANNED_TARGETS = ("openvino", "tensorrt", "coreml")
+TARGETS = ("onnxruntime", "openvino")
+PLANNED_TARGETS = ("tensorrt", "coreml")
 
 
 @dataclass
@@ -73,13 +73,18 @@ def _export(opts: ExportOptions, checkpoint: Path, family, calib=None) -> Manife
     import torch
     from tqdm.auto import tqdm
 
-    from mmedge.exporters import onnxruntime_target as target
+    import importlib
+
     from mmedge.exporters.graphs import build_jobs
     from mmedge.exporters.package import file_entries, staged_package
 
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
+    try:
+        target = importlib.import_module(f"mmedge.exporters.{opts.target}_target")
+    except ImportError as exc:
+        raise ExportError(f"target {opts.target} needs {exc.name}: `pip install {exc.name}`") from None
     log.info("loading %s", checkpoint)
     model = _load(family, checkpoint)
     tokenizer = _load_tokenizer(checkpoint)
@@ -102,7 +107,7 @@ def _export(opts: ExportOptions, checkpoint: Path, family, calib=None) -> Manife
         bar = tqdm(jobs, desc="export", unit="graph", disable=not opts.progress)
         for job in bar:
             bar.set_postfix_str(job.name)
-            file = f"{job.name}.onnx"
+            file = f"{job.name}{target.SUFFIX}"
             target.export_graph(job, stage / file)
             result = target.verify_graph(job, stage / file)
             report[job.name] = result
@@ -115,6 +120,7 @@ def _export(opts: ExportOptions, checkpoint: Path, family, calib=None) -> Manife
             inputs, outputs = target.io_specs(stage / file)
             graphs[job.name] = GraphSpec(file=file, precision="fp32", inputs=inputs, outputs=outputs)
         bar.close()
+        getattr(target, "finish", lambda stage: None)(stage)
         tokenizer.backend_tokenizer.save(str(stage / "tokenizer.json"))
         manifest = Manifest(
             family=family.__name__.rsplit(".", 1)[-1],

@@ -89,23 +89,31 @@ def io_specs(path: Path) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
     return {v.name: spec(v) for v in model.graph.input}, {v.name: spec(v) for v in model.graph.output}
 
 
-def verify_graph(job: GraphJob, path: Path, rtol: float = 1e-3) -> dict:
-    """Run the graph in ONNX Runtime on inputs not used for tracing; compare with PyTorch.
+SUFFIX = ".onnx"
 
-    Passes when every output's max abs error <= rtol * max(1, max |reference|).
-    """
+
+def verify_graph(job: GraphJob, path: Path, rtol: float = 1e-3) -> dict:
+    """Run the graph in ONNX Runtime on inputs not used for tracing; compare with PyTorch."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return compare_with_torch(job, lambda feeds: session.run(job.output_names, feeds), rtol)
+
+
+def compare_with_torch(job: GraphJob, run, rtol: float = 1e-3) -> dict:
+    """Run `run(feeds) -> outputs in job.output_names order` on the job's check inputs and compare with PyTorch.
+
+    Passes when every output's max abs error <= rtol * max(1, max |reference|).
+    """
     worst: dict[str, dict[str, float]] = {}
     for inputs in job.check_inputs:
         with torch.no_grad():
             expected = job.module(*inputs)
         expected = expected if isinstance(expected, (tuple, list)) else (expected,)
         feeds = {name: t.numpy() for name, t in zip(job.input_names, inputs)}
-        got = session.run(job.output_names, feeds)
+        got = run(feeds)
         for name, ref, out in zip(job.output_names, expected, got):
             ref = ref.numpy()
             if ref.shape != out.shape:

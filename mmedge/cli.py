@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--backend", help="engine to run on (default: the package's target)")
     r.add_argument("--providers", help="ONNX Runtime execution providers in priority order, comma-separated "
                    "(default: CPUExecutionProvider)")
+    r.add_argument("--device", help="OpenVINO device: CPU (default), GPU, NPU, AUTO, ...")
     r.add_argument("--threads", type=int, default=0, help="intra-op threads (default: engine's choice)")
     r.add_argument("--no-verify", action="store_true", help="skip checking file hashes at load")
 
@@ -71,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, help="data seed (default: the held-out seed 12345)")
     v.add_argument("--json", action="store_true", help="print one JSON object")
     v.add_argument("--backend", help="engine to run a package on (default: the package's target)")
+    v.add_argument("--device", help="OpenVINO device: CPU (default), GPU, NPU, AUTO, ...")
     v.add_argument("--threads", type=int, default=0)
 
     sub.add_parser("list-models", help="aliases, built-in models and supported families")
@@ -124,7 +126,7 @@ def cmd_run(args) -> int:
 
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
     pipe = Pipeline.load(args.package, backend=args.backend, providers=providers, threads=args.threads,
-                         verify=not args.no_verify)
+                         verify=not args.no_verify, device=args.device)
     options = dict(
         max_new_tokens=args.max_new_tokens,
         do_sample=True if args.sample else None,
@@ -162,7 +164,8 @@ def cmd_inspect(args) -> int:
     print()
     print(f"{'graph':<16}{'precision':<11}{'size':>10}  inputs -> outputs")
     for name, g in m.graphs.items():
-        size = sum(f.bytes for fname, f in m.files.items() if fname == g.file or fname.startswith(g.file + "."))
+        weights = (g.file + ".data", str(Path(g.file).with_suffix(".bin")))  # ONNX external data, OpenVINO weights
+        size = sum(f.bytes for fname, f in m.files.items() if fname == g.file or fname in weights)
         ins = ", ".join(_short(n, s.shape) for n, s in g.inputs.items() if not n.startswith("past."))
         outs = ", ".join(_short(n, s.shape) for n, s in g.outputs.items() if not n.startswith("present."))
         kv = " (+ past/present k,v per layer)" if any(n.startswith("past.") for n in g.inputs) else ""
@@ -197,7 +200,7 @@ def cmd_eval(args) -> int:
 
         path = shipped_models().get(str(path), path)  # a shipped demo model by name
     if (path / MANIFEST_NAME).exists() or not (path / "config.json").exists():
-        answer = package_answerer(path, backend=args.backend, threads=args.threads)
+        answer = package_answerer(path, backend=args.backend, threads=args.threads, device=args.device)
         what = "package"
     else:
         answer = reference_answerer(path)

@@ -68,11 +68,13 @@ class Pipeline:
         providers: Sequence[str] | None = None,
         threads: int = 0,
         verify: bool = True,
+        device: str | None = None,
     ) -> "Pipeline":
         """Open a package directory written by `mmedge export`.
 
         backend: engine to run the graphs (default: the package's target).
-        providers / threads: passed to the backend. verify: check every
+        providers (ONNX Runtime) / device (OpenVINO: CPU, GPU, NPU, ...) /
+        threads: passed to the backend. verify: check every
         file's sha256 against the manifest first.
         """
         path = Path(path)
@@ -87,6 +89,8 @@ class Pipeline:
         options: dict[str, Any] = {"threads": threads}
         if providers:
             options["providers"] = providers
+        if device:
+            options["device"] = device
         engine = get_backend(name, **options)
         graphs = {part: engine.load(path / manifest.graphs[part].file) for part in PARTS}
         codec = TextCodec(path / manifest.tokenizer, manifest.prompt, manifest.special_tokens)

@@ -22,7 +22,7 @@ from mmedge.exporters import tiny
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-TARGETS = ["onnxruntime"]
+TARGETS = ["onnxruntime", "openvino"]
 CASES = [(shape, target) for shape in tiny.SHAPES for target in TARGETS]
 
 

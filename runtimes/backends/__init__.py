@@ -34,11 +34,13 @@ class Backend(Protocol):
 # engine it uses.
 _BACKENDS = {
     "onnxruntime": ("mmedge.runtimes.backends.onnxruntime", "OnnxRuntimeBackend"),
+    "openvino": ("mmedge.runtimes.backends.openvino", "OpenVinoBackend"),
 }
 
 # Which backend runs a package exported for a target, unless the user picks one.
 DEFAULT_BACKEND_FOR_TARGET = {
     "onnxruntime": "onnxruntime",
+    "openvino": "openvino",
 }
 
 

@@ -33,7 +33,9 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, providers: Sequence[str] | None = None, threads: int = 0):
+    def __init__(self, providers: Sequence[str] | None = None, threads: int = 0, device: str | None = None):
+        if device:
+            raise MmedgeError("onnxruntime picks its device through execution providers: pass --providers, not --device")
         try:
             import onnxruntime as ort
         except ImportError:
