@@ -1,48 +1,31 @@
-"""Quantize an exported ONNX package graph by graph, calibrated on the real pipeline, and measure the result.
+"""ONNX graph quantizers for the ONNX Runtime target (driven by calibration/package.py).
 
-Flow (all on the staged package, before it is renamed into place):
-
-1. The fp32 package runs the calibration samples through the real runtime
-   (preprocessing, vision encoder, projector, embeddings, prefill and cached
-   decode steps). Each graph's inputs are recorded as they occur; the decoder
-   runs a copy that also returns the input of every weight MatMul, from which
-   per-channel activation statistics and a sample of rows are kept.
-2. Each graph is quantized as its plan says:
-   - vision encoder, projector: INT8 QDQ, activations and weights, ranges
-     calibrated (MinMax / Entropy / Percentile) on their recorded inputs;
-   - embedding table: INT8 per row (a scale per token), dequantized by Gather;
-   - decoder INT8: per-channel INT8 weights, activations quantized at run
-     time (dynamic), since a decoder's activation ranges move with the text;
-   - decoder INT4: block-wise INT4 MatMulNBits for every weight MatMul but
-     the LM head (INT8), with activation-aware scaling (AWQ style: a scale
-     per input channel, searched per MatMul on the recorded activations,
-     folded into the weight and undone by a Mul on the activation) or plain
-     round-to-nearest;
-   - fp16: weights and compute in float16, inputs and outputs kept float32.
-3. The quantized graphs are measured against fp32 on the held-out samples:
-   output error per graph, teacher-forced top-1 agreement and KL of the
-   decoder's logits, greedy-answer agreement end to end, bytes before/after.
+- vision encoder, projector: INT8 QDQ, activations and weights, ranges
+  calibrated (MinMax / Entropy / Percentile) on their recorded inputs;
+- embedding table: INT8 per row (a scale per token), dequantized by Gather;
+- decoder INT8: per-channel INT8 weights, activations quantized at run time
+  (dynamic), since a decoder's activation ranges move with the text;
+- decoder INT4: block-wise INT4 MatMulNBits for every weight MatMul but the LM
+  head (INT8), with activation-aware scaling (AWQ style: a scale per input
+  channel, searched per MatMul on activations recorded through a decoder copy
+  that returns every MatMul's input, folded into the weight and undone by a
+  Mul on the activation) or plain round-to-nearest;
+- fp16: weights and compute in float16, inputs and outputs kept float32.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-from tqdm.auto import tqdm
 
-from mmedge.calibration.data import CalibrationSet
-from mmedge.calibration.plan import PARTS, describe
-from mmedge.errors import ExportError, first_line
-from mmedge.manifest import Manifest
+from mmedge.calibration.package import QuantOptions
+from mmedge.errors import ExportError
 
 log = logging.getLogger(__name__)
 
@@ -50,27 +33,7 @@ ROW_SAMPLE = 512  # activation rows kept per MatMul for the INT4 scale search
 AWQ_GRID = np.linspace(0.0, 1.0, 11)
 
 
-@dataclass
-class QuantOptions:
-    calib_method: str = "minmax"
-    int4_method: str = "awq"
-    int4_block_size: int = 32
-    decode_steps: int = 16  # max new tokens per calibration / held-out sample
-
-
 # -- recording the real pipeline ---------------------------------------------
-
-
-class _Recorder:
-    """Stands in for one graph of a Pipeline: runs it and keeps copies of its inputs."""
-
-    def __init__(self, graph, keep: bool = True):
-        self.graph, self.keep, self.feeds = graph, keep, []
-
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.keep:
-            self.feeds.append({k: np.array(v, copy=True) for k, v in inputs.items()})
-        return self.graph.run(inputs)
 
 
 class _ActivationStats:
@@ -143,19 +106,6 @@ def _save(model: onnx.ModelProto, path: Path) -> None:
 
 def _has_external_data(path: Path) -> bool:
     return path.with_name(path.name + ".data").exists()
-
-
-@contextlib.contextmanager
-def _quiet():
-    """onnxruntime.quantization logs advice on the root logger and prints; keep the CLI's output ours."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        root.setLevel(level)
 
 
 class _FeedReader:
@@ -335,101 +285,25 @@ def quantize_decoder_int4(src: Path, dst: Path, block: int, method: str, stats: 
     return report
 
 
-# -- the whole package -------------------------------------------------------
 
 
-def _pipeline(stage: Path, manifest: Manifest, files: dict[str, Path], wrap: dict | None = None):
-    """A runtime Pipeline over `files` (part -> graph path), optionally with wrapped graphs."""
-    from mmedge.runtimes.backends import get_backend
-    from mmedge.runtimes.pipeline import Pipeline
-    from mmedge.runtimes.text import TextCodec
-
-    engine = get_backend("onnxruntime")
-    graphs = {part: engine.load(files[part]) for part in PARTS}
-    for part, make in (wrap or {}).items():
-        graphs[part] = make(graphs[part])
-    codec = TextCodec(stage / manifest.tokenizer, manifest.prompt, manifest.special_tokens)
-    return Pipeline(stage, manifest, graphs, codec)
+# -- the hooks calibration/package.py calls --------------------------------------
 
 
-def quantize_package(stage: Path, manifest: Manifest, plan: dict[str, str], calib: CalibrationSet,
-                     options: QuantOptions, progress: bool = True) -> dict:
-    """Replace the staged fp32 graphs by their quantized versions; returns the report stored in the manifest."""
-    work = stage / ".quantize"
-    work.mkdir()
-    fp32 = {part: stage / manifest.graphs[part].file for part in PARTS}
-    try:
-        report = _quantize(stage, work, manifest, fp32, plan, calib, options, progress)
-        for part in PARTS:
-            if plan[part] == "fp32":
-                continue
-            for suffix in ("", ".data"):
-                old = fp32[part].with_name(fp32[part].name + suffix)
-                new = (work / fp32[part].name).with_name(fp32[part].name + suffix)
-                old.unlink(missing_ok=True)
-                if new.exists():
-                    new.replace(old)
-            manifest.graphs[part].precision = plan[part]
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return report
+def graph_files(path: Path) -> list[Path]:
+    return [path, path.with_name(path.name + ".data")]
 
 
-def _quantize(stage, work, manifest, fp32, plan, calib, options, progress) -> dict:
-    need_stats = plan["decoder"] == "int4" and options.int4_method == "awq"
-    wrap = {part: _Recorder for part in ("vision_encoder", "projector")}
-    files = dict(fp32)
-    if need_stats:
-        tapped = work / "decoder_tapped.onnx"
-        taps = _tapped_copy(fp32["decoder"], tapped)
-        files["decoder"] = tapped
-        wrap["decoder"] = lambda g: _ActivationStats(g, taps)
-    pipe = _pipeline(stage, manifest, files, wrap)
-    recorders = {part: pipe.graphs[part] for part in ("vision_encoder", "projector")}
-    stats = pipe.graphs["decoder"] if need_stats else None
-    calibrated = need_stats or any(plan[p] == "int8" for p in recorders)
-    samples = calib.calibrate if calibrated else []  # fp16 and weight-only int8 need no calibration data
-    for sample in tqdm(samples, desc="calibrate", unit="sample", disable=not progress):
-        for _ in pipe.generate_ids(sample.image, sample.prompt, max_new_tokens=options.decode_steps):
-            pass
-    del pipe
-
-    graphs = {}
-    bar = tqdm([p for p in PARTS if plan[p] != "fp32"], desc="quantize", unit="graph", disable=not progress)
-    for part in bar:
-        bar.set_postfix_str(f"{part} {plan[part]}")
-        src, dst = fp32[part], work / fp32[part].name
-        try:
-            with _quiet():
-                graphs[part] = _quantize_graph(part, plan[part], src, dst, options, recorders, stats, fp32)
-        except ExportError:
-            raise
-        except Exception as exc:  # onnxruntime.quantization raises whatever it meets
-            raise ExportError(f"quantizing {part} to {plan[part]} failed: {first_line(exc)}") from exc
-        graphs[part]["precision"] = plan[part]
-    bar.close()
-    for part in PARTS:
-        graphs.setdefault(part, {"precision": "fp32"})
-        graphs[part]["bytes_fp32"] = _bytes(fp32[part])
-        graphs[part]["bytes"] = _bytes(work / fp32[part].name) if plan[part] != "fp32" else graphs[part]["bytes_fp32"]
-
-    quant_files = {p: (work / fp32[p].name if plan[p] != "fp32" else fp32[p]) for p in PARTS}
-    measured = measure(stage, manifest, fp32, quant_files, calib, options, progress)
-    for part, errors in measured.pop("graphs").items():
-        graphs[part].update(errors)
-    return {
-        "plan": dict(plan),
-        "name": describe(plan),
-        "options": asdict(options),
-        "calibration": {**calib.describe(), "used": calibrated},
-        "graphs": graphs,
-        "bytes_fp32": sum(g["bytes_fp32"] for g in graphs.values()),
-        "bytes": sum(g["bytes"] for g in graphs.values()),
-        **measured,
-    }
+def decoder_capture(work: Path, decoder: Path, plan: dict, options: QuantOptions):
+    """For activation-aware INT4: run a decoder copy that also returns its MatMul inputs, keeping statistics."""
+    if plan["decoder"] != "int4" or options.int4_method != "awq":
+        return None
+    tapped = work / "decoder_tapped.onnx"
+    taps = _tapped_copy(decoder, tapped)
+    return tapped, lambda graph: _ActivationStats(graph, taps)
 
 
-def _quantize_graph(part, precision, src, dst, options, recorders, stats, fp32) -> dict:
+def quantize_graph(part, precision, src, dst, options, feeds, stats) -> dict:
     if precision == "fp16":
         return convert_fp16(src, dst)
     if part == "embed_tokens":
@@ -437,9 +311,8 @@ def _quantize_graph(part, precision, src, dst, options, recorders, stats, fp32) 
     if part == "decoder" and precision == "int8":
         return quantize_dynamic_int8(src, dst)
     if part == "decoder":
-        return quantize_decoder_int4(src, dst, options.int4_block_size, options.int4_method, stats,
-                                     _lm_head_vocab(fp32["decoder"]))
-    return quantize_static_int8(src, dst, recorders[part].feeds, options.calib_method)
+        return quantize_decoder_int4(src, dst, options.int4_block_size, options.int4_method, stats, _lm_head_vocab(src))
+    return quantize_static_int8(src, dst, feeds[part], options.calib_method)
 
 
 def _lm_head_vocab(decoder: Path) -> int:
@@ -448,64 +321,3 @@ def _lm_head_vocab(decoder: Path) -> int:
     return int(logits.type.tensor_type.shape.dim[-1].dim_value)
 
 
-def _bytes(path: Path) -> int:
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
-
-
-# -- measuring ---------------------------------------------------------------
-
-
-def _err(ref: np.ndarray, got: np.ndarray) -> dict:
-    ref, got = ref.astype(np.float64), got.astype(np.float64)
-    return {"max_abs_err": float(np.max(np.abs(ref - got))),
-            "rel_l2_err": float(np.linalg.norm(ref - got) / max(np.linalg.norm(ref), 1e-30))}
-
-
-def _worst(a: dict | None, b: dict) -> dict:
-    return b if a is None else {k: max(a[k], b[k]) for k in b}
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-def measure(stage: Path, manifest: Manifest, fp32_files: dict, quant_files: dict, calib: CalibrationSet,
-            options: QuantOptions, progress: bool = True) -> dict:
-    """Quantized vs fp32 on the held-out samples: per-graph error, teacher-forced logits, greedy answers."""
-    ref = _pipeline(stage, manifest, fp32_files, dict.fromkeys(("vision_encoder", "projector", "embed_tokens"), _Recorder))
-    rec = {p: ref.graphs[p] for p in ("vision_encoder", "projector", "embed_tokens")}
-    quant = _pipeline(stage, manifest, quant_files)
-    graph_err: dict[str, dict | None] = dict.fromkeys(PARTS)
-    agree = top1 = positions = 0
-    kl_sum = 0.0
-    logits_err = None
-    for sample in tqdm(calib.held_out, desc="measure", unit="sample", disable=not progress):
-        tokens = list(ref.generate_ids(sample.image, sample.prompt, max_new_tokens=options.decode_steps))
-        answer = list(quant.generate_ids(sample.image, sample.prompt, max_new_tokens=options.decode_steps))
-        agree += tokens == answer
-        a = ref.teacher_forced_logits(sample.image, sample.prompt, tokens)
-        b = quant.teacher_forced_logits(sample.image, sample.prompt, tokens)
-        top1 += int((a.argmax(-1) == b.argmax(-1)).sum())
-        positions += len(a)
-        la, lb = _log_softmax(a), _log_softmax(b)
-        kl_sum += float((np.exp(la) * (la - lb)).sum())
-        logits_err = _worst(logits_err, _err(a, b))
-    for part, r in rec.items():
-        for feeds in r.feeds:
-            got = quant.graphs[part].run(feeds)
-            want = r.graph.run(feeds)
-            for name in want:
-                graph_err[part] = _worst(graph_err[part], _err(want[name], got[name]))
-    graph_err["decoder"] = logits_err
-    n = len(calib.held_out)
-    return {
-        "graphs": {p: {f"held_out_{k}": v for k, v in e.items()} for p, e in graph_err.items() if e},
-        "held_out_samples": n,
-        "greedy_agreement": agree / n,
-        "teacher_forced_top1_agreement": top1 / max(1, positions),
-        "teacher_forced_kl": kl_sum / max(1, positions),
-        "teacher_forced_positions": positions,
-    }

@@ -151,7 +151,7 @@ def _export(opts: ExportOptions, checkpoint: Path, family, calib=None) -> Manife
         )
         plan = parse_quant(opts.quant)
         if calib is not None:
-            from mmedge.calibration.onnxruntime import QuantOptions, quantize_package
+            from mmedge.calibration.package import QuantOptions, quantize_package
 
             options = QuantOptions(calib_method=opts.calib_method, int4_method=opts.int4_method,
                                    int4_block_size=opts.int4_block_size)

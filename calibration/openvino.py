@@ -1,0 +1,79 @@
+"""NNCF quantizers for the OpenVINO target (driven by calibration/package.py).
+
+Fed by the same calibration samples and the same recording through the
+runtime pipeline as the ONNX Runtime target:
+
+- vision encoder, projector: static INT8 (nncf.quantize: activations and
+  weights) on their recorded inputs; the vision encoder as a transformer
+  (NNCF keeps normalisations and softmax in float);
+- embedding table and decoder INT8: INT8 weight compression (asymmetric,
+  per output channel), activations stay float;
+- decoder INT4: INT4 weight compression (symmetric, group size
+  --int4-block-size, every layer: ratio 1.0) with NNCF's AWQ and scale
+  estimation on the decoder inputs recorded during prefill and cached decode
+  steps (--int4-method awq), or data-free round-to-nearest (rtn); NNCF keeps
+  the LM head in INT8;
+- fp16: weights stored in float16.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mmedge.calibration.package import QuantOptions, Recorder
+
+MAX_DECODER_STEPS = 256  # recorded decoder calls kept for the data-aware INT4 compression
+
+
+def graph_files(path: Path) -> list[Path]:
+    return [path, path.with_suffix(".bin")]
+
+
+class _CappedRecorder(Recorder):
+    def run(self, inputs):
+        self.keep = len(self.feeds) < MAX_DECODER_STEPS
+        return super().run(inputs)
+
+
+def decoder_capture(work: Path, decoder: Path, plan: dict, options: QuantOptions):
+    if plan["decoder"] != "int4" or options.int4_method != "awq":
+        return None
+    return decoder, _CappedRecorder
+
+
+def quantize_graph(part, precision, src, dst, options, feeds, decoder_data) -> dict:
+    import nncf
+    import openvino as ov
+
+    model = ov.Core().read_model(str(src))
+    if precision == "fp16":
+        ov.save_model(model, str(dst), compress_to_fp16=True)
+        return {"scheme": "fp16 weights"}
+    if part in ("vision_encoder", "projector"):
+        kind = nncf.ModelType.TRANSFORMER if part == "vision_encoder" else None
+        quantized = nncf.quantize(model, nncf.Dataset(feeds[part]), subset_size=len(feeds[part]), model_type=kind)
+        ov.save_model(quantized, str(dst), compress_to_fp16=False)
+        return {"scheme": "int8 static (nncf.quantize): activations and weights", "calibration_batches": len(feeds[part])}
+    if precision == "int8":
+        compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+        ov.save_model(compressed, str(dst), compress_to_fp16=False)
+        return {"scheme": "int8 weight compression (asymmetric, per channel)"}
+    data_aware = options.int4_method == "awq"
+    kwargs = {}
+    if data_aware:
+        kwargs = dict(dataset=nncf.Dataset(decoder_data.feeds), awq=True, scale_estimation=True,
+                      subset_size=len(decoder_data.feeds))
+    from nncf.quantization.advanced_parameters import AdvancedCompressionParameters
+
+    # a layer whose input size the group size does not divide gets the largest group size that does (>= 8)
+    advanced = AdvancedCompressionParameters(group_size_fallback_mode=nncf.GroupSizeFallbackMode.ADJUST,
+                                             min_adjusted_group_size=8)
+    compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_SYM,
+                                       group_size=options.int4_block_size, ratio=1.0, advanced_parameters=advanced,
+                                       **kwargs)
+    ov.save_model(compressed, str(dst), compress_to_fp16=False)
+    report = {"scheme": f"int4 weight compression (symmetric, group {options.int4_block_size}); LM head int8",
+              "int4_method": options.int4_method}
+    if data_aware:
+        report["decoder_calibration_steps"] = len(decoder_data.feeds)
+    return report

@@ -1,0 +1,230 @@
+"""Quantize a staged package graph by graph, calibrated on the real pipeline, and measure it against fp32.
+
+Target-independent; the graph transforms live in one module per target
+(calibration/onnxruntime.py, calibration/openvino.py), each providing:
+
+    graph_files(path) -> the files a graph consists of
+    decoder_capture(work, fp32_decoder, plan, options) -> (file to run, wrapper) or None
+        how the decoder is run during calibration when its quantizer needs data
+    quantize_graph(part, precision, src, dst, options, feeds, decoder_data) -> report dict
+
+Flow: the fp32 package runs the calibration samples through the real runtime
+(preprocessing, vision encoder, projector, embeddings, prefill and cached
+decode steps), recording each graph's inputs as they occur; each graph is
+quantized as its plan says; the quantized graphs are measured against fp32
+on the held-out samples (per-graph error, teacher-forced top-1 agreement and
+KL of the decoder's logits, greedy-answer agreement, bytes before/after).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from mmedge.calibration.data import CalibrationSet
+from mmedge.calibration.plan import PARTS, describe
+from mmedge.errors import ExportError, first_line
+from mmedge.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantOptions:
+    calib_method: str = "minmax"
+    int4_method: str = "awq"
+    int4_block_size: int = 32
+    decode_steps: int = 16  # max new tokens per calibration / held-out sample
+
+
+
+class Recorder:
+    """Stands in for one graph of a Pipeline: runs it and keeps copies of its inputs."""
+
+    def __init__(self, graph, keep: bool = True):
+        self.graph, self.keep, self.feeds = graph, keep, []
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.keep:
+            self.feeds.append({k: np.array(v, copy=True) for k, v in inputs.items()})
+        return self.graph.run(inputs)
+
+
+
+@contextlib.contextmanager
+def quiet():
+    """onnxruntime.quantization logs advice on the root logger and prints; keep the CLI's output ours."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+
+# -- the whole package -------------------------------------------------------
+
+
+def _pipeline(stage: Path, manifest: Manifest, files: dict[str, Path], wrap: dict | None = None):
+    """A runtime Pipeline over `files` (part -> graph path), optionally with wrapped graphs."""
+    from mmedge.runtimes.backends import get_backend
+    from mmedge.runtimes.pipeline import Pipeline
+    from mmedge.runtimes.text import TextCodec
+
+    engine = get_backend(manifest.target)
+    graphs = {part: engine.load(files[part]) for part in PARTS}
+    for part, make in (wrap or {}).items():
+        graphs[part] = make(graphs[part])
+    codec = TextCodec(stage / manifest.tokenizer, manifest.prompt, manifest.special_tokens)
+    return Pipeline(stage, manifest, graphs, codec)
+
+
+def _target(manifest: Manifest):
+    return importlib.import_module(f"mmedge.calibration.{manifest.target}")
+
+
+def quantize_package(stage: Path, manifest: Manifest, plan: dict[str, str], calib: CalibrationSet,
+                     options: QuantOptions, progress: bool = True) -> dict:
+    """Replace the staged fp32 graphs by their quantized versions; returns the report stored in the manifest."""
+    target = _target(manifest)
+    work = stage / ".quantize"
+    work.mkdir()
+    fp32 = {part: stage / manifest.graphs[part].file for part in PARTS}
+    try:
+        report = _quantize(target, stage, work, manifest, fp32, plan, calib, options, progress)
+        for part in PARTS:
+            if plan[part] == "fp32":
+                continue
+            for old in target.graph_files(fp32[part]):
+                old.unlink(missing_ok=True)
+            for new in target.graph_files(work / fp32[part].name):
+                if new.exists():
+                    new.replace(stage / new.name)
+            manifest.graphs[part].precision = plan[part]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def _quantize(target, stage, work, manifest, fp32, plan, calib, options, progress) -> dict:
+    wrap = {part: Recorder for part in ("vision_encoder", "projector")}
+    files = dict(fp32)
+    capture = target.decoder_capture(work, fp32["decoder"], plan, options)
+    if capture:
+        files["decoder"], wrap["decoder"] = capture
+    pipe = _pipeline(stage, manifest, files, wrap)
+    feeds = {part: pipe.graphs[part].feeds for part in ("vision_encoder", "projector")}
+    decoder_data = pipe.graphs["decoder"] if capture else None
+    calibrated = bool(capture) or any(plan[p] == "int8" for p in feeds)
+    samples = calib.calibrate if calibrated else []  # fp16 and weight-only int8 need no calibration data
+    for sample in tqdm(samples, desc="calibrate", unit="sample", disable=not progress):
+        for _ in pipe.generate_ids(sample.image, sample.prompt, max_new_tokens=options.decode_steps):
+            pass
+    del pipe
+
+    graphs = {}
+    bar = tqdm([p for p in PARTS if plan[p] != "fp32"], desc="quantize", unit="graph", disable=not progress)
+    for part in bar:
+        bar.set_postfix_str(f"{part} {plan[part]}")
+        src, dst = fp32[part], work / fp32[part].name
+        try:
+            with quiet():
+                graphs[part] = target.quantize_graph(part, plan[part], src, dst, options, feeds, decoder_data)
+        except ExportError:
+            raise
+        except Exception as exc:  # the quantization libraries raise whatever they meet
+            raise ExportError(f"quantizing {part} to {plan[part]} failed: {first_line(exc)}") from exc
+        graphs[part]["precision"] = plan[part]
+    bar.close()
+    for part in PARTS:
+        graphs.setdefault(part, {"precision": "fp32"})
+        graphs[part]["bytes_fp32"] = _bytes(target, fp32[part])
+        graphs[part]["bytes"] = _bytes(target, work / fp32[part].name) if plan[part] != "fp32" else graphs[part]["bytes_fp32"]
+
+    quant_files = {p: (work / fp32[p].name if plan[p] != "fp32" else fp32[p]) for p in PARTS}
+    measured = measure(stage, manifest, fp32, quant_files, calib, options, progress)
+    for part, errors in measured.pop("graphs").items():
+        graphs[part].update(errors)
+    return {
+        "plan": dict(plan),
+        "name": describe(plan),
+        "options": asdict(options),
+        "calibration": {**calib.describe(), "used": calibrated},
+        "graphs": graphs,
+        "bytes_fp32": sum(g["bytes_fp32"] for g in graphs.values()),
+        "bytes": sum(g["bytes"] for g in graphs.values()),
+        **measured,
+    }
+
+
+def _bytes(target, path: Path) -> int:
+    return sum(p.stat().st_size for p in target.graph_files(path) if p.exists())
+
+
+# -- measuring ---------------------------------------------------------------
+
+
+def _err(ref: np.ndarray, got: np.ndarray) -> dict:
+    ref, got = ref.astype(np.float64), got.astype(np.float64)
+    return {"max_abs_err": float(np.max(np.abs(ref - got))),
+            "rel_l2_err": float(np.linalg.norm(ref - got) / max(np.linalg.norm(ref), 1e-30))}
+
+
+def _worst(a: dict | None, b: dict) -> dict:
+    return b if a is None else {k: max(a[k], b[k]) for k in b}
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def measure(stage: Path, manifest: Manifest, fp32_files: dict, quant_files: dict, calib: CalibrationSet,
+            options: QuantOptions, progress: bool = True) -> dict:
+    """Quantized vs fp32 on the held-out samples: per-graph error, teacher-forced logits, greedy answers."""
+    ref = _pipeline(stage, manifest, fp32_files, dict.fromkeys(("vision_encoder", "projector", "embed_tokens"), Recorder))
+    rec = {p: ref.graphs[p] for p in ("vision_encoder", "projector", "embed_tokens")}
+    quant = _pipeline(stage, manifest, quant_files)
+    graph_err: dict[str, dict | None] = dict.fromkeys(PARTS)
+    agree = top1 = positions = 0
+    kl_sum = 0.0
+    logits_err = None
+    for sample in tqdm(calib.held_out, desc="measure", unit="sample", disable=not progress):
+        tokens = list(ref.generate_ids(sample.image, sample.prompt, max_new_tokens=options.decode_steps))
+        answer = list(quant.generate_ids(sample.image, sample.prompt, max_new_tokens=options.decode_steps))
+        agree += tokens == answer
+        a = ref.teacher_forced_logits(sample.image, sample.prompt, tokens)
+        b = quant.teacher_forced_logits(sample.image, sample.prompt, tokens)
+        top1 += int((a.argmax(-1) == b.argmax(-1)).sum())
+        positions += len(a)
+        la, lb = _log_softmax(a), _log_softmax(b)
+        kl_sum += float((np.exp(la) * (la - lb)).sum())
+        logits_err = _worst(logits_err, _err(a, b))
+    for part, r in rec.items():
+        for feeds in r.feeds:
+            got = quant.graphs[part].run(feeds)
+            want = r.graph.run(feeds)
+            for name in manifest.graphs[part].outputs:  # the contract's names (an engine may add aliases)
+                graph_err[part] = _worst(graph_err[part], _err(want[name], got[name]))
+    graph_err["decoder"] = logits_err
+    n = len(calib.held_out)
+    return {
+        "graphs": {p: {f"held_out_{k}": v for k, v in e.items()} for p, e in graph_err.items() if e},
+        "held_out_samples": n,
+        "greedy_agreement": agree / n,
+        "teacher_forced_top1_agreement": top1 / max(1, positions),
+        "teacher_forced_kl": kl_sum / max(1, positions),
+        "teacher_forced_positions": positions,
+    }
