@@ -7,7 +7,9 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import sample_images
+import pytest
+
+from conftest import TARGETS, sample_images
 from mmedge import Pipeline
 
 BLOCKER = textwrap.dedent(
@@ -33,8 +35,9 @@ def run_blocked(code: str, cwd):
     return result
 
 
-def test_pipeline_runs_without_torch(packages, tmp_path):
-    package = packages("paligemma-gqa")
+@pytest.mark.parametrize("target", TARGETS)
+def test_pipeline_runs_without_torch(packages, tmp_path, target):
+    package = packages("paligemma-gqa", target)
     image = tmp_path / "img.png"
     sample_images()["shapes"].save(image)
     result = run_blocked(
