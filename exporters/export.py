@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
 import time
 from dataclasses import dataclass
@@ -41,7 +43,12 @@ def check_options(opts: ExportOptions) -> None:
         raise ExportError(f"unknown target {opts.target!r}; choose one of: {', '.join(TARGETS)}")
     from mmedge.calibration import plan as qplan
 
-    qplan.parse_quant(opts.quant)
+    plan = qplan.parse_quant(opts.quant)
+    needs = {"openvino": ["openvino"] + (["nncf"] if set(plan.values()) != {"fp32"} else [])}.get(opts.target, [])
+    missing = [m for m in needs if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError(f"--target {opts.target} needs {' and '.join(missing)}: pip install \"mmedge[openvino]\" "
+                          f"(or pip install {' '.join(missing)})")
     if opts.calib_method not in qplan.CALIB_METHODS:
         raise ExportError(f"unknown --calib-method {opts.calib_method!r}; choose one of {', '.join(qplan.CALIB_METHODS)}")
     if opts.int4_method not in qplan.INT4_METHODS:
@@ -72,8 +79,6 @@ def export(opts: ExportOptions) -> Manifest:
 def _export(opts: ExportOptions, checkpoint: Path, family, calib=None) -> Manifest:
     import torch
     from tqdm.auto import tqdm
-
-    import importlib
 
     from mmedge.exporters.graphs import build_jobs
     from mmedge.exporters.package import file_entries, staged_package
