@@ -45,7 +45,6 @@ class QuantOptions:
     decode_steps: int = 16  # max new tokens per calibration / held-out sample
 
 
-
 class Recorder:
     """Stands in for one graph of a Pipeline: runs it and keeps copies of its inputs."""
 
@@ -56,7 +55,6 @@ class Recorder:
         if self.keep:
             self.feeds.append({k: np.array(v, copy=True) for k, v in inputs.items()})
         return self.graph.run(inputs)
-
 
 
 @contextlib.contextmanager
@@ -70,7 +68,6 @@ def quiet():
             yield
     finally:
         root.setLevel(level)
-
 
 
 # -- the whole package -------------------------------------------------------
@@ -202,7 +199,11 @@ def measure(stage: Path, manifest: Manifest, fp32_files: dict, quant_files: dict
     kl_sum = 0.0
     logits_err = None
     for sample in tqdm(calib.held_out, desc="measure", unit="sample", disable=not progress):
+        for r in rec.values():
+            r.keep = True  # record each held-out input once, in the generation pass
         tokens = list(ref.generate_ids(sample.image, sample.prompt, max_new_tokens=options.decode_steps))
+        for r in rec.values():
+            r.keep = False
         answer = list(quant.generate_ids(sample.image, sample.prompt, max_new_tokens=options.decode_steps))
         agree += tokens == answer
         a = ref.teacher_forced_logits(sample.image, sample.prompt, tokens)
