@@ -25,6 +25,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from mmedge.calibration.package import QuantOptions
+from mmedge.exporters.onnxruntime_target import save_model
 from mmedge.errors import ExportError
 
 log = logging.getLogger(__name__)
@@ -88,20 +89,11 @@ def _tapped_copy(path: Path, out: Path) -> list[str]:
         if tap not in taps and tap not in outputs:
             model.graph.output.append(helper.make_tensor_value_info(tap, onnx.TensorProto.FLOAT, None))
             taps.append(tap)
-    _save(model, out)
+    save_model(model, out)
     return taps
 
 
 # -- graph transforms ----------------------------------------------------------
-
-
-def _big(model: onnx.ModelProto) -> bool:
-    return sum(t.ByteSize() for t in model.graph.initializer) > (2 << 30) - (64 << 20)
-
-
-def _save(model: onnx.ModelProto, path: Path) -> None:
-    onnx.save_model(model, str(path), save_as_external_data=_big(model), all_tensors_to_one_file=True,
-                    location=path.name + ".data")
 
 
 def _has_external_data(path: Path) -> bool:
@@ -156,7 +148,7 @@ def quantize_dynamic_int8(src: Path, dst: Path, nodes: list[str] | None = None) 
     names = nodes if nodes is not None else [n.name for n in _weight_matmuls(model)]
     with tempfile.TemporaryDirectory() as tmp:
         named = Path(tmp) / src.name
-        _save(model, named)
+        save_model(model, named)
         quantize_dynamic(str(named), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
                          weight_type=QuantType.QInt8, nodes_to_quantize=names,
                          use_external_data_format=_has_external_data(named))
@@ -194,7 +186,7 @@ def quantize_embedding_int8(src: Path, dst: Path) -> dict:
         done += 1
     if not done:
         raise ExportError(f"{src.name} has no embedding table (Gather on a 2-D initializer) to quantize")
-    _save(model, dst)
+    save_model(model, dst)
     return {"scheme": "int8 weight-only, one scale per row"}
 
 
@@ -202,7 +194,7 @@ def convert_fp16(src: Path, dst: Path) -> dict:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
-    _save(model, dst)
+    save_model(model, dst)
     return {"scheme": "fp16 weights and compute, fp32 inputs and outputs"}
 
 
@@ -272,7 +264,7 @@ def quantize_decoder_int4(src: Path, dst: Path, block: int, method: str, stats: 
     quantizer.process()
     with tempfile.TemporaryDirectory() as tmp:
         mid = Path(tmp) / "decoder_int4.onnx"
-        _save(quantizer.model.model, mid)
+        save_model(quantizer.model.model, mid)
         if heads:
             quantize_dynamic_int8(mid, dst, nodes=heads)
         else:

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 OPSET = 18
 DERIVED_DIMS = {"total_len"}  # sizes that follow from others; torch.export infers them
-EXTERNAL_DATA_BYTES = 2 << 30  # protobuf's limit: bigger models keep weights beside the graph
+EXTERNAL_DATA_BYTES = (2 << 30) - (64 << 20)  # protobuf's limit: bigger models keep weights beside the graph
 
 
 def export_graph(job: GraphJob, path: Path) -> None:
@@ -49,14 +49,14 @@ def export_graph(job: GraphJob, path: Path) -> None:
             raise ExportError(f"tracing {job.name} failed: {first_line(exc)}") from exc
     model = program.model_proto
     _name_dims(model, job)
+    save_model(model, path)
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """Write `model`, its weights in `<file>.data` beside it when they exceed protobuf's 2 GB."""
     big = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=big,
-        all_tensors_to_one_file=True,
-        location=path.name + ".data",
-    )
+    onnx.save_model(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
+                    location=path.name + ".data")
 
 
 def _match_signature(module: torch.nn.Module, per_input: list) -> tuple:
