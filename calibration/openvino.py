@@ -30,9 +30,32 @@ def graph_files(path: Path) -> list[Path]:
 
 
 class _CappedRecorder(Recorder):
+    """Keeps the first MAX_DECODER_STEPS decoder calls.
+
+    For a stateful decoder each recorded call also says whether the state was
+    reset before it (NNCF's reset flag), so NNCF replays the recorded
+    sequences with the same cache contents the runtime had.
+    """
+
+    def __init__(self, graph):
+        super().__init__(graph)
+        self.reset_before = False
+        if callable(getattr(graph, "reset_state", None)):
+            self.reset_state = self._reset_state
+
+    def _reset_state(self):
+        self.graph.reset_state()
+        self.reset_before = True
+
     def run(self, inputs):
         self.keep = len(self.feeds) < MAX_DECODER_STEPS
-        return super().run(inputs)
+        out = super().run(inputs)
+        if self.keep and "reset_state" in vars(self):
+            from nncf.definitions import NNCF_DATASET_RESET_STATE_KEY
+
+            self.feeds[-1][NNCF_DATASET_RESET_STATE_KEY] = self.reset_before
+        self.reset_before = False
+        return out
 
 
 def decoder_capture(work: Path, decoder: Path, plan: dict, options: QuantOptions):

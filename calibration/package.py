@@ -56,18 +56,24 @@ class Recorder:
             self.feeds.append({k: np.array(v, copy=True) for k, v in inputs.items()})
         return self.graph.run(inputs)
 
+    def __getattr__(self, name):  # the rest of the graph's interface (e.g. reset_state of a stateful decoder)
+        return getattr(self.graph, name)
+
 
 @contextlib.contextmanager
 def quiet():
-    """onnxruntime.quantization logs advice on the root logger and prints; keep the CLI's output ours."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+    """onnxruntime.quantization logs advice on the root logger and prints; NNCF logs tables on its own
+    logger (its handler holds the real stdout); keep the CLI's output ours."""
+    loggers = [logging.getLogger(), logging.getLogger("nncf")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
-        root.setLevel(level)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 # -- the whole package -------------------------------------------------------

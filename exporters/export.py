@@ -34,6 +34,7 @@ class ExportOptions:
     calib_method: str = "minmax"
     int4_method: str = "awq"
     int4_block_size: int = 32
+    kv_cache: str | None = None  # "state" or "buffer"; default: the target's first choice
 
 
 def check_options(opts: ExportOptions) -> None:
@@ -55,6 +56,11 @@ def check_options(opts: ExportOptions) -> None:
         raise ExportError(f"unknown --int4-method {opts.int4_method!r}; choose one of {', '.join(qplan.INT4_METHODS)}")
     if opts.int4_block_size not in qplan.INT4_BLOCK_SIZES:
         raise ExportError(f"--int4-block-size must be one of {', '.join(map(str, qplan.INT4_BLOCK_SIZES))}")
+    if opts.kv_cache is not None:
+        storage = importlib.import_module(f"mmedge.exporters.{opts.target}_target").KV_STORAGE
+        if opts.kv_cache not in storage:
+            raise ExportError(f"--kv-cache {opts.kv_cache} is not available for --target {opts.target}; "
+                              f"choose {' or '.join(storage)}")
     if opts.max_context is not None and opts.max_context < 2:
         raise ExportError(f"--max-context must be at least 2, got {opts.max_context}")
 
@@ -105,10 +111,11 @@ def _export(opts: ExportOptions, checkpoint: Path, family, calib=None) -> Manife
             f"--max-context {max_context} leaves no room after the {desc.prompt.image_seq_len} image tokens"
         )
 
+    storage = opts.kv_cache or target.KV_STORAGE[0]
     graphs, report = {}, {}
     started = time.perf_counter()
     with staged_package(Path(opts.output), opts.overwrite) as stage:
-        jobs = build_jobs(parts)
+        jobs = build_jobs(parts, kv_storage=storage)
         bar = tqdm(jobs, desc="export", unit="graph", disable=not opts.progress)
         for job in bar:
             bar.set_postfix_str(job.name)
@@ -138,6 +145,7 @@ def _export(opts: ExportOptions, checkpoint: Path, family, calib=None) -> Manife
                 head_dim=parts.head_dim,
                 dtype="float32",
                 max_context=max_context,
+                storage=storage,
             ),
             preprocess=desc.preprocess,
             prompt=desc.prompt,

@@ -29,35 +29,46 @@ class GraphJob:
     trace_inputs: tuple
     check_inputs: list[tuple]
     output_axes: dict[str, dict[int, str]] = field(default_factory=dict)  # names for derived output dims
+    kv_storage: str | None = None  # decoder only: "buffer" (explicit cache I/O) or "state" (engine-held)
+
+
+KV_STORAGE = ("buffer", "state")
 
 
 class _PastKV:
-    """Duck-typed transformers cache: past comes in as tensors, new keys/values are kept.
+    """Duck-typed transformers cache: past comes in as tensors, the graph's present keys/values are kept.
 
     Attention layers call update(k, v, layer_idx); we return past+new for
-    attention and remember only the new part, which is what the graph outputs.
+    attention and keep either the new part only (storage "buffer": the runtime
+    writes it into its preallocated cache) or past+new (storage "state": the
+    engine keeps it as in-graph state for the next call).
     """
 
-    def __init__(self, past: tuple):
-        self.past = past
-        self.new: list = [None] * (len(past) // 2)
+    def __init__(self, past: tuple, keep_all: bool):
+        self.past, self.keep_all = past, keep_all
+        self.present: list = [None] * (len(past) // 2)
 
     def update(self, key, value, layer_idx, *args, **kwargs):
-        self.new[layer_idx] = (key, value)
-        return (
+        full = (
             torch.cat([self.past[2 * layer_idx], key], dim=2),
             torch.cat([self.past[2 * layer_idx + 1], value], dim=2),
         )
+        self.present[layer_idx] = full if self.keep_all else (key, value)
+        return full
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.past[0].shape[2]
 
 
 class DecoderGraph(torch.nn.Module):
-    """inputs_embeds, masks, position_ids, past k/v per layer -> last logits, new k/v per layer."""
+    """inputs_embeds, masks, position_ids, past k/v per layer -> last logits, present k/v per layer.
 
-    def __init__(self, parts: Parts):
+    present = the new positions only (kv_storage "buffer") or past + new ("state").
+    """
+
+    def __init__(self, parts: Parts, kv_storage: str = "buffer"):
         super().__init__()
+        self.keep_all = kv_storage == "state"
         self.text_model = parts.text_model
         self.head = parts.head
         self.n_masks = len(parts.mask_names)
@@ -65,7 +76,7 @@ class DecoderGraph(torch.nn.Module):
 
     def forward(self, inputs_embeds, *rest):
         masks, position_ids, past = rest[: self.n_masks], rest[self.n_masks], rest[self.n_masks + 1 :]
-        cache = _PastKV(past)
+        cache = _PastKV(past, self.keep_all)
         out = self.text_model(
             inputs_embeds=inputs_embeds,
             attention_mask=self.mask_arg(list(masks)),
@@ -74,7 +85,7 @@ class DecoderGraph(torch.nn.Module):
             use_cache=True,
         )
         logits = self.head(out.last_hidden_state[:, -1:, :])
-        flat = [t for pair in cache.new for t in pair]
+        flat = [t for pair in cache.present for t in pair]
         return (logits, *flat)
 
 
@@ -91,7 +102,7 @@ def _mask(batch: int, seq: int, cache: int, generator: torch.Generator) -> torch
     return torch.where(keep, 0.0, torch.finfo(torch.float32).min)
 
 
-def build_jobs(parts: Parts, seed: int = 0) -> list[GraphJob]:
+def build_jobs(parts: Parts, seed: int = 0, kv_storage: str = "buffer") -> list[GraphJob]:
     g = torch.Generator().manual_seed(seed)
     h, w = parts.image_size
 
@@ -151,14 +162,16 @@ def build_jobs(parts: Parts, seed: int = 0) -> list[GraphJob]:
     axes = {"inputs_embeds": {0: "batch", 1: "seq"}, "position_ids": {0: "batch", 1: "seq"}}
     axes.update({m: {0: "batch", 2: "seq", 3: "total_len"} for m in parts.mask_names})
     axes.update({n: {0: "batch", 2: "cache_len"} for n in past_names})
+    present_len = "total_len" if kv_storage == "state" else "seq"
     decoder = GraphJob(
         "decoder",
-        DecoderGraph(parts),
+        DecoderGraph(parts, kv_storage),
         ["inputs_embeds", *parts.mask_names, "position_ids", *past_names],
         ["logits", *present_names],
         axes,
         decoder_inputs(TRACE),
         [decoder_inputs(c) for c in CHECKS],
-        output_axes={"logits": {0: "batch"}, **{n: {0: "batch", 2: "seq"} for n in present_names}},
+        output_axes={"logits": {0: "batch"}, **{n: {0: "batch", 2: present_len} for n in present_names}},
+        kv_storage=kv_storage,
     )
     return [vision, projector, embed, decoder]

@@ -90,6 +90,7 @@ def io_specs(path: Path) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
 
 
 SUFFIX = ".onnx"
+KV_STORAGE = ("buffer",)  # explicit cache inputs/outputs (ONNX Runtime has no graph state)
 
 
 def verify_graph(job: GraphJob, path: Path, rtol: float = 1e-3) -> dict:

@@ -6,9 +6,14 @@ serves both targets and the torch model is held in memory once; OpenVINO's
 ONNX frontend keeps the tensor names. Each IR is then verified against
 PyTorch on its own, in OpenVINO, on inputs not used for tracing.
 
-The decoder keeps the KV cache as explicit inputs and outputs (the same
-contract as the ONNX Runtime target), so the runtime's preallocated cache
-serves both engines.
+The decoder holds its KV cache in one of two forms (`--kv-cache`):
+"state" (default): OpenVINO's stateful model. The decoder is traced to
+return past + new keys/values, converted, and each past input / present
+output pair becomes a state variable (ReadValue/Assign) that starts empty,
+sized by the batch of inputs_embeds; nothing of the cache crosses the API
+per token. "buffer": explicit cache inputs and outputs, the same contract as
+the ONNX Runtime target (the runtime's preallocated buffers). docs/targets.md
+has the decode-speed measurement behind the default.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from mmedge.exporters import onnxruntime_target as onnx_target
 from mmedge.exporters.graphs import GraphJob
 
 SUFFIX = ".xml"
+KV_STORAGE = ("state", "buffer")  # the first is the default
 ONNX_DIR = ".onnx"  # intermediate ONNX graphs inside the staged package, removed by finish()
 
 
@@ -36,26 +42,90 @@ def export_graph(job: GraphJob, path: Path) -> None:
     onnx_target.export_graph(job, onnx_path)
     try:
         model = ov.convert_model(str(onnx_path))
+        if job.kv_storage == "state":
+            model = make_stateful(model, _cache_pairs(job))
         ov.save_model(model, str(path), compress_to_fp16=False)
     except Exception as exc:
         raise ExportError(f"OpenVINO could not convert {job.name}: {first_line(exc)}") from exc
 
 
+def _cache_pairs(job: GraphJob) -> dict[str, str]:
+    """past input -> present output, per layer and kind."""
+    past = [n for n in job.input_names if n.startswith("past.")]
+    return dict(zip(past, [n.replace("past.", "present.", 1) for n in past]))
+
+
+def make_stateful(model, pairs: dict[str, str]):
+    """Turn each past input / present output pair into a state variable that starts empty.
+
+    OpenVINO's MakeStateful leaves the variables without an initial value, so
+    the first call after a reset would read a tensor of the wrong batch; each
+    ReadValue gets a zero-length [batch, kv_heads, 0, head_dim] initializer,
+    batch taken from inputs_embeds.
+    """
+    import numpy as np
+    import openvino.opset6 as opset6
+    import openvino.opset13 as ops
+    from openvino._offline_transformations import apply_make_stateful_transformation
+
+    apply_make_stateful_transformation(model, pairs)
+    embeds = next(p for p in model.get_parameters() if "inputs_embeds" in p.get_output_tensor(0).get_names())
+    batch = ops.gather(ops.shape_of(embeds, "i64"), ops.constant(np.array([0], np.int64)), ops.constant(np.int64(0)))
+    variables = {v.get_info().variable_id: v for v in model.get_variables()}
+    for node in model.get_ordered_ops():
+        if node.get_type_name() != "ReadValue":
+            continue
+        variable = variables[node.get_variable_id()]
+        info = variable.get_info()
+        heads, dim = info.data_shape[1].get_length(), info.data_shape[3].get_length()
+        shape = ops.concat([batch, ops.constant(np.array([heads, 0, dim], np.int64))], 0)
+        empty = ops.broadcast(ops.constant(np.array(0, info.data_type.to_dtype())), shape)
+        node.output(0).replace(opset6.read_value(empty, variable).output(0))
+    model.validate_nodes_and_infer_types()
+    return model
+
+
 def io_specs(path: Path):
-    return onnx_target.io_specs(_onnx_path(path))  # OpenVINO keeps the names; ONNX keeps the axis names
+    """The ONNX graph's specs (OpenVINO keeps the names, ONNX the axis names) for the tensors the IR still has."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(path))
+    kept_in = {n for p in model.inputs for n in p.get_names()}
+    kept_out = {n for p in model.outputs for n in p.get_names()}
+    inputs, outputs = onnx_target.io_specs(_onnx_path(path))
+    return ({k: v for k, v in inputs.items() if k in kept_in}, {k: v for k, v in outputs.items() if k in kept_out})
 
 
 def verify_graph(job: GraphJob, path: Path, rtol: float = 1e-3) -> dict:
+    """Run the IR in OpenVINO on inputs not used for tracing; compare with PyTorch.
+
+    A stateful decoder gets each case's past through its state variables
+    (or starts from a reset, empty state when the past is empty) and is
+    checked on its logits and on the state it leaves behind.
+    """
     import openvino as ov
 
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    config = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
     request = compiled.create_infer_request()
     ports = {name: p for p in compiled.outputs for name in p.get_names()}  # a tensor may carry several names
+    pairs = _cache_pairs(job) if job.kv_storage == "state" else {}
+    states = {}
+    for state in request.query_state():
+        past = next(p for p in pairs if state.name == p + pairs[p])  # OpenVINO names a variable input + output
+        states[past] = state
 
     def run(feeds):
-        result = request.infer(feeds)
-        return [result[ports[name]].copy() for name in job.output_names]
+        if states:
+            request.reset_state()
+            for past, state in states.items():
+                if feeds[past].shape[2]:
+                    state.state = ov.Tensor(feeds[past])
+        result = request.infer({k: v for k, v in feeds.items() if k not in pairs})
+        got = {name: result[ports[name]].copy() for name in job.output_names if name in ports}
+        got.update({pairs[past]: state.state.data.copy() for past, state in states.items()})
+        return [got[name] for name in job.output_names]
 
     return onnx_target.compare_with_torch(job, run, rtol)
 

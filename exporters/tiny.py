@@ -38,6 +38,8 @@ class TinyShape:
     patch_size: int
     seed: int = 0
     extra: dict = field(default_factory=dict)
+    vocab_size: int | None = None  # default: the tokenizer's size rounded up to 64
+    sharp_init: bool = True  # False: transformers' own init (std 0.02), for sizes where sharp weights blow up
 
 
 SHAPES = {
@@ -69,7 +71,18 @@ SHAPES = {
 }
 
 # name -> shape, for `mmedge export --model <name>`
-BUILTIN = {"tiny-paligemma": SHAPES["paligemma-gqa"]}
+BUILTIN = {
+    "tiny-paligemma": SHAPES["paligemma-gqa"],
+    # for speed measurements: a decoder of SmolLM2-135M's size and vocabulary (random weights, ~190M
+    # parameters with the untied LM head) behind a small vision tower; its outputs mean nothing
+    "paligemma-135m-shaped": TinyShape(
+        "random PaliGemma with a SmolLM2-135M-sized decoder (for speed measurements)",
+        vision=dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=3),
+        text=dict(model_type="gemma", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                  num_attention_heads=9, num_key_value_heads=3, head_dim=64),
+        image_size=224, patch_size=14, seed=3, vocab_size=49152, sharp_init=False,
+    ),
+}
 
 
 def build_tokenizer(extra_tokens: list[str], vocab_size: int = 384, corpus: list[str] | None = None):
@@ -97,7 +110,7 @@ def paligemma_config(shape: TinyShape, tok):
     """A PaliGemmaConfig of `shape` whose vocabulary and special ids fit tokenizer `tok`."""
     from transformers import PaliGemmaConfig
 
-    vocab = (tok.get_vocab_size() + 63) // 64 * 64
+    vocab = shape.vocab_size or (tok.get_vocab_size() + 63) // 64 * 64
     ids = {t: tok.token_to_id(t) for t in [*SPECIAL, IMAGE_TOKEN]}
     text = dict(
         dict(max_position_embeddings=512, tie_word_embeddings=False),
@@ -149,6 +162,8 @@ def save_paligemma(shape: TinyShape, out: Path) -> Path:
     torch.manual_seed(shape.seed)
     model = PaliGemmaForConditionalGeneration(paligemma_config(shape, tok)).eval()
     with torch.no_grad():
+        if not shape.sharp_init:
+            return save_paligemma_checkpoint(model, tok, out)
         # Default init gives near-uniform logits and a model that repeats one token.
         # Sharp attention and small embeddings make the output depend on the whole
         # context, so a wrong position, mask or cache entry changes the tokens.

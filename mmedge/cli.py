@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--int4-block-size", type=int, default=32, help="INT4 block size: 32, 64 or 128 (default: 32)")
     e.add_argument("-o", "--output", type=Path, help="package directory to write (default: <model>-<quant>-<target>)")
     e.add_argument("--max-context", type=int, help="KV cache length in tokens (default: image tokens + 512)")
+    e.add_argument("--kv-cache", choices=("state", "buffer"),
+                   help="how the decoder holds its KV cache: state (in the engine; openvino default) or "
+                        "buffer (explicit inputs/outputs; the only form for onnxruntime)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing package at --output")
 
     r = sub.add_parser("run", help="answer a prompt about an image with a package")
@@ -96,6 +99,7 @@ def cmd_export(args) -> int:
             calib_method=args.calib_method,
             int4_method=args.int4_method,
             int4_block_size=args.int4_block_size,
+            kv_cache=args.kv_cache,
         )
     )
     size = sum(f.bytes for f in manifest.files.values())
@@ -158,7 +162,7 @@ def cmd_inspect(args) -> int:
     print(f"package     {args.package}")
     print(f"family      {m.family} ({m.model_type})    target {m.target}    format {m.format_version}")
     print(f"context     {m.kv_cache.max_context} tokens; KV {m.kv_cache.num_layers} layers x "
-          f"{m.kv_cache.num_kv_heads} heads x {m.kv_cache.head_dim} ({m.kv_cache.dtype})")
+          f"{m.kv_cache.num_kv_heads} heads x {m.kv_cache.head_dim} ({m.kv_cache.dtype}, {m.kv_cache.storage})")
     print(f"prompt      {m.prompt.image_seq_len} image tokens; attention {m.schemes.attention}")
     print(f"size        {_mb(total)} in {len(m.files)} files (sha256 verified)")
     print()
@@ -169,6 +173,7 @@ def cmd_inspect(args) -> int:
         ins = ", ".join(_short(n, s.shape) for n, s in g.inputs.items() if not n.startswith("past."))
         outs = ", ".join(_short(n, s.shape) for n, s in g.outputs.items() if not n.startswith("present."))
         kv = " (+ past/present k,v per layer)" if any(n.startswith("past.") for n in g.inputs) else ""
+        kv = kv or (" (k,v per layer held as engine state)" if name == "decoder" and m.kv_cache.storage == "state" else "")
         print(f"{name:<16}{g.precision:<11}{_mb(size):>10}  {ins} -> {outs}{kv}")
     report = m.verification.get("graphs", {})
     if report:

@@ -40,11 +40,16 @@ class GraphSpec:
 
 @dataclass
 class KVCacheSpec:
-    """How the decoder's cache is laid out and named.
+    """How the decoder's cache is held, laid out and named.
 
-    The runtime preallocates one key and one value buffer per layer of shape
-    [batch, num_kv_heads, max_context, head_dim] and writes each step's
-    `present` tensors (the new positions only) into it at their positions.
+    storage "buffer": the runtime preallocates one key and one value buffer
+    per layer of shape [batch, num_kv_heads, max_context, head_dim], feeds
+    them as the `past` inputs and writes each step's `present` outputs (the
+    new positions only) into them at their positions.
+    storage "state": the engine keeps past + new keys and values inside the
+    graph between calls (OpenVINO stateful models); the decoder has no cache
+    inputs or outputs and the runtime only tracks the length and resets the
+    state for each new sequence. `max_context` still bounds the sequence.
     """
 
     num_layers: int
@@ -52,6 +57,7 @@ class KVCacheSpec:
     head_dim: int
     dtype: str
     max_context: int
+    storage: str = "buffer"  # or "state"
     layout: str = "batch,kv_heads,time,head_dim"
     past_key: str = "past.{layer}.key"
     past_value: str = "past.{layer}.value"

@@ -1,20 +1,34 @@
-"""A KV cache preallocated to the package's maximum context, written by position.
+"""The decoder's KV cache, in the two forms a package can hold it (manifest `kv_cache.storage`).
 
-One key and one value buffer per layer, [batch, kv_heads, max_context,
-head_dim]. The decoder reads the whole buffer (masked past its fill level)
-and returns keys/values for the new tokens only, which are written in place.
-No buffer is reallocated or concatenated while generating, and the shapes fed
-to the engine never change, which is what static-shape engines need.
+"buffer": one key and one value buffer per layer, [batch, kv_heads,
+max_context, head_dim], preallocated and written by position. The decoder
+reads the whole buffer (masked past its fill level) and returns keys/values
+for the new tokens only, which are written in place. Nothing is reallocated
+or concatenated while generating, and the shapes fed to the engine never
+change, which is what static-shape engines need.
+
+"state": the engine keeps the keys and values inside the graph between calls
+(OpenVINO stateful models), so nothing crosses the engine boundary per token.
+The runtime tracks the length and resets the state for each new sequence.
+
+Both answer the Pipeline the same questions: what to feed (`feeds`), how
+many cache slots the step's attention mask covers (`mask_slots`), what to do
+with the step's outputs (`write`), and how to start over (`reset`, `fresh`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from mmedge.errors import PackageError
 from mmedge.manifest import KVCacheSpec
+
+STORAGE = ("buffer", "state")
 
 
 class KVCache:
+    """Preallocated buffers fed as the decoder's past inputs (storage "buffer")."""
+
     def __init__(self, spec: KVCacheSpec, batch: int = 1):
         self.spec = spec
         shape = (batch, spec.num_kv_heads, spec.max_context, spec.head_dim)
@@ -35,23 +49,70 @@ class KVCache:
     def capacity(self) -> int:
         return self.spec.max_context
 
+    @property
+    def mask_slots(self) -> int:
+        """Cache slots the next step attends over (unwritten ones are masked)."""
+        return self.capacity
+
     def reset(self) -> None:
         self.length = 0  # stale slots are masked out, no need to clear them
 
     def feeds(self) -> dict[str, np.ndarray]:
         return self._feeds
 
-    def empty_feeds(self) -> dict[str, np.ndarray]:
-        """Zero-length past, for running a sequence from scratch without the cache."""
+    def fresh(self) -> dict[str, np.ndarray]:
+        """Feeds for running a whole sequence from scratch, past the cache: zero-length past."""
         shape = (self.keys[0].shape[0], self.spec.num_kv_heads, 0, self.spec.head_dim)
         empty = np.zeros(shape, self.keys[0].dtype)
         return {name: empty for pair in self._past_names for name in pair}
 
     def write(self, outputs: dict[str, np.ndarray], n_new: int) -> None:
-        start, end = self.length, self.length + n_new
-        if end > self.capacity:
-            raise ValueError(f"KV cache overflow: {end} > {self.capacity}")
+        start, end = self._advance(n_new)
         for (kname, vname), k, v in zip(self._present_names, self.keys, self.values):
             k[:, :, start:end] = outputs[kname]
             v[:, :, start:end] = outputs[vname]
+
+    def _advance(self, n_new: int) -> tuple[int, int]:
+        start, end = self.length, self.length + n_new
+        if end > self.capacity:
+            raise ValueError(f"KV cache overflow: {end} > {self.capacity}")
         self.length = end
+        return start, end
+
+
+class StateCache(KVCache):
+    """Keys and values held by the engine as graph state (storage "state")."""
+
+    def __init__(self, spec: KVCacheSpec, decoder):
+        if not callable(getattr(decoder, "reset_state", None)):
+            raise PackageError("this package keeps its KV cache as engine state, which this backend cannot hold; "
+                               "run it with the backend of its target")
+        self.spec, self.decoder, self.length = spec, decoder, 0
+
+    @property
+    def mask_slots(self) -> int:
+        return self.length  # the state holds exactly the tokens seen so far
+
+    def reset(self) -> None:
+        self.decoder.reset_state()
+        self.length = 0
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def fresh(self) -> dict[str, np.ndarray]:
+        self.reset()
+        return {}
+
+    def write(self, outputs: dict[str, np.ndarray], n_new: int) -> None:
+        self._advance(n_new)
+
+
+def make_cache(spec: KVCacheSpec, decoder) -> KVCache:
+    """The cache for a package's decoder graph, as its manifest says it is held."""
+    if spec.storage == "buffer":
+        return KVCache(spec)
+    if spec.storage == "state":
+        return StateCache(spec, decoder)
+    raise PackageError(f"this mmedge does not know the KV-cache storage {spec.storage!r} the package needs; "
+                       "upgrade mmedge")

@@ -23,7 +23,7 @@ from mmedge.errors import InputError, PackageError
 from mmedge.manifest import Manifest, load_manifest
 from mmedge.runtimes import schemes
 from mmedge.runtimes.backends import DEFAULT_BACKEND_FOR_TARGET, get_backend
-from mmedge.runtimes.kv_cache import KVCache
+from mmedge.runtimes.kv_cache import make_cache
 from mmedge.runtimes.preprocess import ImageInput, preprocess
 from mmedge.runtimes.sampling import GenerationOptions, choose
 from mmedge.runtimes.text import StreamDecoder, TextCodec
@@ -52,7 +52,7 @@ class Pipeline:
         self.manifest = manifest
         self.graphs = graphs
         self.codec = codec
-        self.cache = KVCache(manifest.kv_cache)
+        self.cache = make_cache(manifest.kv_cache, graphs["decoder"])
         decoder_inputs = manifest.graphs["decoder"].inputs
         # "attention_mask" first; a decoder with sliding-window layers also takes "sliding_attention_mask"
         self.mask_names = sorted((n for n in decoder_inputs if n.endswith("attention_mask")),
@@ -204,20 +204,20 @@ class Pipeline:
             self.manifest.schemes, embeds, ids[None], image_embeds, self.manifest.prompt.image_token_id
         )
 
-    def _decode(self, embeds: np.ndarray, start: int, cache_feeds: dict, cache_len: int, prefix_len: int) -> dict:
+    def _decode(self, embeds: np.ndarray, start: int, cache_feeds: dict, mask_slots: int, prefix_len: int) -> dict:
         n = embeds.shape[1]
         feeds = {
             "inputs_embeds": embeds,
             "position_ids": schemes.position_ids(self.manifest.schemes, start, n),
             **schemes.attention_masks(
-                self.manifest.schemes, self.mask_names, start, n, cache_len, prefix_len, self.mask_dtype
+                self.manifest.schemes, self.mask_names, start, n, mask_slots, prefix_len, self.mask_dtype
             ),
             **cache_feeds,
         }
         return self.graphs["decoder"].run(feeds)
 
     def _cached_step(self, embeds: np.ndarray, prefix_len: int) -> np.ndarray:
-        out = self._decode(embeds, self.cache.length, self.cache.feeds(), self.cache.capacity, prefix_len)
+        out = self._decode(embeds, self.cache.length, self.cache.feeds(), self.cache.mask_slots, prefix_len)
         self.cache.write(out, embeds.shape[1])
         return out["logits"]
 
@@ -229,6 +229,6 @@ class Pipeline:
             if embeds is not prompt_embeds:
                 seq.append(embeds)
             full = np.concatenate(seq, axis=1)
-            return self._decode(full, 0, self.cache.empty_feeds(), 0, prefix_len)["logits"]
+            return self._decode(full, 0, self.cache.fresh(), 0, prefix_len)["logits"]
 
         return step

@@ -63,8 +63,9 @@ def attention_masks(
 ) -> dict[str, np.ndarray]:
     """Additive masks for a step that feeds tokens start..start+n_new-1.
 
-    `cache_len` is the length of the past buffers fed (slots >= start are
-    not yet written and are masked out). A second mask name, when the decoder
+    `cache_len` is the number of cache slots before the new tokens: the
+    length of the past buffers fed (slots >= start are not yet written and
+    are masked out), or of the engine-held state (then equal to start). A second mask name, when the decoder
     has one, gets the sliding-window variant.
     """
     q = np.arange(start, start + n_new)

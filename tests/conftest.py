@@ -22,7 +22,12 @@ from mmedge.exporters import tiny
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-TARGETS = ["onnxruntime", "openvino"]
+# name -> export options: every target, and every KV-cache storage a target offers beyond its default
+TARGETS = {
+    "onnxruntime": dict(target="onnxruntime"),
+    "openvino": dict(target="openvino"),  # KV cache as engine state
+    "openvino-buffer": dict(target="openvino", kv_cache="buffer"),
+}
 CASES = [(shape, target) for shape in tiny.SHAPES for target in TARGETS]
 
 
@@ -43,7 +48,7 @@ def packages(checkpoints, tmp_path_factory):
     def get(shape: str, target: str = "onnxruntime") -> Path:
         if (shape, target) not in made:
             out = root / f"{shape}-{target}"
-            export(ExportOptions(model=str(checkpoints[shape]), output=out, target=target, progress=False))
+            export(ExportOptions(model=str(checkpoints[shape]), output=out, progress=False, **TARGETS[target]))
             made[shape, target] = out
         return made[shape, target]
 

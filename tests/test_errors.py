@@ -128,6 +128,8 @@ def test_unbuilt_target_and_unknown_precision(tmp_path):
                                   "-o", str(tmp_path / "o")), "unknown precision 'int3'")
     assert_one_line_error(run_cli("export", "--model", "tiny-paligemma", "--quant", "int8,projector=int4",
                                   "-o", str(tmp_path / "o")), "projector cannot be 'int4'")
+    assert_one_line_error(run_cli("export", "--model", "tiny-paligemma", "--kv-cache", "state",
+                                  "-o", str(tmp_path / "o")), "--kv-cache state is not available for --target onnxruntime")
     assert not (tmp_path / "o").exists()
 
 

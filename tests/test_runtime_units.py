@@ -95,3 +95,21 @@ def test_manifest_round_trip(packages):
     assert Manifest.from_dict(json.loads(json.dumps(m.to_dict()))) == m
     assert set(m.graphs) == {"vision_encoder", "projector", "embed_tokens", "decoder"}
     assert all(r["passed"] for r in m.verification["graphs"].values())
+
+
+def test_state_cache_needs_a_stateful_engine_and_a_known_storage(packages):
+    """A package whose KV cache is engine state cannot run on a graph without state; unknown storage is refused."""
+    import dataclasses
+
+    from mmedge.runtimes.kv_cache import make_cache
+
+    spec = load_manifest(packages("paligemma-gqa")).kv_cache
+
+    class Stateless:
+        def run(self, feeds):
+            return {}
+
+    with pytest.raises(PackageError, match="engine state"):
+        make_cache(dataclasses.replace(spec, storage="state"), Stateless())
+    with pytest.raises(PackageError, match="upgrade mmedge"):
+        make_cache(dataclasses.replace(spec, storage="paged"), Stateless())

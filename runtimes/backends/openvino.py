@@ -22,6 +22,8 @@ class OpenVinoGraph:
         # a tensor may carry several names (the exporter's and the graph's own): answer to all of them
         self._outputs = [(sorted(p.get_names()), p) for p in compiled.outputs]
         self.output_names = [name for names, _ in self._outputs for name in names]
+        if self.request.query_state():  # a stateful graph (the decoder's KV cache held in the engine)
+            self.reset_state = self.request.reset_state
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         results = self.request.infer(inputs)
@@ -60,7 +62,9 @@ class OpenVinoBackend:
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
         if base == "CPU":
-            self.config["INFERENCE_PRECISION_HINT"] = "f32"  # fp32 graphs stay fp32 (parity); int8/int4 weights stay
+            # fp32 graphs stay fp32 (parity) and so does a stateful KV cache (OpenVINO would keep it in u8);
+            # int8/int4 weights stay as they are
+            self.config.update(INFERENCE_PRECISION_HINT="f32", KV_CACHE_PRECISION="f32")
 
     def load(self, path: Path):
         try:
