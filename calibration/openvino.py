@@ -9,7 +9,8 @@ runtime pipeline as the ONNX Runtime target:
 - embedding table and decoder INT8: INT8 weight compression (asymmetric,
   per output channel), activations stay float;
 - decoder INT4: INT4 weight compression (symmetric, group size
-  --int4-block-size, every layer: ratio 1.0) with NNCF's AWQ and scale
+  --int4-block-size; --int4-ratio of the layers, the rest INT8, NNCF
+  ranking them by sensitivity, default 1.0: every layer) with NNCF's AWQ and scale
   estimation on the decoder inputs recorded during prefill and cached decode
   steps (--int4-method awq), or data-free round-to-nearest (rtn); NNCF keeps
   the LM head in INT8;
@@ -92,10 +93,12 @@ def quantize_graph(part, precision, src, dst, options, feeds, decoder_data) -> d
     advanced = AdvancedCompressionParameters(group_size_fallback_mode=nncf.GroupSizeFallbackMode.ADJUST,
                                              min_adjusted_group_size=8)
     compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_SYM,
-                                       group_size=options.int4_block_size, ratio=1.0, advanced_parameters=advanced,
+                                       group_size=options.int4_block_size, ratio=options.int4_ratio,
+                                       advanced_parameters=advanced,
                                        **kwargs)
     ov.save_model(compressed, str(dst), compress_to_fp16=False)
-    report = {"scheme": f"int4 weight compression (symmetric, group {options.int4_block_size}); LM head int8",
+    share = "" if options.int4_ratio == 1.0 else f", {options.int4_ratio:.0%} of layers (the rest int8)"
+    report = {"scheme": f"int4 weight compression (symmetric, group {options.int4_block_size}{share}); LM head int8",
               "int4_method": options.int4_method}
     if data_aware:
         report["decoder_calibration_steps"] = len(decoder_data.feeds)

@@ -42,6 +42,7 @@ class QuantOptions:
     calib_method: str = "minmax"
     int4_method: str = "awq"
     int4_block_size: int = 32
+    int4_ratio: float = 1.0
     decode_steps: int = 16  # max new tokens per calibration / held-out sample
 
 

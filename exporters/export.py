@@ -34,6 +34,7 @@ class ExportOptions:
     calib_method: str = "minmax"
     int4_method: str = "awq"
     int4_block_size: int = 32
+    int4_ratio: float = 1.0  # openvino: share of decoder layers in INT4, the rest INT8 (NNCF picks by sensitivity)
     kv_cache: str | None = None  # "state" or "buffer"; default: the target's first choice
 
 
@@ -56,6 +57,10 @@ def check_options(opts: ExportOptions) -> None:
         raise ExportError(f"unknown --int4-method {opts.int4_method!r}; choose one of {', '.join(qplan.INT4_METHODS)}")
     if opts.int4_block_size not in qplan.INT4_BLOCK_SIZES:
         raise ExportError(f"--int4-block-size must be one of {', '.join(map(str, qplan.INT4_BLOCK_SIZES))}")
+    if not 0.0 < opts.int4_ratio <= 1.0:
+        raise ExportError(f"--int4-ratio must be in (0, 1], got {opts.int4_ratio}")
+    if opts.int4_ratio != 1.0 and opts.target != "openvino":
+        raise ExportError("--int4-ratio is available for --target openvino only (NNCF's mixed INT4/INT8)")
     if opts.kv_cache is not None:
         storage = importlib.import_module(f"mmedge.exporters.{opts.target}_target").KV_STORAGE
         if opts.kv_cache not in storage:
@@ -167,7 +172,7 @@ def _export(opts: ExportOptions, checkpoint: Path, family, calib=None) -> Manife
             from mmedge.calibration.package import QuantOptions, quantize_package
 
             options = QuantOptions(calib_method=opts.calib_method, int4_method=opts.int4_method,
-                                   int4_block_size=opts.int4_block_size)
+                                   int4_block_size=opts.int4_block_size, int4_ratio=opts.int4_ratio)
             manifest.quantization = quantize_package(stage, manifest, plan, calib, options, opts.progress)
         manifest.files = file_entries(stage)
         manifest.save(stage)

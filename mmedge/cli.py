@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--calib-method", default="minmax", help="INT8 activation ranges: minmax, entropy or percentile")
     e.add_argument("--int4-method", default="awq", help="INT4 decoder weights: awq (activation-aware) or rtn")
     e.add_argument("--int4-block-size", type=int, default=32, help="INT4 block size: 32, 64 or 128 (default: 32)")
+    e.add_argument("--int4-ratio", type=float, default=1.0,
+                   help="openvino: share of decoder layers in INT4, the rest INT8, chosen by NNCF (default: 1.0)")
     e.add_argument("-o", "--output", type=Path, help="package directory to write (default: <model>-<quant>-<target>)")
     e.add_argument("--max-context", type=int, help="KV cache length in tokens (default: image tokens + 512)")
     e.add_argument("--kv-cache", choices=("state", "buffer"),
@@ -99,6 +101,7 @@ def cmd_export(args) -> int:
             calib_method=args.calib_method,
             int4_method=args.int4_method,
             int4_block_size=args.int4_block_size,
+            int4_ratio=args.int4_ratio,
             kv_cache=args.kv_cache,
         )
     )

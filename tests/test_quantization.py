@@ -119,6 +119,27 @@ def test_per_graph_overrides_and_block_size(demo_packages):
     assert accuracy(package)["accuracy"] >= accuracy(demo_packages("fp32")[0])["accuracy"] - MAX_DROP["int4"]
 
 
+def _weight_types(package, graph: str) -> list[str]:
+    import openvino as ov
+
+    model = ov.Core().read_model(str(package / f"{graph}.xml"))
+    return [str(op.get_output_element_type(0)) for op in model.get_ops() if op.get_type_name() == "Constant"]
+
+
+def test_openvino_int4_ratio_keeps_part_of_the_decoder_in_int8(demo_packages):
+    full, _ = demo_packages("int4", target="openvino")
+    half, _ = demo_packages("int4", "--int4-ratio", "0.5", target="openvino")
+    counts = {}
+    for name, package in (("full", full), ("half", half)):
+        types = _weight_types(package, "decoder")
+        counts[name] = (sum("int4" in t for t in types), sum("int8" in t for t in types))
+    assert counts["half"][0] < counts["full"][0] and counts["half"][1] > counts["full"][1], counts
+    decoder = json.loads((half / MANIFEST_NAME).read_text())["quantization"]["graphs"]["decoder"]
+    assert "50% of layers (the rest int8)" in decoder["scheme"]
+    result = run_cli("export", "--model", DEMO, "-o", str(half) + "-ort", "--quant", "int4", "--int4-ratio", "0.5")
+    assert result.returncode == 2 and "--target openvino only" in result.stderr
+
+
 @pytest.mark.parametrize("target", ["onnxruntime", "openvino"])
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_tiny_random_packages_of_every_shape_load_and_generate(checkpoints, tmp_path, quant, target):

@@ -3,7 +3,8 @@
     python tools/decode_speed.py PKG [PKG ...] [--tokens 32] [--runs 10] [--threads 0]
 
 Each run answers "caption" about a shapes-task image with EOS banned, so every
-run decodes exactly --tokens tokens. Prints one line per package.
+run decodes exactly --tokens tokens; the packages take turns on each image.
+Prints one line per package.
 """
 
 from __future__ import annotations
@@ -24,20 +25,22 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv)
     images = [ex.image for ex in shapes.examples(args.runs + 1, seed=4242)]
-    print(f"{'package':<40}{'target':<13}{'precision':<11}{'prefill ms':>11}{'decode tok/s':>14}")
-    for path in args.packages:
-        pipe = Pipeline.load(path, threads=args.threads)
-        prefill, speed = [], []
-        for i, image in enumerate(images):
+    pipes = [Pipeline.load(path, threads=args.threads) for path in args.packages]
+    prefill: list[list[float]] = [[] for _ in pipes]
+    speed: list[list[float]] = [[] for _ in pipes]
+    for i, image in enumerate(images):  # packages take turns, so drifting machine load hits all alike
+        for pipe, pre, spd in zip(pipes, prefill, speed):
             n = sum(1 for _ in pipe.generate_ids(image, "caption", max_new_tokens=args.tokens, ignore_eos=True))
             if i == 0:
                 continue  # warm-up
-            t = pipe.timings
-            prefill.append(t.prefill * 1e3)
-            speed.append((n - 1) / t.decode)
-        precisions = sorted({g.precision for g in pipe.manifest.graphs.values()})
-        print(f"{path:<40}{pipe.manifest.target:<13}{'/'.join(precisions):<11}"
-              f"{statistics.median(prefill):>11.2f}{statistics.median(speed):>14.0f}")
+            pre.append(pipe.timings.prefill * 1e3)
+            spd.append((n - 1) / pipe.timings.decode)
+    print(f"{'package':<40}{'target':<13}{'precision':<11}{'kv cache':<10}{'prefill ms':>11}{'decode tok/s':>14}")
+    for path, pipe, pre, spd in zip(args.packages, pipes, prefill, speed):
+        m = pipe.manifest
+        precisions = sorted({g.precision for g in m.graphs.values()})
+        print(f"{path:<40}{m.target:<13}{'/'.join(precisions):<11}{m.kv_cache.storage:<10}"
+              f"{statistics.median(pre):>11.2f}{statistics.median(spd):>14.1f}")
     return 0
 
 
