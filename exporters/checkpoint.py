@@ -31,7 +31,7 @@ def builtin_models() -> dict[str, str]:
     from mmedge.exporters import tiny
 
     out = {name: f"trained demo model, shipped ({path})" for name, path in shipped_models().items()}
-    out.update({name: spec.description for name, spec in tiny.BUILTIN.items()})
+    out.update({name: tiny.builtin_shape(name).description for name in tiny.BUILTIN})
     return out
 
 

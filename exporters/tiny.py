@@ -9,6 +9,7 @@ that answers questions.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -17,8 +18,6 @@ from pathlib import Path
 
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>"]
 IMAGE_TOKEN = "<image>"
-# PaliGemma's processor expects these in the vocabulary (detection / segmentation tokens)
-PALIGEMMA_EXTRA = [f"<loc{i:0>4}>" for i in range(1024)] + [f"<seg{i:0>3}>" for i in range(128)]
 
 _WORDS = (
     "a an the this that is are was on in under over left right of with and or what where how many which "
@@ -40,39 +39,23 @@ class TinyShape:
     extra: dict = field(default_factory=dict)
     vocab_size: int | None = None  # default: the tokenizer's size rounded up to 64
     sharp_init: bool = True  # False: transformers' own init (std 0.02), for sizes where sharp weights blow up
+    family: str = "paligemma"  # the family file that builds it (set from where the shape is declared)
 
 
-SHAPES = {
-    # Gemma decoder, grouped-query attention (4 heads, 2 KV heads), 16 image tokens
-    "paligemma-gqa": TinyShape(
-        "tiny random PaliGemma (Gemma decoder, GQA)",
-        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
-        text=dict(model_type="gemma", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16),
-        image_size=32, patch_size=8,
-    ),
-    # Gemma decoder, multi-query attention like the real 3B (1 KV head), wider heads, 36 image tokens
-    "paligemma-mqa": TinyShape(
-        "tiny random PaliGemma (Gemma decoder, MQA)",
-        vision=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=3),
-        text=dict(model_type="gemma", hidden_size=48, intermediate_size=96, num_hidden_layers=3,
-                  num_attention_heads=2, num_key_value_heads=1, head_dim=32),
-        image_size=48, patch_size=8, seed=1,
-    ),
-    # PaliGemma 2: Gemma 2 decoder with sliding-window layers and logit soft-capping
-    "paligemma2-sliding": TinyShape(
-        "tiny random PaliGemma 2 (Gemma 2 decoder, sliding window 24)",
-        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
-        text=dict(model_type="gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=24,
-                  final_logit_softcapping=30.0, attn_logit_softcapping=50.0, query_pre_attn_scalar=16),
-        image_size=32, patch_size=8, seed=2,
-    ),
-}
+def shapes() -> dict[str, TinyShape]:
+    """Every family's tiny test shapes (a family file's TINY_SHAPES), by name."""
+    from mmedge.exporters.family import families
+
+    out: dict[str, TinyShape] = {}
+    for module in dict.fromkeys(families().values()):
+        for name, shape in getattr(module, "TINY_SHAPES", {}).items():
+            out[name] = dataclasses.replace(shape, family=module.__name__.rsplit(".", 1)[-1])
+    return out
+
 
 # name -> shape, for `mmedge export --model <name>`
 BUILTIN = {
-    "tiny-paligemma": SHAPES["paligemma-gqa"],
+    "tiny-paligemma": "paligemma-gqa",
     # for speed measurements: a decoder of SmolLM2-135M's size and vocabulary (random weights, ~190M
     # parameters with the untied LM head) behind a small vision tower; its outputs mean nothing
     "paligemma-135m-shaped": TinyShape(
@@ -106,72 +89,47 @@ def build_tokenizer(extra_tokens: list[str], vocab_size: int = 384, corpus: list
     return tok
 
 
-def paligemma_config(shape: TinyShape, tok):
-    """A PaliGemmaConfig of `shape` whose vocabulary and special ids fit tokenizer `tok`."""
-    from transformers import PaliGemmaConfig
-
-    vocab = shape.vocab_size or (tok.get_vocab_size() + 63) // 64 * 64
-    ids = {t: tok.token_to_id(t) for t in [*SPECIAL, IMAGE_TOKEN]}
-    text = dict(
-        dict(max_position_embeddings=512, tie_word_embeddings=False),
-        **shape.text,
-        vocab_size=vocab,
-        pad_token_id=ids["<pad>"],
-        bos_token_id=ids["<bos>"],
-        eos_token_id=ids["<eos>"],
-    )
-    return PaliGemmaConfig(
-        vision_config=dict(shape.vision, image_size=shape.image_size, patch_size=shape.patch_size,
-                           projection_dim=text["hidden_size"], model_type="siglip_vision_model",
-                           vision_use_head=False),  # as in PaliGemma: the pooling head is unused
-        text_config=text,
-        image_token_index=ids[IMAGE_TOKEN],
-        projection_dim=text["hidden_size"],
-        hidden_size=text["hidden_size"],
-        pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"], eos_token_id=ids["<eos>"],
-    )
+def vocab_size(shape: TinyShape, tok) -> int:
+    return shape.vocab_size or (tok.get_vocab_size() + 63) // 64 * 64
 
 
-def save_paligemma_checkpoint(model, tok, out: Path) -> Path:
-    """save_pretrained the model with a PaliGemma processor (tokenizer + image settings) beside it."""
-    from transformers import PaliGemmaProcessor, PreTrainedTokenizerFast, SiglipImageProcessorPil
-
-    vision = model.config.vision_config
-    for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
-        setattr(model.generation_config, key, getattr(model.config.text_config, key))
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
-    image_processor = SiglipImageProcessorPil(
-        size={"height": vision.image_size, "width": vision.image_size},
-        image_seq_length=(vision.image_size // vision.patch_size) ** 2,
-    )
-    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=hf_tok)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+def token_ids(tok) -> dict[str, int]:
+    return {t: tok.token_to_id(t) for t in [*SPECIAL, IMAGE_TOKEN]}
 
 
-def save_paligemma(shape: TinyShape, out: Path) -> Path:
-    """Build and save a random PaliGemma checkpoint of `shape` to `out`."""
+def save(shape: TinyShape | str, out: Path) -> Path:
+    """Build and save a random checkpoint of `shape` (or a shape's name) with its family's builder."""
     import torch
-    from transformers import PaliGemmaForConditionalGeneration
 
-    tok = build_tokenizer(PALIGEMMA_EXTRA)
+    from mmedge.exporters.family import families
+
+    if isinstance(shape, str):
+        shape = shapes()[shape]
+    family = next(m for m in families().values() if m.__name__.endswith("." + shape.family))
+    tok = family.tiny_tokenizer()
     torch.manual_seed(shape.seed)
-    model = PaliGemmaForConditionalGeneration(paligemma_config(shape, tok)).eval()
+    model = family.tiny_model(shape, tok).eval()
+    if shape.sharp_init:
+        sharpen(model)
+    return family.save_checkpoint(model, tok, out)
+
+
+def sharpen(model) -> None:
+    """Default init gives near-uniform logits and a model that repeats one token. Sharp attention and
+    small embeddings make the output depend on the whole context, so a wrong position, mask or cache
+    entry changes the tokens."""
+    import torch
+
     with torch.no_grad():
-        if not shape.sharp_init:
-            return save_paligemma_checkpoint(model, tok, out)
-        # Default init gives near-uniform logits and a model that repeats one token.
-        # Sharp attention and small embeddings make the output depend on the whole
-        # context, so a wrong position, mask or cache entry changes the tokens.
         for name, p in model.named_parameters():
             if p.dim() > 1:
                 std = 0.5 if name.endswith(("q_proj.weight", "k_proj.weight")) else 0.2
                 p.normal_(0.0, 0.02 if "embed_tokens" in name else std)
-    return save_paligemma_checkpoint(model, tok, out)
+
+
+def builtin_shape(name: str) -> TinyShape:
+    spec = BUILTIN[name]
+    return shapes()[spec] if isinstance(spec, str) else spec
 
 
 def cache_dir() -> Path:
@@ -186,7 +144,7 @@ def materialize(name: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out.parent))
     try:
-        save_paligemma(BUILTIN[name], stage)
+        save(builtin_shape(name), stage)
         shutil.rmtree(out, ignore_errors=True)
         os.rename(stage, out)
     finally:

@@ -1,6 +1,6 @@
 """Shared fixtures: tiny random checkpoints (built offline) and their exported packages.
 
-Every family shape in `mmedge.exporters.tiny.SHAPES` is exported once per
+Every family's tiny shape (`mmedge.exporters.tiny.shapes()`) is exported once per
 session for every target that can run here; tests take (shape, target) pairs
 from `CASES` so a new family or target is a new entry, not new test code.
 """
@@ -28,13 +28,14 @@ TARGETS = {
     "openvino": dict(target="openvino"),  # KV cache as engine state
     "openvino-buffer": dict(target="openvino", kv_cache="buffer"),
 }
-CASES = [(shape, target) for shape in tiny.SHAPES for target in TARGETS]
+SHAPES = tiny.shapes()
+CASES = [(shape, target) for shape in SHAPES for target in TARGETS]
 
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("checkpoints")
-    return {name: tiny.save_paligemma(shape, root / name) for name, shape in tiny.SHAPES.items()}
+    return {name: tiny.save(shape, root / name) for name, shape in SHAPES.items()}
 
 
 @pytest.fixture(scope="session")

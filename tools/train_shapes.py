@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmedge.exporters import tiny
+from mmedge.exporters.families import paligemma
 from mmedge.manifest import PreprocessSpec
 from mmedge.runtimes.preprocess import preprocess
 from mmedge.tasks import shapes
@@ -62,8 +63,8 @@ class PaliGemmaRecipe:
             self.dims = dataclasses.replace(
                 self.dims, image_size=image_size or self.dims.image_size, patch_size=patch_size or self.dims.patch_size
             )
-        self.tok = tiny.build_tokenizer(tiny.PALIGEMMA_EXTRA, vocab_size=512, corpus=shapes.corpus())
-        self.config = tiny.paligemma_config(self.dims, self.tok)
+        self.tok = paligemma.tiny_tokenizer(corpus=shapes.corpus(), vocab_size=512)
+        self.config = paligemma.tiny_config(self.dims, self.tok)
         size = self.dims.image_size
         self.pre = PreprocessSpec(height=size, width=size)  # SigLIP: bicubic, 1/255, mean/std 0.5
         self.n_image = (size // self.dims.patch_size) ** 2
@@ -147,7 +148,7 @@ class PaliGemmaRecipe:
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
 
     def save(self, model, out: Path) -> None:
-        tiny.save_paligemma_checkpoint(model.eval(), self.tok, out)
+        paligemma.save_checkpoint(model.eval(), self.tok, out)
 
 
 RECIPES = {"paligemma": PaliGemmaRecipe}

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from mmedge.exporters import tiny
 from mmedge.exporters.checkpoint import image_processor_config
 from mmedge.exporters.family import Description, Parts
 from mmedge.manifest import GenerationDefaults, PreprocessSpec, PromptSpec, SchemeSpec, SpecialTokens
@@ -131,3 +132,93 @@ def describe(model, checkpoint: Path, tokenizer) -> Description:
         generation=GenerationDefaults(max_new_tokens=min(64, getattr(gen, "max_new_tokens", None) or 64)),
         max_position_embeddings=cfg.text_config.max_position_embeddings,
     )
+
+
+# -- tiny random checkpoints (tests, first runs) -------------------------------------------------
+
+TINY_SHAPES = {
+    # Gemma decoder, grouped-query attention (4 heads, 2 KV heads), 16 image tokens
+    "paligemma-gqa": tiny.TinyShape(
+        "tiny random PaliGemma (Gemma decoder, GQA)",
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+        text=dict(model_type="gemma", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+        image_size=32, patch_size=8,
+    ),
+    # Gemma decoder, multi-query attention like the real 3B (1 KV head), wider heads, 36 image tokens
+    "paligemma-mqa": tiny.TinyShape(
+        "tiny random PaliGemma (Gemma decoder, MQA)",
+        vision=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=3),
+        text=dict(model_type="gemma", hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=32),
+        image_size=48, patch_size=8, seed=1,
+    ),
+    # PaliGemma 2: Gemma 2 decoder with sliding-window layers and logit soft-capping
+    "paligemma2-sliding": tiny.TinyShape(
+        "tiny random PaliGemma 2 (Gemma 2 decoder, sliding window 24)",
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+        text=dict(model_type="gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=24,
+                  final_logit_softcapping=30.0, attn_logit_softcapping=50.0, query_pre_attn_scalar=16),
+        image_size=32, patch_size=8, seed=2,
+    ),
+}
+
+# PaliGemma's processor expects these in the vocabulary (detection / segmentation tokens)
+EXTRA_TOKENS = [f"<loc{i:0>4}>" for i in range(1024)] + [f"<seg{i:0>3}>" for i in range(128)]
+
+
+def tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 384):
+    return tiny.build_tokenizer(EXTRA_TOKENS, vocab_size=vocab_size, corpus=corpus)
+
+
+def tiny_config(shape: tiny.TinyShape, tok):
+    """A PaliGemmaConfig of `shape` whose vocabulary and special ids fit tokenizer `tok`."""
+    from transformers import PaliGemmaConfig
+
+    ids = tiny.token_ids(tok)
+    text = dict(
+        dict(max_position_embeddings=512, tie_word_embeddings=False),
+        **shape.text,
+        vocab_size=tiny.vocab_size(shape, tok),
+        pad_token_id=ids["<pad>"],
+        bos_token_id=ids["<bos>"],
+        eos_token_id=ids["<eos>"],
+    )
+    return PaliGemmaConfig(
+        vision_config=dict(shape.vision, image_size=shape.image_size, patch_size=shape.patch_size,
+                           projection_dim=text["hidden_size"], model_type="siglip_vision_model",
+                           vision_use_head=False),  # as in PaliGemma: the pooling head is unused
+        text_config=text,
+        image_token_index=ids[tiny.IMAGE_TOKEN],
+        projection_dim=text["hidden_size"],
+        hidden_size=text["hidden_size"],
+        pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"], eos_token_id=ids["<eos>"],
+    )
+
+
+def tiny_model(shape: tiny.TinyShape, tok):
+    from transformers import PaliGemmaForConditionalGeneration
+
+    return PaliGemmaForConditionalGeneration(tiny_config(shape, tok))
+
+
+def save_checkpoint(model, tok, out: Path) -> Path:
+    """save_pretrained the model with a PaliGemma processor (tokenizer + image settings) beside it."""
+    from transformers import PaliGemmaProcessor, PreTrainedTokenizerFast, SiglipImageProcessorPil
+
+    vision = model.config.vision_config
+    for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        setattr(model.generation_config, key, getattr(model.config.text_config, key))
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    image_processor = SiglipImageProcessorPil(
+        size={"height": vision.image_size, "width": vision.image_size},
+        image_seq_length=(vision.image_size // vision.patch_size) ** 2,
+    )
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=hf_tok)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
