@@ -90,7 +90,7 @@ def _pipeline(stage: Path, manifest: Manifest, files: dict[str, Path], wrap: dic
     graphs = {part: engine.load(files[part]) for part in PARTS}
     for part, make in (wrap or {}).items():
         graphs[part] = make(graphs[part])
-    codec = TextCodec(stage / manifest.tokenizer, manifest.prompt, manifest.special_tokens)
+    codec = TextCodec.from_package(stage, manifest)
     return Pipeline(stage, manifest, graphs, codec)
 
 

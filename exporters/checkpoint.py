@@ -119,3 +119,26 @@ def image_processor_config(checkpoint: Path) -> dict:
     raise ExportError(
         f"{checkpoint} has no image processor settings (preprocessor_config.json or processor_config.json)"
     )
+
+
+def processor_config(checkpoint: Path) -> dict:
+    """The processor's own settings (patch size, image token, ...) from processor_config.json, or {}."""
+    path = checkpoint / "processor_config.json"
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    return {k: v for k, v in data.items() if not isinstance(v, dict)}
+
+
+def chat_template(checkpoint: Path) -> str | None:
+    """The checkpoint's chat template (Jinja source), wherever transformers saved it, or None."""
+    jinja = checkpoint / "chat_template.jinja"
+    if jinja.exists():
+        return jinja.read_text(encoding="utf-8")
+    for name in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
+        path = checkpoint / name
+        if path.exists():
+            template = json.loads(path.read_text()).get("chat_template")
+            if isinstance(template, str):
+                return template
+    return None

@@ -17,6 +17,7 @@ from mmedge.manifest import GraphSpec, KVCacheSpec, Manifest
 log = logging.getLogger(__name__)
 
 TARGETS = ("onnxruntime", "openvino")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 PLANNED_TARGETS = ("tensorrt", "coreml")
 
 
@@ -139,6 +140,10 @@ def _export(opts: ExportOptions, checkpoint: Path, family, calib=None) -> Manife
         bar.close()
         getattr(target, "finish", lambda stage: None)(stage)
         tokenizer.backend_tokenizer.save(str(stage / "tokenizer.json"))
+        if desc.prompt.mode == "chat":
+            desc.prompt.chat_template = CHAT_TEMPLATE_FILE
+            desc.prompt.template_vars = _template_vars(tokenizer)
+            (stage / CHAT_TEMPLATE_FILE).write_text(desc.chat_template, encoding="utf-8")
         manifest = Manifest(
             family=family.__name__.rsplit(".", 1)[-1],
             model_type=model.config.model_type,
@@ -178,6 +183,11 @@ def _export(opts: ExportOptions, checkpoint: Path, family, calib=None) -> Manife
         manifest.save(stage)
     log.info("exported %s in %.1f s", opts.output, time.perf_counter() - started)
     return manifest
+
+
+def _template_vars(tokenizer) -> dict:
+    """What transformers puts in a chat template's scope besides the messages: the special tokens."""
+    return {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, (str, list))}
 
 
 def _load(family, checkpoint: Path):

@@ -63,6 +63,7 @@ class Description:
     special_tokens: SpecialTokens
     generation: GenerationDefaults
     max_position_embeddings: int
+    chat_template: str | None = None  # Jinja source, written into the package when prompt.mode is "chat"
 
 
 @cache

@@ -59,9 +59,20 @@ def reference_answerer(checkpoint: Path) -> Answerer:
     processor = AutoProcessor.from_pretrained(checkpoint)
 
     def answer(image, prompt):
-        inputs = processor(images=image, text=prompt, return_tensors="pt")
+        inputs = reference_inputs(processor, image, prompt)
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=32, do_sample=False)
         return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
     return answer
+
+
+def reference_inputs(processor, image, prompt: str) -> dict:
+    """transformers' own model inputs for one image and the user's text, the way the runtime formats it:
+    through the processor's chat template (one user turn: the image, then the text; generation prompt
+    added) when the checkpoint has one, otherwise the processor's fixed format."""
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                             return_tensors="pt")
+    return processor(images=image, text=prompt, return_tensors="pt")

@@ -67,11 +67,20 @@ class KVCacheSpec:
 
 @dataclass
 class PreprocessSpec:
-    """Numbers of the image processor; the runtime reproduces it with Pillow + numpy."""
+    """Numbers of the image processor; the runtime reproduces it with Pillow + numpy.
+
+    resize_mode "exact": resize to height x width. "shortest_edge": resize so
+    the shorter side is `shortest_edge` (aspect kept, the longer side
+    truncated as transformers does), then, with do_center_crop, crop the
+    centre height x width (CLIP, LLaVA).
+    """
 
     height: int
     width: int
     resample: str = "bicubic"
+    resize_mode: str = "exact"
+    shortest_edge: int | None = None
+    do_center_crop: bool = False
     rescale: float = 1 / 255
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
@@ -85,8 +94,15 @@ class PreprocessSpec:
 class PromptSpec:
     """How the user's text becomes the token sequence.
 
-    `template` uses {image} (the image token repeated image_seq_len times),
-    {bos} and {prompt}. `mode` "template" is the family's fixed format.
+    mode "template": the family's fixed format; `template` uses {image} (the
+    image token repeated image_seq_len times), {bos} and {prompt}.
+    mode "chat": the checkpoint's chat template (the file `chat_template` in
+    the package, Jinja) rendered for one user turn (the image, then the
+    text) with the generation prompt, as transformers' apply_chat_template
+    does, with `template_vars` (the tokenizer's special tokens) in scope.
+    Then, in both modes and for raw prompts, each `image_marker` in the text
+    becomes `image_expansion`, whose {image} is the image token repeated
+    image_seq_len times.
     """
 
     template: str
@@ -94,6 +110,10 @@ class PromptSpec:
     image_token_id: int
     image_seq_len: int
     mode: str = "template"
+    chat_template: str | None = None
+    template_vars: dict[str, Any] = field(default_factory=dict)
+    image_marker: str | None = None
+    image_expansion: str = "{image}"
 
 
 @dataclass
@@ -230,6 +250,8 @@ def load_manifest(directory: str | Path, verify_files: bool = True) -> Manifest:
 
 def verify_package_files(directory: Path, manifest: Manifest) -> None:
     needed = {g.file for g in manifest.graphs.values()} | {manifest.tokenizer}
+    if manifest.prompt.chat_template:
+        needed.add(manifest.prompt.chat_template)
     missing_entries = sorted(needed - set(manifest.files))
     if missing_entries:
         raise PackageError(f"{MANIFEST_NAME} lists no hash for {', '.join(missing_entries)}; re-export the package")

@@ -93,7 +93,7 @@ class Pipeline:
             options["device"] = device
         engine = get_backend(name, **options)
         graphs = {part: engine.load(path / manifest.graphs[part].file) for part in PARTS}
-        codec = TextCodec(path / manifest.tokenizer, manifest.prompt, manifest.special_tokens)
+        codec = TextCodec.from_package(path, manifest)
         return cls(path, manifest, graphs, codec)
 
     # -- public API --------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from mmedge.errors import InputError
+from mmedge.errors import InputError, PackageError
 from mmedge.manifest import PreprocessSpec
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
@@ -85,16 +85,44 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _resized(size: tuple[int, int], spec: PreprocessSpec) -> tuple[int, int]:
+    """(width, height) after resizing, as the transformers image processors compute it."""
+    if spec.resize_mode == "exact":
+        return spec.width, spec.height
+    if spec.resize_mode == "shortest_edge":
+        width, height = size
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = spec.shortest_edge, int(spec.shortest_edge * long / short)
+        return (new_short, new_long) if width <= height else (new_long, new_short)
+    raise PackageError(f"this mmedge does not know the resize mode {spec.resize_mode!r}; upgrade mmedge")
+
+
+def _center_crop(arr: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The centre height x width of an HxWxC array; zero-padded first where the image is smaller."""
+    h, w = arr.shape[:2]
+    if h < height or w < width:
+        top_pad, left_pad = -(-(max(h, height) - h) // 2), -(-(max(w, width) - w) // 2)
+        padded = np.zeros((max(h, height), max(w, width), arr.shape[2]), arr.dtype)
+        padded[top_pad:top_pad + h, left_pad:left_pad + w] = arr
+        arr, h, w = padded, *padded.shape[:2]
+    top, left = (h - height) // 2, (w - width) // 2
+    return arr[top:top + height, left:left + width]
+
+
 def preprocess(image: ImageInput, spec: PreprocessSpec) -> np.ndarray:
     """Image -> pixel_values [1, 3, H, W] float32."""
     img = load_image(image)
     if spec.convert_rgb:
         img = to_rgb(img)
-    if spec.do_resize and img.size != (spec.width, spec.height):
-        img = img.resize((spec.width, spec.height), resample=_RESAMPLE[spec.resample])
+    if spec.do_resize:
+        size = _resized(img.size, spec)
+        if img.size != size:
+            img = img.resize(size, resample=_RESAMPLE[spec.resample])
     arr = np.asarray(img)
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
+    if spec.do_center_crop:
+        arr = _center_crop(arr, spec.height, spec.width)
     pixels = arr.astype(np.float64)
     if spec.do_rescale:
         pixels = pixels * spec.rescale

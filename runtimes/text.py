@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
-from mmedge.errors import PackageError
+from mmedge.errors import InputError, PackageError, first_line
 from mmedge.manifest import PromptSpec, SpecialTokens
 
 
 class TextCodec:
-    def __init__(self, tokenizer_path: Path, prompt: PromptSpec, special: SpecialTokens):
+    def __init__(self, tokenizer_path: Path, prompt: PromptSpec, special: SpecialTokens, chat_template: str | None = None):
         from tokenizers import Tokenizer
 
         try:
@@ -20,22 +22,100 @@ class TextCodec:
             raise PackageError(f"cannot read {tokenizer_path.name}: {exc}") from None
         self.prompt = prompt
         self.special = special
+        self.chat = _compile(chat_template) if prompt.mode == "chat" else None
+        if prompt.mode == "chat" and self.chat is None:
+            raise PackageError("the package's prompt mode is chat but it has no chat template; re-export it")
+
+    @classmethod
+    def from_package(cls, directory: Path, manifest) -> "TextCodec":
+        template = None
+        if manifest.prompt.chat_template:
+            path = Path(directory) / manifest.prompt.chat_template
+            try:
+                template = path.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise PackageError(f"cannot read the chat template {path}: {exc}; re-export the package") from None
+        return cls(Path(directory) / manifest.tokenizer, manifest.prompt, manifest.special_tokens, template)
 
     def render(self, prompt: str, raw: bool = False) -> str:
-        """The full prompt text: the family's format around the user's text, or `prompt` as is."""
+        """The full prompt text: the family's format or chat template around the user's text, or `prompt` as is.
+
+        Image markers (the chat template's per-image text, or one typed in a
+        raw prompt) are then expanded into the image tokens.
+        """
         if raw:
-            return prompt
-        image = self.prompt.image_token * self.prompt.image_seq_len
-        text = self.prompt.template
-        # placeholders replaced one by one, so braces in the user's text are safe
-        text = text.replace("{image}", image).replace("{bos}", self.special.bos or "")
-        return text.replace("{prompt}", prompt)
+            text = prompt
+        elif self.chat is not None:
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            try:
+                text = self.chat.render(messages=messages, add_generation_prompt=True, **self.prompt.template_vars)
+            except Exception as exc:  # a template's raise_exception() or a broken template
+                raise InputError(f"the package's chat template refused the prompt: {first_line(exc)}") from None
+        else:
+            image = self.prompt.image_token * self.prompt.image_seq_len
+            text = self.prompt.template
+            # placeholders replaced one by one, so braces in the user's text are safe
+            text = text.replace("{image}", image).replace("{bos}", self.special.bos or "")
+            return text.replace("{prompt}", prompt)
+        marker = self.prompt.image_marker
+        if marker:
+            expansion = self.prompt.image_expansion.replace("{image}", self.prompt.image_token * self.prompt.image_seq_len)
+            text = text.replace(marker, expansion)
+        return text
 
     def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+        """Token ids of a rendered prompt.
+
+        Chat-mode packages let the tokenizer add its special tokens (e.g. a
+        leading BOS) unless the text already starts with BOS, which is what
+        transformers' processors do; the fixed formats carry their own.
+        """
+        bos = self.special.bos
+        add = self.prompt.mode == "chat" and not (bos and text.startswith(bos))
+        return np.asarray(self.tokenizer.encode(text, add_special_tokens=add).ids, dtype=np.int64)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _compile(source: str | None):
+    """A chat template compiled the way transformers compiles it (sandboxed Jinja, same options and helpers)."""
+    if source is None:
+        return None
+    try:
+        import jinja2
+        from jinja2.ext import Extension, loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise PackageError("this package renders a chat template, which needs jinja2: pip install jinja2") from None
+
+    class Generation(Extension):
+        """{% generation %}...{% endgeneration %} marks assistant text for training masks; rendering ignores it."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as exc:
+        raise PackageError(f"the package's chat template does not parse: {exc}; re-export the package") from None
 
 
 class StreamDecoder:

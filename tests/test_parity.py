@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+from transformers import AutoProcessor
 
-from conftest import CASES, PROMPTS, sample_images
+from conftest import CASES, PROMPTS, SHAPES, sample_images
 from mmedge import Pipeline
+from mmedge.evaluate import reference_inputs
+from mmedge.exporters import checkpoint as ckpt
 from mmedge.runtimes.preprocess import preprocess
 
 NEW_TOKENS = 24
@@ -25,7 +27,7 @@ def reference(checkpoints):
     def get(shape):
         if shape not in cache:
             path = checkpoints[shape]
-            model = PaliGemmaForConditionalGeneration.from_pretrained(path).eval()
+            model = ckpt.family_for(ckpt.read_config(path)["model_type"]).load(path)
             cache[shape] = (model, AutoProcessor.from_pretrained(path))
         return cache[shape]
 
@@ -33,7 +35,7 @@ def reference(checkpoints):
 
 
 def hf_generate(model, processor, image, prompt, n=NEW_TOKENS) -> list[int]:
-    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    inputs = reference_inputs(processor, image, prompt)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
     return out[0, inputs["input_ids"].shape[1] :].tolist()
@@ -63,15 +65,33 @@ def test_kv_cache_equals_recompute(shape, target, packages):
         assert cached == full
 
 
-@pytest.mark.parametrize("shape,target", CASES[:1])
-def test_prompt_ids_and_pixels_match_processor(shape, target, packages, reference):
+@pytest.mark.parametrize("shape", SHAPES)
+def test_prompt_ids_and_pixels_match_processor(shape, packages, reference):
     _, processor = reference(shape)
-    pipe = Pipeline.load(packages(shape, target))
+    pipe = Pipeline.load(packages(shape))
     for image in sample_images().values():
-        for prompt in [*PROMPTS, "", "  spaces  and {braces} <b>"]:
-            inputs = processor(images=image, text=prompt, return_tensors="np")
-            assert pipe.encode_prompt(prompt).tolist() == inputs["input_ids"][0].tolist()
-            np.testing.assert_allclose(preprocess(image, pipe.manifest.preprocess), inputs["pixel_values"], atol=1e-6)
+        for prompt in [*PROMPTS, "", "  spaces  and {braces} {{ jinja }} {% raw %} <b>"]:
+            inputs = reference_inputs(processor, image, prompt)
+            assert pipe.encode_prompt(prompt).tolist() == inputs["input_ids"][0].tolist(), prompt
+            np.testing.assert_allclose(preprocess(image, pipe.manifest.preprocess), inputs["pixel_values"].numpy(),
+                                       atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_raw_prompt_is_passed_through(shape, packages, reference):
+    """A fully formatted prompt is used as typed (only image markers expand), as the processor takes it."""
+    _, processor = reference(shape)
+    pipe = Pipeline.load(packages(shape))
+    image = sample_images()["shapes"]
+    if pipe.manifest.prompt.mode == "chat":  # typed as the template renders it, with one image marker
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is this?"}]}]
+        typed = processor.apply_chat_template(messages, add_generation_prompt=True)
+        expected = processor(images=image, text=typed, return_tensors="np")["input_ids"][0].tolist()
+        assert pipe.encode_prompt(typed, raw=True).tolist() == expected
+    else:  # the fixed format, image tokens included
+        typed = pipe.codec.render("what is this?")
+    assert pipe.encode_prompt(typed, raw=True).tolist() == pipe.encode_prompt("what is this?").tolist()
+    assert pipe.codec.render("x y", raw=True) == "x y"
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "LA", "P", "CMYK"])
