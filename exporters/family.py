@@ -22,6 +22,8 @@ from functools import cache
 from types import ModuleType
 from typing import Callable
 
+import torch
+
 from mmedge.manifest import GenerationDefaults, PreprocessSpec, PromptSpec, SchemeSpec, SpecialTokens
 
 
@@ -51,6 +53,20 @@ class Parts:
     vocab_size: int
     mask_names: tuple[str, ...] = ("attention_mask",)
     mask_arg: Callable = field(default=lambda masks: masks[0])
+
+
+class SoftcapHead(torch.nn.Module):
+    """lm_head, then Gemma 2/3's final logit soft-capping (tanh(x / cap) * cap) when the config sets a cap."""
+
+    def __init__(self, lm_head, softcap: float | None):
+        super().__init__()
+        self.lm_head, self.softcap = lm_head, softcap
+
+    def forward(self, hidden):
+        logits = self.lm_head(hidden)
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
 @dataclass

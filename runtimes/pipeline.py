@@ -146,9 +146,10 @@ class Pipeline:
             )
         embeds = self._prompt_embeddings(ids, preprocess(image, self.manifest.preprocess))
         self.cache.reset()
-        rows = [self._cached_step(embeds, len(ids))[0, -1]]
+        block_of = schemes.blocks(self.manifest.schemes, ids, self.manifest.prompt.image_token_id)
+        rows = [self._cached_step(embeds, block_of)[0, -1]]
         for token in tokens:
-            rows.append(self._cached_step(self._embed(np.array([[token]], dtype=np.int64)), len(ids))[0, -1])
+            rows.append(self._cached_step(self._embed(np.array([[token]], dtype=np.int64)), block_of)[0, -1])
         return np.stack(rows)
 
     # -- internals ---------------------------------------------------------
@@ -171,7 +172,8 @@ class Pipeline:
         step = self._cached_step if opts.use_cache else self._uncached_step(embeds)
         self.cache.reset()
         start = time.perf_counter()
-        logits = step(embeds, len(ids))
+        block_of = schemes.blocks(self.manifest.schemes, ids, self.manifest.prompt.image_token_id)
+        logits = step(embeds, block_of)
         t.prefill = time.perf_counter() - start
         eos = self.manifest.special_tokens.eos_ids
         banned = eos if opts.ignore_eos else None
@@ -187,7 +189,7 @@ class Pipeline:
             if i + 1 == budget:
                 return
             start = time.perf_counter()
-            logits = step(self._embed(np.array([[token]], dtype=np.int64)), len(ids))
+            logits = step(self._embed(np.array([[token]], dtype=np.int64)), block_of)
             t.steps.append(time.perf_counter() - start)
             t.decode += t.steps[-1]
 
@@ -204,20 +206,20 @@ class Pipeline:
             self.manifest.schemes, embeds, ids[None], image_embeds, self.manifest.prompt.image_token_id
         )
 
-    def _decode(self, embeds: np.ndarray, start: int, cache_feeds: dict, mask_slots: int, prefix_len: int) -> dict:
+    def _decode(self, embeds: np.ndarray, start: int, cache_feeds: dict, mask_slots: int, block_of: np.ndarray) -> dict:
         n = embeds.shape[1]
         feeds = {
             "inputs_embeds": embeds,
             "position_ids": schemes.position_ids(self.manifest.schemes, start, n),
             **schemes.attention_masks(
-                self.manifest.schemes, self.mask_names, start, n, mask_slots, prefix_len, self.mask_dtype
+                self.manifest.schemes, self.mask_names, start, n, mask_slots, block_of, self.mask_dtype
             ),
             **cache_feeds,
         }
         return self.graphs["decoder"].run(feeds)
 
-    def _cached_step(self, embeds: np.ndarray, prefix_len: int) -> np.ndarray:
-        out = self._decode(embeds, self.cache.length, self.cache.feeds(), self.cache.mask_slots, prefix_len)
+    def _cached_step(self, embeds: np.ndarray, block_of: np.ndarray) -> np.ndarray:
+        out = self._decode(embeds, self.cache.length, self.cache.feeds(), self.cache.mask_slots, block_of)
         self.cache.write(out, embeds.shape[1])
         return out["logits"]
 
@@ -225,10 +227,10 @@ class Pipeline:
         """A step function that re-runs the whole sequence each time (reference path)."""
         seq = [prompt_embeds]
 
-        def step(embeds: np.ndarray, prefix_len: int) -> np.ndarray:
+        def step(embeds: np.ndarray, block_of: np.ndarray) -> np.ndarray:
             if embeds is not prompt_embeds:
                 seq.append(embeds)
             full = np.concatenate(seq, axis=1)
-            return self._decode(full, 0, self.cache.fresh(), 0, prefix_len)["logits"]
+            return self._decode(full, 0, self.cache.fresh(), 0, block_of)["logits"]
 
         return step

@@ -15,7 +15,7 @@ import numpy as np
 from mmedge.errors import InputError, PackageError
 from mmedge.manifest import SchemeSpec
 
-ATTENTION_PATTERNS = ("causal", "prefix_bidirectional")
+ATTENTION_PATTERNS = ("causal", "prefix_bidirectional", "image_bidirectional")
 POSITION_SCHEMES = ("linear",)
 IMAGE_PLACEMENTS = ("replace_image_tokens",)
 
@@ -35,21 +35,44 @@ def position_ids(schemes: SchemeSpec, start: int, length: int) -> np.ndarray:
     return (np.arange(start, start + length, dtype=np.int64) + schemes.position_offset)[None]
 
 
+def blocks(schemes: SchemeSpec, input_ids: np.ndarray, image_token_id: int) -> np.ndarray:
+    """Per prompt position, the bidirectional block it belongs to (-1: none), as the attention pattern says.
+
+    "prefix_bidirectional" (PaliGemma): the whole prompt is one block.
+    "image_bidirectional" (Gemma 3): each run of image tokens is a block.
+    "causal": no blocks.
+    """
+    if schemes.attention == "prefix_bidirectional":
+        return np.zeros(len(input_ids), dtype=np.int64)
+    if schemes.attention == "image_bidirectional":
+        image = input_ids == image_token_id
+        starts = image & ~np.concatenate([[False], image[:-1]])
+        return np.where(image, np.cumsum(starts) - 1, -1)
+    return np.full(len(input_ids), -1, dtype=np.int64)
+
+
 def allowed(
-    schemes: SchemeSpec, q: np.ndarray, k: np.ndarray, prefix_len: int, window: int | None = None
+    schemes: SchemeSpec, q: np.ndarray, k: np.ndarray, block_of: np.ndarray, window: int | None = None
 ) -> np.ndarray:
     """Boolean [len(q), len(k)]: may the token at index q attend to the token at index k.
 
-    Causal (within `window` tokens back, if given); with "prefix_bidirectional"
-    the prompt (image + text) also sees itself whole, window or not, as in
-    transformers' block overlay. Generated tokens stay causal.
+    Causal, and tokens of one bidirectional block (`block_of`, per prompt
+    position) see each other whole. With a sliding `window`, transformers
+    composes the two differently per pattern, and so do we: PaliGemma 2's
+    prefix block ignores the window ((causal AND window) OR block), Gemma 3's
+    image blocks stay inside it ((causal OR block) AND window). Generated
+    tokens belong to no block.
     """
+    def block(i):
+        return np.where(i < len(block_of), block_of[np.minimum(i, len(block_of) - 1)], -1) if len(block_of) else -np.ones_like(i)
+
+    bq, bk = block(q), block(k)
+    same = (bq[:, None] == bk[None, :]) & (bq[:, None] >= 0)
     ok = k[None, :] <= q[:, None]
-    if window is not None:
-        ok &= q[:, None] - k[None, :] < window
-    if schemes.attention == "prefix_bidirectional":
-        ok |= (q[:, None] < prefix_len) & (k[None, :] < prefix_len)
-    return ok
+    near = (q[:, None] - k[None, :] < window) if window is not None else True
+    if schemes.attention == "image_bidirectional":
+        return (ok | same) & near
+    return (ok & near) | same
 
 
 def attention_masks(
@@ -58,15 +81,16 @@ def attention_masks(
     start: int,
     n_new: int,
     cache_len: int,
-    prefix_len: int,
+    block_of: np.ndarray,
     dtype: np.dtype = np.float32,
 ) -> dict[str, np.ndarray]:
     """Additive masks for a step that feeds tokens start..start+n_new-1.
 
     `cache_len` is the number of cache slots before the new tokens: the
     length of the past buffers fed (slots >= start are not yet written and
-    are masked out), or of the engine-held state (then equal to start). A second mask name, when the decoder
-    has one, gets the sliding-window variant.
+    are masked out), or of the engine-held state (then equal to start).
+    `block_of` comes from `blocks`. A second mask name, when the decoder has
+    one, gets the sliding-window variant.
     """
     q = np.arange(start, start + n_new)
     keys = np.concatenate([np.arange(cache_len), q])
@@ -74,7 +98,7 @@ def attention_masks(
     neg = np.finfo(dtype).min
     masks = {}
     for i, name in enumerate(mask_names):
-        ok = allowed(schemes, q, keys, prefix_len, schemes.sliding_window if i else None) & written[None, :]
+        ok = allowed(schemes, q, keys, block_of, schemes.sliding_window if i else None) & written[None, :]
         masks[name] = np.where(ok, 0.0, neg).astype(dtype)[None, None]
     return masks
 

@@ -21,22 +21,38 @@ def visible(mask):
 def test_prefix_bidirectional_then_causal():
     s = SchemeSpec(attention="prefix_bidirectional")
     # prefill of a 4-token prompt into an empty 6-slot cache: all 4 see each other, no slot is written
-    m = schemes.attention_masks(s, ["attention_mask"], 0, 4, 6, prefix_len=4)["attention_mask"]
+    m = schemes.attention_masks(s, ["attention_mask"], 0, 4, 6, block_of=np.zeros(4, np.int64))["attention_mask"]
     assert m.shape == (1, 1, 4, 10)
     assert not visible(m)[:, :6].any() and visible(m)[:, 6:].all()
     # decode step for token 5: sees slots 0..4 and itself, not slot 5
-    m = schemes.attention_masks(s, ["attention_mask"], 5, 1, 6, prefix_len=4)["attention_mask"]
+    m = schemes.attention_masks(s, ["attention_mask"], 5, 1, 6, block_of=np.zeros(4, np.int64))["attention_mask"]
     assert visible(m)[0].tolist() == [True] * 5 + [False] + [True]
 
 
 def test_causal_and_sliding_window():
     s = SchemeSpec(attention="prefix_bidirectional", sliding_window=2)
-    m = schemes.attention_masks(s, ["full", "sliding"], 0, 5, 0, prefix_len=2)
+    m = schemes.attention_masks(s, ["full", "sliding"], 0, 5, 0, block_of=np.zeros(2, np.int64))
     full, sliding = visible(m["full"]), visible(m["sliding"])
     assert full.tolist()[4] == [True] * 5
     assert full.tolist()[0] == [True, True, False, False, False]  # prefix sees itself whole
     assert sliding.tolist()[4] == [False, False, False, True, True]  # window of 2 after the prefix
     assert sliding.tolist()[1] == [True, True, False, False, False]  # the prefix block ignores the window
+
+
+def test_image_blocks_bidirectional_inside_the_window():
+    """Gemma 3: each run of image tokens sees itself whole; with a window, the window still applies."""
+    s = SchemeSpec(attention="image_bidirectional", sliding_window=3)
+    ids = np.array([7, 9, 9, 9, 9, 7, 7])  # text, 4 image tokens (id 9), text
+    block_of = schemes.blocks(s, ids, image_token_id=9)
+    assert block_of.tolist() == [-1, 0, 0, 0, 0, -1, -1]
+    assert schemes.blocks(s, np.array([9, 9, 7, 9]), 9).tolist() == [0, 0, -1, 1]
+    m = schemes.attention_masks(s, ["full", "sliding"], 0, 7, 0, block_of)
+    full, sliding = visible(m["full"]), visible(m["sliding"])
+    assert full.tolist()[1] == [True, True, True, True, True, False, False]  # image token sees its whole run
+    assert full.tolist()[0] == [True] + [False] * 6  # text before the image stays causal
+    assert sliding.tolist()[1] == [True, True, True, True, True, False, False]  # ahead is inside the window
+    assert sliding.tolist()[4] == [False, False, True, True, True, False, False]  # 3 back at most
+    assert sliding.tolist()[6] == [False, False, False, False, True, True, True]
 
 
 def test_positions_offset():

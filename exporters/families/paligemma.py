@@ -19,7 +19,7 @@ import torch
 
 from mmedge.exporters import tiny
 from mmedge.exporters.checkpoint import image_processor_config
-from mmedge.exporters.family import Description, Parts
+from mmedge.exporters.family import Description, Parts, SoftcapHead
 from mmedge.manifest import GenerationDefaults, PreprocessSpec, PromptSpec, SchemeSpec, SpecialTokens
 from mmedge.runtimes.preprocess import RESAMPLE_FROM_INT
 
@@ -48,19 +48,6 @@ class _VisionEncoder(torch.nn.Module):
         return self.tower(pixel_values=pixel_values).last_hidden_state
 
 
-class _Head(torch.nn.Module):
-    def __init__(self, lm_head, softcap: float | None):
-        super().__init__()
-        self.lm_head = lm_head
-        self.softcap = softcap
-
-    def forward(self, hidden):
-        logits = self.lm_head(hidden)
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
-
-
 def split(model) -> Parts:
     cfg = model.config
     text = cfg.text_config
@@ -71,7 +58,7 @@ def split(model) -> Parts:
         projector=model.model.multi_modal_projector,
         embed_tokens=model.model.language_model.embed_tokens,
         text_model=model.model.language_model,
-        head=_Head(model.lm_head, getattr(text, "final_logit_softcapping", None)),
+        head=SoftcapHead(model.lm_head, getattr(text, "final_logit_softcapping", None)),
         image_size=(size, size),
         num_layers=text.num_hidden_layers,
         num_kv_heads=text.num_key_value_heads,

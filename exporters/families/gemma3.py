@@ -1,0 +1,202 @@
+"""Gemma 3 (4B and up, with vision): SigLIP, average-pool projector with soft tokens, Gemma 3 decoder.
+
+Split:
+    vision_encoder  SigLIP vision tower -> last_hidden_state [B, 4096, 1152] (896 px, patch 14)
+    projector       multi_modal_projector: average pool to mm_tokens_per_image (256) soft tokens,
+                    RMSNorm, projection -> [B, 256, hidden]
+    embed_tokens    language_model.embed_tokens (scaled by sqrt(hidden) inside)
+    decoder         language_model (sliding-window and global layers, two RoPE bases) + lm_head
+                    (+ final logit soft-capping when the config sets it)
+
+Prompt: the checkpoint's chat template ("<bos><start_of_turn>user\\n<start_of_image>{text}<end_of_turn>\\n
+<start_of_turn>model\\n"); each "<start_of_image>" becomes "\\n\\n<start_of_image>" + 256 image soft
+tokens + "<end_of_image>\\n\\n", as Gemma3Processor expands it. Attention: causal, except that the
+image soft tokens of one image see each other whole ("image_bidirectional"); on sliding layers the
+window still applies. Positions start at 0.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mmedge.exporters import tiny
+from mmedge.exporters.checkpoint import chat_template, image_processor_config
+from mmedge.exporters.family import Description, Parts, SoftcapHead
+from mmedge.manifest import GenerationDefaults, PreprocessSpec, PromptSpec, SchemeSpec, SpecialTokens
+from mmedge.runtimes.preprocess import RESAMPLE_FROM_INT
+
+MODEL_TYPES = ("gemma3",)
+ALIASES = {"gemma3-4b": "google/gemma-3-4b-it"}
+BOI, EOI, SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
+
+
+def load(checkpoint: Path):
+    from transformers import Gemma3ForConditionalGeneration
+
+    return Gemma3ForConditionalGeneration.from_pretrained(
+        checkpoint, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+
+
+class _VisionEncoder(torch.nn.Module):
+    def __init__(self, tower):
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, pixel_values):
+        return self.tower(pixel_values=pixel_values).last_hidden_state
+
+
+def split(model) -> Parts:
+    cfg = model.config
+    text = cfg.text_config
+    size = cfg.vision_config.image_size
+    sliding = "sliding_attention" in (getattr(text, "layer_types", None) or [])
+    return Parts(
+        vision_encoder=_VisionEncoder(model.model.vision_tower),
+        projector=model.model.multi_modal_projector,
+        embed_tokens=model.model.language_model.embed_tokens,
+        text_model=model.model.language_model,
+        head=SoftcapHead(model.lm_head, getattr(text, "final_logit_softcapping", None)),
+        image_size=(size, size),
+        num_layers=text.num_hidden_layers,
+        num_kv_heads=text.num_key_value_heads,
+        head_dim=text.head_dim,
+        hidden_size=text.hidden_size,
+        vocab_size=text.vocab_size,
+        mask_names=("attention_mask", "sliding_attention_mask") if sliding else ("attention_mask",),
+        mask_arg=(lambda m: {"full_attention": m[0], "sliding_attention": m[1]}) if sliding
+        else (lambda m: {"full_attention": m[0]}),
+    )
+
+
+def describe(model, checkpoint: Path, tokenizer) -> Description:
+    cfg = model.config
+    pre = image_processor_config(checkpoint)
+    size = pre.get("size") or {}
+    resample = pre.get("resample", 2)
+    template = chat_template(checkpoint)
+    boi = getattr(tokenizer, "boi_token", None) or BOI
+    eoi = getattr(tokenizer, "eoi_token", None) or EOI
+    gen = model.generation_config
+    eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
+    sliding = "sliding_attention" in (getattr(cfg.text_config, "layer_types", None) or [])
+    return Description(
+        preprocess=PreprocessSpec(
+            height=size.get("height", cfg.vision_config.image_size),
+            width=size.get("width", cfg.vision_config.image_size),
+            resample=RESAMPLE_FROM_INT.get(resample, resample) if isinstance(resample, int) else resample,
+            rescale=pre.get("rescale_factor", 1 / 255),
+            mean=list(pre.get("image_mean", [0.5, 0.5, 0.5])),
+            std=list(pre.get("image_std", [0.5, 0.5, 0.5])),
+            convert_rgb=pre.get("do_convert_rgb", True) is not False,
+            do_resize=pre.get("do_resize", True),
+            do_rescale=pre.get("do_rescale", True),
+            do_normalize=pre.get("do_normalize", True),
+        ),
+        prompt=PromptSpec(
+            # Gemma 3's turn format, for a checkpoint without a chat template
+            template="{bos}<start_of_turn>user\n\n\n" + boi + "{image}" + eoi + "\n\n{prompt}<end_of_turn>\n"
+                     "<start_of_turn>model\n",
+            image_token=tokenizer.convert_ids_to_tokens(cfg.image_token_id),
+            image_token_id=cfg.image_token_id,
+            image_seq_len=cfg.mm_tokens_per_image,
+            mode="chat" if template else "template",
+            image_marker=boi,
+            image_expansion=f"\n\n{boi}{{image}}{eoi}\n\n",
+        ),
+        schemes=SchemeSpec(positions="linear", position_offset=0, attention="image_bidirectional",
+                           sliding_window=cfg.text_config.sliding_window if sliding else None),
+        special_tokens=SpecialTokens(
+            bos_id=tokenizer.bos_token_id,
+            bos=tokenizer.bos_token,
+            eos_ids=[eos] if isinstance(eos, int) else list(eos or []),
+            pad_id=tokenizer.pad_token_id,
+        ),
+        generation=GenerationDefaults(max_new_tokens=min(64, getattr(gen, "max_new_tokens", None) or 64)),
+        max_position_embeddings=cfg.text_config.max_position_embeddings,
+        chat_template=template,
+    )
+
+
+# -- tiny random checkpoints (tests, first runs) -------------------------------------------------
+
+TINY_SHAPES = {
+    # sliding and global layers (window 20 < prompt length), GQA, 16 soft tokens pooled from 64 patches
+    "gemma3-sliding": tiny.TinyShape(
+        "tiny random Gemma 3 (sliding + global layers, GQA)",
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, sliding_window=20, query_pre_attn_scalar=16,
+                  layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]),
+        image_size=32, patch_size=4, extra=dict(mm_tokens_per_image=16),
+    ),
+    # global layers only, multi-query attention, soft-capped logits, 4 soft tokens
+    "gemma3-global-mqa": tiny.TinyShape(
+        "tiny random Gemma 3 (global layers, MQA, logit soft-capping)",
+        vision=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3),
+        text=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, final_logit_softcapping=30.0,
+                  layer_types=["full_attention"] * 3),
+        image_size=24, patch_size=4, seed=5, extra=dict(mm_tokens_per_image=4),
+    ),
+}
+
+# The user-turn part of google/gemma-3-*-it's chat template
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<start_of_image>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 384):
+    tok = tiny.build_tokenizer([], vocab_size=vocab_size, corpus=corpus)
+    tok.add_special_tokens([BOI, EOI, SOFT, "<start_of_turn>", "<end_of_turn>"])
+    return tok
+
+
+def tiny_config(shape: tiny.TinyShape, tok):
+    from transformers import Gemma3Config
+
+    ids = tiny.token_ids(tok)
+    text = dict(dict(max_position_embeddings=512, tie_word_embeddings=False), **shape.text,
+                vocab_size=tiny.vocab_size(shape, tok), pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"],
+                eos_token_id=ids["<eos>"])
+    vision = dict(shape.vision, image_size=shape.image_size, patch_size=shape.patch_size,
+                  model_type="siglip_vision_model", vision_use_head=False)
+    return Gemma3Config(vision_config=vision, text_config=text, image_token_id=tok.token_to_id(SOFT),
+                        boi_token_id=tok.token_to_id(BOI), eoi_token_id=tok.token_to_id(EOI),
+                        pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"], eos_token_id=ids["<eos>"], **shape.extra)
+
+
+def tiny_model(shape: tiny.TinyShape, tok):
+    from transformers import Gemma3ForConditionalGeneration
+
+    return Gemma3ForConditionalGeneration(tiny_config(shape, tok))
+
+
+def save_checkpoint(model, tok, out: Path) -> Path:
+    """save_pretrained the model with a Gemma3Processor (tokenizer with image tokens, chat template) beside it."""
+    from transformers import Gemma3ImageProcessorPil, Gemma3Processor, PreTrainedTokenizerFast
+
+    cfg = model.config
+    for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        setattr(model.generation_config, key, getattr(cfg.text_config, key))
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        extra_special_tokens={"boi_token": BOI, "eoi_token": EOI, "image_token": SOFT},
+    )
+    size = cfg.vision_config.image_size
+    image_processor = Gemma3ImageProcessorPil(size={"height": size, "width": size})
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=hf_tok, chat_template=CHAT_TEMPLATE,
+                                image_seq_length=cfg.mm_tokens_per_image)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
