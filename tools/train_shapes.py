@@ -98,7 +98,7 @@ class PaliGemmaRecipe:
 
     def cell_targets(self, examples: list[shapes.Example]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per cell of the 3x3 grid (one image token each): the index of its shape and colour word, or of "nothing"."""
-        assert self.dims.image_size // self.dims.patch_size == 3, "one patch per cell of the 3x3 grid"
+        assert self.n_image == 9, "one image token per cell of the 3x3 grid"
         colors = list(shapes.COLORS)
         shape_t = torch.full((len(examples), 9), len(shapes.SHAPES))
         color_t = torch.full((len(examples), 9), len(colors))
@@ -125,7 +125,7 @@ class PaliGemmaRecipe:
         colour. Trained end to end from scratch instead, the decoder learnt
         colours but never learnt to match a question's shape word to the image.
         """
-        tower, projector = model.model.vision_tower, model.model.multi_modal_projector
+        tower, projector = self.vision_parts(model)
         table = model.get_input_embeddings().weight
         shape_words = self.word_ids([*shapes.SHAPES, "nothing"])
         color_words = self.word_ids([*shapes.COLORS, "nothing"])
@@ -137,7 +137,7 @@ class PaliGemmaRecipe:
             exs = [next(data) for _ in range(batch_size)]
             shape_t, color_t = (t.to(device) for t in self.cell_targets(exs))
             pixels = torch.from_numpy(np.concatenate([preprocess(ex.image, self.pre) for ex in exs])).to(device)
-            tokens = projector(tower(pixel_values=pixels).last_hidden_state) * scale
+            tokens = projector(tower(pixels)) * scale
             words = table.detach()
             ce = torch.nn.functional.cross_entropy
             loss = ce((tokens @ words[shape_words].T).flatten(0, 1), shape_t.flatten()) + ce(
@@ -147,11 +147,125 @@ class PaliGemmaRecipe:
             opt.step()
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
 
+    def vision_parts(self, model):
+        """The vision encoder and projector as the export splits them: pixels -> image tokens."""
+        parts = paligemma.split(model)
+        return parts.vision_encoder, parts.projector
+
     def save(self, model, out: Path) -> None:
         paligemma.save_checkpoint(model.eval(), self.tok, out)
 
 
-RECIPES = {"paligemma": PaliGemmaRecipe}
+class ChatRecipe(PaliGemmaRecipe):
+    """A family whose checkpoints carry a chat template (LLaVA, Gemma 3), at the same small size.
+
+    A training sequence is exactly what the family's processor gives for
+    (image, question) through its chat template, then the answer and EOS;
+    the loss is on the answer. The processor's ids (and token types, where
+    the family has them) are cached per question text; pixels come from the
+    runtime's preprocessing, which the parity tests prove equal to the
+    processor's. Stage 1 aligns the family's own vision encoder + projector
+    parts (the modules the export uses) with the word embeddings.
+    """
+
+    family_name = ""
+
+    def __init__(self, image_size: int | None = None, patch_size: int | None = None):
+        import importlib
+        import tempfile
+
+        from transformers import AutoProcessor
+
+        if image_size or patch_size:
+            self.dims = dataclasses.replace(
+                self.dims, image_size=image_size or self.dims.image_size, patch_size=patch_size or self.dims.patch_size
+            )
+        self.family = importlib.import_module(f"mmedge.exporters.families.{self.family_name}")
+        self.tok = self.family.tiny_tokenizer(corpus=shapes.corpus(), vocab_size=512)
+        self.config = self.family.tiny_config(self.dims, self.tok)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.family.save_checkpoint(self.model(), self.tok, Path(tmp))
+            self.processor = AutoProcessor.from_pretrained(tmp)
+            desc = self.family.describe(self.family.load(Path(tmp)), Path(tmp), self.processor.tokenizer)
+        self.pre = desc.preprocess
+        self.n_image = desc.prompt.image_seq_len
+        self.ids = {t: self.tok.token_to_id(t) for t in ("<pad>", "<bos>", "<eos>")}
+        self._prompts: dict[str, dict[str, list[int]]] = {}
+
+    def model(self):
+        return self.family.tiny_model(self.dims, self.tok)
+
+    def _prompt(self, prompt: str, image) -> dict[str, list[int]]:
+        if prompt not in self._prompts:
+            from mmedge.evaluate import reference_inputs
+
+            inputs = reference_inputs(self.processor, image, prompt)
+            self._prompts[prompt] = {k: inputs[k][0].tolist() for k in ("input_ids", "token_type_ids") if k in inputs}
+        return self._prompts[prompt]
+
+    def batch(self, examples: list[shapes.Example]) -> dict[str, torch.Tensor]:
+        seqs, types, starts = [], [], []
+        for ex in examples:
+            prefix = self._prompt(ex.prompt, ex.image)
+            suffix = self.tok.encode(ex.answer, add_special_tokens=False).ids + [self.ids["<eos>"]]
+            seqs.append(prefix["input_ids"] + suffix)
+            types.append(prefix.get("token_type_ids", []) + [0] * len(suffix))
+            starts.append(len(prefix["input_ids"]))
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), self.ids["<pad>"], dtype=torch.long)
+        tt = torch.zeros((len(seqs), width), dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+        for i, (s, t, start) in enumerate(zip(seqs, types, starts)):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+            labels[i, start : len(s)] = torch.tensor(s[start:])
+            if t:
+                tt[i, : len(t)] = torch.tensor(t)
+        pixels = torch.from_numpy(np.concatenate([preprocess(ex.image, self.pre) for ex in examples]))
+        batch = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels)
+        if any(types):
+            batch["token_type_ids"] = tt
+        return batch
+
+    def vision_parts(self, model):
+        parts = self.family.split(model)
+        return parts.vision_encoder, parts.projector
+
+    def save(self, model, out: Path) -> None:
+        self.family.save_checkpoint(model.eval(), self.tok, out)
+
+
+class LlavaRecipe(ChatRecipe):
+    """LLaVA-1.5 at the demo size: CLIP (penultimate layer, CLS dropped), MLP projector, Llama; 9 image tokens."""
+
+    family_name = "llava"
+    dims = tiny.TinyShape(
+        "shapes demo LLaVA",
+        vision=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4),
+        text=dict(model_type="llama", hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=1, head_dim=32, tie_word_embeddings=True,
+                  max_position_embeddings=256),
+        image_size=72, patch_size=24, extra=dict(vision_feature_layer=-2, vision_feature_select_strategy="default"),
+    )
+
+
+class Gemma3Recipe(ChatRecipe):
+    """Gemma 3 at the demo size: SigLIP 6x6 patches pooled to 9 soft tokens, Gemma 3 decoder."""
+
+    family_name = "gemma3"
+    dims = tiny.TinyShape(
+        "shapes demo Gemma 3",
+        vision=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4),
+        text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, tie_word_embeddings=True,
+                  max_position_embeddings=256, sliding_window=64,
+                  layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"]),
+        image_size=72, patch_size=12, extra=dict(mm_tokens_per_image=9),
+    )
+
+
+RECIPES = {"paligemma": PaliGemmaRecipe, "llava": LlavaRecipe, "gemma3": Gemma3Recipe}
 
 
 # Stage 2 opens with the questions that match a word of the question against the
