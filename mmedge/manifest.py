@@ -72,7 +72,10 @@ class PreprocessSpec:
     resize_mode "exact": resize to height x width. "shortest_edge": resize so
     the shorter side is `shortest_edge` (aspect kept, the longer side
     truncated as transformers does), then, with do_center_crop, crop the
-    centre height x width (CLIP, LLaVA).
+    centre height x width (CLIP, LLaVA). "longest_edge" (Idefics3, SmolVLM):
+    the longer side to `longest_edge`, then with do_image_splitting tiles of
+    `tile_size` (= height = width) row by row plus the whole image as a last
+    tile, or without it one tile-sized square.
     """
 
     height: int
@@ -81,6 +84,9 @@ class PreprocessSpec:
     resize_mode: str = "exact"
     shortest_edge: int | None = None
     do_center_crop: bool = False
+    longest_edge: int | None = None
+    tile_size: int | None = None
+    do_image_splitting: bool = False
     rescale: float = 1 / 255
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
@@ -102,7 +108,9 @@ class PromptSpec:
     does, with `template_vars` (the tokenizer's special tokens) in scope.
     Then, in both modes and for raw prompts, each `image_marker` in the text
     becomes `image_expansion`, whose {image} is the image token repeated
-    image_seq_len times.
+    image_seq_len times; with image_layout "tiles" and an image split into
+    tiles, preceded by one `tile_expansion` per tile (rows of tiles, each
+    row ending in a newline, then a newline), as Idefics3 / SmolVLM do.
     """
 
     template: str
@@ -114,6 +122,8 @@ class PromptSpec:
     template_vars: dict[str, Any] = field(default_factory=dict)
     image_marker: str | None = None
     image_expansion: str = "{image}"
+    image_layout: str = "single"  # or "tiles": see runtimes/text.py
+    tile_expansion: str | None = None  # "tiles": one tile's text, with {row}, {col} (1-based) and {image}
 
 
 @dataclass

@@ -24,7 +24,7 @@ from mmedge.manifest import Manifest, load_manifest
 from mmedge.runtimes import schemes
 from mmedge.runtimes.backends import DEFAULT_BACKEND_FOR_TARGET, get_backend
 from mmedge.runtimes.kv_cache import make_cache
-from mmedge.runtimes.preprocess import ImageInput, preprocess
+from mmedge.runtimes.preprocess import ImageInput, preprocess_with_grid
 from mmedge.runtimes.sampling import GenerationOptions, choose
 from mmedge.runtimes.text import StreamDecoder, TextCodec
 
@@ -125,8 +125,9 @@ class Pipeline:
         opts.check()
         return opts
 
-    def encode_prompt(self, prompt: str, raw: bool = False) -> np.ndarray:
-        return self.codec.encode(self.codec.render(prompt, raw=raw))
+    def encode_prompt(self, prompt: str, raw: bool = False, grid: tuple[int, int] = (0, 0)) -> np.ndarray:
+        """Token ids of the prompt; `grid`: the image's (rows, cols) of tiles, for families that split images."""
+        return self.codec.encode(self.codec.render(prompt, raw=raw, grid=grid))
 
     def generate_ids(self, image: ImageInput, prompt: str, **options: Any) -> Iterator[int]:
         """Yield generated token ids (EOS is not yielded)."""
@@ -139,12 +140,13 @@ class Pipeline:
         packages of one model (fp32 and quantized) can be compared position by
         position on the same token sequence.
         """
-        ids = self.encode_prompt(prompt)
+        pixels, grid = preprocess_with_grid(image, self.manifest.preprocess)
+        ids = self.encode_prompt(prompt, grid=grid)
         if len(ids) + len(tokens) > self.cache.capacity:
             raise InputError(
                 f"{len(ids)} prompt and {len(tokens)} forced tokens exceed this package's context of {self.cache.capacity}"
             )
-        embeds = self._prompt_embeddings(ids, preprocess(image, self.manifest.preprocess))
+        embeds = self._prompt_embeddings(ids, pixels)
         self.cache.reset()
         block_of = schemes.blocks(self.manifest.schemes, ids, self.manifest.prompt.image_token_id)
         rows = [self._cached_step(embeds, block_of)[0, -1]]
@@ -157,7 +159,10 @@ class Pipeline:
     def _tokens(self, image: ImageInput, prompt: str, opts: GenerationOptions) -> Iterator[int]:
         rng = np.random.default_rng(opts.seed)
         t = self.timings = Timings()
-        ids = self.encode_prompt(prompt, raw=opts.raw_prompt)
+        start = time.perf_counter()
+        pixels, grid = preprocess_with_grid(image, self.manifest.preprocess)
+        t.preprocess = time.perf_counter() - start
+        ids = self.encode_prompt(prompt, raw=opts.raw_prompt, grid=grid)
         capacity = self.cache.capacity
         if len(ids) >= capacity:
             raise InputError(
@@ -165,9 +170,6 @@ class Pipeline:
                 "shorten the prompt or re-export with a larger --max-context"
             )
         t.prompt_tokens = len(ids)
-        start = time.perf_counter()
-        pixels = preprocess(image, self.manifest.preprocess)
-        t.preprocess = time.perf_counter() - start
         embeds = self._prompt_embeddings(ids, pixels)
         step = self._cached_step if opts.use_cache else self._uncached_step(embeds)
         self.cache.reset()

@@ -10,6 +10,7 @@ transformers does).
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Union
@@ -110,19 +111,34 @@ def _center_crop(arr: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def preprocess(image: ImageInput, spec: PreprocessSpec) -> np.ndarray:
-    """Image -> pixel_values [1, 3, H, W] float32."""
+    """Image -> pixel_values [N, 3, H, W] float32 (N = 1, or the tiles + global image when splitting)."""
+    return preprocess_with_grid(image, spec)[0]
+
+
+def preprocess_with_grid(image: ImageInput, spec: PreprocessSpec) -> tuple[np.ndarray, tuple[int, int]]:
+    """pixel_values and the (rows, cols) of tiles they hold ((0, 0): one whole image, no tiles)."""
     img = load_image(image)
     if spec.convert_rgb:
         img = to_rgb(img)
-    if spec.do_resize:
-        size = _resized(img.size, spec)
-        if img.size != size:
-            img = img.resize(size, resample=_RESAMPLE[spec.resample])
+    if spec.resize_mode == "longest_edge":
+        frames, grid = _tiles(img, spec)
+    else:
+        if spec.do_resize:
+            size = _resized(img.size, spec)
+            if img.size != size:
+                img = img.resize(size, resample=_RESAMPLE[spec.resample])
+        arr = _rgb_array(img)
+        frames, grid = [_center_crop(arr, spec.height, spec.width) if spec.do_center_crop else arr], (0, 0)
+    return np.ascontiguousarray(np.stack([_normalized(f, spec) for f in frames])), grid
+
+
+def _rgb_array(img: Image.Image) -> np.ndarray:
     arr = np.asarray(img)
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
-    if spec.do_center_crop:
-        arr = _center_crop(arr, spec.height, spec.width)
+    return np.repeat(arr[..., None], 3, axis=2) if arr.ndim == 2 else arr
+
+
+def _normalized(arr: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """HxWx3 uint8 -> 3xHxW float32, rescaled in float64 then normalized in float32 as transformers does."""
     pixels = arr.astype(np.float64)
     if spec.do_rescale:
         pixels = pixels * spec.rescale
@@ -131,4 +147,56 @@ def preprocess(image: ImageInput, spec: PreprocessSpec) -> np.ndarray:
         mean = np.asarray(spec.mean, dtype=np.float32)
         std = np.asarray(spec.std, dtype=np.float32)
         pixels = (pixels - mean) / std
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1)[None])
+    return pixels.transpose(2, 0, 1)
+
+
+def _tiles(img: Image.Image, spec: PreprocessSpec) -> tuple[list[np.ndarray], tuple[int, int]]:
+    """Idefics3 / SmolVLM: longest edge to `longest_edge`, then either one square of `tile_size` (no
+    splitting) or tiles of tile_size x tile_size, row by row, followed by the whole image squashed to one
+    tile. Every resize is Pillow's filter on 8-bit RGB, with the processor's own rounding."""
+    resample = _RESAMPLE[spec.resample]
+    tile = spec.tile_size
+
+    def resize(im, h, w):
+        return im if im.size == (w, h) else im.resize((w, h), resample=resample)
+
+    if spec.do_resize:
+        img = resize(img, *_longest_edge_size(img.height, img.width, spec.longest_edge))
+    if not spec.do_image_splitting:
+        return [_rgb_array(resize(img, tile, tile))], (0, 0)
+    h, w = img.height, img.width
+    ratio = w / h
+    if w >= h:
+        w = math.ceil(w / tile) * tile
+        h = math.ceil(int(w / ratio) / tile) * tile
+    else:
+        h = math.ceil(h / tile) * tile
+        w = math.ceil(int(h * ratio) / tile) * tile
+    img = resize(img, h, w)
+    if h <= tile and w <= tile:
+        return [_rgb_array(img)], (0, 0)
+    rows, cols = h // tile, w // tile
+    arr = _rgb_array(img)
+    frames = [arr[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] for r in range(rows) for c in range(cols)]
+    frames.append(_rgb_array(resize(img, tile, tile)))
+    return frames, (rows, cols)
+
+
+def _longest_edge_size(h: int, w: int, longest: int, limit: int = 4096) -> tuple[int, int]:
+    """(height, width) with the longer side `longest`, the other truncated and rounded up to even; at most `limit`."""
+    ratio = w / h
+    if w >= h:
+        w = longest
+        h = int(w / ratio)
+        h += h % 2
+    else:
+        h = longest
+        w = int(h * ratio)
+        w += w % 2
+    h, w = max(h, 1), max(w, 1)
+    ratio = w / h
+    if w >= h and w > limit:
+        w, h = limit, int(limit / ratio)
+    elif h > w and h > limit:
+        h, w = limit, int(limit * ratio)
+    return max(h, 1), max(w, 1)

@@ -37,11 +37,12 @@ class TextCodec:
                 raise PackageError(f"cannot read the chat template {path}: {exc}; re-export the package") from None
         return cls(Path(directory) / manifest.tokenizer, manifest.prompt, manifest.special_tokens, template)
 
-    def render(self, prompt: str, raw: bool = False) -> str:
+    def render(self, prompt: str, raw: bool = False, grid: tuple[int, int] = (0, 0)) -> str:
         """The full prompt text: the family's format or chat template around the user's text, or `prompt` as is.
 
         Image markers (the chat template's per-image text, or one typed in a
-        raw prompt) are then expanded into the image tokens.
+        raw prompt) are then expanded into the image tokens; `grid` is the
+        (rows, cols) of tiles the preprocessing cut the image into.
         """
         if raw:
             text = prompt
@@ -59,9 +60,24 @@ class TextCodec:
             return text.replace("{prompt}", prompt)
         marker = self.prompt.image_marker
         if marker:
-            expansion = self.prompt.image_expansion.replace("{image}", self.prompt.image_token * self.prompt.image_seq_len)
-            text = text.replace(marker, expansion)
+            text = text.replace(marker, self.image_text(grid))
         return text
+
+    def image_text(self, grid: tuple[int, int] = (0, 0)) -> str:
+        """The text one image becomes: `image_expansion`, after one `tile_expansion` per tile when the
+        layout is "tiles" and the image was split (row by row, a newline after each row, then one more)."""
+        p = self.prompt
+        image = p.image_token * p.image_seq_len
+        whole = p.image_expansion.replace("{image}", image)
+        rows, cols = grid
+        if p.image_layout == "single" or not rows:
+            return whole
+        if p.image_layout != "tiles" or not p.tile_expansion:
+            raise PackageError(f"this mmedge does not know the image layout {p.image_layout!r}; upgrade mmedge")
+        tile = p.tile_expansion.replace("{image}", image)
+        lines = ["".join(tile.replace("{row}", str(r)).replace("{col}", str(c)) for c in range(1, cols + 1)) + "\n"
+                 for r in range(1, rows + 1)]
+        return "".join(lines) + "\n" + whole
 
     def encode(self, text: str) -> np.ndarray:
         """Token ids of a rendered prompt.

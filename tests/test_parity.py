@@ -15,7 +15,7 @@ from conftest import CASES, PROMPTS, SHAPES, sample_images
 from mmedge import Pipeline
 from mmedge.evaluate import reference_inputs
 from mmedge.exporters import checkpoint as ckpt
-from mmedge.runtimes.preprocess import preprocess
+from mmedge.runtimes.preprocess import preprocess, preprocess_with_grid
 
 NEW_TOKENS = 24
 
@@ -72,9 +72,10 @@ def test_prompt_ids_and_pixels_match_processor(shape, packages, reference):
     for image in sample_images().values():
         for prompt in [*PROMPTS, "", "  spaces  and {braces} {{ jinja }} {% raw %} <b>"]:
             inputs = reference_inputs(processor, image, prompt)
-            assert pipe.encode_prompt(prompt).tolist() == inputs["input_ids"][0].tolist(), prompt
-            np.testing.assert_allclose(preprocess(image, pipe.manifest.preprocess), inputs["pixel_values"].numpy(),
-                                       atol=1e-6)
+            pixels, grid = preprocess_with_grid(image, pipe.manifest.preprocess)  # grid: tiles, where split
+            assert pipe.encode_prompt(prompt, grid=grid).tolist() == inputs["input_ids"][0].tolist(), prompt
+            expected = inputs["pixel_values"].numpy().reshape(pixels.shape)  # [tiles, 3, H, W] either way
+            np.testing.assert_allclose(pixels, expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -82,15 +83,16 @@ def test_raw_prompt_is_passed_through(shape, packages, reference):
     """A fully formatted prompt is used as typed (only image markers expand), as the processor takes it."""
     _, processor = reference(shape)
     pipe = Pipeline.load(packages(shape))
-    image = sample_images()["shapes"]
+    image = sample_images()["wide"]
+    _, grid = preprocess_with_grid(image, pipe.manifest.preprocess)
     if pipe.manifest.prompt.mode == "chat":  # typed as the template renders it, with one image marker
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is this?"}]}]
         typed = processor.apply_chat_template(messages, add_generation_prompt=True)
         expected = processor(images=image, text=typed, return_tensors="np")["input_ids"][0].tolist()
-        assert pipe.encode_prompt(typed, raw=True).tolist() == expected
+        assert pipe.encode_prompt(typed, raw=True, grid=grid).tolist() == expected
     else:  # the fixed format, image tokens included
         typed = pipe.codec.render("what is this?")
-    assert pipe.encode_prompt(typed, raw=True).tolist() == pipe.encode_prompt("what is this?").tolist()
+    assert pipe.encode_prompt(typed, raw=True, grid=grid).tolist() == pipe.encode_prompt("what is this?", grid=grid).tolist()
     assert pipe.codec.render("x y", raw=True) == "x y"
 
 
@@ -103,8 +105,9 @@ def test_image_modes_match_processor(mode, checkpoints, packages, reference):
     image = base.convert(mode)
     if mode in ("RGBA", "LA"):  # a real gradient of transparency, composited onto white
         image.putalpha(Image.fromarray(np.tile(np.linspace(0, 255, base.size[0], dtype=np.uint8), (base.size[1], 1))))
+    got = preprocess(image, spec)
     expected = processor.image_processor(images=image, return_tensors="np")["pixel_values"]
-    np.testing.assert_allclose(preprocess(image, spec), expected, atol=1e-6)
+    np.testing.assert_allclose(got, expected.reshape(got.shape), atol=1e-6)
 
 
 def test_sixteen_bit_image_is_scaled_not_clipped(checkpoints, packages):
