@@ -146,22 +146,21 @@ def describe(model, checkpoint: Path, tokenizer) -> Description:
 # -- tiny random checkpoints (tests, first runs) -------------------------------------------------
 
 TINY_SHAPES = {
-    # Idefics3 / SmolVLM v1 with image splitting: longest edge 64, tiles of 32 -> up to 2x2 tiles + global
-    "idefics3-tiles": tiny.TinyShape(
-        "tiny random Idefics3 (image splitting on, pixel shuffle 2, Llama GQA)",
+    # SmolVLM2 with image splitting: longest edge 64, tiles of 32 -> up to 2x2 tiles + the global image
+    "smolvlm-tiles": tiny.TinyShape(
+        "tiny random SmolVLM (image splitting on, pixel shuffle 2, Llama GQA)",
         vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
         text=dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2),
-        image_size=32, patch_size=8, extra=dict(scale_factor=2, longest_edge=64, splitting=True),
+        image_size=32, patch_size=8, extra=dict(model_type="smolvlm", scale_factor=2, longest_edge=64, splitting=True),
     ),
-    # SmolVLM2 without splitting: one 48 x 48 square, pixel shuffle 3 -> 4 image tokens, MQA
-    "smolvlm-single": tiny.TinyShape(
-        "tiny random SmolVLM (image splitting off, pixel shuffle 3, Llama MQA)",
+    # Idefics3 / SmolVLM v1 without splitting: one 48 x 48 square (6 x 6 patches), pixel shuffle 3 -> 4 tokens, MQA
+    "idefics3-single": tiny.TinyShape(
+        "tiny random Idefics3 (image splitting off, pixel shuffle 3, Llama MQA)",
         vision=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3),
         text=dict(model_type="llama", hidden_size=48, intermediate_size=96, num_hidden_layers=3,
                   num_attention_heads=2, num_key_value_heads=1),
-        image_size=48, patch_size=8, seed=1,
-        extra=dict(model_type="smolvlm", scale_factor=3, longest_edge=96, splitting=False),
+        image_size=48, patch_size=8, seed=1, extra=dict(scale_factor=3, longest_edge=96, splitting=False),
     ),
 }
 
