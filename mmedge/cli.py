@@ -231,9 +231,12 @@ def cmd_list_models(args) -> int:
     from mmedge.exporters.export import TARGETS
     from mmedge.exporters.family import aliases, families
 
-    print("families (model_type: targets, precisions)")
-    for model_type in sorted(families()):
-        print(f"  {model_type:<20} {', '.join(TARGETS)}; {', '.join(PRECISIONS)}")
+    print(f"families (every one on every target: {', '.join(TARGETS)}; precisions: {', '.join(PRECISIONS)})")
+    by_family: dict[str, list[str]] = {}
+    for model_type, module in families().items():
+        by_family.setdefault(module.__name__.rsplit(".", 1)[-1], []).append(model_type)
+    for family, types in sorted(by_family.items()):
+        print(f"  {family:<20} model types: {', '.join(sorted(types))}")
     print("aliases (resolved through the Hugging Face cache)")
     for alias, hub_id in sorted(aliases().items()):
         print(f"  {alias:<20} {hub_id}")
