@@ -1,4 +1,8 @@
-"""The trained demo model that ships with mmedge: small, accurate, and scored the same everywhere."""
+"""The trained demo models that ship with mmedge: small, accurate, and scored the same everywhere.
+
+One per family the demo trainer has a recipe for; each is held to its bar on
+1000 held-out examples (the issue that added it set the bar).
+"""
 
 from __future__ import annotations
 
@@ -11,21 +15,26 @@ from conftest import run_cli
 from mmedge.evaluate import DEFAULT_SEED
 from mmedge.exporters.checkpoint import shipped_models
 
-NAME = "shapes-paligemma"
+DEMOS = {"shapes-paligemma": 0.97, "shapes-llava": 0.95, "shapes-gemma3": 0.95}  # name -> held-out accuracy bar
 N = 1000
 
 
+@pytest.fixture(scope="module", params=sorted(DEMOS))
+def demo(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def checkpoint():
+def checkpoint(demo):
     models = shipped_models()
-    assert NAME in models, f"{NAME} must ship inside the package (mmedge/models/{NAME}/)"
-    return models[NAME]
+    assert demo in models, f"{demo} must ship inside the package (mmedge/models/{demo}/)"
+    return models[demo]
 
 
 @pytest.fixture(scope="module")
-def package(checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "pkg"
-    result = run_cli("export", "--model", NAME, "-o", str(out))  # through the alias, as users do
+def package(demo, checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / demo
+    result = run_cli("export", "--model", demo, "-o", str(out))  # through the alias, as users do
     assert result.returncode == 0, result.stderr
     return out
 
@@ -44,11 +53,11 @@ def eval_json(path, n=N):
     return json.loads(result.stdout)
 
 
-def test_accuracy_parity_and_model_card(checkpoint, package):
+def test_accuracy_parity_and_model_card(demo, checkpoint, package):
     reference = eval_json(checkpoint)  # transformers generate() on the PyTorch checkpoint
     exported = eval_json(package)  # the fp32 ONNX Runtime package
     assert reference["n"] == exported["n"] == N
-    assert reference["accuracy"] >= 0.97, reference
+    assert reference["accuracy"] >= DEMOS[demo], reference
     assert abs(exported["accuracy"] - reference["accuracy"]) <= 0.002, (exported, reference)
 
     # the model card states exactly what `mmedge eval` prints
