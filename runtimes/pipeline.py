@@ -37,7 +37,7 @@ PARTS = ("vision_encoder", "projector", "embed_tokens", "decoder")
 class Timings:
     """Seconds spent in each stage of the last generate call."""
 
-    preprocess: float = 0.0
+    preprocess: float = 0.0  # image and prompt
     vision: float = 0.0
     prefill: float = 0.0
     decode: float = 0.0
@@ -140,15 +140,13 @@ class Pipeline:
         packages of one model (fp32 and quantized) can be compared position by
         position on the same token sequence.
         """
-        pixels, grid = preprocess_with_grid(image, self.manifest.preprocess)
-        ids = self.encode_prompt(prompt, grid=grid)
+        ids, pixels, block_of = self._prepare(image, prompt)
         if len(ids) + len(tokens) > self.cache.capacity:
             raise InputError(
                 f"{len(ids)} prompt and {len(tokens)} forced tokens exceed this package's context of {self.cache.capacity}"
             )
         embeds = self._prompt_embeddings(ids, pixels)
         self.cache.reset()
-        block_of = schemes.blocks(self.manifest.schemes, ids, self.manifest.prompt.image_token_id)
         rows = [self._cached_step(embeds, block_of)[0, -1]]
         for token in tokens:
             rows.append(self._cached_step(self._embed(np.array([[token]], dtype=np.int64)), block_of)[0, -1])
@@ -160,9 +158,8 @@ class Pipeline:
         rng = np.random.default_rng(opts.seed)
         t = self.timings = Timings()
         start = time.perf_counter()
-        pixels, grid = preprocess_with_grid(image, self.manifest.preprocess)
+        ids, pixels, block_of = self._prepare(image, prompt, opts.raw_prompt)
         t.preprocess = time.perf_counter() - start
-        ids = self.encode_prompt(prompt, raw=opts.raw_prompt, grid=grid)
         capacity = self.cache.capacity
         if len(ids) >= capacity:
             raise InputError(
@@ -174,7 +171,6 @@ class Pipeline:
         step = self._cached_step if opts.use_cache else self._uncached_step(embeds)
         self.cache.reset()
         start = time.perf_counter()
-        block_of = schemes.blocks(self.manifest.schemes, ids, self.manifest.prompt.image_token_id)
         logits = step(embeds, block_of)
         t.prefill = time.perf_counter() - start
         eos = self.manifest.special_tokens.eos_ids
@@ -194,6 +190,12 @@ class Pipeline:
             logits = step(self._embed(np.array([[token]], dtype=np.int64)), block_of)
             t.steps.append(time.perf_counter() - start)
             t.decode += t.steps[-1]
+
+    def _prepare(self, image: ImageInput, prompt: str, raw: bool = False):
+        """Prompt ids, pixel values (one row per tile where the family splits images) and attention blocks."""
+        pixels, grid = preprocess_with_grid(image, self.manifest.preprocess)
+        ids = self.encode_prompt(prompt, raw=raw, grid=grid)
+        return ids, pixels, schemes.blocks(self.manifest.schemes, ids, self.manifest.prompt.image_token_id)
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         return self.graphs["embed_tokens"].run({"input_ids": ids})["inputs_embeds"]
