@@ -31,7 +31,7 @@ def demo_packages(tmp_path_factory):
     made = {}
 
     def get(quant: str, *extra: str, target: str = "onnxruntime", model: str = DEMO):
-        key = (model, target, quant, *extra)
+        key = (model, target, quant, *extra)  # model: any shipped demo (issue 6 adds one per family)
         if key not in made:
             out = root / "-".join(key).replace("=", "_").replace(",", "_")
             result = run_cli("export", "--model", model, "-o", str(out), "--target", target, "--quant", quant,
@@ -89,17 +89,6 @@ def test_quantized_demo_model_keeps_its_accuracy_and_shrinks(demo_packages, quan
 
     shown = run_cli("inspect", str(package))
     assert shown.returncode == 0 and "greedy answers identical to fp32" in shown.stdout
-
-
-@pytest.mark.parametrize("target", ["onnxruntime", "openvino"])
-@pytest.mark.parametrize("model", ["shapes-llava", "shapes-gemma3"])
-def test_int4_demo_models_of_other_families_stay_within_two_points(demo_packages, model, target):
-    """Every family's demo model keeps its accuracy at INT4 (decoder INT4, the rest INT8) on every target."""
-    fp32, _ = demo_packages("fp32", target=target, model=model)
-    int4, _ = demo_packages("int4", target=target, model=model)
-    ref, got = accuracy(fp32), accuracy(int4)
-    assert got["accuracy"] >= ref["accuracy"] - MAX_DROP["int4"], (model, target, got, ref)
-    assert low_precision_weights(int4, "decoder") >= {"int4"}
 
 
 @pytest.mark.parametrize("target", ["onnxruntime", "openvino"])
