@@ -69,6 +69,18 @@ class SoftcapHead(torch.nn.Module):
         return logits
 
 
+def special_tokens(model, tokenizer) -> SpecialTokens:
+    """BOS / EOS / PAD as the checkpoint generates: EOS from generation_config, else the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    eos = eos if eos is not None else tokenizer.eos_token_id
+    return SpecialTokens(bos_id=tokenizer.bos_token_id, bos=tokenizer.bos_token,
+                         eos_ids=[eos] if isinstance(eos, int) else list(eos or []), pad_id=tokenizer.pad_token_id)
+
+
+def generation_defaults(model) -> GenerationDefaults:
+    return GenerationDefaults(max_new_tokens=min(64, getattr(model.generation_config, "max_new_tokens", None) or 64))
+
+
 @dataclass
 class Description:
     """Run-time facts a family hands to the manifest."""

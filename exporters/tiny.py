@@ -97,6 +97,20 @@ def token_ids(tok) -> dict[str, int]:
     return {t: tok.token_to_id(t) for t in [*SPECIAL, IMAGE_TOKEN]}
 
 
+def hf_tokenizer(tok, **extra):
+    """`tok` as a transformers fast tokenizer with the shared special tokens named."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>", **extra)
+
+
+def copy_special_ids(model) -> None:
+    """generate() stops and pads with the text config's ids."""
+    for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        setattr(model.generation_config, key, getattr(model.config.text_config, key))
+
+
 def save(shape: TinyShape | str, out: Path) -> Path:
     """Build and save a random checkpoint of `shape` (or a shape's name) with its family's builder."""
     import torch

@@ -23,8 +23,8 @@ import torch
 
 from mmedge.exporters import tiny
 from mmedge.exporters.checkpoint import chat_template, image_processor_config
-from mmedge.exporters.family import Description, Parts, SoftcapHead
-from mmedge.manifest import GenerationDefaults, PreprocessSpec, PromptSpec, SchemeSpec, SpecialTokens
+from mmedge.exporters.family import Description, Parts, SoftcapHead, generation_defaults, special_tokens
+from mmedge.manifest import PreprocessSpec, PromptSpec, SchemeSpec
 from mmedge.runtimes.preprocess import RESAMPLE_FROM_INT
 
 MODEL_TYPES = ("gemma3",)
@@ -80,8 +80,6 @@ def describe(model, checkpoint: Path, tokenizer) -> Description:
     template = chat_template(checkpoint)
     boi = getattr(tokenizer, "boi_token", None) or BOI
     eoi = getattr(tokenizer, "eoi_token", None) or EOI
-    gen = model.generation_config
-    eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
     sliding = "sliding_attention" in (getattr(cfg.text_config, "layer_types", None) or [])
     return Description(
         preprocess=PreprocessSpec(
@@ -109,13 +107,8 @@ def describe(model, checkpoint: Path, tokenizer) -> Description:
         ),
         schemes=SchemeSpec(positions="linear", position_offset=0, attention="image_bidirectional",
                            sliding_window=cfg.text_config.sliding_window if sliding else None),
-        special_tokens=SpecialTokens(
-            bos_id=tokenizer.bos_token_id,
-            bos=tokenizer.bos_token,
-            eos_ids=[eos] if isinstance(eos, int) else list(eos or []),
-            pad_id=tokenizer.pad_token_id,
-        ),
-        generation=GenerationDefaults(max_new_tokens=min(64, getattr(gen, "max_new_tokens", None) or 64)),
+        special_tokens=special_tokens(model, tokenizer),
+        generation=generation_defaults(model),
         max_position_embeddings=cfg.text_config.max_position_embeddings,
         chat_template=template,
     )
@@ -183,15 +176,11 @@ def tiny_model(shape: tiny.TinyShape, tok):
 
 def save_checkpoint(model, tok, out: Path) -> Path:
     """save_pretrained the model with a Gemma3Processor (tokenizer with image tokens, chat template) beside it."""
-    from transformers import Gemma3ImageProcessorPil, Gemma3Processor, PreTrainedTokenizerFast
+    from transformers import Gemma3ImageProcessorPil, Gemma3Processor
 
     cfg = model.config
-    for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
-        setattr(model.generation_config, key, getattr(cfg.text_config, key))
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
-        extra_special_tokens={"boi_token": BOI, "eoi_token": EOI, "image_token": SOFT},
-    )
+    tiny.copy_special_ids(model)
+    hf_tok = tiny.hf_tokenizer(tok, extra_special_tokens={"boi_token": BOI, "eoi_token": EOI, "image_token": SOFT})
     size = cfg.vision_config.image_size
     image_processor = Gemma3ImageProcessorPil(size={"height": size, "width": size})
     processor = Gemma3Processor(image_processor=image_processor, tokenizer=hf_tok, chat_template=CHAT_TEMPLATE,

@@ -24,8 +24,8 @@ import torch
 
 from mmedge.exporters import tiny
 from mmedge.exporters.checkpoint import chat_template, image_processor_config, processor_config
-from mmedge.exporters.family import Description, Parts
-from mmedge.manifest import GenerationDefaults, PreprocessSpec, PromptSpec, SchemeSpec, SpecialTokens
+from mmedge.exporters.family import Description, Parts, generation_defaults, special_tokens
+from mmedge.manifest import PreprocessSpec, PromptSpec, SchemeSpec
 from mmedge.runtimes.preprocess import RESAMPLE_FROM_INT
 
 MODEL_TYPES = ("idefics3", "smolvlm")
@@ -99,8 +99,6 @@ def describe(model, checkpoint: Path, tokenizer) -> Description:
     image = getattr(tokenizer, "image_token", None) or IMAGE
     template = chat_template(checkpoint)
     resample = pre.get("resample", 1)
-    gen = model.generation_config
-    eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
     return Description(
         preprocess=PreprocessSpec(
             height=tile,
@@ -131,13 +129,8 @@ def describe(model, checkpoint: Path, tokenizer) -> Description:
             tile_expansion=fake + "<row_{row}_col_{col}>{image}",
         ),
         schemes=SchemeSpec(positions="linear", position_offset=0, attention="causal"),
-        special_tokens=SpecialTokens(
-            bos_id=tokenizer.bos_token_id,
-            bos=tokenizer.bos_token,
-            eos_ids=[eos] if isinstance(eos, int) else list(eos or []),
-            pad_id=tokenizer.pad_token_id,
-        ),
-        generation=GenerationDefaults(max_new_tokens=min(64, getattr(gen, "max_new_tokens", None) or 64)),
+        special_tokens=special_tokens(model, tokenizer),
+        generation=generation_defaults(model),
         max_position_embeddings=cfg.text_config.max_position_embeddings,
         chat_template=template,
     )
@@ -210,14 +203,12 @@ def save_checkpoint(model, tok, out: Path) -> Path:
     image splitting and prompt expansion, so the tiny checkpoints of both
     model types use it.
     """
-    from transformers import Idefics3ImageProcessorPil, Idefics3Processor, PreTrainedTokenizerFast
+    from transformers import Idefics3ImageProcessorPil, Idefics3Processor
 
     cfg = model.config
     extra = getattr(model, "_mmedge_tiny", {}) or {}
-    for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
-        setattr(model.generation_config, key, getattr(cfg.text_config, key))
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                     unk_token="<unk>")
+    tiny.copy_special_ids(model)
+    hf_tok = tiny.hf_tokenizer(tok)
     tile = cfg.vision_config.image_size
     image_processor = Idefics3ImageProcessorPil(
         size={"longest_edge": extra.get("longest_edge", 4 * tile)}, max_image_size={"longest_edge": tile},

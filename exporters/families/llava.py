@@ -21,8 +21,8 @@ import torch
 
 from mmedge.exporters import tiny
 from mmedge.exporters.checkpoint import chat_template, image_processor_config, processor_config
-from mmedge.exporters.family import Description, Parts
-from mmedge.manifest import GenerationDefaults, PreprocessSpec, PromptSpec, SchemeSpec, SpecialTokens
+from mmedge.exporters.family import Description, Parts, generation_defaults, special_tokens
+from mmedge.manifest import PreprocessSpec, PromptSpec, SchemeSpec
 from mmedge.runtimes.preprocess import RESAMPLE_FROM_INT
 
 MODEL_TYPES = ("llava",)
@@ -86,8 +86,6 @@ def describe(model, checkpoint: Path, tokenizer) -> Description:
     image_token = proc.get("image_token", "<image>")
     template = chat_template(checkpoint)
     resample = pre.get("resample", 3)
-    gen = model.generation_config
-    eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
     return Description(
         preprocess=PreprocessSpec(
             height=crop["height"],
@@ -113,13 +111,8 @@ def describe(model, checkpoint: Path, tokenizer) -> Description:
             image_marker=image_token,
         ),
         schemes=SchemeSpec(positions="linear", position_offset=0, attention="causal"),
-        special_tokens=SpecialTokens(
-            bos_id=tokenizer.bos_token_id,
-            bos=tokenizer.bos_token,
-            eos_ids=[eos] if isinstance(eos, int) else list(eos or []),
-            pad_id=tokenizer.pad_token_id,
-        ),
-        generation=GenerationDefaults(max_new_tokens=min(64, getattr(gen, "max_new_tokens", None) or 64)),
+        special_tokens=special_tokens(model, tokenizer),
+        generation=generation_defaults(model),
         max_position_embeddings=cfg.text_config.max_position_embeddings,
         chat_template=template,
     )
@@ -193,14 +186,12 @@ def tiny_model(shape: tiny.TinyShape, tok):
 
 def save_checkpoint(model, tok, out: Path) -> Path:
     """save_pretrained the model with a LlavaProcessor (CLIP preprocessing, chat template) beside it."""
-    from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
 
     cfg = model.config
     vision = cfg.vision_config
-    for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
-        setattr(model.generation_config, key, getattr(cfg.text_config, key))
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                     unk_token="<unk>")
+    tiny.copy_special_ids(model)
+    hf_tok = tiny.hf_tokenizer(tok)
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": vision.image_size},
                                             crop_size={"height": vision.image_size, "width": vision.image_size})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=hf_tok, patch_size=vision.patch_size,

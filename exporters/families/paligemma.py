@@ -19,8 +19,8 @@ import torch
 
 from mmedge.exporters import tiny
 from mmedge.exporters.checkpoint import image_processor_config
-from mmedge.exporters.family import Description, Parts, SoftcapHead
-from mmedge.manifest import GenerationDefaults, PreprocessSpec, PromptSpec, SchemeSpec, SpecialTokens
+from mmedge.exporters.family import Description, Parts, SoftcapHead, generation_defaults, special_tokens
+from mmedge.manifest import PreprocessSpec, PromptSpec, SchemeSpec
 from mmedge.runtimes.preprocess import RESAMPLE_FROM_INT
 
 MODEL_TYPES = ("paligemma",)
@@ -82,8 +82,6 @@ def describe(model, checkpoint: Path, tokenizer) -> Description:
     image_token_id = cfg.image_token_id
     if tokenizer.convert_tokens_to_ids(image_token) != image_token_id:
         image_token = tokenizer.convert_ids_to_tokens(image_token_id)
-    gen = model.generation_config
-    eos = gen.eos_token_id if gen.eos_token_id is not None else tokenizer.eos_token_id
     return Description(
         preprocess=PreprocessSpec(
             height=height,
@@ -110,13 +108,8 @@ def describe(model, checkpoint: Path, tokenizer) -> Description:
             image_placement="replace_image_tokens",
             sliding_window=getattr(cfg.text_config, "sliding_window", None),
         ),
-        special_tokens=SpecialTokens(
-            bos_id=tokenizer.bos_token_id,
-            bos=tokenizer.bos_token,
-            eos_ids=[eos] if isinstance(eos, int) else list(eos or []),
-            pad_id=tokenizer.pad_token_id,
-        ),
-        generation=GenerationDefaults(max_new_tokens=min(64, getattr(gen, "max_new_tokens", None) or 64)),
+        special_tokens=special_tokens(model, tokenizer),
+        generation=generation_defaults(model),
         max_position_embeddings=cfg.text_config.max_position_embeddings,
     )
 
@@ -192,14 +185,11 @@ def tiny_model(shape: tiny.TinyShape, tok):
 
 def save_checkpoint(model, tok, out: Path) -> Path:
     """save_pretrained the model with a PaliGemma processor (tokenizer + image settings) beside it."""
-    from transformers import PaliGemmaProcessor, PreTrainedTokenizerFast, SiglipImageProcessorPil
+    from transformers import PaliGemmaProcessor, SiglipImageProcessorPil
 
     vision = model.config.vision_config
-    for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
-        setattr(model.generation_config, key, getattr(model.config.text_config, key))
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
+    tiny.copy_special_ids(model)
+    hf_tok = tiny.hf_tokenizer(tok)
     image_processor = SiglipImageProcessorPil(
         size={"height": vision.image_size, "width": vision.image_size},
         image_seq_length=(vision.image_size // vision.patch_size) ** 2,
