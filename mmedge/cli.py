@@ -1,4 +1,4 @@
-"""The `mmedge` command line: export, run, inspect, list-models.
+"""The `mmedge` command line: export, run, inspect, eval, bench, list-models.
 
 Errors in the user's input print one line on stderr and exit with status 2;
 anything unexpected prints one line too (MMEDGE_DEBUG=1 shows the traceback).
@@ -79,6 +79,18 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--backend", help="engine to run a package on (default: the package's target)")
     v.add_argument("--device", help="OpenVINO device: CPU (default), GPU, NPU, AUTO, ...")
     v.add_argument("--threads", type=int, default=0)
+
+    b = sub.add_parser("bench", help="time and memory of a package's stages, median and spread over runs")
+    b.add_argument("package", type=Path)
+    b.add_argument("--image", help="image file (default: a fixed shapes-task scene)")
+    b.add_argument("--prompt", default="caption", help="prompt (default: caption)")
+    b.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per run, EOS ignored (default: 64)")
+    b.add_argument("--runs", type=int, default=5, help="timed runs (default: 5)")
+    b.add_argument("--warmup", type=int, default=1, help="untimed runs first (default: 1)")
+    b.add_argument("--threads", type=int, default=0, help="intra-op threads (default: engine's choice)")
+    b.add_argument("--backend", help="engine to run on (default: the package's target)")
+    b.add_argument("--device", help="OpenVINO device: CPU (default), GPU, NPU, AUTO, ...")
+    b.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
     sub.add_parser("list-models", help="aliases, built-in models and supported families")
     return p
@@ -225,6 +237,16 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from mmedge.bench import bench, table
+
+    result = bench(args.package, image=args.image, prompt=args.prompt, new_tokens=args.new_tokens, runs=args.runs,
+                   warmup=args.warmup, threads=args.threads, backend=args.backend, device=args.device,
+                   progress=not args.json)
+    print(json.dumps(result) if args.json else table(result))
+    return 0
+
+
 def cmd_list_models(args) -> int:
     from mmedge.exporters.checkpoint import builtin_models
     from mmedge.calibration.plan import PRECISIONS
@@ -267,6 +289,7 @@ COMMANDS = {
     "run": cmd_run,
     "inspect": cmd_inspect,
     "eval": cmd_eval,
+    "bench": cmd_bench,
     "list-models": cmd_list_models,
 }
 

@@ -38,8 +38,9 @@ class Timings:
     """Seconds spent in each stage of the last generate call."""
 
     preprocess: float = 0.0  # image and prompt
-    vision: float = 0.0
-    prefill: float = 0.0
+    vision: float = 0.0  # vision encoder
+    projector: float = 0.0
+    prefill: float = 0.0  # the decoder over the prompt
     decode: float = 0.0
     new_tokens: int = 0
     prompt_tokens: int = 0
@@ -203,8 +204,10 @@ class Pipeline:
     def _prompt_embeddings(self, ids: np.ndarray, pixels: np.ndarray) -> np.ndarray:
         start = time.perf_counter()
         features = self.graphs["vision_encoder"].run({"pixel_values": pixels})["image_features"]
-        image_embeds = self.graphs["projector"].run({"image_features": features})["image_embeds"]
         self.timings.vision = time.perf_counter() - start
+        start = time.perf_counter()
+        image_embeds = self.graphs["projector"].run({"image_features": features})["image_embeds"]
+        self.timings.projector = time.perf_counter() - start
         embeds = self._embed(ids[None])
         return schemes.place_image(
             self.manifest.schemes, embeds, ids[None], image_embeds, self.manifest.prompt.image_token_id
