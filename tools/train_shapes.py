@@ -58,6 +58,12 @@ class PaliGemmaRecipe:
         patch_size=24,
     )
 
+    # Stage 1 scores image tokens against word embeddings by dot product (False; the shipped
+    # PaliGemma demo) or by cosine, the projector then scaled to the words' norm (True).
+    align_cosine = False
+    # Stage 2 trains the projector with the decoder (False) or keeps stage 1's (True).
+    freeze_projector = False
+
     def __init__(self, image_size: int | None = None, patch_size: int | None = None):
         if image_size or patch_size:
             self.dims = dataclasses.replace(
@@ -129,16 +135,17 @@ class PaliGemmaRecipe:
         table = model.get_input_embeddings().weight
         shape_words = self.word_ids([*shapes.SHAPES, "nothing"])
         color_words = self.word_ids([*shapes.COLORS, "nothing"])
-        scale = torch.nn.Parameter(torch.ones((), device=device))
+        scale = torch.nn.Parameter(torch.full((), 10.0 if self.align_cosine else 1.0, device=device))
         opt = torch.optim.AdamW([*tower.parameters(), *projector.parameters(), scale], lr=lr, weight_decay=0.0)
         data = shapes.examples(steps * batch_size, seed=seed + 1_000_003)
         bar = tqdm(range(steps), desc="align vision", disable=not progress, mininterval=2)
+        normalize = torch.nn.functional.normalize if self.align_cosine else (lambda t: t)
         for _ in bar:
             exs = [next(data) for _ in range(batch_size)]
             shape_t, color_t = (t.to(device) for t in self.cell_targets(exs))
             pixels = torch.from_numpy(np.concatenate([preprocess(ex.image, self.pre) for ex in exs])).to(device)
-            tokens = projector(tower(pixels)) * scale
-            words = table.detach()
+            tokens = normalize(projector(tower(pixels))) * scale
+            words = normalize(table.detach())
             ce = torch.nn.functional.cross_entropy
             loss = ce((tokens @ words[shape_words].T).flatten(0, 1), shape_t.flatten()) + ce(
                 (tokens @ words[color_words].T).flatten(0, 1), color_t.flatten())
@@ -146,11 +153,57 @@ class PaliGemmaRecipe:
             loss.backward()
             opt.step()
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        if self.align_cosine:
+            self.rescale_projector(model)
+        log.info("stage 1 held-out per-cell accuracy: %s", json.dumps(self.alignment_accuracy(model)))
+
+    @torch.no_grad()
+    def rescale_projector(self, model, n: int = 256) -> None:
+        """Scale the projector's last linear map so that image tokens have the norm of the decoder's word embeddings.
+
+        The decoder sees image tokens beside its (scaled, where the family scales them) word
+        embeddings; tokens hundreds of times longer drown the words in the residual stream.
+        """
+        tower, projector = self.vision_parts(model)
+        exs = list(shapes.examples(n, seed=HELD_OUT_SEED + 2))
+        pixels = torch.from_numpy(np.concatenate([preprocess(ex.image, self.pre) for ex in exs]))
+        token_norm = projector(tower(pixels)).norm(dim=-1).mean()
+        words = torch.tensor(self.word_ids([*shapes.SHAPES, *shapes.COLORS]))
+        word_norm = model.get_input_embeddings()(words).norm(dim=-1).mean()
+        for p in self.projector_output(model):
+            p.mul_(word_norm / token_norm)
+
+    @torch.no_grad()
+    def alignment_accuracy(self, model, n: int = 512, device: str = "cpu") -> dict[str, float]:
+        """How often each cell's image token is nearest to its own shape word and colour word (held-out scenes)."""
+        tower, projector = self.vision_parts(model)
+        table = model.get_input_embeddings().weight
+        shape_words = self.word_ids([*shapes.SHAPES, "nothing"])
+        color_words = self.word_ids([*shapes.COLORS, "nothing"])
+        exs = list(shapes.examples(n, seed=HELD_OUT_SEED + 1))
+        shape_t, color_t = self.cell_targets(exs)
+        pixels = torch.from_numpy(np.concatenate([preprocess(ex.image, self.pre) for ex in exs])).to(device)
+        tokens = projector(tower(pixels)).cpu()
+        table = torch.nn.functional.normalize(table) if self.align_cosine else table
+        shape_hit = (tokens @ table[shape_words].T).argmax(-1) == shape_t
+        color_hit = (tokens @ table[color_words].T).argmax(-1) == color_t
+        occupied = shape_t < len(shapes.SHAPES)
+        return {"shape": round(shape_hit[occupied].float().mean().item(), 4),
+                "color": round(color_hit[occupied].float().mean().item(), 4),
+                "empty": round(shape_hit[~occupied].float().mean().item(), 4),
+                "token_norm": round(tokens.norm(dim=-1).mean().item(), 3),
+                "word_norm": round(model.get_input_embeddings()(torch.tensor(shape_words + color_words))
+                                   .norm(dim=-1).mean().item(), 3)}
 
     def vision_parts(self, model):
         """The vision encoder and projector as the export splits them: pixels -> image tokens."""
         parts = paligemma.split(model)
         return parts.vision_encoder, parts.projector
+
+    def projector_output(self, model) -> list[torch.Tensor]:
+        """The parameters the projector's output is linear in (its last linear map's weight and bias)."""
+        layer = model.model.multi_modal_projector.linear
+        return [layer.weight, layer.bias]
 
     def save(self, model, out: Path) -> None:
         paligemma.save_checkpoint(model.eval(), self.tok, out)
@@ -264,6 +317,14 @@ class LlavaRecipe(ChatRecipe):
     )
 
 
+    align_cosine = True
+    freeze_projector = True
+
+    def projector_output(self, model):
+        layer = model.model.multi_modal_projector.linear_2
+        return [layer.weight, layer.bias]
+
+
 class Gemma3Recipe(ChatRecipe):
     """Gemma 3 at the demo size: SigLIP 6x6 patches pooled to 9 soft tokens, Gemma 3 decoder."""
 
@@ -289,7 +350,47 @@ class Gemma3Recipe(ChatRecipe):
     )
 
 
-RECIPES = {"paligemma": PaliGemmaRecipe, "llava": LlavaRecipe, "gemma3": Gemma3Recipe}
+    def projector_output(self, model):
+        return [model.model.multi_modal_projector.mm_input_projection_weight]
+
+
+class SmolVLMRecipe(ChatRecipe):
+    """SmolVLM2 at the demo size: SigLIP 6x6 patches, pixel shuffle 2 -> 9 tokens (one per cell), Llama.
+
+    Image splitting is off (the task's images are small squares: one 72x72 tile); the
+    prompt still carries SmolVLM's image block (<fake_token_around_image><global-img> ...).
+    """
+
+    family_name = "idefics3"
+    # SmolVLM's turn format with the text before the image (as LlavaRecipe)
+    chat_template = (
+        "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}: "
+        "{% for line in message['content'] | selectattr('type', 'equalto', 'text') %}{{ line['text'] }}{% endfor %}"
+        "{% for line in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+        "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+    )
+    dims = tiny.TinyShape(
+        "shapes demo SmolVLM",
+        vision=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4),
+        text=dict(model_type="llama", hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=1, head_dim=32, tie_word_embeddings=True,
+                  max_position_embeddings=256),
+        image_size=72, patch_size=12,
+        extra=dict(model_type="smolvlm", scale_factor=2, longest_edge=72, splitting=False),
+    )
+    align_cosine = True
+    freeze_projector = True
+
+    def projector_output(self, model):
+        return [model.model.connector.modality_projection.proj.weight]
+
+    def batch(self, examples):
+        batch = super().batch(examples)
+        batch["pixel_values"] = batch["pixel_values"][:, None]  # [batch, images (one tile each), 3, H, W]
+        return batch
+
+
+RECIPES = {"paligemma": PaliGemmaRecipe, "llava": LlavaRecipe, "gemma3": Gemma3Recipe, "smolvlm": SmolVLMRecipe}
 
 
 # Stage 2 opens with the questions that match a word of the question against the
@@ -312,7 +413,10 @@ def train(recipe, steps: int, batch_size: int, lr: float, seed: int, progress: b
              type(recipe).__name__, params / 1e6, vision_steps, steps, batch_size)
     if vision_steps:
         recipe.align_vision(model, vision_steps, batch_size, 1e-3, seed, device=device, progress=progress)
-        model.model.vision_tower.requires_grad_(False)
+        tower, projector = recipe.vision_parts(model)
+        tower.requires_grad_(False)
+        if recipe.freeze_projector:
+            projector.requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
@@ -340,7 +444,7 @@ def train(recipe, steps: int, batch_size: int, lr: float, seed: int, progress: b
         sched.step()
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         bar.set_postfix(loss=f"{ema:.4f}", refresh=False)
-    model.model.vision_tower.requires_grad_(True)
+    model.requires_grad_(True)
     return model.cpu().eval()
 
 
