@@ -20,6 +20,9 @@ from mmedge.exporters.checkpoint import shipped_models
 from mmedge.manifest import MANIFEST_NAME
 
 DEMO = "shapes-paligemma"
+# The other families' demos (issue 6): fp32 at least FAMILY_BAR on every target, INT4 within MAX_DROP of it
+FAMILY_DEMOS = ("shapes-gemma3",)
+FAMILY_BAR = 0.95
 N_EVAL = 1000
 # Accuracy a quantized package may lose against the fp32 one, on N_EVAL held-out examples (0.005 = half a point).
 MAX_DROP = {"int8": 0.005, "int4": 0.02}
@@ -64,6 +67,17 @@ def low_precision_weights(package, graph: str) -> set[str]:
     if any(t.data_type in int8 for t in model.graph.initializer):
         found.add("int8")
     return found
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("model", FAMILY_DEMOS)
+def test_family_demo_models_in_fp32_and_int4(demo_packages, model, target):
+    fp32, _ = demo_packages("fp32", target=target, model=model)
+    int4, _ = demo_packages("int4", target=target, model=model)
+    ref, got = accuracy(fp32), accuracy(int4)
+    assert ref["accuracy"] >= FAMILY_BAR, (model, target, ref)
+    assert got["accuracy"] >= ref["accuracy"] - MAX_DROP["int4"], (model, target, got, ref)
+    assert "int4" in low_precision_weights(int4, "decoder")
 
 
 @pytest.mark.parametrize("target", ["onnxruntime", "openvino"])
