@@ -65,6 +65,18 @@ BUILTIN = {
                   num_attention_heads=9, num_key_value_heads=3, head_dim=64),
         image_size=224, patch_size=14, seed=3, vocab_size=49152, sharp_init=False,
     ),
+    # for benchmarks (tools/bench_peers.py): the published SmolVLM-256M-Instruct architecture (SigLIP
+    # 768x12 at 512 px, patch 16, pixel shuffle 4 -> 64 image tokens; SmolLM2-135M decoder, untied LM
+    # head, vocab 49280), random weights, one 512 x 512 tile (splitting off)
+    "smolvlm-256m-shaped": TinyShape(
+        "random SmolVLM-256M-Instruct architecture, image splitting off (for benchmarks)",
+        vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+        text=dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                  num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
+                  max_position_embeddings=8192, tie_word_embeddings=False),
+        image_size=512, patch_size=16, seed=3, vocab_size=49280, sharp_init=False,
+        extra=dict(scale_factor=4, longest_edge=512, splitting=False), family="idefics3",
+    ),
 }
 
 

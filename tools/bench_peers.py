@@ -1,0 +1,404 @@
+"""Benchmark mmedge against what users would pick instead, on this machine, in one run.
+
+    python tools/bench_peers.py [--work /tmp/bench-peers] [--new-tokens 64] [--runs 5] [--threads 2]
+
+The model is `smolvlm-256m-shaped` (the published SmolVLM-256M-Instruct
+architecture, random weights from a fixed seed, built locally; one 512 x 512
+image, splitting off). Every system answers the same prompt about the same
+image, greedy, with exactly --new-tokens new tokens (EOS suppressed), each in
+its own process:
+
+    transformers      eager fp32 on PyTorch CPU (this environment)
+    optimum-intel     OpenVINO at fp32, int8 and int4 weight-only, exported by optimum-cli;
+                      installed by this tool into its own virtual environment (--work/optimum-venv)
+                      with transformers 4.57.6, the newest its idefics3 export accepts
+    mmedge            onnxruntime and openvino packages at fp32, int8, int4 (`mmedge bench`)
+
+It also measures the memory bandwidth (numpy copy of a 512 MB buffer) and
+divides it by the bytes each decoder reads per new token (its weights, minus
+the embedding table, plus the KV cache at the final length): the roofline.
+Writes docs/benchmarks.md (table, machine, versions) and docs/benchmarks.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "smolvlm-256m-shaped"
+PROMPT = "Describe this image."
+# optimum-intel 2.2 installs transformers 5.5 but refuses to export idefics3 with anything newer than
+# 4.57.6 ("Maximum required is 4.57.6"), so that is pinned; torch stays at this environment's build
+OPTIMUM = ["optimum-intel[openvino]==2.2.0", "transformers==4.57.6"]
+# INT4 group size for both: optimum-intel's default, 128, does not divide SmolLM2's hidden size (576) and
+# NNCF refuses it; 64 does, and mmedge's int4 packages are exported at the same block size
+INT4_GROUP = 64
+MMEDGE_PACKAGES = [(t, q) for t in ("onnxruntime", "openvino") for q in ("fp32", "int8", "int4")]
+OPTIMUM_FORMATS = ("fp32", "int8", "int4")
+
+
+# -- workers: each runs in its own process and prints one JSON line ---------------------------------
+
+def _hf_generate_timings(model, processor, image, new_tokens: int, runs: int, warmup: int, vision_part=None) -> dict:
+    """Time HF-style generate(): a logits processor stamps each step, so TTFT and decode rate come from one run."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    stamps: list[float] = []
+    vision: list[float] = []
+
+    class Stamp(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            stamps.append(time.perf_counter())
+            return scores
+
+    if vision_part is not None:  # wrap the vision encoder's forward to time it
+        forward = vision_part.forward
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            out = forward(*args, **kwargs)
+            vision.append(time.perf_counter() - start)
+            return out
+
+        vision_part.forward = timed
+    samples: dict[str, list[float]] = {k: [] for k in ("preprocess_ms", "vision_encoder_ms", "ttft_ms", "decode_tok_s",
+                                                       "e2e_ms")}
+    prompt_tokens = 0
+    for i in range(warmup + runs):
+        stamps.clear()
+        vision.clear()
+        start = time.perf_counter()
+        inputs = processor(text=text, images=[image], return_tensors="pt")
+        prepared = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                 logits_processor=LogitsProcessorList([Stamp()]))
+        end = time.perf_counter()
+        prompt_tokens = inputs["input_ids"].shape[1]
+        assert out.shape[1] - prompt_tokens == new_tokens, "generate() stopped early"
+        if i < warmup:
+            continue
+        samples["preprocess_ms"].append((prepared - start) * 1e3)
+        samples["vision_encoder_ms"].append(sum(vision) * 1e3 if vision else float("nan"))
+        samples["ttft_ms"].append((stamps[0] - start) * 1e3)
+        samples["decode_tok_s"].append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        samples["e2e_ms"].append((end - start) * 1e3)
+    return {"prompt_tokens": prompt_tokens, "samples": samples}
+
+
+def worker_transformers(args) -> dict:
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    model = AutoModelForImageTextToText.from_pretrained(args.model_dir, dtype=torch.float32,
+                                                        attn_implementation="eager").eval()
+    processor = AutoProcessor.from_pretrained(args.model_dir)
+    load_ms = (time.perf_counter() - start) * 1e3
+    result = _hf_generate_timings(model, processor, Image.open(args.image), args.new_tokens, args.runs, args.warmup,
+                                  vision_part=model.model.vision_model)
+    return {**result, "load_ms": load_ms, "version": f"transformers {_version('transformers')}, "
+                                                     f"torch {_version('torch')}"}
+
+
+def worker_optimum(args) -> dict:
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from optimum.intel.openvino import OVModelForVisualCausalLM
+
+    start = time.perf_counter()
+    config = {"INFERENCE_NUM_THREADS": args.threads} if args.threads else {}
+    model = OVModelForVisualCausalLM.from_pretrained(args.model_dir, ov_config=config)
+    processor = AutoProcessor.from_pretrained(args.model_dir)
+    load_ms = (time.perf_counter() - start) * 1e3
+    result = _hf_generate_timings(model, processor, Image.open(args.image), args.new_tokens, args.runs, args.warmup,
+                                  vision_part=model.vision_embeddings)
+    return {**result, "load_ms": load_ms, "version": f"optimum-intel {_version('optimum-intel')}, "
+                                                     f"openvino {_version('openvino')}, "
+                                                     f"transformers {_version('transformers')}"}
+
+
+def worker_bandwidth(args) -> dict:
+    """Best of 10 copies of a 512 MB buffer: bytes read + written per second."""
+    import numpy as np
+
+    src = np.ones(64 * 2**20, dtype=np.float64)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(10):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return {"gb_s": 2 * src.nbytes / best / 1e9}
+
+
+WORKERS = {"transformers": worker_transformers, "optimum": worker_optimum, "bandwidth": worker_bandwidth}
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "?"
+
+
+# -- the driver -----------------------------------------------------------------------------------
+
+def _run(cmd: list[str], what: str, env: dict | None = None) -> str:
+    print(f"[{time.strftime('%H:%M:%S')}] {what}", flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench_peers: {what} failed:\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+def _worker(python: str, kind: str, args, model_dir: Path, image: Path) -> dict:
+    cmd = [python, __file__, "--worker", kind, "--model-dir", str(model_dir), "--image", str(image),
+           "--new-tokens", str(args.new_tokens), "--runs", str(args.runs), "--warmup", str(args.warmup),
+           "--threads", str(args.threads)]
+    out = _run(cmd, f"{kind}: {model_dir.name}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def optimum_python(work: Path) -> str:
+    """The optimum-intel virtual environment's python, created on first use.
+
+    optimum-intel pins an older transformers than mmedge uses, so it lives in its
+    own environment; torch is held at this environment's build (a plain install
+    would pull a CUDA build), and PyPI's torchvision, built for that CUDA torch,
+    is removed (transformers imports it when present, and it fails to load).
+    """
+    venv = work / "optimum-venv"
+    python = venv / "bin" / "python"
+    if not (venv / ".complete").exists():
+        import torch
+
+        _run([sys.executable, "-m", "venv", "--clear", str(venv)], "creating the optimum-intel environment")
+        constraints = work / "optimum-constraints.txt"
+        constraints.write_text(f"torch=={torch.__version__.split('+')[0]}\n")
+        pip = [str(python), "-m", "pip", "install", "-q", "-c", str(constraints)]
+        _run(pip + [f"torch=={torch.__version__.split('+')[0]}"], "installing torch into it")
+        _run(pip + OPTIMUM, f"installing {' '.join(OPTIMUM)}")
+        subprocess.run([str(python), "-m", "pip", "uninstall", "-y", "-q", "torchvision"], capture_output=True)
+        (venv / ".complete").touch()
+    return str(python)
+
+
+def legacy_processor(checkpoint: Path, out: Path) -> None:
+    """Write the checkpoint's processor into `out` in the form transformers 4.x reads.
+
+    optimum-cli copies only the image processor, and transformers 4.57 cannot read the
+    tokenizer_config transformers 5 writes (tokenizer_class "TokenizersBackend").
+    """
+    import shutil
+
+    for name in ("tokenizer.json", "chat_template.jinja"):
+        shutil.copy(checkpoint / name, out / name)
+    tok = json.loads((checkpoint / "tokenizer_config.json").read_text())
+    extra = tok.pop("extra_special_tokens", [])
+    tok.pop("backend", None)
+    tok.update(tokenizer_class="PreTrainedTokenizerFast", additional_special_tokens=extra)
+    (out / "tokenizer_config.json").write_text(json.dumps(tok, indent=2))
+    proc = json.loads((checkpoint / "processor_config.json").read_text())
+    (out / "preprocessor_config.json").write_text(json.dumps(proc.pop("image_processor"), indent=2))
+    (out / "processor_config.json").write_text(json.dumps(proc, indent=2))
+
+
+def decoder_bytes_per_token(package: Path, kv_positions: int) -> int:
+    """Bytes the decoder reads per new token: its weight files (the LM head included, the embedding table not:
+    mmedge keeps it in its own graph and reads one row) plus the K and V cache at `kv_positions`."""
+    manifest = json.loads((package / "mmedge.json").read_text())
+    graph = manifest["graphs"]["decoder"]["file"]
+    stem = graph.rsplit(".", 1)[0]
+    weights = sum(f["bytes"] for name, f in manifest["files"].items() if name.startswith(stem))
+    kv = manifest["kv_cache"]
+    return weights + 2 * kv["num_layers"] * kv["num_kv_heads"] * kv["head_dim"] * kv_positions * 4
+
+
+def summarize(samples: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    return {k: {"median": statistics.median(v), "min": min(v), "max": max(v)} for k, v in samples.items() if v}
+
+
+def chart(rows: list[dict], out: Path) -> None:
+    """Horizontal bars of decode tokens/s and time to first token per system (Pillow only)."""
+    from PIL import Image, ImageDraw
+
+    width, bar_h, left = 900, 22, 260
+    panels = [("decode tokens/s (higher is better)", "decode_tok_s"), ("time to first token, ms (lower is better)",
+                                                                       "ttft_ms")]
+    height = 40 + len(panels) * (40 + len(rows) * (bar_h + 6))
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    y = 10
+    for title, key in panels:
+        d.text((10, y), title, fill="black")
+        y += 24
+        top = max(r["metrics"][key]["median"] for r in rows)
+        for r in rows:
+            v = r["metrics"][key]["median"]
+            color = (40, 110, 200) if r["system"].startswith("mmedge") else (150, 150, 150)
+            d.text((10, y + 5), r["name"], fill="black")
+            d.rectangle((left, y, left + int((width - left - 80) * v / top), y + bar_h), fill=color)
+            d.text((left + int((width - left - 80) * v / top) + 6, y + 5), f"{v:.0f}", fill="black")
+            y += bar_h + 6
+        y += 16
+    img.save(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", type=Path, default=Path("/tmp/bench-peers"), help="packages, exports, the venv")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    p.add_argument("--skip", action="append", default=[], help="transformers, optimum or mmedge (repeatable)")
+    p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--image", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        result = WORKERS[args.worker](args)
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(result))
+        return 0
+
+    import numpy as np
+
+    from mmedge.exporters import tiny
+    from mmedge.tasks import shapes
+
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    checkpoint = tiny.materialize(MODEL)
+    image = work / "image.png"
+    rng = np.random.default_rng(0)
+    shapes.draw(shapes._scene(rng), rng, 512).save(image)
+    rows: list[dict] = []
+
+    def add(system: str, name: str, result: dict, size_bytes: int, bytes_per_token: int | None) -> None:
+        rows.append({"system": system, "name": name, "metrics": summarize(result["samples"]),
+                     "prompt_tokens": result.get("prompt_tokens"), "load_ms": result.get("load_ms"),
+                     "peak_rss_mb": result["peak_rss_mb"], "size_mb": size_bytes / 1e6,
+                     "bytes_per_token": bytes_per_token, "version": result.get("version", "")})
+        m = rows[-1]["metrics"]
+        print(f"    TTFT {m['ttft_ms']['median']:.0f} ms, decode {m['decode_tok_s']['median']:.1f} tok/s, "
+              f"peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
+
+    bandwidth = _worker(sys.executable, "bandwidth", args, checkpoint, image)["gb_s"]
+    print(f"    memory bandwidth {bandwidth:.1f} GB/s", flush=True)
+    dir_size = lambda d: sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())  # noqa: E731
+
+    if "transformers" not in args.skip:
+        add("transformers", "transformers eager fp32", _worker(sys.executable, "transformers", args, checkpoint, image),
+            dir_size(checkpoint), None)
+
+    if "optimum" not in args.skip:
+        python = optimum_python(work)
+        cli = str(Path(python).parent / "optimum-cli")
+        for fmt in OPTIMUM_FORMATS:
+            out = work / f"optimum-{fmt}"
+            if not (out / ".complete").exists():
+                group = ["--group-size", str(INT4_GROUP)] if fmt == "int4" else []
+                _run([cli, "export", "openvino", "--model", str(checkpoint), "--task", "image-text-to-text",
+                      "--weight-format", fmt, *group, str(out)], f"optimum-cli export openvino --weight-format {fmt}")
+                legacy_processor(checkpoint, out)
+                (out / ".complete").touch()
+            add("optimum-intel", f"optimum-intel openvino {fmt}", _worker(python, "optimum", args, out, image),
+                dir_size(out), None)
+
+    if "mmedge" not in args.skip:
+        mmedge = [sys.executable, "-m", "mmedge.cli"]
+        for target, quant in MMEDGE_PACKAGES:
+            pkg = work / f"mmedge-{target}-{quant}"
+            if not (pkg / "mmedge.json").exists():
+                block = ["--int4-block-size", str(INT4_GROUP)] if quant == "int4" else []
+                _run(mmedge + ["export", "--model", MODEL, "--target", target, "--quant", quant, *block, "-o",
+                               str(pkg), "--overwrite"], f"mmedge export --target {target} --quant {quant}")
+            out = _run(mmedge + ["bench", str(pkg), "--image", str(image), "--prompt", PROMPT, "--new-tokens",
+                                 str(args.new_tokens), "--runs", str(args.runs), "--warmup", str(args.warmup),
+                                 "--threads", str(args.threads), "--json"], f"mmedge bench {pkg.name}")
+            r = json.loads(out)
+            r["version"] = f"mmedge, {target} {_version(target)}"
+            add("mmedge", f"mmedge {target} {quant}", r, int(r["package_mb"] * 1e6),
+                decoder_bytes_per_token(pkg, r["prompt_tokens"] + args.new_tokens))
+
+    (work / "results.json").write_text(json.dumps({"bandwidth_gb_s": bandwidth, "rows": rows}, indent=2))
+    chart(rows, args.out.with_suffix(".png"))
+    args.out.write_text(report(rows, bandwidth, args))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                   if line.startswith("MemTotal"))
+        mem_s = f", {mem / 2**20:.0f} GiB RAM"
+    except (OSError, StopIteration):
+        mem_s = ""
+    return f"{cpu}, {os.cpu_count()} cores{mem_s}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def report(rows: list[dict], bandwidth: float, args) -> str:
+    def cell(r, key, fmt="{:.0f}"):
+        m = r["metrics"].get(key)
+        return f"{fmt.format(m['median'])} ({fmt.format(m['min'])}-{fmt.format(m['max'])})" if m else "-"
+
+    lines = [
+        "# Benchmarks",
+        "",
+        f"`python tools/bench_peers.py` on {time.strftime('%Y-%m-%d')}: {_machine()}; memory bandwidth "
+        f"{bandwidth:.1f} GB/s (numpy copy, best of 10, read + write).",
+        "",
+        f"Model: `{MODEL}` (the SmolVLM-256M-Instruct architecture with random weights: SigLIP 768x12 at 512 px,"
+        " 64 image tokens, SmolLM2-135M decoder, untied LM head); one 512 x 512 image, splitting off; prompt"
+        f" \"{PROMPT}\" through the chat template; greedy, {args.new_tokens} new tokens forced (EOS suppressed);"
+        f" {args.threads} threads; each system in its own process; median of {args.runs} runs after"
+        f" {args.warmup} warm-up (min-max in brackets). TTFT runs from the call with the image and text to the"
+        " first token's logits, preprocessing included.",
+        "",
+        "| system | TTFT ms | vision encoder ms | decode tok/s | end to end ms | load ms | peak RSS MB | on disk MB "
+        "| roofline tok/s | of roofline |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        roof = bandwidth * 1e9 / r["bytes_per_token"] if r["bytes_per_token"] else None
+        frac = f"{r['metrics']['decode_tok_s']['median'] / roof:.0%}" if roof else "-"
+        lines.append(f"| {r['name']} | {cell(r, 'ttft_ms')} | {cell(r, 'vision_encoder_ms')} | "
+                     f"{cell(r, 'decode_tok_s', '{:.1f}')} | {cell(r, 'e2e_ms')} | {r['load_ms']:.0f} | "
+                     f"{r['peak_rss_mb']:.0f} | {r['size_mb']:.0f} | {f'{roof:.0f}' if roof else '-'} | {frac} |")
+    lines += ["", "![decode tokens/s and time to first token](benchmarks.png)", "",
+              "Roofline: memory bandwidth / bytes the decoder reads per new token (its weights without the"
+              " embedding table, plus the KV cache at the final length), for the mmedge packages, whose"
+              " decoder bytes are known exactly from the package.", "",
+              "Versions: " + "; ".join(sorted({r["version"] for r in rows if r["version"]})) + "."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
