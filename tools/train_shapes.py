@@ -318,8 +318,6 @@ class LlavaRecipe(ChatRecipe):
                   max_position_embeddings=256),
         image_size=72, patch_size=24, extra=dict(vision_feature_layer=-2, vision_feature_select_strategy="default"),
     )
-
-
     align_cosine = True
     train_projector = "last"
 
@@ -352,7 +350,6 @@ class Gemma3Recipe(ChatRecipe):
                   layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"]),
         image_size=72, patch_size=12, extra=dict(mm_tokens_per_image=9),
     )
-
 
     def projector_output(self, model):
         return [model.model.multi_modal_projector.mm_input_projection_weight]
