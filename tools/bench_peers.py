@@ -342,6 +342,7 @@ def main(argv=None) -> int:
             add("mmedge", f"mmedge {target} {quant}", r, int(r["package_mb"] * 1e6),
                 decoder_bytes_per_token(pkg, r["prompt_tokens"] + args.new_tokens))
 
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     (work / "results.json").write_text(json.dumps({"bandwidth_gb_s": bandwidth, "rows": rows}, indent=2))
     chart(rows, args.out.with_suffix(".png"))
     args.out.write_text(report(rows, bandwidth, args))
