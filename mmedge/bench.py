@@ -40,7 +40,6 @@ def bench(package: str | Path, image: Any = None, prompt: str = "caption", new_t
     from tqdm.auto import tqdm
 
     from mmedge.errors import InputError
-    from mmedge.manifest import load_manifest
     from mmedge.runtimes import Pipeline
 
     if new_tokens < 2 or runs < 1 or warmup < 0:
@@ -71,7 +70,7 @@ def bench(package: str | Path, image: Any = None, prompt: str = "caption", new_t
         for k, v in got.items():
             samples[k].append(v)
     bar.close()
-    manifest = load_manifest(package, verify_files=False)
+    manifest = pipe.manifest
     return {
         "package": str(package),
         "target": manifest.target,
