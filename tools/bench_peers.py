@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -233,7 +232,9 @@ def decoder_bytes_per_token(package: Path, kv_positions: int) -> int:
 
 
 def summarize(samples: dict[str, list[float]]) -> dict[str, dict[str, float]]:
-    return {k: {"median": statistics.median(v), "min": min(v), "max": max(v)} for k, v in samples.items() if v}
+    from mmedge.bench import _summary  # the same median / min / max as `mmedge bench`
+
+    return {k: _summary(v) for k, v in samples.items() if v}
 
 
 def chart(rows: list[dict], out: Path) -> None:
