@@ -47,8 +47,8 @@ class _ActivationStats:
         self.rows: dict[str, list[np.ndarray]] = {}
         self.rng = np.random.default_rng(seed)
 
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = self.graph.run(inputs)
+    def run(self, inputs: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        out = self.graph.run(inputs, into=into)
         for tap in self.taps:
             x = out.pop(tap)
             x = x.reshape(-1, x.shape[-1]).astype(np.float32)

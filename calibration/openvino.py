@@ -48,9 +48,9 @@ class _CappedRecorder(Recorder):
         self.graph.reset_state()
         self.reset_before = True
 
-    def run(self, inputs):
+    def run(self, inputs, into=None):
         self.keep = len(self.feeds) < MAX_DECODER_STEPS
-        out = super().run(inputs)
+        out = super().run(inputs, into=into)
         if self.keep and "reset_state" in vars(self):
             from nncf.definitions import NNCF_DATASET_RESET_STATE_KEY
 

@@ -52,10 +52,10 @@ class Recorder:
     def __init__(self, graph, keep: bool = True):
         self.graph, self.keep, self.feeds = graph, keep, []
 
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, inputs: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         if self.keep:
             self.feeds.append({k: np.array(v, copy=True) for k, v in inputs.items()})
-        return self.graph.run(inputs)
+        return self.graph.run(inputs, into=into)
 
     def __getattr__(self, name):  # the rest of the graph's interface (e.g. reset_state of a stateful decoder)
         return getattr(self.graph, name)

@@ -117,11 +117,12 @@ def _export(opts: ExportOptions, checkpoint: Path, family, calib=None) -> Manife
             f"--max-context {max_context} leaves no room after the {desc.prompt.image_seq_len} image tokens"
         )
 
-    storage = opts.kv_cache or target.KV_STORAGE[0]
+    choose = getattr(target, "kv_storage", lambda parts, attention, requested: requested or target.KV_STORAGE[0])
+    storage = choose(parts, desc.schemes.attention, opts.kv_cache)
     graphs, report = {}, {}
     started = time.perf_counter()
     with staged_package(Path(opts.output), opts.overwrite) as stage:
-        jobs = build_jobs(parts, kv_storage=storage)
+        jobs = build_jobs(parts, kv_storage=storage, max_context=max_context)
         bar = tqdm(jobs, desc="export", unit="graph", disable=not opts.progress)
         for job in bar:
             bar.set_postfix_str(job.name)

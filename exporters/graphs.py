@@ -29,10 +29,7 @@ class GraphJob:
     trace_inputs: tuple
     check_inputs: list[tuple]
     output_axes: dict[str, dict[int, str]] = field(default_factory=dict)  # names for derived output dims
-    kv_storage: str | None = None  # decoder only: "buffer" (explicit cache I/O) or "state" (engine-held)
-
-
-KV_STORAGE = ("buffer", "state")
+    kv_storage: str | None = None  # decoder only: "buffer", "in_place" (explicit cache I/O) or "state" (engine-held)
 
 
 class _PastKV:
@@ -102,7 +99,8 @@ def _mask(batch: int, seq: int, cache: int, generator: torch.Generator) -> torch
     return torch.where(keep, 0.0, torch.finfo(torch.float32).min)
 
 
-def build_jobs(parts: Parts, seed: int = 0, kv_storage: str = "buffer") -> list[GraphJob]:
+def build_jobs(parts: Parts, seed: int = 0, kv_storage: str = "buffer", max_context: int = 0) -> list[GraphJob]:
+    """The four jobs; the decoder's for kv_cache storage "in_place" is built, not traced (fused_decoder)."""
     g = torch.Generator().manual_seed(seed)
     h, w = parts.image_size
 
@@ -146,6 +144,11 @@ def build_jobs(parts: Parts, seed: int = 0, kv_storage: str = "buffer") -> list[
         ids(TRACE),
         [ids(c) for c in CHECKS],
     )
+
+    if kv_storage == "in_place":
+        from mmedge.exporters import fused_decoder
+
+        return [vision, projector, embed, fused_decoder.decoder_job(parts, max_context, g)]
 
     kv_shape = (parts.num_kv_heads, parts.head_dim)
 

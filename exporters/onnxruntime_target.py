@@ -24,7 +24,10 @@ EXTERNAL_DATA_BYTES = (2 << 30) - (64 << 20)  # protobuf's limit: bigger models 
 
 
 def export_graph(job: GraphJob, path: Path) -> None:
-    """Trace `job.module` and write `path` (weights external when over 2 GB)."""
+    """Trace `job.module` (or build it: the in-place decoder) and write `path` (weights external over 2 GB)."""
+    if job.kv_storage == "in_place":
+        save_model(job.module.build(), path)
+        return
     dims: dict[str, object] = {}
 
     def dim(name: str):
@@ -90,7 +93,25 @@ def io_specs(path: Path) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
 
 
 SUFFIX = ".onnx"
-KV_STORAGE = ("buffer",)  # explicit cache inputs/outputs (ONNX Runtime has no graph state)
+# explicit cache inputs/outputs (ONNX Runtime has no graph state): written in place by a decoder built on
+# GroupQueryAttention where the model allows it (the default), else the traced decoder's new slots
+KV_STORAGE = ("in_place", "buffer")
+
+
+def kv_storage(parts, attention: str, requested: str | None) -> str:
+    """The cache storage to export: `requested`, or the fastest this decoder allows."""
+    from mmedge.exporters import fused_decoder
+
+    why = fused_decoder.supports(parts, attention)
+    if requested == "in_place" and why:
+        raise ExportError(f"--kv-cache in_place needs a decoder GroupQueryAttention can run, not this one: {why}; "
+                          "use --kv-cache buffer")
+    if requested:
+        return requested
+    if why:
+        log.info("decoder traced, KV cache as buffers: %s", why)
+        return "buffer"
+    return "in_place"
 
 
 def verify_graph(job: GraphJob, path: Path, rtol: float = 1e-3) -> dict:
@@ -100,7 +121,19 @@ def verify_graph(job: GraphJob, path: Path, rtol: float = 1e-3) -> dict:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    return compare_with_torch(job, lambda feeds: session.run(job.output_names, feeds), rtol)
+    if job.kv_storage != "in_place":
+        return compare_with_torch(job, lambda feeds: session.run(job.output_names, feeds), rtol)
+    from mmedge.runtimes.backends.onnxruntime import OnnxRuntimeGraph
+
+    graph = OnnxRuntimeGraph(session, ort)
+
+    def run_in_place(feeds):  # as the runtime runs it: each present bound to its past buffer (here a copy)
+        feeds = {name: value.copy() if name.startswith("past.") else value for name, value in feeds.items()}
+        into = {name.replace("past.", "present.", 1): feeds[name] for name in feeds if name.startswith("past.")}
+        out = graph.run(feeds, into=into)
+        return [into[name] if name in into else out[name] for name in job.output_names]
+
+    return compare_with_torch(job, run_in_place, rtol)
 
 
 def compare_with_torch(job: GraphJob, run, rtol: float = 1e-3) -> dict:

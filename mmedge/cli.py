@@ -41,9 +41,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="openvino: share of decoder layers in INT4, the rest INT8, chosen by NNCF (default: 1.0)")
     e.add_argument("-o", "--output", type=Path, help="package directory to write (default: <model>-<quant>-<target>)")
     e.add_argument("--max-context", type=int, help="KV cache length in tokens (default: image tokens + 512)")
-    e.add_argument("--kv-cache", choices=("state", "buffer"),
-                   help="how the decoder holds its KV cache: state (in the engine; openvino default) or "
-                        "buffer (explicit inputs/outputs; the only form for onnxruntime)")
+    e.add_argument("--kv-cache", choices=("state", "buffer", "in_place"),
+                   help="how the decoder holds its KV cache: state (in the engine; openvino default), "
+                        "in_place (buffers the decoder writes itself, built on GroupQueryAttention; onnxruntime "
+                        "default where the decoder allows it) or buffer (explicit inputs/outputs, traced decoder)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing package at --output")
 
     r = sub.add_parser("run", help="answer a prompt about an image with a package")

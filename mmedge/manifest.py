@@ -50,6 +50,11 @@ class KVCacheSpec:
     graph between calls (OpenVINO stateful models); the decoder has no cache
     inputs or outputs and the runtime only tracks the length and resets the
     state for each new sequence. `max_context` still bounds the sequence.
+    storage "in_place": the same preallocated buffers, but each `present`
+    output has the buffer's shape and is bound to its `past` buffer, so the
+    decoder writes the new keys and values into their slots itself (ONNX
+    Runtime IO binding, GroupQueryAttention); its position inputs are then
+    `seqlens_k` / `total_sequence_length` instead of masks and position ids.
     """
 
     num_layers: int
@@ -57,7 +62,7 @@ class KVCacheSpec:
     head_dim: int
     dtype: str
     max_context: int
-    storage: str = "buffer"  # or "state"
+    storage: str = "buffer"  # or "state", "in_place"
     layout: str = "batch,kv_heads,time,head_dim"
     past_key: str = "past.{layer}.key"
     past_value: str = "past.{layer}.value"

@@ -11,9 +11,14 @@ change, which is what static-shape engines need.
 (OpenVINO stateful models), so nothing crosses the engine boundary per token.
 The runtime tracks the length and resets the state for each new sequence.
 
-Both answer the Pipeline the same questions: what to feed (`feeds`), how
-many cache slots the step's attention mask covers (`mask_slots`), what to do
-with the step's outputs (`write`), and how to start over (`reset`, `fresh`).
+"in_place": the "buffer" buffers, bound as the decoder's present outputs
+too, so the decoder writes each new key and value into its slot itself and
+the runtime only counts (ONNX Runtime GroupQueryAttention with IO binding).
+
+All three answer the Pipeline the same questions: what to feed (`feeds`), how
+many cache slots the step's attention mask covers (`mask_slots`), which
+outputs land in its own arrays (`into`), what to do with the step's outputs
+(`write`), and how to start over (`reset`, `fresh`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import numpy as np
 from mmedge.errors import PackageError
 from mmedge.manifest import KVCacheSpec
 
-STORAGE = ("buffer", "state")
+STORAGE = ("buffer", "state", "in_place")
 
 
 class KVCache:
@@ -60,6 +65,10 @@ class KVCache:
     def feeds(self) -> dict[str, np.ndarray]:
         return self._feeds
 
+    def into(self) -> dict[str, np.ndarray]:
+        """Outputs the decoder writes straight into the cache's arrays (none: `write` copies them)."""
+        return {}
+
     def fresh(self) -> dict[str, np.ndarray]:
         """Feeds for running a whole sequence from scratch, past the cache: zero-length past."""
         shape = (self.keys[0].shape[0], self.spec.num_kv_heads, 0, self.spec.head_dim)
@@ -78,6 +87,23 @@ class KVCache:
             raise ValueError(f"KV cache overflow: {end} > {self.capacity}")
         self.length = end
         return start, end
+
+
+class InPlaceCache(KVCache):
+    """The buffers, bound as the decoder's present outputs too (storage "in_place")."""
+
+    def __init__(self, spec: KVCacheSpec, batch: int = 1):
+        super().__init__(spec, batch)
+        self._into = {}
+        for (kname, vname), k, v in zip(self._present_names, self.keys, self.values):
+            self._into[kname] = k
+            self._into[vname] = v
+
+    def into(self) -> dict[str, np.ndarray]:
+        return self._into
+
+    def write(self, outputs: dict[str, np.ndarray], n_new: int) -> None:
+        self._advance(n_new)  # the decoder wrote the new slots itself
 
 
 class StateCache(KVCache):
@@ -112,6 +138,8 @@ def make_cache(spec: KVCacheSpec, decoder) -> KVCache:
     """The cache for a package's decoder graph, as its manifest says it is held."""
     if spec.storage == "buffer":
         return KVCache(spec)
+    if spec.storage == "in_place":
+        return InPlaceCache(spec)
     if spec.storage == "state":
         return StateCache(spec, decoder)
     raise PackageError(f"this mmedge does not know the KV-cache storage {spec.storage!r} the package needs; "

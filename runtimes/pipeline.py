@@ -58,7 +58,10 @@ class Pipeline:
         # "attention_mask" first; a decoder with sliding-window layers also takes "sliding_attention_mask"
         self.mask_names = sorted((n for n in decoder_inputs if n.endswith("attention_mask")),
                                  key=lambda n: n != "attention_mask")
-        self.mask_dtype = np.dtype(decoder_inputs[self.mask_names[0]].dtype)
+        self.mask_dtype = np.dtype(decoder_inputs[self.mask_names[0]].dtype) if self.mask_names else np.float32
+        # a decoder built on GroupQueryAttention (kv_cache "in_place") takes the sequence lengths instead of
+        # masks and position ids: causal attention at linear positions, which is all that kernel does
+        self.takes_lengths = "seqlens_k" in decoder_inputs
         self.timings = Timings()
 
     @classmethod
@@ -213,20 +216,25 @@ class Pipeline:
             self.manifest.schemes, embeds, ids[None], image_embeds, self.manifest.prompt.image_token_id
         )
 
-    def _decode(self, embeds: np.ndarray, start: int, cache_feeds: dict, mask_slots: int, block_of: np.ndarray) -> dict:
+    def _decode(self, embeds: np.ndarray, start: int, cache_feeds: dict, mask_slots: int, block_of: np.ndarray,
+                into: dict | None = None) -> dict:
         n = embeds.shape[1]
-        feeds = {
-            "inputs_embeds": embeds,
-            "position_ids": schemes.position_ids(self.manifest.schemes, start, n),
-            **schemes.attention_masks(
-                self.manifest.schemes, self.mask_names, start, n, mask_slots, block_of, self.mask_dtype
-            ),
-            **cache_feeds,
-        }
-        return self.graphs["decoder"].run(feeds)
+        if self.takes_lengths:
+            batch = embeds.shape[0]
+            positions = {"seqlens_k": np.full(batch, start + n - 1, np.int32),
+                         "total_sequence_length": np.array(start + n, np.int32)}
+        else:
+            positions = {
+                "position_ids": schemes.position_ids(self.manifest.schemes, start, n),
+                **schemes.attention_masks(
+                    self.manifest.schemes, self.mask_names, start, n, mask_slots, block_of, self.mask_dtype
+                ),
+            }
+        return self.graphs["decoder"].run({"inputs_embeds": embeds, **positions, **cache_feeds}, into=into)
 
     def _cached_step(self, embeds: np.ndarray, block_of: np.ndarray) -> np.ndarray:
-        out = self._decode(embeds, self.cache.length, self.cache.feeds(), self.cache.mask_slots, block_of)
+        out = self._decode(embeds, self.cache.length, self.cache.feeds(), self.cache.mask_slots, block_of,
+                           self.cache.into())
         self.cache.write(out, embeds.shape[1])
         return out["logits"]
 

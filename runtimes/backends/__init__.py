@@ -1,7 +1,9 @@
 """Backends: one module per inference engine, behind a two-method protocol.
 
 A backend loads a graph file and returns a `Graph`, which runs with a dict of
-named numpy arrays and returns a dict of named numpy arrays. Nothing else of
+named numpy arrays and returns a dict of named numpy arrays, writing any
+output the caller names in `into` into the caller's array instead (ONNX
+Runtime binds it, so the engine writes there directly). Nothing else of
 an engine leaks into the runtime, so adding an engine is one module here plus
 one line in `_BACKENDS`.
 """
@@ -21,7 +23,8 @@ class Graph(Protocol):
     input_names: list[str]
     output_names: list[str]
 
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    def run(self, inputs: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Outputs by name; those named in `into` are written into its arrays instead (and not returned)."""
 
 
 class Backend(Protocol):

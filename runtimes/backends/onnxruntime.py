@@ -14,14 +14,44 @@ log = logging.getLogger(__name__)
 
 
 class OnnxRuntimeGraph:
-    def __init__(self, session):
-        self.session = session
+    def __init__(self, session, ort):
+        self.session, self._ort = session, ort
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
+        self._binding = None
+        self._bound: dict[tuple[str, str], np.ndarray] = {}  # what each input/output is bound to now
+        self._values: dict[tuple[str, str], object] = {}  # the OrtValues over those arrays (kept alive)
+        self._order: list[str] = []  # outputs in the order the binding returns them
 
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = self.session.run(self.output_names, inputs)
-        return dict(zip(self.output_names, values))
+    def run(self, inputs: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        if not into:
+            values = self.session.run(self.output_names, inputs)
+            return dict(zip(self.output_names, values))
+        # IO binding: inputs and the `into` outputs are bound over the caller's arrays (no copies). A binding
+        # persists between runs, so an array bound last time (the KV cache) is not bound again.
+        io = self._binding = self._binding or self.session.io_binding()
+        for name, array in inputs.items():
+            self._bind(io.bind_ortvalue_input, "in", name, array)
+        for name in self.output_names:
+            if name in into:
+                self._bind(io.bind_ortvalue_output, "out", name, into[name])
+            else:  # allocated by ONNX Runtime each run (a binding would otherwise keep last run's shape)
+                io.bind_output(name, "cpu")
+                self._bound.pop(("out", name), None)
+            if name not in self._order:
+                self._order.append(name)
+        self.session.run_with_iobinding(io)
+        values = io.get_outputs()
+        return {name: values[i].numpy() for i, name in enumerate(self._order) if name not in into}
+
+    def _bind(self, bind, side: str, name: str, array: np.ndarray) -> None:
+        if self._bound.get((side, name)) is array:
+            return
+        if not array.flags.c_contiguous:
+            raise ValueError(f"{name}: bound arrays must be C-contiguous")
+        value = self._ort.OrtValue.ortvalue_from_numpy(array)
+        bind(name, value)
+        self._bound[side, name], self._values[side, name] = array, value
 
 
 class OnnxRuntimeBackend:
@@ -60,4 +90,4 @@ class OnnxRuntimeBackend:
             session = self._ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise MmedgeError(f"onnxruntime could not load {path.name}: {first_line(exc)}") from None
-        return OnnxRuntimeGraph(session)
+        return OnnxRuntimeGraph(session, self._ort)

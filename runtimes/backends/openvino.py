@@ -25,10 +25,14 @@ class OpenVinoGraph:
         if self.request.query_state():  # a stateful graph (the decoder's KV cache held in the engine)
             self.reset_state = self.request.reset_state
 
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, inputs: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         results = self.request.infer(inputs)
         out = {}
         for names, port in self._outputs:
+            target = next((into[n] for n in names if into and n in into), None)
+            if target is not None:
+                np.copyto(target, results[port])
+                continue
             value = np.array(results[port], copy=True)  # the request reuses its tensors on the next call
             out.update(dict.fromkeys(names, value))
         return out

@@ -1,0 +1,229 @@
+"""The decoder for ONNX Runtime written op by op with its fused CPU kernels, instead of traced.
+
+Traced from PyTorch, a SmolLM2-135M decoder step is ~1,700 ONNX nodes: RMSNorm
+as six, rotary embedding as a dozen, attention as reshapes, expands,
+transposes, two MatMuls and a softmax, per layer. At 135M parameters and INT4
+weights each step reads ~80 MB, a fraction of a millisecond of memory traffic
+on a laptop-class CPU, so the time goes to launching small kernels. Built
+here from the same weights with ONNX Runtime's contrib ops it is ~11 nodes a
+layer:
+
+    SkipSimplifiedLayerNormalization (residual add + RMSNorm)
+    MatMul  [hidden -> q|k|v]  (one packed projection)
+    GroupQueryAttention  (rotary, causal GQA, KV cache written in place)
+    MatMul  [o_proj]
+    SkipSimplifiedLayerNormalization
+    MatMul gate, MatMul up, Sigmoid, Mul, Mul  (SwiGLU)
+    MatMul  [down_proj]
+
+Contract (kv_cache storage "in_place"): inputs inputs_embeds [batch, seq,
+hidden], seqlens_k [batch] int32 (tokens seen after this step, minus one),
+total_sequence_length [] int32, past.{i}.key/value [batch, kv_heads,
+max_context, head_dim]; outputs logits [batch, 1, vocab] (last position only)
+and present.{i}.key/value of the same shape as the past, which the runtime
+binds to the past buffers so that GroupQueryAttention writes each new key and
+value into its slot and nothing else moves.
+
+Only what GroupQueryAttention expresses is built here: causal attention
+(no prefix or image blocks, no holes), linear positions, Llama-style
+blocks (RMSNorm with weight, SwiGLU MLP, optional q/k/v biases, no QK norm,
+no soft-capping). `supports()` says whether a model qualifies; the exporter
+verifies the graph against PyTorch either way.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from mmedge.exporters.family import Parts
+from mmedge.exporters.graphs import DecoderGraph, GraphJob, kv_names
+
+MS = "com.microsoft"
+# the transformers decoder stacks built of Llama blocks that this builder reproduces exactly
+LLAMA_STACKS = ("LlamaModel",)
+INPUTS = ("inputs_embeds", "seqlens_k", "total_sequence_length")
+
+
+def supports(parts: Parts, attention: str) -> str | None:
+    """None when the decoder can be built here, else why not (one line)."""
+    stack = parts.text_model
+    name = type(stack).__name__
+    if name not in LLAMA_STACKS:
+        return f"decoder {name} is not one of {', '.join(LLAMA_STACKS)}"
+    if attention != "causal":
+        return f"attention pattern {attention!r} is not plain causal"
+    if getattr(stack.config, "sliding_window", None):
+        return "sliding-window attention"
+    if parts.head_dim % 16:
+        return f"head size {parts.head_dim} (GroupQueryAttention's rotary needs a multiple of 16)"
+    head = parts.head
+    if not isinstance(head, torch.nn.Linear):
+        return f"output head {type(head).__name__} is not a plain Linear"
+    act = type(stack.layers[0].mlp.act_fn).__name__
+    if act not in ("SiLU", "SiLUActivation"):
+        return f"MLP activation {act} is not SiLU"
+    return None
+
+
+class _Builder:
+    def __init__(self):
+        self.nodes, self.inits = [], []
+        self._n = 0
+
+    def name(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def weight(self, hint: str, array: np.ndarray) -> str:
+        name = self.name(hint)
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32), name))
+        return name
+
+    def weight_int(self, hint: str, values: list[int]) -> str:
+        name = self.name(hint)
+        self.inits.append(numpy_helper.from_array(np.array(values, dtype=np.int64), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", outputs=None, **attrs):
+        outs = outputs or [self.name(op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name(op_type), domain=domain, **attrs))
+        return outs if len(outs) > 1 else outs[0]
+
+    def linear(self, x: str, layer: torch.nn.Linear, hint: str) -> str:
+        y = self.op("MatMul", [x, self.weight(hint, layer.weight.detach().numpy().T)])
+        if layer.bias is not None:
+            y = self.op("Add", [y, self.weight(hint + "_bias", layer.bias.detach().numpy())])
+        return y
+
+
+def _rotary_tables(stack, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [max_positions, head_dim / 2] from the model's own rotary module (its scaling included)."""
+    rotary = stack.rotary_emb
+    freqs = np.outer(np.arange(max_positions, dtype=np.float64), rotary.inv_freq.double().numpy())
+    scale = float(getattr(rotary, "attention_scaling", 1.0))
+    return (np.cos(freqs) * scale).astype(np.float32), (np.sin(freqs) * scale).astype(np.float32)
+
+
+def build(parts: Parts, max_positions: int) -> onnx.ModelProto:
+    """The fused decoder graph of `parts` (weights copied from its torch modules)."""
+    stack = parts.text_model
+    cfg = stack.config
+    heads, kv_heads, dim = cfg.num_attention_heads, parts.num_kv_heads, parts.head_dim
+    b = _Builder()
+    cos, sin = _rotary_tables(stack, max_positions)
+    cos, sin = b.weight("cos_cache", cos), b.weight("sin_cache", sin)
+
+    def norm(x: str, residual: str | None, module) -> tuple[str, str]:
+        gamma = b.weight("norm", module.weight.detach().numpy())
+        eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
+        if residual is None:
+            return b.op("SimplifiedLayerNormalization", [x, gamma], axis=-1, epsilon=eps, stash_type=1), x
+        out, total = b.name("normed"), b.name("residual")
+        b.op("SkipSimplifiedLayerNormalization", [x, residual, gamma], domain=MS, outputs=[out, "", "", total],
+             epsilon=eps)
+        return out, total
+
+    hidden, residual = "inputs_embeds", None
+    for i, layer in enumerate(stack.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        x, residual = norm(hidden, residual, layer.input_layernorm)
+        qkv_w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach().numpy()
+        qkv = b.op("MatMul", [x, b.weight(f"layers.{i}.qkv", qkv_w.T)])
+        if attn.q_proj.bias is not None:
+            bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]).detach().numpy()
+            qkv = b.op("Add", [qkv, b.weight(f"layers.{i}.qkv_bias", bias)])
+        context = b.name("attention")
+        b.op("GroupQueryAttention",
+             [qkv, "", "", f"past.{i}.key", f"past.{i}.value", "seqlens_k", "total_sequence_length", cos, sin],
+             domain=MS, outputs=[context, f"present.{i}.key", f"present.{i}.value"],
+             num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0,
+             scale=float(attn.scaling))
+        out = b.linear(context, attn.o_proj, f"layers.{i}.o_proj")
+        x, residual = norm(out, residual, layer.post_attention_layernorm)
+        gate = b.linear(x, mlp.gate_proj, f"layers.{i}.gate_proj")
+        up = b.linear(x, mlp.up_proj, f"layers.{i}.up_proj")
+        act = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate])]), up])
+        hidden = b.linear(act, mlp.down_proj, f"layers.{i}.down_proj")
+    x, _ = norm(hidden, residual, stack.norm)
+    last = b.op("Slice", [x, b.weight_int("minus_one", [-1]), b.weight_int("end", [np.iinfo(np.int64).max]),
+                          b.weight_int("axis", [1])])
+    b.op("MatMul", [last, b.weight("lm_head", parts.head.weight.detach().numpy().T)], outputs=["logits"])
+
+    kv = ["batch", kv_heads, "max_context", dim]
+    inputs = [
+        helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, ["batch", "seq", parts.hidden_size]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1, parts.vocab_size])]
+    for i in range(parts.num_layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past.{i}.{kind}", TensorProto.FLOAT, kv))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, kv))
+    graph = helper.make_graph(b.nodes, "decoder", inputs, outputs, b.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MS, 1)],
+                             producer_name="mmedge")
+
+
+class InPlaceReference(torch.nn.Module):
+    """PyTorch behind the fused graph's contract, to verify it: the traced decoder fed the filled slots.
+
+    seqlens_k / total_sequence_length say how many slots are filled; the
+    new keys and values land in copies of the past buffers at their slots,
+    the rest of each buffer unchanged (as GroupQueryAttention leaves it).
+    """
+
+    def __init__(self, parts: Parts, max_context: int):
+        super().__init__()
+        self.parts, self.max_context = parts, max_context
+        self.decoder = DecoderGraph(parts, "buffer")
+
+    def forward(self, inputs_embeds, seqlens_k, total_sequence_length, *past):
+        batch, n = inputs_embeds.shape[:2]
+        total = int(total_sequence_length)
+        start = total - n
+        mask = torch.zeros(batch, 1, n, total)
+        mask[..., start:] = torch.where(torch.tril(torch.ones(n, n, dtype=torch.bool)), 0.0,
+                                        torch.finfo(torch.float32).min)
+        positions = torch.arange(start, total).repeat(batch, 1)
+        out = self.decoder(inputs_embeds, mask, positions, *[p[:, :, :start] for p in past])
+        presents = []
+        for buffer, new in zip(past, out[1:]):
+            full = buffer.clone()
+            full[:, :, start:total] = new
+            presents.append(full)
+        return (out[0], *presents)
+
+    def build(self) -> onnx.ModelProto:
+        return build(self.parts, self.max_context)
+
+
+# (batch, new tokens, filled slots): GroupQueryAttention takes several new tokens after a filled cache
+# only at batch 1, which is all the runtime feeds
+CHECKS = ((1, 3, 4), (2, 1, 9), (1, 6, 0), (2, 5, 0))
+
+
+def decoder_job(parts: Parts, max_context: int, generator: torch.Generator) -> GraphJob:
+    """The decoder's GraphJob for kv_cache storage "in_place" (export builds, verification traces nothing)."""
+    kv = (parts.num_kv_heads, max_context, parts.head_dim)
+
+    def inputs(batch: int, n: int, start: int) -> tuple:
+        embeds = torch.randn(batch, n, parts.hidden_size, generator=generator)
+        past = [torch.randn(batch, *kv, generator=generator) for _ in range(2 * parts.num_layers)]
+        return (embeds, torch.full((batch,), start + n - 1, dtype=torch.int32),
+                torch.tensor(start + n, dtype=torch.int32), *past)
+
+    past_names, present_names = kv_names("past", parts.num_layers), kv_names("present", parts.num_layers)
+    return GraphJob(
+        "decoder",
+        InPlaceReference(parts, max_context),
+        [*INPUTS, *past_names],
+        ["logits", *present_names],
+        {},
+        inputs(*CHECKS[0]),
+        [inputs(*c) for c in CHECKS],
+        kv_storage="in_place",
+    )
