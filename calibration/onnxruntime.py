@@ -3,10 +3,10 @@
 - vision encoder, projector: INT8 QDQ, activations and weights, ranges
   calibrated (MinMax / Entropy / Percentile) on their recorded inputs;
 - embedding table: INT8 per row (a scale per token), dequantized by Gather;
-- decoder INT8: per-channel INT8 weights, activations quantized at run time
-  (dynamic), since a decoder's activation ranges move with the text;
+- decoder INT8: block-wise INT8 MatMulNBits weights, activations quantized per
+  block at run time, since a decoder's activation ranges move with the text;
 - decoder INT4: block-wise INT4 MatMulNBits for every weight MatMul but the LM
-  head (INT8), with activation-aware scaling (AWQ style: a scale per input
+  head (block-wise INT8), with activation-aware scaling (AWQ style: a scale per input
   channel, searched per MatMul on activations recorded through a decoder copy
   that returns every MatMul's input, folded into the weight and undone by a
   Mul on the activation) or plain round-to-nearest;
@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -153,23 +152,6 @@ def quantize_static_int8(src: Path, dst: Path, feeds: list[dict], method: str) -
             "calibration": method, "calibration_batches": len(feeds), "layers": len(nodes)}
 
 
-def quantize_dynamic_int8(src: Path, dst: Path, nodes: list[str] | None = None) -> dict:
-    """INT8 weights per output channel; activations quantized per tensor at run time."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    model = onnx.load(str(src))
-    _name_nodes(model)
-    names = nodes if nodes is not None else [n.name for n in _weight_matmuls(model)]
-    with tempfile.TemporaryDirectory() as tmp:
-        named = Path(tmp) / src.name
-        save_model(model, named)
-        quantize_dynamic(str(named), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
-                         weight_type=QuantType.QInt8, nodes_to_quantize=names,
-                         use_external_data_format=_has_external_data(named))
-    return {"scheme": "int8 dynamic: weights int8 per channel, activations quantized at run time",
-            "matmuls": len(names)}
-
-
 def quantize_embedding_int8(src: Path, dst: Path) -> dict:
     """The embedding table as int8 with one scale per row; Gather picks rows and scales, a Mul dequantizes."""
     model = onnx.load(str(src))
@@ -242,11 +224,47 @@ def awq_scales(w: np.ndarray, act_mean: np.ndarray, rows: np.ndarray, block: int
     return best[0], best[1], best[2] / max(rtn_err, 1e-30)
 
 
+# MatMulNBits' compute type: 4 = int8 activations (quantized per block at run time) x int8/int4 weights, the
+# VNNI / dot-product path; 0 dequantizes the weights to fp32 first. On the SmolVLM-256M decoder (2-core x86,
+# AVX-512 VNNI) a decode step took 10.4 ms at level 0 and 8.2 ms at level 4 with an fp32 LM head, 5.0 ms with
+# the LM head in 8 bits too (tools/bench_peers.py, docs/benchmarks.md).
+ACCURACY_LEVEL = 4
+INT8_BLOCK = 32
+
+
+def _matmul_nbits(model: onnx.ModelProto, bits: int, block: int, include: list[str] | None = None,
+                  exclude: list[str] | None = None) -> onnx.ModelProto:
+    """Weight MatMuls as block-wise symmetric MatMulNBits of `bits` (all, or those `include` names)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits,
+                                          accuracy_level=ACCURACY_LEVEL)
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=True,
+                                     accuracy_level=ACCURACY_LEVEL, nodes_to_include=include,
+                                     nodes_to_exclude=exclude or [], algo_config=config)
+    quiet = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # it logs a line per node at INFO
+    try:
+        quantizer.process()
+    finally:
+        quiet.setLevel(level)
+    return quantizer.model.model
+
+
+def quantize_decoder_int8(src: Path, dst: Path) -> dict:
+    """Every weight MatMul (LM head included) as block-wise INT8 MatMulNBits."""
+    model = onnx.load(str(src))
+    _name_nodes(model)
+    count = len(_weight_matmuls(model))
+    save_model(_matmul_nbits(model, 8, INT8_BLOCK), dst)
+    return {"scheme": f"int8 block-wise weights (MatMulNBits, block {INT8_BLOCK}, symmetric); activations int8 "
+                      f"per block at run time (accuracy level {ACCURACY_LEVEL})", "matmuls": count}
+
+
 def quantize_decoder_int4(src: Path, dst: Path, block: int, method: str, stats: _ActivationStats | None,
                           lm_head_vocab: int) -> dict:
     """Block-wise INT4 (MatMulNBits) for every weight MatMul but the LM head, which gets INT8."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
     model = onnx.load(str(src))
     _name_nodes(model)
     inits = {i.name: i for i in model.graph.initializer}
@@ -272,18 +290,12 @@ def quantize_decoder_int4(src: Path, dst: Path, block: int, method: str, stats: 
             at = list(model.graph.node).index(node)
             model.graph.node.insert(at, helper.make_node("Mul", [node.input[0], inv], [scaled], name=node.name + "_awq"))
             node.input[0] = scaled
-    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=4)
-    quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block, is_symmetric=True, nodes_to_exclude=heads,
-                                     algo_config=config)
-    quantizer.process()
-    with tempfile.TemporaryDirectory() as tmp:
-        mid = Path(tmp) / "decoder_int4.onnx"
-        save_model(quantizer.model.model, mid)
-        if heads:
-            quantize_dynamic_int8(mid, dst, nodes=heads)
-        else:
-            shutil.copy(mid, dst)
-    report = {"scheme": f"int4 block-wise (MatMulNBits, block {block}, symmetric) weights; LM head int8 dynamic",
+    model = _matmul_nbits(model, 4, block, exclude=heads)
+    if heads:
+        model = _matmul_nbits(model, 8, INT8_BLOCK, include=heads)
+    save_model(model, dst)
+    report = {"scheme": f"int4 block-wise (MatMulNBits, block {block}, symmetric) weights; LM head int8 block-wise "
+                        f"(block {INT8_BLOCK}); activations int8 per block at run time (accuracy level {ACCURACY_LEVEL})",
               "int4_method": method, "int4_matmuls": len(matmuls) - len(heads)}
     if alphas:
         report["awq_alpha"] = {k: round(v, 2) for k, v in alphas.items()}
@@ -315,7 +327,7 @@ def quantize_graph(part, precision, src, dst, options, feeds, stats) -> dict:
     if part == "embed_tokens":
         return quantize_embedding_int8(src, dst)
     if part == "decoder" and precision == "int8":
-        return quantize_dynamic_int8(src, dst)
+        return quantize_decoder_int8(src, dst)
     if part == "decoder":
         return quantize_decoder_int4(src, dst, options.int4_block_size, options.int4_method, stats, _lm_head_vocab(src))
     return quantize_static_int8(src, dst, feeds[part], options.calib_method)

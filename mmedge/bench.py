@@ -36,7 +36,7 @@ def default_image():
 
 def bench(package: str | Path, image: Any = None, prompt: str = "caption", new_tokens: int = 64, runs: int = 5,
           warmup: int = 1, threads: int = 0, backend: str | None = None, device: str | None = None,
-          progress: bool = True) -> dict:
+          inference_precision: str | None = None, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
     from mmedge.errors import InputError
@@ -47,7 +47,8 @@ def bench(package: str | Path, image: Any = None, prompt: str = "caption", new_t
     if isinstance(image, (str, Path)) and not Path(image).is_file():
         raise InputError(f"image not found: {image}")
     start = time.perf_counter()
-    pipe = Pipeline.load(package, backend=backend, threads=threads, device=device)
+    pipe = Pipeline.load(package, backend=backend, threads=threads, device=device,
+                         inference_precision=inference_precision)
     load_ms = (time.perf_counter() - start) * 1e3
     image = default_image() if image is None else image
     samples: dict[str, list[float]] = {k: [] for k in METRICS}

@@ -73,13 +73,16 @@ class Pipeline:
         threads: int = 0,
         verify: bool = True,
         device: str | None = None,
+        inference_precision: str | None = None,
     ) -> "Pipeline":
         """Open a package directory written by `mmedge export`.
 
         backend: engine to run the graphs (default: the package's target).
         providers (ONNX Runtime) / device (OpenVINO: CPU, GPU, NPU, ...) /
-        threads: passed to the backend. verify: check every
-        file's sha256 against the manifest first.
+        threads: passed to the backend. inference_precision (OpenVINO on
+        CPU): compute precision, "f32" by default, "bf16" / "f16" where the
+        CPU is faster at them. verify: check every file's sha256 against the
+        manifest first.
         """
         path = Path(path)
         manifest = load_manifest(path, verify_files=verify)
@@ -95,6 +98,8 @@ class Pipeline:
             options["providers"] = providers
         if device:
             options["device"] = device
+        if inference_precision:
+            options["inference_precision"] = inference_precision
         engine = get_backend(name, **options)
         graphs = {part: engine.load(path / manifest.graphs[part].file) for part in PARTS}
         codec = TextCodec.from_package(path, manifest)

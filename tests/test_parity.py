@@ -65,6 +65,35 @@ def test_kv_cache_equals_recompute(shape, target, packages):
         assert cached == full
 
 
+# onnxruntime builds the decoder on GroupQueryAttention (KV cache written in place) for causal Llama-block
+# decoders whose head size is a multiple of 16; every other shape keeps the traced decoder
+IN_PLACE = {"smolvlm-tiles": True, "llava-gqa": True, "llava-full-multilayer": True, "idefics3-single": False,
+            "paligemma-gqa": False, "gemma3-sliding": False}
+
+
+@pytest.mark.parametrize("shape", sorted(set(IN_PLACE) & set(SHAPES)))
+def test_in_place_decoder_fills_the_cache_as_the_traced_one(shape, packages):
+    built = Pipeline.load(packages(shape, "onnxruntime"))
+    storage = built.manifest.kv_cache.storage
+    assert storage == ("in_place" if IN_PLACE[shape] else "buffer")
+    if storage != "in_place":
+        assert "attention_mask" in built.manifest.graphs["decoder"].inputs
+        return
+    assert set(built.manifest.graphs["decoder"].inputs) >= {"seqlens_k", "total_sequence_length"}
+    traced = Pipeline.load(packages(shape, "onnxruntime-buffer"))
+    image = sample_images()["shapes"]
+    buffers = built.cache.keys[0]
+    for prompt in PROMPTS:
+        ids = list(built.generate_ids(image, prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True))
+        assert ids == list(traced.generate_ids(image, prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True))
+        n = built.cache.length
+        assert n == traced.cache.length > NEW_TOKENS
+        for mine, theirs in ((built.cache.keys, traced.cache.keys), (built.cache.values, traced.cache.values)):
+            for a, b in zip(mine, theirs):
+                np.testing.assert_allclose(a[:, :, :n], b[:, :, :n], atol=1e-4)
+    assert built.cache.keys[0] is buffers  # written in place: the same arrays, never reallocated
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_prompt_ids_and_pixels_match_processor(shape, packages, reference):
     _, processor = reference(shape)

@@ -61,10 +61,12 @@ def low_precision_weights(package, graph: str) -> set[str]:
         types = {str(op.get_output_element_type(0)) for op in model.get_ops() if op.get_type_name() == "Constant"}
         return {t for t in ("int4", "uint4", "int8", "uint8") if f"'{t}_t'" in str(types)}
     model = onnx.load(str(package / f"{graph}.onnx"))
-    ops = {n.op_type for n in model.graph.node}
-    found = {"int4"} if "MatMulNBits" in ops else set()
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    bits = {next((a.i for a in n.attribute if a.name == "bits"), 4) for n in nbits}
+    found = {f"int{b}" for b in bits}  # MatMulNBits packs its weights in uint8 whatever the bits
+    packed = {i for n in nbits for i in n.input}
     int8 = {TensorProto.INT8, TensorProto.UINT8}
-    if any(t.data_type in int8 for t in model.graph.initializer):
+    if any(t.data_type in int8 and t.name not in packed for t in model.graph.initializer):
         found.add("int8")
     return found
 

@@ -272,6 +272,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     p.add_argument("--skip", action="append", default=[], help="transformers, optimum or mmedge (repeatable)")
+    p.add_argument("--prepare", action="store_true",
+                   help="only export what is missing (the venv, optimum's and mmedge's packages), time nothing: "
+                        "exports may share the machine, timings should not")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--image", type=Path, help=argparse.SUPPRESS)
@@ -305,11 +308,12 @@ def main(argv=None) -> int:
         print(f"    TTFT {m['ttft_ms']['median']:.0f} ms, decode {m['decode_tok_s']['median']:.1f} tok/s, "
               f"peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
 
-    bandwidth = _worker(sys.executable, "bandwidth", args, checkpoint, image)["gb_s"]
-    print(f"    memory bandwidth {bandwidth:.1f} GB/s", flush=True)
+    if not args.prepare:
+        bandwidth = _worker(sys.executable, "bandwidth", args, checkpoint, image)["gb_s"]
+        print(f"    memory bandwidth {bandwidth:.1f} GB/s", flush=True)
     dir_size = lambda d: sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())  # noqa: E731
 
-    if "transformers" not in args.skip:
+    if "transformers" not in args.skip and not args.prepare:
         add("transformers", "transformers eager fp32", _worker(sys.executable, "transformers", args, checkpoint, image),
             dir_size(checkpoint), None)
 
@@ -324,6 +328,8 @@ def main(argv=None) -> int:
                       "--weight-format", fmt, *group, str(out)], f"optimum-cli export openvino --weight-format {fmt}")
                 legacy_processor(checkpoint, out)
                 (out / ".complete").touch()
+            if args.prepare:
+                continue
             add("optimum-intel", f"optimum-intel openvino {fmt}", _worker(python, "optimum", args, out, image),
                 dir_size(out), None)
 
@@ -333,22 +339,42 @@ def main(argv=None) -> int:
             pkg = work / f"mmedge-{target}-{quant}"
             if not (pkg / "mmedge.json").exists():
                 block = ["--int4-block-size", str(INT4_GROUP)] if quant == "int4" else []
-                _run(mmedge + ["export", "--model", MODEL, "--target", target, "--quant", quant, *block, "-o",
-                               str(pkg), "--overwrite"], f"mmedge export --target {target} --quant {quant}")
-            out = _run(mmedge + ["bench", str(pkg), "--image", str(image), "--prompt", PROMPT, "--new-tokens",
-                                 str(args.new_tokens), "--runs", str(args.runs), "--warmup", str(args.warmup),
-                                 "--threads", str(args.threads), "--json"], f"mmedge bench {pkg.name}")
-            r = json.loads(out)
-            r["version"] = f"mmedge, {target} {_version(target)}"
-            add("mmedge", f"mmedge {target} {quant}", r, int(r["package_mb"] * 1e6),
-                decoder_bytes_per_token(pkg, r["prompt_tokens"] + args.new_tokens))
+                # calibration size sets accuracy, not speed: 16 samples keep the exports short
+                calib = ["--calib-samples", "16"] if quant != "fp32" else []
+                _run(mmedge + ["export", "--model", MODEL, "--target", target, "--quant", quant, *block, *calib,
+                               "-o", str(pkg), "--overwrite"], f"mmedge export --target {target} --quant {quant}")
+            if args.prepare:
+                continue
+            # optimum-intel leaves OpenVINO's CPU default compute precision, bf16 on CPUs that have it, so its
+            # "fp32" runs in bf16; mmedge pins f32 unless asked, and is timed both ways there
+            computes = [None, "bf16"] if target == "openvino" and quant == "fp32" and _ov_cpu_default() == "bf16" else [None]
+            for compute in computes:
+                extra = ["--inference-precision", compute] if compute else []
+                out = _run(mmedge + ["bench", str(pkg), "--image", str(image), "--prompt", PROMPT, "--new-tokens",
+                                     str(args.new_tokens), "--runs", str(args.runs), "--warmup", str(args.warmup),
+                                     "--threads", str(args.threads), "--json", *extra], f"mmedge bench {pkg.name} {extra}")
+                r = json.loads(out)
+                r["version"] = f"mmedge, {target} {_version(target)}"
+                name = f"mmedge {target} {quant}" + (f" ({compute} compute)" if compute else "")
+                add("mmedge", name, r, int(r["package_mb"] * 1e6),
+                    decoder_bytes_per_token(pkg, r["prompt_tokens"] + args.new_tokens))
 
+    if args.prepare:
+        print(f"prepared {work}; run again without --prepare on a quiet machine to time it")
+        return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     (work / "results.json").write_text(json.dumps({"bandwidth_gb_s": bandwidth, "rows": rows}, indent=2))
     chart(rows, args.out.with_suffix(".png"))
     args.out.write_text(report(rows, bandwidth, args))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
+
+
+def _ov_cpu_default() -> str:
+    """OpenVINO's default compute precision on this CPU (bf16 where AVX512-BF16 / AMX exist)."""
+    import openvino as ov
+
+    return ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()  # "f32", "bf16", "f16"
 
 
 def _machine() -> str:
@@ -395,6 +421,9 @@ def report(rows: list[dict], bandwidth: float, args) -> str:
                      f"{cell(r, 'decode_tok_s', '{:.1f}')} | {cell(r, 'e2e_ms')} | {r['load_ms']:.0f} | "
                      f"{r['peak_rss_mb']:.0f} | {r['size_mb']:.0f} | {f'{roof:.0f}' if roof else '-'} | {frac} |")
     lines += ["", "![decode tokens/s and time to first token](benchmarks.png)", "",
+              f"Compute precision: optimum-intel runs OpenVINO with its CPU default, {_ov_cpu_default()} on this"
+              " machine (so its fp32 rows compute in that precision); mmedge pins f32 unless a row says otherwise"
+              " (`--inference-precision`). Weights are what the row names.", "",
               "Roofline: memory bandwidth / bytes the decoder reads per new token (its weights without the"
               " embedding table, plus the KV cache at the final length), for the mmedge packages, whose"
               " decoder bytes are known exactly from the package.", "",

@@ -63,9 +63,13 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, providers: Sequence[str] | None = None, threads: int = 0, device: str | None = None):
+    def __init__(self, providers: Sequence[str] | None = None, threads: int = 0, device: str | None = None,
+                 inference_precision: str | None = None):
         if device:
             raise MmedgeError("onnxruntime picks its device through execution providers: pass --providers, not --device")
+        if inference_precision:
+            raise MmedgeError("onnxruntime computes in the precision the package was exported at; "
+                              "--inference-precision is for openvino packages (export with --quant fp16 instead)")
         try:
             import onnxruntime as ort
         except ImportError:

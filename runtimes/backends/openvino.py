@@ -12,6 +12,7 @@ from mmedge.errors import MmedgeError, first_line
 log = logging.getLogger(__name__)
 
 HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
+PRECISIONS = ("f32", "bf16", "f16")
 
 
 class OpenVinoGraph:
@@ -43,12 +44,15 @@ class OpenVinoBackend:
 
     device: OpenVINO device name passed through (CPU, GPU, NPU, AUTO, ...;
     default CPU). threads: inference threads on CPU (0 = OpenVINO's choice).
-    hint: performance hint, LATENCY (default) or THROUGHPUT.
+    hint: performance hint, LATENCY (default) or THROUGHPUT. inference_precision
+    (CPU): f32 (default), bf16 or f16 compute; OpenVINO's own CPU default is
+    bf16 where the CPU has it, which would run an fp32 package in bf16 silently.
     """
 
     name = "openvino"
 
-    def __init__(self, device: str | None = None, threads: int = 0, hint: str = "LATENCY"):
+    def __init__(self, device: str | None = None, threads: int = 0, hint: str = "LATENCY",
+                 inference_precision: str | None = None):
         try:
             import openvino as ov
         except ImportError:
@@ -65,10 +69,15 @@ class OpenVinoBackend:
         self.config = {"PERFORMANCE_HINT": hint.upper()}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
+        if inference_precision not in (None, *PRECISIONS):
+            raise MmedgeError(f"unknown inference precision {inference_precision!r}; choose one of "
+                              f"{', '.join(PRECISIONS)}")
         if base == "CPU":
-            # fp32 graphs stay fp32 (parity) and so does a stateful KV cache (OpenVINO would keep it in u8);
-            # int8/int4 weights stay as they are
-            self.config.update(INFERENCE_PRECISION_HINT="f32", KV_CACHE_PRECISION="f32")
+            # fp32 graphs stay fp32 (parity) unless asked otherwise, and so does a stateful KV cache (OpenVINO
+            # would keep it in u8); int8/int4 weights stay as they are
+            self.config.update(INFERENCE_PRECISION_HINT=inference_precision or "f32", KV_CACHE_PRECISION="f32")
+        elif inference_precision:
+            self.config["INFERENCE_PRECISION_HINT"] = inference_precision
 
     def load(self, path: Path):
         try:
