@@ -90,7 +90,7 @@ def test_in_place_decoder_fills_the_cache_as_the_traced_one(shape, packages):
         assert n == traced.cache.length > NEW_TOKENS
         for mine, theirs in ((built.cache.keys, traced.cache.keys), (built.cache.values, traced.cache.values)):
             for a, b in zip(mine, theirs):
-                np.testing.assert_allclose(a[:, :, :n], b[:, :, :n], atol=1e-4)
+                np.testing.assert_allclose(a[:, :, :n], b[:, :, :n], rtol=1e-3, atol=1e-4)
     assert built.cache.keys[0] is buffers  # written in place: the same arrays, never reallocated
 
 
