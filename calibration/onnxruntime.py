@@ -262,6 +262,39 @@ def quantize_decoder_int8(src: Path, dst: Path) -> dict:
                       f"per block at run time (accuracy level {ACCURACY_LEVEL})", "matmuls": count}
 
 
+def _fold_target(model: onnx.ModelProto, inits: dict, x: str, readers: list):
+    """Where a per-channel factor on activation `x` can go inside the op that makes it: a function
+    taking the factor, or None.
+
+    An RMSNorm's weight (x = norm(h) * gamma) or, for x = a * up(h), the up
+    projection's output columns take it, when only `readers` read x; then AWQ
+    costs no node per token.
+    """
+    consumers = [n for n in model.graph.node if x in n.input]
+    producer = next((n for n in model.graph.node if x in n.output), None)
+    if producer is None or {id(n) for n in consumers} != {id(n) for n in readers}:
+        return None
+    used = lambda name: sum(name in n.input for n in model.graph.node)  # noqa: E731
+
+    def scaling(name: str, shape: tuple):
+        def apply(factor: np.ndarray) -> None:
+            value = numpy_helper.to_array(inits[name]) * factor.reshape(shape)
+            inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+        return apply
+
+    if producer.op_type in ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"):
+        gamma = producer.input[1 if producer.op_type == "SimplifiedLayerNormalization" else 2]
+        if producer.output[0] == x and gamma in inits and used(gamma) == 1:
+            return scaling(gamma, (-1,))
+    if producer.op_type == "Mul":
+        for operand in producer.input:
+            up = next((n for n in model.graph.node if operand in n.output), None)
+            if up is not None and up.op_type == "MatMul" and up.input[1] in inits and used(operand) == 1 \
+                    and used(up.input[1]) == 1:
+                return scaling(up.input[1], (1, -1))
+    return None
+
+
 def quantize_decoder_int4(src: Path, dst: Path, block: int, method: str, stats: _ActivationStats | None,
                           lm_head_vocab: int) -> dict:
     """Block-wise INT4 (MatMulNBits) for every weight MatMul but the LM head, which gets INT8."""
@@ -270,26 +303,39 @@ def quantize_decoder_int4(src: Path, dst: Path, block: int, method: str, stats: 
     inits = {i.name: i for i in model.graph.initializer}
     matmuls = _weight_matmuls(model)
     heads = [n.name for n in matmuls if inits[n.input[1]].dims[1] == lm_head_vocab]
-    alphas, gains = {}, []
+    alphas, gains, folded = {}, [], 0
     if method == "awq":
         if stats is None:
             raise ExportError("activation-aware INT4 needs decoder calibration data")
+        groups: dict[str, list[onnx.NodeProto]] = {}  # MatMuls reading one activation share one scale
         for node in matmuls:
-            if node.name in heads or node.input[0] not in stats.abs_sum:
-                continue
-            w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-            act, rows = stats.stats(node.input[0])
-            s, alpha, gain = awq_scales(w, act, rows, block)
-            alphas[node.name], gains = alpha, gains + [gain]
-            if alpha == 0.0:
-                continue
-            inits[node.input[1]].CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32), node.input[1]))
-            inv = node.name + "_awq_inv_scale"
-            model.graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), inv))
-            scaled = node.input[0] + "_awq_" + node.name
-            at = list(model.graph.node).index(node)
-            model.graph.node.insert(at, helper.make_node("Mul", [node.input[0], inv], [scaled], name=node.name + "_awq"))
-            node.input[0] = scaled
+            if node.name not in heads and node.input[0] in stats.abs_sum:
+                groups.setdefault(node.input[0], []).append(node)
+        for x, group in groups.items():
+            fold = _fold_target(model, inits, x, group)
+            # one scale for all the MatMuls reading x when the op making x can take 1/s (no node added per
+            # token); otherwise each MatMul gets its own scale and a Mul on its input
+            for members in [group] if fold else [[n] for n in group]:
+                ws = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in members]
+                act, rows = stats.stats(x)
+                s, alpha, gain = awq_scales(np.concatenate(ws, axis=1), act, rows, block)
+                gains.append(gain)
+                alphas.update(dict.fromkeys((n.name for n in members), alpha))
+                if alpha == 0.0:
+                    continue
+                for n, w in zip(members, ws):
+                    inits[n.input[1]].CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32), n.input[1]))
+                if fold:
+                    fold(1.0 / s)
+                    folded += 1
+                    continue
+                node = members[0]
+                inv = node.name + "_awq_inv_scale"
+                model.graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), inv))
+                scaled = node.input[0] + "_awq_" + node.name
+                at = list(model.graph.node).index(node)
+                model.graph.node.insert(at, helper.make_node("Mul", [node.input[0], inv], [scaled], name=node.name + "_awq"))
+                node.input[0] = scaled
     model = _matmul_nbits(model, 4, block, exclude=heads)
     if heads:
         model = _matmul_nbits(model, 8, INT8_BLOCK, include=heads)
@@ -299,6 +345,7 @@ def quantize_decoder_int4(src: Path, dst: Path, block: int, method: str, stats: 
               "int4_method": method, "int4_matmuls": len(matmuls) - len(heads)}
     if alphas:
         report["awq_alpha"] = {k: round(v, 2) for k, v in alphas.items()}
+        report["awq_scales_folded"] = folded  # shared inputs whose 1/s went into the norm or MatMul before them
         report["awq_error_vs_rtn"] = round(float(np.mean(gains)), 4)  # mean over MatMuls of AWQ MSE / RTN MSE
     return report
 

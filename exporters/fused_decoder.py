@@ -57,6 +57,9 @@ def supports(parts: Parts, attention: str) -> str | None:
         return f"attention pattern {attention!r} is not plain causal"
     if getattr(stack.config, "sliding_window", None):
         return "sliding-window attention"
+    rope = getattr(stack.rotary_emb, "rope_type", "default")
+    if rope not in ("default", "linear", "llama3"):  # these fix inv_freq once; dynamic kinds change it per length
+        return f"rotary scaling {rope!r}"
     if parts.head_dim % 16:
         return f"head size {parts.head_dim} (GroupQueryAttention's rotary needs a multiple of 16)"
     head = parts.head
@@ -150,7 +153,8 @@ def build(parts: Parts, max_positions: int) -> onnx.ModelProto:
     x, _ = norm(hidden, residual, stack.norm)
     last = b.op("Slice", [x, b.weight_int("minus_one", [-1]), b.weight_int("end", [np.iinfo(np.int64).max]),
                           b.weight_int("axis", [1])])
-    b.op("MatMul", [last, b.weight("lm_head", parts.head.weight.detach().numpy().T)], outputs=["logits"])
+    b.linear(last, parts.head, "lm_head")
+    b.nodes[-1].output[0] = "logits"  # the head's MatMul, or the bias Add after it
 
     kv = ["batch", kv_heads, "max_context", dim]
     inputs = [
