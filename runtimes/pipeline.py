@@ -62,6 +62,11 @@ class Pipeline:
         # a decoder built on GroupQueryAttention (kv_cache "in_place") takes the sequence lengths instead of
         # masks and position ids: causal attention at linear positions, which is all that kernel does
         self.takes_lengths = "seqlens_k" in decoder_inputs
+        # where the engine writes the cache itself, it writes the logits [1, 1, vocab] into one buffer too
+        self._into = dict(self.cache.into())
+        if self._into:
+            vocab = manifest.graphs["decoder"].outputs["logits"].shape[-1]
+            self._into["logits"] = np.empty((1, 1, vocab), np.dtype(manifest.graphs["decoder"].outputs["logits"].dtype))
         self.timings = Timings()
 
     @classmethod
@@ -156,9 +161,9 @@ class Pipeline:
             )
         embeds = self._prompt_embeddings(ids, pixels)
         self.cache.reset()
-        rows = [self._cached_step(embeds, block_of)[0, -1]]
+        rows = [self._cached_step(embeds, block_of)[0, -1].copy()]
         for token in tokens:
-            rows.append(self._cached_step(self._embed(np.array([[token]], dtype=np.int64)), block_of)[0, -1])
+            rows.append(self._cached_step(self._embed(np.array([[token]], dtype=np.int64)), block_of)[0, -1].copy())
         return np.stack(rows)
 
     # -- internals ---------------------------------------------------------
@@ -239,9 +244,9 @@ class Pipeline:
 
     def _cached_step(self, embeds: np.ndarray, block_of: np.ndarray) -> np.ndarray:
         out = self._decode(embeds, self.cache.length, self.cache.feeds(), self.cache.mask_slots, block_of,
-                           self.cache.into())
+                           self._into)
         self.cache.write(out, embeds.shape[1])
-        return out["logits"]
+        return out["logits"] if "logits" in out else self._into["logits"]  # the latter is overwritten next step
 
     def _uncached_step(self, prompt_embeds: np.ndarray):
         """A step function that re-runs the whole sequence each time (reference path)."""
