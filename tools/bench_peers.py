@@ -1,6 +1,7 @@
 """Benchmark mmedge against what users would pick instead, on this machine, in one run.
 
-    python tools/bench_peers.py [--work /tmp/bench-peers] [--new-tokens 64] [--runs 5] [--threads 2]
+    python tools/bench_peers.py [--prepare] [--work /tmp/bench-peers] [--new-tokens 64] [--runs 5] [--rounds 3]
+                                [--threads 2]
 
 The model is `smolvlm-256m-shaped` (the published SmolVLM-256M-Instruct
 architecture, random weights from a fixed seed, built locally; one 512 x 512
@@ -14,9 +15,14 @@ its own process:
                       with transformers 4.57.6, the newest its idefics3 export accepts
     mmedge            onnxruntime and openvino packages at fp32, int8, int4 (`mmedge bench`)
 
-It also measures the memory bandwidth (numpy copy of a 512 MB buffer) and
-divides it by the bytes each decoder reads per new token (its weights, minus
-the embedding table, plus the KV cache at the final length): the roofline.
+Systems take turns, --rounds times (default 3), and each row pools its runs
+over the rounds, so a slow minute on a shared machine hits every system alike.
+It also measures the memory bandwidth each round (an ONNX Runtime ReduceSum
+over 512 MB at --threads for reads; a numpy copy for reference) and divides
+the read bandwidth by the bytes each mmedge decoder reads per new token (its
+weights, minus the embedding table, plus the KV cache at the final length):
+the roofline. `--prepare` only exports (optimum-intel's venv and models,
+mmedge's packages), so that part can share the machine with other work.
 Writes docs/benchmarks.md (table, machine, versions) and docs/benchmarks.png.
 """
 
@@ -133,17 +139,35 @@ def worker_optimum(args) -> dict:
 
 
 def worker_bandwidth(args) -> dict:
-    """Best of 10 copies of a 512 MB buffer: bytes read + written per second."""
+    """Memory bandwidth two ways, best of 10 over a 512 MB buffer: numpy copy (bytes read + written per
+    second, one thread) and an ONNX Runtime ReduceSum at --threads (bytes read per second: what a decoder
+    streaming its weights does)."""
     import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
 
-    src = np.ones(64 * 2**20, dtype=np.float64)
+    src = np.ones(128 * 2**20, dtype=np.float32)
     dst = np.empty_like(src)
-    best = float("inf")
-    for _ in range(10):
-        start = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - start)
-    return {"gb_s": 2 * src.nbytes / best / 1e9}
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(10):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    graph = helper.make_graph([helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0)], "read",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [src.size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = args.threads
+    session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+                                   .SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    read = best(lambda: session.run(None, {"x": src}))
+    copy = best(lambda: np.copyto(dst, src))
+    return {"read_gb_s": src.nbytes / read / 1e9, "copy_gb_s": 2 * src.nbytes / copy / 1e9}
 
 
 WORKERS = {"transformers": worker_transformers, "optimum": worker_optimum, "bandwidth": worker_bandwidth}
@@ -220,15 +244,16 @@ def legacy_processor(checkpoint: Path, out: Path) -> None:
     (out / "processor_config.json").write_text(json.dumps(proc, indent=2))
 
 
-def decoder_bytes_per_token(package: Path, kv_positions: int) -> int:
+def decoder_bytes_per_token(package: Path, kv_positions: int, weight_scale: float = 1.0) -> int:
     """Bytes the decoder reads per new token: its weight files (the LM head included, the embedding table not:
-    mmedge keeps it in its own graph and reads one row) plus the K and V cache at `kv_positions`."""
+    mmedge keeps it in its own graph and reads one row) plus the K and V cache at `kv_positions`.
+    weight_scale: 0.5 where OpenVINO computes fp32 weights in bf16 (it converts them when compiling)."""
     manifest = json.loads((package / "mmedge.json").read_text())
     graph = manifest["graphs"]["decoder"]["file"]
     stem = graph.rsplit(".", 1)[0]
     weights = sum(f["bytes"] for name, f in manifest["files"].items() if name.startswith(stem))
     kv = manifest["kv_cache"]
-    return weights + 2 * kv["num_layers"] * kv["num_kv_heads"] * kv["head_dim"] * kv_positions * 4
+    return int(weights * weight_scale) + 2 * kv["num_layers"] * kv["num_kv_heads"] * kv["head_dim"] * kv_positions * 4
 
 
 def summarize(samples: dict[str, list[float]]) -> dict[str, dict[str, float]]:
@@ -267,7 +292,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("/tmp/bench-peers"), help="packages, exports, the venv")
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--runs", type=int, default=5, help="timed runs per system per round (default: 5)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds over all systems, samples pooled (default: 3): a slow minute hits every system")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
@@ -297,26 +324,13 @@ def main(argv=None) -> int:
     image = work / "image.png"
     rng = np.random.default_rng(0)
     shapes.draw(shapes._scene(rng), rng, 512).save(image)
-    rows: list[dict] = []
-
-    def add(system: str, name: str, result: dict, size_bytes: int, bytes_per_token: int | None) -> None:
-        rows.append({"system": system, "name": name, "metrics": summarize(result["samples"]),
-                     "prompt_tokens": result.get("prompt_tokens"), "load_ms": result.get("load_ms"),
-                     "peak_rss_mb": result["peak_rss_mb"], "size_mb": size_bytes / 1e6,
-                     "bytes_per_token": bytes_per_token, "version": result.get("version", "")})
-        m = rows[-1]["metrics"]
-        print(f"    TTFT {m['ttft_ms']['median']:.0f} ms, decode {m['decode_tok_s']['median']:.1f} tok/s, "
-              f"peak RSS {result['peak_rss_mb']:.0f} MB", flush=True)
-
-    if not args.prepare:
-        bandwidth = _worker(sys.executable, "bandwidth", args, checkpoint, image)["gb_s"]
-        print(f"    memory bandwidth {bandwidth:.1f} GB/s", flush=True)
     dir_size = lambda d: sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())  # noqa: E731
 
-    if "transformers" not in args.skip and not args.prepare:
-        add("transformers", "transformers eager fp32", _worker(sys.executable, "transformers", args, checkpoint, image),
-            dir_size(checkpoint), None)
-
+    # 1. everything to time, exported first (optimum's venv and exports, mmedge's packages)
+    jobs: list[tuple] = []  # (system, name, run() -> result dict, size in bytes, decoder bytes per token or None)
+    if "transformers" not in args.skip:
+        jobs.append(("transformers", "transformers eager fp32",
+                     lambda: _worker(sys.executable, "transformers", args, checkpoint, image), dir_size(checkpoint), None))
     if "optimum" not in args.skip:
         python = optimum_python(work)
         cli = str(Path(python).parent / "optimum-cli")
@@ -328,11 +342,8 @@ def main(argv=None) -> int:
                       "--weight-format", fmt, *group, str(out)], f"optimum-cli export openvino --weight-format {fmt}")
                 legacy_processor(checkpoint, out)
                 (out / ".complete").touch()
-            if args.prepare:
-                continue
-            add("optimum-intel", f"optimum-intel openvino {fmt}", _worker(python, "optimum", args, out, image),
-                dir_size(out), None)
-
+            jobs.append(("optimum-intel", f"optimum-intel openvino {fmt}",
+                         lambda out=out: _worker(python, "optimum", args, out, image), dir_size(out), None))
     if "mmedge" not in args.skip:
         mmedge = [sys.executable, "-m", "mmedge.cli"]
         for target, quant in MMEDGE_PACKAGES:
@@ -343,25 +354,51 @@ def main(argv=None) -> int:
                 calib = ["--calib-samples", "16"] if quant != "fp32" else []
                 _run(mmedge + ["export", "--model", MODEL, "--target", target, "--quant", quant, *block, *calib,
                                "-o", str(pkg), "--overwrite"], f"mmedge export --target {target} --quant {quant}")
-            if args.prepare:
-                continue
             # optimum-intel leaves OpenVINO's CPU default compute precision, bf16 on CPUs that have it, so its
             # "fp32" runs in bf16; mmedge pins f32 unless asked, and is timed both ways there
-            computes = [None, "bf16"] if target == "openvino" and quant == "fp32" and _ov_cpu_default() == "bf16" else [None]
-            for compute in computes:
+            bf16 = target == "openvino" and quant == "fp32" and _ov_cpu_default() == "bf16"
+            for compute in [None, "bf16"] if bf16 else [None]:
                 extra = ["--inference-precision", compute] if compute else []
-                out = _run(mmedge + ["bench", str(pkg), "--image", str(image), "--prompt", PROMPT, "--new-tokens",
-                                     str(args.new_tokens), "--runs", str(args.runs), "--warmup", str(args.warmup),
-                                     "--threads", str(args.threads), "--json", *extra], f"mmedge bench {pkg.name} {extra}")
-                r = json.loads(out)
-                r["version"] = f"mmedge, {target} {_version(target)}"
-                name = f"mmedge {target} {quant}" + (f" ({compute} compute)" if compute else "")
-                add("mmedge", name, r, int(r["package_mb"] * 1e6),
-                    decoder_bytes_per_token(pkg, r["prompt_tokens"] + args.new_tokens))
 
+                def run(pkg=pkg, extra=extra, target=target) -> dict:
+                    out = _run(mmedge + ["bench", str(pkg), "--image", str(image), "--prompt", PROMPT, "--new-tokens",
+                                         str(args.new_tokens), "--runs", str(args.runs), "--warmup", str(args.warmup),
+                                         "--threads", str(args.threads), "--json", *extra], f"mmedge bench {pkg.name} {extra}")
+                    r = json.loads(out)
+                    r["version"] = f"mmedge, {target} {_version(target)}"
+                    return r
+
+                jobs.append(("mmedge", f"mmedge {target} {quant}" + (f" ({compute} compute)" if compute else ""), run,
+                             dir_size(pkg), (pkg, 0.5 if compute else 1.0)))
     if args.prepare:
         print(f"prepared {work}; run again without --prepare on a quiet machine to time it")
         return 0
+
+    # 2. rounds: every system once per round, in the same order, so drifting machine load hits all alike
+    bandwidths: list[dict] = []
+    results: dict[str, list[dict]] = {}
+    for i in range(args.rounds):
+        print(f"round {i + 1} of {args.rounds}", flush=True)
+        bandwidths.append(_worker(sys.executable, "bandwidth", args, checkpoint, image))
+        print(f"    memory bandwidth: read {bandwidths[-1]['read_gb_s']:.1f} GB/s, "
+              f"copy {bandwidths[-1]['copy_gb_s']:.1f} GB/s", flush=True)
+        for system, name, run, _, _ in jobs:
+            r = run()
+            results.setdefault(name, []).append(r)
+            m = summarize(r["samples"])
+            print(f"    TTFT {m['ttft_ms']['median']:.0f} ms, decode {m['decode_tok_s']['median']:.1f} tok/s, "
+                  f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+    bandwidth = {k: float(np.median([b[k] for b in bandwidths])) for k in bandwidths[0]}
+    rows = []
+    for system, name, _, size, decoder in jobs:
+        rs = results[name]
+        samples = {k: [x for r in rs for x in r["samples"].get(k, [])] for k in rs[0]["samples"]}
+        prompt_tokens = rs[0].get("prompt_tokens")
+        per_token = decoder_bytes_per_token(decoder[0], prompt_tokens + args.new_tokens, decoder[1]) if decoder else None
+        rows.append({"system": system, "name": name, "metrics": summarize(samples), "prompt_tokens": prompt_tokens,
+                     "load_ms": float(np.median([r["load_ms"] for r in rs])),
+                     "peak_rss_mb": max(r["peak_rss_mb"] for r in rs), "size_mb": size / 1e6,
+                     "bytes_per_token": per_token, "version": rs[0].get("version", "")})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     (work / "results.json").write_text(json.dumps({"bandwidth_gb_s": bandwidth, "rows": rows}, indent=2))
     chart(rows, args.out.with_suffix(".png"))
@@ -392,7 +429,7 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores{mem_s}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
-def report(rows: list[dict], bandwidth: float, args) -> str:
+def report(rows: list[dict], bandwidth: dict, args) -> str:
     def cell(r, key, fmt="{:.0f}"):
         m = r["metrics"].get(key)
         return f"{fmt.format(m['median'])} ({fmt.format(m['min'])}-{fmt.format(m['max'])})" if m else "-"
@@ -401,13 +438,15 @@ def report(rows: list[dict], bandwidth: float, args) -> str:
         "# Benchmarks",
         "",
         f"`python tools/bench_peers.py` on {time.strftime('%Y-%m-%d')}: {_machine()}; memory bandwidth "
-        f"{bandwidth:.1f} GB/s (numpy copy, best of 10, read + write).",
+        f"{bandwidth['read_gb_s']:.1f} GB/s read (ONNX Runtime ReduceSum over 512 MB, {args.threads} threads), "
+        f"{bandwidth['copy_gb_s']:.1f} GB/s copy (numpy, read + write), best of 10, median over rounds.",
         "",
         f"Model: `{MODEL}` (the SmolVLM-256M-Instruct architecture with random weights: SigLIP 768x12 at 512 px,"
         " 64 image tokens, SmolLM2-135M decoder, untied LM head); one 512 x 512 image, splitting off; prompt"
         f" \"{PROMPT}\" through the chat template; greedy, {args.new_tokens} new tokens forced (EOS suppressed);"
-        f" {args.threads} threads; each system in its own process; median of {args.runs} runs after"
-        f" {args.warmup} warm-up (min-max in brackets). TTFT runs from the call with the image and text to the"
+        f" {args.threads} threads; each system in its own process, {args.rounds} rounds over all systems in turn;"
+        f" {args.runs} runs per round after {args.warmup} warm-up; median of the {args.rounds * args.runs} runs"
+        " (min-max in brackets), peak RSS the highest of the rounds. TTFT runs from the call with the image and text to the"
         " first token's logits, preprocessing included.",
         "",
         "| system | TTFT ms | vision encoder ms | decode tok/s | end to end ms | load ms | peak RSS MB | on disk MB "
@@ -415,7 +454,7 @@ def report(rows: list[dict], bandwidth: float, args) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        roof = bandwidth * 1e9 / r["bytes_per_token"] if r["bytes_per_token"] else None
+        roof = bandwidth["read_gb_s"] * 1e9 / r["bytes_per_token"] if r["bytes_per_token"] else None
         frac = f"{r['metrics']['decode_tok_s']['median'] / roof:.0%}" if roof else "-"
         lines.append(f"| {r['name']} | {cell(r, 'ttft_ms')} | {cell(r, 'vision_encoder_ms')} | "
                      f"{cell(r, 'decode_tok_s', '{:.1f}')} | {cell(r, 'e2e_ms')} | {r['load_ms']:.0f} | "
@@ -424,9 +463,11 @@ def report(rows: list[dict], bandwidth: float, args) -> str:
               f"Compute precision: optimum-intel runs OpenVINO with its CPU default, {_ov_cpu_default()} on this"
               " machine (so its fp32 rows compute in that precision); mmedge pins f32 unless a row says otherwise"
               " (`--inference-precision`). Weights are what the row names.", "",
-              "Roofline: memory bandwidth / bytes the decoder reads per new token (its weights without the"
+              "Roofline: read bandwidth / bytes the decoder reads per new token (its weights without the"
               " embedding table, plus the KV cache at the final length), for the mmedge packages, whose"
-              " decoder bytes are known exactly from the package.", "",
+              " decoder bytes are known exactly from the package (halved for bf16 compute: OpenVINO converts"
+              " fp32 weights to bf16 when it compiles).", "",
+              "What bounds each row, with profiles: [performance.md](performance.md).", "",
               "Versions: " + "; ".join(sorted({r["version"] for r in rows if r["version"]})) + "."]
     return "\n".join(lines) + "\n"
 
