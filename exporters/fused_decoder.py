@@ -2,11 +2,11 @@
 
 Traced from PyTorch, a SmolLM2-135M decoder step is ~1,700 ONNX nodes: RMSNorm
 as six, rotary embedding as a dozen, attention as reshapes, expands,
-transposes, two MatMuls and a softmax, per layer. At 135M parameters and INT4
-weights each step reads ~80 MB, a fraction of a millisecond of memory traffic
-on a laptop-class CPU, so the time goes to launching small kernels. Built
-here from the same weights with ONNX Runtime's contrib ops it is ~11 nodes a
-layer:
+transposes, two MatMuls and a softmax, per layer, over the whole
+preallocated cache. With INT4 weights a step reads ~90 MB, ~3 ms of memory
+traffic on a 2-core machine, yet took ~21 ms: the time went to running small
+kernels. Built here from the same weights with ONNX Runtime's contrib ops it
+is ~11 nodes a layer, and the INT4 step takes ~5.5 ms (docs/performance.md):
 
     SkipSimplifiedLayerNormalization (residual add + RMSNorm)
     MatMul  [hidden -> q|k|v]  (one packed projection)
