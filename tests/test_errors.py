@@ -132,7 +132,7 @@ def test_unbuilt_target_and_unknown_precision(tmp_path):
                                   "-o", str(tmp_path / "o")), "--kv-cache state is not available for --target onnxruntime")
     assert_one_line_error(run_cli("export", "--model", "tiny-paligemma", "--kv-cache", "in_place",
                                   "-o", str(tmp_path / "o")),
-                          "--kv-cache in_place needs a decoder GroupQueryAttention can run", "prefix_bidirectional",
+                          "--kv-cache in_place needs a decoder GroupQueryAttention can run", "GemmaModel",
                           "--kv-cache buffer")
     assert not (tmp_path / "o").exists()
 
