@@ -346,7 +346,7 @@ def quantize_decoder_int4(src: Path, dst: Path, block: int, method: str, stats: 
     if alphas:
         report["awq_alpha"] = {k: round(v, 2) for k, v in alphas.items()}
         report["awq_scales_folded"] = folded  # shared inputs whose 1/s went into the norm or MatMul before them
-        report["awq_error_vs_rtn"] = round(float(np.mean(gains)), 4)  # mean over MatMuls of AWQ MSE / RTN MSE
+        report["awq_error_vs_rtn"] = round(float(np.mean(gains)), 4)  # mean over scales of AWQ MSE / RTN MSE
     return report
 
 
