@@ -19,9 +19,8 @@ class OnnxRuntimeGraph:
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
         self._binding = None
-        self._bound: dict[tuple[str, str], np.ndarray] = {}  # what each input/output is bound to now
-        self._values: dict[tuple[str, str], object] = {}  # the OrtValues over those arrays (kept alive)
-        self._order: list[str] = []  # outputs in the order the binding returns them
+        # (side, name) -> (the array bound now, the OrtValue over it, kept alive)
+        self._bound: dict[tuple[str, str], tuple[np.ndarray, object]] = {}
 
     def run(self, inputs: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         if not into:
@@ -38,22 +37,21 @@ class OnnxRuntimeGraph:
             else:  # allocated by ONNX Runtime each run (a binding would otherwise keep last run's shape)
                 io.bind_output(name, "cpu")
                 self._bound.pop(("out", name), None)
-            if name not in self._order:
-                self._order.append(name)
         self.session.run_with_iobinding(io)
         if len(into) == len(self.output_names):
             return {}
-        values = io.get_outputs()
-        return {name: values[i].numpy() for i, name in enumerate(self._order) if name not in into}
+        values = io.get_outputs()  # in the order first bound: output_names, as every run binds them all
+        return {name: values[i].numpy() for i, name in enumerate(self.output_names) if name not in into}
 
     def _bind(self, bind, side: str, name: str, array: np.ndarray) -> None:
-        if self._bound.get((side, name)) is array:
+        bound = self._bound.get((side, name))
+        if bound is not None and bound[0] is array:
             return
         if not array.flags.c_contiguous:
             raise ValueError(f"{name}: bound arrays must be C-contiguous")
         value = self._ort.OrtValue.ortvalue_from_numpy(array)
         bind(name, value)
-        self._bound[side, name], self._values[side, name] = array, value
+        self._bound[side, name] = (array, value)
 
 
 class OnnxRuntimeBackend:
