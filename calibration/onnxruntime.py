@@ -109,8 +109,9 @@ class _FeedReader:
         return next(self._it, None)
 
 
-def quantize_static_int8(src: Path, dst: Path, feeds: list[dict], method: str) -> dict:
-    """INT8 QDQ: activations uint8 with calibrated ranges, weights int8 symmetric per output channel.
+def quantize_static_int8(src: Path, dst: Path, feeds: list[dict], method: str, symmetric: bool = False) -> dict:
+    """INT8 QDQ: activations uint8 with calibrated ranges (int8 around zero if `symmetric`, as TensorRT
+    wants them), weights int8 symmetric per output channel.
 
     Only the layers with weights (MatMul by a 2-D initializer, Conv, Gemm) are quantized; the
     attention MatMuls (queries x keys, probabilities x values) stay fp32: per-tensor uint8 on
@@ -140,15 +141,16 @@ def quantize_static_int8(src: Path, dst: Path, feeds: list[dict], method: str) -
                 op_types_to_quantize=["MatMul", "Conv", "Gemm"],
                 nodes_to_quantize=nodes,
                 per_channel=True,
-                activation_type=QuantType.QUInt8,
+                activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=methods[method],
                 use_external_data_format=_has_external_data(named),
-                extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+                extra_options={"WeightSymmetric": True, "ActivationSymmetric": symmetric},
             )
         finally:
             os.chdir(cwd)
-    return {"scheme": "int8 QDQ: activations uint8 (calibrated), weights int8 per channel; attention MatMuls fp32",
+    activations = "int8 symmetric" if symmetric else "uint8"
+    return {"scheme": f"int8 QDQ: activations {activations} (calibrated), weights int8 per channel; attention MatMuls fp32",
             "calibration": method, "calibration_batches": len(feeds), "layers": len(nodes)}
 
 
@@ -194,8 +196,9 @@ def convert_fp16(src: Path, dst: Path) -> dict:
     return {"scheme": "fp16 weights and compute, fp32 inputs and outputs"}
 
 
-def _fake_int4(w: np.ndarray, block: int) -> np.ndarray:
-    """Symmetric block-wise INT4 round trip along K (rows of a [K, N] MatMul weight), as MatMulNBits stores it.
+def int4_blocks(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric block-wise INT4 along K (rows of a [K, N] MatMul weight, zero-padded to whole blocks):
+    (q [K/block, block, N] in -8..7, scale [K/block, 1, N]), as MatMulNBits stores it.
 
     onnxruntime's symmetric blocks map the block's largest-magnitude value to -8
     (scale = that value / -8, zero point 8) and clamp the other side at +7.
@@ -206,7 +209,13 @@ def _fake_int4(w: np.ndarray, block: int) -> np.ndarray:
     idx = np.abs(wp).argmax(axis=1)[:, None, :]
     scale = np.take_along_axis(wp, idx, axis=1) / -8.0
     scale[scale == 0] = 1.0
-    return (np.clip(np.round(wp / scale), -8, 7) * scale).reshape(-1, n)[:k]
+    return np.clip(np.round(wp / scale), -8, 7), scale
+
+
+def _fake_int4(w: np.ndarray, block: int) -> np.ndarray:
+    """The INT4 round trip of `w` (what the quantized MatMul multiplies by)."""
+    q, scale = int4_blocks(w, block)
+    return (q * scale).reshape(-1, w.shape[1])[: w.shape[0]]
 
 
 def awq_scales(w: np.ndarray, act_mean: np.ndarray, rows: np.ndarray, block: int) -> tuple[np.ndarray, float, float]:
@@ -295,61 +304,76 @@ def _fold_target(model: onnx.ModelProto, inits: dict, x: str, readers: list):
     return None
 
 
+def apply_awq(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], skip: list[str], block: int,
+              stats: _ActivationStats | None) -> dict:
+    """Activation-aware scales for the weight MatMuls (but `skip`), written into the fp32 weights; returns
+    the report's AWQ entries. Each scale s multiplies a weight's input rows and 1/s is taken by the op that
+    makes the activation (folded) or by a Mul on it."""
+    if stats is None:
+        raise ExportError("activation-aware INT4 needs decoder calibration data")
+    inits = {i.name: i for i in model.graph.initializer}
+    groups: dict[str, list[onnx.NodeProto]] = {}  # MatMuls reading one activation share one scale
+    for node in matmuls:
+        if node.name not in skip and node.input[0] in stats.abs_sum:
+            groups.setdefault(node.input[0], []).append(node)
+    alphas, gains, folded = {}, [], 0
+    for x, group in groups.items():
+        fold = _fold_target(model, inits, x, group)
+        # one scale for all the MatMuls reading x when the op making x can take 1/s (no node added per
+        # token); otherwise each MatMul gets its own scale and a Mul on its input
+        for members in [group] if fold else [[n] for n in group]:
+            alpha, gain = _scale_group(model, inits, x, members, fold, block, stats)
+            alphas.update(dict.fromkeys((n.name for n in members), alpha))
+            gains.append(gain)
+            folded += bool(fold) and alpha != 0.0
+    return {"awq_alpha": {k: round(v, 2) for k, v in alphas.items()},
+            "awq_scales_folded": folded,  # shared inputs whose 1/s went into the norm or MatMul before them
+            "awq_error_vs_rtn": round(float(np.mean(gains)), 4) if gains else 1.0}  # mean AWQ MSE / RTN MSE
+
+
+def _scale_group(model, inits, x, members, fold, block, stats) -> tuple[float, float]:
+    """Search and apply one scale for the MatMuls `members` reading `x`; returns (alpha, error vs RTN)."""
+    ws = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in members]
+    act, rows = stats.stats(x)
+    s, alpha, gain = awq_scales(np.concatenate(ws, axis=1), act, rows, block)
+    if alpha == 0.0:
+        return alpha, gain
+    for n, w in zip(members, ws):
+        inits[n.input[1]].CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32), n.input[1]))
+    if fold:
+        fold(1.0 / s)
+        return alpha, gain
+    node = members[0]
+    inv = node.name + "_awq_inv_scale"
+    model.graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), inv))
+    scaled = node.input[0] + "_awq_" + node.name
+    at = list(model.graph.node).index(node)
+    model.graph.node.insert(at, helper.make_node("Mul", [node.input[0], inv], [scaled], name=node.name + "_awq"))
+    node.input[0] = scaled
+    return alpha, gain
+
+
+def lm_heads(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], vocab: int) -> list[str]:
+    """The weight MatMuls that project to the vocabulary (kept at 8 bits: the logits are the output)."""
+    inits = {i.name: i for i in model.graph.initializer}
+    return [n.name for n in matmuls if inits[n.input[1]].dims[1] == vocab]
+
+
 def quantize_decoder_int4(src: Path, dst: Path, block: int, method: str, stats: _ActivationStats | None,
                           lm_head_vocab: int) -> dict:
     """Block-wise INT4 (MatMulNBits) for every weight MatMul but the LM head, which gets INT8."""
     model = onnx.load(str(src))
     _name_nodes(model)
-    inits = {i.name: i for i in model.graph.initializer}
     matmuls = _weight_matmuls(model)
-    heads = [n.name for n in matmuls if inits[n.input[1]].dims[1] == lm_head_vocab]
-    alphas, gains, folded = {}, [], 0
-    if method == "awq":
-        if stats is None:
-            raise ExportError("activation-aware INT4 needs decoder calibration data")
-        groups: dict[str, list[onnx.NodeProto]] = {}  # MatMuls reading one activation share one scale
-        for node in matmuls:
-            if node.name not in heads and node.input[0] in stats.abs_sum:
-                groups.setdefault(node.input[0], []).append(node)
-        for x, group in groups.items():
-            fold = _fold_target(model, inits, x, group)
-            # one scale for all the MatMuls reading x when the op making x can take 1/s (no node added per
-            # token); otherwise each MatMul gets its own scale and a Mul on its input
-            for members in [group] if fold else [[n] for n in group]:
-                ws = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in members]
-                act, rows = stats.stats(x)
-                s, alpha, gain = awq_scales(np.concatenate(ws, axis=1), act, rows, block)
-                gains.append(gain)
-                alphas.update(dict.fromkeys((n.name for n in members), alpha))
-                if alpha == 0.0:
-                    continue
-                for n, w in zip(members, ws):
-                    inits[n.input[1]].CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32), n.input[1]))
-                if fold:
-                    fold(1.0 / s)
-                    folded += 1
-                    continue
-                node = members[0]
-                inv = node.name + "_awq_inv_scale"
-                model.graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), inv))
-                scaled = node.input[0] + "_awq_" + node.name
-                at = list(model.graph.node).index(node)
-                model.graph.node.insert(at, helper.make_node("Mul", [node.input[0], inv], [scaled], name=node.name + "_awq"))
-                node.input[0] = scaled
+    heads = lm_heads(model, matmuls, lm_head_vocab)
+    awq = apply_awq(model, matmuls, heads, block, stats) if method == "awq" else {}
     model = _matmul_nbits(model, 4, block, exclude=heads)
     if heads:
         model = _matmul_nbits(model, 8, INT8_BLOCK, include=heads)
     save_model(model, dst)
-    report = {"scheme": f"int4 block-wise (MatMulNBits, block {block}, symmetric) weights; LM head int8 block-wise "
-                        f"(block {INT8_BLOCK}); activations int8 per block at run time (accuracy level {ACCURACY_LEVEL})",
-              "int4_method": method, "int4_matmuls": len(matmuls) - len(heads)}
-    if alphas:
-        report["awq_alpha"] = {k: round(v, 2) for k, v in alphas.items()}
-        report["awq_scales_folded"] = folded  # shared inputs whose 1/s went into the norm or MatMul before them
-        report["awq_error_vs_rtn"] = round(float(np.mean(gains)), 4)  # mean over scales of AWQ MSE / RTN MSE
-    return report
-
-
+    return {"scheme": f"int4 block-wise (MatMulNBits, block {block}, symmetric) weights; LM head int8 block-wise "
+                      f"(block {INT8_BLOCK}); activations int8 per block at run time (accuracy level {ACCURACY_LEVEL})",
+            "int4_method": method, "int4_matmuls": len(matmuls) - len(heads), **awq}
 
 
 # -- the hooks calibration/package.py calls --------------------------------------

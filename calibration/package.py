@@ -6,6 +6,7 @@ Target-independent; the graph transforms live in one module per target
     graph_files(path) -> the files a graph consists of
     decoder_capture(work, fp32_decoder, plan, options) -> (file to run, wrapper) or None
         how the decoder is run during calibration when its quantizer needs data
+    BACKEND (optional): the runtime backend that runs the graphs here, if not the target's own
     quantize_graph(part, precision, src, dst, options, feeds, decoder_data) -> report dict
 
 Flow: the fp32 package runs the calibration samples through the real runtime
@@ -86,7 +87,7 @@ def _pipeline(stage: Path, manifest: Manifest, files: dict[str, Path], wrap: dic
     from mmedge.runtimes.pipeline import Pipeline
     from mmedge.runtimes.text import TextCodec
 
-    engine = get_backend(manifest.target)
+    engine = get_backend(getattr(_target(manifest), "BACKEND", manifest.target))
     graphs = {part: engine.load(files[part]) for part in PARTS}
     for part, make in (wrap or {}).items():
         graphs[part] = make(graphs[part])

@@ -16,13 +16,18 @@ PRESETS = {
     "int4": {"vision_encoder": "int8", "projector": "int8", "embed_tokens": "int8", "decoder": "int4"},
 }
 ALLOWED = {part: ("fp32", "fp16", "int8") for part in PARTS} | {"decoder": PRECISIONS}
+# What a target cannot hold: TensorRT's ONNX parser takes no INT8 Gather (nor an INT8 Cast), so its
+# embedding table is fp16 where a preset says int8; asking for it explicitly is an error.
+TARGET_LIMITS = {"tensorrt": {"embed_tokens": ("fp32", "fp16")}}
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 INT4_METHODS = ("awq", "rtn")
-INT4_BLOCK_SIZES = (32, 64, 128)
+INT4_BLOCK_SIZES = (32, 64, 128)  # the first is the default
+INT4_BLOCK_SIZES_FOR = {"tensorrt": (64, 128)}  # TensorRT's block-quantized INT4 weights
 
 
-def parse_quant(text: str) -> dict[str, str]:
-    """Per-graph precisions from --quant: a preset, `part=precision` pairs, or a preset followed by pairs."""
+def parse_quant(text: str, target: str | None = None) -> dict[str, str]:
+    """Per-graph precisions from --quant: a preset, `part=precision` pairs, or a preset followed by pairs;
+    within what `target` can hold (TARGET_LIMITS)."""
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
         raise ExportError(f"--quant is empty; choose one of {', '.join(PRECISIONS)} or part=precision pairs")
@@ -32,6 +37,10 @@ def parse_quant(text: str) -> dict[str, str]:
         if preset not in PRESETS:
             raise ExportError(f"unknown precision {preset!r} in --quant; choose one of {', '.join(PRECISIONS)}")
         plan = dict(PRESETS[preset])
+    limits = TARGET_LIMITS.get(target, {})
+    for part, allowed in limits.items():
+        if plan[part] not in allowed:
+            plan[part] = "fp16"
     for item in items:
         part, sep, precision = (s.strip() for s in item.partition("="))
         if not sep:
@@ -42,6 +51,9 @@ def parse_quant(text: str) -> dict[str, str]:
             raise ExportError(
                 f"--quant: {part} cannot be {precision!r}; choose one of {', '.join(ALLOWED[part])}"
             )
+        if precision not in limits.get(part, (precision,)):
+            raise ExportError(f"--quant: {part} cannot be {precision} for --target {target}; "
+                              f"choose one of {', '.join(limits[part])}")
         plan[part] = precision
     return plan
 

@@ -16,9 +16,9 @@ from mmedge.manifest import GraphSpec, KVCacheSpec, Manifest
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("onnxruntime", "openvino")
+TARGETS = ("onnxruntime", "openvino", "tensorrt")
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
-PLANNED_TARGETS = ("tensorrt", "coreml")
+PLANNED_TARGETS = ("coreml",)
 
 
 @dataclass
@@ -34,9 +34,10 @@ class ExportOptions:
     calib_samples: int = 64
     calib_method: str = "minmax"
     int4_method: str = "awq"
-    int4_block_size: int = 32
+    int4_block_size: int | None = None  # default: 32, or 64 for tensorrt (TensorRT's INT4 blocks are 64 or 128)
     int4_ratio: float = 1.0  # openvino: share of decoder layers in INT4, the rest INT8 (NNCF picks by sensitivity)
     kv_cache: str | None = None  # "state" or "buffer"; default: the target's first choice
+    build_engines: bool = False  # tensorrt: build this machine's engines into the package after export
 
 
 def check_options(opts: ExportOptions) -> None:
@@ -46,7 +47,7 @@ def check_options(opts: ExportOptions) -> None:
         raise ExportError(f"unknown target {opts.target!r}; choose one of: {', '.join(TARGETS)}")
     from mmedge.calibration import plan as qplan
 
-    plan = qplan.parse_quant(opts.quant)
+    plan = qplan.parse_quant(opts.quant, opts.target)
     needs = {"openvino": ["openvino"] + (["nncf"] if set(plan.values()) != {"fp32"} else [])}.get(opts.target, [])
     missing = [m for m in needs if importlib.util.find_spec(m) is None]
     if missing:
@@ -56,8 +57,12 @@ def check_options(opts: ExportOptions) -> None:
         raise ExportError(f"unknown --calib-method {opts.calib_method!r}; choose one of {', '.join(qplan.CALIB_METHODS)}")
     if opts.int4_method not in qplan.INT4_METHODS:
         raise ExportError(f"unknown --int4-method {opts.int4_method!r}; choose one of {', '.join(qplan.INT4_METHODS)}")
-    if opts.int4_block_size not in qplan.INT4_BLOCK_SIZES:
-        raise ExportError(f"--int4-block-size must be one of {', '.join(map(str, qplan.INT4_BLOCK_SIZES))}")
+    sizes = qplan.INT4_BLOCK_SIZES_FOR.get(opts.target, qplan.INT4_BLOCK_SIZES)
+    if opts.int4_block_size is None:
+        opts.int4_block_size = sizes[0]
+    if opts.int4_block_size not in sizes:
+        raise ExportError(f"--int4-block-size must be one of {', '.join(map(str, sizes))}"
+                          + (f" for --target {opts.target}" if sizes != qplan.INT4_BLOCK_SIZES else ""))
     if not 0.0 < opts.int4_ratio <= 1.0:
         raise ExportError(f"--int4-ratio must be in (0, 1], got {opts.int4_ratio}")
     if opts.int4_ratio != 1.0 and opts.target != "openvino":
@@ -67,6 +72,12 @@ def check_options(opts: ExportOptions) -> None:
         if opts.kv_cache not in storage:
             raise ExportError(f"--kv-cache {opts.kv_cache} is not available for --target {opts.target}; "
                               f"choose {' or '.join(storage)}")
+    if opts.build_engines:
+        if opts.target != "tensorrt":
+            raise ExportError("--build-engines is for --target tensorrt (other targets need no build step)")
+        from mmedge.runtimes.backends.tensorrt_build import import_tensorrt
+
+        import_tensorrt()  # no TensorRT or no GPU: say so before minutes of export
     if opts.max_context is not None and opts.max_context < 2:
         raise ExportError(f"--max-context must be at least 2, got {opts.max_context}")
 
@@ -81,11 +92,16 @@ def export(opts: ExportOptions) -> Manifest:
     path = ckpt.resolve(opts.model)
     family = ckpt.family_for(ckpt.read_config(path)["model_type"])
     calib = None
-    if set(parse_quant(opts.quant).values()) != {"fp32"}:
+    if set(parse_quant(opts.quant, opts.target).values()) != {"fp32"}:
         from mmedge.calibration.data import load_calibration
 
         calib = load_calibration(opts.calib, opts.calib_samples, checkpoint=path)  # bad data fails before export
-    return _export(opts, path, family, calib)
+    manifest = _export(opts, path, family, calib)
+    if opts.build_engines:
+        from mmedge.runtimes.backends.tensorrt_build import build_package
+
+        build_package(Path(opts.output), manifest, progress=opts.progress)
+    return manifest
 
 
 def _export(opts: ExportOptions, checkpoint: Path, family, calib=None) -> Manifest:
@@ -173,13 +189,14 @@ def _export(opts: ExportOptions, checkpoint: Path, family, calib=None) -> Manife
             verification={"reference": "pytorch fp32", "graphs": report},
             mmedge_version=__version__,
         )
-        plan = parse_quant(opts.quant)
+        plan = parse_quant(opts.quant, opts.target)
         if calib is not None:
             from mmedge.calibration.package import QuantOptions, quantize_package
 
             options = QuantOptions(calib_method=opts.calib_method, int4_method=opts.int4_method,
                                    int4_block_size=opts.int4_block_size, int4_ratio=opts.int4_ratio)
             manifest.quantization = quantize_package(stage, manifest, plan, calib, options, opts.progress)
+        getattr(target, "finalize", lambda stage, manifest: None)(stage, manifest)
         manifest.files = file_entries(stage)
         manifest.save(stage)
     log.info("exported %s in %.1f s", opts.output, time.perf_counter() - started)

@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--calib-samples", type=int, default=64, help="calibration samples (default: 64)")
     e.add_argument("--calib-method", default="minmax", help="INT8 activation ranges: minmax, entropy or percentile")
     e.add_argument("--int4-method", default="awq", help="INT4 decoder weights: awq (activation-aware) or rtn")
-    e.add_argument("--int4-block-size", type=int, default=32, help="INT4 block size: 32, 64 or 128 (default: 32)")
+    e.add_argument("--int4-block-size", type=int,
+                   help="INT4 block size: 32, 64 or 128 (default: 32; tensorrt: 64 or 128, default 64)")
     e.add_argument("--int4-ratio", type=float, default=1.0,
                    help="openvino: share of decoder layers in INT4, the rest INT8, chosen by NNCF (default: 1.0)")
     e.add_argument("-o", "--output", type=Path, help="package directory to write (default: <model>-<quant>-<target>)")
@@ -46,6 +47,17 @@ def _parser() -> argparse.ArgumentParser:
                         "in_place (buffers the decoder writes itself, built on GroupQueryAttention; onnxruntime "
                         "default where the decoder allows it) or buffer (explicit inputs/outputs, traced decoder)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing package at --output")
+    e.add_argument("--build-engines", action="store_true",
+                   help="tensorrt: build the engines right away (this machine needs TensorRT and the GPU that will "
+                        "run them); otherwise `mmedge build` or the first load on the device does it")
+
+    bd = sub.add_parser("build", help="build a TensorRT package's engines on this device")
+    bd.add_argument("package", type=Path)
+    bd.add_argument("--workspace", type=float, help="GiB of GPU memory TensorRT may use for tactics (default: its own)")
+    bd.add_argument("--typing", default="auto", choices=("auto", "strong", "weak"),
+                    help="strong: the graph's types (TensorRT >= 10.12 default); weak: precision flags "
+                         "(TensorRT 10.3, JetPack 6.2); auto picks by version")
+    bd.add_argument("--force", action="store_true", help="rebuild even if this device's engines are current")
 
     r = sub.add_parser("run", help="answer a prompt about an image with a package")
     r.add_argument("package", type=Path)
@@ -125,12 +137,25 @@ def cmd_export(args) -> int:
             int4_block_size=args.int4_block_size,
             int4_ratio=args.int4_ratio,
             kv_cache=args.kv_cache,
+            build_engines=args.build_engines,
         )
     )
     size = sum(f.bytes for f in manifest.files.values())
     if manifest.quantization:
         _print_quantization(manifest.quantization)
     print(f"wrote {output} ({manifest.family}, {manifest.target}, {_mb(size)})")
+    return 0
+
+
+def cmd_build(args) -> int:
+    from mmedge.manifest import load_manifest
+    from mmedge.runtimes.backends.tensorrt_build import build_package, engine_dir, import_tensorrt
+
+    manifest = load_manifest(args.package)
+    done = build_package(args.package, manifest, workspace_gb=args.workspace, typing=args.typing, force=args.force)
+    for part, seconds in done.items():
+        print(f"  {part:<16} {'current' if seconds == 'current' else f'built in {seconds} s'}")
+    print(f"engines in {engine_dir(args.package, import_tensorrt())}")
     return 0
 
 
@@ -297,6 +322,7 @@ def _setup_logging(verbose: bool) -> None:
 
 COMMANDS = {
     "export": cmd_export,
+    "build": cmd_build,
     "run": cmd_run,
     "inspect": cmd_inspect,
     "eval": cmd_eval,

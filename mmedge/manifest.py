@@ -182,6 +182,7 @@ class Manifest:
     files: dict[str, FileEntry] = field(default_factory=dict)
     verification: dict[str, Any] = field(default_factory=dict)
     quantization: dict[str, Any] = field(default_factory=dict)  # plan, calibration and the accuracy report
+    tensorrt: dict[str, Any] = field(default_factory=dict)  # target tensorrt: optimization profiles per graph
     format_version: int = FORMAT_VERSION
     mmedge_version: str = ""
 

@@ -15,7 +15,11 @@ The runtime tracks the length and resets the state for each new sequence.
 too, so the decoder writes each new key and value into its slot itself and
 the runtime only counts (ONNX Runtime GroupQueryAttention with IO binding).
 
-All three answer the Pipeline the same questions: what to feed (`feeds`), how
+A decoder graph can also hold the "buffer" layout itself, on its device
+(`holds_cache`: TensorRT keeps the buffers in GPU memory and writes the new
+slots there): `EngineCache` then only counts and masks the whole buffer.
+
+All of them answer the Pipeline the same questions: what to feed (`feeds`), how
 many cache slots the step's attention mask covers (`mask_slots`), which
 outputs land in its own arrays (`into`), what to do with the step's outputs
 (`write`), and how to start over (`reset`, `fresh`).
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmedge.errors import PackageError
+from mmedge.errors import InputError, PackageError
 from mmedge.manifest import KVCacheSpec
 
 STORAGE = ("buffer", "state", "in_place")
@@ -134,8 +138,22 @@ class StateCache(KVCache):
         self._advance(n_new)
 
 
+class EngineCache(StateCache):
+    """The "buffer" layout held by the decoder graph on its own device (`holds_cache`)."""
+
+    @property
+    def mask_slots(self) -> int:
+        return self.spec.max_context  # the engine attends over the whole buffer, unwritten slots masked
+
+    def fresh(self) -> dict[str, np.ndarray]:
+        raise InputError("this decoder keeps its KV cache on its device and always attends over the whole cache; "
+                         "generation without the cache (use_cache=False) is not available with it")
+
+
 def make_cache(spec: KVCacheSpec, decoder) -> KVCache:
     """The cache for a package's decoder graph, as its manifest says it is held."""
+    if spec.storage == "buffer" and getattr(decoder, "holds_cache", False):
+        return EngineCache(spec, decoder)
     if spec.storage == "buffer":
         return KVCache(spec)
     if spec.storage == "in_place":

@@ -106,6 +106,8 @@ class Pipeline:
         if inference_precision:
             options["inference_precision"] = inference_precision
         engine = get_backend(name, **options)
+        if hasattr(engine, "open_package"):
+            engine.open_package(path, manifest)
         graphs = {part: engine.load(path / manifest.graphs[part].file) for part in PARTS}
         codec = TextCodec.from_package(path, manifest)
         return cls(path, manifest, graphs, codec)

@@ -3,7 +3,9 @@
 A backend loads a graph file and returns a `Graph`, which runs with a dict of
 named numpy arrays and returns a dict of named numpy arrays, writing any
 output the caller names in `into` into the caller's array instead (ONNX
-Runtime binds it, so the engine writes there directly). Nothing else of
+Runtime binds it, so the engine writes there directly). A backend that
+needs the whole package first (TensorRT: engines built per device) also has
+`open_package(path, manifest)`, called before its graphs load. Nothing else of
 an engine leaks into the runtime, so adding an engine is one module here plus
 one line in `_BACKENDS`.
 """
@@ -38,12 +40,14 @@ class Backend(Protocol):
 _BACKENDS = {
     "onnxruntime": ("mmedge.runtimes.backends.onnxruntime", "OnnxRuntimeBackend"),
     "openvino": ("mmedge.runtimes.backends.openvino", "OpenVinoBackend"),
+    "tensorrt": ("mmedge.runtimes.backends.tensorrt", "TensorRTBackend"),
 }
 
 # Which backend runs a package exported for a target, unless the user picks one.
 DEFAULT_BACKEND_FOR_TARGET = {
     "onnxruntime": "onnxruntime",
     "openvino": "openvino",
+    "tensorrt": "tensorrt",  # its ONNX graphs also run with --backend onnxruntime, anywhere
 }
 
 

@@ -1,0 +1,142 @@
+"""ONNX graph quantizers for the TensorRT target: the precision is written into the graph.
+
+TensorRT 10.12+ builds strongly typed networks (every tensor's type is the
+ONNX type; no precision flags, no calibrators), and 10.3 (JetPack 6.2) reads
+explicit Q/DQ the same way. So each graph says exactly what runs at what
+precision, and the same file runs under ONNX Runtime on any machine, which is
+how it is measured here (calibration/package.py) without a GPU:
+
+- fp16: weights and compute in float16, with float32 islands where float16
+  overflows or loses the result: each norm's variance (x^2, its mean, + eps,
+  sqrt, reciprocal), Softmax, LayerNormalization. Inputs and outputs stay
+  float32 (the runtime's contract).
+- int8: vision encoder and projector with INT8 Q/DQ on every weight layer's
+  input (symmetric, zero point 0: ranges calibrated on the recorded inputs)
+  and per-output-channel INT8 weights; the decoder weight-only INT8 (a
+  per-channel DequantizeLinear feeding each weight MatMul); the embedding
+  table INT8 per row. All on the fp16 graph.
+- int4: the decoder's weight MatMuls as INT4 block-quantized DequantizeLinear
+  (opset 21 block_size along K, float16 scales: TensorRT's weight-only INT4),
+  activation-aware scales as for onnxruntime (calibration/onnxruntime.py),
+  the LM head INT8 per channel.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from mmedge.calibration import onnxruntime as ort_quant
+from mmedge.calibration.package import QuantOptions
+from mmedge.exporters.onnxruntime_target import save_model
+
+OPSET = 19  # float16 inputs to QuantizeLinear
+OPSET_INT4 = 21  # DequantizeLinear's block_size and INT4 tensors (IR 10); only where needed: ONNX Runtime's
+IR_VERSION_INT4 = 10  # optimizer breaks int8 Q/DQ at 21 ("output_dtype INT8 does not match y_zero_point")
+# ops computed in float32 inside fp16 graphs
+ISLAND_OPS = {"Pow", "ReduceMean", "Sqrt", "Reciprocal", "Softmax", "LayerNormalization"}
+
+# the package is verified, calibrated and measured through this backend at export (no GPU needed)
+BACKEND = "onnxruntime"
+graph_files = ort_quant.graph_files
+decoder_capture = ort_quant.decoder_capture
+
+
+def fp16_islands(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes kept in float32: ISLAND_OPS, and the Add / Div that take a norm's mean or sqrt
+    (x^2 and its mean overflow float16 once activations pass ~256)."""
+    island = [n for n in model.graph.node if n.op_type in ISLAND_OPS]
+    made = {o for n in island if n.op_type in ("ReduceMean", "Sqrt") for o in n.output}
+    extra = [n for n in model.graph.node if n.op_type in ("Add", "Div") and made & set(n.input)]
+    return [n.name for n in island + extra]
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """float16 weights and compute, float32 islands and I/O; opset 19 (21 with INT4 weights)."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    ort_quant._name_nodes(model)
+    model = convert_float_to_float16(model, keep_io_types=True, op_block_list=DEFAULT_OP_BLOCK_LIST,
+                                     node_block_list=fp16_islands(model))
+    return _opset(model)
+
+
+def _opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    int4 = any(a.name == "block_size" for n in model.graph.node if n.op_type == "DequantizeLinear" for a in n.attribute)
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = max(entry.version, OPSET_INT4 if int4 else OPSET)
+    if int4:
+        model.ir_version = max(model.ir_version, IR_VERSION_INT4)
+    return model
+
+
+def weight_only(model: onnx.ModelProto, bits: dict[str, int], block: int) -> int:
+    """Replace each weight MatMul's initializer named in `bits` (MatMul name -> 4 or 8) by INT4 blocks along K
+    (`block`; INT8 per channel where K is not a multiple of it) or INT8 per output channel, and a
+    DequantizeLinear that makes the weight; returns how many became INT4."""
+    inits = {i.name: i for i in model.graph.initializer}
+    int4 = 0
+    for node in ort_quant._weight_matmuls(model):
+        if node.name not in bits:
+            continue
+        name = node.input[1]
+        w = numpy_helper.to_array(inits[name]).astype(np.float32)
+        if bits[node.name] == 4 and w.shape[0] % block == 0:
+            q, scale = ort_quant.int4_blocks(w, block)
+            q = q.reshape(w.shape).astype(_int4())
+            scale, attrs = scale[:, 0, :], dict(axis=0, block_size=block)
+            int4 += 1
+        else:
+            scale = np.abs(w).max(axis=0) / 127.0
+            scale[scale == 0] = 1.0
+            q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+            attrs = dict(axis=1)
+        model.graph.initializer.remove(inits[name])
+        model.graph.initializer.extend([numpy_helper.from_array(q, name + "_quantized"),
+                                        numpy_helper.from_array(scale.astype(np.float32), name + "_scale")])
+        model.graph.node.insert(0, helper.make_node("DequantizeLinear", [name + "_quantized", name + "_scale"],
+                                                    [name], name=node.name + "_weight_dq", **attrs))
+    return int4
+
+
+def _int4():
+    import ml_dtypes  # what onnx's numpy_helper packs into INT4 tensors
+
+    return ml_dtypes.int4
+
+
+def quantize_decoder(src: Path, dst: Path, precision: str, options: QuantOptions, stats, vocab: int) -> dict:
+    """Weight-only INT8 or INT4 (+ activation-aware scales) on the fp16 decoder."""
+    model = onnx.load(str(src))
+    ort_quant._name_nodes(model)
+    matmuls = ort_quant._weight_matmuls(model)
+    heads = ort_quant.lm_heads(model, matmuls, vocab)
+    awq = {}
+    if precision == "int4" and options.int4_method == "awq":
+        awq = ort_quant.apply_awq(model, matmuls, heads, options.int4_block_size, stats)
+    wide = 8 if precision == "int8" else 4
+    int4 = weight_only(model, {n.name: 8 if n.name in heads else wide for n in matmuls}, options.int4_block_size)
+    save_model(to_fp16(model), dst)
+    if precision == "int8":
+        return {"scheme": "int8 weight-only (per-channel DequantizeLinear), fp16 compute", "matmuls": len(matmuls)}
+    return {"scheme": f"int4 weight-only (block-quantized DequantizeLinear, block {options.int4_block_size}, "
+                      "fp16 scales), LM head int8 per channel, fp16 compute",
+            "int4_method": options.int4_method, "int4_matmuls": int4, **awq}
+
+
+def quantize_graph(part, precision, src, dst, options, feeds, stats) -> dict:
+    if precision == "fp16":
+        save_model(to_fp16(onnx.load(str(src))), dst)
+        return {"scheme": "fp16 weights and compute, fp32 islands (norm variance, softmax), fp32 inputs and outputs"}
+    if part == "decoder":
+        return quantize_decoder(src, dst, precision, options, stats, ort_quant._lm_head_vocab(src))
+    if part == "embed_tokens":
+        report = ort_quant.quantize_embedding_int8(src, dst)
+    else:
+        report = ort_quant.quantize_static_int8(src, dst, feeds[part], options.calib_method, symmetric=True)
+    save_model(to_fp16(onnx.load(str(dst))), dst)
+    return {**report, "scheme": report["scheme"] + "; fp16 elsewhere"}

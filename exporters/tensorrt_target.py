@@ -1,0 +1,102 @@
+"""Target `tensorrt`: ONNX graphs written for TensorRT's ONNX parser, built into engines on the device.
+
+Engines are specific to the GPU and the TensorRT version, so export writes
+what every device can build from: the traced ONNX graphs (verified against
+PyTorch in ONNX Runtime, as for the onnxruntime target), their precision
+written into the graph (calibration/tensorrt.py: fp16 with fp32 islands,
+explicit INT8 Q/DQ, INT4 block-quantized DequantizeLinear), and in the
+manifest (`tensorrt`) what a build needs: an optimization profile per graph
+(the decoder two, prefill and decode) over the fixed KV-cache layout.
+`mmedge build` (or the runtime, on first load) turns them into engines on
+the device; `mmedge run --backend onnxruntime` runs the same package on any
+machine.
+
+The KV cache is the "buffer" contract with every past input at the full
+max_context ([batch, kv_heads, max_context, head_dim], unwritten slots
+masked): the shapes an engine sees never change with the fill level, and
+the TensorRT backend keeps the cache on the GPU, written in place.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import onnx
+
+from mmedge.errors import ExportError
+from mmedge.exporters import tensorrt_ops
+from mmedge.exporters.onnxruntime_target import export_graph, io_specs, verify_graph  # noqa: F401 (target API)
+from mmedge.manifest import Manifest, PreprocessSpec
+
+SUFFIX = ".onnx"
+KV_STORAGE = ("buffer",)
+PROMPT_SLACK = 32  # text tokens around the image ones, for the prefill profile's optimum
+VISION_BATCH_OPT = 1
+
+
+def max_images(preprocess: PreprocessSpec) -> int:
+    """The most images one prompt sends through the vision encoder: the tiles and the whole image, or 1."""
+    if preprocess.resize_mode == "longest_edge" and preprocess.do_image_splitting and preprocess.tile_size:
+        side = math.ceil((preprocess.longest_edge or preprocess.tile_size) / preprocess.tile_size)
+        return side * side + 1
+    return 1
+
+
+def dim_ranges(manifest: Manifest) -> dict[str, list[dict[str, tuple[int, int, int]]]]:
+    """Per graph, per optimization profile: (min, opt, max) of each named dimension."""
+    images = max_images(manifest.preprocess)
+    context = manifest.kv_cache.max_context
+    prompt = min(context, manifest.prompt.image_seq_len * images + PROMPT_SLACK)
+    cache = (context, context, context)  # the whole buffer, always
+    one = (1, 1, 1)
+    vision = [{"batch": (1, min(VISION_BATCH_OPT, images), images)}]
+    return {
+        "vision_encoder": vision,
+        "projector": vision,
+        "embed_tokens": [{"batch": one, "seq": (1, prompt, context)}],
+        "decoder": [
+            {"batch": one, "seq": (1, prompt, context), "cache_len": cache},  # prefill
+            {"batch": one, "seq": one, "cache_len": cache},  # decode
+        ],
+    }
+
+
+def profiles(manifest: Manifest) -> dict[str, list[dict[str, dict[str, list[int]]]]]:
+    """Per graph, per profile, per input: {"min": shape, "opt": shape, "max": shape} (TensorRT's profile)."""
+    out = {}
+    for graph, ranges in dim_ranges(manifest).items():
+        spec = manifest.graphs[graph]
+        out[graph] = []
+        for dims in ranges:
+            sizes = dict(dims)
+            if "cache_len" in sizes:  # total_len = cache slots + new tokens
+                sizes["total_len"] = tuple(c + s for c, s in zip(sizes["cache_len"], sizes["seq"]))
+            shapes = {}
+            for name, tensor in spec.inputs.items():
+                unknown = [d for d in tensor.shape if isinstance(d, str) and d not in sizes]
+                if unknown:
+                    raise ExportError(f"{graph} input {name} has the dimension {unknown[0]!r}, which no "
+                                      "TensorRT profile sizes; this family needs a profile rule")
+                shapes[name] = {k: [sizes[d][i] if isinstance(d, str) else d for d in tensor.shape]
+                                for i, k in enumerate(("min", "opt", "max"))}
+            out[graph].append(shapes)
+    return out
+
+
+def finalize(stage: Path, manifest: Manifest) -> None:
+    """After quantization: every graph must parse in TensorRT; record the build settings in the manifest."""
+    unsupported = {}
+    for name, spec in manifest.graphs.items():
+        found = tensorrt_ops.unsupported(onnx.load(str(stage / spec.file), load_external_data=False))
+        if found:
+            unsupported[name] = found
+    if unsupported:
+        listed = "; ".join(f"{g}: {', '.join(found[:5])}" for g, found in unsupported.items())
+        raise ExportError(f"TensorRT's ONNX parser would reject {listed}; nothing was written")
+    manifest.tensorrt = {
+        "profiles": profiles(manifest),
+        "kv_cache": "past inputs at the full max_context, unwritten slots masked; new slots written on the GPU",
+        "parser_check": f"every op and type in the graphs is in TensorRT {tensorrt_ops.TABLE_VERSION}'s ONNX "
+                        "parser table",
+    }
