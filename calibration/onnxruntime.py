@@ -145,7 +145,8 @@ def quantize_static_int8(src: Path, dst: Path, feeds: list[dict], method: str, s
                 weight_type=QuantType.QInt8,
                 calibrate_method=methods[method],
                 use_external_data_format=_has_external_data(named),
-                extra_options={"WeightSymmetric": True, "ActivationSymmetric": symmetric},
+                # TensorRT: zero points 0, and float biases (its parser takes no INT32 DequantizeLinear)
+                extra_options={"WeightSymmetric": True, "ActivationSymmetric": symmetric, "QuantizeBias": not symmetric},
             )
         finally:
             os.chdir(cwd)

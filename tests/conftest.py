@@ -29,7 +29,11 @@ TARGETS = {
     "openvino-buffer": dict(target="openvino", kv_cache="buffer"),
     # the traced decoder, for comparison with the in-place one that onnxruntime builds where it can
     "onnxruntime-buffer": dict(target="onnxruntime", kv_cache="buffer"),
+    # TensorRT-ready graphs; here they run through ONNX Runtime (BACKEND), as `mmedge run --backend onnxruntime`
+    "tensorrt": dict(target="tensorrt"),
 }
+# the backend a target's packages run with in these tests, where not the target's own (no GPU here)
+BACKEND = {"tensorrt": "onnxruntime"}
 SHAPES = tiny.shapes()
 CASES = [(shape, target) for shape in SHAPES for target in TARGETS if target != "onnxruntime-buffer"]
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
-from conftest import CASES, PROMPTS, SHAPES, sample_images
+from conftest import BACKEND, CASES, PROMPTS, SHAPES, sample_images
 from mmedge import Pipeline
 from mmedge.evaluate import reference_inputs
 from mmedge.exporters import checkpoint as ckpt
@@ -44,7 +44,7 @@ def hf_generate(model, processor, image, prompt, n=NEW_TOKENS) -> list[int]:
 @pytest.mark.parametrize("shape,target", CASES)
 def test_greedy_tokens_match_transformers(shape, target, packages, reference):
     model, processor = reference(shape)
-    pipe = Pipeline.load(packages(shape, target))
+    pipe = Pipeline.load(packages(shape, target), backend=BACKEND.get(target))
     seen = set()
     for image_name, image in sample_images().items():
         for prompt in PROMPTS:
@@ -57,7 +57,7 @@ def test_greedy_tokens_match_transformers(shape, target, packages, reference):
 
 @pytest.mark.parametrize("shape,target", CASES)
 def test_kv_cache_equals_recompute(shape, target, packages):
-    pipe = Pipeline.load(packages(shape, target))
+    pipe = Pipeline.load(packages(shape, target), backend=BACKEND.get(target))
     image = sample_images()["shapes"]
     for prompt in PROMPTS:
         cached = list(pipe.generate_ids(image, prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True))

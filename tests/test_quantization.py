@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from conftest import run_cli
+from conftest import BACKEND, run_cli
 from mmedge.calibration import data as cdata
 from mmedge.calibration.onnxruntime import _fake_int4, awq_scales
 from mmedge.calibration.plan import parse_quant
@@ -46,8 +46,9 @@ def demo_packages(tmp_path_factory):
     return get
 
 
-def accuracy(package) -> dict:
-    result = run_cli("eval", str(package), "--task", "shapes", "-n", str(N_EVAL), "--json")
+def accuracy(package, target: str = "onnxruntime") -> dict:
+    backend = ["--backend", BACKEND[target]] if target in BACKEND else []
+    result = run_cli("eval", str(package), "--task", "shapes", "-n", str(N_EVAL), "--json", *backend)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -68,6 +69,8 @@ def low_precision_weights(package, graph: str) -> set[str]:
     int8 = {TensorProto.INT8, TensorProto.UINT8}
     if any(t.data_type in int8 and t.name not in packed for t in model.graph.initializer):
         found.add("int8")
+    if any(t.data_type == TensorProto.INT4 for t in model.graph.initializer):  # tensorrt: block-quantized DQ
+        found.add("int4")
     return found
 
 
@@ -82,18 +85,18 @@ def test_family_demo_models_in_fp32_and_int4(demo_packages, model, target):
     assert "int4" in low_precision_weights(int4, "decoder")
 
 
-@pytest.mark.parametrize("target", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("target", ["onnxruntime", "openvino", "tensorrt"])
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_quantized_demo_model_keeps_its_accuracy_and_shrinks(demo_packages, quant, target):
     fp32, _ = demo_packages("fp32", target=target)
     package, stdout = demo_packages(quant, target=target)
-    ref, got = accuracy(fp32), accuracy(package)
+    ref, got = accuracy(fp32, target), accuracy(package, target)
     assert got["accuracy"] >= ref["accuracy"] - MAX_DROP[quant], (quant, got, ref)
 
     manifest = json.loads((package / MANIFEST_NAME).read_text())
     q = manifest["quantization"]
-    assert q["plan"] == parse_quant(quant)
-    assert {g["precision"] for g in manifest["graphs"].values()} == set(parse_quant(quant).values())
+    assert q["plan"] == parse_quant(quant, target)
+    assert {g["precision"] for g in manifest["graphs"].values()} == set(parse_quant(quant, target).values())
     assert q["calibration"]["source"].startswith("builtin (shapes task")
     assert q["bytes"] < q["bytes_fp32"]
     decoder = q["graphs"]["decoder"]
@@ -156,7 +159,7 @@ def test_openvino_int4_ratio_keeps_part_of_the_decoder_in_int8(demo_packages):
     assert result.returncode == 2 and "--target openvino only" in result.stderr
 
 
-@pytest.mark.parametrize("target", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("target", ["onnxruntime", "openvino", "tensorrt"])
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 def test_tiny_random_packages_of_every_shape_load_and_generate(checkpoints, tmp_path, quant, target):
     """The contract holds for every decoder shape (GQA, MQA, Gemma 2 with sliding window and soft-capping)."""
@@ -168,13 +171,13 @@ def test_tiny_random_packages_of_every_shape_load_and_generate(checkpoints, tmp_
     for shape, path in checkpoints.items():
         out = tmp_path / f"{shape}-{quant}"
         export(ExportOptions(model=str(path), output=out, target=target, quant=quant, calib_samples=8, progress=False))
-        pipe = Pipeline.load(out)
+        pipe = Pipeline.load(out, backend=BACKEND.get(target))
         first = list(pipe.generate_ids(image, "caption en", max_new_tokens=12, ignore_eos=True))
         again = list(pipe.generate_ids(image, "caption en", max_new_tokens=12, ignore_eos=True))
         assert len(first) == 12 and first == again, shape  # the KV cache is reset between calls
         assert pipe.generate(image, "caption en", max_new_tokens=4) is not None
         precisions = {g.precision for g in pipe.manifest.graphs.values()}
-        assert precisions == set(parse_quant(quant).values()), shape
+        assert precisions == set(parse_quant(quant, target).values()), shape
 
 
 def test_parse_quant():
@@ -187,6 +190,11 @@ def test_parse_quant():
                          ("projector=int4", "cannot be"), ("int8,fp16", "part=precision"), ("", "empty")]:
         with pytest.raises(ExportError, match=message):
             parse_quant(bad)
+    # TensorRT's parser takes no INT8 Gather: its presets keep the embedding table fp16, and asking is an error
+    assert parse_quant("int8", "tensorrt") == {**parse_quant("int8"), "embed_tokens": "fp16"}
+    assert parse_quant("int4", "tensorrt")["embed_tokens"] == "fp16"
+    with pytest.raises(ExportError, match="embed_tokens cannot be int8 for --target tensorrt"):
+        parse_quant("int8,embed_tokens=int8", "tensorrt")
 
 
 def test_fake_int4_is_what_matmulnbits_computes(tmp_path):

@@ -20,21 +20,21 @@ from mmedge.errors import MmedgeError
 # cudaMemcpyKind
 HOST_TO_DEVICE, DEVICE_TO_HOST, DEVICE_TO_DEVICE = 1, 2, 3
 # cudaDeviceAttr
-COMPUTE_CAPABILITY_MAJOR, COMPUTE_CAPABILITY_MINOR = 75, 76
+MULTIPROCESSOR_COUNT, COMPUTE_CAPABILITY_MAJOR, COMPUTE_CAPABILITY_MINOR = 16, 75, 76
 
 _lib = None
 
 
 def _candidates() -> list[str]:
-    names = ["libcudart.so", "libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0"]
-    found = ctypes.util.find_library("cudart")
-    paths = [found] if found else []
+    """Where libcudart may be, most specific first: the wheel's, the system's, then plain names."""
+    paths = []
     for root in [os.environ.get("CUDA_HOME", ""), "/usr/local/cuda"]:
         if root:
             paths += sorted(glob.glob(os.path.join(root, "lib*", "libcudart.so*")))
     for site in sys.path:  # the nvidia-cuda-runtime wheel that tensorrt's wheels depend on
         paths += sorted(glob.glob(os.path.join(site, "nvidia", "cuda_runtime", "lib", "libcudart.so*")))
-    return names + paths
+    found = ctypes.util.find_library("cudart")
+    return paths + ([found] if found else []) + ["libcudart.so", "libcudart.so.12", "libcudart.so.13", "libcudart.so.11.0"]
 
 
 def cudart():
@@ -60,18 +60,24 @@ def check(status: int, what: str) -> None:
         raise MmedgeError(f"CUDA {what} failed: {message} (error {status})")
 
 
+def attribute(which: int, device: int = 0) -> int:
+    value = ctypes.c_int()
+    check(cudart().cudaDeviceGetAttribute(ctypes.byref(value), which, device), "reading the GPU's properties")
+    return value.value
+
+
 def compute_capability(device: int = 0) -> tuple[int, int]:
-    lib = cudart()
-    major, minor = ctypes.c_int(), ctypes.c_int()
-    check(lib.cudaDeviceGetAttribute(ctypes.byref(major), COMPUTE_CAPABILITY_MAJOR, device), "reading the GPU")
-    check(lib.cudaDeviceGetAttribute(ctypes.byref(minor), COMPUTE_CAPABILITY_MINOR, device), "reading the GPU")
-    return major.value, minor.value
+    return attribute(COMPUTE_CAPABILITY_MAJOR, device), attribute(COMPUTE_CAPABILITY_MINOR, device)
 
 
 def device_count() -> int:
+    """GPUs visible; 0 when CUDA says there are none; CUDA's own error (e.g. a driver too old) otherwise."""
     count = ctypes.c_int(0)
     status = cudart().cudaGetDeviceCount(ctypes.byref(count))
-    return count.value if status == 0 else 0
+    if status == 100:  # cudaErrorNoDevice
+        return 0
+    check(status, "looking for GPUs")
+    return count.value
 
 
 class Stream:

@@ -83,6 +83,35 @@ class OnnxRuntimeBackend:
                 f"onnxruntime here has no {', '.join(unknown)}; available: {', '.join(available)}"
             )
         self.threads = threads
+        self.package: Path | None = None
+        self.manifest = None
+
+    def open_package(self, package: Path, manifest) -> None:
+        """Called by Pipeline.load: where NVIDIA providers keep their engines, and a TensorRT package's profiles."""
+        self.package, self.manifest = Path(package), manifest
+
+    def _provider_options(self, path: Path) -> list[dict]:
+        """Per provider: TensorRT caches its engines and timings in the package (engines/onnxruntime-trt), with
+        the package's optimization profiles where it has them; the graph's own types set the precision."""
+        options = []
+        for provider in self.providers:
+            if provider != "TensorrtExecutionProvider":
+                options.append({})
+                continue
+            cache = (self.package or path.parent) / "engines" / "onnxruntime-trt"
+            cache.mkdir(parents=True, exist_ok=True)
+            opts = {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache),
+                    "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(cache)}
+            spec = next((g for g in (self.manifest.graphs.values() if self.manifest else []) if g.file == path.name), None)
+            if spec is not None and spec.precision != "fp32":
+                opts["trt_fp16_enable"] = "True"  # what the graph does not pin to fp32 may run in fp16
+                opts["trt_int8_enable"] = str(spec.precision in ("int8", "int4"))  # its explicit Q/DQ
+            profiles = (self.manifest.tensorrt.get("profiles", {}) if self.manifest else {})
+            part = next((p for p, g in self.manifest.graphs.items() if g is spec), None) if spec else None
+            if part in profiles:
+                opts.update(ort_profile_shapes(profiles[part]))
+            options.append(opts)
+        return options
 
     def load(self, path: Path) -> OnnxRuntimeGraph:
         opts = self._ort.SessionOptions()
@@ -91,7 +120,22 @@ class OnnxRuntimeBackend:
             opts.intra_op_num_threads = self.threads
         opts.log_severity_level = 3
         try:
-            session = self._ort.InferenceSession(str(path), sess_options=opts, providers=self.providers)
+            session = self._ort.InferenceSession(str(path), sess_options=opts, providers=self.providers,
+                                                 provider_options=self._provider_options(Path(path)))
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise MmedgeError(f"onnxruntime could not load {path.name}: {first_line(exc)}") from None
         return OnnxRuntimeGraph(session, self._ort)
+
+
+def ort_profile_shapes(profiles: list[dict]) -> dict[str, str]:
+    """A TensorRT package's profiles as ONNX Runtime's TensorRT options: one profile spanning them all."""
+    def merged(name: str, which: str) -> list[int]:
+        shapes = [p[name][which] for p in profiles]
+        if which == "opt":
+            return shapes[0]
+        pick = min if which == "min" else max
+        return [pick(dims) for dims in zip(*shapes)]
+
+    names = list(profiles[0])
+    return {f"trt_profile_{which}_shapes": ",".join(f"{n}:{'x'.join(map(str, merged(n, which)))}" for n in names)
+            for which in ("min", "opt", "max")}

@@ -50,21 +50,36 @@ class TensorRTGraph:
         self.input_names = [t for t in tensors if engine.get_tensor_mode(t) == mode]
         self.output_names = [t for t in tensors if engine.get_tensor_mode(t) != mode]
         self.dtypes = {t: np.dtype(trt.nptype(engine.get_tensor_dtype(t))) for t in tensors}
+        # one context per profile, each allocating its scratch memory for its own profile (not the largest)
+        strategy = trt.ExecutionContextAllocationStrategy.ON_PROFILE_CHANGE
         self.contexts = []
         for p in range(engine.num_optimization_profiles):
-            context = engine.create_execution_context()
+            context = engine.create_execution_context(strategy)
+            if context is None:
+                raise MmedgeError(f"TensorRT could not create a context for {name}: out of GPU memory?")
             context.set_optimization_profile_async(p, stream.ptr)
             self.contexts.append(context)
         stream.synchronize()
         # per profile, per input: (min, max) shapes, to pick the profile a call's shapes fall in
-        self.ranges = [{t: (tuple(engine.get_tensor_profile_shape(t, p)[0]), tuple(engine.get_tensor_profile_shape(t, p)[2]))
-                        for t in self.input_names} for p in range(engine.num_optimization_profiles)]
+        self.ranges = []
+        for p in range(engine.num_optimization_profiles):
+            shapes = {t: engine.get_tensor_profile_shape(t, p) for t in self.input_names}
+            self.ranges.append({t: (tuple(s[0]), tuple(s[2])) for t, s in shapes.items()})
         self.buffers = _Buffers()
 
     def _context(self, shapes: dict[str, tuple]):
-        for context, ranges in zip(self.contexts, self.ranges):
-            if all(all(lo <= s <= hi for s, lo, hi in zip(shape, *ranges[name])) for name, shape in shapes.items()):
-                return context
+        """The context of the tightest profile the shapes fall in (decode steps: the decode profile)."""
+        def fits(ranges: dict) -> bool:
+            return all(len(shape) == len(ranges[name][0])
+                       and all(lo <= d <= hi for d, lo, hi in zip(shape, *ranges[name]))
+                       for name, shape in shapes.items() if name in ranges)
+
+        def volume(ranges: dict) -> int:
+            return sum(int(np.prod(hi)) for _, hi in ranges.values())
+
+        fitting = [i for i, ranges in enumerate(self.ranges) if fits(ranges)]
+        if fitting:
+            return self.contexts[min(fitting, key=lambda i: volume(self.ranges[i]))]
         wanted = ", ".join(f"{n}{list(s)}" for n, s in shapes.items())
         raise InputError(f"{self.name}: no optimization profile of this engine takes {wanted}; "
                          "re-export with a larger --max-context, or shorten the prompt")
@@ -78,21 +93,26 @@ class TensorRTGraph:
         for name in self.input_names:
             if name not in shapes:
                 raise InputError(f"{self.name} needs the input {name!r}")
-            context.set_input_shape(name, shapes[name])
+            if not context.set_input_shape(name, shapes[name]):
+                raise InputError(f"{self.name}: TensorRT refused the shape {list(shapes[name])} for {name}")
             if name in bound:
-                context.set_tensor_address(name, bound[name].ptr)
+                self._address(context, name, bound[name])
                 continue
             array = np.ascontiguousarray(inputs[name], dtype=self.dtypes[name])
             buf = self.buffers.get(name, array.nbytes)
             buf.upload(array, self.stream)
-            context.set_tensor_address(name, buf.ptr)
+            self._address(context, name, buf)
         for name in self.output_names:
             shape = tuple(context.get_tensor_shape(name))
             nbytes = int(np.prod(shape)) * self.dtypes[name].itemsize
-            context.set_tensor_address(name, self.buffers.get(name, nbytes).ptr)
+            self._address(context, name, self.buffers.get(name, nbytes))
         if not context.execute_async_v3(self.stream.ptr):
             raise MmedgeError(f"TensorRT could not run {self.name} (its log above says why)")
         return context
+
+    def _address(self, context, name: str, buf: cuda.DeviceBuffer) -> None:
+        if not context.set_tensor_address(name, buf.ptr):
+            raise MmedgeError(f"{self.name}: TensorRT refused the device address of {name}")
 
     def _bound_shape(self, name: str) -> tuple:
         raise PackageError(f"{self.name}: {name} is bound to a device buffer this graph does not know")
@@ -100,8 +120,8 @@ class TensorRTGraph:
     def _download(self, context, name: str, into: np.ndarray | None = None) -> np.ndarray:
         shape = tuple(context.get_tensor_shape(name))
         out = into if into is not None else np.empty(shape, self.dtypes[name])
-        if out.shape != shape or not out.flags.c_contiguous:
-            raise ValueError(f"{name}: `into` must be a C-contiguous array of shape {shape}")
+        if out.shape != shape or out.dtype != self.dtypes[name] or not out.flags.c_contiguous:
+            raise ValueError(f"{name}: `into` must be a C-contiguous {self.dtypes[name]} array of shape {shape}")
         self.buffers.buffers[name].download(out, self.stream)
         return out
 
@@ -123,7 +143,9 @@ class TensorRTDecoder(TensorRTGraph):
         layers = range(kv.num_layers)
         self.past = [(kv.past_key.format(layer=i), kv.past_value.format(layer=i)) for i in layers]
         self.present = [(kv.present_key.format(layer=i), kv.present_value.format(layer=i)) for i in layers]
-        self.itemsize = np.dtype(kv.dtype).itemsize
+        self.itemsize = self.dtypes[self.past[0][0]].itemsize  # the engine's, whatever the manifest says
+        if any(self.dtypes[name].itemsize != self.itemsize for pair in self.past + self.present for name in pair):
+            raise PackageError("the decoder's past and present keys/values differ in type; re-export the package")
         slot = kv.num_kv_heads * kv.max_context * kv.head_dim * self.itemsize
         self.cache = {name: cuda.DeviceBuffer(slot) for pair in self.past for name in pair}
         for buf in self.cache.values():

@@ -1,7 +1,7 @@
 """Build a TensorRT package's engines on the device that will run them (`mmedge build`, or on first load).
 
 An engine is tied to the GPU (compute capability) and the TensorRT version,
-so engines live in `engines/sm<major><minor>-trt<version>/` inside the
+so engines live in `engines/sm<major><minor>-<SMs>sm-trt<version>/` inside the
 package, one directory per device kind, each with a `built.json` naming the
 graph files (by sha256) they were built from, and one timing cache per
 directory, reused by every later build there.
@@ -54,7 +54,8 @@ def engine_dir(package: Path, trt) -> Path:
     from mmedge.runtimes.backends import cuda
 
     major, minor = cuda.compute_capability()
-    return Path(package) / ENGINES_DIR / f"sm{major}{minor}-trt{trt.__version__}"
+    sms = cuda.attribute(cuda.MULTIPROCESSOR_COUNT)  # tells apart GPUs of one architecture (Orin Nano / AGX)
+    return Path(package) / ENGINES_DIR / f"sm{major}{minor}-{sms}sm-trt{trt.__version__}"
 
 
 def engines_current(package: Path, manifest: Manifest, trt) -> bool:
@@ -122,20 +123,27 @@ def build_engine(trt, logger, onnx_path: Path, profiles: list[dict], cache_file:
     config = builder.create_builder_config()
     if workspace_gb:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    config.clear_flag(trt.BuilderFlag.TF32)  # what the graph computes in fp32 stays fp32 (islands, fp32 packages)
     if not strong:
         _weak_precision(trt, network, config)
+    inputs = {network.get_input(i).name for i in range(network.num_inputs)}
     for shapes in profiles:
         profile = builder.create_optimization_profile()
         for name, s in shapes.items():
-            profile.set_shape(name, s["min"], s["opt"], s["max"])
-        config.add_optimization_profile(profile)
+            if name in inputs:  # TensorRT drops inputs nothing reads
+                profile.set_shape(name, s["min"], s["opt"], s["max"])
+        if config.add_optimization_profile(profile) < 0:
+            raise PackageError(f"TensorRT refused an optimization profile of {onnx_path.name}; re-export the package")
     cache = config.create_timing_cache(cache_file.read_bytes() if cache_file.exists() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):  # a cache from another device or version
+        log.warning("the timing cache %s does not match this device; starting a new one", cache_file)
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise PackageError(f"TensorRT could not build {onnx_path.name} (its log above says why); "
                            "if it ran out of memory, close other programs or pass --workspace")
-    cache_file.write_bytes(memoryview(config.get_timing_cache().serialize()))
+    cache_file.write_bytes(memoryview(cache.serialize()))
     return bytes(memoryview(serialized))
 
 
@@ -157,5 +165,7 @@ def _weak_precision(trt, network, config) -> None:
                 continue
             if layer.num_outputs and all(layer.get_output(j).dtype == trt.float32 for j in range(layer.num_outputs)):
                 layer.precision = trt.float32  # an fp32 island (norm variance, softmax) or fp32 I/O
+                for j in range(layer.num_outputs):
+                    layer.set_output_type(j, trt.float32)
     if has_qdq:
         config.set_flag(trt.BuilderFlag.INT8)
