@@ -31,6 +31,7 @@ from onnx import helper, numpy_helper
 
 from mmedge.calibration import onnxruntime as ort_quant
 from mmedge.calibration.package import QuantOptions
+from mmedge.errors import ExportError
 from mmedge.exporters.onnxruntime_target import save_model
 
 OPSET = 19  # float16 inputs to QuantizeLinear
@@ -61,7 +62,62 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     ort_quant._name_nodes(model)
     model = convert_float_to_float16(model, keep_io_types=True, op_block_list=DEFAULT_OP_BLOCK_LIST,
                                      node_block_list=fp16_islands(model))
+    _drop_cast_round_trips(model)
+    _sort_topologically(model)
     return _opset(model)
+
+
+def _drop_cast_round_trips(model: onnx.ModelProto) -> None:
+    """The converter casts every island node's output to float16 and back to float32 for the next island
+    node (x^2 would overflow on the way); read the float32 tensor directly instead."""
+    nodes = list(model.graph.node)
+    produced_by = {o: n for n in nodes for o in n.output}
+    outputs = {o.name for o in model.graph.output}
+    rename, dropped = {}, set()
+    for node in nodes:
+        if node.op_type != "Cast" or _cast_to(node) != onnx.TensorProto.FLOAT:
+            continue
+        half = produced_by.get(node.input[0])
+        if half is None or half.op_type != "Cast" or _cast_to(half) != onnx.TensorProto.FLOAT16:
+            continue
+        source = produced_by.get(half.input[0])
+        if source is None or source.name in dropped or node.output[0] in outputs:
+            continue
+        if source.op_type == "Cast" or half.input[0] in outputs:
+            continue
+        rename[node.output[0]] = half.input[0]
+        dropped.add(node.name)
+    for node in nodes:
+        for i, name in enumerate(node.input):
+            node.input[i] = rename.get(name, name)
+    used = {i for n in model.graph.node for i in n.input} | outputs
+    for node in nodes:
+        if node.name in dropped or (node.op_type == "Cast" and node.output[0] not in used):
+            model.graph.node.remove(node)
+
+
+def _cast_to(node: onnx.NodeProto) -> int:
+    return next(a.i for a in node.attribute if a.name == "to")
+
+
+def _sort_topologically(model: onnx.ModelProto) -> None:
+    """Nodes in an order where each input is made before it is read (the converter appends its Casts;
+    TensorRT's parser reads nodes in file order)."""
+    ready = {i.name for i in model.graph.input} | {i.name for i in model.graph.initializer} | {""}
+    pending, ordered = list(model.graph.node), []
+    while pending:
+        still = []
+        for node in pending:
+            if all(i in ready for i in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                still.append(node)
+        if len(still) == len(pending):
+            raise ExportError(f"the fp16 graph has a cycle or a missing input at {still[0].name}")
+        pending = still
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)
 
 
 def _opset(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -73,15 +73,21 @@ _ONNX_TYPES = {
 }
 
 
-def unsupported(model: onnx.ModelProto) -> list[str]:
-    """Each op (with the node that uses it) or op-and-type in `model` that the parser does not accept."""
+def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Every tensor's ONNX element type, inferred afresh (converters leave stale types in value_info)."""
     bare = onnx.ModelProto()
     bare.CopyFrom(model)
-    del bare.graph.value_info[:]  # converters leave stale types there; infer them afresh
+    del bare.graph.value_info[:]
     inferred = onnx.shape_inference.infer_shapes(bare, strict_mode=False)
     types = {v.name: v.type.tensor_type.elem_type
              for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
     types.update({t.name: t.data_type for t in model.graph.initializer})
+    return types
+
+
+def unsupported(model: onnx.ModelProto) -> list[str]:
+    """Each op (with the node that uses it) or op-and-type in `model` that the parser does not accept."""
+    types = tensor_types(model)
     found: dict[str, str] = {}
     for node in model.graph.node:
         op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
