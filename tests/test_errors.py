@@ -122,7 +122,7 @@ def test_alias_not_cached_offline(tmp_path):
 
 
 def test_unbuilt_target_and_unknown_precision(tmp_path):
-    assert_one_line_error(run_cli("export", "--model", "tiny-paligemma", "--target", "tensorrt",
+    assert_one_line_error(run_cli("export", "--model", "tiny-paligemma", "--target", "coreml",
                                   "-o", str(tmp_path / "o")), "not built yet")
     assert_one_line_error(run_cli("export", "--model", "tiny-paligemma", "--quant", "int3",
                                   "-o", str(tmp_path / "o")), "unknown precision 'int3'")

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from conftest import TARGETS, sample_images
+from conftest import BACKEND, TARGETS, sample_images
 from mmedge import Pipeline
 
 BLOCKER = textwrap.dedent(
@@ -50,7 +50,7 @@ def test_pipeline_runs_without_torch(packages, tmp_path, target):
         else:
             raise SystemExit("blocker failed")
         import mmedge
-        pipe = mmedge.Pipeline.load({str(package)!r})
+        pipe = mmedge.Pipeline.load({str(package)!r}, backend={BACKEND.get(target)!r})
         ids = list(pipe.generate_ids({str(image)!r}, "caption en", max_new_tokens=12, ignore_eos=True))
         text = "".join(pipe.stream({str(image)!r}, "caption en", max_new_tokens=12, ignore_eos=True))
         leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
@@ -61,7 +61,7 @@ def test_pipeline_runs_without_torch(packages, tmp_path, target):
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["leaked"] == []
     # same answer as in this process, where torch is importable (and which matches transformers)
-    pipe = Pipeline.load(package)
+    pipe = Pipeline.load(package, backend=BACKEND.get(target))
     assert out["ids"] == list(pipe.generate_ids(image, "caption en", max_new_tokens=12, ignore_eos=True))
     assert out["text"] == pipe.generate(image, "caption en", max_new_tokens=12, ignore_eos=True)
 
@@ -78,6 +78,18 @@ def test_cli_run_without_torch(packages, tmp_path):
                      "--max-new-tokens", "8"])
         assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers")]
         raise SystemExit(code)
+        """,
+        tmp_path,
+    )
+
+
+def test_tensorrt_runtime_modules_import_without_torch(tmp_path):
+    """The TensorRT backend, its engine builder and CUDA wrapper are runtime code too (Jetson apps)."""
+    run_blocked(
+        """
+        import mmedge.runtimes.backends.tensorrt, mmedge.runtimes.backends.tensorrt_build
+        import mmedge.runtimes.backends.cuda
+        assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers")]
         """,
         tmp_path,
     )
