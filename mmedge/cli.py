@@ -242,7 +242,21 @@ def cmd_inspect(args) -> int:
     if m.quantization:
         print()
         _print_quantization(m.quantization)
+    if m.tensorrt:
+        print()
+        _print_tensorrt(args.package, m)
     return 0
+
+
+def _print_tensorrt(package: Path, m) -> None:
+    """A TensorRT package's optimization profiles (the decoder's sequence range) and the engines built so far."""
+    print("TensorRT optimization profiles (min / opt / max)")
+    for graph, profiles in m.tensorrt.get("profiles", {}).items():
+        first = next(iter(m.graphs[graph].inputs))
+        ranges = "; ".join(f"{first} {p[first]['min']} / {p[first]['opt']} / {p[first]['max']}" for p in profiles)
+        print(f"  {graph:<16}{ranges}")
+    engines = sorted(p.parent.name for p in (package / "engines").glob("*/built.json"))
+    print(f"engines built for: {', '.join(engines) if engines else 'none yet (mmedge build, on the device)'}")
 
 
 def cmd_eval(args) -> int:

@@ -162,6 +162,8 @@ def test_without_tensorrt_every_command_says_so_in_one_line(packages, checkpoint
     assert not (tmp_path / "never").exists()
     shown = run_cli("run", str(package), "--image", str(image), "--prompt", "caption en", "--backend", "onnxruntime")
     assert shown.returncode == 0 and shown.stdout.strip()
+    shown = run_cli("inspect", str(package))
+    assert shown.returncode == 0 and "TensorRT optimization profiles" in shown.stdout and "none yet" in shown.stdout
 
 
 def test_tensorrt_only_options_are_refused_in_one_line(packages, checkpoints, tmp_path):
