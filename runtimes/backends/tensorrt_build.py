@@ -58,6 +58,13 @@ def engine_dir(package: Path, trt) -> Path:
     return Path(package) / ENGINES_DIR / f"sm{major}{minor}-{sms}sm-trt{trt.__version__}"
 
 
+def graph_digest(manifest: Manifest, part: str) -> str:
+    """The graph's identity: the sha256 of its file and of its external weights, if it has them (a re-export
+    of other weights can leave the .onnx itself byte for byte the same)."""
+    file = manifest.graphs[part].file
+    return "+".join(manifest.files[name].sha256 for name in (file, file + ".data") if name in manifest.files)
+
+
 def engines_current(package: Path, manifest: Manifest, trt) -> bool:
     """Whether this device's engines exist and were built from the package's graphs as they are now."""
     record = engine_dir(package, trt) / RECORD
@@ -65,8 +72,7 @@ def engines_current(package: Path, manifest: Manifest, trt) -> bool:
         return False
     built = json.loads(record.read_text()).get("graphs", {})
     return all(
-        built.get(part, {}).get("sha256") == manifest.files[manifest.graphs[part].file].sha256
-        and (record.parent / f"{part}.engine").exists()
+        built.get(part, {}).get("sha256") == graph_digest(manifest, part) and (record.parent / f"{part}.engine").exists()
         for part in GRAPHS
     )
 
@@ -101,7 +107,7 @@ def build_package(package: Path, manifest: Manifest, workspace_gb: float | None 
         tmp.write_bytes(engine)
         tmp.replace(out / f"{part}.engine")  # a half-written engine never has the final name
         report[part] = round(time.perf_counter() - started, 1)
-        record["graphs"][part] = {"sha256": manifest.files[spec.file].sha256, "seconds": report[part]}
+        record["graphs"][part] = {"sha256": graph_digest(manifest, part), "seconds": report[part]}
     bar.close()
     (out / RECORD).write_text(json.dumps(record, indent=2) + "\n")
     log.info("engines in %s", out)
