@@ -99,9 +99,13 @@ class OnnxRuntimeBackend:
                 options.append({})
                 continue
             cache = (self.package or path.parent) / "engines" / "onnxruntime-trt"
-            cache.mkdir(parents=True, exist_ok=True)
-            opts = {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache),
-                    "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(cache)}
+            try:
+                cache.mkdir(parents=True, exist_ok=True)
+                opts = {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache),
+                        "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(cache)}
+            except OSError as exc:  # a read-only package: build each time rather than fail
+                log.warning("TensorRT engines will not be cached (%s: %s)", cache, exc.strerror)
+                opts = {}
             spec = next((g for g in (self.manifest.graphs.values() if self.manifest else []) if g.file == path.name), None)
             if spec is not None and spec.precision != "fp32":
                 opts["trt_fp16_enable"] = "True"  # what the graph does not pin to fp32 may run in fp16
