@@ -106,12 +106,12 @@ class OnnxRuntimeBackend:
             except OSError as exc:  # a read-only package: build each time rather than fail
                 log.warning("TensorRT engines will not be cached (%s: %s)", cache, exc.strerror)
                 opts = {}
-            spec = next((g for g in (self.manifest.graphs.values() if self.manifest else []) if g.file == path.name), None)
-            if spec is not None and spec.precision != "fp32":
+            graphs = self.manifest.graphs if self.manifest else {}
+            part = next((p for p, g in graphs.items() if g.file == path.name), None)
+            if part and graphs[part].precision != "fp32":
                 opts["trt_fp16_enable"] = "True"  # what the graph does not pin to fp32 may run in fp16
-                opts["trt_int8_enable"] = str(spec.precision in ("int8", "int4"))  # its explicit Q/DQ
-            profiles = (self.manifest.tensorrt.get("profiles", {}) if self.manifest else {})
-            part = next((p for p, g in self.manifest.graphs.items() if g is spec), None) if spec else None
+                opts["trt_int8_enable"] = str(graphs[part].precision in ("int8", "int4"))  # its explicit Q/DQ
+            profiles = self.manifest.tensorrt.get("profiles", {}) if self.manifest else {}
             if part in profiles:
                 opts.update(ort_profile_shapes(profiles[part]))
             options.append(opts)
