@@ -13,8 +13,8 @@ how it is measured here (calibration/package.py) without a GPU:
 - int8: vision encoder and projector with INT8 Q/DQ on every weight layer's
   input (symmetric, zero point 0: ranges calibrated on the recorded inputs)
   and per-output-channel INT8 weights; the decoder weight-only INT8 (a
-  per-channel DequantizeLinear feeding each weight MatMul); the embedding
-  table INT8 per row. All on the fp16 graph.
+  per-channel DequantizeLinear feeding each weight MatMul). All on the fp16
+  graph. The embedding table stays fp16: the parser takes no INT8 Gather.
 - int4: the decoder's weight MatMuls as INT4 block-quantized DequantizeLinear
   (opset 21 block_size along K, float16 scales: TensorRT's weight-only INT4),
   activation-aware scales as for onnxruntime (calibration/onnxruntime.py),
@@ -190,9 +190,7 @@ def quantize_graph(part, precision, src, dst, options, feeds, stats) -> dict:
         return {"scheme": "fp16 weights and compute, fp32 islands (norm variance, softmax), fp32 inputs and outputs"}
     if part == "decoder":
         return quantize_decoder(src, dst, precision, options, stats, ort_quant._lm_head_vocab(src))
-    if part == "embed_tokens":
-        report = ort_quant.quantize_embedding_int8(src, dst)
-    else:
-        report = ort_quant.quantize_static_int8(src, dst, feeds[part], options.calib_method, symmetric=True)
+    # vision encoder, projector (the embedding table is never int8 here: calibration/plan.py TARGET_LIMITS)
+    report = ort_quant.quantize_static_int8(src, dst, feeds[part], options.calib_method, symmetric=True)
     save_model(to_fp16(onnx.load(str(dst))), dst)
     return {**report, "scheme": report["scheme"] + "; fp16 elsewhere"}
