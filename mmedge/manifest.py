@@ -203,6 +203,10 @@ class Manifest:
         except (KeyError, TypeError, ValueError) as exc:
             raise PackageError(f"{MANIFEST_NAME} is malformed ({exc}); re-export the package") from None
 
+    def graph_of(self, file: str) -> str | None:
+        """The graph (part name) stored in `file`, if any."""
+        return next((part for part, g in self.graphs.items() if g.file == file), None)
+
     def save(self, directory: Path) -> None:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=False)
         (Path(directory) / MANIFEST_NAME).write_text(text + "\n")

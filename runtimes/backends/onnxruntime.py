@@ -107,7 +107,7 @@ class OnnxRuntimeBackend:
                 log.warning("TensorRT engines will not be cached (%s: %s)", cache, exc.strerror)
                 opts = {}
             graphs = self.manifest.graphs if self.manifest else {}
-            part = next((p for p, g in graphs.items() if g.file == path.name), None)
+            part = self.manifest.graph_of(path.name) if self.manifest else None
             if part and graphs[part].precision != "fp32":
                 opts["trt_fp16_enable"] = "True"  # what the graph does not pin to fp32 may run in fp16
                 opts["trt_int8_enable"] = str(graphs[part].precision in ("int8", "int4"))  # its explicit Q/DQ

@@ -24,7 +24,7 @@ import numpy as np
 from mmedge.errors import InputError, MmedgeError, PackageError
 from mmedge.manifest import KVCacheSpec, Manifest
 from mmedge.runtimes.backends import cuda
-from mmedge.runtimes.backends.tensorrt_build import GRAPHS, build_package, engine_dir, engines_current, import_tensorrt
+from mmedge.runtimes.backends.tensorrt_build import build_package, engine_dir, engines_current, import_tensorrt
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +159,6 @@ class TensorRTDecoder(TensorRTGraph):
         return (1, self.kv.num_kv_heads, self.kv.max_context, self.kv.head_dim)
 
     def run(self, inputs: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        if any(name in inputs for pair in self.past for name in pair):
-            raise InputError("this TensorRT decoder keeps its KV cache on the GPU and takes the whole cache on every "
-                             "step; generation without the cache (use_cache=False) is not available with it")
         n = inputs["inputs_embeds"].shape[1]
         if inputs["inputs_embeds"].shape[0] != 1:
             raise InputError("the TensorRT decoder runs one sequence at a time (batch 1)")
@@ -213,7 +210,7 @@ class TensorRTBackend:
     def load(self, path: Path):
         if self.manifest is None:
             raise PackageError("the tensorrt backend loads whole packages: use Pipeline.load(package)")
-        part = next((p for p in GRAPHS if self.manifest.graphs[p].file == Path(path).name), None)
+        part = self.manifest.graph_of(Path(path).name)
         if part is None:
             raise PackageError(f"{path} is not one of the package's graphs")
         data = (engine_dir(self.package, self.trt) / f"{part}.engine").read_bytes()

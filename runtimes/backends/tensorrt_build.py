@@ -29,7 +29,6 @@ ENGINES_DIR = "engines"
 RECORD = "built.json"
 STRONG_TYPING_FROM = (10, 12)  # TensorRT versions from which strongly typed builds are the default
 TYPINGS = ("auto", "strong", "weak")
-GRAPHS = ("vision_encoder", "projector", "embed_tokens", "decoder")
 
 
 def import_tensorrt():
@@ -73,7 +72,7 @@ def engines_current(package: Path, manifest: Manifest, trt) -> bool:
     built = json.loads(record.read_text()).get("graphs", {})
     return all(
         built.get(part, {}).get("sha256") == graph_digest(manifest, part) and (record.parent / f"{part}.engine").exists()
-        for part in GRAPHS
+        for part in manifest.graphs
     )
 
 
@@ -88,7 +87,7 @@ def build_package(package: Path, manifest: Manifest, workspace_gb: float | None 
     trt = import_tensorrt()
     out = engine_dir(package, trt)
     if not force and engines_current(package, manifest, trt):
-        return dict.fromkeys(GRAPHS, "current")
+        return dict.fromkeys(manifest.graphs, "current")
     out.mkdir(parents=True, exist_ok=True)
     strong = typing == "strong" or (typing == "auto" and _version(trt) >= STRONG_TYPING_FROM)
     cache_file = out / "timing.cache"
@@ -96,7 +95,7 @@ def build_package(package: Path, manifest: Manifest, workspace_gb: float | None 
     report, record = {}, {"tensorrt": trt.__version__, "typing": "strong" if strong else "weak", "graphs": {}}
     from tqdm.auto import tqdm
 
-    bar = tqdm(GRAPHS, desc="build", unit="engine", disable=not progress)
+    bar = tqdm(list(manifest.graphs), desc="build", unit="engine", disable=not progress)
     for part in bar:
         bar.set_postfix_str(part)
         spec = manifest.graphs[part]
