@@ -19,6 +19,8 @@ ALLOWED = {part: ("fp32", "fp16", "int8") for part in PARTS} | {"decoder": PRECI
 # What a target cannot hold: TensorRT's ONNX parser takes no INT8 Gather (nor an INT8 Cast), so its
 # embedding table is fp16 where a preset says int8; asking for it explicitly is an error.
 TARGET_LIMITS = {"tensorrt": {"embed_tokens": ("fp32", "fp16")}}
+# What only a target can hold: Core ML's palettized weights (a k-means lookup table per group of channels).
+TARGET_EXTRAS = {"coreml": dict.fromkeys(PARTS, ("pal4", "pal6", "pal8"))}
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 INT4_METHODS = ("awq", "rtn")
 INT4_BLOCK_SIZES = (32, 64, 128)  # the first is the default
@@ -47,10 +49,10 @@ def parse_quant(text: str, target: str | None = None) -> dict[str, str]:
             raise ExportError(f"--quant: expected part=precision after the first item, got {item!r}")
         if part not in PARTS:
             raise ExportError(f"--quant: unknown graph {part!r}; graphs are {', '.join(PARTS)}")
-        if precision not in ALLOWED[part]:
-            raise ExportError(
-                f"--quant: {part} cannot be {precision!r}; choose one of {', '.join(ALLOWED[part])}"
-            )
+        allowed = ALLOWED[part] + TARGET_EXTRAS.get(target, {}).get(part, ())
+        if precision not in allowed:
+            raise ExportError(f"--quant: {part} cannot be {precision!r}" + (f" for --target {target}" if target else "")
+                              + f"; choose one of {', '.join(allowed)}")
         if precision not in limits.get(part, (precision,)):
             raise ExportError(f"--quant: {part} cannot be {precision} for --target {target}; "
                               f"choose one of {', '.join(limits[part])}")

@@ -16,9 +16,10 @@ from mmedge.manifest import GraphSpec, KVCacheSpec, Manifest
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("onnxruntime", "openvino", "tensorrt")
+TARGETS = ("onnxruntime", "openvino", "tensorrt", "coreml")
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
-PLANNED_TARGETS = ("coreml",)
+# what each target needs installed beyond the [export] extra: (module, extra)
+TARGET_NEEDS = {"openvino": [("openvino", "openvino")], "coreml": [("coremltools", "coreml")]}
 
 
 @dataclass
@@ -41,17 +42,17 @@ class ExportOptions:
 
 
 def check_options(opts: ExportOptions) -> None:
-    if opts.target in PLANNED_TARGETS:
-        raise ExportError(f"target {opts.target!r} is not built yet; available now: {', '.join(TARGETS)}")
     if opts.target not in TARGETS:
         raise ExportError(f"unknown target {opts.target!r}; choose one of: {', '.join(TARGETS)}")
     from mmedge.calibration import plan as qplan
 
     plan = qplan.parse_quant(opts.quant, opts.target)
-    needs = {"openvino": ["openvino"] + (["nncf"] if set(plan.values()) != {"fp32"} else [])}.get(opts.target, [])
-    missing = [m for m in needs if importlib.util.find_spec(m) is None]
+    needs = list(TARGET_NEEDS.get(opts.target, []))
+    if opts.target == "openvino" and set(plan.values()) != {"fp32"}:
+        needs.append(("nncf", "openvino"))
+    missing = [m for m, _ in needs if importlib.util.find_spec(m) is None]
     if missing:
-        raise ExportError(f"--target {opts.target} needs {' and '.join(missing)}: pip install \"mmedge[openvino]\" "
+        raise ExportError(f"--target {opts.target} needs {' and '.join(missing)}: pip install \"mmedge[{needs[0][1]}]\" "
                           f"(or pip install {' '.join(missing)})")
     if opts.calib_method not in qplan.CALIB_METHODS:
         raise ExportError(f"unknown --calib-method {opts.calib_method!r}; choose one of {', '.join(qplan.CALIB_METHODS)}")
@@ -92,7 +93,8 @@ def export(opts: ExportOptions) -> Manifest:
     path = ckpt.resolve(opts.model)
     family = ckpt.family_for(ckpt.read_config(path)["model_type"])
     calib = None
-    if set(parse_quant(opts.quant, opts.target).values()) != {"fp32"}:
+    calibrated = getattr(_target_module(opts.target), "CALIBRATED", True)
+    if calibrated and set(parse_quant(opts.quant, opts.target).values()) != {"fp32"}:
         from mmedge.calibration.data import load_calibration
 
         calib = load_calibration(opts.calib, opts.calib_samples, checkpoint=path)  # bad data fails before export
@@ -114,10 +116,7 @@ def _export(opts: ExportOptions, checkpoint: Path, family, calib=None) -> Manife
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    try:
-        target = importlib.import_module(f"mmedge.exporters.{opts.target}_target")
-    except ImportError as exc:
-        raise ExportError(f"target {opts.target} needs {exc.name}: `pip install {exc.name}`") from None
+    target = _target_module(opts.target)
     log.info("loading %s", checkpoint)
     model = _load(family, checkpoint)
     tokenizer = _load_tokenizer(checkpoint)
@@ -135,10 +134,16 @@ def _export(opts: ExportOptions, checkpoint: Path, family, calib=None) -> Manife
 
     choose = getattr(target, "kv_storage", lambda parts, attention, requested: requested or target.KV_STORAGE[0])
     storage = choose(parts, desc.schemes.attention, opts.kv_cache)
+    plan = parse_quant(opts.quant, opts.target)
     graphs, report = {}, {}
     started = time.perf_counter()
     with staged_package(Path(opts.output), opts.overwrite) as stage:
-        jobs = build_jobs(parts, kv_storage=storage, max_context=max_context)
+        if hasattr(target, "build_jobs"):
+            jobs = target.build_jobs(parts, storage, max_context, desc.preprocess)
+        else:
+            jobs = build_jobs(parts, kv_storage=storage, max_context=max_context)
+        for job in jobs:
+            job.precision = plan[job.name]
         bar = tqdm(jobs, desc="export", unit="graph", disable=not opts.progress)
         for job in bar:
             bar.set_postfix_str(job.name)
@@ -146,13 +151,13 @@ def _export(opts: ExportOptions, checkpoint: Path, family, calib=None) -> Manife
             target.export_graph(job, stage / file)
             result = target.verify_graph(job, stage / file)
             report[job.name] = result
-            if not result["passed"]:
+            if result["passed"] is False:  # None: the target cannot run the graph here (Core ML off macOS)
                 worst = max(result["outputs"].items(), key=lambda kv: kv[1]["max_abs_err"])
                 raise ExportError(
                     f"{job.name} does not match PyTorch: {worst[0]} max abs error {worst[1]['max_abs_err']:.3g} "
                     f"(tolerance {result['rtol']} x max(1, |ref|)); nothing was written"
                 )
-            inputs, outputs = target.io_specs(stage / file)
+            inputs, outputs = target.io_specs(stage / file, job)
             graphs[job.name] = GraphSpec(file=file, precision="fp32", inputs=inputs, outputs=outputs)
         bar.close()
         getattr(target, "finish", lambda stage: None)(stage)
@@ -189,7 +194,8 @@ def _export(opts: ExportOptions, checkpoint: Path, family, calib=None) -> Manife
             verification={"reference": "pytorch fp32", "graphs": report},
             mmedge_version=__version__,
         )
-        plan = parse_quant(opts.quant, opts.target)
+        if hasattr(target, "compress") and set(plan.values()) != {"fp32"}:
+            manifest.quantization = target.compress(stage, manifest, plan, opts.int4_block_size, opts.progress)
         if calib is not None:
             from mmedge.calibration.package import QuantOptions, quantize_package
 
@@ -201,6 +207,13 @@ def _export(opts: ExportOptions, checkpoint: Path, family, calib=None) -> Manife
         manifest.save(stage)
     log.info("exported %s in %.1f s", opts.output, time.perf_counter() - started)
     return manifest
+
+
+def _target_module(name: str):
+    try:
+        return importlib.import_module(f"mmedge.exporters.{name}_target")
+    except ImportError as exc:
+        raise ExportError(f"target {name} needs {exc.name}: `pip install {exc.name}`") from None
 
 
 def _template_vars(tokenizer) -> dict:

@@ -30,6 +30,9 @@ class GraphJob:
     check_inputs: list[tuple]
     output_axes: dict[str, dict[int, str]] = field(default_factory=dict)  # names for derived output dims
     kv_storage: str | None = None  # decoder only: "buffer", "in_place" (explicit cache I/O) or "state" (engine-held)
+    precision: str = "fp32"  # the plan's precision, for targets that set it at conversion (Core ML's compute type)
+    bounds: dict[str, int] = field(default_factory=dict)  # upper bound of each named axis, for static-shape targets
+    reference: object = None  # a module the traced one must match in PyTorch (the stateful decoder's contract)
 
 
 class _PastKV:
@@ -84,6 +87,63 @@ class DecoderGraph(torch.nn.Module):
         logits = self.head(out.last_hidden_state[:, -1:, :])
         flat = [t for pair in cache.present for t in pair]
         return (logits, *flat)
+
+
+class _StateKV:
+    """Duck-typed transformers cache over two fixed buffers [layers, batch, kv_heads, max_context, head_dim].
+
+    update() writes the new keys/values at [begin, end) and returns the buffer up to `end`, so attention
+    sees exactly the tokens so far; the buffers hold the state's dtype (Core ML states are fp16) and
+    attention computes in the model's.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, begin):
+        self.keys, self.values, self.begin = keys, values, begin
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        end = self.begin + key.shape[2]
+        self.keys[layer_idx, :, :, self.begin : end] = key.to(self.keys.dtype)
+        self.values[layer_idx, :, :, self.begin : end] = value.to(self.values.dtype)
+        return self.keys[layer_idx, :, :, :end].to(key.dtype), self.values[layer_idx, :, :, :end].to(value.dtype)
+
+    def get_seq_length(self, layer_idx: int = 0):
+        return self.begin
+
+
+class StatefulDecoder(torch.nn.Module):
+    """inputs_embeds, masks [batch, 1, n, end], position_ids -> last logits; the KV cache lives in two buffers.
+
+    The buffers `key_cache` / `value_cache` ([layers, batch, kv_heads, max_context, head_dim]) are
+    what a converter turns into graph state (Core ML's StateType). Where the new tokens go is read
+    from the shapes, as the mask covers exactly the tokens so far: begin = end - n. So the caller
+    passes nothing but the usual decoder inputs, and one module serves prefill and decode.
+    """
+
+    def __init__(self, parts: Parts, max_context: int, batch: int = 1, state_dtype=torch.float16):
+        super().__init__()
+        self.text_model = parts.text_model
+        self.head = parts.head
+        self.n_masks = len(parts.mask_names)
+        self.mask_arg = parts.mask_arg
+        shape = (parts.num_layers, batch, parts.num_kv_heads, max_context, parts.head_dim)
+        self.register_buffer("key_cache", torch.zeros(shape, dtype=state_dtype), persistent=False)
+        self.register_buffer("value_cache", torch.zeros(shape, dtype=state_dtype), persistent=False)
+
+    def reset(self) -> None:
+        self.key_cache.zero_()
+        self.value_cache.zero_()
+
+    def forward(self, inputs_embeds, *rest):
+        masks, position_ids = rest[: self.n_masks], rest[self.n_masks]
+        begin = masks[0].shape[-1] - inputs_embeds.shape[1]
+        out = self.text_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=self.mask_arg(list(masks)),
+            position_ids=position_ids,
+            cache=_StateKV(self.key_cache, self.value_cache, begin),
+            use_cache=True,
+        )
+        return self.head(out.last_hidden_state[:, -1:, :])
 
 
 def kv_names(prefix: str, num_layers: int) -> list[str]:

@@ -81,7 +81,8 @@ def _name_dims(model: onnx.ModelProto, job: GraphJob) -> None:
             value.type.tensor_type.shape.dim[axis].dim_param = name
 
 
-def io_specs(path: Path) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+def io_specs(path: Path, job: GraphJob | None = None) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+    """The graph's inputs and outputs with the contract's axis names (as written into the ONNX)."""
     model = onnx.load(str(path), load_external_data=False)
 
     def spec(value) -> TensorSpec:

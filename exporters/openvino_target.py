@@ -85,7 +85,7 @@ def make_stateful(model, pairs: dict[str, str]):
     return model
 
 
-def io_specs(path: Path):
+def io_specs(path: Path, job: GraphJob | None = None):
     """The ONNX graph's specs (OpenVINO keeps the names, ONNX the axis names) for the tensors the IR still has."""
     import openvino as ov
 

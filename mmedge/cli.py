@@ -27,10 +27,12 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="export a Hugging Face checkpoint to a package")
     e.add_argument("--model", required=True, help="checkpoint directory, alias (see list-models) or Hub id")
-    e.add_argument("--target", default="onnxruntime", help="runtime to export for (default: onnxruntime)")
+    e.add_argument("--target", default="onnxruntime",
+                   help="runtime to export for: onnxruntime (default), openvino, tensorrt or coreml")
     e.add_argument("--quant", default="fp32",
                    help="fp32, fp16, int8 or int4 (int4: decoder int4, the rest int8), optionally followed by "
-                        "per-graph overrides, e.g. int4,vision_encoder=fp32 or vision_encoder=int8,decoder=int4")
+                        "per-graph overrides, e.g. int4,vision_encoder=fp32 or vision_encoder=int8,decoder=int4; "
+                        "coreml also takes pal4, pal6 or pal8 per graph (palettized weights), e.g. fp16,decoder=pal4")
     e.add_argument("--calib", default="builtin",
                    help="calibration data: an image folder, a JSONL of {image, prompt}, or builtin (default)")
     e.add_argument("--calib-samples", type=int, default=64, help="calibration samples (default: 64)")
@@ -75,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--backend", help="engine to run on (default: the package's target)")
     r.add_argument("--providers", help="ONNX Runtime execution providers in priority order, comma-separated "
                    "(default: CPUExecutionProvider)")
-    r.add_argument("--device", help="OpenVINO device: CPU (default), GPU, NPU, AUTO, ...")
+    r.add_argument("--device", help="OpenVINO device: CPU (default), GPU, NPU, AUTO, ...; Core ML compute units: "
+                                    "ALL (default), CPU_ONLY, CPU_AND_GPU, CPU_AND_NE")
     r.add_argument("--inference-precision", choices=("f32", "bf16", "f16"),
                    help="OpenVINO on CPU: compute precision, f32 (default: the package's numbers), bf16 or f16 "
                    "(faster where the CPU has AVX512-BF16/AMX or FP16; results move slightly)")
@@ -160,6 +163,15 @@ def cmd_build(args) -> int:
 
 
 def _print_quantization(q: dict) -> None:
+    if "teacher_forced_top1_agreement" not in q:  # Core ML: compressed at export, not run there
+        print(f"weights {q['name']}: {q['calibration'].get('why', 'data-free')}")
+        print(f"{'graph':<16}{'precision':<11}{'before':>10}{'now':>10}  scheme")
+        for name, g in q["graphs"].items():
+            detail = ", ".join(f"{k} {v}" for k, v in g.items() if k in ("block_size", "bits", "group_size"))
+            print(f"{name:<16}{g['precision']:<11}{_mb(g['bytes_before']):>10}{_mb(g['bytes']):>10}  "
+                  f"{g['scheme']}{' (' + detail + ')' if detail else ''}")
+        print(f"{'total':<27}{_mb(q['bytes_before']):>10}{_mb(q['bytes']):>10}")
+        return
     cal = q["calibration"]
     used = f"calibrated on {cal['calibration_samples']} samples, " if cal.get("used", True) else ""
     print(f"quantization {q['name']}: {used}measured on {cal['held_out_samples']} held-out samples "
@@ -219,7 +231,8 @@ def cmd_inspect(args) -> int:
     print(f"{'graph':<16}{'precision':<11}{'size':>10}  inputs -> outputs")
     for name, g in m.graphs.items():
         weights = (g.file + ".data", str(Path(g.file).with_suffix(".bin")))  # ONNX external data, OpenVINO weights
-        size = sum(f.bytes for fname, f in m.files.items() if fname == g.file or fname in weights)
+        size = sum(f.bytes for fname, f in m.files.items()
+                   if fname == g.file or fname in weights or fname.startswith(g.file + "/"))  # Core ML: a directory
         ins = ", ".join(_short(n, s.shape) for n, s in g.inputs.items() if not n.startswith("past."))
         outs = ", ".join(_short(n, s.shape) for n, s in g.outputs.items() if not n.startswith("present."))
         kv = " (+ past/present k,v per layer)" if any(n.startswith("past.") for n in g.inputs) else ""
@@ -231,6 +244,13 @@ def cmd_inspect(args) -> int:
         print(f"export parity vs {m.verification.get('reference', 'reference')} (inputs not used for tracing)")
         print(f"{'graph':<16}{'output':<18}{'max abs err':>12}{'max |ref|':>12}  result")
         for name, r in report.items():
+            if r.get("torch_stateful_wrapper"):
+                v = r["torch_stateful_wrapper"]["outputs"]["logits"]
+                print(f"{name:<16}{'logits (torch)':<18}{v['max_abs_err']:>12.2e}{v['max_abs_ref']:>12.3g}  "
+                      "ok: the stateful module converted, vs the traced decoder")
+            if r["passed"] is None:
+                print(f"{name:<16}{'':<18}{'':>24}  not run: {r.get('not_run', 'no engine here')}")
+                continue
             outputs = r["outputs"]
             shown = {k: v for k, v in outputs.items() if not k.startswith("present.")}
             presents = [v for k, v in outputs.items() if k.startswith("present.")]
@@ -245,6 +265,12 @@ def cmd_inspect(args) -> int:
     if m.tensorrt:
         print()
         _print_tensorrt(args.package, m)
+    if m.coreml:
+        print()
+        print(f"Core ML: deployment target {m.coreml['deployment_target']} (specification "
+              f"{m.coreml['specification_version']}); decoder states:")
+        for name, st in m.coreml["states"].items():
+            print(f"  {name:<14}{st['dtype']} [{','.join(map(str, st['shape']))}]")
     return 0
 
 

@@ -183,6 +183,7 @@ class Manifest:
     verification: dict[str, Any] = field(default_factory=dict)
     quantization: dict[str, Any] = field(default_factory=dict)  # plan, calibration and the accuracy report
     tensorrt: dict[str, Any] = field(default_factory=dict)  # target tensorrt: optimization profiles per graph
+    coreml: dict[str, Any] = field(default_factory=dict)  # target coreml: deployment target, the decoder's states
     format_version: int = FORMAT_VERSION
     mmedge_version: str = ""
 
@@ -272,7 +273,10 @@ def verify_package_files(directory: Path, manifest: Manifest) -> None:
     needed = {g.file for g in manifest.graphs.values()} | {manifest.tokenizer}
     if manifest.prompt.chat_template:
         needed.add(manifest.prompt.chat_template)
-    missing_entries = sorted(needed - set(manifest.files))
+    listed = set(manifest.files)
+    # a graph may be a directory (Core ML's .mlpackage): its files are listed one by one
+    listed |= {name for name in needed if any(f.startswith(name + "/") for f in manifest.files)}
+    missing_entries = sorted(needed - listed)
     if missing_entries:
         raise PackageError(f"{MANIFEST_NAME} lists no hash for {', '.join(missing_entries)}; re-export the package")
     for name, entry in manifest.files.items():

@@ -22,7 +22,7 @@ import numpy as np
 from mmedge.errors import InputError, PackageError
 from mmedge.manifest import Manifest, load_manifest
 from mmedge.runtimes import schemes
-from mmedge.runtimes.backends import DEFAULT_BACKEND_FOR_TARGET, get_backend
+from mmedge.runtimes.backends import DEFAULT_BACKEND_FOR_TARGET, ONLY_OWN_BACKEND, get_backend
 from mmedge.runtimes.kv_cache import make_cache
 from mmedge.runtimes.preprocess import ImageInput, preprocess_with_grid
 from mmedge.runtimes.sampling import GenerationOptions, choose
@@ -98,6 +98,9 @@ class Pipeline:
         name = backend or DEFAULT_BACKEND_FOR_TARGET.get(manifest.target)
         if name is None:
             raise PackageError(f"no backend here runs target {manifest.target!r}; pass backend=...")
+        if manifest.target in ONLY_OWN_BACKEND and name != manifest.target:
+            raise PackageError(f"a {manifest.target} package runs with the {manifest.target} backend only, "
+                               f"not {name}; export for {name} to run there")
         options: dict[str, Any] = {"threads": threads}
         if providers:
             options["providers"] = providers

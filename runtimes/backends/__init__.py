@@ -41,6 +41,7 @@ _BACKENDS = {
     "onnxruntime": ("mmedge.runtimes.backends.onnxruntime", "OnnxRuntimeBackend"),
     "openvino": ("mmedge.runtimes.backends.openvino", "OpenVinoBackend"),
     "tensorrt": ("mmedge.runtimes.backends.tensorrt", "TensorRTBackend"),
+    "coreml": ("mmedge.runtimes.backends.coreml", "CoreMLBackend"),
 }
 
 # Which backend runs a package exported for a target, unless the user picks one.
@@ -48,7 +49,10 @@ DEFAULT_BACKEND_FOR_TARGET = {
     "onnxruntime": "onnxruntime",
     "openvino": "openvino",
     "tensorrt": "tensorrt",  # its ONNX graphs also run with --backend onnxruntime, anywhere
+    "coreml": "coreml",  # macOS / iOS only
 }
+# targets whose graphs only their own backend reads
+ONLY_OWN_BACKEND = ("coreml",)
 
 
 def get_backend(name: str, **options: Any) -> Backend:

@@ -1,0 +1,376 @@
+"""Target `coreml`: one ML Program (.mlpackage) per part, the decoder's KV cache held as Core ML state.
+
+Each part's torch module is traced (torch.jit.trace) and converted with
+coremltools for iOS 18 / macOS 15, the first deployment target with stateful
+models and per-block INT4 weights:
+
+- vision_encoder, projector: batch 1 (1 to tiles + 1 for families that
+  split images), float32 I/O.
+- embed_tokens: input_ids int32 [1, seq], seq 1..max_context.
+- decoder (graphs.StatefulDecoder): inputs_embeds [1, seq, hidden], the
+  masks [1, 1, seq, total_len] and position_ids int32 [1, seq] -> logits
+  [1, 1, vocab]; seq and total_len are flexible (1..max_context), so one
+  model does prefill and decode. Keys and values live in two fp16 states
+  (Core ML states are fp16), `key_cache` and `value_cache`, each [layers, 1,
+  kv_heads, max_context, head_dim]. The model writes each call's keys and
+  values at [total_len - seq, total_len) and attends over [0, total_len):
+  the caller's mask says where the new tokens go, and nothing of the cache
+  crosses the API. For the runtime this is the "state" contract (as
+  OpenVINO's stateful decoder): it tracks the length and starts a new state
+  per sequence.
+
+Precision (`--quant`) is set at conversion (fp32 or fp16 compute) and by
+weight compression after it (calibration/coreml.py: int8, int4 per block,
+palettes). All of it runs on Linux; running the models needs macOS or iOS,
+so off macOS the converted models are not run at export (the manifest says
+so). What is checked everywhere: the stateful decoder module handed to the
+converter against the traced decoder contract in PyTorch, on a prefill and
+decode sequence. On macOS every converted model is run against PyTorch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mmedge.errors import ExportError, first_line
+from mmedge.exporters import graphs
+from mmedge.exporters.graphs import GraphJob
+from mmedge.exporters.onnxruntime_target import compare_with_torch
+from mmedge.exporters.tensorrt_target import max_images
+from mmedge.manifest import Manifest, TensorSpec
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".mlpackage"
+KV_STORAGE = ("state",)
+DEPLOYMENT_TARGET = "iOS18"  # = macOS15: states (ct.StateType) and per-block INT4 weights
+CALIBRATED = False  # weight compression is data-free here (calibration/coreml.py)
+STATES = ("key_cache", "value_cache")
+STATE_DTYPE = "float16"  # the only state type Core ML has
+WRAPPER_RTOL = 5e-3  # the stateful wrapper vs the traced decoder: keys and values pass through fp16 states
+FP16_RTOL = 3e-2  # converted fp16-compute models vs PyTorch (macOS only)
+NOT_RUN = "Core ML runs models on macOS and iOS only; converted here, not run"
+
+
+def import_coremltools():
+    """coremltools, or one line saying how to get it."""
+    try:
+        with _quiet():
+            import coremltools as ct
+    except ImportError:
+        raise ExportError("--target coreml needs coremltools: pip install \"mmedge[coreml]\"") from None
+    _numpy2_casts()
+    return ct
+
+
+def build_jobs(parts, kv_storage: str, max_context: int, preprocess) -> list[GraphJob]:
+    """The shared vision/projector/embedding jobs, and the decoder as a StatefulDecoder over a fixed cache."""
+    vision, projector, embed, reference = graphs.build_jobs(parts, kv_storage="buffer")
+    images = max_images(preprocess)
+    for job in (vision, projector):
+        job.bounds = {"batch": images}
+    embed.bounds = {"batch": 1, "seq": max_context}
+    g = torch.Generator().manual_seed(1)
+    module = graphs.StatefulDecoder(parts, max_context).eval()
+
+    def step(begin: int, n: int):
+        embeds = torch.randn(1, n, parts.hidden_size, generator=g)
+        masks = [graphs._mask(1, n, begin, g) for _ in parts.mask_names]
+        positions = torch.arange(begin, begin + n)[None] + 1
+        return (embeds, *masks, positions)
+
+    decoder = GraphJob(
+        "decoder",
+        module,
+        ["inputs_embeds", *parts.mask_names, "position_ids"],
+        ["logits"],
+        {"inputs_embeds": {1: "seq"}, "position_ids": {1: "seq"},
+         **{m: {2: "seq", 3: "total_len"} for m in parts.mask_names}},
+        step(2, 5),
+        # one sequence from an empty cache: prefill, a decode step, a second chunk, a decode step
+        [step(0, 4), step(4, 1), step(5, 3), step(8, 1)],
+        kv_storage="state",
+    )
+    decoder.bounds = {"batch": 1, "seq": max_context, "total_len": max_context}
+    decoder.reference = reference.module
+    return [vision, projector, embed, decoder]
+
+
+def export_graph(job: GraphJob, path: Path) -> None:
+    ct = import_coremltools()
+    stateful = job.kv_storage == "state"
+    with torch.no_grad(), _quiet():
+        if stateful:
+            job.module.reset()
+        try:
+            traced = torch.jit.trace(job.module, job.trace_inputs, check_trace=False)
+        except Exception as exc:
+            raise ExportError(f"tracing {job.name} failed: {first_line(exc)}") from exc
+        finally:
+            if stateful:
+                job.module.reset()
+    inputs = [ct.TensorType(name=name, shape=_shape(ct, job, name, tensor), dtype=_dtype(tensor))
+              for name, tensor in zip(job.input_names, job.trace_inputs)]
+    states = []
+    if stateful:
+        for name in STATES:
+            buffer = getattr(job.module, name)
+            states.append(ct.StateType(wrapped_type=ct.TensorType(shape=tuple(buffer.shape), dtype=np.float16),
+                                       name=name))
+    precision = ct.precision.FLOAT32 if job.precision == "fp32" else ct.precision.FLOAT16
+    try:
+        with _quiet():
+            model = ct.convert(
+                traced,
+                inputs=inputs,
+                outputs=[ct.TensorType(name=name, dtype=np.float32) for name in job.output_names],
+                states=states or None,
+                minimum_deployment_target=getattr(ct.target, DEPLOYMENT_TARGET),
+                compute_precision=precision,
+                convert_to="mlprogram",
+                skip_model_load=True,
+            )
+            model.save(str(path))
+    except Exception as exc:
+        raise ExportError(f"coremltools could not convert {job.name}: {first_line(exc)}") from exc
+
+
+def _shape(ct, job: GraphJob, name: str, tensor: torch.Tensor):
+    """The trace shape with each named axis fixed (bound 1) or a RangeDim up to its bound."""
+    shape = list(tensor.shape)
+    for axis, dim in job.dynamic_axes.get(name, {}).items():
+        upper = job.bounds[dim]
+        shape[axis] = 1 if upper == 1 else ct.RangeDim(lower_bound=1, upper_bound=upper, default=1)
+    return tuple(shape)
+
+
+def _dtype(tensor: torch.Tensor):
+    return np.int32 if not tensor.is_floating_point() else np.float32  # Core ML inputs: no int64
+
+
+def io_specs(path: Path, job: GraphJob | None = None) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+    """Inputs and outputs as the saved model's description has them, flexible axes named as the contract does."""
+    spec = _load_spec(path)
+    axes = dict(job.dynamic_axes) if job else {}
+    out_axes = _output_axes(job) if job else {}
+
+    bounds = job.bounds if job else {}
+
+    def tensor(feature, named) -> TensorSpec:
+        array = feature.type.multiArrayType
+        dtype = {65568: "float32", 65552: "float16", 131104: "int32"}.get(array.dataType, str(array.dataType))
+        dims: list = list(array.shape)
+        for axis, dim in named.get(feature.name, {}).items():
+            if axis < len(dims) and bounds.get(dim) != 1:
+                dims[axis] = dim
+        return TensorSpec(dtype, dims)
+
+    inputs = {f.name: tensor(f, axes) for f in spec.description.input}
+    outputs = {f.name: tensor(f, out_axes) for f in spec.description.output}
+    if job is not None and any(not o.shape for o in outputs.values()):  # the converter left them unsized
+        with torch.no_grad():
+            if job.kv_storage == "state":
+                job.module.reset()
+            got = job.module(*job.trace_inputs)
+            if job.kv_storage == "state":
+                job.module.reset()
+        got = got if isinstance(got, (tuple, list)) else (got,)
+        for name, value in zip(job.output_names, got):
+            dims = list(value.shape)
+            for axis, dim in out_axes.get(name, {}).items():
+                dims[axis] = 1 if bounds.get(dim) == 1 else dim
+            outputs[name] = TensorSpec(outputs[name].dtype, dims)
+    return inputs, outputs
+
+
+def _output_axes(job: GraphJob) -> dict[str, dict[int, str]]:
+    first = job.dynamic_axes.get(job.input_names[0], {})
+    return {name: {a: d for a, d in first.items() if a < 2} for name in job.output_names} if job.name != "decoder" \
+        else {"logits": {}}
+
+
+def verify_graph(job: GraphJob, path: Path, rtol: float = 1e-3) -> dict:
+    """The stateful decoder module against the traced contract in PyTorch; on macOS each model against PyTorch.
+
+    `passed` is None where Core ML could not run the model (off macOS); the export then
+    records why instead of a comparison.
+    """
+    result: dict = {}
+    if job.kv_storage == "state":
+        wrapper = stateful_vs_reference(job)
+        result["torch_stateful_wrapper"] = wrapper
+        if not wrapper["passed"]:
+            return {**result, "passed": False, "outputs": wrapper["outputs"], "rtol": WRAPPER_RTOL}
+    if sys.platform != "darwin":
+        return {**result, "passed": None, "not_run": NOT_RUN, "outputs": {}}
+    tolerance = rtol if job.precision == "fp32" else FP16_RTOL
+    return {**result, **_run_on_core_ml(job, path, tolerance)}
+
+
+def stateful_vs_reference(job: GraphJob) -> dict:
+    """Run the check sequence through the StatefulDecoder (fp16 cache state) and through the traced
+    decoder contract (explicit fp32 past keys/values), from an empty cache; compare the logits."""
+    module, reference = job.module, job.reference
+    layers, _, heads, _, dim = module.key_cache.shape
+    past = [torch.zeros(1, heads, 0, dim) for _ in range(2 * layers)]
+    expected = []
+    with torch.no_grad():
+        for inputs in job.check_inputs:
+            logits, *new = reference(*inputs, *past)
+            past = [torch.cat([p, n], dim=2) for p, n in zip(past, new)]
+            expected.append(logits)
+    module.reset()
+    steps = iter(expected)
+    try:
+        return compare_with_torch(_Reference(job, steps), lambda feeds: [_run_torch(module, job, feeds)], WRAPPER_RTOL)
+    finally:
+        module.reset()
+
+
+class _Reference:
+    """A GraphJob stand-in whose module returns the precomputed reference logits, one step per call."""
+
+    def __init__(self, job: GraphJob, steps):
+        self.name, self.input_names, self.output_names = job.name, job.input_names, job.output_names
+        self.check_inputs, self.steps = job.check_inputs, steps
+
+    def module(self, *inputs):
+        return next(self.steps)
+
+
+def _run_torch(module, job: GraphJob, feeds: dict) -> np.ndarray:
+    with torch.no_grad():
+        return module(*(torch.from_numpy(feeds[n]) for n in job.input_names)).numpy()
+
+
+def _run_on_core_ml(job: GraphJob, path: Path, rtol: float) -> dict:  # pragma: no cover - macOS only
+    import coremltools as ct
+
+    model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.CPU_ONLY)
+    state = model.make_state() if job.kv_storage == "state" else None
+    if state is not None:
+        job.module.reset()
+
+    def run(feeds):
+        feeds = {k: v.astype(np.int32) if v.dtype == np.int64 else v for k, v in feeds.items()}
+        out = model.predict(feeds, state=state) if state is not None else model.predict(feeds)
+        return [np.asarray(out[name]) for name in job.output_names]
+
+    try:
+        return compare_with_torch(job, run, rtol)
+    finally:
+        if state is not None:
+            job.module.reset()
+
+
+def compress(stage: Path, manifest: Manifest, plan: dict[str, str], block_size: int, progress: bool) -> dict:
+    """Compress the weights of each graph the plan says (calibration/coreml.py); returns the report."""
+    from tqdm.auto import tqdm
+
+    from mmedge.calibration import coreml as cq
+    from mmedge.calibration.plan import describe
+
+    report = {"plan": dict(plan), "name": describe(plan), "calibration": {"used": False,
+              "why": "Core ML weight compression is data-free (coremltools cannot run models off macOS)"},
+              "graphs": {}}
+    parts = [p for p in plan if plan[p] in cq.COMPRESSED]
+    for part in tqdm(parts, desc="compress", unit="graph", disable=not progress):
+        path = stage / manifest.graphs[part].file
+        before = _bytes(path)
+        try:
+            done = cq.compress(path, plan[part], block_size)
+        except ExportError:
+            raise
+        except Exception as exc:
+            raise ExportError(f"compressing {part} to {plan[part]} failed: {first_line(exc)}") from exc
+        report["graphs"][part] = {"precision": plan[part], **done, "bytes_before": before, "bytes": _bytes(path)}
+    for part in manifest.graphs:
+        manifest.graphs[part].precision = plan[part]
+        size = _bytes(stage / manifest.graphs[part].file)
+        compute = "float32 compute" if plan[part] == "fp32" else "float16 compute"
+        report["graphs"].setdefault(part, {"precision": plan[part], "scheme": compute, "bytes_before": size,
+                                           "bytes": size})
+    report["graphs"] = {part: report["graphs"][part] for part in manifest.graphs}
+    report["bytes_before"] = sum(g["bytes_before"] for g in report["graphs"].values())
+    report["bytes"] = sum(g["bytes"] for g in report["graphs"].values())
+    return report
+
+
+def finalize(stage: Path, manifest: Manifest) -> None:
+    """Record what an app needs besides the I/O: deployment target, the decoder's states."""
+    spec = _load_spec(stage / manifest.graphs["decoder"].file)
+    manifest.kv_cache.dtype = STATE_DTYPE
+    manifest.coreml = {
+        "deployment_target": DEPLOYMENT_TARGET,
+        "specification_version": spec.specificationVersion,
+        "states": {s.name: {"dtype": STATE_DTYPE, "shape": list(s.type.stateType.arrayType.shape)}
+                   for s in spec.description.state},
+        "state_layout": "layers,batch,kv_heads,max_context,head_dim; a call writes [total_len - seq, total_len) "
+                        "and attends over [0, total_len)",
+    }
+
+
+def _bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _load_spec(path: Path):
+    ct = import_coremltools()
+    return ct.utils.load_spec(str(path))
+
+
+@contextlib.contextmanager
+def _quiet():
+    """coremltools warns about untested torch versions and draws a progress bar per pass; keep the CLI's output ours."""
+    loggers = [logging.getLogger(n) for n in ("coremltools", "root")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), \
+                contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+_PATCHED = False
+
+
+def _numpy2_casts() -> None:
+    """coremltools 9.0's torch frontend casts a folded one-element array with int(array), which NumPy 2
+    refuses for arrays of one dimension (traced models hold such constants, e.g. a layer's scaling);
+    register the torch `int` / `bool` ops again, taking the element out first."""
+    global _PATCHED
+    if _PATCHED:
+        return
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.torch import ops
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import register_torch_op
+
+    def cast(context, node, kind, dtype_name):
+        x = ops._get_inputs(context, node, expected=1)[0]
+        if x.can_be_folded_to_const() and isinstance(x.val, np.ndarray) and x.val.size == 1:
+            context.add(mb.const(val=kind(x.val.reshape(()).item()), name=node.name), node.name)
+            return
+        ops._cast(context, node, kind, dtype_name)
+
+    def _int(context, node):
+        cast(context, node, int, "int32")
+
+    def _bool(context, node):
+        cast(context, node, bool, "bool")
+
+    register_torch_op(_int, torch_alias=["int"], override=True)
+    register_torch_op(_bool, torch_alias=["bool"], override=True)
+    _PATCHED = True
