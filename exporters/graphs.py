@@ -9,6 +9,7 @@ and from every fixed dimension, so nothing gets specialised silently.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -128,6 +129,14 @@ class StatefulDecoder(torch.nn.Module):
         shape = (parts.num_layers, batch, parts.num_kv_heads, max_context, parts.head_dim)
         self.register_buffer("key_cache", torch.zeros(shape, dtype=state_dtype), persistent=False)
         self.register_buffer("value_cache", torch.zeros(shape, dtype=state_dtype), persistent=False)
+
+    def with_state_dtype(self, dtype) -> "StatefulDecoder":
+        """The same module (shared weights) over new, empty buffers of `dtype`."""
+        other = copy.copy(self)
+        other._buffers = dict(self._buffers)
+        other.register_buffer("key_cache", torch.zeros_like(self.key_cache, dtype=dtype), persistent=False)
+        other.register_buffer("value_cache", torch.zeros_like(self.value_cache, dtype=dtype), persistent=False)
+        return other
 
     def reset(self) -> None:
         self.key_cache.zero_()

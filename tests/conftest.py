@@ -31,11 +31,15 @@ TARGETS = {
     "onnxruntime-buffer": dict(target="onnxruntime", kv_cache="buffer"),
     # TensorRT-ready graphs; here they run through ONNX Runtime (BACKEND), as `mmedge run --backend onnxruntime`
     "tensorrt": dict(target="tensorrt"),
+    # mlpackages with the KV cache as Core ML state; Core ML runs them on macOS only (tests/test_coreml.py)
+    "coreml": dict(target="coreml"),
 }
 # the backend a target's packages run with in these tests, where not the target's own (no GPU here)
 BACKEND = {"tensorrt": "onnxruntime"}
 SHAPES = tiny.shapes()
-CASES = [(shape, target) for shape in SHAPES for target in TARGETS if target != "onnxruntime-buffer"]
+# targets whose packages run on this machine
+RUN_HERE = [t for t in TARGETS if t != "coreml" or sys.platform == "darwin"]
+CASES = [(shape, target) for shape in SHAPES for target in RUN_HERE if target != "onnxruntime-buffer"]
 
 
 @pytest.fixture(scope="session")

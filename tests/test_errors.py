@@ -121,9 +121,9 @@ def test_alias_not_cached_offline(tmp_path):
     assert_one_line_error(result, "google/paligemma-3b-mix-224", str(tmp_path / "hf"), "--model /path/to/checkpoint")
 
 
-def test_unbuilt_target_and_unknown_precision(tmp_path):
-    assert_one_line_error(run_cli("export", "--model", "tiny-paligemma", "--target", "coreml",
-                                  "-o", str(tmp_path / "o")), "not built yet")
+def test_unknown_target_and_unknown_precision(tmp_path):
+    assert_one_line_error(run_cli("export", "--model", "tiny-paligemma", "--target", "tflite",
+                                  "-o", str(tmp_path / "o")), "unknown target 'tflite'", "coreml")
     assert_one_line_error(run_cli("export", "--model", "tiny-paligemma", "--quant", "int3",
                                   "-o", str(tmp_path / "o")), "unknown precision 'int3'")
     assert_one_line_error(run_cli("export", "--model", "tiny-paligemma", "--quant", "int8,projector=int4",

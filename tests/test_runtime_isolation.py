@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from conftest import BACKEND, TARGETS, sample_images
+from conftest import BACKEND, RUN_HERE, sample_images
 from mmedge import Pipeline
 
 BLOCKER = textwrap.dedent(
@@ -35,7 +35,7 @@ def run_blocked(code: str, cwd):
     return result
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", RUN_HERE)
 def test_pipeline_runs_without_torch(packages, tmp_path, target):
     package = packages("paligemma-gqa", target)
     image = tmp_path / "img.png"
@@ -90,6 +90,22 @@ def test_tensorrt_runtime_modules_import_without_torch(tmp_path):
         import mmedge.runtimes.backends.tensorrt, mmedge.runtimes.backends.tensorrt_build
         import mmedge.runtimes.backends.cuda
         assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers")]
+        """,
+        tmp_path,
+    )
+
+
+def test_coreml_backend_imports_coremltools_without_torch(tmp_path):
+    """coremltools imports torch and transformers when they are installed; the Core ML backend hides both."""
+    pytest.importorskip("coremltools")
+    run_blocked(
+        """
+        sys.meta_path.pop(0)  # no block from the test: torch is importable, the backend must hide it itself
+        import mmedge.runtimes.backends.coreml as backend
+        ct = backend.import_coremltools()
+        assert ct.models.MLModel is not None
+        assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers")]
+        import torch  # hidden only while coremltools loads
         """,
         tmp_path,
     )

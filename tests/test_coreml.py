@@ -1,0 +1,314 @@
+"""Core ML target: what can be proven on Linux (the torch modules converted, the saved specs, the
+compressed weights, the errors), and prediction tests for macOS that skip elsewhere with their reason.
+
+Core ML runs models only on Apple platforms, so off macOS the converted models are read, not run.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PROMPTS, SHAPES, run_cli, sample_images
+from mmedge import Pipeline
+from mmedge.exporters import checkpoint as ckpt
+from mmedge.calibration.coreml import WEIGHT_THRESHOLD
+from mmedge.exporters import coreml_target
+from mmedge.exporters.export import ExportOptions, _load_tokenizer, export
+from mmedge.manifest import load_manifest
+from mmedge.runtimes.text import TextCodec
+from test_parity import NEW_TOKENS, hf_generate
+
+ct = pytest.importorskip("coremltools")
+MACOS = pytest.mark.skipif(sys.platform != "darwin", reason="Core ML runs models on macOS only")
+SHAPE = "paligemma-gqa"
+INT4_OP = "constexpr_blockwise_shift_scale"  # iOS 18 dequantize of INT4/INT8 data with per-block scales
+
+
+@pytest.fixture(scope="module")
+def variants(checkpoints, packages, tmp_path_factory):
+    """quant -> package of the tiny PaliGemma for coreml (fp32 from the shared fixture)."""
+    root = tmp_path_factory.mktemp("coreml")
+    made = {"fp32": packages(SHAPE, "coreml")}
+
+    def get(quant: str, **options) -> object:
+        key = quant + "".join(f"-{k}{v}" for k, v in options.items())
+        if key not in made:
+            made[key] = root / key
+            export(ExportOptions(model=str(checkpoints[SHAPE]), output=made[key], target="coreml", quant=quant,
+                                 progress=False, **options))
+        return made[key]
+
+    return get
+
+
+def program(path):
+    """The saved model's spec and the operations of its main function."""
+    spec = ct.utils.load_spec(str(path))
+    main = spec.mlProgram.functions["main"]
+    return spec, list(main.block_specializations[main.opset].operations)
+
+
+def const_dtypes(op) -> dict[str, int]:
+    """dtype (proto enum) of each inline constant argument of `op`, by input name."""
+    out = {}
+    for name, arg in op.inputs.items():
+        for a in arg.arguments:
+            if a.HasField("value"):
+                out[name] = a.value.type.tensorType.dataType
+    return out
+
+
+def shape_of(arg) -> list[int]:
+    return [d.constant.size for d in arg.arguments[0].value.type.tensorType.dimensions]
+
+
+# -- the torch module handed to the converter --------------------------------------------------
+
+
+class TorchGraph:
+    """A job's torch module behind the runtime's Graph protocol (the stateful decoder resets like Core ML's)."""
+
+    def __init__(self, job):
+        self.module, self.input_names, self.output_names = job.module, job.input_names, job.output_names
+
+    def run(self, inputs, into=None):
+        with torch.no_grad():
+            out = self.module(*(torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in self.input_names))
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        return {n: o.numpy() for n, o in zip(self.output_names, out)}
+
+    def reset_state(self):
+        self.module.reset()
+
+
+def torch_pipeline(checkpoint, package):
+    """The package's runtime Pipeline over the very torch modules its .mlpackage files were converted from."""
+    family = ckpt.family_for(ckpt.read_config(checkpoint)["model_type"])
+    model = family.load(checkpoint)
+    manifest = load_manifest(package)
+    desc = family.describe(model, checkpoint, _load_tokenizer(checkpoint))
+    jobs = coreml_target.build_jobs(family.split(model), "state", manifest.kv_cache.max_context, desc.preprocess)
+    graphs = {job.name: TorchGraph(job) for job in jobs}
+    return Pipeline(package, manifest, graphs, TextCodec.from_package(package, manifest)), model
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_stateful_decoder_is_token_exact_in_pytorch(shape, checkpoints, packages):
+    """Greedy tokens through the runtime's Pipeline, with the converted torch modules as graphs (the decoder
+    keeping its KV cache in fp16 buffers, as Core ML's states), equal transformers' generate."""
+    from transformers import AutoProcessor
+
+    pipe, model = torch_pipeline(checkpoints[shape], packages(shape, "coreml"))
+    assert pipe.manifest.kv_cache.storage == "state" and pipe.manifest.kv_cache.dtype == "float16"
+    processor = AutoProcessor.from_pretrained(checkpoints[shape])
+    seen = set()
+    for name, image in sample_images().items():
+        for prompt in PROMPTS:
+            expected = hf_generate(model, processor, image, prompt)
+            got = list(pipe.generate_ids(image, prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True))
+            assert got == expected, f"{shape} image={name} prompt={prompt!r}"
+            seen.update(got)
+    assert len(seen) > NEW_TOKENS // 2
+    # the state restarts per sequence: the uncached path (whole sequence each step, from a reset) agrees
+    image = sample_images()["shapes"]
+    full = list(pipe.generate_ids(image, PROMPTS[0], max_new_tokens=8, ignore_eos=True, use_cache=False))
+    assert full == list(pipe.generate_ids(image, PROMPTS[0], max_new_tokens=8, ignore_eos=True))
+
+
+# -- the saved mlpackages ----------------------------------------------------------------------
+
+
+def test_specs_io_states_and_deployment_target(variants):
+    package = variants("fp32")
+    m = load_manifest(package)
+    context = m.kv_cache.max_context
+    spec, ops = program(package / m.graphs["decoder"].file)
+    assert spec.specificationVersion == 9  # iOS 18 / macOS 15: the first with states
+    assert m.coreml["deployment_target"] == "iOS18"
+    inputs = {f.name: f.type.multiArrayType for f in spec.description.input}
+    assert list(inputs) == ["inputs_embeds", "attention_mask", "position_ids"]
+    assert inputs["position_ids"].dataType == ct.proto.FeatureTypes_pb2.ArrayFeatureType.INT32
+    seq = inputs["inputs_embeds"].shapeRange.sizeRanges[1]
+    assert (seq.lowerBound, seq.upperBound) == (1, context)  # one model for prefill and decode
+    mask = inputs["attention_mask"].shapeRange.sizeRanges
+    assert [(r.lowerBound, r.upperBound) for r in mask[2:]] == [(1, context), (1, context)]
+    assert [f.name for f in spec.description.output] == ["logits"]
+    states = {s.name: s.type.stateType.arrayType for s in spec.description.state}
+    kv = m.kv_cache
+    assert set(states) == {"key_cache", "value_cache"}
+    for array in states.values():
+        assert list(array.shape) == [kv.num_layers, 1, kv.num_kv_heads, context, kv.head_dim]
+        assert array.dataType == ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT16
+    kinds = {op.type for op in ops}
+    assert {"read_state", "write_state", "slice_update"} <= kinds  # the cache is written in the graph
+    # the manifest describes what an app binds
+    assert m.coreml["states"]["key_cache"]["shape"] == [kv.num_layers, 1, kv.num_kv_heads, context, kv.head_dim]
+    assert m.graphs["decoder"].inputs["attention_mask"].shape == [1, 1, "seq", "total_len"]
+    vision, _ = program(package / m.graphs["vision_encoder"].file)
+    assert [f.name for f in vision.description.input] == ["pixel_values"]
+    assert list(vision.description.input[0].type.multiArrayType.shape) == [1, 3, m.preprocess.height, m.preprocess.width]
+    embed, _ = program(package / m.graphs["embed_tokens"].file)
+    assert embed.description.input[0].type.multiArrayType.dataType == ct.proto.FeatureTypes_pb2.ArrayFeatureType.INT32
+    report = m.verification["graphs"]["decoder"]
+    assert report["passed"] is None and "macOS" in report["not_run"]
+    assert report["torch_stateful_wrapper"]["outputs"]["logits"]["max_abs_err"] < 1e-5  # fp32 buffers: exact
+
+
+def compressed_linears(ops, dtype) -> int:
+    """How many linear layers read weights stored as `dtype`; every other one is too small to compress."""
+    made = {o.outputs[0].name for o in ops if o.type == INT4_OP and const_dtypes(o)["data"] == dtype}
+    assert not [o for o in ops if o.type == INT4_OP and o.outputs[0].name not in made]
+    linear = [o for o in ops if o.type in ("linear", "conv")]
+    for o in linear:
+        weight = o.inputs["weight"].arguments[0]
+        assert weight.name in made or np.prod(shape_of(o.inputs["weight"])) <= WEIGHT_THRESHOLD, o.type
+    return len([o for o in linear if o.inputs["weight"].arguments[0].name in made])
+
+
+def _int4_weight(path, name: str):
+    """The dequantized INT4 weight `name` of a model, read from its weight file."""
+    from coremltools.libmilstoragepython import _BlobStorageReader
+
+    _, ops = program(path)
+    op = next(o for o in ops if o.type == INT4_OP and o.attributes["name"].immediateValue.tensor.strings.values[0]
+              .startswith(name))
+    data, scale = op.inputs["data"].arguments[0].value, op.inputs["scale"].arguments[0].value
+    reader = _BlobStorageReader(str(path / "Data/com.apple.CoreML/weights/weight.bin"))
+    rows, cols = shape_of(op.inputs["data"])
+    q = np.asarray(reader.read_int4_data(data.blobFileValue.offset), np.float32)[: rows * cols].reshape(rows, cols)
+    blocks = shape_of(op.inputs["scale"])
+    raw = np.asarray(reader.read_fp16_data(scale.blobFileValue.offset))  # the float16 bits, as uint16
+    s = raw.astype(np.uint16).view(np.float16).astype(np.float32).reshape(blocks)
+    return q * np.repeat(s, cols // blocks[1], axis=1), cols // blocks[1]
+
+
+def test_int4_decoder_weights_are_blockwise_int4(variants, checkpoints):
+    package = variants("int4")
+    m = load_manifest(package)
+    _, ops = program(package / m.graphs["decoder"].file)
+    dequant = [o for o in ops if o.type == INT4_OP]
+    assert dequant and all(const_dtypes(o)["data"] == ct.proto.MIL_pb2.INT4 for o in dequant)
+    assert compressed_linears(ops, ct.proto.MIL_pb2.INT4) >= 5 * m.kv_cache.num_layers
+    # the stored weights, dequantized, are the model's within half a quantization step
+    model = ckpt.family_for("paligemma").load(checkpoints[SHAPE])
+    want = model.model.language_model.layers[0].self_attn.q_proj.weight.detach().numpy()
+    got, block = _int4_weight(package / m.graphs["decoder"].file, "text_model_layers_0_self_attn_q_proj")
+    assert block == 32 and got.shape == want.shape
+    step = np.repeat(np.abs(want).reshape(want.shape[0], -1, block).max(-1) / 7, block, axis=1)
+    assert np.all(np.abs(got - want) <= 0.51 * step + 1e-3 * np.abs(want))
+    # the rest of the int4 preset: int8 per channel
+    for part in ("vision_encoder", "projector"):
+        _, part_ops = program(package / m.graphs[part].file)
+        compressed_linears(part_ops, ct.proto.MIL_pb2.INT8)
+    assert compressed_linears(program(package / m.graphs["vision_encoder"].file)[1], ct.proto.MIL_pb2.INT8) >= 1
+    _, embed_ops = program(package / m.graphs["embed_tokens"].file)
+    table = [o for o in embed_ops if o.type == INT4_OP]
+    assert len(table) == 1 and const_dtypes(table[0])["data"] == ct.proto.MIL_pb2.INT8  # the embedding table
+    q = m.quantization
+    assert q["graphs"]["decoder"]["block_size"] == 32 and q["bytes"] < q["bytes_before"]
+    assert [m.graphs[p].precision for p in m.graphs] == ["int8", "int8", "int8", "int4"]
+
+
+def test_block_size_fp16_and_palettes(variants):
+    big = variants("int4", int4_block_size=64)
+    m = load_manifest(big)
+    _, ops = program(big / m.graphs["decoder"].file)
+    op = next(o for o in ops if o.type == INT4_OP)
+    rows, cols = shape_of(op.inputs["data"])
+    assert shape_of(op.inputs["scale"]) == [rows, cols // 64]
+    fp16 = variants("fp16")
+    m = load_manifest(fp16)
+    _, ops = program(fp16 / m.graphs["decoder"].file)
+    assert not [o for o in ops if o.type.startswith("constexpr")]
+    linear = [o for o in ops if o.type == "linear"]
+    assert linear and all(const_dtypes(o).get("weight", ct.proto.MIL_pb2.FLOAT16) == ct.proto.MIL_pb2.FLOAT16
+                          for o in linear)
+    pal = variants("fp16,decoder=pal4")
+    m = load_manifest(pal)
+    _, ops = program(pal / m.graphs["decoder"].file)
+    luts = [o for o in ops if o.type == "constexpr_lut_to_dense"]
+    assert luts and m.graphs["decoder"].precision == "pal4"
+    lut = shape_of(luts[0].inputs["lut"])
+    assert lut[-2:] == [16, 1]  # 2^4 entries of scalars
+    assert m.quantization["graphs"]["decoder"]["bits"] == 4
+
+
+def test_demo_model_converts_at_every_preset(tmp_path):
+    """The trained demo model at fp16 / int8 / int4: converted, compressed, smaller each step."""
+    sizes = {}
+    for quant in ("fp16", "int8", "int4"):
+        out = tmp_path / quant
+        result = run_cli("export", "--model", "shapes-paligemma", "--target", "coreml", "--quant", quant,
+                         "-o", str(out))
+        assert result.returncode == 0, result.stderr
+        m = load_manifest(out)
+        assert m.graphs["decoder"].precision == {"fp16": "fp16", "int8": "int8", "int4": "int4"}[quant]
+        sizes[quant] = sum(f.bytes for f in m.files.values())
+        assert m.verification["graphs"]["decoder"]["torch_fp16_state"]["passed"]
+    assert sizes["fp16"] > sizes["int8"] > sizes["int4"]
+    shown = run_cli("inspect", str(tmp_path / "int4"))
+    assert shown.returncode == 0 and "key_cache" in shown.stdout and "not run" in shown.stdout
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="checks the refusal off macOS")
+def test_prediction_off_macos_is_one_line(variants, tmp_path):
+    package = variants("fp32")
+    image = tmp_path / "x.png"
+    sample_images()["shapes"].save(image)
+    result = run_cli("run", str(package), "--image", str(image), "--prompt", "caption en")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "macOS" in result.stderr
+    with pytest.raises(Exception, match="coreml backend only"):
+        Pipeline.load(package, backend="onnxruntime")
+
+
+def test_option_errors(tmp_path):
+    cases = [
+        (["--target", "coreml", "--kv-cache", "buffer"], "--kv-cache buffer is not available for --target coreml"),
+        (["--target", "coreml", "--quant", "fp16,decoder=pal3"], "decoder cannot be 'pal3'"),
+        (["--quant", "fp16,decoder=pal4"], "decoder cannot be 'pal4' for --target onnxruntime"),
+    ]
+    for args, message in cases:
+        result = run_cli("export", "--model", "tiny-paligemma", *args, "-o", str(tmp_path / "o"))
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "o").exists()
+
+
+# -- prediction (macOS) ------------------------------------------------------------------------
+
+
+@pytest.mark.macos
+@MACOS
+def test_core_ml_greedy_tokens_match_transformers(variants, checkpoints):  # pragma: no cover - macOS
+    """fp32 compute on the CPU: the same greedy tokens as transformers; the state restarts per prompt."""
+    from transformers import AutoProcessor
+
+    pipe = Pipeline.load(variants("fp32"), device="CPU_ONLY")
+    model = ckpt.family_for("paligemma").load(checkpoints[SHAPE])
+    processor = AutoProcessor.from_pretrained(checkpoints[SHAPE])
+    for image in sample_images().values():
+        for prompt in PROMPTS:
+            got = list(pipe.generate_ids(image, prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True))
+            assert got == hf_generate(model, processor, image, prompt)
+
+
+@pytest.mark.macos
+@MACOS
+def test_core_ml_compressed_packages_run_close_to_fp32(variants):  # pragma: no cover - macOS
+    ref = Pipeline.load(variants("fp32"), device="CPU_ONLY")
+    image = sample_images()["shapes"]
+    tokens = list(ref.generate_ids(image, PROMPTS[0], max_new_tokens=NEW_TOKENS, ignore_eos=True))
+    want = ref.teacher_forced_logits(image, PROMPTS[0], tokens)
+    for quant in ("fp16", "int8", "int4"):
+        got = Pipeline.load(variants(quant)).teacher_forced_logits(image, PROMPTS[0], tokens)
+        assert got.shape == want.shape and np.isfinite(got).all()
+        agree = float((got.argmax(-1) == want.argmax(-1)).mean())
+        assert agree >= {"fp16": 0.95, "int8": 0.5, "int4": 0.3}[quant], (quant, agree)
