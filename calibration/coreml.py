@@ -24,6 +24,8 @@ import contextlib
 import io
 from pathlib import Path
 
+import numpy as np
+
 from mmedge.errors import ExportError
 
 WEIGHT_THRESHOLD = 2048  # coremltools' default: smaller constants are not worth a dequantize op
@@ -83,3 +85,64 @@ def quiet():
     """coremltools draws a progress bar per pass on stderr; the CLI draws its own."""
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
         yield
+
+
+# -- reading the stored weights back ----------------------------------------------------------
+
+# what the converter and the compression passes append to a torch parameter's name
+_SUFFIXES = ("_to_fp16_quantized", "_to_fp16_palettized", "_to_fp16")
+
+
+def stored_weights(path: Path) -> dict[str, np.ndarray]:
+    """The weights a .mlpackage stores, by their torch parameter name ('.' written as '_'), dense float32:
+    compressed ones (constexpr ops: INT8/INT4 with scales, lookup tables) dequantized as Core ML does."""
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto.load import load as milproto_to_pymil
+
+    model = ct.models.MLModel(str(path), skip_model_load=True)
+    spec = model.get_spec()
+    with quiet():
+        program = milproto_to_pymil(model_spec=spec, specification_version=spec.specificationVersion,
+                                    file_weights_dir=model.weights_dir)
+    out, compressed = {}, set()
+    for op in program.functions["main"].operations:
+        if op.op_type.startswith("constexpr"):
+            value = op.materialized_val_inference()
+            compressed.add(_torch_name(op.name))
+        elif op.op_type == "const" and isinstance(op.val.val, np.ndarray) and op.val.val.size > 1:
+            value = op.val.val
+        else:
+            continue
+        out[_torch_name(op.name)] = np.asarray(value, np.float32)
+    out["__compressed__"] = compressed
+    return out
+
+
+def _torch_name(name: str) -> str:
+    for suffix in _SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def load_stored_weights(module, path: Path) -> dict:
+    """Copy the weights stored in the .mlpackage at `path` into the torch `module` it was converted from.
+
+    Every compressed weight must land on a parameter of the same shape (or the reading is wrong);
+    float weights the converter transformed (folded, renamed) keep their torch values."""
+    import torch
+
+    stored = stored_weights(path)
+    compressed = stored.pop("__compressed__")
+    params = {name.replace(".", "_"): p for name, p in module.named_parameters()}
+    loaded = set()
+    with torch.no_grad():
+        for name, value in stored.items():
+            param = params.get(name)
+            if param is not None and tuple(param.shape) == value.shape:
+                param.copy_(torch.from_numpy(value))
+                loaded.add(name)
+    lost = sorted(compressed - loaded)
+    if lost:
+        raise ExportError(f"{path.name}: compressed weights {', '.join(lost[:3])} match no parameter of the module")
+    return {"loaded": len(loaded), "compressed": len(compressed)}

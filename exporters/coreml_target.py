@@ -376,3 +376,51 @@ def _numpy2_casts() -> None:
     register_torch_op(_int, torch_alias=["int"], override=True)
     register_torch_op(_bool, torch_alias=["bool"], override=True)
     _PATCHED = True
+
+
+# -- the package as PyTorch runs it (off macOS) ------------------------------------------------
+
+
+class TorchGraph:
+    """A job's torch module behind the runtime's Graph protocol; the stateful decoder resets as Core ML's does."""
+
+    def __init__(self, job: GraphJob):
+        self.module, self.input_names, self.output_names = job.module, job.input_names, job.output_names
+
+    def run(self, inputs: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            out = self.module(*(torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in self.input_names))
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        return {n: o.numpy() for n, o in zip(self.output_names, out)}
+
+    def reset_state(self) -> None:
+        self.module.reset()
+
+
+def simulated_pipeline(package: Path, checkpoint: Path | None = None, stored_weights: bool = True):
+    """The package's Pipeline over the torch modules its .mlpackage files were converted from, for
+    measuring a Core ML package where Core ML cannot run (Linux): with `stored_weights`, each module gets
+    the weights its .mlpackage stores (compressed ones dequantized); compute is float32, the KV cache in
+    float16 buffers as Core ML's states. Returns (pipeline, the transformers model)."""
+    from mmedge.calibration.coreml import load_stored_weights
+    from mmedge.exporters import checkpoint as ckpt
+    from mmedge.exporters.export import _load_tokenizer
+    from mmedge.manifest import load_manifest
+    from mmedge.runtimes.pipeline import Pipeline
+    from mmedge.runtimes.text import TextCodec
+
+    import_coremltools()
+    package = Path(package)
+    manifest = load_manifest(package)
+    if manifest.target != "coreml":
+        raise ExportError(f"{package} was exported for {manifest.target}, not coreml")
+    checkpoint = Path(checkpoint or manifest.source["checkpoint"])
+    family = ckpt.family_for(ckpt.read_config(checkpoint)["model_type"])
+    model = family.load(checkpoint)
+    desc = family.describe(model, checkpoint, _load_tokenizer(checkpoint))
+    jobs = build_jobs(family.split(model), "state", manifest.kv_cache.max_context, desc.preprocess)
+    if stored_weights:
+        for job in jobs:
+            load_stored_weights(job.module, package / manifest.graphs[job.name].file)
+    graphs = {job.name: TorchGraph(job) for job in jobs}
+    return Pipeline(package, manifest, graphs, TextCodec.from_package(package, manifest)), model
