@@ -10,12 +10,21 @@ Linux as on macOS.
   ops dequantize them on load or on the fly), float16 compute.
 - int4: per-block symmetric INT4 weights along the input dimension, blocks of
   `--int4-block-size` (32 by default), float16 compute (iOS 18 / macOS 15).
+  With `--int4-method awq` (the default) each block's range is chosen with
+  the calibration data first: the decoder runs the calibration samples in
+  PyTorch (the module that was converted), each linear layer's mean squared
+  input per channel is recorded, and per block of each row the clipping
+  ratio is picked that minimises the activation-weighted squared error of
+  the INT4 weights (`clip_ratios`); the weights are clipped in the converted
+  program and then quantized as above, so Core ML's data-free scale
+  (max |w| / 7) lands on the chosen range. `--int4-method rtn`: no clipping.
 - pal4 / pal6 / pal8: palettized weights, a k-means lookup table of 2^n
   float16 values per group of 16 output channels (constexpr_lut_to_dense).
 
 Weights under WEIGHT_THRESHOLD elements (norms, biases, small convolutions)
 stay float16. The embedding table is a weight too: its Gather reads the
-dequantized table.
+dequantized table. INT8 and the palettes are data-free: coremltools'
+activation-aware schemes for them run the model, which needs macOS.
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ WEIGHT_THRESHOLD = 2048  # coremltools' default: smaller constants are not worth
 PALETTE_GROUP = 16  # output channels sharing one lookup table
 PALETTES = {"pal4": 4, "pal6": 6, "pal8": 8}
 COMPRESSED = ("int8", "int4", *PALETTES)
+INT4_MAX = 7  # symmetric INT4 as coremltools writes it: [-7, 7], scale = max |w| / 7 per block
+CLIP_RATIOS = tuple(np.round(np.arange(1.0, 0.49, -0.05), 2))  # searched per block, 1.0 = no clipping
 
 
 def compression_config(precision: str, block_size: int):
@@ -50,18 +61,95 @@ def compression_config(precision: str, block_size: int):
     raise ExportError(f"Core ML has no weight compression called {precision!r}; choose one of {', '.join(COMPRESSED)}")
 
 
-def compress(path: Path, precision: str, block_size: int) -> dict:
-    """Compress the weights of the .mlpackage at `path` in place; returns what was done."""
+def _int4_error(w: np.ndarray, act: np.ndarray, ratio: float) -> np.ndarray:
+    """Activation-weighted squared INT4 error per (row, block) with blocks clipped to `ratio` x max |w|.
+    w: [rows, blocks, block]; act: [blocks, block] mean squared inputs."""
+    scale = np.maximum(np.abs(w).max(-1, keepdims=True) * ratio / INT4_MAX, 1e-12)
+    q = np.clip(np.round(w / scale), -INT4_MAX, INT4_MAX) * scale
+    return (((w - q) ** 2) * act).sum(-1)
+
+
+def clip_ratios(w: np.ndarray, act: np.ndarray, block: int) -> tuple[np.ndarray, dict]:
+    """Per (row, block) of `w` [out, in], the clipping ratio of CLIP_RATIOS with the least
+    activation-weighted INT4 error (act: mean squared input per input channel); and the errors."""
+    rows, cols = w.shape
+    wb = w.astype(np.float32).reshape(rows, cols // block, block)
+    ab = act.astype(np.float32).reshape(cols // block, block)
+    errors = np.stack([_int4_error(wb, ab, r) for r in CLIP_RATIOS])  # [ratios, rows, blocks]
+    best = errors.argmin(0)
+    chosen = np.take_along_axis(errors, best[None], 0)[0]
+    return np.asarray(CLIP_RATIOS, np.float32)[best], {"rtn": float(errors[0].sum()), "clipped": float(chosen.sum())}
+
+
+def clip_blocks(w: np.ndarray, ratios: np.ndarray, block: int) -> np.ndarray:
+    """`w` with each (row, block) clipped to its ratio x its max |w|."""
+    rows, cols = w.shape
+    wb = w.reshape(rows, cols // block, block)
+    limit = np.abs(wb).max(-1, keepdims=True) * ratios[..., None].astype(w.dtype)
+    return np.clip(wb, -limit, limit).reshape(rows, cols).astype(w.dtype)
+
+
+def _clip_pass(clipped: dict[str, tuple[np.ndarray, int]]):
+    from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
+
+    class ClipWeights(_ClipWeights, AbstractGraphPass):
+        pass
+
+    return ClipWeights(clipped)
+
+
+class _ClipWeights:
+    """A MIL graph pass: replace the named weight constants by their clipped values (same dtype)."""
+
+    def __init__(self, clipped: dict[str, tuple[np.ndarray, int]]):
+        self.clipped, self.done = clipped, set()
+
+    def apply(self, program) -> None:
+        from coremltools.converters.mil import Builder as mb
+
+        for function in program.functions.values():
+            with function:
+                for op in list(function.operations):
+                    name = _torch_name(op.name)
+                    if op.op_type != "const" or name not in self.clipped:
+                        continue
+                    ratios, block = self.clipped[name]
+                    value = op.val.val
+                    if not isinstance(value, np.ndarray) or value.ndim != 2 or value.shape[1] % block:
+                        continue
+                    new = mb.const(val=clip_blocks(value, ratios, block), name=op.name + "_clip", before_op=op)
+                    op.enclosing_block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0],
+                                                                    new_var=new)
+                    op.enclosing_block.remove_ops([op])
+                    self.done.add(name)
+
+
+def compress(path: Path, precision: str, block_size: int, clip: dict | None = None) -> dict:
+    """Compress the weights of the .mlpackage at `path` in place; returns what was done.
+
+    clip (int4): torch parameter name ('.' as '_') -> (ratios [rows, blocks], block size), applied first."""
     import coremltools as ct
     import coremltools.optimize.coreml as cto
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+    from coremltools.converters.mil.mil.passes.graph_pass import PassOption
+    from coremltools.models.utils import _apply_graph_pass
 
     config = cto.OptimizationConfig(global_config=compression_config(precision, block_size))
     model = ct.models.MLModel(str(path), skip_model_load=True)
+    clipper = None
     with quiet():
         if precision in PALETTES:
             model = cto.palettize_weights(model, config)
+        elif clip:
+            clipper = _clip_pass(clip)
+            quantizer = PASS_REGISTRY["compression::linear_quantize_weights"]
+            quantizer.set_options([PassOption("config", config), PassOption("joint_compression", False)])
+            model = _apply_graph_pass(model, [clipper, quantizer], spec_version=model.get_spec().specificationVersion)
         else:
             model = cto.linear_quantize_weights(model, config)
+    if clipper is not None and clipper.done != set(clip):
+        missing = sorted(set(clip) - clipper.done)
+        raise ExportError(f"{path.name}: the weights {', '.join(missing[:3])} were not found to clip")
     tmp = path.with_name(path.stem + ".compressed.mlpackage")
     model.save(str(tmp))
     _replace_dir(tmp, path)
@@ -90,7 +178,7 @@ def quiet():
 # -- reading the stored weights back ----------------------------------------------------------
 
 # what the converter and the compression passes append to a torch parameter's name
-_SUFFIXES = ("_to_fp16_quantized", "_to_fp16_palettized", "_to_fp16")
+_SUFFIXES = ("_to_fp16_clip_quantized", "_to_fp16_clip", "_to_fp16_quantized", "_to_fp16_palettized", "_to_fp16")
 
 
 def stored_weights(path: Path) -> dict[str, np.ndarray]:

@@ -273,26 +273,41 @@ def _run_on_core_ml(job: GraphJob, path: Path, rtol: float) -> dict:  # pragma: 
             job.module.reset()
 
 
-def compress(stage: Path, manifest: Manifest, plan: dict[str, str], block_size: int, progress: bool) -> dict:
+def needs_calibration(plan: dict[str, str], opts) -> bool:
+    """Only the activation-aware INT4 ranges use calibration data; the rest of Core ML's compression is data-free."""
+    return plan["decoder"] == "int4" and opts.int4_method == "awq"
+
+
+def compress(stage: Path, manifest: Manifest, plan: dict[str, str], opts, jobs: list[GraphJob], calib=None) -> dict:
     """Compress the weights of each graph the plan says (calibration/coreml.py); returns the report."""
     from tqdm.auto import tqdm
 
     from mmedge.calibration import coreml as cq
     from mmedge.calibration.plan import describe
 
-    report = {"plan": dict(plan), "name": describe(plan), "calibration": {"used": False,
-              "why": "Core ML weight compression is data-free (coremltools cannot run models off macOS)"},
-              "graphs": {}}
+    report = {"plan": dict(plan), "name": describe(plan), "graphs": {},
+              "calibration": {"used": False, "why": "Core ML weight compression is data-free here (coremltools' "
+                              "activation-aware schemes run the model, which needs macOS)"}}
+    clip = None
+    if calib is not None:
+        decoder = next(job for job in jobs if job.name == "decoder")
+        stats = activation_stats(stage, manifest, jobs, calib, opts.progress)
+        clip, errors = int4_clip_ratios(decoder.module, stats, opts.int4_block_size)
+        report["calibration"] = {**calib.describe(), "used": True,
+                                 "why": "INT4 block ranges chosen on the decoder's recorded inputs (clip search)"}
+        report["int4_clip"] = errors
     parts = [p for p in plan if plan[p] in cq.COMPRESSED]
-    for part in tqdm(parts, desc="compress", unit="graph", disable=not progress):
+    for part in tqdm(parts, desc="compress", unit="graph", disable=not opts.progress):
         path = stage / manifest.graphs[part].file
         before = _bytes(path)
         try:
-            done = cq.compress(path, plan[part], block_size)
+            done = cq.compress(path, plan[part], opts.int4_block_size, clip if part == "decoder" else None)
         except ExportError:
             raise
         except Exception as exc:
             raise ExportError(f"compressing {part} to {plan[part]} failed: {first_line(exc)}") from exc
+        if part == "decoder" and clip:
+            done["method"] = "awq clip search"
         report["graphs"][part] = {"precision": plan[part], **done, "bytes_before": before, "bytes": _bytes(path)}
     for part in manifest.graphs:
         manifest.graphs[part].precision = plan[part]
@@ -304,6 +319,56 @@ def compress(stage: Path, manifest: Manifest, plan: dict[str, str], block_size: 
     report["bytes_before"] = sum(g["bytes_before"] for g in report["graphs"].values())
     report["bytes"] = sum(g["bytes"] for g in report["graphs"].values())
     return report
+
+
+def activation_stats(stage: Path, manifest: Manifest, jobs: list[GraphJob], calib, progress: bool) -> dict:
+    """Mean squared input per channel of every linear layer of the decoder, over the calibration samples run
+    through the runtime's Pipeline with the torch modules that were converted (decoder cache in float32)."""
+    from tqdm.auto import tqdm
+
+    from mmedge.runtimes.pipeline import Pipeline
+    from mmedge.runtimes.text import TextCodec
+
+    graphs = {job.name: TorchGraph(job) for job in jobs}
+    decoder = graphs["decoder"]
+    decoder.module = decoder.module.with_state_dtype(torch.float32)
+    sums: dict[int, list] = {}
+
+    def record(module, args):
+        x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+        entry = sums.setdefault(id(module), [module, 0.0, 0])
+        entry[1] = entry[1] + (x * x).sum(0)
+        entry[2] += x.shape[0]
+
+    linears = [m for m in decoder.module.modules() if isinstance(m, torch.nn.Linear)]
+    hooks = [m.register_forward_pre_hook(record) for m in linears]
+    try:
+        pipe = Pipeline(stage, manifest, graphs, TextCodec.from_package(stage, manifest))
+        for sample in tqdm(calib.calibrate, desc="calibrate", unit="sample", disable=not progress):
+            for _ in pipe.generate_ids(sample.image, sample.prompt, max_new_tokens=16):
+                pass
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {module: (total / count).numpy() for module, total, count in sums.values()}
+
+
+def int4_clip_ratios(module, stats: dict, block: int) -> tuple[dict, dict]:
+    """Per linear layer of `module` that INT4 compression will take: the clip ratios per (row, block),
+    keyed by the weight's name as the converted program has it; and the weighted errors, RTN vs clipped."""
+    from mmedge.calibration import coreml as cq
+
+    names = {id(p): name.replace(".", "_") for name, p in module.named_parameters()}
+    clip, rtn, clipped = {}, 0.0, 0.0
+    for layer, act in stats.items():
+        w = layer.weight.detach().numpy()
+        if w.size <= cq.WEIGHT_THRESHOLD or w.shape[1] % block:
+            continue  # left float16, or not blockable: coremltools skips it as well
+        ratios, errors = cq.clip_ratios(w, act, block)
+        clip[names[id(layer.weight)]] = (ratios, block)
+        rtn, clipped = rtn + errors["rtn"], clipped + errors["clipped"]
+    return clip, {"layers": len(clip), "weighted_sq_err_rtn": rtn, "weighted_sq_err_clipped": clipped,
+                  "error_ratio": clipped / rtn if rtn else 1.0}
 
 
 def finalize(stage: Path, manifest: Manifest) -> None:

@@ -93,8 +93,9 @@ def export(opts: ExportOptions) -> Manifest:
     path = ckpt.resolve(opts.model)
     family = ckpt.family_for(ckpt.read_config(path)["model_type"])
     calib = None
-    calibrated = getattr(_target_module(opts.target), "CALIBRATED", True)
-    if calibrated and set(parse_quant(opts.quant, opts.target).values()) != {"fp32"}:
+    plan = parse_quant(opts.quant, opts.target)
+    needs = getattr(_target_module(opts.target), "needs_calibration", lambda plan, opts: set(plan.values()) != {"fp32"})
+    if needs(plan, opts):
         from mmedge.calibration.data import load_calibration
 
         calib = load_calibration(opts.calib, opts.calib_samples, checkpoint=path)  # bad data fails before export
@@ -194,9 +195,10 @@ def _export(opts: ExportOptions, checkpoint: Path, family, calib=None) -> Manife
             verification={"reference": "pytorch fp32", "graphs": report},
             mmedge_version=__version__,
         )
-        if hasattr(target, "compress") and set(plan.values()) != {"fp32"}:
-            manifest.quantization = target.compress(stage, manifest, plan, opts.int4_block_size, opts.progress)
-        if calib is not None:
+        if hasattr(target, "compress"):  # the target compresses its own converted graphs (Core ML)
+            if set(plan.values()) != {"fp32"}:
+                manifest.quantization = target.compress(stage, manifest, plan, opts, jobs, calib)
+        elif calib is not None:
             from mmedge.calibration.package import QuantOptions, quantize_package
 
             options = QuantOptions(calib_method=opts.calib_method, int4_method=opts.int4_method,
