@@ -216,21 +216,47 @@ def _torch_name(name: str) -> str:
 def load_stored_weights(module, path: Path) -> dict:
     """Copy the weights stored in the .mlpackage at `path` into the torch `module` it was converted from.
 
-    Every compressed weight must land on a parameter of the same shape (or the reading is wrong);
-    float weights the converter transformed (folded, renamed) keep their torch values."""
+    Weights are matched by name; a compressed constant the converter renamed (one it folded, e.g. a
+    position-embedding table gathered at fixed positions) by value: the parameter of the same size
+    it approximates. Every compressed weight must land somewhere, or the reading is wrong; float
+    weights the converter transformed keep their torch values."""
     import torch
 
     stored = stored_weights(path)
     compressed = stored.pop("__compressed__")
     params = {name.replace(".", "_"): p for name, p in module.named_parameters()}
-    loaded = set()
+    loaded, by_value = set(), 0
     with torch.no_grad():
         for name, value in stored.items():
             param = params.get(name)
-            if param is not None and tuple(param.shape) == value.shape:
-                param.copy_(torch.from_numpy(value))
+            if param is None and name in compressed:
+                param, value = _closest(params.values(), value)
+                by_value += param is not None
+            if param is not None and param.numel() == value.size and (name not in params
+                                                                      or tuple(param.shape) == value.shape):
+                param.copy_(torch.from_numpy(np.ascontiguousarray(value).reshape(tuple(param.shape))))
                 loaded.add(name)
     lost = sorted(compressed - loaded)
     if lost:
         raise ExportError(f"{path.name}: compressed weights {', '.join(lost[:3])} match no parameter of the module")
-    return {"loaded": len(loaded), "compressed": len(compressed)}
+    return {"loaded": len(loaded), "compressed": len(compressed), "matched_by_value": by_value}
+
+
+def _closest(params, value: np.ndarray, tolerance: float = 0.25):
+    """The parameter of `value`'s size that `value` (or its transpose: a weight the converter transposed
+    for a matmul) approximates best, within a relative L2 error of `tolerance`; and the value laid out
+    as that parameter. (None, value) if there is none."""
+    squeezed = value.reshape([d for d in value.shape if d != 1])
+    layouts = [squeezed] + ([squeezed.T] if squeezed.ndim == 2 else [])
+    best, best_value, best_err = None, value, tolerance
+    for param in params:
+        if param.numel() != value.size:
+            continue
+        ref = param.detach().numpy()
+        for layout in layouts:
+            if layout.shape != ref.reshape([d for d in ref.shape if d != 1]).shape:
+                continue
+            err = float(np.linalg.norm(ref.reshape(-1) - layout.reshape(-1)) / max(np.linalg.norm(ref), 1e-12))
+            if err < best_err:
+                best, best_value, best_err = param, layout.reshape(ref.shape), err
+    return best, best_value

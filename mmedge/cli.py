@@ -164,13 +164,17 @@ def cmd_build(args) -> int:
 
 def _print_quantization(q: dict) -> None:
     if "teacher_forced_top1_agreement" not in q:  # Core ML: compressed at export, not run there
-        print(f"weights {q['name']}: {q['calibration'].get('why', 'data-free')}")
+        print(f"weights {q['name']}: {q['calibration']['why']}")
         print(f"{'graph':<16}{'precision':<11}{'before':>10}{'now':>10}  scheme")
         for name, g in q["graphs"].items():
-            detail = ", ".join(f"{k} {v}" for k, v in g.items() if k in ("block_size", "bits", "group_size"))
+            detail = ", ".join(f"{k} {v}" for k, v in g.items() if k in ("block_size", "bits", "group_size", "method"))
             print(f"{name:<16}{g['precision']:<11}{_mb(g['bytes_before']):>10}{_mb(g['bytes']):>10}  "
                   f"{g['scheme']}{' (' + detail + ')' if detail else ''}")
         print(f"{'total':<27}{_mb(q['bytes_before']):>10}{_mb(q['bytes']):>10}")
+        if q.get("int4_clip"):
+            c = q["int4_clip"]
+            print(f"int4 ranges chosen on {q['calibration']['calibration_samples']} calibration samples: "
+                  f"activation-weighted error {c['error_ratio']:.2f}x round-to-nearest's over {c['layers']} layers")
         return
     cal = q["calibration"]
     used = f"calibrated on {cal['calibration_samples']} samples, " if cal.get("used", True) else ""

@@ -184,13 +184,22 @@ def test_int4_decoder_weights_are_blockwise_int4(variants, checkpoints):
     dequant = [o for o in ops if o.type == INT4_OP]
     assert dequant and all(const_dtypes(o)["data"] == ct.proto.MIL_pb2.INT4 for o in dequant)
     assert compressed_linears(ops, ct.proto.MIL_pb2.INT4) >= 5 * m.kv_cache.num_layers
-    # the stored weights, dequantized, are the model's within half a quantization step
+    # the stored weights, dequantized: with --int4-method rtn the model's within half a quantization step;
+    # by default each block's range is clipped first, to one of the searched ratios, on calibration data
     model = ckpt.family_for("paligemma").load(checkpoints[SHAPE])
     want = model.model.language_model.layers[0].self_attn.q_proj.weight.detach().numpy()
-    got, block = _int4_weight(package / m.graphs["decoder"].file, "text_model_layers_0_self_attn_q_proj")
-    assert block == 32 and got.shape == want.shape
-    step = np.repeat(np.abs(want).reshape(want.shape[0], -1, block).max(-1) / 7, block, axis=1)
-    assert np.all(np.abs(got - want) <= 0.51 * step + 1e-3 * np.abs(want))
+    name = "text_model_layers_0_self_attn_q_proj"
+    rtn, block = _int4_weight(variants("int4", int4_method="rtn") / m.graphs["decoder"].file, name)
+    assert block == 32 and rtn.shape == want.shape
+    blocks = np.abs(want).reshape(want.shape[0], -1, block).max(-1)
+    step = np.repeat(blocks / 7, block, axis=1)
+    assert np.all(np.abs(rtn - want) <= 0.51 * step + 1e-3 * np.abs(want))
+    got, _ = _int4_weight(package / m.graphs["decoder"].file, name)
+    ratios = np.abs(got).reshape(want.shape[0], -1, block).max(-1) / blocks  # the top level used, x 7 / 7
+    from mmedge.calibration.coreml import CLIP_RATIOS
+    assert ratios.max() <= 1.0 + 1e-2 and ratios.min() >= min(CLIP_RATIOS) - 0.08
+    assert (ratios < 0.97).any()  # some blocks were clipped
+    assert m.quantization["calibration"]["used"] and m.quantization["int4_clip"]["error_ratio"] < 1.0
     # the rest of the int4 preset: int8 per channel
     for part in ("vision_encoder", "projector"):
         _, part_ops = program(package / m.graphs[part].file)
