@@ -46,6 +46,7 @@ from mmedge.exporters.graphs import GraphJob
 from mmedge.exporters.onnxruntime_target import compare_with_torch
 from mmedge.exporters.tensorrt_target import max_images
 from mmedge.manifest import Manifest, TensorSpec
+from mmedge.runtimes.backends.coreml import array_dtype
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,10 @@ def build_jobs(parts, kv_storage: str, max_context: int, preprocess) -> list[Gra
     for job in (vision, projector):
         job.bounds = {"batch": images}
     embed.bounds = {"batch": 1, "seq": max_context}
+    for job in (vision, projector, embed):  # trace and check within the model's fixed or bounded batch
+        batch = job.bounds["batch"]
+        job.trace_inputs = tuple(t[:batch] for t in job.trace_inputs)
+        job.check_inputs = [c for c in job.check_inputs if c[0].shape[0] <= batch]
     g = torch.Generator().manual_seed(1)
     module = graphs.StatefulDecoder(parts, max_context).eval()
 
@@ -167,7 +172,7 @@ def io_specs(path: Path, job: GraphJob | None = None) -> tuple[dict[str, TensorS
 
     def tensor(feature, named) -> TensorSpec:
         array = feature.type.multiArrayType
-        dtype = {65568: "float32", 65552: "float16", 131104: "int32"}.get(array.dataType, str(array.dataType))
+        dtype = array_dtype(array).name
         dims: list = list(array.shape)
         for axis, dim in named.get(feature.name, {}).items():
             if axis < len(dims) and bounds.get(dim) != 1:

@@ -99,7 +99,7 @@ def export(opts: ExportOptions) -> Manifest:
         from mmedge.calibration.data import load_calibration
 
         calib = load_calibration(opts.calib, opts.calib_samples, checkpoint=path)  # bad data fails before export
-    manifest = _export(opts, path, family, calib)
+    manifest = _export(opts, path, family, plan, calib)
     if opts.build_engines:
         from mmedge.runtimes.backends.tensorrt_build import build_package
 
@@ -107,7 +107,7 @@ def export(opts: ExportOptions) -> Manifest:
     return manifest
 
 
-def _export(opts: ExportOptions, checkpoint: Path, family, calib=None) -> Manifest:
+def _export(opts: ExportOptions, checkpoint: Path, family, plan: dict[str, str], calib=None) -> Manifest:
     import torch
     from tqdm.auto import tqdm
 
@@ -135,7 +135,6 @@ def _export(opts: ExportOptions, checkpoint: Path, family, calib=None) -> Manife
 
     choose = getattr(target, "kv_storage", lambda parts, attention, requested: requested or target.KV_STORAGE[0])
     storage = choose(parts, desc.schemes.attention, opts.kv_cache)
-    plan = parse_quant(opts.quant, opts.target)
     graphs, report = {}, {}
     started = time.perf_counter()
     with staged_package(Path(opts.output), opts.overwrite) as stage:

@@ -62,6 +62,19 @@ def import_coremltools():
             sys.meta_path.remove(hide)
 
 
+# Core ML's ArrayFeatureType data types (FeatureTypes.proto) as numpy types
+ARRAY_DTYPES = {65568: np.dtype(np.float32), 65552: np.dtype(np.float16), 131104: np.dtype(np.int32),
+                65600: np.dtype(np.float64)}
+
+
+def array_dtype(array_type) -> np.dtype:
+    """The numpy type of a model description's multiArrayType."""
+    if array_type.dataType not in ARRAY_DTYPES:
+        raise PackageError(f"the model has an input of Core ML data type {array_type.dataType}, which mmedge "
+                           "does not feed; re-export the package")
+    return ARRAY_DTYPES[array_type.dataType]
+
+
 def check_platform() -> None:
     if sys.platform != "darwin":
         raise MmedgeError(f"Core ML runs models on macOS and iOS only, not on {sys.platform}; copy the package to a "
@@ -74,9 +87,7 @@ class CoreMLGraph:
         spec = model.get_spec()
         self.input_names = [f.name for f in spec.description.input]
         self.output_names = [f.name for f in spec.description.output]
-        types = {65568: np.float32, 65552: np.float16, 131104: np.int32}
-        self.dtypes = {f.name: np.dtype(types.get(f.type.multiArrayType.dataType, np.float32))
-                       for f in spec.description.input}
+        self.dtypes = {f.name: array_dtype(f.type.multiArrayType) for f in spec.description.input}
 
     def _feeds(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [n for n in self.input_names if n not in inputs]
