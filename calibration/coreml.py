@@ -113,9 +113,14 @@ class _ClipWeights:
                     name = _torch_name(op.name)
                     if op.op_type != "const" or name not in self.clipped:
                         continue
-                    ratios, block = self.clipped[name]
+                    ratios, block, _ = self.clipped[name]
                     value = op.val.val
-                    if not isinstance(value, np.ndarray) or value.ndim != 2 or value.shape[1] % block:
+                    # blocks run along the input axis of a linear layer's [out, in] weight; anything else
+                    # (a matmul operand, another layout) is left to the plain quantizer
+                    readers = op.outputs[0].child_ops
+                    if (not isinstance(value, np.ndarray) or value.shape != (ratios.shape[0], ratios.shape[1] * block)
+                            or not readers or any(r.op_type != "linear" or r.weight is not op.outputs[0]
+                                                  for r in readers)):
                         continue
                     new = mb.const(val=clip_blocks(value, ratios, block), name=op.name + "_clip", before_op=op)
                     op.enclosing_block.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0],
@@ -127,7 +132,8 @@ class _ClipWeights:
 def compress(path: Path, precision: str, block_size: int, clip: dict | None = None) -> dict:
     """Compress the weights of the .mlpackage at `path` in place; returns what was done.
 
-    clip (int4): torch parameter name ('.' as '_') -> (ratios [rows, blocks], block size), applied first."""
+    clip (int4): torch parameter name ('.' as '_') -> (ratios [rows, blocks], block size, the weight's first
+    name: a tied weight is listed under each of its names), applied first."""
     import coremltools as ct
     import coremltools.optimize.coreml as cto
     from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
@@ -147,9 +153,11 @@ def compress(path: Path, precision: str, block_size: int, clip: dict | None = No
             model = _apply_graph_pass(model, [clipper, quantizer], spec_version=model.get_spec().specificationVersion)
         else:
             model = cto.linear_quantize_weights(model, config)
-    if clipper is not None and clipper.done != set(clip):
-        missing = sorted(set(clip) - clipper.done)
-        raise ExportError(f"{path.name}: the weights {', '.join(missing[:3])} were not found to clip")
+    if clipper is not None:  # every clipped weight must be found, under one of its names
+        missing = sorted({key for _, _, key in clip.values()} - {clip[name][2] for name in clipper.done})
+        if missing:
+            raise ExportError(f"{path.name}: the weights {', '.join(missing[:3])} were not found as linear "
+                              "layers' [out, in] weights to clip")
     tmp = path.with_name(path.stem + ".compressed.mlpackage")
     model.save(str(tmp))
     _replace_dir(tmp, path)
@@ -224,7 +232,7 @@ def load_stored_weights(module, path: Path) -> dict:
 
     stored = stored_weights(path)
     compressed = stored.pop("__compressed__")
-    params = {name.replace(".", "_"): p for name, p in module.named_parameters()}
+    params = {name.replace(".", "_"): p for name, p in module.named_parameters(remove_duplicate=False)}
     loaded, by_value = set(), 0
     with torch.no_grad():
         for name, value in stored.items():

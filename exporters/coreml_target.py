@@ -123,7 +123,9 @@ def export_graph(job: GraphJob, path: Path) -> None:
         finally:
             if stateful:
                 job.module.reset()
-    inputs = [ct.TensorType(name=name, shape=_shape(ct, job, name, tensor), dtype=_dtype(tensor))
+    job.traced = traced  # verify_graph runs it in PyTorch too: a shape the trace fixed shows up there
+    dims = {}  # one RangeDim per named axis, shared by every input that has it
+    inputs = [ct.TensorType(name=name, shape=_shape(ct, job, name, tensor, dims), dtype=_dtype(tensor))
               for name, tensor in zip(job.input_names, job.trace_inputs)]
     states = []
     if stateful:
@@ -149,12 +151,15 @@ def export_graph(job: GraphJob, path: Path) -> None:
         raise ExportError(f"coremltools could not convert {job.name}: {first_line(exc)}") from exc
 
 
-def _shape(ct, job: GraphJob, name: str, tensor: torch.Tensor):
-    """The trace shape with each named axis fixed (bound 1) or a RangeDim up to its bound."""
+def _shape(ct, job: GraphJob, name: str, tensor: torch.Tensor, dims: dict):
+    """The trace shape with each named axis fixed (bound 1) or a RangeDim up to its bound (one per name)."""
     shape = list(tensor.shape)
     for axis, dim in job.dynamic_axes.get(name, {}).items():
         upper = job.bounds[dim]
-        shape[axis] = 1 if upper == 1 else ct.RangeDim(lower_bound=1, upper_bound=upper, default=1)
+        if upper == 1:
+            shape[axis] = 1
+        else:
+            shape[axis] = dims.setdefault(dim, ct.RangeDim(lower_bound=1, upper_bound=upper, default=1))
     return tuple(shape)
 
 
@@ -216,6 +221,9 @@ def verify_graph(job: GraphJob, path: Path, rtol: float = 1e-3) -> dict:
             check = result[key] = stateful_vs_reference(job, module, tolerance)
             if not check["passed"]:
                 return {**result, "passed": False, "outputs": check["outputs"], "rtol": tolerance}
+    check = result["torch_traced"] = traced_vs_module(job)
+    if not check["passed"]:
+        return {**result, "passed": False, "outputs": check["outputs"], "rtol": WRAPPER_RTOL}
     if sys.platform != "darwin":
         return {**result, "passed": None, "not_run": NOT_RUN, "outputs": {}}
     tolerance = rtol if job.precision == "fp32" else FP16_RTOL
@@ -237,9 +245,33 @@ def stateful_vs_reference(job: GraphJob, module, rtol: float) -> dict:
     module.reset()
     steps = iter(expected)
     try:
-        return compare_with_torch(_Reference(job, steps), lambda feeds: [_run_torch(module, job, feeds)], rtol)
+        return compare_with_torch(_Reference(job, steps), lambda feeds: _outputs(module, job, feeds), rtol)
     finally:
         module.reset()
+
+
+def traced_vs_module(job: GraphJob) -> dict:
+    """The traced module (what the converter read) against the module on the check inputs, in PyTorch: a size
+    the trace baked in, or a branch it took once, fails here even where Core ML cannot run."""
+    traced, stateful = job.traced, job.kv_storage == "state"
+
+    def reset():
+        if stateful:
+            job.module.reset()
+            traced.key_cache.zero_()
+            traced.value_cache.zero_()
+
+    reset()
+    try:
+        return compare_with_torch(job, lambda feeds: _outputs(traced, job, feeds), WRAPPER_RTOL)
+    finally:
+        reset()
+
+
+def _outputs(module, job: GraphJob, feeds: dict) -> list[np.ndarray]:
+    with torch.no_grad():
+        out = module(*(torch.from_numpy(feeds[n]) for n in job.input_names))
+    return [o.numpy() for o in (out if isinstance(out, (tuple, list)) else (out,))]
 
 
 class _Reference:
@@ -253,9 +285,6 @@ class _Reference:
         return next(self.steps)
 
 
-def _run_torch(module, job: GraphJob, feeds: dict) -> np.ndarray:
-    with torch.no_grad():
-        return module(*(torch.from_numpy(feeds[n]) for n in job.input_names)).numpy()
 
 
 def _run_on_core_ml(job: GraphJob, path: Path, rtol: float) -> dict:  # pragma: no cover - macOS only
@@ -363,16 +392,22 @@ def int4_clip_ratios(module, stats: dict, block: int) -> tuple[dict, dict]:
     keyed by the weight's name as the converted program has it; and the weighted errors, RTN vs clipped."""
     from mmedge.calibration import coreml as cq
 
-    names = {id(p): name.replace(".", "_") for name, p in module.named_parameters()}
+    done: set[int] = set()
+    names: dict[int, list[str]] = {}  # a weight shared by two modules (a tied LM head) has two names
+    for name, p in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name.replace(".", "_"))
     clip, rtn, clipped = {}, 0.0, 0.0
     for layer, act in stats.items():
         w = layer.weight.detach().numpy()
-        if w.size <= cq.WEIGHT_THRESHOLD or w.shape[1] % block:
-            continue  # left float16, or not blockable: coremltools skips it as well
+        if w.size <= cq.WEIGHT_THRESHOLD or w.shape[1] % block or id(layer.weight) in done:
+            continue  # left float16, or not blockable: coremltools skips it as well; or seen already
+        done.add(id(layer.weight))
         ratios, errors = cq.clip_ratios(w, act, block)
-        clip[names[id(layer.weight)]] = (ratios, block)
+        aliases = names[id(layer.weight)]
+        for alias in aliases:
+            clip[alias] = (ratios, block, aliases[0])
         rtn, clipped = rtn + errors["rtn"], clipped + errors["clipped"]
-    return clip, {"layers": len(clip), "weighted_sq_err_rtn": rtn, "weighted_sq_err_clipped": clipped,
+    return clip, {"layers": len(done), "weighted_sq_err_rtn": rtn, "weighted_sq_err_clipped": clipped,
                   "error_ratio": clipped / rtn if rtn else 1.0}
 
 

@@ -34,6 +34,7 @@ class GraphJob:
     precision: str = "fp32"  # the plan's precision, for targets that set it at conversion (Core ML's compute type)
     bounds: dict[str, int] = field(default_factory=dict)  # upper bound of each named axis, for static-shape targets
     reference: object = None  # a module the traced one must match in PyTorch (the stateful decoder's contract)
+    traced: object = None  # the torch.jit.trace of `module`, for targets that convert a TorchScript trace
 
 
 class _PastKV:

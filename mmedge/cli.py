@@ -248,11 +248,12 @@ def cmd_inspect(args) -> int:
         print(f"export parity vs {m.verification.get('reference', 'reference')} (inputs not used for tracing)")
         print(f"{'graph':<16}{'output':<18}{'max abs err':>12}{'max |ref|':>12}  result")
         for name, r in report.items():
-            for key, what in (("torch_stateful_wrapper", "torch, fp32 state"), ("torch_fp16_state", "torch, fp16 state")):
-                if r.get(key):
-                    v = r[key]["outputs"]["logits"]
-                    print(f"{name:<16}{'logits':<18}{v['max_abs_err']:>12.2e}{v['max_abs_ref']:>12.3g}  "
-                          f"{'ok' if r[key]['passed'] else 'FAIL'} ({what}: the stateful module converted)")
+            for key, what in (("torch_stateful_wrapper", "the stateful module, fp32 cache, vs the traced decoder"),
+                              ("torch_fp16_state", "the stateful module, fp16 cache, vs the traced decoder"),
+                              ("torch_traced", "the TorchScript trace converted, vs the module")):
+                for out, v in r.get(key, {}).get("outputs", {}).items():
+                    print(f"{name:<16}{out:<18}{v['max_abs_err']:>12.2e}{v['max_abs_ref']:>12.3g}  "
+                          f"{'ok' if r[key]['passed'] else 'FAIL'}: {what} (PyTorch)")
             if r["passed"] is None:
                 print(f"{name:<16}{'':<18}{'':>24}  not run: {r.get('not_run', 'no engine here')}")
                 continue

@@ -144,6 +144,8 @@ def test_specs_io_states_and_deployment_target(variants):
     assert list(vision.description.input[0].type.multiArrayType.shape) == [1, 3, m.preprocess.height, m.preprocess.width]
     embed, _ = program(package / m.graphs["embed_tokens"].file)
     assert embed.description.input[0].type.multiArrayType.dataType == ct.proto.FeatureTypes_pb2.ArrayFeatureType.INT32
+    for part, checked in m.verification["graphs"].items():  # the TorchScript each conversion read, run in PyTorch
+        assert checked["torch_traced"]["passed"] and checked["torch_traced"]["cases"] >= 1, part
     report = m.verification["graphs"]["decoder"]
     assert report["passed"] is None and "macOS" in report["not_run"]
     assert report["torch_stateful_wrapper"]["outputs"]["logits"]["max_abs_err"] < 1e-5  # fp32 buffers: exact
@@ -211,6 +213,29 @@ def test_int4_decoder_weights_are_blockwise_int4(variants, checkpoints):
     q = m.quantization
     assert q["graphs"]["decoder"]["block_size"] == 32 and q["bytes"] < q["bytes_before"]
     assert [m.graphs[p].precision for p in m.graphs] == ["int8", "int8", "int8", "int4"]
+
+
+def test_clip_search_lowers_the_weighted_error():
+    """The chosen per-block ratios: the weights clipped with them, then rounded as coremltools rounds
+    (scale = max |w| / 7 per block), have the activation-weighted error the search reports, below RTN's."""
+    from mmedge.calibration.coreml import CLIP_RATIOS, clip_blocks, clip_ratios
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 128)).astype(np.float32)
+    w[rng.random(w.shape) < 0.02] *= 8  # outliers that stretch their block's range
+    act = rng.gamma(0.5, 1.0, 128).astype(np.float32)
+    ratios, errors = clip_ratios(w, act, 32)
+    assert ratios.shape == (16, 4) and set(np.unique(ratios)) <= {np.float32(r) for r in CLIP_RATIOS}
+
+    def weighted_rtn_error(x):
+        blocks = x.reshape(16, 4, 32)
+        scale = np.abs(blocks).max(-1, keepdims=True) / 7
+        q = np.clip(np.round(blocks / scale), -7, 7) * scale
+        return float((((w.reshape(16, 4, 32) - q) ** 2) * act.reshape(4, 32)).sum())
+
+    assert weighted_rtn_error(w) == pytest.approx(errors["rtn"], rel=1e-4)
+    assert weighted_rtn_error(clip_blocks(w, ratios, 32)) == pytest.approx(errors["clipped"], rel=1e-4)
+    assert errors["clipped"] < 0.9 * errors["rtn"]
 
 
 def test_block_size_fp16_and_palettes(variants):

@@ -1,8 +1,8 @@
 """Core ML backend: the package's .mlpackage models, run by Core ML on macOS (and, through an app, iOS).
 
-Each model is loaded once (compiled by Core ML on first load) with the
-compute units asked for (`device`: ALL, CPU_ONLY, CPU_AND_GPU or
-CPU_AND_NE; default ALL). The decoder keeps its KV cache as Core ML state:
+Each model is loaded once (compiled by Core ML on load) with the compute
+units asked for (`device`: ALL, CPU_ONLY, CPU_AND_GPU or CPU_AND_NE;
+default ALL, and CPU_AND_GPU for the stateful decoder). The decoder keeps its KV cache as Core ML state:
 one `MLState` per sequence (`make_state`), passed to every predict call, so
 per token only the embedding, the mask, the position and the logits cross
 the API. To the Pipeline it is a stateful decoder (kv_cache storage
@@ -30,6 +30,7 @@ import numpy as np
 from mmedge.errors import InputError, MmedgeError, PackageError
 
 COMPUTE_UNITS = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")
+DECODER_UNITS = "CPU_AND_GPU"  # the stateful decoder's default (see CoreMLBackend.load)
 _HIDDEN = ("torch", "transformers")
 
 
@@ -79,6 +80,12 @@ def check_platform() -> None:
     if sys.platform != "darwin":
         raise MmedgeError(f"Core ML runs models on macOS and iOS only, not on {sys.platform}; copy the package to a "
                           "Mac (or into an app), or export for this machine with --target onnxruntime or openvino")
+    import platform
+
+    release = platform.mac_ver()[0]
+    major = int(release.split(".")[0]) if release else 0
+    if major and major < 15:
+        raise MmedgeError(f"these Core ML packages need macOS 15 or later (stateful models), not {release}")
 
 
 class CoreMLGraph:
@@ -144,12 +151,12 @@ class CoreMLBackend:
         if inference_precision or providers:
             raise MmedgeError("coreml runs at the precision set at export; --inference-precision and --providers "
                               "do not apply (--device picks the compute units)")
-        units = (device or "ALL").upper()
-        if units not in COMPUTE_UNITS:
+        units = device.upper() if device else None
+        if units is not None and units not in COMPUTE_UNITS:
             raise MmedgeError(f"unknown Core ML compute units {device!r}; choose one of {', '.join(COMPUTE_UNITS)}")
         check_platform()
         self.ct = import_coremltools()
-        self.units = getattr(self.ct.ComputeUnit, units)
+        self.units = units
         self.manifest = None
 
     def open_package(self, package: Path, manifest) -> None:
@@ -160,10 +167,18 @@ class CoreMLBackend:
 
     def load(self, path: Path):
         path = Path(path)
+        stateful = bool(self.ct.utils.load_spec(str(path)).description.state)
+        # Stateful models on the Neural Engine have open Core ML / coremltools faults (e.g. coremltools
+        # issues 2325, 2716; its own tests skip CPU_AND_NE prediction for them): the decoder defaults to
+        # CPU and GPU, the other models to every unit; --device overrides both.
+        units = self.units or (DECODER_UNITS if stateful else "ALL")
         try:
-            model = self.ct.models.MLModel(str(path), compute_units=self.units)
+            model = self.ct.models.MLModel(str(path), compute_units=getattr(self.ct.ComputeUnit, units))
         except Exception as exc:
             raise PackageError(f"Core ML could not load {path.name}: {str(exc).splitlines()[0]}") from exc
-        if model.get_spec().description.state:
+        if model.__proxy__ is None:  # coremltools only warns when Core ML refuses a model
+            why = str(getattr(model, "_framework_error", "") or "no reason given").splitlines()[0]
+            raise PackageError(f"Core ML could not load {path.name} ({why}); it needs macOS 15 / iOS 18")
+        if stateful:
             return CoreMLDecoder(model)
         return CoreMLGraph(model, path.stem)
