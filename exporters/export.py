@@ -50,6 +50,8 @@ def check_options(opts: ExportOptions) -> None:
     needs = list(TARGET_NEEDS.get(opts.target, []))
     if opts.target == "openvino" and set(plan.values()) != {"fp32"}:
         needs.append(("nncf", "openvino"))
+    if any(p.startswith("pal") for p in plan.values()):
+        needs.append(("sklearn", "coreml"))  # coremltools clusters palettes with scikit-learn's KMeans
     missing = [m for m, _ in needs if importlib.util.find_spec(m) is None]
     if missing:
         raise ExportError(f"--target {opts.target} needs {' and '.join(missing)}: pip install \"mmedge[{needs[0][1]}]\" "
