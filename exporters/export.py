@@ -54,8 +54,9 @@ def check_options(opts: ExportOptions) -> None:
         needs.append(("sklearn", "coreml"))  # coremltools clusters palettes with scikit-learn's KMeans
     missing = [m for m, _ in needs if importlib.util.find_spec(m) is None]
     if missing:
+        pip = {"sklearn": "scikit-learn"}
         raise ExportError(f"--target {opts.target} needs {' and '.join(missing)}: pip install \"mmedge[{needs[0][1]}]\" "
-                          f"(or pip install {' '.join(missing)})")
+                          f"(or pip install {' '.join(pip.get(m, m) for m in missing)})")
     if opts.calib_method not in qplan.CALIB_METHODS:
         raise ExportError(f"unknown --calib-method {opts.calib_method!r}; choose one of {', '.join(qplan.CALIB_METHODS)}")
     if opts.int4_method not in qplan.INT4_METHODS:
