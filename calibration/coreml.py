@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -178,9 +180,19 @@ def _replace_dir(new: Path, old: Path) -> None:
 
 @contextlib.contextmanager
 def quiet():
-    """coremltools draws a progress bar per pass on stderr; the CLI draws its own."""
-    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-        yield
+    """coremltools warns about untested torch versions and draws a progress bar per pass; keep the CLI's output ours."""
+    loggers = [logging.getLogger(n) for n in ("coremltools", "root")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), \
+                contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 # -- reading the stored weights back ----------------------------------------------------------
@@ -189,9 +201,10 @@ def quiet():
 _SUFFIXES = ("_to_fp16_clip_quantized", "_to_fp16_clip", "_to_fp16_quantized", "_to_fp16_palettized", "_to_fp16")
 
 
-def stored_weights(path: Path) -> dict[str, np.ndarray]:
+def stored_weights(path: Path) -> tuple[dict[str, np.ndarray], set[str]]:
     """The weights a .mlpackage stores, by their torch parameter name ('.' written as '_'), dense float32:
-    compressed ones (constexpr ops: INT8/INT4 with scales, lookup tables) dequantized as Core ML does."""
+    compressed ones (constexpr ops: INT8/INT4 with scales, lookup tables) dequantized as Core ML does;
+    and the names of the compressed ones."""
     import coremltools as ct
     from coremltools.converters.mil.frontend.milproto.load import load as milproto_to_pymil
 
@@ -210,8 +223,7 @@ def stored_weights(path: Path) -> dict[str, np.ndarray]:
         else:
             continue
         out[_torch_name(op.name)] = np.asarray(value, np.float32)
-    out["__compressed__"] = compressed
-    return out
+    return out, compressed
 
 
 def _torch_name(name: str) -> str:
@@ -230,8 +242,7 @@ def load_stored_weights(module, path: Path) -> dict:
     weights the converter transformed keep their torch values."""
     import torch
 
-    stored = stored_weights(path)
-    compressed = stored.pop("__compressed__")
+    stored, compressed = stored_weights(path)
     params = {name.replace(".", "_"): p for name, p in module.named_parameters(remove_duplicate=False)}
     loaded, by_value = set(), 0
     with torch.no_grad():

@@ -30,16 +30,14 @@ decode sequence. On macOS every converted model is run against PyTorch.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mmedge.calibration.coreml import quiet
 from mmedge.errors import ExportError, first_line
 from mmedge.exporters import graphs
 from mmedge.exporters.graphs import GraphJob
@@ -53,7 +51,6 @@ log = logging.getLogger(__name__)
 SUFFIX = ".mlpackage"
 KV_STORAGE = ("state",)
 DEPLOYMENT_TARGET = "iOS18"  # = macOS15: states (ct.StateType) and per-block INT4 weights
-CALIBRATED = False  # weight compression is data-free here (calibration/coreml.py)
 STATES = ("key_cache", "value_cache")
 STATE_DTYPE = "float16"  # the only state type Core ML has
 WRAPPER_RTOL = 1e-4  # the stateful wrapper with float32 buffers vs the traced decoder: the same computation
@@ -65,7 +62,7 @@ NOT_RUN = "Core ML runs models on macOS and iOS only; converted here, not run"
 def import_coremltools():
     """coremltools, or one line saying how to get it."""
     try:
-        with _quiet():
+        with quiet():
             import coremltools as ct
     except ImportError:
         raise ExportError("--target coreml needs coremltools: pip install \"mmedge[coreml]\"") from None
@@ -113,7 +110,7 @@ def build_jobs(parts, kv_storage: str, max_context: int, preprocess) -> list[Gra
 def export_graph(job: GraphJob, path: Path) -> None:
     ct = import_coremltools()
     stateful = job.kv_storage == "state"
-    with torch.no_grad(), _quiet():
+    with torch.no_grad(), quiet():
         if stateful:
             job.module.reset()
         try:
@@ -135,7 +132,7 @@ def export_graph(job: GraphJob, path: Path) -> None:
                                        name=name))
     precision = ct.precision.FLOAT32 if job.precision == "fp32" else ct.precision.FLOAT16
     try:
-        with _quiet():
+        with quiet():
             model = ct.convert(
                 traced,
                 inputs=inputs,
@@ -269,8 +266,9 @@ def traced_vs_module(job: GraphJob) -> dict:
 
 
 def _outputs(module, job: GraphJob, feeds: dict) -> list[np.ndarray]:
+    """`module` run on numpy feeds (by the job's input names); its outputs as numpy, in order."""
     with torch.no_grad():
-        out = module(*(torch.from_numpy(feeds[n]) for n in job.input_names))
+        out = module(*(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in job.input_names))
     return [o.numpy() for o in (out if isinstance(out, (tuple, list)) else (out,))]
 
 
@@ -285,25 +283,20 @@ class _Reference:
         return next(self.steps)
 
 
-
-
 def _run_on_core_ml(job: GraphJob, path: Path, rtol: float) -> dict:  # pragma: no cover - macOS only
     import coremltools as ct
 
+    from mmedge.runtimes.backends.coreml import CoreMLDecoder, CoreMLGraph
+
     model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.CPU_ONLY)
-    state = model.make_state() if job.kv_storage == "state" else None
-    if state is not None:
+    stateful = job.kv_storage == "state"
+    graph = CoreMLDecoder(model) if stateful else CoreMLGraph(model, job.name)  # as the runtime runs it
+    if stateful:
         job.module.reset()
-
-    def run(feeds):
-        feeds = {k: v.astype(np.int32) if v.dtype == np.int64 else v for k, v in feeds.items()}
-        out = model.predict(feeds, state=state) if state is not None else model.predict(feeds)
-        return [np.asarray(out[name]) for name in job.output_names]
-
     try:
-        return compare_with_torch(job, run, rtol)
+        return compare_with_torch(job, lambda feeds: [graph.run(feeds)[n] for n in job.output_names], rtol)
     finally:
-        if state is not None:
+        if stateful:
             job.module.reset()
 
 
@@ -434,23 +427,6 @@ def _load_spec(path: Path):
     return ct.utils.load_spec(str(path))
 
 
-@contextlib.contextmanager
-def _quiet():
-    """coremltools warns about untested torch versions and draws a progress bar per pass; keep the CLI's output ours."""
-    loggers = [logging.getLogger(n) for n in ("coremltools", "root")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), \
-                contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
 _PATCHED = False
 
 
@@ -490,13 +466,11 @@ class TorchGraph:
     """A job's torch module behind the runtime's Graph protocol; the stateful decoder resets as Core ML's does."""
 
     def __init__(self, job: GraphJob):
-        self.module, self.input_names, self.output_names = job.module, job.input_names, job.output_names
+        self.job, self.module = job, job.module
+        self.input_names, self.output_names = job.input_names, job.output_names
 
     def run(self, inputs: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        with torch.no_grad():
-            out = self.module(*(torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in self.input_names))
-        out = out if isinstance(out, (tuple, list)) else (out,)
-        return {n: o.numpy() for n, o in zip(self.output_names, out)}
+        return dict(zip(self.output_names, _outputs(self.module, self.job, inputs)))
 
     def reset_state(self) -> None:
         self.module.reset()

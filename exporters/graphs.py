@@ -79,6 +79,12 @@ class DecoderGraph(torch.nn.Module):
     def forward(self, inputs_embeds, *rest):
         masks, position_ids, past = rest[: self.n_masks], rest[self.n_masks], rest[self.n_masks + 1 :]
         cache = _PastKV(past, self.keep_all)
+        logits = self.last_logits(inputs_embeds, masks, position_ids, cache)
+        flat = [t for pair in cache.present for t in pair]
+        return (logits, *flat)
+
+    def last_logits(self, inputs_embeds, masks, position_ids, cache):
+        """The decoder stack over `cache` (a duck-typed transformers cache), then the head on the last position."""
         out = self.text_model(
             inputs_embeds=inputs_embeds,
             attention_mask=self.mask_arg(list(masks)),
@@ -86,9 +92,7 @@ class DecoderGraph(torch.nn.Module):
             cache=cache,
             use_cache=True,
         )
-        logits = self.head(out.last_hidden_state[:, -1:, :])
-        flat = [t for pair in cache.present for t in pair]
-        return (logits, *flat)
+        return self.head(out.last_hidden_state[:, -1:, :])
 
 
 class _StateKV:
@@ -112,7 +116,7 @@ class _StateKV:
         return self.begin
 
 
-class StatefulDecoder(torch.nn.Module):
+class StatefulDecoder(DecoderGraph):
     """inputs_embeds, masks [batch, 1, n, end], position_ids -> last logits; the KV cache lives in two buffers.
 
     The buffers `key_cache` / `value_cache` ([layers, batch, kv_heads, max_context, head_dim]) are
@@ -122,11 +126,7 @@ class StatefulDecoder(torch.nn.Module):
     """
 
     def __init__(self, parts: Parts, max_context: int, batch: int = 1, state_dtype=torch.float16):
-        super().__init__()
-        self.text_model = parts.text_model
-        self.head = parts.head
-        self.n_masks = len(parts.mask_names)
-        self.mask_arg = parts.mask_arg
+        super().__init__(parts, kv_storage="state")
         shape = (parts.num_layers, batch, parts.num_kv_heads, max_context, parts.head_dim)
         self.register_buffer("key_cache", torch.zeros(shape, dtype=state_dtype), persistent=False)
         self.register_buffer("value_cache", torch.zeros(shape, dtype=state_dtype), persistent=False)
@@ -146,14 +146,7 @@ class StatefulDecoder(torch.nn.Module):
     def forward(self, inputs_embeds, *rest):
         masks, position_ids = rest[: self.n_masks], rest[self.n_masks]
         begin = masks[0].shape[-1] - inputs_embeds.shape[1]
-        out = self.text_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=self.mask_arg(list(masks)),
-            position_ids=position_ids,
-            cache=_StateKV(self.key_cache, self.value_cache, begin),
-            use_cache=True,
-        )
-        return self.head(out.last_hidden_state[:, -1:, :])
+        return self.last_logits(inputs_embeds, masks, position_ids, _StateKV(self.key_cache, self.value_cache, begin))
 
 
 def kv_names(prefix: str, num_layers: int) -> list[str]:

@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--providers", help="ONNX Runtime execution providers in priority order, comma-separated "
                    "(default: CPUExecutionProvider)")
     r.add_argument("--device", help="OpenVINO device: CPU (default), GPU, NPU, AUTO, ...; Core ML compute units: "
-                                    "ALL (default), CPU_ONLY, CPU_AND_GPU, CPU_AND_NE")
+                                    "ALL (default; the decoder CPU_AND_GPU), CPU_ONLY, CPU_AND_GPU, CPU_AND_NE")
     r.add_argument("--inference-precision", choices=("f32", "bf16", "f16"),
                    help="OpenVINO on CPU: compute precision, f32 (default: the package's numbers), bf16 or f16 "
                    "(faster where the CPU has AVX512-BF16/AMX or FP16; results move slightly)")
