@@ -38,6 +38,7 @@ class ExportOptions:
     int4_block_size: int | None = None  # default: 32, or 64 for tensorrt (TensorRT's INT4 blocks are 64 or 128)
     int4_ratio: float = 1.0  # openvino: share of decoder layers in INT4, the rest INT8 (NNCF picks by sensitivity)
     kv_cache: str | None = None  # "state" or "buffer"; default: the target's first choice
+    trace_cache: str | None = None  # folder of traced graphs reused across exports (default: $MMEDGE_TRACE_CACHE)
     build_engines: bool = False  # tensorrt: build this machine's engines into the package after export
 
 
@@ -88,11 +89,11 @@ def check_options(opts: ExportOptions) -> None:
 
 def export(opts: ExportOptions) -> Manifest:
     """Export `opts.model` to a package at `opts.output`; returns its manifest."""
-    from mmedge.exporters import checkpoint as ckpt
     from mmedge.exporters.package import check_output
 
-    check_options(opts)
+    check_options(opts)  # before importing torch: a mistyped option is answered at once
     check_output(Path(opts.output).resolve(), opts.overwrite)  # fail before minutes of loading
+    from mmedge.exporters import checkpoint as ckpt
     path = ckpt.resolve(opts.model)
     family = ckpt.family_for(ckpt.read_config(path)["model_type"])
     calib = None
@@ -145,8 +146,12 @@ def _export(opts: ExportOptions, checkpoint: Path, family, plan: dict[str, str],
             jobs = target.build_jobs(parts, storage, max_context, desc.preprocess)
         else:
             jobs = build_jobs(parts, kv_storage=storage, max_context=max_context)
+        from mmedge.exporters import trace_cache
+
+        cache = trace_cache.directory(opts.trace_cache)
         for job in jobs:
             job.precision = plan[job.name]
+            job.trace_cache = cache
         bar = tqdm(jobs, desc="export", unit="graph", disable=not opts.progress)
         for job in bar:
             bar.set_postfix_str(job.name)

@@ -35,6 +35,7 @@ class GraphJob:
     bounds: dict[str, int] = field(default_factory=dict)  # upper bound of each named axis, for static-shape targets
     reference: object = None  # a module the traced one must match in PyTorch (the stateful decoder's contract)
     traced: object = None  # the torch.jit.trace of `module`, for targets that convert a TorchScript trace
+    trace_cache: object = None  # a folder of traced graphs to reuse (exporters/trace_cache.py), or None
 
 
 class _PastKV:

@@ -13,6 +13,7 @@ import onnx
 import torch
 
 from mmedge.errors import ExportError, first_line
+from mmedge.exporters import trace_cache
 from mmedge.exporters.graphs import GraphJob
 from mmedge.manifest import TensorSpec
 
@@ -36,23 +37,27 @@ def export_graph(job: GraphJob, path: Path) -> None:
         return dims.setdefault(name, torch.export.Dim(name))
 
     dynamic = [{axis: dim(n) for axis, n in job.dynamic_axes.get(name, {}).items()} for name in job.input_names]
-    with _quiet(), torch.no_grad():
-        try:
-            program = torch.onnx.export(
-                job.module,
-                job.trace_inputs,
-                input_names=job.input_names,
-                output_names=job.output_names,
-                dynamic_shapes=_match_signature(job.module, dynamic),
-                opset_version=OPSET,
-                dynamo=True,
-                verbose=False,
-            )
-        except Exception as exc:
-            raise ExportError(f"tracing {job.name} failed: {first_line(exc)}") from exc
-    model = program.model_proto
-    _name_dims(model, job)
-    save_model(model, path)
+
+    def trace() -> onnx.ModelProto:
+        with _quiet(), torch.no_grad():
+            try:
+                program = torch.onnx.export(
+                    job.module,
+                    job.trace_inputs,
+                    input_names=job.input_names,
+                    output_names=job.output_names,
+                    dynamic_shapes=_match_signature(job.module, dynamic),
+                    opset_version=OPSET,
+                    dynamo=True,
+                    verbose=False,
+                )
+            except Exception as exc:
+                raise ExportError(f"tracing {job.name} failed: {first_line(exc)}") from exc
+        model = program.model_proto
+        _name_dims(model, job)
+        return model
+
+    save_model(trace_cache.cached_trace(job, trace, job.trace_cache), path)
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:

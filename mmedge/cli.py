@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
                         "in_place (buffers the decoder writes itself, built on GroupQueryAttention; onnxruntime "
                         "default where the decoder allows it) or buffer (explicit inputs/outputs, traced decoder)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing package at --output")
+    e.add_argument("--trace-cache", metavar="DIR",
+                   help="keep traced graphs in DIR and reuse them when the same model is exported again, for "
+                        "another target or precision (default: $MMEDGE_TRACE_CACHE; none)")
     e.add_argument("--build-engines", action="store_true",
                    help="tensorrt: build the engines right away (this machine needs TensorRT and the GPU that will "
                         "run them); otherwise `mmedge build` or the first load on the device does it")
@@ -140,6 +143,7 @@ def cmd_export(args) -> int:
             int4_block_size=args.int4_block_size,
             int4_ratio=args.int4_ratio,
             kv_cache=args.kv_cache,
+            trace_cache=args.trace_cache,
             build_engines=args.build_engines,
         )
     )

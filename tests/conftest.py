@@ -1,20 +1,27 @@
-"""Shared fixtures: tiny random checkpoints (built offline) and their exported packages.
+"""Shared fixtures: tiny random checkpoints (built offline), their exported packages, the trained demo models'
+packages, transformers' reference tokens and the held-out scores.
 
-Every family's tiny shape (`mmedge.exporters.tiny.shapes()`) is exported once per
-session for every target that can run here; tests take (shape, target) pairs
-from `CASES` so a new family or target is a new entry, not new test code.
+Everything expensive is built once per test run and shared (`Shared` below): by every test that reads it, and
+by every pytest-xdist worker (`pytest -n 2`, as CI runs), through a folder they all see and a file lock per
+entry. Tests take (shape, target) pairs from `CASES`, so a new family or target is a new entry, not new test
+code.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
+from filelock import FileLock
 from PIL import Image
 
 from mmedge.exporters import tiny
@@ -39,31 +46,203 @@ BACKEND = {"tensorrt": "onnxruntime"}
 SHAPES = tiny.shapes()
 # targets whose packages run on this machine
 RUN_HERE = [t for t in TARGETS if t != "coreml" or sys.platform == "darwin"]
-CASES = [(shape, target) for shape in SHAPES for target in RUN_HERE if target != "onnxruntime-buffer"]
+PARITY_TARGETS = [t for t in RUN_HERE if t != "onnxruntime-buffer"]
+CASES = [(shape, target) for shape in SHAPES for target in PARITY_TARGETS]
+
+# The contributors' loop, `pytest -m "not slow"`: each family's first tiny shape, each on one target (the
+# families take the targets in turn, so every target's exporter and backend runs), and every test that exports
+# nothing of its own. CI runs everything.
+slow = pytest.mark.slow
+_first: dict[str, str] = {}
+for _name, _shape in SHAPES.items():
+    _first.setdefault(_shape.family, _name)
+FIRST_SHAPES = list(_first.values())
+FAST_CASES = {(shape, PARITY_TARGETS[i % len(PARITY_TARGETS)]) for i, shape in enumerate(FIRST_SHAPES)}
+
+
+def matrix(cases=CASES) -> list:
+    """(shape, target) parameters, all but FAST_CASES marked slow."""
+    return [pytest.param(*case, marks=() if case in FAST_CASES else slow) for case in cases]
+
+
+def each_shape(shapes=SHAPES) -> list:
+    """shape parameters, all but each family's first marked slow."""
+    return [pytest.param(shape, marks=() if shape in FIRST_SHAPES else slow) for shape in shapes]
+# calibration samples for the tiny random packages' quantized exports (their tests check the contract and the
+# quantized graphs, not accuracy); the demo models' quantized packages use DEMO_CALIB_SAMPLES
+TINY_CALIB_SAMPLES = 8
+DEMO_CALIB_SAMPLES = 32
+N_EVAL = 1000  # held-out examples behind every accuracy bar
+
+PROMPTS = ["caption en", "what color is the circle on the left of the square?"]
+NEW_TOKENS = 24  # greedy tokens compared with transformers per (image, prompt)
+
+
+# -- built once per run, shared by every test and every xdist worker ---------------------------------------
+
+
+class Shared:
+    """A folder of things built once: `folder(key, build)` runs build(path) the first time a key is asked for,
+    in whichever worker asks first, while the others wait on the key's lock; `value(key, compute)` does the
+    same for a JSON value. A build that fails leaves nothing, so the next test to ask sees the same error."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def folder(self, key: str, build: Callable[[Path], object]) -> Path:
+        out = self.root / key
+        done = out.parent / f".{out.name}.done"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(out.parent / f".{out.name}.lock")):
+            if not done.exists():
+                shutil.rmtree(out, ignore_errors=True)
+                try:
+                    build(out)
+                except BaseException:
+                    shutil.rmtree(out, ignore_errors=True)
+                    raise
+                done.touch()
+        return out
+
+    def value(self, key: str, compute: Callable[[], object]):
+        def build(out: Path) -> None:
+            result = compute()
+            out.mkdir()
+            (out / "value.json").write_text(json.dumps(result))
+
+        return json.loads((self.folder(key, build) / "value.json").read_text())
+
+
+def _shared_root(tmp_path_factory) -> Path:
+    base = tmp_path_factory.getbasetemp()
+    # xdist gives each worker base/popen-gwN; their parent is this run's, shared by all of them
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
 
 
 @pytest.fixture(scope="session")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("checkpoints")
-    return {name: tiny.save(shape, root / name) for name, shape in SHAPES.items()}
+def shared(tmp_path_factory) -> Shared:
+    return Shared(_shared_root(tmp_path_factory))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def trace_cache(shared):
+    """Every export in this run (in-process and through the CLI) reuses traced graphs (exporters/trace_cache.py):
+    the targets and precisions of one tiny model trace each graph once. Each export still verifies its graphs."""
+    from mmedge.exporters.trace_cache import ENV
+
+    os.environ[ENV] = str(shared.root / "traces")
+    yield shared.root / "traces"
+    os.environ.pop(ENV, None)
+
+
+class _Checkpoints(Mapping):
+    """name -> checkpoint dir of every tiny shape, saved on first use."""
+
+    def __init__(self, shared: Shared):
+        self._shared = shared
+
+    def __getitem__(self, name: str) -> Path:
+        shape = SHAPES[name]
+        return self._shared.folder(f"checkpoints/{name}", lambda out: tiny.save(shape, out))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(SHAPES)
+
+    def __len__(self) -> int:
+        return len(SHAPES)
 
 
 @pytest.fixture(scope="session")
-def packages(checkpoints, tmp_path_factory):
-    """(shape, target) -> package dir, exported lazily on first use."""
+def checkpoints(shared) -> Mapping[str, Path]:
+    return _Checkpoints(shared)
+
+
+@pytest.fixture(scope="session")
+def packages(checkpoints, shared):
+    """(shape, target, quant) -> package dir of a tiny random checkpoint, exported on first use."""
     from mmedge.exporters.export import ExportOptions, export
 
-    root = tmp_path_factory.mktemp("packages")
-    made: dict[tuple[str, str], Path] = {}
+    def get(shape: str, target: str = "onnxruntime", quant: str = "fp32") -> Path:
+        def build(out: Path) -> None:
+            export(ExportOptions(model=str(checkpoints[shape]), output=out, progress=False, quant=quant,
+                                 calib_samples=TINY_CALIB_SAMPLES, **TARGETS[target]))
 
-    def get(shape: str, target: str = "onnxruntime") -> Path:
-        if (shape, target) not in made:
-            out = root / f"{shape}-{target}"
-            export(ExportOptions(model=str(checkpoints[shape]), output=out, progress=False, **TARGETS[target]))
-            made[shape, target] = out
-        return made[shape, target]
+        return shared.folder(f"packages/{shape}-{target}-{quant}", build)
 
     return get
+
+
+@pytest.fixture(scope="session")
+def demo_packages(shared):
+    """(model, target, quant, *extra CLI options) -> package of a shipped demo model, exported through the CLI
+    with its alias, as users do."""
+
+    def get(model: str, target: str = "onnxruntime", quant: str = "fp32", *extra: str) -> tuple[Path, str]:
+        key = "-".join((model, target, quant, *extra)).replace("=", "_").replace(",", "_")
+
+        def build(out: Path) -> None:
+            calib = ["--calib-samples", str(DEMO_CALIB_SAMPLES)] if quant != "fp32" else []
+            result = run_cli("export", "--model", model, "-o", str(out / "pkg"), "--target", target,
+                             "--quant", quant, *calib, *extra)
+            assert result.returncode == 0, result.stderr
+            (out / "stdout.txt").write_text(result.stdout)
+
+        out = shared.folder(f"demos/{key}", build)
+        return out / "pkg", (out / "stdout.txt").read_text()
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def scores(shared):
+    """package or checkpoint dir -> `mmedge eval --json` on N_EVAL held-out examples, run once per path."""
+    from mmedge.evaluate import DEFAULT_SEED
+
+    def get(path: Path, backend: str | None = None, n: int = N_EVAL) -> dict:
+        def compute() -> dict:
+            extra = ["--backend", backend] if backend else []
+            result = run_cli("eval", str(path), "--task", "shapes", "-n", str(n), "--seed", str(DEFAULT_SEED),
+                             "--json", *extra)
+            assert result.returncode == 0, result.stderr
+            return json.loads(result.stdout)
+
+        digest = hashlib.sha256(f"{Path(path).resolve()}|{backend}|{n}".encode()).hexdigest()[:16]
+        return shared.value(f"scores/{digest}", compute)
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def reference_tokens(checkpoints, shared):
+    """shape -> {(image name, prompt): transformers' greedy NEW_TOKENS tokens} over sample_images x PROMPTS."""
+    from mmedge.exporters import checkpoint as ckpt
+
+    def get(shape: str) -> dict[tuple[str, str], list[int]]:
+        def compute() -> list:
+            from transformers import AutoProcessor
+
+            path = checkpoints[shape]
+            model = ckpt.family_for(ckpt.read_config(path)["model_type"]).load(path)
+            processor = AutoProcessor.from_pretrained(path)
+            return [[name, prompt, hf_generate(model, processor, image, prompt)]
+                    for name, image in sample_images().items() for prompt in PROMPTS]
+
+        return {(name, prompt): tokens for name, prompt, tokens in shared.value(f"reference/{shape}", compute)}
+
+    return get
+
+
+def hf_generate(model, processor, image, prompt, n: int = NEW_TOKENS) -> list[int]:
+    """transformers' own greedy generate(), n tokens past the prompt (EOS not allowed to stop it)."""
+    import torch
+
+    from mmedge.evaluate import reference_inputs
+
+    inputs = reference_inputs(processor, image, prompt)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
 def sample_images() -> dict[str, Image.Image]:
@@ -80,16 +259,13 @@ def sample_images() -> dict[str, Image.Image]:
     return {"noise": noise, "shapes": shapes, "wide": wide}
 
 
-PROMPTS = ["caption en", "what color is the circle on the left of the square?"]
-
-
 def mmedge_command() -> list[str]:
     """The installed `mmedge` console script, as users run it."""
     script = Path(sys.executable).parent / "mmedge"
     return [str(script)] if script.exists() else [shutil.which("mmedge") or "mmedge"]
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900):
     """Run `mmedge ARGS`; returns CompletedProcess (text)."""
     return subprocess.run(
         [*mmedge_command(), *args],

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import mmedge_command
 from mmedge.errors import ExportError, PackageError
+from mmedge.exporters.trace_cache import ENV
 from mmedge.manifest import load_manifest
 
 
@@ -33,6 +34,7 @@ def test_killed_export_leaves_no_package(checkpoints, tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        env={k: v for k, v in os.environ.items() if k != ENV},  # traced for real: slow enough to be killed
     )
     deadline = time.time() + 300
     try:

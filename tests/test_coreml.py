@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PROMPTS, SHAPES, run_cli, sample_images
+from conftest import NEW_TOKENS, PROMPTS, SHAPES, each_shape, hf_generate, run_cli, sample_images
 from mmedge import Pipeline
 from mmedge.exporters import checkpoint as ckpt
 from mmedge.calibration.coreml import WEIGHT_THRESHOLD
@@ -20,7 +20,6 @@ from mmedge.exporters import coreml_target
 from mmedge.exporters.export import ExportOptions, _load_tokenizer, export
 from mmedge.manifest import load_manifest
 from mmedge.runtimes.text import TextCodec
-from test_parity import NEW_TOKENS, hf_generate
 
 ct = pytest.importorskip("coremltools")
 MACOS = pytest.mark.skipif(sys.platform != "darwin", reason="Core ML runs models on macOS only")
@@ -29,18 +28,16 @@ INT4_OP = "constexpr_blockwise_shift_scale"  # iOS 18 dequantize of INT4/INT8 da
 
 
 @pytest.fixture(scope="module")
-def variants(checkpoints, packages, tmp_path_factory):
-    """quant -> package of the tiny PaliGemma for coreml (fp32 from the shared fixture)."""
-    root = tmp_path_factory.mktemp("coreml")
-    made = {"fp32": packages(SHAPE, "coreml")}
+def variants(checkpoints, packages, shared):
+    """quant -> package of the tiny PaliGemma for coreml (fp32 from the shared fixture); built once per run."""
 
     def get(quant: str, **options) -> object:
+        if quant == "fp32" and not options:
+            return packages(SHAPE, "coreml")
         key = quant + "".join(f"-{k}{v}" for k, v in options.items())
-        if key not in made:
-            made[key] = root / key
-            export(ExportOptions(model=str(checkpoints[SHAPE]), output=made[key], target="coreml", quant=quant,
-                                 progress=False, **options))
-        return made[key]
+        return shared.folder(f"coreml/{key}".replace(",", "_").replace("=", "_"), lambda out: export(
+            ExportOptions(model=str(checkpoints[SHAPE]), output=out, target="coreml", quant=quant, progress=False,
+                          **options)))
 
     return get
 
@@ -74,23 +71,19 @@ def torch_pipeline(checkpoint, package):
     return coreml_target.simulated_pipeline(package, checkpoint, stored_weights=False)
 
 
-@pytest.mark.parametrize("shape", sorted(SHAPES))
-def test_stateful_decoder_is_token_exact_in_pytorch(shape, checkpoints, packages):
+@pytest.mark.parametrize("shape", each_shape(sorted(SHAPES)))
+def test_stateful_decoder_is_token_exact_in_pytorch(shape, checkpoints, packages, reference_tokens):
     """Greedy tokens through the runtime's Pipeline, with the torch modules handed to the converter as its
     graphs, equal transformers' generate. The decoder module is the converted one over float32 buffers
     (the traced graph is the same; Core ML's states hold the buffers in float16, checked below)."""
-    from transformers import AutoProcessor
-
-    pipe, model = torch_pipeline(checkpoints[shape], packages(shape, "coreml"))
+    pipe, _ = torch_pipeline(checkpoints[shape], packages(shape, "coreml"))
     assert pipe.manifest.kv_cache.storage == "state" and pipe.manifest.kv_cache.dtype == "float16"
     decoder = pipe.graphs["decoder"]
     fp16_state = decoder.module
     decoder.module = fp16_state.with_state_dtype(torch.float32)
-    processor = AutoProcessor.from_pretrained(checkpoints[shape])
-    seen, expected = set(), {}
+    seen, expected = set(), reference_tokens(shape)  # transformers generate(), shared with test_parity
     for name, image in sample_images().items():
         for prompt in PROMPTS:
-            expected[name, prompt] = hf_generate(model, processor, image, prompt)
             got = list(pipe.generate_ids(image, prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True))
             assert got == expected[name, prompt], f"{shape} image={name} prompt={prompt!r}"
             seen.update(got)
@@ -179,6 +172,7 @@ def _int4_weight(path, name: str):
     return q * np.repeat(s, cols // blocks[1], axis=1), cols // blocks[1]
 
 
+@pytest.mark.slow
 def test_int4_decoder_weights_are_blockwise_int4(variants, checkpoints):
     package = variants("int4")
     m = load_manifest(package)
@@ -238,6 +232,7 @@ def test_clip_search_lowers_the_weighted_error():
     assert errors["clipped"] < 0.9 * errors["rtn"]
 
 
+@pytest.mark.slow
 def test_block_size_fp16_and_palettes(variants):
     big = variants("int4", int4_block_size=64)
     m = load_manifest(big)
@@ -262,6 +257,7 @@ def test_block_size_fp16_and_palettes(variants):
     assert m.quantization["graphs"]["decoder"]["bits"] == 4
 
 
+@pytest.mark.slow
 def test_demo_model_converts_at_every_preset(tmp_path):
     """The trained demo model at fp16 / int8 / int4: converted, compressed, smaller each step; and its
     held-out accuracy with the weights the int8 / int4 packages store (read back and dequantized, run in

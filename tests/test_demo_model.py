@@ -11,13 +11,11 @@ import re
 
 import pytest
 
-from conftest import run_cli
-from mmedge.evaluate import DEFAULT_SEED
+from conftest import N_EVAL, run_cli
 from mmedge.exporters.checkpoint import shipped_models
 
 # name -> held-out accuracy bar (PaliGemma's from issue 3, the other families' from issue 6)
 DEMOS = {"shapes-paligemma": 0.97, "shapes-llava": 0.95, "shapes-gemma3": 0.95, "shapes-smolvlm": 0.95}
-N = 1000
 
 
 @pytest.fixture(scope="module", params=sorted(DEMOS))
@@ -33,11 +31,8 @@ def checkpoint(demo):
 
 
 @pytest.fixture(scope="module")
-def package(demo, checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / demo
-    result = run_cli("export", "--model", demo, "-o", str(out))  # through the alias, as users do
-    assert result.returncode == 0, result.stderr
-    return out
+def package(demo, demo_packages):
+    return demo_packages(demo)[0]  # fp32 onnxruntime, exported through the alias as users do
 
 
 def test_checkpoint_is_small_and_complete(checkpoint):
@@ -48,16 +43,11 @@ def test_checkpoint_is_small_and_complete(checkpoint):
     assert sum(files.values()) <= 20 * 2**20
 
 
-def eval_json(path, n=N):
-    result = run_cli("eval", str(path), "--task", "shapes", "-n", str(n), "--seed", str(DEFAULT_SEED), "--json")
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
-
-
-def test_accuracy_parity_and_model_card(demo, checkpoint, package):
-    reference = eval_json(checkpoint)  # transformers generate() on the PyTorch checkpoint
-    exported = eval_json(package)  # the fp32 ONNX Runtime package
-    assert reference["n"] == exported["n"] == N
+@pytest.mark.slow
+def test_accuracy_parity_and_model_card(demo, checkpoint, package, scores):
+    reference = scores(checkpoint)  # transformers generate() on the PyTorch checkpoint
+    exported = scores(package)  # the fp32 ONNX Runtime package (scored once, shared with test_quantization)
+    assert reference["n"] == exported["n"] == N_EVAL
     assert reference["accuracy"] >= DEMOS[demo], reference
     assert abs(exported["accuracy"] - reference["accuracy"]) <= 0.002, (exported, reference)
 

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from conftest import BACKEND, run_cli
+from conftest import BACKEND, SHAPES, run_cli
 from mmedge.calibration import data as cdata
 from mmedge.calibration.onnxruntime import _fake_int4, awq_scales
 from mmedge.calibration.plan import parse_quant
@@ -23,34 +23,18 @@ DEMO = "shapes-paligemma"
 # The other families' demos (issue 6): fp32 at least FAMILY_BAR on every target, INT4 within MAX_DROP of it
 FAMILY_DEMOS = ("shapes-llava", "shapes-gemma3", "shapes-smolvlm")
 FAMILY_BAR = 0.95
-N_EVAL = 1000
 # Accuracy a quantized package may lose against the fp32 one, on N_EVAL held-out examples (0.005 = half a point).
 MAX_DROP = {"int8": 0.005, "int4": 0.02}
 
 
-@pytest.fixture(scope="module")
-def demo_packages(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quant")
-    made = {}
-
-    def get(quant: str, *extra: str, target: str = "onnxruntime", model: str = DEMO):
-        key = (model, target, quant, *extra)  # model: any shipped demo (issue 6 adds one per family)
-        if key not in made:
-            out = root / "-".join(key).replace("=", "_").replace(",", "_")
-            result = run_cli("export", "--model", model, "-o", str(out), "--target", target, "--quant", quant,
-                             "--calib-samples", "32", *extra)
-            assert result.returncode == 0, result.stderr
-            made[key] = (out, result.stdout)
-        return made[key]
-
-    return get
+def quantized(demo_packages, quant: str, *extra: str, target: str = "onnxruntime", model: str = DEMO):
+    """A demo model's package (conftest.demo_packages: exported once per run, shared by every test)."""
+    return demo_packages(model, target, quant, *extra)
 
 
-def accuracy(package, target: str = "onnxruntime") -> dict:
-    backend = ["--backend", BACKEND[target]] if target in BACKEND else []
-    result = run_cli("eval", str(package), "--task", "shapes", "-n", str(N_EVAL), "--json", *backend)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+def accuracy(scores, package, target: str = "onnxruntime") -> dict:
+    """`mmedge eval` on N_EVAL held-out examples, once per package (conftest.scores)."""
+    return scores(package, BACKEND.get(target))
 
 
 def low_precision_weights(package, graph: str) -> set[str]:
@@ -74,23 +58,25 @@ def low_precision_weights(package, graph: str) -> set[str]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["onnxruntime", "openvino"])
 @pytest.mark.parametrize("model", FAMILY_DEMOS)
-def test_family_demo_models_in_fp32_and_int4(demo_packages, model, target):
-    fp32, _ = demo_packages("fp32", target=target, model=model)
-    int4, _ = demo_packages("int4", target=target, model=model)
-    ref, got = accuracy(fp32), accuracy(int4)
+def test_family_demo_models_in_fp32_and_int4(demo_packages, scores, model, target):
+    fp32, _ = quantized(demo_packages, "fp32", target=target, model=model)
+    int4, _ = quantized(demo_packages, "int4", target=target, model=model)
+    ref, got = accuracy(scores, fp32), accuracy(scores, int4)
     assert ref["accuracy"] >= FAMILY_BAR, (model, target, ref)
     assert got["accuracy"] >= ref["accuracy"] - MAX_DROP["int4"], (model, target, got, ref)
     assert "int4" in low_precision_weights(int4, "decoder")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["onnxruntime", "openvino", "tensorrt"])
 @pytest.mark.parametrize("quant", ["int8", "int4"])
-def test_quantized_demo_model_keeps_its_accuracy_and_shrinks(demo_packages, quant, target):
-    fp32, _ = demo_packages("fp32", target=target)
-    package, stdout = demo_packages(quant, target=target)
-    ref, got = accuracy(fp32, target), accuracy(package, target)
+def test_quantized_demo_model_keeps_its_accuracy_and_shrinks(demo_packages, scores, quant, target):
+    fp32, _ = quantized(demo_packages, "fp32", target=target)
+    package, stdout = quantized(demo_packages, quant, target=target)
+    ref, got = accuracy(scores, fp32, target), accuracy(scores, package, target)
     assert got["accuracy"] >= ref["accuracy"] - MAX_DROP[quant], (quant, got, ref)
 
     manifest = json.loads((package / MANIFEST_NAME).read_text())
@@ -110,11 +96,12 @@ def test_quantized_demo_model_keeps_its_accuracy_and_shrinks(demo_packages, quan
     assert shown.returncode == 0 and "greedy answers identical to fp32" in shown.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["onnxruntime", "openvino"])
-def test_activation_aware_int4_is_no_worse_than_round_to_nearest(demo_packages, target):
-    awq, _ = demo_packages("int4", target=target)
-    rtn, _ = demo_packages("int4", "--int4-method", "rtn", target=target)
-    assert accuracy(awq)["accuracy"] >= accuracy(rtn)["accuracy"]
+def test_activation_aware_int4_is_no_worse_than_round_to_nearest(demo_packages, scores, target):
+    awq, _ = quantized(demo_packages, "int4", target=target)
+    rtn, _ = quantized(demo_packages, "int4", "--int4-method", "rtn", target=target)
+    assert accuracy(scores, awq)["accuracy"] >= accuracy(scores, rtn)["accuracy"]
     q_awq = json.loads((awq / MANIFEST_NAME).read_text())["quantization"]
     q_rtn = json.loads((rtn / MANIFEST_NAME).read_text())["quantization"]
     assert q_rtn["graphs"]["decoder"]["int4_method"] == "rtn" and q_awq["graphs"]["decoder"]["int4_method"] == "awq"
@@ -125,8 +112,9 @@ def test_activation_aware_int4_is_no_worse_than_round_to_nearest(demo_packages, 
         assert q_awq["graphs"]["decoder"]["decoder_calibration_steps"] > 32  # prefill and decode steps, recorded
 
 
-def test_per_graph_overrides_and_block_size(demo_packages):
-    package, _ = demo_packages("vision_encoder=fp32,decoder=int4", "--int4-block-size", "64")
+@pytest.mark.slow
+def test_per_graph_overrides_and_block_size(demo_packages, scores):
+    package, _ = quantized(demo_packages, "vision_encoder=fp32,decoder=int4", "--int4-block-size", "64")
     manifest = json.loads((package / MANIFEST_NAME).read_text())
     precisions = {k: g["precision"] for k, g in manifest["graphs"].items()}
     assert precisions == {"vision_encoder": "fp32", "projector": "fp32", "embed_tokens": "fp32", "decoder": "int4"}
@@ -135,7 +123,8 @@ def test_per_graph_overrides_and_block_size(demo_packages):
     assert {n["block_size"] for n in nbits if n.get("bits", 4) == 4} == {64}  # the 8-bit LM head keeps block 32
     vision = {n.op_type for n in onnx.load(str(package / "vision_encoder.onnx")).graph.node}
     assert "QuantizeLinear" not in vision
-    assert accuracy(package)["accuracy"] >= accuracy(demo_packages("fp32")[0])["accuracy"] - MAX_DROP["int4"]
+    ref = accuracy(scores, quantized(demo_packages, "fp32")[0])
+    assert accuracy(scores, package)["accuracy"] >= ref["accuracy"] - MAX_DROP["int4"]
 
 
 def _weight_types(package, graph: str) -> list[str]:
@@ -145,9 +134,10 @@ def _weight_types(package, graph: str) -> list[str]:
     return [str(op.get_output_element_type(0)) for op in model.get_ops() if op.get_type_name() == "Constant"]
 
 
-def test_openvino_int4_ratio_keeps_part_of_the_decoder_in_int8(demo_packages):
-    full, _ = demo_packages("int4", target="openvino")
-    half, _ = demo_packages("int4", "--int4-ratio", "0.5", target="openvino")
+@pytest.mark.slow
+def test_openvino_int4_ratio_keeps_part_of_the_decoder_in_int8(demo_packages, tmp_path):
+    full, _ = quantized(demo_packages, "int4", target="openvino")
+    half, _ = quantized(demo_packages, "int4", "--int4-ratio", "0.5", target="openvino")
     counts = {}
     for name, package in (("full", full), ("half", half)):
         types = _weight_types(package, "decoder")
@@ -155,29 +145,30 @@ def test_openvino_int4_ratio_keeps_part_of_the_decoder_in_int8(demo_packages):
     assert counts["half"][0] < counts["full"][0] and counts["half"][1] > counts["full"][1], counts
     decoder = json.loads((half / MANIFEST_NAME).read_text())["quantization"]["graphs"]["decoder"]
     assert "50% of layers (the rest int8)" in decoder["scheme"]
-    result = run_cli("export", "--model", DEMO, "-o", str(half) + "-ort", "--quant", "int4", "--int4-ratio", "0.5")
+    result = run_cli("export", "--model", DEMO, "-o", str(tmp_path / "ort"), "--quant", "int4", "--int4-ratio", "0.5")
     assert result.returncode == 2 and "--target openvino only" in result.stderr
 
 
+# every tiny shape at int8 and int4; the contributors' loop keeps one shape's int4 on each target
+TINY_QUANT = [pytest.param(shape, quant, marks=() if (shape, quant) == ("paligemma-gqa", "int4") else pytest.mark.slow)
+              for shape in SHAPES for quant in ("int8", "int4")]
+
+
 @pytest.mark.parametrize("target", ["onnxruntime", "openvino", "tensorrt"])
-@pytest.mark.parametrize("quant", ["int8", "int4"])
-def test_tiny_random_packages_of_every_shape_load_and_generate(checkpoints, tmp_path, quant, target):
+@pytest.mark.parametrize("shape, quant", TINY_QUANT)
+def test_tiny_random_packages_of_every_shape_load_and_generate(packages, shape, quant, target):
     """The contract holds for every decoder shape (GQA, MQA, Gemma 2 with sliding window and soft-capping)."""
-    from mmedge.exporters.export import ExportOptions, export
     from mmedge.runtimes import Pipeline
     from conftest import sample_images
 
     image = sample_images()["shapes"]
-    for shape, path in checkpoints.items():
-        out = tmp_path / f"{shape}-{quant}"
-        export(ExportOptions(model=str(path), output=out, target=target, quant=quant, calib_samples=8, progress=False))
-        pipe = Pipeline.load(out, backend=BACKEND.get(target))
-        first = list(pipe.generate_ids(image, "caption en", max_new_tokens=12, ignore_eos=True))
-        again = list(pipe.generate_ids(image, "caption en", max_new_tokens=12, ignore_eos=True))
-        assert len(first) == 12 and first == again, shape  # the KV cache is reset between calls
-        assert pipe.generate(image, "caption en", max_new_tokens=4) is not None
-        precisions = {g.precision for g in pipe.manifest.graphs.values()}
-        assert precisions == set(parse_quant(quant, target).values()), shape
+    pipe = Pipeline.load(packages(shape, target, quant), backend=BACKEND.get(target))
+    first = list(pipe.generate_ids(image, "caption en", max_new_tokens=12, ignore_eos=True))
+    again = list(pipe.generate_ids(image, "caption en", max_new_tokens=12, ignore_eos=True))
+    assert len(first) == 12 and first == again  # the KV cache is reset between calls
+    assert pipe.generate(image, "caption en", max_new_tokens=4) is not None
+    precisions = {g.precision for g in pipe.manifest.graphs.values()}
+    assert precisions == set(parse_quant(quant, target).values())
 
 
 def test_parse_quant():

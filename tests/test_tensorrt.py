@@ -29,29 +29,17 @@ NEW_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
-def trt_packages(checkpoints, packages, tmp_path_factory):
-    """quant -> tensorrt package of the tiny random PaliGemma (fp32 from conftest's shared packages)."""
-    from mmedge.exporters.export import ExportOptions, export
-
-    root = tmp_path_factory.mktemp("tensorrt")
-    made = {"fp32": packages(SHAPE, "tensorrt")}
-
-    def get(quant: str):
-        if quant not in made:
-            out = root / quant
-            export(ExportOptions(model=str(checkpoints[SHAPE]), output=out, target="tensorrt", quant=quant,
-                                 calib_samples=8, progress=False))
-            made[quant] = out
-        return made[quant]
-
-    return get
+def trt_packages(packages):
+    """quant -> tensorrt package of the tiny random PaliGemma (conftest's shared packages)."""
+    return lambda quant: packages(SHAPE, "tensorrt", quant)
 
 
 def _graph(package, part) -> onnx.ModelProto:
     return onnx.load(str(package / f"{part}.onnx"))
 
 
-@pytest.mark.parametrize("quant", ["fp32", "fp16", "int8", "int4"])
+@pytest.mark.parametrize("quant", ["fp32", pytest.param("fp16", marks=pytest.mark.slow),
+                                   pytest.param("int8", marks=pytest.mark.slow), "int4"])
 def test_every_op_and_type_is_one_the_parser_takes(trt_packages, quant):
     package = trt_packages(quant)
     for part in PARTS:
@@ -68,6 +56,7 @@ def test_the_parser_check_finds_what_tensorrt_would_reject(packages):
     assert any("DOUBLE" in found for found in tensorrt_ops.unsupported(model))
 
 
+@pytest.mark.slow
 def test_precision_is_written_into_the_graphs(trt_packages):
     fp16 = _graph(trt_packages("fp16"), "decoder")
     types = tensorrt_ops.tensor_types(fp16)
@@ -128,6 +117,7 @@ def _greedy(pipe) -> list[list[int]]:
             for image in sample_images().values() for prompt in PROMPTS]
 
 
+@pytest.mark.slow
 def test_fp16_graphs_agree_with_fp32_on_the_tiny_random_model(trt_packages):
     """Measured on this model: 5 of 6 greedy runs identical, 98.5% teacher-forced top-1 (fp16 rounding on
     random weights, whose logits are nearly tied)."""
@@ -138,13 +128,11 @@ def test_fp16_graphs_agree_with_fp32_on_the_tiny_random_model(trt_packages):
     assert load_manifest(package).quantization["teacher_forced_top1_agreement"] >= 0.95
 
 
-def test_demo_model_fp16_on_the_tensorrt_graphs_keeps_its_accuracy(tmp_path):
-    out = tmp_path / "fp16"
-    assert run_cli("export", "--model", "shapes-paligemma", "--target", "tensorrt", "--quant", "fp16",
-                   "-o", str(out)).returncode == 0
-    result = run_cli("eval", str(out), "--backend", BACKEND["tensorrt"], "-n", "1000", "--json")
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["accuracy"] >= 0.975  # fp32: 0.984 on the same 1000 held-out examples
+@pytest.mark.slow
+def test_demo_model_fp16_on_the_tensorrt_graphs_keeps_its_accuracy(demo_packages, scores):
+    package, _ = demo_packages("shapes-paligemma", "tensorrt", "fp16")
+    result = scores(package, BACKEND["tensorrt"])  # N_EVAL = 1000 held-out examples
+    assert result["n"] == 1000 and result["accuracy"] >= 0.975  # fp32: 0.984 on the same examples
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")

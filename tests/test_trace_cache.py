@@ -1,0 +1,70 @@
+"""Traced graphs reused between exports (exporters/trace_cache.py): found again only for the very same graph."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from conftest import run_cli
+from mmedge.exporters import checkpoint as ckpt
+from mmedge.exporters.graphs import build_jobs
+from mmedge.exporters.trace_cache import ENV, GRAPH, job_key
+from mmedge.manifest import load_manifest
+
+SHAPE = "paligemma2-sliding"  # sliding-window layers and soft-capping: settings that live outside the weights
+
+
+def _jobs(checkpoint, **options):
+    family = ckpt.family_for(ckpt.read_config(checkpoint)["model_type"])
+    model = family.load(checkpoint)
+    return model, {job.name: job for job in build_jobs(family.split(model), max_context=64, **options)}
+
+
+def test_the_key_follows_weights_settings_and_storage(checkpoints):
+    path = checkpoints[SHAPE]
+    model, jobs = _jobs(path)
+    keys = {name: job_key(job) for name, job in jobs.items()}
+    assert keys == {name: job_key(job) for name, job in _jobs(path)[1].items()}  # a fresh load: the same keys
+    assert len(set(keys.values())) == 4
+
+    with torch.no_grad():  # one weight element of the decoder changes only the decoder's key
+        model.model.language_model.layers[1].mlp.up_proj.weight[3, 5] += 1e-3
+    assert {n: job_key(j) for n, j in jobs.items()} == {**keys, "decoder": job_key(jobs["decoder"])}
+    assert job_key(jobs["decoder"]) != keys["decoder"]
+
+    _, fresh = _jobs(path)
+    fresh["decoder"].module.text_model.config.final_logit_softcapping = 7.0  # a setting, no weight
+    assert job_key(fresh["decoder"]) != keys["decoder"]
+    _, stateful = _jobs(path, kv_storage="state")
+    assert job_key(stateful["decoder"]) != keys["decoder"] and job_key(stateful["projector"]) == keys["projector"]
+
+
+def test_a_second_export_reads_the_traces_and_writes_the_same_graphs(checkpoints, tmp_path, caplog):
+    from mmedge.exporters.export import ExportOptions, export
+
+    cache = tmp_path / "traces"
+    first = tmp_path / "first"
+    export(ExportOptions(model=str(checkpoints[SHAPE]), output=first, progress=False, trace_cache=str(cache)))
+    entries = sorted(p for p in cache.iterdir())
+    assert len(entries) == 4 and all((p / GRAPH).exists() for p in entries)
+    # a damaged entry is traced again (and replaced), never used
+    (entries[0] / GRAPH).write_bytes(b"not a graph")
+    with caplog.at_level(logging.INFO, logger="mmedge.exporters.trace_cache"):
+        second = tmp_path / "second"
+        export(ExportOptions(model=str(checkpoints[SHAPE]), output=second, progress=False, trace_cache=str(cache)))
+    assert caplog.text.count("traced graph read from") == 3 and "unreadable" in caplog.text
+    for name, spec in load_manifest(first).graphs.items():
+        assert (first / spec.file).read_bytes() == (second / spec.file).read_bytes(), name
+    assert load_manifest(second).verification["graphs"]["decoder"]["passed"]  # still verified against PyTorch
+
+
+def test_the_cli_takes_the_cache_from_the_flag_or_the_environment(checkpoints, tmp_path):
+    cache = tmp_path / "traces"
+    model = ["--model", str(checkpoints["paligemma-gqa"])]
+    result = run_cli("export", *model, "-o", str(tmp_path / "a"), "--trace-cache", str(cache), env={ENV: ""})
+    assert result.returncode == 0, result.stderr
+    assert len([p for p in cache.iterdir() if (p / GRAPH).exists()]) == 4
+    result = run_cli("-v", "export", *model, "-o", str(tmp_path / "b"), env={ENV: str(cache)})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("traced graph read from") == 4, result.stderr
