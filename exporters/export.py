@@ -89,11 +89,17 @@ def check_options(opts: ExportOptions) -> None:
 
 def export(opts: ExportOptions) -> Manifest:
     """Export `opts.model` to a package at `opts.output`; returns its manifest."""
-    from mmedge.exporters.package import check_output
+    from mmedge.exporters.package import check_output, output_lock
 
     check_options(opts)  # before importing torch: a mistyped option is answered at once
     check_output(Path(opts.output).resolve(), opts.overwrite)  # fail before minutes of loading
+    with output_lock(Path(opts.output)):
+        return _locked_export(opts)
+
+
+def _locked_export(opts: ExportOptions) -> Manifest:
     from mmedge.exporters import checkpoint as ckpt
+
     path = ckpt.resolve(opts.model)
     family = ckpt.family_for(ckpt.read_config(path)["model_type"])
     calib = None

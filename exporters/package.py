@@ -9,6 +9,7 @@ the output path, and the partial one has no manifest, so nothing loads it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -18,14 +19,90 @@ from typing import Iterator
 from mmedge.errors import ExportError
 from mmedge.manifest import MANIFEST_NAME, FileEntry, sha256_file
 
+log = logging.getLogger(__name__)
+
 
 def check_output(out: Path, overwrite: bool) -> None:
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write the package into {parent} (permission denied); choose another -o")
+    if out.exists() and overwrite and out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+        raise ExportError(f"--overwrite cannot replace {out}: it is read-only; change its permissions or choose another -o")
     if out.exists() and not overwrite:
         raise ExportError(f"output {out} already exists; pass --overwrite to replace it or choose another -o")
     if out.exists() and not out.is_dir():
         raise ExportError(f"output {out} is a file; choose a directory path")
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST_NAME).exists():
         raise ExportError(f"output {out} is a non-empty directory that is not an mmedge package; refusing to replace it")
+
+
+def _lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.lock"
+
+
+def _try_lock(path: Path):
+    """An exclusive lock on `path` (created if missing) without waiting: the open file, or None if another
+    process holds it. fcntl locks end with their process, however it ends, so a killed export frees its lock."""
+    import fcntl
+
+    while True:
+        fh = open(path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            return None
+        try:
+            same = os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fh
+        fh.close()  # the holder removed the file between our open and our lock: lock the new one
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Held for a whole export to `out`: a second export to the same path at the same time fails at once with one
+    line instead of both writing and one silently replacing the other."""
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = _lock_path(out)
+    fh = _try_lock(path)
+    if fh is None:
+        owner = path.read_text().strip() or "another process"
+        raise ExportError(f"another export is writing {out} right now ({owner}); wait for it to finish or choose "
+                          "another -o")
+    try:
+        fh.truncate(0)
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        _remove_stale(out.parent)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        fh.close()
+
+
+def _remove_stale(parent: Path) -> None:
+    """Staging folders of exports that are no longer running (killed, or their machine lost power): no process
+    holds their output's lock, so nothing will ever finish or remove them."""
+    removed = []
+    for stage in sorted(parent.glob(".*.partial-*")) + sorted(parent.glob(".*.old-*")):
+        name = stage.name[1:].rsplit(".partial-" if ".partial-" in stage.name else ".old-", 1)[0]
+        lock = _lock_path(parent / name)
+        held_by_us = lock.exists() and lock.read_text().strip() == f"pid {os.getpid()}"
+        fh = None if held_by_us else _try_lock(lock)
+        if held_by_us or fh is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+            removed.append(stage.name)
+        if fh is not None:
+            lock.unlink(missing_ok=True)
+            fh.close()
+    if removed:
+        log.warning("removed %d staging folder(s) left by interrupted exports in %s: %s", len(removed), parent,
+                    ", ".join(removed))
 
 
 @contextlib.contextmanager

@@ -10,7 +10,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from mmedge import __version__
@@ -381,9 +383,16 @@ COMMANDS = {
 }
 
 
+def _terminated(signum, frame):
+    """SIGTERM unwinds like an error, so an export removes its staging folder and frees its output's lock."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         return COMMANDS[args.command](args)
     except MmedgeError as exc:

@@ -192,6 +192,8 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Manifest":
+        if not isinstance(data, dict):
+            raise PackageError(f"{MANIFEST_NAME} holds a JSON {type(data).__name__}, not an object; re-export the package")
         version = data.get("format_version")
         if not isinstance(version, int):
             raise PackageError(f"{MANIFEST_NAME} has no format_version; this is not an mmedge package")
@@ -201,7 +203,7 @@ class Manifest:
             )
         try:
             return _build(cls, data)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise PackageError(f"{MANIFEST_NAME} is malformed ({exc}); re-export the package") from None
 
     def graph_of(self, file: str) -> str | None:
@@ -264,15 +266,36 @@ def load_manifest(directory: str | Path, verify_files: bool = True) -> Manifest:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PackageError(f"{path} is not valid JSON ({exc}); re-export the package") from None
     manifest = Manifest.from_dict(data)
+    for name in sorted(named_files(manifest) | set(manifest.files)):
+        confined(directory, name)
     if verify_files:
         verify_package_files(directory, manifest)
     return manifest
 
 
-def verify_package_files(directory: Path, manifest: Manifest) -> None:
+def named_files(manifest: Manifest) -> set[str]:
+    """The files (or Core ML folders) the manifest points the runtime at."""
     needed = {g.file for g in manifest.graphs.values()} | {manifest.tokenizer}
     if manifest.prompt.chat_template:
         needed.add(manifest.prompt.chat_template)
+    return needed
+
+
+def confined(directory: Path, name: str) -> Path:
+    """`directory / name`, refused unless it stays inside the package once symlinks are resolved: a package must
+    not make the runtime read anything outside its own directory."""
+    if not isinstance(name, str) or not name:
+        raise PackageError(f"{MANIFEST_NAME} names a file {name!r}; file names must be non-empty paths in the package")
+    root = Path(directory).resolve()
+    path = (root / name).resolve()
+    if not path.is_relative_to(root) or path == root:
+        raise PackageError(f"{MANIFEST_NAME} names {name!r}, which is outside the package directory; refusing to "
+                           "read it (a package may only name its own files)")
+    return path
+
+
+def verify_package_files(directory: Path, manifest: Manifest) -> None:
+    needed = named_files(manifest)
     listed = set(manifest.files)
     # a graph may be a directory (Core ML's .mlpackage): its files are listed one by one
     listed |= {name for name in needed if any(f.startswith(name + "/") for f in manifest.files)}

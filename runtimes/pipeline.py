@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -68,6 +70,9 @@ class Pipeline:
             vocab = manifest.graphs["decoder"].outputs["logits"].shape[-1]
             self._into["logits"] = np.empty((1, 1, vocab), np.dtype(manifest.graphs["decoder"].outputs["logits"].dtype))
         self.timings = Timings()
+        self._load_options: dict[str, Any] | None = None  # what load() was given, for clone()
+        self._lock = threading.Lock()  # one generation at a time: they share the KV cache and the engines' state
+        self._owner: int | None = None
 
     @classmethod
     def load(
@@ -113,7 +118,33 @@ class Pipeline:
             engine.open_package(path, manifest)
         graphs = {part: engine.load(path / manifest.graphs[part].file) for part in PARTS}
         codec = TextCodec.from_package(path, manifest)
-        return cls(path, manifest, graphs, codec)
+        pipe = cls(path, manifest, graphs, codec)
+        pipe._load_options = dict(backend=backend, providers=providers, threads=threads, device=device,
+                                  inference_precision=inference_precision)
+        return pipe
+
+    def clone(self) -> "Pipeline":
+        """Another Pipeline over the same package, with its own engine sessions and KV cache, for generating in
+        parallel from several threads (one Pipeline serialises its callers). Costs a second load's memory."""
+        if self._load_options is None:
+            raise PackageError("clone() needs a Pipeline made by Pipeline.load")
+        return Pipeline.load(self.path, verify=False, **self._load_options)
+
+    @contextmanager
+    def _exclusive(self):
+        """Hold the Pipeline for one generation. Other threads wait their turn; the same thread starting a second
+        generation before finishing the first (two interleaved streams) would corrupt the shared cache, so it
+        is refused."""
+        me = threading.get_ident()
+        if self._owner == me:
+            raise InputError("this Pipeline is already generating in this thread: finish or close() the first "
+                             "stream before starting another, or use pipe.clone()")
+        with self._lock:
+            self._owner = me
+            try:
+                yield
+            finally:
+                self._owner = None
 
     # -- public API --------------------------------------------------------
 
@@ -159,6 +190,10 @@ class Pipeline:
         packages of one model (fp32 and quantized) can be compared position by
         position on the same token sequence.
         """
+        with self._exclusive():
+            return self._teacher_forced_logits(image, prompt, tokens)
+
+    def _teacher_forced_logits(self, image: ImageInput, prompt: str, tokens: Sequence[int]) -> np.ndarray:
         ids, pixels, block_of = self._prepare(image, prompt)
         if len(ids) + len(tokens) > self.cache.capacity:
             raise InputError(
@@ -174,6 +209,10 @@ class Pipeline:
     # -- internals ---------------------------------------------------------
 
     def _tokens(self, image: ImageInput, prompt: str, opts: GenerationOptions) -> Iterator[int]:
+        with self._exclusive():
+            yield from self._generate(image, prompt, opts)
+
+    def _generate(self, image: ImageInput, prompt: str, opts: GenerationOptions) -> Iterator[int]:
         rng = np.random.default_rng(opts.seed)
         t = self.timings = Timings()
         start = time.perf_counter()

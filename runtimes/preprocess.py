@@ -2,26 +2,28 @@
 
 Reproduces the Hugging Face image processors the families use (resize with
 Pillow's filter, rescale in float64 then float32, normalize), so the vision
-encoder sees the same pixel values as in transformers. Accepts a path, a PIL
-image or an HxW(x3/4) uint8 array; grayscale, palette, alpha and 16-bit
+encoder sees the same pixel values as in transformers. Accepts a path, encoded
+image bytes, a PIL image or an HxW(x3/4) uint8 array (files and bytes turned
+upright by their EXIF orientation); grayscale, palette, alpha and 16-bit
 images are converted to 8-bit RGB (alpha composited onto white, as
 transformers does).
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mmedge.errors import InputError, PackageError
 from mmedge.manifest import PreprocessSpec
 
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -36,26 +38,50 @@ RESAMPLE_FROM_INT = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4:
 
 
 def load_image(image: ImageInput) -> Image.Image:
-    """Open an image from a path, PIL image or array; errors are one clear line."""
+    """Open an image from a path, encoded bytes, a PIL image or an array; errors are one clear line.
+
+    Files and bytes are turned upright by their EXIF orientation tag (as transformers' image loading does);
+    a PIL image or an array is taken as given, already upright.
+    """
     if isinstance(image, Image.Image):
-        return image
+        return _checked_size(image, "image")
     if isinstance(image, np.ndarray):
-        return _from_array(image)
+        return _checked_size(_from_array(image), "image array")
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return _open(io.BytesIO(bytes(image)), "the image bytes")
     if isinstance(image, (str, os.PathLike)):
+        if str(image).startswith(("http://", "https://")):
+            raise InputError(f"{image} is a URL; mmedge reads local files: download the image first")
         path = Path(image)
         if not path.exists():
             raise InputError(f"image not found: {path}")
         if path.is_dir():
             raise InputError(f"{path} is a directory; pass an image file")
-        try:
-            with Image.open(path) as im:
-                im.load()
-                return im
-        except UnidentifiedImageError:
-            raise InputError(f"{path} is not an image Pillow can read (PNG, JPEG, WebP, BMP, ...)") from None
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise InputError(f"{path} is a damaged or truncated image ({exc})") from None
-    raise InputError(f"unsupported image type {type(image).__name__}; pass a path, a PIL image or an HxWx3 uint8 array")
+        if not os.access(path, os.R_OK):
+            raise InputError(f"{path} cannot be read (permission denied)")
+        return _open(path, str(path))
+    raise InputError(f"unsupported image type {type(image).__name__}; pass a path, image bytes, a PIL image or "
+                     "an HxWx3 uint8 array")
+
+
+def _open(source, what: str) -> Image.Image:
+    try:
+        with Image.open(source) as im:
+            im.load()
+            upright = ImageOps.exif_transpose(im)
+    except UnidentifiedImageError:
+        raise InputError(f"{what} is not an image Pillow can read (PNG, JPEG, WebP, BMP, ...)") from None
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{what} is too large to decode safely ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{what} is a damaged or truncated image ({exc})") from None
+    return _checked_size(upright, what)
+
+
+def _checked_size(image: Image.Image, what: str) -> Image.Image:
+    if image.width < 1 or image.height < 1:
+        raise InputError(f"{what} is empty ({image.width}x{image.height} pixels)")
+    return image
 
 
 def _from_array(array: np.ndarray) -> Image.Image:

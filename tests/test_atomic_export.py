@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import mmedge_command
+from conftest import mmedge_command, run_cli
 from mmedge.errors import ExportError, PackageError
 from mmedge.exporters.trace_cache import ENV
 from mmedge.manifest import load_manifest
@@ -27,30 +27,48 @@ def loadable_packages(root):
     return found
 
 
-def test_killed_export_leaves_no_package(checkpoints, tmp_path):
+def _wait_for_a_staged_graph(proc, out) -> None:
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if any(out.parent.glob(f".{out.name}.partial-*/*.onnx")):
+            return
+        time.sleep(0.05)
+    raise AssertionError("export finished or failed before it could be interrupted")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_interrupted_export_leaves_no_package(checkpoints, tmp_path, sig):
     out = tmp_path / "out" / "pkg"
+    model = ["--model", str(checkpoints["paligemma-mqa"])]
     proc = subprocess.Popen(
-        [*mmedge_command(), "export", "--model", str(checkpoints["paligemma-mqa"]), "-o", str(out)],
+        [*mmedge_command(), "export", *model, "-o", str(out)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
-        env={k: v for k, v in os.environ.items() if k != ENV},  # traced for real: slow enough to be killed
+        env={k: v for k, v in os.environ.items() if k != ENV},  # traced for real: slow enough to be interrupted
     )
-    deadline = time.time() + 300
     try:
-        # wait until at least one graph is on disk in the staging directory, then kill -9
-        while time.time() < deadline and proc.poll() is None:
-            if any(out.parent.glob(".pkg.partial-*/*.onnx")):
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "export finished before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        _wait_for_a_staged_graph(proc, out)
+        if sig == signal.SIGTERM:  # meanwhile, a second export to the same path is refused at once
+            second = run_cli("export", *model, "-o", str(out))
+            assert second.returncode == 2 and "another export is writing" in second.stderr, second.stderr
+            assert proc.poll() is None
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert not out.exists()
     assert loadable_packages(tmp_path) == []
+    stale = list(out.parent.glob(".pkg.partial-*"))
+    if sig == signal.SIGTERM:  # unwound: its staging folder and its lock are gone
+        assert stale == [] and not (out.parent / ".pkg.lock").exists()
+        return
+    assert len(stale) == 1  # kill -9 leaves it; the next export into the same folder removes it and says so
+    later = run_cli("export", *model, "-o", str(out.parent / "other"))
+    assert later.returncode == 0, later.stderr
+    assert "removed 1 staging folder(s) left by interrupted exports" in later.stderr
+    assert not stale[0].exists() and sorted(p.name for p in out.parent.iterdir()) == ["other"]
 
 
 def test_failed_verification_leaves_nothing(checkpoints, tmp_path, monkeypatch):

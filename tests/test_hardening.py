@@ -1,0 +1,179 @@
+"""A package cannot reach outside itself, a shared Pipeline stays correct, photos come out upright, bad images
+are one clear line."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_cli, sample_images
+from mmedge import Pipeline
+from mmedge.errors import InputError, PackageError
+from mmedge.manifest import MANIFEST_NAME
+from mmedge.runtimes.preprocess import load_image, preprocess
+
+SHAPE = "paligemma-gqa"
+
+
+# -- paths a package names stay inside it ------------------------------------------------------------------
+
+
+def _copy(packages, tmp_path):
+    copy = tmp_path / "pkg"
+    shutil.copytree(packages(SHAPE), copy)
+    return copy
+
+
+def _edit(package, change) -> None:
+    path = package / MANIFEST_NAME
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def _listed(data, name, path) -> None:
+    blob = path.read_bytes()
+    data["files"][name] = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+
+
+def test_graph_tokenizer_and_listed_files_outside_the_package_are_refused(packages, tmp_path):
+    outside = tmp_path / "decoder.onnx"
+    shutil.copy(packages(SHAPE) / "decoder.onnx", outside)  # a real graph, hash listed: it would load and answer
+
+    def graph_outside(data):
+        relative = os.path.relpath(outside, tmp_path / "graph_outside" / "pkg")  # ../../decoder.onnx
+        data["graphs"]["decoder"]["file"] = relative
+        _listed(data, relative, outside)
+
+    def tokenizer_absolute(data):
+        data["tokenizer"] = "/etc/passwd"
+
+    def listed_outside(data):
+        _listed(data, str(outside), outside)
+
+    for change in (graph_outside, tokenizer_absolute, listed_outside):
+        fresh = _copy(packages, tmp_path / change.__name__)
+        _edit(fresh, change)
+        for verify in (True, False):
+            with pytest.raises(PackageError, match="outside the package directory"):
+                Pipeline.load(fresh, verify=verify)
+        result = run_cli("inspect", str(fresh))
+        assert result.returncode == 2 and "outside the package directory" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_symlink_out_of_the_package_is_refused(packages, tmp_path):
+    package = _copy(packages, tmp_path)
+    outside = tmp_path / "tokenizer.json"
+    shutil.move(package / "tokenizer.json", outside)
+    os.symlink(outside, package / "tokenizer.json")  # same bytes, same hash: only the path is wrong
+    with pytest.raises(PackageError, match="outside the package directory"):
+        Pipeline.load(package)
+
+
+def test_a_manifest_of_the_wrong_shape_is_one_line(packages, tmp_path):
+    package = _copy(packages, tmp_path)
+    (package / MANIFEST_NAME).write_text("[1, 2]")
+    result = run_cli("inspect", str(package))
+    assert result.returncode == 2 and "not an object" in result.stderr, result.stderr
+    (package / MANIFEST_NAME).write_text(json.dumps({"format_version": 1, "graphs": "decoder.onnx"}))
+    result = run_cli("inspect", str(package))
+    assert result.returncode == 2 and "malformed" in result.stderr, result.stderr
+
+
+# -- one Pipeline, several threads -------------------------------------------------------------------------
+
+
+def test_one_pipeline_shared_by_four_threads_answers_as_one_thread_does(packages):
+    pipe = Pipeline.load(packages(SHAPE))
+    images = list(sample_images().values())
+    jobs = [(images[i % len(images)], f"caption en {i}") for i in range(20)]
+    expected = [list(pipe.generate_ids(im, p, max_new_tokens=10, ignore_eos=True)) for im, p in jobs]
+    clone = pipe.clone()
+    assert clone.graphs["decoder"] is not pipe.graphs["decoder"] and clone.cache is not pipe.cache
+    results: dict[tuple[int, int], list[int]] = {}
+    errors = []
+
+    def worker(t: int, p: Pipeline) -> None:
+        try:
+            for i, (image, prompt) in enumerate(jobs):
+                results[t, i] = list(p.generate_ids(image, prompt, max_new_tokens=10, ignore_eos=True))
+        except Exception as exc:  # reported below, with the thread
+            errors.append((t, exc))
+
+    threads = [threading.Thread(target=worker, args=(t, pipe if t < 3 else clone)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    for (t, i), got in results.items():
+        assert got == expected[i], (t, i)
+    assert len(results) == 80
+
+
+def test_two_interleaved_streams_in_one_thread_are_refused(packages):
+    pipe = Pipeline.load(packages(SHAPE))
+    image = sample_images()["shapes"]
+    first = pipe.stream(image, "caption en", max_new_tokens=8, ignore_eos=True)
+    next(first)
+    with pytest.raises(InputError, match="already generating in this thread"):
+        next(pipe.stream(image, "caption en", max_new_tokens=8, ignore_eos=True))
+    first.close()  # closing (or finishing) the first frees the Pipeline
+    assert pipe.generate(image, "caption en", max_new_tokens=4, ignore_eos=True)
+
+
+# -- images ------------------------------------------------------------------------------------------------
+
+
+def _sideways(path, orientation: int = 6) -> Image.Image:
+    """An asymmetric image stored rotated, with the EXIF tag that says how to turn it upright."""
+    upright = sample_images()["wide"].copy()
+    upright.paste((255, 0, 0), (0, 0, 30, 20))  # a red corner, top left once upright
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what orientation 6 undoes (a 90-degree turn)
+    exif = stored.getexif()
+    exif[0x0112] = orientation
+    stored.save(path, exif=exif)
+    return upright
+
+
+def test_exif_orientation_is_applied_to_files_and_bytes_as_transformers_does(packages, tmp_path):
+    from transformers.image_utils import load_image as hf_load_image
+
+    path = tmp_path / "phone.png"
+    upright = _sideways(path)
+    spec = Pipeline.load(packages(SHAPE)).manifest.preprocess
+    want = preprocess(upright, spec)
+    np.testing.assert_array_equal(preprocess(path, spec), want)
+    np.testing.assert_array_equal(preprocess(path.read_bytes(), spec), want)
+    assert np.array_equal(np.asarray(hf_load_image(str(path))), np.asarray(upright))
+    assert load_image(Image.open(path)).size == (upright.height, upright.width)  # a PIL image is taken as given
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("https://example.com/cat.jpg", "is a URL"),
+    (b"not an image", "not an image Pillow can read"),
+    (np.zeros((0, 8, 3), np.uint8), "is empty"),
+    (Image.new("RGB", (0, 0)), "is empty"),
+])
+def test_bad_images_are_one_clear_line(bad, message):
+    with pytest.raises(InputError, match=message):
+        load_image(bad)
+
+
+def test_decompression_bomb_is_refused_not_decoded(packages, tmp_path):
+    big = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(big, "PNG")  # 400 MP, a few kB on disk
+    path = tmp_path / "bomb.png"
+    path.write_bytes(big.getvalue())
+    result = run_cli("run", str(packages(SHAPE)), "--image", str(path), "--prompt", "caption en")
+    assert result.returncode == 2 and "too large to decode safely" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
