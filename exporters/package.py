@@ -37,7 +37,7 @@ def check_output(out: Path, overwrite: bool) -> None:
 
 
 def _lock_path(out: Path) -> Path:
-    return out.parent / f".{out.name}.lock"
+    return out.parent / f".{out.name}.export-lock"
 
 
 def _try_lock(path: Path):

@@ -15,7 +15,11 @@ def __getattr__(name):
         from mmedge import runtimes
 
         return getattr(runtimes, name)
+    if name in ("MmedgeError", "InputError", "PackageError", "ExportError"):
+        from mmedge import errors
+
+        return getattr(errors, name)
     raise AttributeError(f"module 'mmedge' has no attribute {name!r}")
 
 
-__all__ = ["Pipeline", "GenerationOptions", "__version__"]
+__all__ = ["Pipeline", "GenerationOptions", "MmedgeError", "InputError", "PackageError", "ExportError", "__version__"]

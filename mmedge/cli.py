@@ -401,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mmedge: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `mmedge inspect pkg | head -1`: the reader left; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:
         if os.environ.get("MMEDGE_DEBUG"):
             raise

@@ -12,7 +12,7 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
-from mmedge.errors import MmedgeError
+from mmedge.errors import MmedgeError, first_line
 
 TASKS = ("shapes",)
 DEFAULT_SEED = 12345  # held out: the demo models never train on this seed's examples
@@ -55,8 +55,13 @@ def reference_answerer(checkpoint: Path) -> Answerer:
     from mmedge.exporters import checkpoint as ckpt
 
     family = ckpt.family_for(ckpt.read_config(checkpoint)["model_type"])
-    model = family.load(checkpoint)
-    processor = AutoProcessor.from_pretrained(checkpoint)
+    try:
+        model = family.load(checkpoint)
+        processor = AutoProcessor.from_pretrained(checkpoint)
+    except MmedgeError:
+        raise
+    except Exception as exc:  # a damaged checkpoint, as export reports it
+        raise MmedgeError(f"could not load the model from {checkpoint}: {first_line(exc)}") from exc
 
     def answer(image, prompt):
         inputs = reference_inputs(processor, image, prompt)

@@ -95,6 +95,8 @@ class Pipeline:
         manifest first.
         """
         path = Path(path)
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise InputError(f"threads must be a whole number >= 0 (0: the engine's choice), got {threads!r}")
         manifest = load_manifest(path, verify_files=verify)
         schemes.check_schemes(manifest.schemes)
         missing = [p for p in PARTS if p not in manifest.graphs]

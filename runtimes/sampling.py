@@ -23,15 +23,29 @@ class GenerationOptions:
     raw_prompt: bool = False  # pass the prompt through untouched (already fully formatted)
 
     def check(self) -> None:
+        """Every option of the right type and range (sampling ones too when greedy: a wrong value is a mistake
+        whether or not it is used this time)."""
+        for name in ("max_new_tokens", "top_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise InputError(f"{name} must be a whole number, got {value!r}")
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value):
+                raise InputError(f"{name} must be a finite number, got {value!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
+                                      or self.seed < 0):
+            raise InputError(f"seed must be a whole number >= 0, got {self.seed!r}")
+        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+            raise InputError(f"stop must be a list of non-empty strings, got {self.stop!r}")
         if self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.do_sample:
-            if self.temperature <= 0:
-                raise InputError(f"temperature must be > 0 when sampling, got {self.temperature}")
-            if not 0 < self.top_p <= 1:
-                raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-            if self.top_k < 0:
-                raise InputError(f"top_k must be >= 0, got {self.top_k}")
+        if self.temperature <= 0:
+            raise InputError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InputError(f"top_k must be >= 0, got {self.top_k}")
 
 
 def choose(

@@ -94,7 +94,7 @@ class Shared:
         out = self.root / key
         done = out.parent / f".{out.name}.done"
         out.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(out.parent / f".{out.name}.lock")):
+        with FileLock(str(out.parent / f".{out.name}.build-lock")):
             if not done.exists():
                 shutil.rmtree(out, ignore_errors=True)
                 try:

@@ -62,7 +62,7 @@ def test_interrupted_export_leaves_no_package(checkpoints, tmp_path, sig):
     assert loadable_packages(tmp_path) == []
     stale = list(out.parent.glob(".pkg.partial-*"))
     if sig == signal.SIGTERM:  # unwound: its staging folder and its lock are gone
-        assert stale == [] and not (out.parent / ".pkg.lock").exists()
+        assert stale == [] and not (out.parent / ".pkg.export-lock").exists()
         return
     assert len(stale) == 1  # kill -9 leaves it; the next export into the same folder removes it and says so
     later = run_cli("export", *model, "-o", str(out.parent / "other"))

@@ -145,3 +145,40 @@ def test_bad_generation_option(package, image_file):
 def test_unavailable_provider(package, image_file):
     assert_one_line_error(run_cli("run", str(package), "--image", str(image_file), "--prompt", "x",
                                   "--providers", "TensorrtExecutionProvider"), "TensorrtExecutionProvider", "available")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--sample", "--temperature", "nan"], "temperature must be a finite number"),
+    (["--seed", "-1"], "seed must be a whole number >= 0"),
+    (["--top-p", "1.5"], "top_p must be in (0, 1]"),  # out of range is a mistake even when greedy
+    (["--threads", "-3"], "threads must be a whole number >= 0"),
+])
+def test_bad_generation_values_are_one_line(package, image_file, args, needle):
+    assert_one_line_error(run_cli("run", str(package), "--image", str(image_file), "--prompt", "x", *args), needle)
+
+
+def test_generation_option_types_through_the_api(package, image_file):
+    from mmedge import InputError, Pipeline
+
+    pipe = Pipeline.load(package)
+    for options, needle in [({"max_new_tokens": 2.5}, "max_new_tokens must be a whole number"),
+                            ({"stop": "x"}, "stop must be a list")]:
+        with pytest.raises(InputError, match=needle):
+            pipe.generate(image_file, "x", **options)
+
+
+def test_eval_of_a_damaged_checkpoint_is_one_line(checkpoints, tmp_path):
+    ck = tmp_path / "ck"
+    shutil.copytree(checkpoints["paligemma-gqa"], ck)
+    (ck / "model.safetensors").write_bytes(b"\x00" * 64)
+    assert_one_line_error(run_cli("eval", str(ck), "-n", "2"), "could not load the model")
+
+
+def test_inspect_into_a_closed_pipe_is_quiet(package):
+    import subprocess
+
+    from conftest import mmedge_command
+
+    shell = f"{' '.join(mmedge_command())} inspect {package} | head -1"
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", shell], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() and "Traceback" not in result.stderr and "error" not in result.stderr, result.stderr
