@@ -220,8 +220,41 @@ def _export(opts: ExportOptions, checkpoint: Path, family, plan: dict[str, str],
         getattr(target, "finalize", lambda stage, manifest: None)(stage, manifest)
         manifest.files = file_entries(stage)
         manifest.save(stage)
+        manifest.verification["generation"] = generate_once(stage, manifest)
+        manifest.save(stage)
     log.info("exported %s in %.1f s", opts.output, time.perf_counter() - started)
     return manifest
+
+
+# backends a target's packages are checked with at export, where not the target's own (TensorRT needs the GPU
+# the engines are built for; its graphs run as they are in ONNX Runtime)
+CHECK_BACKEND = {"tensorrt": "onnxruntime"}
+
+
+def generate_once(package: Path, manifest: Manifest) -> dict:
+    """Run the finished package through the runtime's own Pipeline once (a sample image and prompt, a few
+    tokens: every part, every scheme the manifest names, the counts it states against the graphs' shapes);
+    a package that cannot generate is not written."""
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from mmedge.runtimes import Pipeline
+
+    if manifest.target == "coreml" and sys.platform != "darwin":
+        return {"passed": None, "not_run": "Core ML runs models on macOS only"}
+    backend = CHECK_BACKEND.get(manifest.target, manifest.target)
+    ramp = np.linspace(0, 255, 96 * 64 * 3).reshape(64, 96, 3).astype(np.uint8)  # not square: resizing is exercised
+    try:
+        pipe = Pipeline.load(package, backend=backend, verify=False)
+        tokens = list(pipe.generate_ids(Image.fromarray(ramp), "describe the image", max_new_tokens=3,
+                                        ignore_eos=True))
+    except Exception as exc:
+        raise ExportError(f"the exported package cannot generate through the runtime ({first_line(exc)}); "
+                          "nothing was written") from exc
+    return {"passed": True, "backend": backend, "prompt_tokens": pipe.timings.prompt_tokens,
+            "new_tokens": len(tokens)}
 
 
 def _target_module(name: str):

@@ -271,6 +271,14 @@ def cmd_inspect(args) -> int:
             for out, v in shown.items():
                 status = "ok" if r["passed"] else "FAIL"
                 print(f"{name:<16}{out:<18}{v['max_abs_err']:>12.2e}{v['max_abs_ref']:>12.3g}  {status}")
+    generation = m.verification.get("generation")
+    if generation:
+        print()
+        if generation["passed"]:
+            print(f"generation through the runtime at export: ok ({generation['prompt_tokens']} prompt tokens, "
+                  f"{generation['new_tokens']} new, {generation['backend']})")
+        else:
+            print(f"generation through the runtime at export: not run: {generation.get('not_run', '')}")
     if m.quantization:
         print()
         _print_quantization(m.quantization)

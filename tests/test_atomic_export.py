@@ -97,3 +97,23 @@ def test_overwrite_replaces_package(packages, checkpoints, tmp_path):
                          progress=False))
     assert load_manifest(out).kv_cache.max_context == 80
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
+
+
+def test_a_package_that_cannot_generate_is_not_written(checkpoints, tmp_path, monkeypatch):
+    """A manifest whose image token count disagrees with the projector's output (as Gemma 3 configs with a
+    non-square mm_tokens_per_image once gave): every graph verifies on its own, the package cannot generate."""
+    from mmedge.exporters.export import ExportOptions, export
+    from mmedge.exporters.families import paligemma
+
+    real = paligemma.describe
+
+    def off_by_one(*args):
+        described = real(*args)
+        described.prompt.image_seq_len += 1
+        return described
+
+    monkeypatch.setattr(paligemma, "describe", off_by_one)
+    out = tmp_path / "pkg"
+    with pytest.raises(ExportError, match="cannot generate through the runtime"):
+        export(ExportOptions(model=str(checkpoints["paligemma-gqa"]), output=out, progress=False))
+    assert list(tmp_path.iterdir()) == []
