@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,8 +205,8 @@ class Manifest:
             )
         try:
             return _build(cls, data)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise PackageError(f"{MANIFEST_NAME} is malformed ({exc}); re-export the package") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # _Malformed names the field
+            raise PackageError(f"{MANIFEST_NAME} is malformed: {exc}; re-export the package") from None
 
     def graph_of(self, file: str) -> str | None:
         """The graph (part name) stored in `file`, if any."""
@@ -215,26 +217,62 @@ class Manifest:
         (Path(directory) / MANIFEST_NAME).write_text(text + "\n")
 
 
-def _build(cls: type, data: Any) -> Any:
-    """Build dataclass `cls` from plain JSON data, recursing through typed fields."""
+class _Malformed(ValueError):
+    """A manifest field of the wrong type or out of range; the message names the field."""
+
+
+# the smallest value a count may take (a manifest with a zero or negative one cannot run)
+MINIMUM = {"kv_cache.max_context": 2, "kv_cache.num_layers": 1, "kv_cache.num_kv_heads": 1, "kv_cache.head_dim": 1,
+           "preprocess.height": 1, "preprocess.width": 1, "prompt.image_seq_len": 1, "prompt.image_token_id": 0,
+           "generation.max_new_tokens": 1}
+
+
+def _build(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass `cls` from plain JSON data, checking every typed field's type (and MINIMUM)."""
+    if not isinstance(data, dict):
+        raise _Malformed(f"{where.rstrip('.') or 'the manifest'} must be an object, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise KeyError(f"missing field {cls.__name__}.{f.name}")
+                raise _Malformed(f"missing field {where}{f.name}")
             continue
-        kwargs[f.name] = _convert(hints[f.name], data[f.name])
+        kwargs[f.name] = _convert(hints[f.name], data[f.name], where + f.name)
+        low = MINIMUM.get(where + f.name)
+        if low is not None and kwargs[f.name] is not None and kwargs[f.name] < low:
+            raise _Malformed(f"{where}{f.name} must be at least {low}, got {kwargs[f.name]}")
     return cls(**kwargs)
 
 
-def _convert(tp: Any, value: Any) -> Any:
+def _convert(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value)
+        return _build(tp, value, where + ".")
     if origin is dict:
+        if not isinstance(value, dict):
+            raise _Malformed(f"{where} must be an object, got {type(value).__name__}")
         _, vt = typing.get_args(tp)
-        return {k: _convert(vt, v) for k, v in value.items()}
+        return {k: _convert(vt, v, f"{where}.{k}") for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list):
+            raise _Malformed(f"{where} must be a list, got {value!r:.40}")
+        (it,) = typing.get_args(tp)
+        return [_convert(it, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _convert(option, value, where)
+            except _Malformed:
+                continue
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(tp))
+        raise _Malformed(f"{where} must be {names}, got {value!r:.40}")
+    simple = {bool: (bool,), int: (int,), float: (int, float), str: (str,), type(None): (type(None),)}
+    if tp in simple:
+        if not isinstance(value, simple[tp]) or (tp is not bool and isinstance(value, bool)):
+            raise _Malformed(f"{where} must be {tp.__name__ if tp is not type(None) else 'null'}, got {value!r:.40}")
+        if tp is float and not math.isfinite(value):
+            raise _Malformed(f"{where} must be a finite number, got {value!r}")
     return value
 
 

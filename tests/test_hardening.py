@@ -89,6 +89,29 @@ def test_a_manifest_of_the_wrong_shape_is_one_line(packages, tmp_path):
     assert result.returncode == 2 and "malformed" in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("field, value, needle", [
+    ("kv_cache.max_context", "256", "kv_cache.max_context must be int"),
+    ("kv_cache.max_context", -3, "kv_cache.max_context must be at least 2"),
+    ("special_tokens.eos_ids", 1, "special_tokens.eos_ids must be a list"),
+    ("preprocess.mean", [0.5, "a", 0.5], "preprocess.mean[1] must be float"),
+    ("generation.temperature", "NaN", "generation.temperature must be"),
+    ("prompt.image_token_id", True, "prompt.image_token_id must be int"),
+])
+def test_manifest_fields_of_the_wrong_type_or_range_name_the_field(packages, tmp_path, field, value, needle):
+    package = _copy(packages, tmp_path)
+
+    def change(data):
+        *parents, last = field.split(".")
+        for key in parents:
+            data = data[key]
+        data[last] = float("nan") if value == "NaN" else value
+
+    _edit(package, change)
+    result = run_cli("run", str(package), "--image", "x.png", "--prompt", "x")
+    assert result.returncode == 2 and needle in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 # -- one Pipeline, several threads -------------------------------------------------------------------------
 
 
