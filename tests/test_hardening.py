@@ -70,6 +70,34 @@ def test_graph_tokenizer_and_listed_files_outside_the_package_are_refused(packag
         assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("target", ["onnxruntime", "openvino"])
+def test_external_weights_named_outside_the_package_are_refused_by_the_engine(packages, tmp_path, target):
+    """A graph's own external-data location (inside the .onnx, not in the manifest) pointing out of the package:
+    ONNX Runtime (1.32) and OpenVINO (2026.4) refuse to follow it; the runtime reports that in one line."""
+    import onnx
+    from onnx import numpy_helper
+
+    package = tmp_path / "pkg"
+    shutil.copytree(packages(SHAPE), package)
+    model = onnx.load(str(package / "embed_tokens.onnx"))
+    table = max(model.graph.initializer, key=lambda t: t.ByteSize())
+    (tmp_path / "table.bin").write_bytes(numpy_helper.to_array(table).tobytes())
+    table.ClearField("raw_data")
+    table.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "../table.bin"), ("offset", "0"), ("length", str((tmp_path / "table.bin")
+                                                                                        .stat().st_size))):
+        table.external_data.add(key=key, value=value)
+    (package / "embed_tokens.onnx").write_bytes(model.SerializeToString())
+    _edit(package, lambda data: _listed(data, "embed_tokens.onnx", package / "embed_tokens.onnx"))
+    backend = [] if target == "onnxruntime" else ["--backend", "openvino"]
+    image = tmp_path / "x.png"
+    sample_images()["shapes"].save(image)
+    result = run_cli("run", str(package), "--image", str(image), "--prompt", "caption en", *backend)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "escapes" in result.stderr or "resolves to" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_a_symlink_out_of_the_package_is_refused(packages, tmp_path):
     package = _copy(packages, tmp_path)
     outside = tmp_path / "tokenizer.json"

@@ -84,5 +84,13 @@ class OpenVinoBackend:
             model = self.core.read_model(str(path))
             compiled = self.core.compile_model(model, self.device, self.config)
         except Exception as exc:  # openvino raises RuntimeError with multi-line messages
-            raise MmedgeError(f"OpenVINO could not load {Path(path).name}: {first_line(exc)}") from None
+            raise MmedgeError(f"OpenVINO could not load {Path(path).name}: {reason(exc)}") from None
         return OpenVinoGraph(compiled)
+
+
+def reason(exc: BaseException) -> str:
+    """OpenVINO's own words: its exceptions open with source locations ("Exception from src/...:84:",
+    "Check 'false' failed at ...") and say what is wrong on their last line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    said = [line for line in lines if not line.startswith(("Exception from ", "Check ")) and not line.endswith(":")]
+    return said[-1] if said else first_line(exc)
