@@ -83,6 +83,9 @@ def check_options(opts: ExportOptions) -> None:
         from mmedge.runtimes.backends.tensorrt_build import import_tensorrt
 
         import_tensorrt()  # no TensorRT or no GPU: say so before minutes of export
+    if opts.calib != "builtin" and set(plan.values()) == {"fp32"}:
+        log.warning("--calib %s is not used: calibration data is for quantized exports (--quant int8, int4, ...)",
+                    opts.calib)
     if opts.max_context is not None and opts.max_context < 2:
         raise ExportError(f"--max-context must be at least 2, got {opts.max_context}")
 

@@ -237,7 +237,9 @@ class Pipeline:
         banned = eos if opts.ignore_eos else None
         budget = min(opts.max_new_tokens, capacity - len(ids))
         if budget < opts.max_new_tokens:
-            log.warning("context is full after %d new tokens (max_context %d)", budget, capacity)
+            log.warning("max_new_tokens %d is more than the %d tokens this package's context (max_context %d) has "
+                        "left after the %d-token prompt: generating at most %d", opts.max_new_tokens, budget,
+                        capacity, len(ids), budget)
         for i in range(budget):
             token = choose(logits[0, -1], opts, rng, banned)
             if token in eos:
