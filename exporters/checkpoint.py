@@ -103,7 +103,24 @@ def check_checkpoint(checkpoint: Path) -> Path:
     if not (checkpoint / "tokenizer.json").exists() and not (checkpoint / "tokenizer.model").exists():
         raise ExportError(f"{checkpoint} has no tokenizer (tokenizer.json or tokenizer.model)")
     image_processor_config(checkpoint)
+    _check_named_files(checkpoint)
     return checkpoint
+
+
+def _check_named_files(checkpoint: Path) -> None:
+    """Weight shards an index names must lie inside the checkpoint (symlinks resolved), as a package's files must:
+    a checkpoint someone sent must not make export read files elsewhere on the machine."""
+    root = checkpoint.resolve()
+    for index in sorted(checkpoint.glob("*.index.json")):
+        try:
+            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+            raise ExportError(f"{index} is not a valid weight index ({first_line(exc)})") from None
+        for shard in sorted(shards):
+            path = (root / str(shard)).resolve()
+            if not path.is_relative_to(root):
+                raise ExportError(f"{index.name} names the weight file {shard!r}, outside the checkpoint {checkpoint}; "
+                                  "refusing to read it")
 
 
 def image_processor_config(checkpoint: Path) -> dict:

@@ -42,8 +42,9 @@ def bench(package: str | Path, image: Any = None, prompt: str = "caption", new_t
     from mmedge.errors import InputError
     from mmedge.runtimes import Pipeline
 
-    if new_tokens < 2 or runs < 1 or warmup < 0:
-        raise InputError("--new-tokens must be at least 2, --runs at least 1 and --warmup at least 0")
+    for flag, value, low in (("--new-tokens", new_tokens, 2), ("--runs", runs, 1), ("--warmup", warmup, 0)):
+        if value < low:
+            raise InputError(f"{flag} must be at least {low}, got {value}")
     if isinstance(image, (str, Path)) and not Path(image).is_file():
         raise InputError(f"image not found: {image}")
     start = time.perf_counter()

@@ -228,3 +228,14 @@ def test_decompression_bomb_is_refused_not_decoded(packages, tmp_path):
     result = run_cli("run", str(packages(SHAPE)), "--image", str(path), "--prompt", "caption en")
     assert result.returncode == 2 and "too large to decode safely" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_checkpoint_index_naming_weights_outside_it_is_refused(checkpoints, tmp_path):
+    checkpoint = tmp_path / "ck"
+    shutil.copytree(checkpoints[SHAPE], checkpoint)
+    (tmp_path / "elsewhere.safetensors").write_bytes((checkpoint / "model.safetensors").read_bytes())
+    (checkpoint / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {"lm_head.weight": "../elsewhere.safetensors"}}))
+    result = run_cli("export", "--model", str(checkpoint), "-o", str(tmp_path / "pkg"))
+    assert result.returncode == 2 and "outside the checkpoint" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "pkg").exists()
