@@ -140,6 +140,8 @@ def _jsonl(path: Path, n: int) -> tuple[list[Sample], int]:
                 raise TypeError
         except (ValueError, KeyError, TypeError):
             raise ExportError(f"{path}:{lineno}: expected a JSON object {{\"image\": path, \"prompt\": text}}") from None
+        if not (path.parent / image).is_file():  # a listed image that is not there is a typo, not a bad file
+            raise ExportError(f"{path}:{lineno}: image {image!r} not found (paths are relative to {path.parent})")
         opened, bad = _open_all([(path.parent / image)])
         skipped += bad
         pairs += [Sample(img, prompt) for img in opened]
@@ -170,8 +172,9 @@ def _split(source: str, pairs: list[Sample], skipped: int, samples: int, n_held:
             "(add images, or use --calib builtin)"
         )
     if len(pairs) < samples + n_held:
+        asked = samples + n_held
         n_held = max(1, len(pairs) // 4)
         log.warning("%s has %d readable samples, fewer than the %d asked for: calibrating on %d, measuring on %d",
-                    source, len(pairs), samples + n_held, len(pairs) - n_held, n_held)
+                    source, len(pairs), asked, len(pairs) - n_held, n_held)
         samples = len(pairs) - n_held
     return CalibrationSet(source, pairs[:samples], pairs[samples:samples + n_held], skipped)

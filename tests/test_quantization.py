@@ -256,6 +256,9 @@ def test_calibration_jsonl(tmp_path):
     s = cdata.load_calibration(str(tmp_path / "calib.jsonl"), samples=8)
     assert [x.prompt for x in s.calibrate] == [f"question {i}" for i in range(8)]
     assert [x.prompt for x in s.held_out] == [f"question {i}" for i in range(8, 12)]
+    (tmp_path / "typo.jsonl").write_text('{"image": "0.png"}\n{"image": "missing.png"}\n')
+    with pytest.raises(ExportError, match=r"typo.jsonl:2: image 'missing.png' not found"):
+        cdata.load_calibration(str(tmp_path / "typo.jsonl"), samples=8)
     (tmp_path / "bad.jsonl").write_text('{"img": "0.png"}\n')
     with pytest.raises(ExportError, match=r"bad.jsonl:1: expected a JSON object"):
         cdata.load_calibration(str(tmp_path / "bad.jsonl"), samples=8)
