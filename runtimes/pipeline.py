@@ -257,6 +257,12 @@ class Pipeline:
         """Prompt ids, pixel values (one row per tile where the family splits images) and attention blocks."""
         pixels, grid = preprocess_with_grid(image, self.manifest.preprocess)
         ids = self.encode_prompt(prompt, raw=raw, grid=grid)
+        if raw and not (ids == self.manifest.prompt.image_token_id).any():
+            p = self.manifest.prompt
+            where = (f"{p.image_marker!r} (expanded to the image tokens)" if p.image_marker
+                     else f"{p.image_token!r} x {p.image_seq_len} where the family's format puts them")
+            raise InputError(f"a raw prompt must say where the image goes and this one has no image tokens: write "
+                             f"{where}, or drop --raw-prompt")
         return ids, pixels, schemes.blocks(self.manifest.schemes, ids, self.manifest.prompt.image_token_id)
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:

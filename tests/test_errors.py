@@ -182,3 +182,8 @@ def test_inspect_into_a_closed_pipe_is_quiet(package):
     shell = f"{' '.join(mmedge_command())} inspect {package} | head -1"
     result = subprocess.run(["bash", "-o", "pipefail", "-c", shell], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() and "Traceback" not in result.stderr and "error" not in result.stderr, result.stderr
+
+
+def test_raw_prompt_without_image_tokens_says_where_the_image_goes(package, image_file):
+    assert_one_line_error(run_cli("run", str(package), "--image", str(image_file), "--prompt", "hello",
+                                  "--raw-prompt"), "a raw prompt must say where the image goes", "'<image>' x ")
