@@ -77,7 +77,7 @@ def output_lock(out: Path) -> Iterator[None]:
         fh.truncate(0)
         fh.write(f"pid {os.getpid()}")
         fh.flush()
-        _remove_stale(out.parent)
+        _remove_stale(out.parent, own=out.name)
         yield
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -85,16 +85,15 @@ def output_lock(out: Path) -> Iterator[None]:
         fh.close()
 
 
-def _remove_stale(parent: Path) -> None:
+def _remove_stale(parent: Path, own: str) -> None:
     """Staging folders of exports that are no longer running (killed, or their machine lost power): no process
-    holds their output's lock, so nothing will ever finish or remove them."""
+    holds their output's lock (`own`'s lock is ours), so nothing will ever finish or remove them."""
     removed = []
     for stage in sorted(parent.glob(".*.partial-*")) + sorted(parent.glob(".*.old-*")):
         name = stage.name[1:].rsplit(".partial-" if ".partial-" in stage.name else ".old-", 1)[0]
         lock = _lock_path(parent / name)
-        held_by_us = lock.exists() and lock.read_text().strip() == f"pid {os.getpid()}"
-        fh = None if held_by_us else _try_lock(lock)
-        if held_by_us or fh is not None:
+        fh = None if name == own else _try_lock(lock)
+        if name == own or fh is not None:
             shutil.rmtree(stage, ignore_errors=True)
             removed.append(stage.name)
         if fh is not None:
