@@ -129,7 +129,11 @@ def _export(opts: ExportOptions, checkpoint: Path, family, plan: dict[str, str],
 
     import transformers
 
+    from mmedge.runtimes.backends import default_threads
+
     transformers.utils.logging.disable_progress_bar()
+    if default_threads():
+        torch.set_num_threads(default_threads())
     target = _target_module(opts.target)
     log.info("loading %s", checkpoint)
     model = _load(family, checkpoint)

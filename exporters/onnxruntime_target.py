@@ -124,8 +124,11 @@ def verify_graph(job: GraphJob, path: Path, rtol: float = 1e-3) -> dict:
     """Run the graph in ONNX Runtime on inputs not used for tracing; compare with PyTorch."""
     import onnxruntime as ort
 
+    from mmedge.runtimes.backends import default_threads
+
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.intra_op_num_threads = default_threads()
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     if job.kv_storage != "in_place":
         return compare_with_torch(job, lambda feeds: session.run(job.output_names, feeds), rtol)

@@ -106,7 +106,11 @@ def verify_graph(job: GraphJob, path: Path, rtol: float = 1e-3) -> dict:
     import openvino as ov
 
     core = ov.Core()
+    from mmedge.runtimes.backends import default_threads
+
     config = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
+    if default_threads():
+        config["INFERENCE_NUM_THREADS"] = default_threads()
     compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
     request = compiled.create_infer_request()
     ports = {name: p for p in compiled.outputs for name in p.get_names()}  # a tensor may carry several names

@@ -105,7 +105,10 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--inference-precision", choices=("f32", "bf16", "f16"),
                    help="OpenVINO on CPU: compute precision, f32 (default: the package's numbers), bf16 or f16 "
                    "(faster where the CPU has AVX512-BF16/AMX or FP16; results move slightly)")
-    v.add_argument("--threads", type=int, default=0)
+    v.add_argument("--threads", type=int, default=0, help="intra-op threads (default: engine's choice)")
+    v.add_argument("--batch", type=int, default=16,
+                   help="a PyTorch checkpoint's examples per generate() call (default: 16; examples are batched "
+                   "only with others of the same input shapes, so nothing is padded)")
 
     b = sub.add_parser("bench", help="time and memory of a package's stages, median and spread over runs")
     b.add_argument("package", type=Path)
@@ -319,7 +322,7 @@ def cmd_eval(args) -> int:
                                   inference_precision=args.inference_precision)
         what = "package"
     else:
-        answer = reference_answerer(path)
+        answer = reference_answerer(path, batch=args.batch)
         what = "PyTorch checkpoint"
     seed = DEFAULT_SEED if args.seed is None else args.seed
     result = evaluate(answer, n=args.n, seed=seed, task=args.task, progress=not args.json)

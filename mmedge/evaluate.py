@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 from tqdm.auto import tqdm
 
@@ -16,13 +16,15 @@ from mmedge.errors import MmedgeError, first_line
 
 TASKS = ("shapes",)
 DEFAULT_SEED = 12345  # held out: the demo models never train on this seed's examples
+MAX_NEW_TOKENS = 32  # longer than any answer of the task
 
 Answerer = Callable[[object, str], str]  # (PIL image, prompt) -> answer text
 
 
 def evaluate(answer: Answerer, n: int = 500, seed: int = DEFAULT_SEED, task: str = "shapes",
              progress: bool = False) -> dict:
-    """Exact-match accuracy overall and per question kind."""
+    """Exact-match accuracy overall and per question kind. An answerer with a `many(pairs)` method (the
+    PyTorch reference) is handed the examples WINDOW at a time, to batch them as it can."""
     from mmedge.tasks import shapes
 
     if task not in TASKS:
@@ -31,29 +33,53 @@ def evaluate(answer: Answerer, n: int = 500, seed: int = DEFAULT_SEED, task: str
         raise MmedgeError(f"-n must be at least 1, got {n}")
     right: dict[str, int] = defaultdict(int)
     total: dict[str, int] = defaultdict(int)
-    for ex in tqdm(shapes.examples(n, seed), total=n, desc="eval", disable=not progress, mininterval=1):
-        total[ex.kind] += 1
-        right[ex.kind] += shapes.normalize(answer(ex.image, ex.prompt)) == shapes.normalize(ex.answer)
+    many = getattr(answer, "many", None) or (lambda pairs: [answer(image, prompt) for image, prompt in pairs])
+    window = WINDOW if hasattr(answer, "many") else 1
+    with tqdm(total=n, desc="eval", disable=not progress, mininterval=1) as bar:
+        for chunk in _chunks(shapes.examples(n, seed), window):
+            for ex, got in zip(chunk, many([(ex.image, ex.prompt) for ex in chunk])):
+                total[ex.kind] += 1
+                right[ex.kind] += shapes.normalize(got) == shapes.normalize(ex.answer)
+            bar.update(len(chunk))
     per_kind = {k: right[k] / total[k] for k in shapes.KINDS if total[k]}
     return {"task": task, "accuracy": sum(right.values()) / n, "per_kind": per_kind, "n": n, "seed": seed}
+
+
+WINDOW = 256  # examples the reference groups into batches at a time
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    chunk: list = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def package_answerer(path: Path, **load_options) -> Answerer:
     from mmedge.runtimes import Pipeline
 
     pipe = Pipeline.load(path, **load_options)
-    return lambda image, prompt: pipe.generate(image, prompt, max_new_tokens=32)
+    return lambda image, prompt: pipe.generate(image, prompt, max_new_tokens=MAX_NEW_TOKENS)
 
 
-def reference_answerer(checkpoint: Path) -> Answerer:
+def reference_answerer(checkpoint: Path, batch: int = 16) -> "ReferenceAnswerer":
     """transformers' own greedy generate() on a checkpoint (needs torch): the reference numbers."""
-    import torch
     import transformers
     from transformers import AutoProcessor
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     from mmedge.exporters import checkpoint as ckpt
+    from mmedge.runtimes.backends import default_threads
 
+    if default_threads():
+        import torch
+
+        torch.set_num_threads(default_threads())
     family = ckpt.family_for(ckpt.read_config(checkpoint)["model_type"])
     try:
         model = family.load(checkpoint)
@@ -62,14 +88,44 @@ def reference_answerer(checkpoint: Path) -> Answerer:
         raise
     except Exception as exc:  # a damaged checkpoint, as export reports it
         raise MmedgeError(f"could not load the model from {checkpoint}: {first_line(exc)}") from exc
+    return ReferenceAnswerer(model, processor, batch)
 
-    def answer(image, prompt):
-        inputs = reference_inputs(processor, image, prompt)
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=32, do_sample=False)
-        return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
-    return answer
+class ReferenceAnswerer:
+    """Greedy generate() of up to MAX_NEW_TOKENS, `batch` examples per call. Only examples whose model inputs
+    have the same shapes share a call, so nothing is padded: each row computes what it would alone (up to the
+    order of floating-point sums in batched matmuls), and each answer ends at its first end-of-sequence token
+    as a one-example generate() would stop there."""
+
+    def __init__(self, model, processor, batch: int = 16):
+        if batch < 1:
+            raise MmedgeError(f"--batch must be at least 1, got {batch}")
+        self.model, self.processor, self.batch = model, processor, batch
+        eos = model.generation_config.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+    def __call__(self, image, prompt: str) -> str:
+        return self.many([(image, prompt)])[0]
+
+    def many(self, pairs: list) -> list[str]:
+        import torch
+
+        inputs = [reference_inputs(self.processor, image, prompt) for image, prompt in pairs]
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, one in enumerate(inputs):
+            groups[tuple((k, tuple(v.shape[1:]), str(v.dtype)) for k, v in sorted(one.items()))].append(i)
+        answers: list[str] = [""] * len(pairs)
+        for members in groups.values():
+            for start in range(0, len(members), self.batch):
+                rows = members[start : start + self.batch]
+                feed = {k: torch.cat([inputs[i][k] for i in rows]) for k in inputs[rows[0]].keys()}
+                with torch.no_grad():
+                    out = self.model.generate(**feed, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+                for i, tokens in zip(rows, out[:, feed["input_ids"].shape[1] :].tolist()):
+                    ends = [j for j, t in enumerate(tokens) if t in self.eos]
+                    answers[i] = self.processor.tokenizer.decode(tokens[: ends[0] + 1] if ends else tokens,
+                                                                 skip_special_tokens=True)
+        return answers
 
 
 def reference_inputs(processor, image, prompt: str) -> dict:

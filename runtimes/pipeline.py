@@ -89,7 +89,8 @@ class Pipeline:
 
         backend: engine to run the graphs (default: the package's target).
         providers (ONNX Runtime) / device (OpenVINO: CPU, GPU, NPU, ...) /
-        threads: passed to the backend. inference_precision (OpenVINO on
+        threads: passed to the backend (threads 0: $MMEDGE_THREADS if set,
+        else the engine's choice). inference_precision (OpenVINO on
         CPU): compute precision, "f32" by default, "bf16" / "f16" where the
         CPU is faster at them. verify: check every file's sha256 against the
         manifest first.

@@ -9,9 +9,17 @@ code.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
+
+# `pytest -n N` on C cores: each worker's engines (ONNX Runtime, OpenVINO, torch) get C // N threads, so the
+# workers do not fight over the cores (ONNX Runtime's threads spin while they wait: two workers of two threads
+# each on two cores ran their evaluations several times slower). Set before torch is imported.
+_THREADS = str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+os.environ.setdefault("MMEDGE_THREADS", _THREADS)
+os.environ.setdefault("OMP_NUM_THREADS", _THREADS)
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
 import shutil
 import subprocess
 import sys

@@ -157,6 +157,18 @@ def test_bad_generation_values_are_one_line(package, image_file, args, needle):
     assert_one_line_error(run_cli("run", str(package), "--image", str(image_file), "--prompt", "x", *args), needle)
 
 
+def test_threads_from_the_environment(package, image_file, monkeypatch):
+    """MMEDGE_THREADS sets every session's threads unless the caller names some; a bad value is one line."""
+    from mmedge.runtimes import Pipeline
+
+    monkeypatch.setenv("MMEDGE_THREADS", "1")
+    threads = lambda pipe: pipe.graphs["decoder"].session.get_session_options().intra_op_num_threads  # noqa: E731
+    assert threads(Pipeline.load(package)) == 1
+    assert threads(Pipeline.load(package, threads=2)) == 2
+    assert_one_line_error(run_cli("run", str(package), "--image", str(image_file), "--prompt", "x",
+                                  env={"MMEDGE_THREADS": "two"}), "MMEDGE_THREADS must be a whole number")
+
+
 def test_generation_option_types_through_the_api(package, image_file):
     from mmedge import InputError, Pipeline
 

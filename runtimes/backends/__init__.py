@@ -13,12 +13,13 @@ one line in `_BACKENDS`.
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from mmedge.errors import MmedgeError
+from mmedge.errors import InputError, MmedgeError
 
 
 class Graph(Protocol):
@@ -55,9 +56,25 @@ DEFAULT_BACKEND_FOR_TARGET = {
 ONLY_OWN_BACKEND = ("coreml",)
 
 
+THREADS_ENV = "MMEDGE_THREADS"
+
+
+def default_threads() -> int:
+    """The intra-op threads an engine gets when the caller asks for none: $MMEDGE_THREADS, else 0 (the engine's
+    own choice, one per core). For a device whose cores are shared (a robot's control loop, several pipelines,
+    parallel test workers): every session mmedge opens, at export and at run time, takes it."""
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    if not raw:
+        return 0
+    if not raw.isdigit():
+        raise InputError(f"{THREADS_ENV} must be a whole number >= 0 (0: the engine's choice), got {raw!r}")
+    return int(raw)
+
+
 def get_backend(name: str, **options: Any) -> Backend:
     if name not in _BACKENDS:
         raise MmedgeError(f"unknown backend {name!r}; choose one of: {', '.join(sorted(_BACKENDS))}")
     module_name, class_name = _BACKENDS[name]
     module = importlib.import_module(module_name)
+    options["threads"] = options.get("threads") or default_threads()
     return getattr(module, class_name)(**options)
