@@ -10,16 +10,8 @@ code.
 from __future__ import annotations
 
 import os
-
-# `pytest -n N` on C cores: each worker's engines (ONNX Runtime, OpenVINO, torch) get C // N threads, so the
-# workers do not fight over the cores (ONNX Runtime's threads spin while they wait: two workers of two threads
-# each on two cores ran their evaluations several times slower). Set before torch is imported.
-_THREADS = str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
-os.environ.setdefault("MMEDGE_THREADS", _THREADS)
-os.environ.setdefault("OMP_NUM_THREADS", _THREADS)
-
-import hashlib  # noqa: E402
-import json  # noqa: E402
+import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -36,6 +28,22 @@ from mmedge.exporters import tiny
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+_THREAD_VARS = {name: os.environ.get(name) for name in ("MMEDGE_THREADS", "OMP_NUM_THREADS")}  # the user's own
+
+
+def pytest_configure(config):
+    """`pytest -n N` on C cores: each worker's engines (ONNX Runtime, OpenVINO, torch, and the `mmedge` commands
+    the tests run) get C // N threads, so the workers do not fight over the cores: ONNX Runtime's threads spin
+    while they wait, and two workers of two threads each on two cores ran their evaluations up to 14x slower.
+    The controller sets it before it starts the workers, which inherit it; a value the user set is kept."""
+    import torch
+
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT") or getattr(config.option, "numprocesses", None)
+    workers = int(workers) if str(workers).isdigit() and int(workers) > 0 else 1
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    for name, value in _THREAD_VARS.items():
+        os.environ[name] = value if value else str(threads)
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # name -> export options: every target, and every KV-cache storage a target offers beyond its default
 TARGETS = {
@@ -190,7 +198,8 @@ def demo_packages(shared):
         key = "-".join((model, target, quant, *extra)).replace("=", "_").replace(",", "_")
 
         def build(out: Path) -> None:
-            calib = ["--calib-samples", str(DEMO_CALIB_SAMPLES)] if quant != "fp32" else []
+            default = quant != "fp32" and "--calib-samples" not in extra
+            calib = ["--calib-samples", str(DEMO_CALIB_SAMPLES)] if default else []
             result = run_cli("export", "--model", model, "-o", str(out / "pkg"), "--target", target,
                              "--quant", quant, *calib, *extra)
             assert result.returncode == 0, result.stderr
