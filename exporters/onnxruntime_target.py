@@ -39,7 +39,7 @@ def export_graph(job: GraphJob, path: Path) -> None:
     dynamic = [{axis: dim(n) for axis, n in job.dynamic_axes.get(name, {}).items()} for name in job.input_names]
 
     def trace() -> onnx.ModelProto:
-        with _quiet(), torch.no_grad():
+        with _quiet(), _one_translation_table(), torch.no_grad():
             try:
                 program = torch.onnx.export(
                     job.module,
@@ -58,6 +58,36 @@ def export_graph(job: GraphJob, path: Path) -> None:
         return model
 
     save_model(trace_cache.cached_trace(job, trace, job.trace_cache), path)
+
+
+_TABLES: dict = {}  # opset -> torch.onnx's table of aten -> ONNX translations, built once per process
+
+
+@contextlib.contextmanager
+def _one_translation_table():
+    """torch.onnx.export builds its table of ONNX translations (torchlib) anew on every call: ~2 s, several
+    times per export and hundreds of times in the tests. Called without a custom translation table (as here),
+    export only reads the table, so one per opset serves every call. Where torch's internals differ, nothing
+    is changed."""
+    try:
+        from torch.onnx._internal.exporter import _registration
+
+        registry = _registration.ONNXRegistry
+        original = registry.__dict__["from_torchlib"]
+    except (ImportError, AttributeError, KeyError):
+        yield
+        return
+
+    def from_torchlib(cls, opset_version=OPSET):
+        if opset_version not in _TABLES:
+            _TABLES[opset_version] = original.__func__(cls, opset_version=opset_version)
+        return _TABLES[opset_version]
+
+    registry.from_torchlib = classmethod(from_torchlib)
+    try:
+        yield
+    finally:
+        registry.from_torchlib = original
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from mmedge.errors import ExportError, first_line
 from mmedge.exporters import onnxruntime_target as onnx_target
+from mmedge.exporters import trace_cache
 from mmedge.exporters.graphs import GraphJob
 
 SUFFIX = ".xml"
@@ -40,13 +41,17 @@ def export_graph(job: GraphJob, path: Path) -> None:
     onnx_path = _onnx_path(path)
     onnx_path.parent.mkdir(exist_ok=True)
     onnx_target.export_graph(job, onnx_path)
-    try:
-        model = ov.convert_model(str(onnx_path))
-        if job.kv_storage == "state":
-            model = make_stateful(model, _cache_pairs(job))
-        ov.save_model(model, str(path), compress_to_fp16=False)
-    except Exception as exc:
-        raise ExportError(f"OpenVINO could not convert {job.name}: {first_line(exc)}") from exc
+
+    def convert(dest: Path) -> None:
+        try:
+            model = ov.convert_model(str(onnx_path))
+            if job.kv_storage == "state":
+                model = make_stateful(model, _cache_pairs(job))
+            ov.save_model(model, str(dest), compress_to_fp16=False)
+        except Exception as exc:
+            raise ExportError(f"OpenVINO could not convert {job.name}: {first_line(exc)}") from exc
+
+    trace_cache.converted(job, f"OpenVINO IR|{ov.__version__}", convert, path)
 
 
 def _cache_pairs(job: GraphJob) -> dict[str, str]:

@@ -46,7 +46,7 @@ def cached_trace(job, trace: Callable[[], onnx.ModelProto], cache: Path | None) 
     """`trace()`'s model for `job`, read from `cache` when this exact graph was traced before."""
     if cache is None:
         return trace()
-    key = job_key(job)
+    key = job._trace_key = job_key(job)  # kept for what is converted from this trace (`converted`)
     entry = cache / key
     if (entry / GRAPH).exists():
         try:
@@ -58,6 +58,42 @@ def cached_trace(job, trace: Callable[[], onnx.ModelProto], cache: Path | None) 
     model = trace()
     _store(cache, key, model)
     return model
+
+
+def converted(job, kind: str, produce: Callable[[Path], None], dest: Path) -> None:
+    """Write `dest` with produce(dest), or copy it from the cache: what a target converts a traced graph into
+    (OpenVINO's IR, .xml and .bin) depends on nothing but the trace and `kind` (the converter and its version),
+    so it is kept under the trace's key. Every file produce() writes beside `dest` is kept and copied back."""
+    cache = job.trace_cache
+    if cache is None:
+        produce(dest)
+        return
+    trace = getattr(job, "_trace_key", None) or job_key(job)
+    entry = cache / hashlib.sha256(f"{trace}|{kind}".encode()).hexdigest()[:32]
+    listed = entry / "files.txt"
+    if listed.exists():
+        names = listed.read_text().split()
+        if names and all((entry / n).exists() for n in names):
+            for name in names:
+                shutil.copyfile(entry / name, dest.parent / name)
+            log.info("%s: %s read from %s", job.name, kind.split("|")[0], entry)
+            return
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=cache))
+    try:
+        produce(tmp / dest.name)
+        names = sorted(p.name for p in tmp.iterdir())
+        for name in names:
+            shutil.copyfile(tmp / name, dest.parent / name)
+        (tmp / "files.txt").write_text("\n".join(names))
+        shutil.rmtree(entry, ignore_errors=True)
+        os.replace(tmp, entry)
+    except OSError as exc:  # a full or read-only cache never fails the export
+        log.warning("could not keep the converted graph in %s: %s", cache, exc)
+        if not dest.exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _store(cache: Path, key: str, model: onnx.ModelProto) -> None:

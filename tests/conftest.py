@@ -192,7 +192,7 @@ def packages(checkpoints, shared):
 @pytest.fixture(scope="session")
 def demo_packages(shared):
     """(model, target, quant, *extra CLI options) -> package of a shipped demo model, exported through the CLI
-    with its alias, as users do."""
+    with its alias, as users do (in this process: the imports of a new one cost ~10 s an export)."""
 
     def get(model: str, target: str = "onnxruntime", quant: str = "fp32", *extra: str) -> tuple[Path, str]:
         key = "-".join((model, target, quant, *extra)).replace("=", "_").replace(",", "_")
@@ -200,8 +200,8 @@ def demo_packages(shared):
         def build(out: Path) -> None:
             default = quant != "fp32" and "--calib-samples" not in extra
             calib = ["--calib-samples", str(DEMO_CALIB_SAMPLES)] if default else []
-            result = run_cli("export", "--model", model, "-o", str(out / "pkg"), "--target", target,
-                             "--quant", quant, *calib, *extra)
+            result = run_cli_in_process("export", "--model", model, "-o", str(out / "pkg"), "--target", target,
+                                        "--quant", quant, *calib, *extra)
             assert result.returncode == 0, result.stderr
             (out / "stdout.txt").write_text(result.stdout)
 
@@ -280,6 +280,25 @@ def mmedge_command() -> list[str]:
     """The installed `mmedge` console script, as users run it."""
     script = Path(sys.executable).parent / "mmedge"
     return [str(script)] if script.exists() else [shutil.which("mmedge") or "mmedge"]
+
+
+def run_cli_in_process(*args: str) -> subprocess.CompletedProcess:
+    """`mmedge ARGS` through the CLI's own main() in this process: the same parsing, messages and exit status as
+    run_cli, without starting Python and importing torch again."""
+    import contextlib
+    import io
+    import signal
+
+    from mmedge import cli
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = cli.main(list(args))
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    return subprocess.CompletedProcess(["mmedge", *args], code, stdout.getvalue(), stderr.getvalue())
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 900):
