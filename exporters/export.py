@@ -103,10 +103,13 @@ def export(opts: ExportOptions) -> Manifest:
 def _locked_export(opts: ExportOptions) -> Manifest:
     from mmedge.exporters import checkpoint as ckpt
 
+    from mmedge.exporters import resources
+
     path = ckpt.resolve(opts.model)
     family = ckpt.family_for(ckpt.read_config(path)["model_type"])
     calib = None
     plan = parse_quant(opts.quant, opts.target)
+    resources.check(path, Path(opts.output).resolve(), quantized=set(plan.values()) != {"fp32"})
     needs = getattr(_target_module(opts.target), "needs_calibration", lambda plan, opts: set(plan.values()) != {"fp32"})
     if needs(plan, opts):
         from mmedge.calibration.data import load_calibration

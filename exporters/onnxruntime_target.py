@@ -38,7 +38,7 @@ def export_graph(job: GraphJob, path: Path) -> None:
 
     dynamic = [{axis: dim(n) for axis, n in job.dynamic_axes.get(name, {}).items()} for name in job.input_names]
 
-    def trace() -> onnx.ModelProto:
+    def trace(dest: Path) -> None:
         with _quiet(), _one_translation_table(), torch.no_grad():
             try:
                 program = torch.onnx.export(
@@ -53,11 +53,26 @@ def export_graph(job: GraphJob, path: Path) -> None:
                 )
             except Exception as exc:
                 raise ExportError(f"tracing {job.name} failed: {first_line(exc)}") from exc
+        save_program(program, dest, job)
+
+    trace_cache.cached_trace(job, trace, path, job.trace_cache)
+
+
+def save_program(program, path: Path, job: GraphJob) -> None:
+    """Write a traced graph. Its weights are the torch model's own tensors until written: a small graph is
+    serialized whole; a big one (past protobuf's 2 GB) has its weights streamed into `<file>.data` tensor by
+    tensor, never all copied in memory at once (a 3B decoder would need its size again), and only the small
+    graph proto is read back to name its axes."""
+    weights = sum(v.const_value.nbytes for v in program.model.graph.initializers.values() if v.const_value is not None)
+    if weights <= EXTERNAL_DATA_BYTES:
         model = program.model_proto
         _name_dims(model, job)
-        return model
-
-    save_model(trace_cache.cached_trace(job, trace, job.trace_cache), path)
+        save_model(model, path)
+        return
+    program.save(str(path), external_data=True)  # writes <file>.data beside it
+    model = onnx.load(str(path), load_external_data=False)
+    _name_dims(model, job)
+    onnx.save_model(model, str(path))  # the proto only: its tensors keep pointing at <file>.data
 
 
 _TABLES: dict = {}  # opset -> torch.onnx's table of aten -> ONNX translations, built once per process

@@ -10,6 +10,7 @@ that answers questions.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 import tempfile
@@ -40,6 +41,7 @@ class TinyShape:
     vocab_size: int | None = None  # default: the tokenizer's size rounded up to 64
     sharp_init: bool = True  # False: transformers' own init (std 0.02), for sizes where sharp weights blow up
     family: str = "paligemma"  # the family file that builds it (set from where the shape is declared)
+    dtype: str = "float32"  # the weights' type in the saved checkpoint ("float16": as 7B checkpoints ship)
 
 
 def shapes() -> dict[str, TinyShape]:
@@ -76,6 +78,27 @@ BUILTIN = {
                   max_position_embeddings=8192, tie_word_embeddings=False),
         image_size=512, patch_size=16, seed=3, vocab_size=49280, sharp_init=False,
         extra=dict(scale_factor=4, longest_edge=512, splitting=False), family="idefics3",
+    ),
+    # for scale (tools/scale.py, docs/scale.md): google/paligemma-3b-mix-224's architecture, 2.92B parameters
+    # (SigLIP-So400m 1152x27 at 224 px, 256 image tokens; Gemma-2B decoder, 18 layers, MQA, head 256, vocab
+    # 257216, tied LM head), random weights, saved in float32 (11.7 GB on disk, built on first use)
+    "paligemma-3b-shaped": TinyShape(
+        "random PaliGemma-3B architecture, 2.9B parameters, float32 (for scale measurements)",
+        vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16),
+        text=dict(model_type="gemma", hidden_size=2048, intermediate_size=16384, num_hidden_layers=18,
+                  num_attention_heads=8, num_key_value_heads=1, head_dim=256, max_position_embeddings=8192),
+        image_size=224, patch_size=14, seed=3, vocab_size=257216, sharp_init=False,
+    ),
+    # llava-hf/llava-1.5-7b-hf's architecture, 7.06B parameters (CLIP ViT-L/14 at 336 px, layer -2, 576 image
+    # tokens; Llama-2-7B decoder, 32 layers, MHA, vocab 32064), random weights, saved in float16 as the
+    # published checkpoint is (14.1 GB on disk, built on first use)
+    "llava-1.5-7b-shaped": TinyShape(
+        "random LLaVA-1.5-7B architecture, 7.1B parameters, float16 (for scale measurements)",
+        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16),
+        text=dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
+        image_size=336, patch_size=14, seed=3, vocab_size=32064, sharp_init=False, family="llava",
+        extra=dict(vision_feature_layer=-2, vision_feature_select_strategy="default"), dtype="float16",
     ),
 }
 
@@ -134,7 +157,12 @@ def save(shape: TinyShape | str, out: Path) -> Path:
     family = next(m for m in families().values() if m.__name__.endswith("." + shape.family))
     tok = family.tiny_tokenizer()
     torch.manual_seed(shape.seed)
-    model = family.tiny_model(shape, tok).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, shape.dtype))  # built in the saved type: a 7B model never in fp32
+    try:
+        model = family.tiny_model(shape, tok).eval()
+    finally:
+        torch.set_default_dtype(default)
     if shape.sharp_init:
         sharpen(model)
     return family.save_checkpoint(model, tok, out)
@@ -168,6 +196,7 @@ def materialize(name: str) -> Path:
     if (out / "config.json").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    logging.getLogger(__name__).info("building the random checkpoint %s into %s (first use only)", name, out)
     stage = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out.parent))
     try:
         save(builtin_shape(name), stage)

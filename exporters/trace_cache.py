@@ -29,10 +29,12 @@ from typing import Callable
 import onnx
 import torch
 
+from mmedge.errors import first_line
+
 log = logging.getLogger(__name__)
 
 ENV = "MMEDGE_TRACE_CACHE"
-GRAPH = "graph.onnx"
+LIST = "files.txt"  # an entry's files, written last: an entry without it is incomplete
 _MODULE_INTERNALS = {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "training"}
 
 
@@ -42,77 +44,77 @@ def directory(explicit: str | os.PathLike | None = None) -> Path | None:
     return Path(chosen).expanduser() if chosen else None
 
 
-def cached_trace(job, trace: Callable[[], onnx.ModelProto], cache: Path | None) -> onnx.ModelProto:
-    """`trace()`'s model for `job`, read from `cache` when this exact graph was traced before."""
+def cached_trace(job, trace: Callable[[Path], None], dest: Path, cache: Path | None) -> None:
+    """Write the graph of `job` to `dest` (with `dest`.data where its weights are external) by trace(dest), or
+    copy it from `cache` when this exact graph was traced before."""
     if cache is None:
-        return trace()
+        trace(dest)
+        return
     key = job._trace_key = job_key(job)  # kept for what is converted from this trace (`converted`)
-    entry = cache / key
-    if (entry / GRAPH).exists():
-        try:
-            model = onnx.load(str(entry / GRAPH))
-            log.info("%s: traced graph read from %s", job.name, entry)
-            return model
-        except Exception as exc:  # a damaged entry: trace again and replace it
-            log.warning("%s: cached trace %s unreadable (%s); tracing again", job.name, entry, exc)
-    model = trace()
-    _store(cache, key, model)
-    return model
+    entry = hashlib.sha256(f"{key}|{dest.name}".encode()).hexdigest()[:32]
+
+    def readable(folder: Path) -> None:
+        onnx.load(str(folder / dest.name), load_external_data=False)
+
+    if _kept(cache, entry, trace, dest, "traced graph", readable):
+        log.info("%s: traced graph read from %s", job.name, cache / entry)
 
 
 def converted(job, kind: str, produce: Callable[[Path], None], dest: Path) -> None:
     """Write `dest` with produce(dest), or copy it from the cache: what a target converts a traced graph into
     (OpenVINO's IR, .xml and .bin) depends on nothing but the trace and `kind` (the converter and its version),
-    so it is kept under the trace's key. Every file produce() writes beside `dest` is kept and copied back."""
+    so it is kept under the trace's key."""
     cache = job.trace_cache
     if cache is None:
         produce(dest)
         return
     trace = getattr(job, "_trace_key", None) or job_key(job)
-    entry = cache / hashlib.sha256(f"{trace}|{kind}".encode()).hexdigest()[:32]
-    listed = entry / "files.txt"
-    if listed.exists():
-        names = listed.read_text().split()
-        if names and all((entry / n).exists() for n in names):
-            for name in names:
-                shutil.copyfile(entry / name, dest.parent / name)
-            log.info("%s: %s read from %s", job.name, kind.split("|")[0], entry)
-            return
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=cache))
+    entry = hashlib.sha256(f"{trace}|{kind}|{dest.name}".encode()).hexdigest()[:32]
+    what = kind.split("|")[0]
+    if _kept(cache, entry, produce, dest, what):
+        log.info("%s: %s read from %s", job.name, what, cache / entry)
+
+
+def _kept(cache: Path, name: str, produce: Callable[[Path], None], dest: Path, what: str,
+          check: Callable[[Path], None] | None = None) -> bool:
+    """Copy the files of entry `name` beside `dest` (True), or produce(dest) and keep every file it writes
+    beside `dest` as that entry (False). Entries are written atomically; an unreadable one is made again."""
+    entry = cache / name
+    try:
+        names = (entry / LIST).read_text().split()
+    except OSError:
+        names = []
+    if names and all((entry / n).is_file() for n in names):
+        try:
+            if check:
+                check(entry)
+            for n in names:
+                shutil.copyfile(entry / n, dest.parent / n)
+            return True
+        except Exception as exc:  # a damaged entry: make it again and replace it
+            log.warning("cached %s %s unreadable (%s); making it again", what, entry, first_line(exc))
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=cache))
+    except OSError as exc:  # a full or read-only cache never fails the export
+        log.warning("could not keep the %s in %s: %s", what, cache, exc)
+        produce(dest)
+        return False
     try:
         produce(tmp / dest.name)
         names = sorted(p.name for p in tmp.iterdir())
-        for name in names:
-            shutil.copyfile(tmp / name, dest.parent / name)
-        (tmp / "files.txt").write_text("\n".join(names))
+        for n in names:
+            shutil.copyfile(tmp / n, dest.parent / n)
+        (tmp / LIST).write_text("\n".join(names))
         shutil.rmtree(entry, ignore_errors=True)
         os.replace(tmp, entry)
-    except OSError as exc:  # a full or read-only cache never fails the export
-        log.warning("could not keep the converted graph in %s: %s", cache, exc)
+    except OSError as exc:
+        log.warning("could not keep the %s in %s: %s", what, cache, exc)
         if not dest.exists():
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _store(cache: Path, key: str, model: onnx.ModelProto) -> None:
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache))
-    try:
-        onnx.save_model(model, str(tmp / GRAPH), save_as_external_data=not _small_enough(model), all_tensors_to_one_file=True,
-                        location=GRAPH + ".data")
-        shutil.rmtree(cache / key, ignore_errors=True)
-        os.replace(tmp, cache / key)
-    except OSError as exc:  # a full or read-only cache never fails the export
-        log.warning("could not keep the traced graph in %s: %s", cache, exc)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _small_enough(model: onnx.ModelProto) -> bool:
-    """ByteSize() itself refuses protos over 2 GB on some protobuf builds; count the initializers instead."""
-    return sum(t.ByteSize() for t in model.graph.initializer) < (2 << 30) - (64 << 20)
+    return False
 
 
 def job_key(job) -> str:

@@ -96,6 +96,27 @@ def test_unknown_model_dir(tmp_path):
                           "not a directory, a known alias")
 
 
+def test_export_refuses_at_once_what_memory_or_disk_clearly_cannot_hold(checkpoints, tmp_path, monkeypatch):
+    """Counted from the weight files' headers before anything loads: 10^13 parameters fit nowhere."""
+    import struct
+
+    from mmedge.errors import ExportError
+    from mmedge.exporters import resources
+    from mmedge.exporters.export import ExportOptions, export
+
+    model = tmp_path / "huge"
+    shutil.copytree(checkpoints["paligemma-gqa"], model)
+    header = json.dumps({"extra": {"dtype": "F16", "shape": [10**7, 10**6], "data_offsets": [0, 0]}}).encode()
+    (model / "extra.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    result = run_cli("export", "--model", str(model), "-o", str(tmp_path / "out"))
+    assert_one_line_error(result, "not enough memory", "float32", "GB is available")
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(resources, "available_memory", lambda: 2**62)  # a machine with the memory, not the disk
+    with pytest.raises(ExportError, match="not enough disk space in .* GB is free"):
+        export(ExportOptions(model=str(model), output=tmp_path / "out", progress=False))
+    assert not (tmp_path / "out").exists()
+
+
 def test_unsupported_model_type(tmp_path):
     ck = tmp_path / "llama"
     ck.mkdir()

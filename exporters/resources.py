@@ -1,0 +1,110 @@
+"""Before an export starts: is there clearly enough memory and disk for it?
+
+A 3B model takes minutes to load and trace; a machine without room for it should hear so in one line at once,
+with the numbers, not from the kernel's OOM killer half an hour in. The estimates come from the checkpoint's
+own weight files (the safetensors headers give every tensor's type and shape) and count only what the export
+cannot do without:
+
+- memory: the model's weights as export holds them (float32), plus the largest single weight tensor (a graph
+  writer's or quantizer's working copy); the engines' copies of big graphs are memory-mapped from disk and
+  not counted;
+- disk, in the output's file system: the graphs in float32 (the staged package), plus, for a quantized
+  export, the quantized graphs beside them until the float32 ones are removed.
+
+Only a clear shortfall is refused: these are lower bounds, and the export may still need more.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmedge.errors import ExportError
+
+# bytes per element of the safetensors dtypes a checkpoint may hold
+_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+          "F8_E4M3": 1, "F8_E5M2": 1}
+GB = 2**30
+
+
+@dataclass
+class Weights:
+    elements: int  # every weight tensor's element count, summed
+    largest: int  # the largest single tensor's element count
+    stored_bytes: int  # as stored in the checkpoint
+
+
+def checkpoint_weights(checkpoint: Path) -> Weights | None:
+    """Counted from the safetensors headers (no weights are read); None when the checkpoint has none."""
+    files = sorted(Path(checkpoint).glob("*.safetensors"))
+    if not files:
+        return None
+    elements = largest = stored = 0
+    for path in files:
+        try:
+            with path.open("rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(length))
+        except (OSError, struct.error, ValueError):
+            return None  # unreadable: loading will say what is wrong
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            n = 1
+            for d in info["shape"]:
+                n *= d
+            elements += n
+            largest = max(largest, n)
+            stored += n * _SIZES.get(info["dtype"], 4)
+    return Weights(elements, largest, stored)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new process (Linux: MemAvailable), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+
+        return psutil.virtual_memory().available
+    except Exception:
+        return None
+
+
+def needs(weights: Weights, quantized: bool) -> tuple[int, int]:
+    """(memory, disk) bytes an export of these weights cannot do without."""
+    fp32 = weights.elements * 4
+    memory = fp32 + weights.largest * 4
+    disk = fp32 + (fp32 // 2 if quantized else 0)  # int8 graphs are a quarter of fp32, int4 less; room for both
+    return memory, disk
+
+
+def check(checkpoint: Path, output: Path, quantized: bool) -> None:
+    """Refuse, in one line with the numbers, an export this machine clearly has no room for."""
+    weights = checkpoint_weights(checkpoint)
+    if weights is None or os.environ.get("MMEDGE_SKIP_RESOURCE_CHECK"):
+        return
+    memory, disk = needs(weights, quantized)
+    free_memory = available_memory()
+    if free_memory is not None and free_memory < memory:
+        raise ExportError(
+            f"not enough memory: exporting {checkpoint.name} ({weights.elements / 1e9:.2f}B parameters) holds its "
+            f"weights in float32, about {memory / GB:.1f} GB, and {free_memory / GB:.1f} GB is available; close "
+            "other programs or use a machine with more memory (MMEDGE_SKIP_RESOURCE_CHECK=1 tries anyway)")
+    parent = output.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    free_disk = shutil.disk_usage(parent).free
+    if free_disk < disk:
+        raise ExportError(
+            f"not enough disk space in {parent}: the package of {checkpoint.name} needs about {disk / GB:.1f} GB "
+            f"while it is written{' and quantized' if quantized else ''}, and {free_disk / GB:.1f} GB is free; "
+            "choose another -o (MMEDGE_SKIP_RESOURCE_CHECK=1 tries anyway)")

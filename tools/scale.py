@@ -1,0 +1,154 @@
+"""Export big models to every target and precision, and record what it costs: wall time, peak memory of the
+whole process tree, package size (docs/scale.md).
+
+    python tools/scale.py --models paligemma-3b-shaped --targets onnxruntime --quants fp32 int4
+
+Each export runs as its own `mmedge export` process (nothing else should run meanwhile); the process tree's
+resident memory (anonymous and file-backed pages together, as the kernel counts RSS) is sampled every 0.2 s
+and its peak kept. Results accumulate in WORK/scale.json, one entry per (model, target, quant), so runs can be
+made a few at a time; docs/scale.md is written from all of them after each export. With --bench, each int4
+package is then run with `mmedge bench` too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ("paligemma-3b-shaped", "llava-1.5-7b-shaped")
+TARGETS = ("onnxruntime", "openvino", "tensorrt", "coreml")
+QUANTS = ("fp32", "fp16", "int8", "int4")
+
+
+class PeakRSS:
+    """The highest sum of resident memory over a process and all its descendants, sampled in a thread."""
+
+    def __init__(self, pid: int, every: float = 0.2):
+        self.root, self.every, self.peak = psutil.Process(pid), every, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            total = 0
+            try:
+                for proc in [self.root, *self.root.children(recursive=True)]:
+                    try:
+                        total += proc.memory_info().rss
+                    except psutil.Error:
+                        pass
+            except psutil.Error:
+                break
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.every)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def mmedge(*args: str) -> list[str]:
+    return [str(Path(sys.executable).parent / "mmedge"), *args]
+
+
+def measure(command: list[str], log: Path) -> dict:
+    started = time.perf_counter()
+    with log.open("w") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        rss = PeakRSS(proc.pid)
+        code = proc.wait()
+    peak = rss.stop()
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return {"exit": code, "wall_s": round(time.perf_counter() - started, 1), "peak_rss_gb": round(peak / 2**30, 2),
+            "last_line": lines[-1][-300:] if lines else ""}
+
+
+def size_gb(path: Path) -> float | None:
+    if not path.exists():
+        return None
+    return round(sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**30, 2)
+
+
+def render(results: dict, out: Path) -> None:
+    rows = sorted(results.values(), key=lambda r: (r["model"], TARGETS.index(r["target"]), QUANTS.index(r["quant"])))
+    machine = rows[0]["machine"] if rows else ""
+    lines = [
+        "# Export at real model sizes",
+        "",
+        "Measured by `python tools/scale.py` (each export its own process, nothing else running): wall time, the",
+        "peak resident memory of the export's whole process tree (sampled every 0.2 s; anonymous and file-backed",
+        "pages together, as the kernel counts RSS) and the package's size on disk.",
+        "",
+        f"Machine: {machine}.",
+        "",
+        "| model | target | quant | result | wall | peak RSS | package | measured |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        result = "ok" if r["exit"] == 0 else f"exit {r['exit']}: {r['last_line']}"
+        size = f"{r['package_gb']} GB" if r.get("package_gb") is not None else "-"
+        lines.append(f"| {r['model']} | {r['target']} | {r['quant']} | {result} | {r['wall_s'] / 60:.1f} min | "
+                     f"{r['peak_rss_gb']} GB | {size} | {r['date']} |")
+    benches = [r for r in rows if r.get("bench")]
+    if benches:
+        lines += ["", "## Running the packages (`mmedge bench`)", ""]
+        for r in benches:
+            lines += [f"{r['model']} {r['target']} {r['quant']}:", "", "```", r["bench"].rstrip(), "```", ""]
+    out.write_text("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=list(MODELS))
+    ap.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
+    ap.add_argument("--quants", nargs="+", default=list(QUANTS), choices=QUANTS)
+    ap.add_argument("--work", type=Path, default=Path("scale-work"), help="packages, logs and scale.json")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "scale.md")
+    ap.add_argument("--keep", action="store_true", help="keep each package (default: removed once measured)")
+    ap.add_argument("--bench", action="store_true", help="run `mmedge bench` on each int4 package")
+    args = ap.parse_args()
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    store = args.work / "scale.json"
+    results = json.loads(store.read_text()) if store.exists() else {}
+    machine = (f"{platform.machine()}, {psutil.cpu_count(logical=True)} cores, "
+               f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, {platform.system()} {platform.release()}")
+    for model in args.models:
+        for target in args.targets:
+            for quant in args.quants:
+                name = f"{model}-{target}-{quant}"
+                package = args.work / name
+                shutil.rmtree(package, ignore_errors=True)
+                print(f"{name}: exporting ...", flush=True)
+                result = measure(mmedge("export", "--model", model, "--target", target, "--quant", quant,
+                                        "-o", str(package)), args.work / f"{name}.log")
+                result.update(model=model, target=target, quant=quant, machine=machine,
+                              date=time.strftime("%Y-%m-%d"), package_gb=size_gb(package))
+                if args.bench and result["exit"] == 0 and quant == "int4" and target != "coreml":
+                    bench = subprocess.run(mmedge("bench", str(package), "--threads", str(psutil.cpu_count())),
+                                           capture_output=True, text=True)
+                    result["bench"] = bench.stdout if bench.returncode == 0 else bench.stderr
+                results[name] = result
+                store.write_text(json.dumps(results, indent=1))
+                render(results, args.out)
+                print(f"{name}: exit {result['exit']}, {result['wall_s']:.0f} s, peak {result['peak_rss_gb']} GB, "
+                      f"package {result['package_gb']} GB", flush=True)
+                if not args.keep:
+                    shutil.rmtree(package, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
