@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib
 import importlib.util
 import logging
@@ -221,7 +222,10 @@ def _export(opts: ExportOptions, checkpoint: Path, family, plan: dict[str, str],
         if hasattr(target, "compress"):  # the target compresses its own converted graphs (Core ML)
             if set(plan.values()) != {"fp32"}:
                 manifest.quantization = target.compress(stage, manifest, plan, opts, jobs, calib)
-        elif calib is not None:
+        else:  # nothing reads the torch model from here on: give its memory back before quantizing
+            del model, parts, jobs, job, bar
+            gc.collect()
+        if not hasattr(target, "compress") and calib is not None:
             from mmedge.calibration.package import QuantOptions, quantize_package
 
             options = QuantOptions(calib_method=opts.calib_method, int4_method=opts.int4_method,
