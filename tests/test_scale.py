@@ -25,3 +25,18 @@ def test_a_graph_over_the_inline_limit_streams_its_weights_beside_it(checkpoints
     assert (tmp_path / "vision_encoder.onnx.data").stat().st_size >= int(biggest.external_data[-1].value)
     assert [d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim][0] == "batch"
     assert onnxruntime_target.verify_graph(job, graph)["passed"]
+
+
+def test_the_scale_tool_counts_the_memory_of_the_whole_process_tree(tmp_path):
+    """tools/scale.py's peak RSS includes children: here a child holds 300 MB that its parent never touches."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("scale", Path(__file__).resolve().parents[1] / "tools" / "scale.py")
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    child = "b = bytearray(300 << 20); import time; time.sleep(1.5)"
+    parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}])"
+    result = scale.measure([sys.executable, "-c", parent], tmp_path / "log")
+    assert result["exit"] == 0 and result["peak_rss_gb"] >= 0.29, result
