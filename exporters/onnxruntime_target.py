@@ -56,6 +56,8 @@ def export_graph(job: GraphJob, path: Path) -> None:
         save_program(program, dest, job)
 
     trace_cache.cached_trace(job, trace, path, job.trace_cache)
+    if path.stat().st_size > EXTERNAL_DATA_BYTES:  # read back inline from a cache an export with a higher limit filled
+        save_model(onnx.load(str(path)), path)
 
 
 def save_program(program, path: Path, job: GraphJob) -> None:

@@ -175,7 +175,8 @@ def test_external_data_package(checkpoints, packages, tmp_path, monkeypatch):
     monkeypatch.setattr(onnxruntime_target, "EXTERNAL_DATA_BYTES", 0)
     out = tmp_path / "pkg"
     manifest = export(ExportOptions(model=str(checkpoints["paligemma-gqa"]), output=out, progress=False))
-    assert "decoder.onnx.data" in manifest.files
+    assert all(f"{spec.file}.data" in manifest.files for spec in manifest.graphs.values())
+    assert all(r["passed"] for r in manifest.verification["graphs"].values())
     image = sample_images()["noise"]
     inline = Pipeline.load(packages("paligemma-gqa"))
     external = Pipeline.load(out)

@@ -1,30 +1,7 @@
-"""What lets an export scale past a few hundred MB, exercised on a tiny model's graph: a graph whose weights
-exceed the inline limit streams them to <file>.data as it is written, keeps its named axes, and verifies
-against PyTorch as one written inline."""
+"""The tools behind docs/scale.md. (A graph over the inline limit, streamed to <file>.data as it is written:
+tests/test_parity.py::test_external_data_package.)"""
 
 from __future__ import annotations
-
-import onnx
-
-from mmedge.exporters import checkpoint as ckpt
-from mmedge.exporters import onnxruntime_target
-from mmedge.exporters.graphs import build_jobs
-
-
-def test_a_graph_over_the_inline_limit_streams_its_weights_beside_it(checkpoints, tmp_path, monkeypatch):
-    path = checkpoints["paligemma-gqa"]
-    family = ckpt.family_for(ckpt.read_config(path)["model_type"])
-    job = next(j for j in build_jobs(family.split(family.load(path)), max_context=64) if j.name == "vision_encoder")
-    monkeypatch.setattr(onnxruntime_target, "EXTERNAL_DATA_BYTES", 0)  # this graph counts as big
-    graph = tmp_path / "vision_encoder.onnx"
-    onnxruntime_target.export_graph(job, graph)  # job.trace_cache is None: traced here
-    model = onnx.load(str(graph), load_external_data=False)
-    biggest = max(model.graph.initializer, key=lambda t: int(next((e.value for e in t.external_data
-                                                                    if e.key == "length"), 0)))
-    assert biggest.data_location == onnx.TensorProto.EXTERNAL
-    assert (tmp_path / "vision_encoder.onnx.data").stat().st_size >= int(biggest.external_data[-1].value)
-    assert [d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim][0] == "batch"
-    assert onnxruntime_target.verify_graph(job, graph)["passed"]
 
 
 def test_the_scale_tool_counts_the_memory_of_the_whole_process_tree(tmp_path):
