@@ -4,8 +4,8 @@ whole process tree, package size (docs/scale.md).
     python tools/scale.py --models paligemma-3b-shaped --targets onnxruntime --quants fp32 int4
 
 Each export runs as its own `mmedge export` process (nothing else should run meanwhile); the process tree's
-resident memory (anonymous and file-backed pages together, as the kernel counts RSS) is sampled every 0.2 s
-and its peak kept. Results accumulate in WORK/scale.json, one entry per (model, target, quant), so runs can be
+resident memory is sampled every 0.2 s and two peaks kept: RSS as the kernel counts it (memory-mapped weight
+files included) and its anonymous part (resident pages no file backs). Results accumulate in WORK/scale.json, one entry per (model, target, quant), so runs can be
 made a few at a time; docs/scale.md is written from all of them after each export. With --bench, each int4
 package is then run with `mmedge bench` too.
 """
@@ -34,29 +34,31 @@ class PeakRSS:
     """The highest sum of resident memory over a process and all its descendants, sampled in a thread."""
 
     def __init__(self, pid: int, every: float = 0.2):
-        self.root, self.every, self.peak = psutil.Process(pid), every, 0
+        self.root, self.every, self.peak, self.peak_anon = psutil.Process(pid), every, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            total = 0
+            total = anon = 0
             try:
                 for proc in [self.root, *self.root.children(recursive=True)]:
                     try:
-                        total += proc.memory_info().rss
+                        info = proc.memory_info()
+                        total += info.rss
+                        anon += info.rss - getattr(info, "shared", 0)  # Linux: resident pages not backed by a file
                     except psutil.Error:
                         pass
             except psutil.Error:
                 break
-            self.peak = max(self.peak, total)
+            self.peak, self.peak_anon = max(self.peak, total), max(self.peak_anon, anon)
             self._stop.wait(self.every)
 
-    def stop(self) -> int:
+    def stop(self) -> tuple[int, int]:
         self._stop.set()
         self._thread.join()
-        return self.peak
+        return self.peak, self.peak_anon
 
 
 def mmedge(*args: str) -> list[str]:
@@ -69,9 +71,10 @@ def measure(command: list[str], log: Path) -> dict:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
         rss = PeakRSS(proc.pid)
         code = proc.wait()
-    peak = rss.stop()
+    peak, anon = rss.stop()
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
     return {"exit": code, "wall_s": round(time.perf_counter() - started, 1), "peak_rss_gb": round(peak / 2**30, 2),
+            "peak_anon_gb": round(anon / 2**30, 2),
             "last_line": lines[-1][-300:] if lines else ""}
 
 
@@ -88,19 +91,21 @@ def render(results: dict, out: Path) -> None:
         "# Export at real model sizes",
         "",
         "Measured by `python tools/scale.py` (each export its own process, nothing else running): wall time, the",
-        "peak resident memory of the export's whole process tree (sampled every 0.2 s; anonymous and file-backed",
-        "pages together, as the kernel counts RSS) and the package's size on disk.",
+        "peak resident memory of the export's whole process tree (sampled every 0.2 s): RSS as the kernel counts",
+        "it (memory-mapped weight files included: their pages can be dropped and read again, so they do not",
+        "exhaust memory) and the anonymous part alone (what the process cannot give back); and the package's",
+        "size on disk.",
         "",
         f"Machine: {machine}.",
         "",
-        "| model | target | quant | result | wall | peak RSS | package | measured |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | target | quant | result | wall | peak RSS | peak anonymous | package | measured |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         result = "ok" if r["exit"] == 0 else f"exit {r['exit']}: {r['last_line']}"
-        size = f"{r['package_gb']} GB" if r.get("package_gb") is not None else "-"
+        size = f"{r['package_gb']} GiB" if r.get("package_gb") is not None else "-"
         lines.append(f"| {r['model']} | {r['target']} | {r['quant']} | {result} | {r['wall_s'] / 60:.1f} min | "
-                     f"{r['peak_rss_gb']} GB | {size} | {r['date']} |")
+                     f"{r['peak_rss_gb']} GiB | {r.get('peak_anon_gb', '-')} GiB | {size} | {r['date']} |")
     benches = [r for r in rows if r.get("bench")]
     if benches:
         lines += ["", "## Running the packages (`mmedge bench`)", ""]
@@ -143,7 +148,8 @@ def main() -> int:
                 results[name] = result
                 store.write_text(json.dumps(results, indent=1))
                 render(results, args.out)
-                print(f"{name}: exit {result['exit']}, {result['wall_s']:.0f} s, peak {result['peak_rss_gb']} GB, "
+                print(f"{name}: exit {result['exit']}, {result['wall_s']:.0f} s, peak {result['peak_rss_gb']} GB "
+                      f"({result['peak_anon_gb']} GB anonymous), "
                       f"package {result['package_gb']} GB", flush=True)
                 if not args.keep:
                     shutil.rmtree(package, ignore_errors=True)
