@@ -106,6 +106,9 @@ def render(results: dict, out: Path) -> None:
         size = f"{r['package_gb']} GiB" if r.get("package_gb") is not None else "-"
         lines.append(f"| {r['model']} | {r['target']} | {r['quant']} | {result} | {r['wall_s'] / 60:.1f} min | "
                      f"{r['peak_rss_gb']} GiB | {r.get('peak_anon_gb', '-')} GiB | {size} | {r['date']} |")
+    missing = [f"{m} {t} {q}" for m in MODELS for t in TARGETS for q in QUANTS if f"{m}-{t}-{q}" not in results]
+    if missing:
+        lines += ["", f"Not measured yet ({len(missing)}): " + "; ".join(missing) + "."]
     benches = [r for r in rows if r.get("bench")]
     if benches:
         lines += ["", "## Running the packages (`mmedge bench`)", ""]
@@ -119,14 +122,14 @@ def main() -> int:
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--targets", nargs="+", default=list(TARGETS), choices=TARGETS)
     ap.add_argument("--quants", nargs="+", default=list(QUANTS), choices=QUANTS)
-    ap.add_argument("--work", type=Path, default=Path("scale-work"), help="packages, logs and scale.json")
+    ap.add_argument("--work", type=Path, default=Path("scale-work"), help="packages and export logs")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "scale.md")
     ap.add_argument("--keep", action="store_true", help="keep each package (default: removed once measured)")
     ap.add_argument("--bench", action="store_true", help="run `mmedge bench` on each int4 package")
     args = ap.parse_args()
 
     args.work.mkdir(parents=True, exist_ok=True)
-    store = args.work / "scale.json"
+    store = args.out.with_suffix(".json")  # every measurement so far, kept beside the page
     results = json.loads(store.read_text()) if store.exists() else {}
     machine = (f"{platform.machine()}, {psutil.cpu_count(logical=True)} cores, "
                f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, {platform.system()} {platform.release()}")
