@@ -5,8 +5,9 @@ whole process tree, package size (docs/scale.md).
 
 Each export runs as its own `mmedge export` process (nothing else should run meanwhile); the process tree's
 resident memory is sampled every 0.2 s and two peaks kept: RSS as the kernel counts it (memory-mapped weight
-files included) and its anonymous part (resident pages no file backs). Results accumulate in WORK/scale.json, one entry per (model, target, quant), so runs can be
-made a few at a time; docs/scale.md is written from all of them after each export. With --bench, each int4
+files included) and its anonymous part (resident pages no file backs). Results accumulate in docs/scale.json,
+one entry per (model, target, quant), so runs can be made a few at a time; docs/scale.md is written from all
+of them after each export. With --bench, each int4
 package is then run with `mmedge bench` too.
 """
 
