@@ -103,7 +103,6 @@ def export(opts: ExportOptions) -> Manifest:
 
 def _locked_export(opts: ExportOptions) -> Manifest:
     from mmedge.exporters import checkpoint as ckpt
-
     from mmedge.exporters import resources
 
     path = ckpt.resolve(opts.model)
@@ -222,15 +221,15 @@ def _export(opts: ExportOptions, checkpoint: Path, family, plan: dict[str, str],
         if hasattr(target, "compress"):  # the target compresses its own converted graphs (Core ML)
             if set(plan.values()) != {"fp32"}:
                 manifest.quantization = target.compress(stage, manifest, plan, opts, jobs, calib)
-        else:  # nothing reads the torch model from here on: give its memory back before quantizing
-            del model, parts, jobs, job, bar
+        else:
+            del model, parts, jobs, job, bar  # nothing reads the torch model from here on: free it before quantizing
             gc.collect()
-        if not hasattr(target, "compress") and calib is not None:
-            from mmedge.calibration.package import QuantOptions, quantize_package
+            if calib is not None:
+                from mmedge.calibration.package import QuantOptions, quantize_package
 
-            options = QuantOptions(calib_method=opts.calib_method, int4_method=opts.int4_method,
-                                   int4_block_size=opts.int4_block_size, int4_ratio=opts.int4_ratio)
-            manifest.quantization = quantize_package(stage, manifest, plan, calib, options, opts.progress)
+                options = QuantOptions(calib_method=opts.calib_method, int4_method=opts.int4_method,
+                                       int4_block_size=opts.int4_block_size, int4_ratio=opts.int4_ratio)
+                manifest.quantization = quantize_package(stage, manifest, plan, calib, options, opts.progress)
         getattr(target, "finalize", lambda stage, manifest: None)(stage, manifest)
         manifest.files = file_entries(stage)
         manifest.save(stage)

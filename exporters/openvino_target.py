@@ -110,9 +110,9 @@ def verify_graph(job: GraphJob, path: Path, rtol: float = 1e-3) -> dict:
     """
     import openvino as ov
 
-    core = ov.Core()
     from mmedge.runtimes.backends import default_threads
 
+    core = ov.Core()
     config = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
     if default_threads():
         config["INFERENCE_NUM_THREADS"] = default_threads()

@@ -25,9 +25,6 @@ from pathlib import Path
 
 from mmedge.errors import ExportError
 
-# bytes per element of the safetensors dtypes a checkpoint may hold
-_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-          "F8_E4M3": 1, "F8_E5M2": 1}
 GB = 2**30
 
 
@@ -35,7 +32,6 @@ GB = 2**30
 class Weights:
     elements: int  # every weight tensor's element count, summed
     largest: int  # the largest single tensor's element count
-    stored_bytes: int  # as stored in the checkpoint
 
 
 def checkpoint_weights(checkpoint: Path) -> Weights | None:
@@ -43,7 +39,7 @@ def checkpoint_weights(checkpoint: Path) -> Weights | None:
     files = sorted(Path(checkpoint).glob("*.safetensors"))
     if not files:
         return None
-    elements = largest = stored = 0
+    elements = largest = 0
     for path in files:
         try:
             with path.open("rb") as f:
@@ -59,8 +55,7 @@ def checkpoint_weights(checkpoint: Path) -> Weights | None:
                 n *= d
             elements += n
             largest = max(largest, n)
-            stored += n * _SIZES.get(info["dtype"], 4)
-    return Weights(elements, largest, stored)
+    return Weights(elements, largest)
 
 
 def available_memory() -> int | None:

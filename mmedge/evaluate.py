@@ -33,8 +33,9 @@ def evaluate(answer: Answerer, n: int = 500, seed: int = DEFAULT_SEED, task: str
         raise MmedgeError(f"-n must be at least 1, got {n}")
     right: dict[str, int] = defaultdict(int)
     total: dict[str, int] = defaultdict(int)
-    many = getattr(answer, "many", None) or (lambda pairs: [answer(image, prompt) for image, prompt in pairs])
-    window = WINDOW if hasattr(answer, "many") else 1
+    many = getattr(answer, "many", None)
+    window = WINDOW if many else 1
+    many = many or (lambda pairs: [answer(image, prompt) for image, prompt in pairs])
     with tqdm(total=n, desc="eval", disable=not progress, mininterval=1) as bar:
         for chunk in _chunks(shapes.examples(n, seed), window):
             for ex, got in zip(chunk, many([(ex.image, ex.prompt) for ex in chunk])):
