@@ -10,6 +10,7 @@ and from every fixed dimension, so nothing gets specialised silently.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -148,6 +149,17 @@ class StatefulDecoder(DecoderGraph):
         masks, position_ids = rest[: self.n_masks], rest[self.n_masks]
         begin = masks[0].shape[-1] - inputs_embeds.shape[1]
         return self.last_logits(inputs_embeds, masks, position_ids, _StateKV(self.key_cache, self.value_cache, begin))
+
+
+def with_kv_storage(job: GraphJob, kv_storage: str) -> GraphJob:
+    """The traced decoder's job for the other KV storage ("buffer" <-> "state"): the same weights, inputs, checks
+    and names; only what the present outputs hold changes (the new slots, or past + new)."""
+    module = copy.copy(job.module)  # shares every submodule and weight
+    module.keep_all = kv_storage == "state"
+    present_len = "total_len" if kv_storage == "state" else "seq"
+    output_axes = {name: {**axes, 2: present_len} if name.startswith("present.") else axes
+                   for name, axes in job.output_axes.items()}
+    return dataclasses.replace(job, module=module, kv_storage=kv_storage, output_axes=output_axes)
 
 
 def kv_names(prefix: str, num_layers: int) -> list[str]:

@@ -29,6 +29,9 @@ def export_graph(job: GraphJob, path: Path) -> None:
     if job.kv_storage == "in_place":
         save_model(job.module.build(), path)
         return
+    if job.kv_storage == "state":
+        _past_and_new_from_buffer_trace(job, path)
+        return
     dims: dict[str, object] = {}
 
     def dim(name: str):
@@ -58,6 +61,45 @@ def export_graph(job: GraphJob, path: Path) -> None:
     trace_cache.cached_trace(job, trace, path, job.trace_cache)
     if path.stat().st_size > EXTERNAL_DATA_BYTES:  # read back inline from a cache an export with a higher limit filled
         save_model(onnx.load(str(path)), path)
+
+
+def _past_and_new_from_buffer_trace(job: GraphJob, path: Path) -> None:
+    """The decoder whose present outputs are past + new (OpenVINO's state), made from the trace of the one that
+    returns the new slots only ("buffer"): that graph already joins past and new for attention, one Concat per
+    layer and kind, so its present outputs become those Concats. One trace (and one cache entry) serves both
+    storages; the result is verified against the "state" module all the same."""
+    from mmedge.exporters.graphs import with_kv_storage
+
+    source = with_kv_storage(job, "buffer")
+    source.trace_cache = job.trace_cache
+    export_graph(source, path)
+    if getattr(source, "_trace_key", None):  # what is converted from this graph is kept under a key of its own
+        job._trace_key = source._trace_key + "|past and new"
+    model = onnx.load(str(path), load_external_data=False)  # weights beside a big graph stay where they are
+    pasts = [n for n in job.input_names if n.startswith("past.")]
+    outputs_past_and_new(model, {p: p.replace("past.", "present.", 1) for p in pasts}, job.name)
+    _name_dims(model, job)
+    onnx.save_model(model, str(path))
+
+
+def outputs_past_and_new(model: onnx.ModelProto, pairs: dict[str, str], name: str = "decoder") -> None:
+    """Make each present output (the new keys or values) the Concat of its past input and those new ones, which
+    the graph computes for attention anyway: the Concat's result takes the output's name, the new slots a name
+    of their own."""
+    rename: dict[str, str] = {}
+    for past, present in pairs.items():
+        joins = [n for n in model.graph.node if n.op_type == "Concat" and list(n.input) == [past, present]]
+        if len(joins) != 1:
+            raise ExportError(f"{name}: expected one Concat of {past} and {present} in the traced graph, found "
+                              f"{len(joins)}; export with --kv-cache buffer")
+        rename[present] = present + ".new"
+        rename[joins[0].output[0]] = present
+    for node in model.graph.node:
+        node.input[:] = [rename.get(n, n) for n in node.input]
+        node.output[:] = [rename.get(n, n) for n in node.output]
+    kept = [v for v in model.graph.value_info if v.name not in rename]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
 
 
 def save_program(program, path: Path, job: GraphJob) -> None:

@@ -7,9 +7,11 @@ ONNX frontend keeps the tensor names. Each IR is then verified against
 PyTorch on its own, in OpenVINO, on inputs not used for tracing.
 
 The decoder holds its KV cache in one of two forms (`--kv-cache`):
-"state" (default): OpenVINO's stateful model. The decoder is traced to
-return past + new keys/values, converted, and each past input / present
-output pair becomes a state variable (ReadValue/Assign) that starts empty,
+"state" (default): OpenVINO's stateful model. The decoder returns past +
+new keys/values (made from the "buffer" trace, whose present outputs become
+the Concats of past and new it computes for attention: one trace serves
+both storages), is converted, and each past input / present output pair
+becomes a state variable (ReadValue/Assign) that starts empty,
 sized by the batch of inputs_embeds; nothing of the cache crosses the API
 per token. "buffer": explicit cache inputs and outputs, the same contract as
 the ONNX Runtime target (the runtime's preallocated buffers). docs/targets.md

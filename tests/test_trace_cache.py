@@ -8,7 +8,7 @@ import torch
 
 from conftest import run_cli
 from mmedge.exporters import checkpoint as ckpt
-from mmedge.exporters.graphs import build_jobs
+from mmedge.exporters.graphs import build_jobs, with_kv_storage
 from mmedge.exporters.trace_cache import ENV, LIST, job_key
 from mmedge.manifest import load_manifest
 
@@ -43,6 +43,8 @@ def test_the_key_follows_weights_settings_and_storage(checkpoints):
     assert job_key(fresh["decoder"]) != keys["decoder"]
     _, stateful = _jobs(path, kv_storage="state")
     assert job_key(stateful["decoder"]) != keys["decoder"] and job_key(stateful["projector"]) == keys["projector"]
+    # OpenVINO's state decoder is made from the buffer decoder's trace: its twin is found under the same key
+    assert job_key(with_kv_storage(stateful["decoder"], "buffer")) == keys["decoder"]
 
 
 def test_a_second_export_reads_the_traces_and_writes_the_same_graphs(checkpoints, tmp_path, caplog):
@@ -78,3 +80,39 @@ def test_the_cli_takes_the_cache_from_the_flag_or_the_environment(checkpoints, t
     first, second = load_manifest(tmp_path / "a"), load_manifest(tmp_path / "b")
     assert {n: f.sha256 for n, f in first.files.items()} == {n: f.sha256 for n, f in second.files.items()}
     assert second.verification["graphs"]["decoder"]["passed"]  # the IR read back is verified all the same
+
+
+def test_the_state_decoder_outputs_the_concat_the_buffer_graph_computes():
+    """exporters/onnxruntime_target.outputs_past_and_new on a one-layer graph: present becomes Concat(past, new)."""
+    import numpy as np
+    import onnxruntime as ort
+    import pytest
+    from onnx import TensorProto, helper
+
+    from mmedge.errors import ExportError
+    from mmedge.exporters.onnxruntime_target import outputs_past_and_new
+
+    def graph(with_concat: bool):
+        kv = [1, 2, "n", 4]
+        nodes = [helper.make_node("Mul", ["x", "x"], ["present.0.key"])]
+        if with_concat:
+            nodes.append(helper.make_node("Concat", ["past.0.key", "present.0.key"], ["full"], axis=2))
+            nodes.append(helper.make_node("ReduceSum", ["full"], ["logits"], keepdims=1))
+        else:
+            nodes.append(helper.make_node("ReduceSum", ["present.0.key"], ["logits"], keepdims=1))
+        return helper.make_model(helper.make_graph(
+            nodes, "g",
+            [helper.make_tensor_value_info(n, TensorProto.FLOAT, kv) for n in ("x", "past.0.key")],
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None),
+             helper.make_tensor_value_info("present.0.key", TensorProto.FLOAT, kv)]),
+            opset_imports=[helper.make_opsetid("", 18)])
+
+    model = graph(True)
+    outputs_past_and_new(model, {"past.0.key": "present.0.key"})
+    x, past = np.full((1, 2, 3, 4), 2, np.float32), np.ones((1, 2, 5, 4), np.float32)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    logits, present = session.run(["logits", "present.0.key"], {"x": x, "past.0.key": past})
+    np.testing.assert_array_equal(present, np.concatenate([past, x * x], axis=2))
+    assert logits.item() == present.sum()
+    with pytest.raises(ExportError, match="expected one Concat of past.0.key and present.0.key"):
+        outputs_past_and_new(graph(False), {"past.0.key": "present.0.key"})
