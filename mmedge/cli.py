@@ -107,8 +107,10 @@ def _parser() -> argparse.ArgumentParser:
                    "(faster where the CPU has AVX512-BF16/AMX or FP16; results move slightly)")
     v.add_argument("--threads", type=int, default=0, help="intra-op threads (default: engine's choice)")
     v.add_argument("--batch", type=int, default=16,
-                   help="a PyTorch checkpoint's examples per generate() call (default: 16; examples are batched "
-                   "only with others of the same input shapes, so nothing is padded)")
+                   help="examples generated together (default: 16). A package runs them through "
+                   "Pipeline.generate_batch (prompts of similar length together; 1 where its decoder takes one "
+                   "sequence: TensorRT, Core ML); a PyTorch checkpoint batches only examples of the same input "
+                   "shapes, so nothing is padded")
 
     b = sub.add_parser("bench", help="time and memory of a package's stages, median and spread over runs")
     b.add_argument("package", type=Path)
@@ -318,8 +320,8 @@ def cmd_eval(args) -> int:
 
         path = shipped_models().get(str(path), path)  # a shipped demo model by name
     if (path / MANIFEST_NAME).exists() or not (path / "config.json").exists():
-        answer = package_answerer(path, backend=args.backend, threads=args.threads, device=args.device,
-                                  inference_precision=args.inference_precision)
+        answer = package_answerer(path, batch=args.batch, backend=args.backend, threads=args.threads,
+                                  device=args.device, inference_precision=args.inference_precision)
         what = "package"
     else:
         answer = reference_answerer(path, batch=args.batch)

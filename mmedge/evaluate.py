@@ -24,7 +24,7 @@ Answerer = Callable[[object, str], str]  # (PIL image, prompt) -> answer text
 def evaluate(answer: Answerer, n: int = 500, seed: int = DEFAULT_SEED, task: str = "shapes",
              progress: bool = False) -> dict:
     """Exact-match accuracy overall and per question kind. An answerer with a `many(pairs)` method (the
-    PyTorch reference) is handed the examples WINDOW at a time, to batch them as it can."""
+    PyTorch reference, a package) is handed the examples WINDOW at a time, to batch them as it can."""
     from mmedge.tasks import shapes
 
     if task not in TASKS:
@@ -60,11 +60,37 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
-def package_answerer(path: Path, **load_options) -> Answerer:
+def package_answerer(path: Path, batch: int = 16, **load_options) -> "PackageAnswerer":
     from mmedge.runtimes import Pipeline
 
-    pipe = Pipeline.load(path, **load_options)
-    return lambda image, prompt: pipe.generate(image, prompt, max_new_tokens=MAX_NEW_TOKENS)
+    if batch < 1:
+        raise MmedgeError(f"--batch must be at least 1, got {batch}")
+    return PackageAnswerer(Pipeline.load(path, **load_options), batch)
+
+
+class PackageAnswerer:
+    """Greedy answers of up to MAX_NEW_TOKENS from a package, `batch` examples per Pipeline.generate_batch call
+    (prompts of similar length together, so little is padded), or one by one where the decoder runs one
+    sequence at a time. A batched row answers what it would alone (tests/test_parity.py)."""
+
+    def __init__(self, pipe, batch: int = 16):
+        self.pipe = pipe
+        self.batch = min(batch, pipe.max_batch or batch)
+
+    def __call__(self, image, prompt: str) -> str:
+        return self.pipe.generate(image, prompt, max_new_tokens=MAX_NEW_TOKENS)
+
+    def many(self, pairs: list) -> list[str]:
+        if self.batch == 1:
+            return [self(image, prompt) for image, prompt in pairs]
+        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][1]))
+        answers: list[str] = [""] * len(pairs)
+        for start in range(0, len(order), self.batch):
+            rows = order[start : start + self.batch]
+            for i, text in zip(rows, self.pipe.generate_batch([pairs[i] for i in rows],
+                                                              max_new_tokens=MAX_NEW_TOKENS)):
+                answers[i] = text
+        return answers
 
 
 def reference_answerer(checkpoint: Path, batch: int = 16) -> "ReferenceAnswerer":

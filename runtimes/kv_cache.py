@@ -150,14 +150,17 @@ class EngineCache(StateCache):
                          "generation without the cache (use_cache=False) is not available with it")
 
 
-def make_cache(spec: KVCacheSpec, decoder) -> KVCache:
-    """The cache for a package's decoder graph, as its manifest says it is held."""
+def make_cache(spec: KVCacheSpec, decoder, batch: int = 1) -> KVCache:
+    """The cache for a package's decoder graph, as its manifest says it is held, for `batch` sequences at once
+    (engine state takes its batch from the first step's inputs)."""
     if spec.storage == "buffer" and getattr(decoder, "holds_cache", False):
+        if batch != 1:
+            raise InputError("this decoder keeps its KV cache on its device for one sequence: batch 1 only")
         return EngineCache(spec, decoder)
     if spec.storage == "buffer":
-        return KVCache(spec)
+        return KVCache(spec, batch)
     if spec.storage == "in_place":
-        return InPlaceCache(spec)
+        return InPlaceCache(spec, batch)
     if spec.storage == "state":
         return StateCache(spec, decoder)
     raise PackageError(f"this mmedge does not know the KV-cache storage {spec.storage!r} the package needs; "

@@ -25,7 +25,7 @@ from mmedge.errors import InputError, PackageError
 from mmedge.manifest import Manifest, load_manifest
 from mmedge.runtimes import schemes
 from mmedge.runtimes.backends import DEFAULT_BACKEND_FOR_TARGET, ONLY_OWN_BACKEND, get_backend
-from mmedge.runtimes.kv_cache import make_cache
+from mmedge.runtimes.kv_cache import EngineCache, make_cache
 from mmedge.runtimes.preprocess import ImageInput, preprocess_with_grid
 from mmedge.runtimes.sampling import GenerationOptions, choose
 from mmedge.runtimes.text import StreamDecoder, TextCodec
@@ -33,6 +33,7 @@ from mmedge.runtimes.text import StreamDecoder, TextCodec
 log = logging.getLogger(__name__)
 
 PARTS = ("vision_encoder", "projector", "embed_tokens", "decoder")
+VISION_BATCH = 16  # images (or tiles) per vision encoder call in generate_batch
 
 
 @dataclass
@@ -69,6 +70,10 @@ class Pipeline:
         if self._into:
             vocab = manifest.graphs["decoder"].outputs["logits"].shape[-1]
             self._into["logits"] = np.empty((1, 1, vocab), np.dtype(manifest.graphs["decoder"].outputs["logits"].dtype))
+        # the most sequences one generate_batch call runs (None: no limit but memory); decoders of a fixed batch
+        # (Core ML) or holding their cache on their device (TensorRT) run one at a time
+        fixed = manifest.graphs["decoder"].inputs["inputs_embeds"].shape[0]
+        self.max_batch: int | None = 1 if isinstance(fixed, int) or isinstance(self.cache, EngineCache) else None
         self.timings = Timings()
         self._load_options: dict[str, Any] | None = None  # what load() was given, for clone()
         self._lock = threading.Lock()  # one generation at a time: they share the KV cache and the engines' state
@@ -167,6 +172,28 @@ class Pipeline:
         if tail:
             yield tail
 
+    def generate_batch(self, requests: Sequence[tuple[ImageInput, str]], **options: Any) -> list[str]:
+        """Answers to several (image, prompt) pairs, generated together: one vision encoder call for all their
+        images and one decoder call per step for all of them. Each answer is the one generate() gives for its
+        pair alone (up to the order of floating-point sums in batched kernels). Options apply to every row."""
+        opts = self.options(**options)
+        texts = []
+        for tokens in self._batch_tokens(requests, opts):
+            decoder = StreamDecoder(self.codec, opts.stop)
+            pieces = []
+            for token in tokens:
+                pieces.append(decoder.push(token))
+                if decoder.stopped:
+                    break
+            else:
+                pieces.append(decoder.finish())
+            texts.append("".join(pieces))
+        return texts
+
+    def generate_ids_batch(self, requests: Sequence[tuple[ImageInput, str]], **options: Any) -> list[list[int]]:
+        """generate_ids for several (image, prompt) pairs at once (see generate_batch): a list per pair."""
+        return self._batch_tokens(requests, self.options(**options))
+
     def options(self, **options: Any) -> GenerationOptions:
         """The package's generation defaults with `options` applied on top."""
         base = dataclasses.asdict(self.manifest.generation)
@@ -253,6 +280,146 @@ class Pipeline:
             logits = step(self._embed(np.array([[token]], dtype=np.int64)), block_of)
             t.steps.append(time.perf_counter() - start)
             t.decode += t.steps[-1]
+
+    def _batch_tokens(self, requests: Sequence[tuple[ImageInput, str]], opts: GenerationOptions) -> list[list[int]]:
+        requests = list(requests)
+        if not requests:
+            return []
+        bad = [i for i, r in enumerate(requests) if not (isinstance(r, (tuple, list)) and len(r) == 2)]
+        if bad:
+            raise InputError(f"generate_batch takes (image, prompt) pairs; item {bad[0]} is {requests[bad[0]]!r}")
+        limit = self.max_batch
+        if limit is not None and len(requests) > limit:
+            raise InputError(f"this {self.manifest.target} package's decoder runs {limit} sequence at a time, not "
+                             f"{len(requests)}: call generate() per pair, or export for onnxruntime or openvino")
+        if not opts.use_cache:
+            raise InputError("generate_batch always uses the KV cache; use generate() for use_cache=False")
+        with self._exclusive():
+            return self._generate_rows(requests, opts)
+
+    def _generate_rows(self, requests: list, opts: GenerationOptions) -> list[list[int]]:
+        """Every row's prompt through the decoder, then one step per new token for all rows. Rows are left-padded
+        to the longest prompt (masked out, positions per row) where the decoder takes masks; a decoder that takes
+        sequence lengths instead (GroupQueryAttention, cache written in place) prefills each row into its own
+        rows of the cache and then steps them all with their own lengths."""
+        t = self.timings = Timings()
+        start = time.perf_counter()
+        prepared = [self._prepare(image, prompt, opts.raw_prompt) for image, prompt in requests]
+        t.preprocess = time.perf_counter() - start
+        capacity = self.cache.capacity
+        lengths = np.array([len(ids) for ids, _, _ in prepared])
+        for i, n in enumerate(lengths):
+            if n >= capacity:
+                raise InputError(f"prompt {i} is {n} tokens but this package's context holds {capacity}; "
+                                 "shorten it or re-export with a larger --max-context")
+        t.prompt_tokens = int(lengths.sum())
+        rows = self._prompt_embeddings_many(prepared)
+        batch, longest = len(rows), int(lengths.max())
+        cache = make_cache(self.manifest.kv_cache, self.graphs["decoder"], batch)
+        blocks = [block_of for _, _, block_of in prepared]
+        start = time.perf_counter()
+        if self.takes_lengths:
+            logits, step = self._prefill_rows_in_place(cache, rows, lengths)
+            budget_end = longest
+        else:
+            pads = longest - lengths
+            embeds = np.zeros((batch, longest, rows[0].shape[-1]), rows[0].dtype)
+            for i, row in enumerate(rows):
+                embeds[i, pads[i]:] = row[0]
+            cache.reset()
+
+            def step(embeds):
+                out = self._decode_rows(embeds, cache, pads, blocks)
+                cache.write(out, embeds.shape[1])
+                return out["logits"]
+
+            logits = step(embeds)
+            budget_end = longest
+        t.prefill = time.perf_counter() - start
+        budget = min(opts.max_new_tokens, capacity - budget_end)
+        if budget < opts.max_new_tokens:
+            log.warning("max_new_tokens %d is more than the %d tokens this package's context (max_context %d) has "
+                        "left after the batch's longest (%d-token) prompt: generating at most %d",
+                        opts.max_new_tokens, budget, capacity, longest, budget)
+        eos = self.manifest.special_tokens.eos_ids
+        banned = eos if opts.ignore_eos else None
+        rngs = [np.random.default_rng(opts.seed) for _ in rows]  # as each row would draw alone
+        out: list[list[int]] = [[] for _ in rows]
+        alive = np.ones(batch, bool)
+        for i in range(budget):
+            fed = np.zeros((batch, 1), np.int64)  # a finished row is fed token 0 and its output ignored
+            for r in np.flatnonzero(alive):
+                token = choose(logits[r, -1], opts, rngs[r], banned)
+                if token in eos:
+                    alive[r] = False
+                    continue
+                out[r].append(token)
+                fed[r, 0] = token
+            t.new_tokens += int(alive.sum())
+            if not alive.any() or i + 1 == budget:
+                break
+            start = time.perf_counter()
+            logits = step(self._embed(fed))
+            t.steps.append(time.perf_counter() - start)
+            t.decode += t.steps[-1]
+        return out
+
+    def _decode_rows(self, embeds: np.ndarray, cache, pads: np.ndarray, blocks: list) -> dict:
+        """One decoder call for left-padded rows: each row's positions and masks from its own padding."""
+        start, n = cache.length, embeds.shape[1]
+        positions = np.concatenate([schemes.position_ids(self.manifest.schemes, start, n, int(pad)) for pad in pads])
+        masks = [schemes.attention_masks(self.manifest.schemes, self.mask_names, start, n, cache.mask_slots,
+                                         block_of, self.mask_dtype, int(pad)) for pad, block_of in zip(pads, blocks)]
+        feeds = {name: np.concatenate([m[name] for m in masks]) for name in self.mask_names}
+        return self.graphs["decoder"].run({"inputs_embeds": embeds, "position_ids": positions, **feeds,
+                                           **cache.feeds()})
+
+    def _prefill_rows_in_place(self, cache, rows: list, lengths: np.ndarray):
+        """GroupQueryAttention: each prompt alone into its own rows of the batch's buffers (bound in place), then
+        steps of all rows, each at its own length."""
+        decoder, into, feeds = self.graphs["decoder"], cache.into(), cache.feeds()
+        vocab = self._into["logits"].shape[-1]
+        firsts = []
+        for r, row in enumerate(rows):
+            n = row.shape[1]
+            past = {name: array[r : r + 1] for name, array in feeds.items()}  # views: written where they lie
+            present = {name: array[r : r + 1] for name, array in into.items()}
+            logits = np.empty((1, 1, vocab), self._into["logits"].dtype)
+            decoder.run({"inputs_embeds": row, "seqlens_k": np.array([n - 1], np.int32),
+                         "total_sequence_length": np.array(n, np.int32), **past}, into={**present, "logits": logits})
+            firsts.append(logits)
+        seen = lengths.astype(np.int32).copy()  # tokens in each row's cache
+        batch_logits = np.empty((len(rows), 1, vocab), self._into["logits"].dtype)
+
+        def step(embeds):
+            if int(seen.max()) + 1 > cache.capacity:
+                raise ValueError(f"KV cache overflow: {int(seen.max()) + 1} > {cache.capacity}")
+            decoder.run({"inputs_embeds": embeds, "seqlens_k": seen.copy(),
+                         "total_sequence_length": np.array(seen.max() + 1, np.int32), **feeds},
+                        into={**into, "logits": batch_logits})
+            seen[:] += 1
+            return batch_logits
+
+        return np.concatenate(firsts), step
+
+    def _prompt_embeddings_many(self, prepared: list) -> list[np.ndarray]:
+        """Each row's prompt embeddings [1, len, hidden], the images of all rows through the vision encoder and
+        projector together (VISION_BATCH frames a call)."""
+        pixels = np.concatenate([p for _, p, _ in prepared])
+        start = time.perf_counter()
+        features = [self.graphs["vision_encoder"].run({"pixel_values": pixels[i : i + VISION_BATCH]})["image_features"]
+                    for i in range(0, len(pixels), VISION_BATCH)]
+        self.timings.vision = time.perf_counter() - start
+        start = time.perf_counter()
+        embeds = np.concatenate([self.graphs["projector"].run({"image_features": f})["image_embeds"] for f in features])
+        self.timings.projector = time.perf_counter() - start
+        rows, at = [], 0
+        for ids, frames, _ in prepared:
+            image_embeds = embeds[at : at + len(frames)]
+            at += len(frames)
+            rows.append(schemes.place_image(self.manifest.schemes, self._embed(ids[None]), ids[None], image_embeds,
+                                            self.manifest.prompt.image_token_id))
+        return rows
 
     def _prepare(self, image: ImageInput, prompt: str, raw: bool = False):
         """Prompt ids, pixel values (one row per tile where the family splits images) and attention blocks."""

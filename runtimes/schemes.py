@@ -30,9 +30,10 @@ def check_schemes(schemes: SchemeSpec) -> None:
             raise PackageError(f"this mmedge does not know the {what} {value!r} the package needs; upgrade mmedge")
 
 
-def position_ids(schemes: SchemeSpec, start: int, length: int) -> np.ndarray:
-    """Position ids [1, length] for tokens at sequence indices start..start+length-1."""
-    return (np.arange(start, start + length, dtype=np.int64) + schemes.position_offset)[None]
+def position_ids(schemes: SchemeSpec, start: int, length: int, pad: int = 0) -> np.ndarray:
+    """Position ids [1, length] for the tokens in cache slots start..start+length-1, `pad` slots of left padding
+    first (their positions are the first token's: they are masked out)."""
+    return (np.maximum(np.arange(start - pad, start - pad + length, dtype=np.int64), 0) + schemes.position_offset)[None]
 
 
 def blocks(schemes: SchemeSpec, input_ids: np.ndarray, image_token_id: int) -> np.ndarray:
@@ -83,23 +84,29 @@ def attention_masks(
     cache_len: int,
     block_of: np.ndarray,
     dtype: np.dtype = np.float32,
+    pad: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Additive masks for a step that feeds tokens start..start+n_new-1.
+    """Additive masks for a step that feeds the tokens in cache slots start..start+n_new-1.
 
     `cache_len` is the number of cache slots before the new tokens: the
     length of the past buffers fed (slots >= start are not yet written and
     are masked out), or of the engine-held state (then equal to start).
     `block_of` comes from `blocks`. A second mask name, when the decoder has
-    one, gets the sliding-window variant.
+    one, gets the sliding-window variant. `pad`: slots of left padding
+    before the sequence's first token (a row of a batch with longer
+    prompts): token index = slot - pad; no token sees them, and each of them
+    sees only itself.
     """
-    q = np.arange(start, start + n_new)
-    keys = np.concatenate([np.arange(cache_len), q])
-    written = np.concatenate([np.arange(cache_len) < start, np.ones(n_new, dtype=bool)])
+    q_slot = np.arange(start, start + n_new)
+    k_slot = np.concatenate([np.arange(cache_len), q_slot])
+    written = np.concatenate([np.arange(cache_len) < start, np.ones(n_new, dtype=bool)]) & (k_slot >= pad)
+    q, keys = np.maximum(q_slot - pad, 0), np.maximum(k_slot - pad, 0)
+    padding_self = (q_slot < pad)[:, None] & (k_slot[None, :] == q_slot[:, None])
     neg = np.finfo(dtype).min
     masks = {}
     for i, name in enumerate(mask_names):
         ok = allowed(schemes, q, keys, block_of, schemes.sliding_window if i else None) & written[None, :]
-        masks[name] = np.where(ok, 0.0, neg).astype(dtype)[None, None]
+        masks[name] = np.where(ok | padding_self, 0.0, neg).astype(dtype)[None, None]
     return masks
 
 

@@ -190,6 +190,22 @@ def test_threads_from_the_environment(package, image_file, monkeypatch):
                                   env={"MMEDGE_THREADS": "two"}), "MMEDGE_THREADS must be a whole number")
 
 
+def test_generate_batch_takes_pairs_and_the_cache(package, image_file):
+    from mmedge import InputError, Pipeline
+
+    pipe = Pipeline.load(package)
+    assert pipe.generate_batch([]) == []
+    with pytest.raises(InputError, match="takes \\(image, prompt\\) pairs; item 1"):
+        pipe.generate_batch([(image_file, "x"), "just a prompt"])
+    with pytest.raises(InputError, match="always uses the KV cache"):
+        pipe.generate_batch([(image_file, "x")] * 2, use_cache=False)
+    with pytest.raises(InputError, match="prompt 1 is .* tokens but this package's context holds"):
+        pipe.generate_batch([(image_file, "x"), (image_file, "describe " * 2000)])
+    pipe.max_batch = 1  # as a Core ML or TensorRT decoder says
+    with pytest.raises(InputError, match="runs 1 sequence at a time, not 2"):
+        pipe.generate_batch([(image_file, "x")] * 2)
+
+
 def test_generation_option_types_through_the_api(package, image_file):
     from mmedge import InputError, Pipeline
 

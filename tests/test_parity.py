@@ -40,6 +40,14 @@ def test_greedy_tokens_match_transformers(shape, target, packages, reference_tok
             assert got == expected, f"{shape}/{target} image={image_name} prompt={prompt!r}"
             seen.update(got)
     assert len(seen) > NEW_TOKENS // 2, "the tiny model should not be degenerate (repeating one token)"
+    if pipe.max_batch == 1:  # Core ML's fixed batch: generate_batch refuses more (tests/test_errors.py)
+        return
+    # the same pairs as one batch (prompts of different lengths, left-padded or prefilled row by row)
+    pairs = [(name, image, prompt) for name, image in sample_images().items() for prompt in PROMPTS]
+    batched = pipe.generate_ids_batch([(image, prompt) for _, image, prompt in pairs], max_new_tokens=NEW_TOKENS,
+                                      ignore_eos=True)
+    for (name, _, prompt), got in zip(pairs, batched):
+        assert got == reference[name, prompt], f"batched: {shape}/{target} image={name} prompt={prompt!r}"
 
 
 @pytest.mark.parametrize("shape,target", matrix())

@@ -57,6 +57,20 @@ def test_image_blocks_bidirectional_inside_the_window():
 
 def test_positions_offset():
     assert schemes.position_ids(SchemeSpec(position_offset=1), 3, 2).tolist() == [[4, 5]]
+    # two slots of left padding: the first token is at slot 2; padding takes the first token's position
+    assert schemes.position_ids(SchemeSpec(position_offset=1), 0, 4, pad=2).tolist() == [[1, 1, 1, 2]]
+
+
+def test_left_padding_is_masked_and_shifts_nothing_else():
+    """A row padded by 2 slots: its masks are the unpadded row's, shifted by 2, padding seen by no token."""
+    spec = SchemeSpec(attention="prefix_bidirectional")
+    block_of = np.zeros(3, np.int64)
+    plain = schemes.attention_masks(spec, ["attention_mask"], 0, 3, 0, block_of)["attention_mask"][0, 0] == 0
+    padded = schemes.attention_masks(spec, ["attention_mask"], 0, 5, 0, block_of, pad=2)["attention_mask"][0, 0] == 0
+    np.testing.assert_array_equal(padded[2:, 2:], plain)
+    assert not padded[2:, :2].any() and padded[:2, :2].tolist() == [[True, False], [False, True]]
+    step = schemes.attention_masks(spec, ["attention_mask"], 5, 1, 8, block_of, pad=2)["attention_mask"][0, 0] == 0
+    assert step.tolist() == [[False, False, True, True, True, False, False, False, True]]
 
 
 def test_greedy_top_k_top_p():
