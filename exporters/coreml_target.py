@@ -463,17 +463,25 @@ def _numpy2_casts() -> None:
 
 
 class TorchGraph:
-    """A job's torch module behind the runtime's Graph protocol; the stateful decoder resets as Core ML's does."""
+    """A job's torch module behind the runtime's Graph protocol; the stateful decoder resets as Core ML's does,
+    and (unlike Core ML's, of batch 1) takes the batch of the first call after a reset, as OpenVINO's state does."""
 
     def __init__(self, job: GraphJob):
         self.job, self.module = job, job.module
         self.input_names, self.output_names = job.input_names, job.output_names
+        self._fresh = False
 
     def run(self, inputs: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        if self._fresh:
+            batch = inputs["inputs_embeds"].shape[0]
+            if batch != self.module.key_cache.shape[1]:
+                self.module = self.module.with_state_dtype(self.module.key_cache.dtype, batch)
+            self._fresh = False
         return dict(zip(self.output_names, _outputs(self.module, self.job, inputs)))
 
     def reset_state(self) -> None:
         self.module.reset()
+        self._fresh = isinstance(self.module, graphs.StatefulDecoder)
 
 
 def simulated_pipeline(package: Path, checkpoint: Path | None = None, stored_weights: bool = True):
@@ -502,4 +510,6 @@ def simulated_pipeline(package: Path, checkpoint: Path | None = None, stored_wei
         for job in jobs:
             load_stored_weights(job.module, package / manifest.graphs[job.name].file)
     graphs = {job.name: TorchGraph(job) for job in jobs}
-    return Pipeline(package, manifest, graphs, TextCodec.from_package(package, manifest)), model
+    pipe = Pipeline(package, manifest, graphs, TextCodec.from_package(package, manifest))
+    pipe.max_batch = None  # the torch modules take any batch (generate_batch); Core ML's decoder takes one
+    return pipe, model

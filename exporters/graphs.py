@@ -133,12 +133,14 @@ class StatefulDecoder(DecoderGraph):
         self.register_buffer("key_cache", torch.zeros(shape, dtype=state_dtype), persistent=False)
         self.register_buffer("value_cache", torch.zeros(shape, dtype=state_dtype), persistent=False)
 
-    def with_state_dtype(self, dtype) -> "StatefulDecoder":
-        """The same module (shared weights) over new, empty buffers of `dtype`."""
+    def with_state_dtype(self, dtype, batch: int | None = None) -> "StatefulDecoder":
+        """The same module (shared weights) over new, empty buffers of `dtype` (and of `batch` sequences)."""
         other = copy.copy(self)
         other._buffers = dict(self._buffers)
-        other.register_buffer("key_cache", torch.zeros_like(self.key_cache, dtype=dtype), persistent=False)
-        other.register_buffer("value_cache", torch.zeros_like(self.value_cache, dtype=dtype), persistent=False)
+        shape = list(self.key_cache.shape)
+        shape[1] = batch or shape[1]
+        other.register_buffer("key_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        other.register_buffer("value_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         return other
 
     def reset(self) -> None:

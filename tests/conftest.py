@@ -213,14 +213,15 @@ def demo_packages(shared):
 
 @pytest.fixture(scope="session")
 def scores(shared):
-    """package or checkpoint dir -> `mmedge eval --json` on N_EVAL held-out examples, run once per path."""
+    """package or checkpoint dir -> `mmedge eval --json` on N_EVAL held-out examples, run once per path (through
+    the CLI's main() in this process: a new one would import its engines again)."""
     from mmedge.evaluate import DEFAULT_SEED
 
     def get(path: Path, backend: str | None = None, n: int = N_EVAL) -> dict:
         def compute() -> dict:
             extra = ["--backend", backend] if backend else []
-            result = run_cli("eval", str(path), "--task", "shapes", "-n", str(n), "--seed", str(DEFAULT_SEED),
-                             "--json", *extra)
+            result = run_cli_in_process("eval", str(path), "--task", "shapes", "-n", str(n), "--seed",
+                                        str(DEFAULT_SEED), "--json", *extra)
             assert result.returncode == 0, result.stderr
             return json.loads(result.stdout)
 

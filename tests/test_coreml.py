@@ -281,10 +281,10 @@ def test_demo_model_converts_at_every_preset(demo_packages):
 def test_demo_model_keeps_its_accuracy_in_core_ml_weights(demo_packages, quant, bar):
     """Held-out accuracy with the weights the int8 / int4 packages store (read back and dequantized, run in
     PyTorch with the KV cache in fp16 as Core ML's states) within the quantization bars of fp32's 97%."""
-    from mmedge.evaluate import evaluate
+    from mmedge.evaluate import PackageAnswerer, evaluate
 
     pipe, _ = coreml_target.simulated_pipeline(coreml_demo(demo_packages, quant))
-    result = evaluate(lambda image, prompt: pipe.generate(image, prompt, max_new_tokens=32), n=N_EVAL)
+    result = evaluate(PackageAnswerer(pipe), n=N_EVAL)  # generate_batch, 16 examples a call
     assert result["accuracy"] >= bar, (quant, result)
 
 
