@@ -58,6 +58,8 @@ def cached_trace(job, trace: Callable[[Path], None], dest: Path, cache: Path | N
 
     if _kept(cache, entry, trace, dest, "traced graph", readable):
         log.info("%s: traced graph read from %s", job.name, cache / entry)
+    else:
+        log.info("%s: traced graph kept in %s", job.name, cache / entry)
 
 
 def converted(job, kind: str, produce: Callable[[Path], None], dest: Path) -> None:
@@ -73,6 +75,8 @@ def converted(job, kind: str, produce: Callable[[Path], None], dest: Path) -> No
     what = kind.split("|")[0]
     if _kept(cache, entry, produce, dest, what):
         log.info("%s: %s read from %s", job.name, what, cache / entry)
+    else:
+        log.info("%s: %s kept in %s", job.name, what, cache / entry)
 
 
 def _kept(cache: Path, name: str, produce: Callable[[Path], None], dest: Path, what: str,

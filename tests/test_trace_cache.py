@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+from pathlib import Path
 
 import torch
 
@@ -67,13 +69,15 @@ def test_a_second_export_reads_the_traces_and_writes_the_same_graphs(checkpoints
     assert load_manifest(second).verification["graphs"]["decoder"]["passed"]  # still verified against PyTorch
 
 
-def test_the_cli_takes_the_cache_from_the_flag_or_the_environment(checkpoints, tmp_path):
-    """OpenVINO: the traced graphs and the IR converted from them are both read back, byte for byte."""
-    cache = tmp_path / "traces"
+def test_the_cli_takes_the_cache_from_the_flag_or_the_environment(checkpoints, trace_cache, tmp_path):
+    """OpenVINO: the traced graphs and the IR converted from them are both read back, byte for byte. The cache
+    is this test run's own (conftest.trace_cache), so the first export may find the graphs there already."""
+    cache = trace_cache
     model = ["--model", str(checkpoints["paligemma-gqa"]), "--target", "openvino"]
-    result = run_cli("export", *model, "-o", str(tmp_path / "a"), "--trace-cache", str(cache), env={ENV: ""})
+    result = run_cli("-v", "export", *model, "-o", str(tmp_path / "a"), "--trace-cache", str(cache), env={ENV: ""})
     assert result.returncode == 0, result.stderr
-    assert len([p for p in cache.iterdir() if graphs(p)]) == 4  # the traces; the IR converted from them besides
+    used = re.findall(r"(traced graph|OpenVINO IR) (?:read from|kept in) (\S+)", result.stderr)
+    assert len(used) == 8 and all(Path(where).parent == cache for _, where in used), result.stderr
     result = run_cli("-v", "export", *model, "-o", str(tmp_path / "b"), env={ENV: str(cache)})
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("traced graph read from") == 4, result.stderr
