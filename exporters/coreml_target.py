@@ -131,21 +131,30 @@ def export_graph(job: GraphJob, path: Path) -> None:
             states.append(ct.StateType(wrapped_type=ct.TensorType(shape=tuple(buffer.shape), dtype=np.float16),
                                        name=name))
     precision = ct.precision.FLOAT32 if job.precision == "fp32" else ct.precision.FLOAT16
-    try:
-        with quiet():
-            model = ct.convert(
-                traced,
-                inputs=inputs,
-                outputs=[ct.TensorType(name=name, dtype=np.float32) for name in job.output_names],
-                states=states or None,
-                minimum_deployment_target=getattr(ct.target, DEPLOYMENT_TARGET),
-                compute_precision=precision,
-                convert_to="mlprogram",
-                skip_model_load=True,
-            )
-            model.save(str(path))
-    except Exception as exc:
-        raise ExportError(f"coremltools could not convert {job.name}: {first_line(exc)}") from exc
+
+    def convert(dest: Path) -> None:
+        try:
+            with quiet():
+                model = ct.convert(
+                    traced,
+                    inputs=inputs,
+                    outputs=[ct.TensorType(name=name, dtype=np.float32) for name in job.output_names],
+                    states=states or None,
+                    minimum_deployment_target=getattr(ct.target, DEPLOYMENT_TARGET),
+                    compute_precision=precision,
+                    convert_to="mlprogram",
+                    skip_model_load=True,
+                )
+                model.save(str(dest))
+        except Exception as exc:
+            raise ExportError(f"coremltools could not convert {job.name}: {first_line(exc)}") from exc
+
+    # the same module, inputs, bounds and compute precision convert to the same program: with a trace cache,
+    # the fp16 / int8 / int4 presets of one model convert it once (compression comes after, per preset)
+    from mmedge.exporters import trace_cache
+
+    kind = f"Core ML program|{ct.__version__}|{DEPLOYMENT_TARGET}|{precision}|{sorted(job.bounds.items())}"
+    trace_cache.converted(job, kind, convert, path)
 
 
 def _shape(ct, job: GraphJob, name: str, tensor: torch.Tensor, dims: dict):

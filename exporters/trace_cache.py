@@ -64,8 +64,8 @@ def cached_trace(job, trace: Callable[[Path], None], dest: Path, cache: Path | N
 
 def converted(job, kind: str, produce: Callable[[Path], None], dest: Path) -> None:
     """Write `dest` with produce(dest), or copy it from the cache: what a target converts a traced graph into
-    (OpenVINO's IR, .xml and .bin) depends on nothing but the trace and `kind` (the converter and its version),
-    so it is kept under the trace's key."""
+    (OpenVINO's IR, .xml and .bin; a Core ML .mlpackage) depends on nothing but the trace and `kind` (the
+    converter, its version and settings), so it is kept under the trace's key."""
     cache = job.trace_cache
     if cache is None:
         produce(dest)
@@ -88,12 +88,12 @@ def _kept(cache: Path, name: str, produce: Callable[[Path], None], dest: Path, w
         names = (entry / LIST).read_text().split()
     except OSError:
         names = []
-    if names and all((entry / n).is_file() for n in names):
+    if names and all((entry / n).exists() for n in names):
         try:
             if check:
                 check(entry)
             for n in names:
-                shutil.copyfile(entry / n, dest.parent / n)
+                _copy(entry / n, dest.parent / n)
             return True
         except Exception as exc:  # a damaged entry: make it again and replace it
             log.warning("cached %s %s unreadable (%s); making it again", what, entry, first_line(exc))
@@ -108,7 +108,7 @@ def _kept(cache: Path, name: str, produce: Callable[[Path], None], dest: Path, w
         produce(tmp / dest.name)
         names = sorted(p.name for p in tmp.iterdir())
         for n in names:
-            shutil.copyfile(tmp / n, dest.parent / n)
+            _copy(tmp / n, dest.parent / n)
         (tmp / LIST).write_text("\n".join(names))
         shutil.rmtree(entry, ignore_errors=True)
         os.replace(tmp, entry)
@@ -119,6 +119,15 @@ def _kept(cache: Path, name: str, produce: Callable[[Path], None], dest: Path, w
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return False
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """A file, or a folder (a Core ML .mlpackage) whole."""
+    if src.is_dir():
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst)
+    else:
+        shutil.copyfile(src, dst)
 
 
 def job_key(job) -> str:
