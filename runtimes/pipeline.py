@@ -161,8 +161,12 @@ class Pipeline:
 
     def stream(self, image: ImageInput, prompt: str, **options: Any) -> Iterator[str]:
         opts = self.options(**options)
+        yield from self._pieces(self._tokens(image, prompt, opts), opts)
+
+    def _pieces(self, tokens, opts: GenerationOptions) -> Iterator[str]:
+        """Text of `tokens` as it becomes final, up to the first stop string."""
         decoder = StreamDecoder(self.codec, opts.stop)
-        for token in self._tokens(image, prompt, opts):
+        for token in tokens:
             piece = decoder.push(token)
             if piece:
                 yield piece
@@ -177,18 +181,7 @@ class Pipeline:
         images and one decoder call per step for all of them. Each answer is the one generate() gives for its
         pair alone (up to the order of floating-point sums in batched kernels). Options apply to every row."""
         opts = self.options(**options)
-        texts = []
-        for tokens in self._batch_tokens(requests, opts):
-            decoder = StreamDecoder(self.codec, opts.stop)
-            pieces = []
-            for token in tokens:
-                pieces.append(decoder.push(token))
-                if decoder.stopped:
-                    break
-            else:
-                pieces.append(decoder.finish())
-            texts.append("".join(pieces))
-        return texts
+        return ["".join(self._pieces(tokens, opts)) for tokens in self._batch_tokens(requests, opts)]
 
     def generate_ids_batch(self, requests: Sequence[tuple[ImageInput, str]], **options: Any) -> list[list[int]]:
         """generate_ids for several (image, prompt) pairs at once (see generate_batch): a list per pair."""
@@ -320,7 +313,6 @@ class Pipeline:
         start = time.perf_counter()
         if self.takes_lengths:
             logits, step = self._prefill_rows_in_place(cache, rows, lengths)
-            budget_end = longest
         else:
             pads = longest - lengths
             embeds = np.zeros((batch, longest, rows[0].shape[-1]), rows[0].dtype)
@@ -334,9 +326,8 @@ class Pipeline:
                 return out["logits"]
 
             logits = step(embeds)
-            budget_end = longest
         t.prefill = time.perf_counter() - start
-        budget = min(opts.max_new_tokens, capacity - budget_end)
+        budget = min(opts.max_new_tokens, capacity - longest)
         if budget < opts.max_new_tokens:
             log.warning("max_new_tokens %d is more than the %d tokens this package's context (max_context %d) has "
                         "left after the batch's longest (%d-token) prompt: generating at most %d",
