@@ -53,6 +53,10 @@ class Parts:
     vocab_size: int
     mask_names: tuple[str, ...] = ("attention_mask",)
     mask_arg: Callable = field(default=lambda masks: masks[0])
+    position_rows: int = 1  # 3: position_ids [3, B, S] (multimodal rotary, scheme "mrope"), else [B, S]
+    # the vision scheme "patch_grid": the vision encoder takes patches [N, patch_dim] and the per-patch indices
+    # of runtimes/schemes.vision_inputs; {"patch_dim": int, "merge_size": int, "window": int | None}
+    patch_grid: dict | None = None
 
 
 class SoftcapHead(torch.nn.Module):

@@ -19,6 +19,10 @@ from mmedge.exporters.family import Parts
 
 TRACE = dict(batch=2, seq=5, cache=7)
 CHECKS = (dict(batch=1, seq=3, cache=4), dict(batch=3, seq=1, cache=9), dict(batch=1, seq=6, cache=0))
+# "patch_grid" vision encoders: the (t, h, w) patch grids of the images in one call, traced at one and checked at
+# others: portrait, landscape, the smallest, two images of different grids, a two-frame clip (in merge units of 2)
+PATCH_GRIDS_TRACE = [(1, 6, 8)]
+PATCH_GRIDS_CHECKS = ([(1, 10, 4)], [(1, 4, 12)], [(1, 2, 2)], [(1, 4, 4), (1, 6, 2)], [(2, 4, 6)])
 
 
 @dataclass
@@ -177,9 +181,8 @@ def _mask(batch: int, seq: int, cache: int, generator: torch.Generator) -> torch
     return torch.where(keep, 0.0, torch.finfo(torch.float32).min)
 
 
-def build_jobs(parts: Parts, seed: int = 0, kv_storage: str = "buffer", max_context: int = 0) -> list[GraphJob]:
-    """The four jobs; the decoder's for kv_cache storage "in_place" is built, not traced (fused_decoder)."""
-    g = torch.Generator().manual_seed(seed)
+def _image_jobs(parts: Parts, g: torch.Generator) -> tuple[GraphJob, GraphJob]:
+    """Vision encoder and projector over batches of fixed-size images [B, 3, H, W]."""
     h, w = parts.image_size
 
     def pixels(b):
@@ -209,6 +212,57 @@ def build_jobs(parts: Parts, seed: int = 0, kv_storage: str = "buffer", max_cont
         features(TRACE["batch"]),
         [features(c["batch"]) for c in CHECKS[:2]],
     )
+    return vision, projector
+
+
+def _patch_grid_jobs(parts: Parts, g: torch.Generator) -> tuple[GraphJob, GraphJob]:
+    """Vision encoder over the patches of any images (scheme "patch_grid"), with the per-patch indices the
+    runtime computes (the runtime's own code makes them here), and the projector (patch merger) over its
+    features; traced at one grid, checked at PATCH_GRIDS_CHECKS."""
+    from mmedge.manifest import SchemeSpec
+    from mmedge.runtimes.schemes import vision_inputs
+
+    grid = parts.patch_grid
+    scheme = SchemeSpec(vision="patch_grid", vision_window=grid["window"])
+
+    def inputs(grids):
+        extra = vision_inputs(scheme, grid["merge_size"], grids)
+        n = len(extra["frame_segments"])
+        pixels = torch.rand(n, grid["patch_dim"], generator=g) * 2 - 1
+        return (pixels, *(torch.from_numpy(a) for a in extra.values())), list(extra)
+
+    trace, names = inputs(PATCH_GRIDS_TRACE)
+    axes = {"pixel_values": {0: "patches"}, "vision_positions": {0: "patches"}, "frame_segments": {0: "patches"},
+            "window_index": {0: "tokens"}, "window_segments": {0: "patches"}}
+    vision = GraphJob(
+        "vision_encoder",
+        parts.vision_encoder,
+        ["pixel_values", *names],
+        ["image_features"],
+        {name: axes[name] for name in ["pixel_values", *names]},
+        trace,
+        [inputs(grids)[0] for grids in PATCH_GRIDS_CHECKS],
+        output_axes={"image_features": {0: "patches"}},
+    )
+    with torch.no_grad():
+        features = [(parts.vision_encoder(*args),) for args in [trace, *vision.check_inputs]]
+    projector = GraphJob(
+        "projector",
+        parts.projector,
+        ["image_features"],
+        ["image_embeds"],
+        {"image_features": {0: "patches"}},
+        features[0],
+        features[1:3],
+        output_axes={"image_embeds": {0: "tokens"}},
+    )
+    return vision, projector
+
+
+def build_jobs(parts: Parts, seed: int = 0, kv_storage: str = "buffer", max_context: int = 0) -> list[GraphJob]:
+    """The four jobs; the decoder's for kv_cache storage "in_place" is built, not traced (fused_decoder)."""
+    g = torch.Generator().manual_seed(seed)
+    vision, projector = (_patch_grid_jobs if parts.patch_grid else _image_jobs)(parts, g)
 
     def ids(c):
         return (torch.randint(0, parts.vocab_size, (c["batch"], c["seq"]), generator=g),)
@@ -235,12 +289,16 @@ def build_jobs(parts: Parts, seed: int = 0, kv_storage: str = "buffer", max_cont
         embeds = torch.randn(b, s, parts.hidden_size, generator=g)
         masks = [_mask(b, s, p, g) for _ in parts.mask_names]
         positions = (torch.arange(p, p + s) + 1).repeat(b, 1)
+        if parts.position_rows > 1:  # rows that differ, as an image's (frame, row, column) do
+            positions = torch.stack([positions + torch.randint(-1, 2, positions.shape, generator=g)
+                                     for _ in range(parts.position_rows)]).clamp(min=0)
         past = [torch.randn(b, kv_shape[0], p, kv_shape[1], generator=g) for _ in range(2 * parts.num_layers)]
         return (embeds, *masks, positions, *past)
 
     past_names = kv_names("past", parts.num_layers)
     present_names = kv_names("present", parts.num_layers)
-    axes = {"inputs_embeds": {0: "batch", 1: "seq"}, "position_ids": {0: "batch", 1: "seq"}}
+    axes = {"inputs_embeds": {0: "batch", 1: "seq"},
+            "position_ids": {0: "batch", 1: "seq"} if parts.position_rows == 1 else {1: "batch", 2: "seq"}}
     axes.update({m: {0: "batch", 2: "seq", 3: "total_len"} for m in parts.mask_names})
     axes.update({n: {0: "batch", 2: "cache_len"} for n in past_names})
     present_len = "total_len" if kv_storage == "state" else "seq"

@@ -82,7 +82,12 @@ class PreprocessSpec:
     centre height x width (CLIP, LLaVA). "longest_edge" (Idefics3, SmolVLM):
     the longer side to `longest_edge`, then with do_image_splitting tiles of
     `tile_size` (= height = width) row by row plus the whole image as a last
-    tile, or without it one tile-sized square.
+    tile, or without it one tile-sized square. "smart_resize" (Qwen2-VL and
+    its kind): each side to a multiple of patch_size x merge_size with the
+    area between min_pixels and max_pixels (aspect kept), then cut into
+    patches flattened as the processor does ([patches, 3 x temporal x
+    patch x patch], merge-block order) with their grid (t, h, w) in patches;
+    height x width is then only the size export traced at.
     """
 
     height: int
@@ -94,6 +99,11 @@ class PreprocessSpec:
     longest_edge: int | None = None
     tile_size: int | None = None
     do_image_splitting: bool = False
+    patch_size: int | None = None  # "smart_resize": pixels per patch side
+    merge_size: int | None = None  # "smart_resize": patches per side merged into one token
+    temporal_patch_size: int | None = None  # "smart_resize": frames per patch (an image is repeated to fill it)
+    min_pixels: int | None = None  # "smart_resize": the area bounds of the resized image (the token budget)
+    max_pixels: int | None = None
     rescale: float = 1 / 255
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
@@ -137,11 +147,13 @@ class PromptSpec:
 class SchemeSpec:
     """The named run-time schemes a family selects (see mmedge/runtimes/schemes.py)."""
 
-    positions: str = "linear"  # position id = sequence index + position_offset
+    positions: str = "linear"  # position id = sequence index + position_offset; or "mrope" (3-D, Qwen2-VL)
     position_offset: int = 0
     attention: str = "causal"  # or "prefix_bidirectional"
     image_placement: str = "replace_image_tokens"
     sliding_window: int | None = None  # set when the decoder takes a sliding-window mask too
+    vision: str = "images"  # or "patch_grid": the vision encoder takes patches and per-patch indices (Qwen2-VL)
+    vision_window: int | None = None  # "patch_grid" with window attention: window side, in merged tokens
 
 
 @dataclass

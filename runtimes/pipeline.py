@@ -33,7 +33,19 @@ from mmedge.runtimes.text import StreamDecoder, TextCodec
 log = logging.getLogger(__name__)
 
 PARTS = ("vision_encoder", "projector", "embed_tokens", "decoder")
-VISION_BATCH = 16  # images (or tiles) per vision encoder call in generate_batch
+VISION_BATCH = 16  # images (or tiles) per vision encoder call
+
+
+@dataclass
+class _Sequence:
+    """One prompt made ready for the graphs: its token ids, its images' pixels (and grids), the attention blocks
+    and, where the position scheme gives each prompt token its own, the prompt's positions."""
+
+    ids: np.ndarray
+    pixels: list[np.ndarray]  # per image: [frames, 3, H, W], or [patches, patch_dim] (vision "patch_grid")
+    grids: list[tuple]  # per image: (rows, cols) of tiles, or (t, h, w) patches
+    block_of: np.ndarray
+    positions: np.ndarray | None = None  # [3, len(ids)] for "mrope"
 
 
 @dataclass
@@ -156,7 +168,8 @@ class Pipeline:
 
     # -- public API --------------------------------------------------------
 
-    def generate(self, image: ImageInput, prompt: str, **options: Any) -> str:
+    def generate(self, image: ImageInput | Sequence[ImageInput], prompt: str, **options: Any) -> str:
+        """The answer to `prompt` about `image` (or a list of images, in the order the prompt takes them)."""
         return "".join(self.stream(image, prompt, **options))
 
     def stream(self, image: ImageInput, prompt: str, **options: Any) -> Iterator[str]:
@@ -198,9 +211,11 @@ class Pipeline:
         opts.check()
         return opts
 
-    def encode_prompt(self, prompt: str, raw: bool = False, grid: tuple[int, int] = (0, 0)) -> np.ndarray:
-        """Token ids of the prompt; `grid`: the image's (rows, cols) of tiles, for families that split images."""
-        return self.codec.encode(self.codec.render(prompt, raw=raw, grid=grid))
+    def encode_prompt(self, prompt: str, raw: bool = False, grid: tuple = (0, 0), grids: list | None = None
+                      ) -> np.ndarray:
+        """Token ids of the prompt; `grid`: the image's (rows, cols) of tiles or (t, h, w) patches, as
+        preprocessing gives it (`grids`: one per image, for several)."""
+        return self.codec.encode(self.codec.render(prompt, raw=raw, grid=grid, grids=grids))
 
     def generate_ids(self, image: ImageInput, prompt: str, **options: Any) -> Iterator[int]:
         """Yield generated token ids (EOS is not yielded)."""
@@ -217,16 +232,15 @@ class Pipeline:
             return self._teacher_forced_logits(image, prompt, tokens)
 
     def _teacher_forced_logits(self, image: ImageInput, prompt: str, tokens: Sequence[int]) -> np.ndarray:
-        ids, pixels, block_of = self._prepare(image, prompt)
-        if len(ids) + len(tokens) > self.cache.capacity:
-            raise InputError(
-                f"{len(ids)} prompt and {len(tokens)} forced tokens exceed this package's context of {self.cache.capacity}"
-            )
-        embeds = self._prompt_embeddings(ids, pixels)
+        seq = self._prepare(image, prompt)
+        if len(seq.ids) + len(tokens) > self.cache.capacity:
+            raise InputError(f"{len(seq.ids)} prompt and {len(tokens)} forced tokens exceed this package's context "
+                             f"of {self.cache.capacity}")
+        embeds = self._prompt_embeddings(seq)
         self.cache.reset()
-        rows = [self._cached_step(embeds, block_of)[0, -1].copy()]
+        rows = [self._cached_step(embeds, seq)[0, -1].copy()]
         for token in tokens:
-            rows.append(self._cached_step(self._embed(np.array([[token]], dtype=np.int64)), block_of)[0, -1].copy())
+            rows.append(self._cached_step(self._embed(np.array([[token]], dtype=np.int64)), seq)[0, -1].copy())
         return np.stack(rows)
 
     # -- internals ---------------------------------------------------------
@@ -239,7 +253,8 @@ class Pipeline:
         rng = np.random.default_rng(opts.seed)
         t = self.timings = Timings()
         start = time.perf_counter()
-        ids, pixels, block_of = self._prepare(image, prompt, opts.raw_prompt)
+        seq = self._prepare(image, prompt, opts.raw_prompt)
+        ids = seq.ids
         t.preprocess = time.perf_counter() - start
         capacity = self.cache.capacity
         if len(ids) >= capacity:
@@ -248,11 +263,11 @@ class Pipeline:
                 "shorten the prompt or re-export with a larger --max-context"
             )
         t.prompt_tokens = len(ids)
-        embeds = self._prompt_embeddings(ids, pixels)
+        embeds = self._prompt_embeddings(seq)
         step = self._cached_step if opts.use_cache else self._uncached_step(embeds)
         self.cache.reset()
         start = time.perf_counter()
-        logits = step(embeds, block_of)
+        logits = step(embeds, seq)
         t.prefill = time.perf_counter() - start
         eos = self.manifest.special_tokens.eos_ids
         banned = eos if opts.ignore_eos else None
@@ -270,7 +285,7 @@ class Pipeline:
             if i + 1 == budget:
                 return
             start = time.perf_counter()
-            logits = step(self._embed(np.array([[token]], dtype=np.int64)), block_of)
+            logits = step(self._embed(np.array([[token]], dtype=np.int64)), seq)
             t.steps.append(time.perf_counter() - start)
             t.decode += t.steps[-1]
 
@@ -300,7 +315,7 @@ class Pipeline:
         prepared = [self._prepare(image, prompt, opts.raw_prompt) for image, prompt in requests]
         t.preprocess = time.perf_counter() - start
         capacity = self.cache.capacity
-        lengths = np.array([len(ids) for ids, _, _ in prepared])
+        lengths = np.array([len(seq.ids) for seq in prepared])
         for i, n in enumerate(lengths):
             if n >= capacity:
                 raise InputError(f"prompt {i} is {n} tokens but this package's context holds {capacity}; "
@@ -309,7 +324,6 @@ class Pipeline:
         rows = self._prompt_embeddings_many(prepared)
         batch, longest = len(rows), int(lengths.max())
         cache = make_cache(self.manifest.kv_cache, self.graphs["decoder"], batch)
-        blocks = [block_of for _, _, block_of in prepared]
         start = time.perf_counter()
         if self.takes_lengths:
             logits, step = self._prefill_rows_in_place(cache, rows, lengths)
@@ -321,7 +335,7 @@ class Pipeline:
             cache.reset()
 
             def step(embeds):
-                out = self._decode_rows(embeds, cache, pads, blocks)
+                out = self._decode_rows(embeds, cache, pads, prepared)
                 cache.write(out, embeds.shape[1])
                 return out["logits"]
 
@@ -355,12 +369,13 @@ class Pipeline:
             t.decode += t.steps[-1]
         return out
 
-    def _decode_rows(self, embeds: np.ndarray, cache, pads: np.ndarray, blocks: list) -> dict:
+    def _decode_rows(self, embeds: np.ndarray, cache, pads: np.ndarray, seqs: list) -> dict:
         """One decoder call for left-padded rows: each row's positions and masks from its own padding."""
         start, n = cache.length, embeds.shape[1]
-        positions = np.concatenate([schemes.position_ids(self.manifest.schemes, start, n, int(pad)) for pad in pads])
+        positions = np.concatenate([schemes.position_ids(self.manifest.schemes, start, n, int(pad), seq.positions)
+                                    for pad, seq in zip(pads, seqs)], axis=-2)
         masks = [schemes.attention_masks(self.manifest.schemes, self.mask_names, start, n, cache.mask_slots,
-                                         block_of, self.mask_dtype, int(pad)) for pad, block_of in zip(pads, blocks)]
+                                         seq.block_of, self.mask_dtype, int(pad)) for pad, seq in zip(pads, seqs)]
         feeds = {name: np.concatenate([m[name] for m in masks]) for name in self.mask_names}
         return self.graphs["decoder"].run({"inputs_embeds": embeds, "position_ids": positions, **feeds,
                                            **cache.feeds()})
@@ -393,53 +408,77 @@ class Pipeline:
 
         return np.concatenate(firsts), step
 
-    def _prompt_embeddings_many(self, prepared: list) -> list[np.ndarray]:
-        """Each row's prompt embeddings [1, len, hidden], the images of all rows through the vision encoder and
-        projector together (VISION_BATCH frames a call)."""
-        pixels = np.concatenate([p for _, p, _ in prepared])
-        start = time.perf_counter()
-        features = [self.graphs["vision_encoder"].run({"pixel_values": pixels[i : i + VISION_BATCH]})["image_features"]
-                    for i in range(0, len(pixels), VISION_BATCH)]
-        self.timings.vision = time.perf_counter() - start
-        start = time.perf_counter()
-        embeds = np.concatenate([self.graphs["projector"].run({"image_features": f})["image_embeds"] for f in features])
-        self.timings.projector = time.perf_counter() - start
-        rows, at = [], 0
-        for ids, frames, _ in prepared:
-            image_embeds = embeds[at : at + len(frames)]
-            at += len(frames)
-            rows.append(schemes.place_image(self.manifest.schemes, self._embed(ids[None]), ids[None], image_embeds,
-                                            self.manifest.prompt.image_token_id))
-        return rows
+    def _prompt_embeddings_many(self, seqs: list[_Sequence]) -> list[np.ndarray]:
+        """Each sequence's prompt embeddings [1, len, hidden], with its images' embeddings in its image tokens."""
+        return [schemes.place_image(self.manifest.schemes, self._embed(seq.ids[None]), seq.ids[None], image_embeds,
+                                    self.manifest.prompt.image_token_id)
+                for seq, image_embeds in zip(seqs, self._image_embeddings(seqs))]
 
-    def _prepare(self, image: ImageInput, prompt: str, raw: bool = False):
-        """Prompt ids, pixel values (one row per tile where the family splits images) and attention blocks."""
-        pixels, grid = preprocess_with_grid(image, self.manifest.preprocess)
-        ids = self.encode_prompt(prompt, raw=raw, grid=grid)
-        if raw and not (ids == self.manifest.prompt.image_token_id).any():
+    def _image_embeddings(self, seqs: list[_Sequence]) -> list[np.ndarray]:
+        """Per sequence, its images' embeddings in prompt order, [tokens, hidden] (or [frames, tokens, hidden]).
+
+        Fixed-size images and tiles of all sequences go through the vision encoder and projector together,
+        VISION_BATCH a call; "patch_grid" encoders take one image a call (attention over its patches alone, so
+        memory follows the largest image, not the sum of them)."""
+        vision, projector = self.graphs["vision_encoder"], self.graphs["projector"]
+        seconds = {"vision": 0.0, "projector": 0.0}
+
+        def encode(feeds):
+            start = time.perf_counter()
+            features = vision.run(feeds)["image_features"]
+            seconds["vision"] += time.perf_counter() - start
+            start = time.perf_counter()
+            embeds = projector.run({"image_features": features})["image_embeds"]
+            seconds["projector"] += time.perf_counter() - start
+            return embeds
+
+        if self.manifest.schemes.vision == "patch_grid":
+            takes = self.manifest.graphs["vision_encoder"].inputs
+            merge = self.manifest.preprocess.merge_size
+            out = []
+            for seq in seqs:
+                embeds = []
+                for pixels, grid in zip(seq.pixels, seq.grids):
+                    extra = schemes.vision_inputs(self.manifest.schemes, merge, [grid])
+                    embeds.append(encode({"pixel_values": pixels, **{k: v for k, v in extra.items() if k in takes}}))
+                out.append(np.concatenate(embeds))
+        else:
+            frames = [np.concatenate(seq.pixels) for seq in seqs]
+            pixels = np.concatenate(frames)
+            embeds = np.concatenate([encode({"pixel_values": pixels[i : i + VISION_BATCH]})
+                                     for i in range(0, len(pixels), VISION_BATCH)])
+            out = np.split(embeds, np.cumsum([len(f) for f in frames])[:-1])
+        self.timings.vision, self.timings.projector = seconds["vision"], seconds["projector"]
+        return out
+
+    def _prepare(self, image: ImageInput | Sequence[ImageInput], prompt: str, raw: bool = False) -> _Sequence:
+        """Prompt ids, each image's pixels (one row per tile where the family splits images, or its patches),
+        attention blocks and positions."""
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        if not images:
+            raise InputError("no image given: pass one image, or a list of them")
+        spec = self.manifest.preprocess
+        prepared = [preprocess_with_grid(im, spec) for im in images]
+        grids = [grid for _, grid in prepared]
+        ids = self.encode_prompt(prompt, raw=raw, grids=grids)
+        token = self.manifest.prompt.image_token_id
+        if raw and not (ids == token).any():
             p = self.manifest.prompt
             where = (f"{p.image_marker!r} (expanded to the image tokens)" if p.image_marker
                      else f"{p.image_token!r} x {p.image_seq_len} where the family's format puts them")
             raise InputError(f"a raw prompt must say where the image goes and this one has no image tokens: write "
                              f"{where}, or drop --raw-prompt")
-        return ids, pixels, schemes.blocks(self.manifest.schemes, ids, self.manifest.prompt.image_token_id)
+        s = self.manifest.schemes
+        positions = schemes.prompt_positions(s, ids, grids, token, spec.merge_size)
+        return _Sequence(ids, [p for p, _ in prepared], grids, schemes.blocks(s, ids, token), positions)
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         return self.graphs["embed_tokens"].run({"input_ids": ids})["inputs_embeds"]
 
-    def _prompt_embeddings(self, ids: np.ndarray, pixels: np.ndarray) -> np.ndarray:
-        start = time.perf_counter()
-        features = self.graphs["vision_encoder"].run({"pixel_values": pixels})["image_features"]
-        self.timings.vision = time.perf_counter() - start
-        start = time.perf_counter()
-        image_embeds = self.graphs["projector"].run({"image_features": features})["image_embeds"]
-        self.timings.projector = time.perf_counter() - start
-        embeds = self._embed(ids[None])
-        return schemes.place_image(
-            self.manifest.schemes, embeds, ids[None], image_embeds, self.manifest.prompt.image_token_id
-        )
+    def _prompt_embeddings(self, seq: _Sequence) -> np.ndarray:
+        return self._prompt_embeddings_many([seq])[0]
 
-    def _decode(self, embeds: np.ndarray, start: int, cache_feeds: dict, mask_slots: int, block_of: np.ndarray,
+    def _decode(self, embeds: np.ndarray, start: int, cache_feeds: dict, mask_slots: int, seq: _Sequence,
                 into: dict | None = None) -> dict:
         n = embeds.shape[1]
         if self.takes_lengths:
@@ -448,16 +487,15 @@ class Pipeline:
                          "total_sequence_length": np.array(start + n, np.int32)}
         else:
             positions = {
-                "position_ids": schemes.position_ids(self.manifest.schemes, start, n),
+                "position_ids": schemes.position_ids(self.manifest.schemes, start, n, prompt=seq.positions),
                 **schemes.attention_masks(
-                    self.manifest.schemes, self.mask_names, start, n, mask_slots, block_of, self.mask_dtype
+                    self.manifest.schemes, self.mask_names, start, n, mask_slots, seq.block_of, self.mask_dtype
                 ),
             }
         return self.graphs["decoder"].run({"inputs_embeds": embeds, **positions, **cache_feeds}, into=into)
 
-    def _cached_step(self, embeds: np.ndarray, block_of: np.ndarray) -> np.ndarray:
-        out = self._decode(embeds, self.cache.length, self.cache.feeds(), self.cache.mask_slots, block_of,
-                           self._into)
+    def _cached_step(self, embeds: np.ndarray, seq: _Sequence) -> np.ndarray:
+        out = self._decode(embeds, self.cache.length, self.cache.feeds(), self.cache.mask_slots, seq, self._into)
         self.cache.write(out, embeds.shape[1])
         return out["logits"] if "logits" in out else self._into["logits"]  # the latter is overwritten next step
 
@@ -465,10 +503,10 @@ class Pipeline:
         """A step function that re-runs the whole sequence each time (reference path)."""
         seq = [prompt_embeds]
 
-        def step(embeds: np.ndarray, block_of: np.ndarray) -> np.ndarray:
+        def step(embeds: np.ndarray, prepared: _Sequence) -> np.ndarray:
             if embeds is not prompt_embeds:
                 seq.append(embeds)
             full = np.concatenate(seq, axis=1)
-            return self._decode(full, 0, self.cache.fresh(), 0, block_of)["logits"]
+            return self._decode(full, 0, self.cache.fresh(), 0, prepared)["logits"]
 
         return step

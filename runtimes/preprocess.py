@@ -146,6 +146,8 @@ def preprocess_with_grid(image: ImageInput, spec: PreprocessSpec) -> tuple[np.nd
     img = load_image(image)
     if spec.convert_rgb:
         img = to_rgb(img)
+    if spec.resize_mode == "smart_resize":
+        return _patches(img, spec)
     if spec.resize_mode == "longest_edge":
         frames, grid = _tiles(img, spec)
     else:
@@ -206,6 +208,43 @@ def _tiles(img: Image.Image, spec: PreprocessSpec) -> tuple[list[np.ndarray], tu
     frames = [arr[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] for r in range(rows) for c in range(cols)]
     frames.append(_rgb_array(resize(img, tile, tile)))
     return frames, (rows, cols)
+
+
+def smart_resize(height: int, width: int, spec: PreprocessSpec, min_pixels: int | None = None,
+                 max_pixels: int | None = None) -> tuple[int, int]:
+    """(height, width) as Qwen2-VL's processors resize: each a multiple of patch x merge, the area within
+    [min_pixels, max_pixels] (the package's, unless given), the aspect ratio kept as closely as that allows."""
+    factor = spec.patch_size * spec.merge_size
+    low = spec.min_pixels if min_pixels is None else min_pixels
+    high = spec.max_pixels if max_pixels is None else max_pixels
+    if max(height, width) / min(height, width) > 200:
+        raise InputError(f"the image is {width}x{height}: an aspect ratio over 200 is more than the model takes; "
+                         "crop it first")
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > high:
+        beta = math.sqrt(height * width / high)
+        h, w = max(factor, math.floor(height / beta / factor) * factor), max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < low:
+        beta = math.sqrt(low / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def _patches(img: Image.Image, spec: PreprocessSpec, frames: int = 1) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Qwen2-VL: smart_resize, normalize, then patches [t*h*w, 3*T*p*p] in the processor's order (merge blocks
+    of m x m patches row by row; each patch channel-major, the image repeated over the T frames of a temporal
+    patch) and the grid (t, h, w) in patches."""
+    if spec.do_resize:
+        h, w = smart_resize(img.height, img.width, spec)
+        if img.size != (w, h):
+            img = img.resize((w, h), resample=_RESAMPLE[spec.resample])
+    arr = _normalized(_rgb_array(img), spec)  # [3, H, W]
+    p, m, t = spec.patch_size, spec.merge_size, spec.temporal_patch_size
+    c, height, width = arr.shape
+    gh, gw = height // p, width // p
+    patches = arr.reshape(c, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)
+    patches = np.broadcast_to(patches[:, :, :, :, :, None], (*patches.shape[:5], t, p, p))
+    return np.ascontiguousarray(patches.reshape(gh * gw, c * t * p * p)), (1, gh, gw)
 
 
 def _longest_edge_size(h: int, w: int, longest: int, limit: int = 4096) -> tuple[int, int]:

@@ -16,8 +16,9 @@ from mmedge.errors import InputError, PackageError
 from mmedge.manifest import SchemeSpec
 
 ATTENTION_PATTERNS = ("causal", "prefix_bidirectional", "image_bidirectional")
-POSITION_SCHEMES = ("linear",)
+POSITION_SCHEMES = ("linear", "mrope")
 IMAGE_PLACEMENTS = ("replace_image_tokens",)
+VISION_SCHEMES = ("images", "patch_grid")
 
 
 def check_schemes(schemes: SchemeSpec) -> None:
@@ -25,15 +26,109 @@ def check_schemes(schemes: SchemeSpec) -> None:
         (schemes.attention, ATTENTION_PATTERNS, "attention pattern"),
         (schemes.positions, POSITION_SCHEMES, "position scheme"),
         (schemes.image_placement, IMAGE_PLACEMENTS, "image placement"),
+        (schemes.vision, VISION_SCHEMES, "vision input scheme"),
     ):
         if value not in known:
             raise PackageError(f"this mmedge does not know the {what} {value!r} the package needs; upgrade mmedge")
 
 
-def position_ids(schemes: SchemeSpec, start: int, length: int, pad: int = 0) -> np.ndarray:
-    """Position ids [1, length] for the tokens in cache slots start..start+length-1, `pad` slots of left padding
-    first (their positions are the first token's: they are masked out)."""
-    return (np.maximum(np.arange(start - pad, start - pad + length, dtype=np.int64), 0) + schemes.position_offset)[None]
+def position_ids(schemes: SchemeSpec, start: int, length: int, pad: int = 0,
+                 prompt: np.ndarray | None = None) -> np.ndarray:
+    """Position ids for the tokens in cache slots start..start+length-1, `pad` slots of left padding first (their
+    positions are the first token's: they are masked out).
+
+    "linear": [1, length], token index + position_offset.
+    "mrope": [3, 1, length] (temporal, height, width): the prompt's own from `prompt_positions` (pass them as
+    `prompt`), and after the prompt every row continues from the prompt's largest position + 1.
+    """
+    index = np.arange(start - pad, start - pad + length, dtype=np.int64)
+    if schemes.positions != "mrope":
+        return (np.maximum(index, 0) + schemes.position_offset)[None]
+    if prompt is None:
+        raise ValueError("mrope positions need the prompt's positions (prompt_positions)")
+    n = prompt.shape[1]
+    after = index + (int(prompt.max()) + 1 - n)
+    out = np.where(index < n, prompt[:, np.clip(index, 0, n - 1)], after)
+    return out[:, None, :]
+
+
+def prompt_positions(schemes: SchemeSpec, ids: np.ndarray, grids: list, image_token_id: int,
+                     merge_size: int | None) -> np.ndarray | None:
+    """The prompt's positions where the scheme gives each token its own ("mrope": [3, len(ids)]), else None.
+
+    Qwen2-VL's multimodal rotary positions, as its `get_rope_index` computes them: text tokens count up on all
+    three rows; the tokens of an image with grid (t, h, w) patches (h/m x w/m tokens per frame, m =
+    `merge_size`) take (start + frame, start + row, start + column); the text after it continues from start +
+    max(h, w) / m. Images are matched to runs of image tokens in order, `grids` one per image.
+    """
+    if schemes.positions != "mrope":
+        return None
+    out = np.empty((3, len(ids)), np.int64)
+    image = ids == image_token_id
+    pos, i, left = 0, 0, list(grids)
+    while i < len(ids):
+        if image[i]:
+            if not left:
+                raise InputError(f"the prompt has more image tokens than the {len(grids)} image(s) give; "
+                                 "do not type the image token yourself")
+            t, h, w = left.pop(0)
+            h, w = h // merge_size, w // merge_size
+            n = t * h * w
+            grid = np.stack(np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")).reshape(3, -1)
+            if not image[i : i + n].all() or grid.shape[1] != n:
+                raise InputError(f"image {len(grids) - len(left)} has {n} tokens but the prompt holds "
+                                 f"{int(image[i : i + n].sum())} there; do not type the image token yourself")
+            out[:, i : i + n] = grid + pos
+            pos, i = pos + max(h, w), i + n
+        else:
+            end = i + 1
+            while end < len(ids) and not image[end]:
+                end += 1
+            out[:, i:end] = np.arange(pos, pos + end - i)
+            pos, i = pos + end - i, end
+    if left:
+        raise InputError(f"{len(left)} image(s) have no place in the prompt (it has fewer image tokens than the "
+                         "images need)")
+    return out
+
+
+def vision_inputs(schemes: SchemeSpec, merge_size: int, grids: list) -> dict[str, np.ndarray]:
+    """The per-patch indices a "patch_grid" vision encoder takes beside the patches of `grids` ((t, h, w) each,
+    in patches, as the preprocessing cut them, concatenated in order):
+
+    vision_positions [N, 2]: each patch's (row, column) in its frame, in merge-block order (the rotary input);
+    frame_segments [N]: which frame each patch is in (attention stays within a frame);
+    with a window (`schemes.vision_window` merged tokens a side, Qwen2.5-VL):
+    window_index [N / m^2]: the merged tokens regrouped window by window (the order the blocks run in);
+    window_segments [N]: which window each patch is in, in that order.
+    """
+    m = merge_size
+    positions, frames, order, windows = [], [], [], []
+    frame, window, offset = 0, 0, 0
+    for t, h, w in grids:
+        rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+        block = lambda a: a.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).reshape(-1)  # noqa: E731
+        positions.append(np.tile(np.stack([block(rows), block(cols)], axis=1), (t, 1)))
+        frames.append(np.repeat(np.arange(frame, frame + t), h * w))
+        frame += t
+        if schemes.vision_window:
+            side, lh, lw = schemes.vision_window, h // m, w // m
+            index = np.arange(t * lh * lw).reshape(t, lh, lw)
+            ph, pw = -lh % side, -lw % side
+            padded = np.pad(index, ((0, 0), (0, ph), (0, pw)), constant_values=-1)
+            nh, nw = (lh + ph) // side, (lw + pw) // side
+            padded = padded.reshape(t, nh, side, nw, side).transpose(0, 1, 3, 2, 4).reshape(t * nh * nw, -1)
+            sizes = (padded >= 0).sum(1)
+            order.append(padded[padded >= 0] + offset)
+            windows.append(np.repeat(np.arange(window, window + len(sizes)), sizes * m * m))
+            window += len(sizes)
+        offset += t * (h // m) * (w // m)
+    out = {"vision_positions": np.concatenate(positions).astype(np.int64),
+           "frame_segments": np.concatenate(frames).astype(np.int64)}
+    if schemes.vision_window:
+        out["window_index"] = np.concatenate(order).astype(np.int64)
+        out["window_segments"] = np.concatenate(windows).astype(np.int64)
+    return out
 
 
 def blocks(schemes: SchemeSpec, input_ids: np.ndarray, image_token_id: int) -> np.ndarray:

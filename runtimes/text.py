@@ -13,7 +13,8 @@ from mmedge.manifest import PromptSpec, SpecialTokens
 
 
 class TextCodec:
-    def __init__(self, tokenizer_path: Path, prompt: PromptSpec, special: SpecialTokens, chat_template: str | None = None):
+    def __init__(self, tokenizer_path: Path, prompt: PromptSpec, special: SpecialTokens, chat_template: str | None = None,
+                 merge_size: int | None = None):
         from tokenizers import Tokenizer
 
         try:
@@ -22,6 +23,7 @@ class TextCodec:
             raise PackageError(f"cannot read {tokenizer_path.name}: {exc}") from None
         self.prompt = prompt
         self.special = special
+        self.merge_size = merge_size or 1  # image_layout "patch_grid": patches per side merged into one token
         self.chat = _compile(chat_template) if prompt.mode == "chat" else None
         if prompt.mode == "chat" and self.chat is None:
             raise PackageError("the package's prompt mode is chat but it has no chat template; re-export it")
@@ -35,38 +37,55 @@ class TextCodec:
                 template = path.read_text(encoding="utf-8")
             except OSError as exc:
                 raise PackageError(f"cannot read the chat template {path}: {exc}; re-export the package") from None
-        return cls(Path(directory) / manifest.tokenizer, manifest.prompt, manifest.special_tokens, template)
+        return cls(Path(directory) / manifest.tokenizer, manifest.prompt, manifest.special_tokens, template,
+                   manifest.preprocess.merge_size)
 
-    def render(self, prompt: str, raw: bool = False, grid: tuple[int, int] = (0, 0)) -> str:
+    def render(self, prompt: str, raw: bool = False, grid: tuple = (0, 0), grids: list | None = None) -> str:
         """The full prompt text: the family's format or chat template around the user's text, or `prompt` as is.
 
-        Image markers (the chat template's per-image text, or one typed in a
-        raw prompt) are then expanded into the image tokens; `grid` is the
-        (rows, cols) of tiles the preprocessing cut the image into.
+        Image markers (the chat template's per-image text, or those typed in a
+        raw prompt) are then expanded into each image's tokens, in order;
+        `grids` holds one entry per image (or `grid` the one image's): the
+        (rows, cols) of tiles the preprocessing cut it into, or its (t, h, w)
+        patch grid (image_layout "patch_grid").
         """
+        grids = [tuple(grid)] if grids is None else [tuple(g) for g in grids]
         if raw:
             text = prompt
         elif self.chat is not None:
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            content = [{"type": "image"} for _ in grids] + [{"type": "text", "text": prompt}]
+            messages = [{"role": "user", "content": content}]
             try:
                 text = self.chat.render(messages=messages, add_generation_prompt=True, **self.prompt.template_vars)
             except Exception as exc:  # a template's raise_exception() or a broken template
                 raise InputError(f"the package's chat template refused the prompt: {first_line(exc)}") from None
         else:
-            image = self.prompt.image_token * self.prompt.image_seq_len
+            if len(grids) != 1:
+                raise InputError(f"this package's prompt format takes one image, not {len(grids)}")
+            p = self.prompt
+            image = self.image_text(grids[0]) if p.image_layout == "patch_grid" else p.image_token * p.image_seq_len
             text = self.prompt.template
             # placeholders replaced one by one, so braces in the user's text are safe
             text = text.replace("{image}", image).replace("{bos}", self.special.bos or "")
             return text.replace("{prompt}", prompt)
         marker = self.prompt.image_marker
         if marker:
-            text = text.replace(marker, self.image_text(grid))
+            pieces = text.split(marker)
+            if len(pieces) - 1 not in (0, len(grids)):
+                raise InputError(f"the prompt has {len(pieces) - 1} image markers ({marker!r}) for {len(grids)} "
+                                 "image(s): give one image per marker")
+            if len(pieces) > 1:
+                text = pieces[0] + "".join(self.image_text(g) + rest for g, rest in zip(grids, pieces[1:]))
         return text
 
-    def image_text(self, grid: tuple[int, int] = (0, 0)) -> str:
+    def image_text(self, grid: tuple = (0, 0)) -> str:
         """The text one image becomes: `image_expansion`, after one `tile_expansion` per tile when the
-        layout is "tiles" and the image was split (row by row, a newline after each row, then one more)."""
+        layout is "tiles" and the image was split (row by row, a newline after each row, then one more);
+        with layout "patch_grid", one image token per merged patch of its (t, h, w) grid."""
         p = self.prompt
+        if p.image_layout == "patch_grid":
+            t, h, w = grid
+            return p.image_expansion.replace("{image}", p.image_token * (t * h * w // self.merge_size ** 2))
         image = p.image_token * p.image_seq_len
         whole = p.image_expansion.replace("{image}", image)
         rows, cols = grid

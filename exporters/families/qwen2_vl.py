@@ -1,0 +1,283 @@
+"""Qwen2-VL and Qwen2.5-VL: a ViT over any number of patches with 2-D rotary positions, a 2x2 patch merger,
+a Qwen2 decoder with 3-D multimodal rotary positions (M-RoPE).
+
+Split:
+    vision_encoder  patch embedding (Conv3d over temporal x patch x patch) and the ViT blocks over all patches of
+                    all images of a prompt: [N, 3*T*p*p] -> [N, Dv]. Attention stays within a frame; Qwen2.5-VL's
+                    blocks attend within windows of `window_size` pixels except the `fullatt_block_indexes`
+                    ones. The per-patch indices (rotary row/column, frame and window membership, the window
+                    order) are inputs the runtime computes from each image's grid (schemes.vision_inputs), so
+                    the graph takes any patch count.
+    projector       the patch merger (norm, 2x2 neighbours concatenated, MLP) -> [N/4, hidden]
+    embed_tokens    language_model.embed_tokens
+    decoder         language_model (Qwen2, rotary over 3 position rows split by mrope_section) + lm_head
+
+Preprocessing ("smart_resize"): each side to a multiple of patch x merge with the area in
+[min_pixels, max_pixels], bicubic, CLIP normalisation, patches in merge-block order. Prompt: the
+checkpoint's chat template; each "<|image_pad|>" becomes one per merged token of its image. Positions
+"mrope": text counts up on all three rows, image tokens take (frame, row, column) from where the text
+stopped, and the text after an image resumes at the largest of them + 1 (schemes.prompt_positions).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mmedge.exporters import tiny
+from mmedge.exporters.checkpoint import chat_template, image_processor_config
+from mmedge.exporters.family import Description, Parts, generation_defaults, special_tokens
+from mmedge.manifest import PreprocessSpec, PromptSpec, SchemeSpec
+from mmedge.runtimes.preprocess import RESAMPLE_FROM_INT
+
+MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+ALIASES = {
+    "qwen2-vl-2b": "Qwen/Qwen2-VL-2B-Instruct",
+    "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
+    "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
+}
+VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def load(checkpoint: Path):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(
+        checkpoint, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+
+
+def _segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """Additive [1, 1, N, N]: patches attend to patches of the same segment only."""
+    same = segments[:, None] == segments[None, :]
+    return torch.where(same, 0.0, torch.finfo(torch.float32).min)[None, None]
+
+
+def _by_token(x: torch.Tensor, index: torch.Tensor, unit: int) -> torch.Tensor:
+    """Rows of `x` regrouped by merged token: the tokens in `index` order, each token's `unit` patches together."""
+    return x.reshape(-1, unit, x.shape[-1])[index].reshape(-1, x.shape[-1])
+
+
+class _VisionEncoder(torch.nn.Module):
+    """The ViT blocks with masked attention instead of the upstream per-image split (`cu_seqlens`), so one
+    graph runs any number of images of any grid; the same arithmetic per block, the patches in the same order
+    out as in."""
+
+    def __init__(self, visual, full_blocks: tuple[int, ...] | None):
+        super().__init__()
+        from importlib import import_module
+
+        self.visual = visual
+        self.full_blocks = full_blocks  # None: every block attends within frames (Qwen2-VL)
+        self.unit = visual.spatial_merge_size ** 2
+        self.rotary = import_module(type(visual).__module__).apply_rotary_pos_emb_vision
+
+    def forward(self, pixel_values, vision_positions, frame_segments, window_index=None, window_segments=None):
+        vm = self.visual
+        hidden = vm.patch_embed(pixel_values)
+        cos, sin = vm.rotary_pos_emb(hidden, vision_positions)
+        full = _segment_mask(frame_segments)
+        window = None
+        if self.full_blocks is not None:
+            hidden, cos, sin = (_by_token(t, window_index, self.unit) for t in (hidden, cos, sin))
+            window = _segment_mask(window_segments)  # the frames are whole in window order: `full` holds too
+        for i, block in enumerate(vm.blocks):
+            mask = full if window is None or i in self.full_blocks else window
+            hidden = hidden + self._attention(block.attn, block.norm1(hidden), cos, sin, mask)
+            hidden = hidden + block.mlp(block.norm2(hidden))
+        if window is not None:
+            back = torch.empty_like(window_index).scatter_(0, window_index, torch.arange(window_index.shape[0]))
+            hidden = _by_token(hidden, back, self.unit)
+        return hidden
+
+    def _attention(self, attn, x, cos, sin, mask):
+        n = x.shape[0]
+        q, k, v = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = self.rotary(q, k, cos, sin)
+        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
+        weights = torch.matmul(q, k.transpose(2, 3)) * attn.scaling + mask
+        weights = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
+        return attn.proj(torch.matmul(weights, v).transpose(1, 2).reshape(n, -1))
+
+
+def split(model) -> Parts:
+    cfg = model.config
+    text, vision = cfg.text_config, cfg.vision_config
+    windowed = cfg.model_type == "qwen2_5_vl"
+    full_blocks = tuple(vision.fullatt_block_indexes) if windowed else None
+    return Parts(
+        vision_encoder=_VisionEncoder(model.model.visual, full_blocks),
+        projector=model.model.visual.merger,
+        embed_tokens=model.model.language_model.embed_tokens,
+        text_model=model.model.language_model,
+        head=model.lm_head,
+        image_size=(0, 0),
+        num_layers=text.num_hidden_layers,
+        num_kv_heads=text.num_key_value_heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+        hidden_size=text.hidden_size,
+        vocab_size=text.vocab_size,
+        mask_arg=lambda m: {"full_attention": m[0]},
+        position_rows=3,
+        patch_grid=dict(
+            patch_dim=vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2,
+            merge_size=vision.spatial_merge_size,
+            window=_window(vision) if windowed else None,
+        ),
+    )
+
+
+def _window(vision) -> int:
+    """Qwen2.5-VL's attention window, in merged tokens a side."""
+    return vision.window_size // vision.spatial_merge_size // vision.patch_size
+
+
+def describe(model, checkpoint: Path, tokenizer) -> Description:
+    cfg = model.config
+    vision = cfg.vision_config
+    pre = image_processor_config(checkpoint)
+    size = pre.get("size") or {}
+    resample = pre.get("resample", 3)
+    template = chat_template(checkpoint)
+    image = getattr(tokenizer, "image_token", None) or IMAGE_PAD
+    patch, merge = pre.get("patch_size", vision.patch_size), pre.get("merge_size", vision.spatial_merge_size)
+    return Description(
+        preprocess=PreprocessSpec(
+            height=patch * merge,
+            width=patch * merge,
+            resample=RESAMPLE_FROM_INT.get(resample, resample) if isinstance(resample, int) else resample,
+            resize_mode="smart_resize",
+            patch_size=patch,
+            merge_size=merge,
+            temporal_patch_size=pre.get("temporal_patch_size", vision.temporal_patch_size),
+            min_pixels=pre.get("min_pixels") or size.get("shortest_edge", 56 * 56),
+            max_pixels=pre.get("max_pixels") or size.get("longest_edge", 28 * 28 * 1280),
+            rescale=pre.get("rescale_factor", 1 / 255),
+            mean=list(pre.get("image_mean", CLIP_MEAN)),
+            std=list(pre.get("image_std", CLIP_STD)),
+            convert_rgb=pre.get("do_convert_rgb", True) is not False,
+            do_resize=pre.get("do_resize", True),
+            do_rescale=pre.get("do_rescale", True),
+            do_normalize=pre.get("do_normalize", True),
+        ),
+        prompt=PromptSpec(
+            # Qwen2-VL's turn format, for a checkpoint without a chat template
+            template=IM_START + "system\nYou are a helpful assistant." + IM_END + "\n" + IM_START + "user\n"
+                     + VISION_START + "{image}" + VISION_END + "{prompt}" + IM_END + "\n" + IM_START + "assistant\n",
+            image_token=image,
+            image_token_id=cfg.image_token_id,
+            image_seq_len=1,  # the fewest: each image gets one token per merged patch (image_layout "patch_grid")
+            mode="chat" if template else "template",
+            image_marker=image,
+            image_expansion="{image}",
+            image_layout="patch_grid",
+        ),
+        schemes=SchemeSpec(positions="mrope", attention="causal", vision="patch_grid",
+                           vision_window=_window(vision) if cfg.model_type == "qwen2_5_vl" else None),
+        special_tokens=special_tokens(model, tokenizer),
+        generation=generation_defaults(model),
+        max_position_embeddings=cfg.text_config.max_position_embeddings,
+        chat_template=template,
+    )
+
+
+# -- tiny random checkpoints (tests, first runs) -------------------------------------------------
+
+TINY_SHAPES = {
+    # patch 4, merge 2: images resized to multiples of 8 px, 16..256 patches; GQA; M-RoPE sections 2/3/3
+    "qwen2vl-gqa": tiny.TinyShape(
+        "tiny random Qwen2-VL (dynamic resolution, M-RoPE, GQA)",
+        vision=dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2),
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, mrope_section=[2, 3, 3]),
+        image_size=32, patch_size=4, extra=dict(model_type="qwen2_vl", min_pixels=16 * 16, max_pixels=64 * 64),
+    ),
+    # window attention over 2x2 merged tokens (smaller than most grids) with one full-attention block; MQA
+    "qwen2.5vl-window": tiny.TinyShape(
+        "tiny random Qwen2.5-VL (window attention + a full block, M-RoPE, MQA)",
+        vision=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, window_size=16,
+                    fullatt_block_indexes=[1]),
+        text=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=2,
+                  num_key_value_heads=1, mrope_section=[4, 6, 2]),
+        image_size=32, patch_size=4, seed=2,
+        extra=dict(model_type="qwen2_5_vl", min_pixels=16 * 16, max_pixels=64 * 64),
+    ),
+}
+
+# Qwen/Qwen2-VL-2B-Instruct's chat template (images and videos; no vision ids)
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 384):
+    tok = tiny.build_tokenizer([], vocab_size=vocab_size, corpus=corpus)
+    tok.add_special_tokens([VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD, IM_START, IM_END])
+    return tok
+
+
+def tiny_config(shape: tiny.TinyShape, tok):
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    ids = tiny.token_ids(tok)
+    text = dict(shape.text)
+    sections = text.pop("mrope_section")
+    text = dict(dict(max_position_embeddings=512, tie_word_embeddings=False), **text,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sections},
+                vocab_size=tiny.vocab_size(shape, tok), pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"],
+                eos_token_id=ids["<eos>"])
+    qwen25 = shape.extra["model_type"] == "qwen2_5_vl"
+    vision = dict(shape.vision, patch_size=shape.patch_size, spatial_merge_size=2, temporal_patch_size=2,
+                  in_channels=3, **({"out_hidden_size": text["hidden_size"]} if qwen25
+                                    else {"hidden_size": text["hidden_size"]}))
+    config = Qwen2_5_VLConfig if qwen25 else Qwen2VLConfig
+    return config(vision_config=vision, text_config=text, image_token_id=tok.token_to_id(IMAGE_PAD),
+                  video_token_id=tok.token_to_id(VIDEO_PAD), vision_start_token_id=tok.token_to_id(VISION_START),
+                  vision_end_token_id=tok.token_to_id(VISION_END), tie_word_embeddings=False)
+
+
+def tiny_model(shape: tiny.TinyShape, tok):
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_config(tiny_config(shape, tok))
+    model._mmedge_tiny = shape.extra  # how save_checkpoint sizes the image processor
+    return model
+
+
+def save_checkpoint(model, tok, out: Path) -> Path:
+    """save_pretrained the model with its image processor (the PIL backend's), tokenizer and chat template.
+
+    The published checkpoints also carry a video processor, which transformers builds on torchvision; the tiny
+    ones leave it out so that they load where torchvision does not."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    cfg = model.config
+    extra = getattr(model, "_mmedge_tiny", {}) or {}
+    tiny.copy_special_ids(model)
+    hf_tok = tiny.hf_tokenizer(tok, extra_special_tokens={"image_token": IMAGE_PAD, "video_token": VIDEO_PAD})
+    hf_tok.chat_template = CHAT_TEMPLATE
+    vision = cfg.vision_config
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=extra.get("min_pixels", 56 * 56), max_pixels=extra.get("max_pixels", 28 * 28 * 1280),
+        patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+        temporal_patch_size=vision.temporal_patch_size)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    hf_tok.save_pretrained(out)
+    image_processor.save_pretrained(out)
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+    return out
