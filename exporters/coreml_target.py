@@ -73,14 +73,18 @@ def import_coremltools():
 def build_jobs(parts, kv_storage: str, max_context: int, preprocess) -> list[GraphJob]:
     """The shared vision/projector/embedding jobs, and the decoder as a StatefulDecoder over a fixed cache."""
     vision, projector, embed, reference = graphs.build_jobs(parts, kv_storage="buffer")
-    images = max_images(preprocess)
-    for job in (vision, projector):
-        job.bounds = {"batch": images}
+    if parts.patch_grid:  # one image a call, up to the package's max_pixels
+        unit = preprocess.merge_size ** 2
+        most = preprocess.max_pixels // (preprocess.patch_size * preprocess.merge_size) ** 2 * unit
+        vision.bounds = projector.bounds = {"patches": most, "tokens": most // unit}
+    else:
+        vision.bounds = projector.bounds = {"batch": max_images(preprocess)}
     embed.bounds = {"batch": 1, "seq": max_context}
     for job in (vision, projector, embed):  # trace and check within the model's fixed or bounded batch
-        batch = job.bounds["batch"]
-        job.trace_inputs = tuple(t[:batch] for t in job.trace_inputs)
-        job.check_inputs = [c for c in job.check_inputs if c[0].shape[0] <= batch]
+        batch = job.bounds.get("batch")
+        if batch:
+            job.trace_inputs = tuple(t[:batch] for t in job.trace_inputs)
+            job.check_inputs = [c for c in job.check_inputs if c[0].shape[0] <= batch]
     g = torch.Generator().manual_seed(1)
     module = graphs.StatefulDecoder(parts, max_context).eval()
 
@@ -88,6 +92,8 @@ def build_jobs(parts, kv_storage: str, max_context: int, preprocess) -> list[Gra
         embeds = torch.randn(1, n, parts.hidden_size, generator=g)
         masks = [graphs._mask(1, n, begin, g) for _ in parts.mask_names]
         positions = torch.arange(begin, begin + n)[None] + 1
+        if parts.position_rows > 1:
+            positions = torch.stack([positions + i for i in range(parts.position_rows)])
         return (embeds, *masks, positions)
 
     decoder = GraphJob(
@@ -95,7 +101,7 @@ def build_jobs(parts, kv_storage: str, max_context: int, preprocess) -> list[Gra
         module,
         ["inputs_embeds", *parts.mask_names, "position_ids"],
         ["logits"],
-        {"inputs_embeds": {1: "seq"}, "position_ids": {1: "seq"},
+        {"inputs_embeds": {1: "seq"}, "position_ids": {parts.position_rows > 1 and 2 or 1: "seq"},
          **{m: {2: "seq", 3: "total_len"} for m in parts.mask_names}},
         step(2, 5),
         # one sequence from an empty cache: prefill, a decode step, a second chunk, a decode step

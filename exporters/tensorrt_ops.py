@@ -63,6 +63,8 @@ _TABLE = {
 SUPPORTED: dict[str, set[str]] = {op: set(types) for types, ops in _TABLE.items() for op in ops.split()}
 # Q/DQ: the table gives the type of the data input; the other side is a float type
 QDQ_FLOAT = {F, H, B}
+# comparisons: the table gives the inputs' types; the output is BOOL by definition
+COMPARISONS = {"Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "IsNaN", "IsInf"}
 
 _ONNX_TYPES = {
     TensorProto.FLOAT: F, TensorProto.FLOAT16: H, TensorProto.BFLOAT16: B, TensorProto.INT32: "INT32",
@@ -95,7 +97,7 @@ def unsupported(model: onnx.ModelProto) -> list[str]:
         if allowed is None:
             found.setdefault(op, f"{op} (node {node.name})")
             continue
-        checked = [(name, allowed) for name in [*node.input, *node.output]]
+        checked = [(name, allowed) for name in [*node.input, *([] if op in COMPARISONS else node.output)]]
         if node.op_type in ("QuantizeLinear", "DequantizeLinear"):  # data input, then scale, zero point, output
             checked = [(node.input[0], allowed), (node.input[1], QDQ_FLOAT)]
         for name, allowed in checked:

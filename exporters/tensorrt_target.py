@@ -43,17 +43,30 @@ def max_images(preprocess: PreprocessSpec) -> int:
     return 1
 
 
+def vision_ranges(manifest: Manifest) -> tuple[dict[str, tuple[int, int, int]], int]:
+    """The vision encoder's and projector's profile dims (min, opt, max), and the most image tokens a prompt's
+    image gives. A "smart_resize" encoder runs one image a call, from the smallest grid (merge x merge patches)
+    to the package's max_pixels, its optimum at 448 x 448 pixels' worth (or max_pixels, if less)."""
+    pre = manifest.preprocess
+    if pre.resize_mode == "smart_resize":
+        unit = pre.merge_size ** 2
+        most = pre.max_pixels // (pre.patch_size * pre.merge_size) ** 2 * unit
+        opt = min(most, max(unit, 448 * 448 // pre.patch_size ** 2 // unit * unit))
+        return {"patches": (unit, opt, most), "tokens": (1, opt // unit, most // unit)}, most // unit
+    images = max_images(pre)
+    return {"batch": (1, min(VISION_BATCH_OPT, images), images)}, manifest.prompt.image_seq_len * images
+
+
 def dim_ranges(manifest: Manifest) -> dict[str, list[dict[str, tuple[int, int, int]]]]:
     """Per graph, per optimization profile: (min, opt, max) of each named dimension."""
-    images = max_images(manifest.preprocess)
+    vision, image_tokens = vision_ranges(manifest)
     context = manifest.kv_cache.max_context
-    prompt = min(context, manifest.prompt.image_seq_len * images + PROMPT_SLACK)
+    prompt = min(context, image_tokens + PROMPT_SLACK)
     cache = (context, context, context)  # the whole buffer, always
     one = (1, 1, 1)
-    vision = [{"batch": (1, min(VISION_BATCH_OPT, images), images)}]
     return {
-        "vision_encoder": vision,
-        "projector": vision,
+        "vision_encoder": [vision],
+        "projector": [vision],
         "embed_tokens": [{"batch": one, "seq": (1, prompt, context)}],
         "decoder": [
             {"batch": one, "seq": (1, prompt, context), "cache_len": cache},  # prefill

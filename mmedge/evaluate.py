@@ -93,10 +93,21 @@ class PackageAnswerer:
         return answers
 
 
+def load_processor(checkpoint: Path):
+    """transformers' processor for a checkpoint: the family's `reference_processor` where it has one (a
+    processor transformers builds with parts that need more than the image path does), else AutoProcessor."""
+    from transformers import AutoProcessor
+
+    from mmedge.exporters import checkpoint as ckpt
+
+    family = ckpt.family_for(ckpt.read_config(checkpoint)["model_type"])
+    own = getattr(family, "reference_processor", None)
+    return own(checkpoint) if own else AutoProcessor.from_pretrained(checkpoint)
+
+
 def reference_answerer(checkpoint: Path, batch: int = 16) -> "ReferenceAnswerer":
     """transformers' own greedy generate() on a checkpoint (needs torch): the reference numbers."""
     import transformers
-    from transformers import AutoProcessor
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -110,7 +121,7 @@ def reference_answerer(checkpoint: Path, batch: int = 16) -> "ReferenceAnswerer"
     family = ckpt.family_for(ckpt.read_config(checkpoint)["model_type"])
     try:
         model = family.load(checkpoint)
-        processor = AutoProcessor.from_pretrained(checkpoint)
+        processor = load_processor(checkpoint)
     except MmedgeError:
         raise
     except Exception as exc:  # a damaged checkpoint, as export reports it

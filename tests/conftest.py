@@ -238,11 +238,11 @@ def reference_tokens(checkpoints, shared):
 
     def get(shape: str) -> dict[tuple[str, str], list[int]]:
         def compute() -> list:
-            from transformers import AutoProcessor
+            from mmedge.evaluate import load_processor
 
             path = checkpoints[shape]
             model = ckpt.family_for(ckpt.read_config(path)["model_type"]).load(path)
-            processor = AutoProcessor.from_pretrained(path)
+            processor = load_processor(path)
             return [[name, prompt, hf_generate(model, processor, image, prompt)]
                     for name, image in sample_images().items() for prompt in PROMPTS]
 

@@ -323,11 +323,11 @@ def test_option_errors(tmp_path):
 @MACOS
 def test_core_ml_greedy_tokens_match_transformers(variants, checkpoints):  # pragma: no cover - macOS
     """fp32 compute on the CPU: the same greedy tokens as transformers; the state restarts per prompt."""
-    from transformers import AutoProcessor
+    from mmedge.evaluate import load_processor
 
     pipe = Pipeline.load(variants("fp32"), device="CPU_ONLY")
     model = ckpt.family_for("paligemma").load(checkpoints[SHAPE])
-    processor = AutoProcessor.from_pretrained(checkpoints[SHAPE])
+    processor = load_processor(checkpoints[SHAPE])
     for image in sample_images().values():
         for prompt in PROMPTS:
             got = list(pipe.generate_ids(image, prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True))

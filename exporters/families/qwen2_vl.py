@@ -258,6 +258,21 @@ def tiny_model(shape: tiny.TinyShape, tok):
     return model
 
 
+def reference_processor(checkpoint: Path):
+    """The checkpoint's processor for reference inputs: transformers' Qwen2VLProcessor with the PIL backend's
+    image processor (the one the runtime matches bit for bit; the torchvision backend resizes differently) and
+    without the video processor, which transformers builds on torchvision."""
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil, Qwen2VLProcessor
+
+    class ImageOnlyProcessor(Qwen2VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    return ImageOnlyProcessor(image_processor=Qwen2VLImageProcessorPil.from_pretrained(checkpoint),
+                              tokenizer=tokenizer, chat_template=chat_template(checkpoint))
+
+
 def save_checkpoint(model, tok, out: Path) -> Path:
     """save_pretrained the model with its image processor (the PIL backend's), tokenizer and chat template.
 
