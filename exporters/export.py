@@ -30,6 +30,8 @@ class ExportOptions:
     target: str = "onnxruntime"
     quant: str = "fp32"  # a preset (fp32, fp16, int8, int4) and/or part=precision pairs
     max_context: int | None = None  # default: image tokens + 512, within the model's limit
+    max_pixels: int | None = None  # dynamic-resolution models: the package's image area cap (default: the processor's)
+    min_pixels: int | None = None
     overwrite: bool = False
     progress: bool = True
     calib: str = "builtin"  # image folder, JSONL of {image, prompt}, or builtin
@@ -89,6 +91,12 @@ def check_options(opts: ExportOptions) -> None:
                     opts.calib)
     if opts.max_context is not None and opts.max_context < 2:
         raise ExportError(f"--max-context must be at least 2, got {opts.max_context}")
+    for name in ("max_pixels", "min_pixels"):
+        value = getattr(opts, name)
+        if value is not None and value < 1:
+            raise ExportError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if opts.max_pixels and opts.min_pixels and opts.min_pixels > opts.max_pixels:
+        raise ExportError(f"--min-pixels {opts.min_pixels} is more than --max-pixels {opts.max_pixels}")
 
 
 def export(opts: ExportOptions) -> Manifest:
@@ -143,7 +151,9 @@ def _export(opts: ExportOptions, checkpoint: Path, family, plan: dict[str, str],
     tokenizer = _load_tokenizer(checkpoint)
     parts = family.split(model)
     desc = family.describe(model, checkpoint, tokenizer)
-    max_context = opts.max_context or min(desc.max_position_embeddings, desc.prompt.image_seq_len + 512)
+    _apply_pixel_budget(opts, desc.preprocess)
+    max_context = opts.max_context or min(desc.max_position_embeddings, _image_tokens(desc.preprocess,
+                                                                                    desc.prompt) + 512)
     if max_context > desc.max_position_embeddings:
         raise ExportError(
             f"--max-context {max_context} exceeds the model's {desc.max_position_embeddings} positions"
@@ -237,6 +247,39 @@ def _export(opts: ExportOptions, checkpoint: Path, family, plan: dict[str, str],
         manifest.save(stage)
     log.info("exported %s in %.1f s", opts.output, time.perf_counter() - started)
     return manifest
+
+
+# a dynamic-resolution package's default image budget, in tokens per image: Qwen's own advice for devices short
+# of memory (max_pixels = 1280 x 28 x 28); the processors' defaults allow 16384 tokens (a minute-long prefill on
+# a Jetson, gigabytes of KV cache). --max-pixels sets any other.
+DEFAULT_IMAGE_TOKENS = 1280
+
+
+def _apply_pixel_budget(opts: ExportOptions, spec) -> None:
+    """--max-pixels / --min-pixels into a dynamic-resolution package's preprocessing (refused for others); by
+    default the processor's max_pixels, at most DEFAULT_IMAGE_TOKENS tokens' worth."""
+    if spec.resize_mode != "smart_resize":
+        if opts.max_pixels is not None or opts.min_pixels is not None:
+            raise ExportError("--max-pixels / --min-pixels are for dynamic-resolution models (Qwen-VL); this model "
+                              f"takes images at a fixed {spec.height}x{spec.width}")
+        return
+    token = (spec.patch_size * spec.merge_size) ** 2
+    if opts.max_pixels is not None:
+        spec.max_pixels = opts.max_pixels
+    elif spec.max_pixels > DEFAULT_IMAGE_TOKENS * token:
+        log.info("images up to %d pixels (%d tokens) by default, not the processor's %d: pass --max-pixels to "
+                 "change it", DEFAULT_IMAGE_TOKENS * token, DEFAULT_IMAGE_TOKENS, spec.max_pixels)
+        spec.max_pixels = DEFAULT_IMAGE_TOKENS * token
+    if spec.max_pixels < token:
+        raise ExportError(f"--max-pixels {spec.max_pixels} is less than one image token ({token} pixels)")
+    spec.min_pixels = min(opts.min_pixels or spec.min_pixels, spec.max_pixels)
+
+
+def _image_tokens(spec, prompt) -> int:
+    """The most image tokens one image takes: the fixed count, or what max_pixels allows (dynamic resolution)."""
+    if spec.resize_mode == "smart_resize":
+        return spec.max_pixels // (spec.patch_size * spec.merge_size) ** 2
+    return prompt.image_seq_len
 
 
 # backends a target's packages are checked with at export, where not the target's own (TensorRT needs the GPU

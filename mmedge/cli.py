@@ -46,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="openvino: share of decoder layers in INT4, the rest INT8, chosen by NNCF (default: 1.0)")
     e.add_argument("-o", "--output", type=Path, help="package directory to write (default: <model>-<quant>-<target>)")
     e.add_argument("--max-context", type=int, help="KV cache length in tokens (default: image tokens + 512)")
+    e.add_argument("--max-pixels", type=int, help="dynamic-resolution models (Qwen-VL): the most pixels an image is "
+                   "resized to, the package's token budget (default: the checkpoint's processor's)")
+    e.add_argument("--min-pixels", type=int, help="dynamic-resolution models: the fewest pixels (default: the "
+                   "checkpoint's processor's)")
     e.add_argument("--kv-cache", choices=("state", "buffer", "in_place"),
                    help="how the decoder holds its KV cache: state (in the engine; openvino default), "
                         "in_place (buffers the decoder writes itself, built on GroupQueryAttention; onnxruntime "
@@ -68,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="answer a prompt about an image with a package")
     r.add_argument("package", type=Path)
-    r.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
+    r.add_argument("--image", required=True, action="append",
+                   help="image file (PNG, JPEG, ...); repeat for several images, in the order the prompt takes them")
     r.add_argument("--prompt", required=True, help='the question or task, e.g. "caption en"')
     r.add_argument("--max-new-tokens", type=int)
     r.add_argument("--stream", action="store_true", help="print text as it is generated")
@@ -79,6 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int)
     r.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
     r.add_argument("--raw-prompt", action="store_true", help="pass --prompt through as the full formatted prompt")
+    r.add_argument("--max-pixels", type=int, help="dynamic-resolution packages: the most pixels per image "
+                   "(default: the package's)")
+    r.add_argument("--min-pixels", type=int, help="dynamic-resolution packages: the fewest pixels per image")
+    r.add_argument("--max-image-tokens", type=int, help="dynamic-resolution packages: the most image tokens "
+                   "the prompt's images take together (shared equally)")
     r.add_argument("--backend", help="engine to run on (default: the package's target)")
     r.add_argument("--providers", help="ONNX Runtime execution providers in priority order, comma-separated "
                    "(default: CPUExecutionProvider)")
@@ -142,6 +152,8 @@ def cmd_export(args) -> int:
             target=args.target,
             quant=args.quant,
             max_context=args.max_context,
+            max_pixels=args.max_pixels,
+            min_pixels=args.min_pixels,
             overwrite=args.overwrite,
             calib=args.calib,
             calib_samples=args.calib_samples,
@@ -217,14 +229,18 @@ def cmd_run(args) -> int:
         seed=args.seed,
         stop=args.stop or None,
         raw_prompt=args.raw_prompt or None,
+        max_pixels=args.max_pixels,
+        min_pixels=args.min_pixels,
+        max_image_tokens=args.max_image_tokens,
     )
+    image = args.image[0] if len(args.image) == 1 else args.image
     if args.stream:
-        for piece in pipe.stream(args.image, args.prompt, **options):
+        for piece in pipe.stream(image, args.prompt, **options):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
     else:
-        print(pipe.generate(args.image, args.prompt, **options))
+        print(pipe.generate(image, args.prompt, **options))
     return 0
 
 

@@ -88,6 +88,7 @@ class Pipeline:
         self.max_batch: int | None = 1 if isinstance(fixed, int) or isinstance(self.cache, EngineCache) else None
         self.timings = Timings()
         self._load_options: dict[str, Any] | None = None  # what load() was given, for clone()
+        self.defaults: dict[str, Any] = {}  # options set at load (the visual token budget), under each call's
         self._lock = threading.Lock()  # one generation at a time: they share the KV cache and the engines' state
         self._owner: int | None = None
 
@@ -101,6 +102,9 @@ class Pipeline:
         verify: bool = True,
         device: str | None = None,
         inference_precision: str | None = None,
+        max_pixels: int | None = None,
+        min_pixels: int | None = None,
+        max_image_tokens: int | None = None,
     ) -> "Pipeline":
         """Open a package directory written by `mmedge export`.
 
@@ -110,7 +114,9 @@ class Pipeline:
         else the engine's choice). inference_precision (OpenVINO on
         CPU): compute precision, "f32" by default, "bf16" / "f16" where the
         CPU is faster at them. verify: check every file's sha256 against the
-        manifest first.
+        manifest first. max_pixels / min_pixels / max_image_tokens: the
+        visual token budget of dynamic-resolution packages, instead of the
+        package's (each call can set them again).
         """
         path = Path(path)
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
@@ -139,8 +145,11 @@ class Pipeline:
         graphs = {part: engine.load(path / manifest.graphs[part].file) for part in PARTS}
         codec = TextCodec.from_package(path, manifest)
         pipe = cls(path, manifest, graphs, codec)
+        pipe.defaults = {k: v for k, v in dict(max_pixels=max_pixels, min_pixels=min_pixels,
+                                               max_image_tokens=max_image_tokens).items() if v is not None}
+        pipe._image_spec(pipe.options(), 1)  # a budget the package cannot take fails here, not at the first call
         pipe._load_options = dict(backend=backend, providers=providers, threads=threads, device=device,
-                                  inference_precision=inference_precision)
+                                  inference_precision=inference_precision, **pipe.defaults)
         return pipe
 
     def clone(self) -> "Pipeline":
@@ -202,7 +211,7 @@ class Pipeline:
 
     def options(self, **options: Any) -> GenerationOptions:
         """The package's generation defaults with `options` applied on top."""
-        base = dataclasses.asdict(self.manifest.generation)
+        base = {**dataclasses.asdict(self.manifest.generation), **self.defaults}
         known = {f.name for f in dataclasses.fields(GenerationOptions)}
         unknown = sorted(set(options) - known)
         if unknown:
@@ -232,7 +241,7 @@ class Pipeline:
             return self._teacher_forced_logits(image, prompt, tokens)
 
     def _teacher_forced_logits(self, image: ImageInput, prompt: str, tokens: Sequence[int]) -> np.ndarray:
-        seq = self._prepare(image, prompt)
+        seq = self._prepare(image, prompt, self.options())
         if len(seq.ids) + len(tokens) > self.cache.capacity:
             raise InputError(f"{len(seq.ids)} prompt and {len(tokens)} forced tokens exceed this package's context "
                              f"of {self.cache.capacity}")
@@ -253,7 +262,7 @@ class Pipeline:
         rng = np.random.default_rng(opts.seed)
         t = self.timings = Timings()
         start = time.perf_counter()
-        seq = self._prepare(image, prompt, opts.raw_prompt)
+        seq = self._prepare(image, prompt, opts)
         ids = seq.ids
         t.preprocess = time.perf_counter() - start
         capacity = self.cache.capacity
@@ -312,7 +321,7 @@ class Pipeline:
         rows of the cache and then steps them all with their own lengths."""
         t = self.timings = Timings()
         start = time.perf_counter()
-        prepared = [self._prepare(image, prompt, opts.raw_prompt) for image, prompt in requests]
+        prepared = [self._prepare(image, prompt, opts) for image, prompt in requests]
         t.preprocess = time.perf_counter() - start
         capacity = self.cache.capacity
         lengths = np.array([len(seq.ids) for seq in prepared])
@@ -451,13 +460,39 @@ class Pipeline:
         self.timings.vision, self.timings.projector = seconds["vision"], seconds["projector"]
         return out
 
-    def _prepare(self, image: ImageInput | Sequence[ImageInput], prompt: str, raw: bool = False) -> _Sequence:
+    def _image_spec(self, opts: GenerationOptions, n_images: int):
+        """The preprocessing for this call: the package's, with the call's visual token budget applied. With
+        max_image_tokens, each of the prompt's images may take an equal share of it."""
+        spec = self.manifest.preprocess
+        asked = {k: getattr(opts, k) for k in ("max_pixels", "min_pixels", "max_image_tokens")
+                 if getattr(opts, k) is not None}
+        if not asked:
+            return spec
+        if spec.resize_mode != "smart_resize":
+            raise InputError(f"{', '.join(asked)} set the token budget of dynamic-resolution packages (Qwen-VL); "
+                             f"this {self.manifest.model_type} package takes images at a fixed size")
+        high = opts.max_pixels or spec.max_pixels
+        if high > spec.max_pixels and self.manifest.target in ("tensorrt", "coreml"):
+            raise InputError(f"max_pixels {high} is more than this {self.manifest.target} package's engines take "
+                             f"({spec.max_pixels}); re-export with a larger --max-pixels")
+        token = (spec.patch_size * spec.merge_size) ** 2  # pixels per image token
+        if opts.max_image_tokens is not None:
+            share = opts.max_image_tokens // n_images
+            if share < 1:
+                raise InputError(f"max_image_tokens {opts.max_image_tokens} leaves less than one token for each of "
+                                 f"{n_images} images")
+            high = min(high, share * token)
+        low = min(opts.min_pixels or spec.min_pixels, high)
+        return dataclasses.replace(spec, max_pixels=high, min_pixels=low)
+
+    def _prepare(self, image: ImageInput | Sequence[ImageInput], prompt: str, opts: GenerationOptions) -> _Sequence:
         """Prompt ids, each image's pixels (one row per tile where the family splits images, or its patches),
         attention blocks and positions."""
         images = list(image) if isinstance(image, (list, tuple)) else [image]
         if not images:
             raise InputError("no image given: pass one image, or a list of them")
-        spec = self.manifest.preprocess
+        raw = opts.raw_prompt
+        spec = self._image_spec(opts, len(images))
         prepared = [preprocess_with_grid(im, spec) for im in images]
         grids = [grid for _, grid in prepared]
         ids = self.encode_prompt(prompt, raw=raw, grids=grids)

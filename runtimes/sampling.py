@@ -21,6 +21,10 @@ class GenerationOptions:
     ignore_eos: bool = False  # never pick EOS: exactly max_new_tokens (benchmarks; transformers' min_new_tokens)
     use_cache: bool = True  # False recomputes the whole sequence each step (slow; for checking)
     raw_prompt: bool = False  # pass the prompt through untouched (already fully formatted)
+    # the visual token budget of dynamic-resolution packages (preprocess "smart_resize"); None: the package's
+    max_pixels: int | None = None  # the most pixels an image is resized to
+    min_pixels: int | None = None  # the fewest
+    max_image_tokens: int | None = None  # the most image tokens one prompt's images take together
 
     def check(self) -> None:
         """Every option of the right type and range (sampling ones too when greedy: a wrong value is a mistake
@@ -41,6 +45,11 @@ class GenerationOptions:
         for name in ("do_sample", "ignore_eos", "use_cache", "raw_prompt"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("max_pixels", "min_pixels", "max_image_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                                      or value < 1):
+                raise InputError(f"{name} must be a whole number >= 1, got {value!r}")
         if self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature <= 0:

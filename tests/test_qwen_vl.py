@@ -1,0 +1,116 @@
+"""Qwen2-VL / Qwen2.5-VL beyond the shared runners (test_parity covers one image at three sizes on every target):
+several images in one prompt, the 3-D positions against the model's own get_rope_index, the vision encoder
+verified at several grids, the visual token budget, and their bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import BACKEND, NEW_TOKENS, PROMPTS, SHAPES, run_cli, sample_images, slow
+from mmedge import Pipeline
+from mmedge.errors import InputError
+from mmedge.evaluate import load_processor
+from mmedge.exporters import checkpoint as ckpt
+from mmedge.runtimes import schemes
+from test_errors import assert_one_line_error
+
+QWEN = [name for name, shape in SHAPES.items() if shape.family == "qwen2_vl"]  # qwen2vl-gqa, qwen2.5vl-window
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoints):
+    """shape -> (model, processor) in PyTorch."""
+    loaded = {}
+
+    def get(shape):
+        if shape not in loaded:
+            path = checkpoints[shape]
+            loaded[shape] = ckpt.family_for(ckpt.read_config(path)["model_type"]).load(path), load_processor(path)
+        return loaded[shape]
+
+    return get
+
+
+def hf_inputs(processor, images, prompt):
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return processor(images=images, text=[text], return_tensors="pt")
+
+
+def two_images():
+    images = sample_images()
+    return [images["wide"], images["noise"]]
+
+
+@pytest.mark.parametrize("shape,target", [pytest.param(s, t, marks=() if (s, t) == (QWEN[0], "onnxruntime") else slow)
+                                          for s in QWEN for t in ("onnxruntime", "openvino", "tensorrt")])
+def test_several_images_in_one_prompt_match_transformers(shape, target, packages, reference):
+    model, processor = reference(shape)
+    pipe = Pipeline.load(packages(shape, target), backend=BACKEND.get(target))
+    for images in (two_images(), [sample_images()["shapes"]] * 3):
+        inputs = hf_inputs(processor, images, PROMPTS[1])
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+        expected = out[0, inputs["input_ids"].shape[1]:].tolist()
+        assert list(pipe.generate_ids(images, PROMPTS[1], max_new_tokens=NEW_TOKENS, ignore_eos=True)) == expected
+        # the prompt, the patches and the 3-D positions are the processor's and the model's own
+        seq = pipe._prepare(images, PROMPTS[1], pipe.options())
+        assert seq.ids.tolist() == inputs["input_ids"][0].tolist()
+        np.testing.assert_array_equal(np.concatenate(seq.pixels), inputs["pixel_values"].numpy())
+        assert [list(g) for g in seq.grids] == inputs["image_grid_thw"].tolist()
+        positions, delta = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
+                                                      inputs["image_grid_thw"])
+        np.testing.assert_array_equal(seq.positions, positions[:, 0].numpy())
+        after = schemes.position_ids(pipe.manifest.schemes, len(seq.ids), 2, prompt=seq.positions)
+        np.testing.assert_array_equal(after[:, 0], np.tile(np.arange(len(seq.ids), len(seq.ids) + 2) + int(delta), (3, 1)))
+
+
+@pytest.mark.parametrize("shape", QWEN)
+def test_vision_encoder_verified_at_grids_other_than_the_traced_one(shape, packages):
+    """Export checks the vision encoder against PyTorch at every grid of graphs.PATCH_GRIDS_CHECKS (portrait,
+    landscape, the smallest, two images, a two-frame clip), in each target's engine."""
+    from mmedge.exporters.graphs import PATCH_GRIDS_CHECKS
+
+    for target in ("onnxruntime", "openvino"):
+        report = Pipeline.load(packages(shape, target)).manifest.verification["graphs"]["vision_encoder"]
+        assert report["passed"] is True and report["cases"] == len(PATCH_GRIDS_CHECKS), report
+
+
+def test_token_budget_per_call_at_load_and_for_a_huge_image(packages):
+    pipe = Pipeline.load(packages(QWEN[0]))
+    spec = pipe.manifest.preprocess
+    token = (spec.patch_size * spec.merge_size) ** 2
+    big = Image.fromarray(np.random.default_rng(0).integers(0, 256, (6000, 8000, 3), dtype=np.uint8))
+
+    def image_tokens(p, images, **options):
+        return int((p._prepare(images, "x", p.options(**options)).ids == p.manifest.prompt.image_token_id).sum())
+
+    assert image_tokens(pipe, big) <= spec.max_pixels // token  # resized as the processor would: within the budget
+    assert list(pipe.generate_ids(big, "x", max_new_tokens=2, ignore_eos=True))
+    assert image_tokens(pipe, big, max_pixels=16 * token) <= 16
+    assert image_tokens(pipe, [big, big], max_image_tokens=20) <= 20  # an equal share each
+    assert image_tokens(Pipeline.load(pipe.path, max_pixels=9 * token), big) <= 9
+    with pytest.raises(InputError, match="less than one token"):
+        pipe.generate([big] * 3, "x", max_image_tokens=2)
+
+
+def test_budget_and_image_count_errors(packages, tmp_path):
+    qwen = packages(QWEN[0])
+    image = tmp_path / "a.png"
+    sample_images()["shapes"].save(image)
+    assert_one_line_error(run_cli("run", str(packages("paligemma-gqa")), "--image", str(image), "--prompt", "x",
+                                  "--max-pixels", "4096"), "fixed size")
+    assert_one_line_error(run_cli("run", str(qwen), "--image", str(image), "--prompt", "x", "--max-image-tokens",
+                                  "0"), "max_image_tokens must be")
+    # more images than the context holds: one line, not an engine error
+    args = [a for _ in range(12) for a in ("--image", str(image))]
+    assert_one_line_error(run_cli("run", str(qwen), *args, "--prompt", "x"), "context holds")
+    # a raw prompt with fewer image markers than images
+    assert_one_line_error(run_cli("run", str(qwen), "--image", str(image), "--image", str(image), "--raw-prompt",
+                                  "--prompt", "<|vision_start|><|image_pad|><|vision_end|>x"), "image markers")
+    ok = run_cli("run", str(qwen), "--image", str(image), "--image", str(image), "--prompt", "x",
+                 "--max-new-tokens", "3")
+    assert ok.returncode == 0, ok.stderr
