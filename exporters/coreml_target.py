@@ -94,14 +94,16 @@ def build_jobs(parts, kv_storage: str, max_context: int, preprocess) -> list[Gra
         positions = torch.arange(begin, begin + n)[None] + 1
         if parts.position_rows > 1:
             positions = torch.stack([positions + i for i in range(parts.position_rows)])
-        return (embeds, *masks, positions)
+        extra = [torch.randn(parts.deepstack_layers, 1, n, parts.hidden_size, generator=g)] if parts.deepstack_layers else []
+        return (embeds, *masks, positions, *extra)
 
     decoder = GraphJob(
         "decoder",
         module,
-        ["inputs_embeds", *parts.mask_names, "position_ids"],
+        ["inputs_embeds", *parts.mask_names, "position_ids", *(["deepstack_embeds"] if parts.deepstack_layers else [])],
         ["logits"],
         {"inputs_embeds": {1: "seq"}, "position_ids": {parts.position_rows > 1 and 2 or 1: "seq"},
+         "deepstack_embeds": {2: "seq"},
          **{m: {2: "seq", 3: "total_len"} for m in parts.mask_names}},
         step(2, 5),
         # one sequence from an empty cache: prefill, a decode step, a second chunk, a decode step

@@ -57,6 +57,7 @@ class Parts:
     # the vision scheme "patch_grid": the vision encoder takes patches [N, patch_dim] and the per-patch indices
     # of runtimes/schemes.vision_inputs; {"patch_dim": int, "merge_size": int, "window": int | None}
     patch_grid: dict | None = None
+    deepstack_layers: int = 0  # k > 0: the decoder takes deepstack_embeds [k, B, S, hidden] (Qwen3-VL's DeepStack)
 
 
 class SoftcapHead(torch.nn.Module):

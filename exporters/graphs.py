@@ -81,22 +81,27 @@ class DecoderGraph(torch.nn.Module):
         self.head = parts.head
         self.n_masks = len(parts.mask_names)
         self.mask_arg = parts.mask_arg
+        self.n_extra = 1 if parts.deepstack_layers else 0  # deepstack_embeds after position_ids
 
     def forward(self, inputs_embeds, *rest):
-        masks, position_ids, past = rest[: self.n_masks], rest[self.n_masks], rest[self.n_masks + 1 :]
+        masks, position_ids = rest[: self.n_masks], rest[self.n_masks]
+        extra, past = rest[self.n_masks + 1 : self.n_masks + 1 + self.n_extra], rest[self.n_masks + 1 + self.n_extra :]
         cache = _PastKV(past, self.keep_all)
-        logits = self.last_logits(inputs_embeds, masks, position_ids, cache)
+        logits = self.last_logits(inputs_embeds, masks, position_ids, cache, *extra)
         flat = [t for pair in cache.present for t in pair]
         return (logits, *flat)
 
-    def last_logits(self, inputs_embeds, masks, position_ids, cache):
+    def last_logits(self, inputs_embeds, masks, position_ids, cache, deepstack_embeds=None):
         """The decoder stack over `cache` (a duck-typed transformers cache), then the head on the last position."""
+        extra = {} if deepstack_embeds is None else {"deepstack_visual_embeds": list(deepstack_embeds.unbind(0)),
+                                                      "visual_pos_masks": None}
         out = self.text_model(
             inputs_embeds=inputs_embeds,
             attention_mask=self.mask_arg(list(masks)),
             position_ids=position_ids,
             cache=cache,
             use_cache=True,
+            **extra,
         )
         return self.head(out.last_hidden_state[:, -1:, :])
 
@@ -152,9 +157,10 @@ class StatefulDecoder(DecoderGraph):
         self.value_cache.zero_()
 
     def forward(self, inputs_embeds, *rest):
-        masks, position_ids = rest[: self.n_masks], rest[self.n_masks]
+        masks, position_ids, extra = rest[: self.n_masks], rest[self.n_masks], rest[self.n_masks + 1 :]
         begin = masks[0].shape[-1] - inputs_embeds.shape[1]
-        return self.last_logits(inputs_embeds, masks, position_ids, _StateKV(self.key_cache, self.value_cache, begin))
+        return self.last_logits(inputs_embeds, masks, position_ids, _StateKV(self.key_cache, self.value_cache, begin),
+                                *extra)
 
 
 def with_kv_storage(job: GraphJob, kv_storage: str) -> GraphJob:
@@ -223,7 +229,7 @@ def _patch_grid_jobs(parts: Parts, g: torch.Generator) -> tuple[GraphJob, GraphJ
     from mmedge.runtimes.schemes import vision_inputs
 
     grid = parts.patch_grid
-    scheme = SchemeSpec(vision="patch_grid", vision_window=grid["window"])
+    scheme = SchemeSpec(vision="patch_grid", vision_window=grid["window"], vision_pos_grid=grid.get("pos_grid"))
 
     def inputs(grids):
         extra = vision_inputs(scheme, grid["merge_size"], grids)
@@ -233,19 +239,22 @@ def _patch_grid_jobs(parts: Parts, g: torch.Generator) -> tuple[GraphJob, GraphJ
 
     trace, names = inputs(PATCH_GRIDS_TRACE)
     axes = {"pixel_values": {0: "patches"}, "vision_positions": {0: "patches"}, "frame_segments": {0: "patches"},
-            "window_index": {0: "tokens"}, "window_segments": {0: "patches"}}
+            "window_index": {0: "tokens"}, "window_segments": {0: "patches"}, "pos_indices": {0: "patches"},
+            "pos_weights": {0: "patches"}}
+    deepstack = ["deepstack_embeds"] if grid.get("deepstack") else []
     vision = GraphJob(
         "vision_encoder",
         parts.vision_encoder,
         ["pixel_values", *names],
-        ["image_features"],
+        ["image_features", *deepstack],
         {name: axes[name] for name in ["pixel_values", *names]},
         trace,
         [inputs(grids)[0] for grids in PATCH_GRIDS_CHECKS],
-        output_axes={"image_features": {0: "patches"}},
+        output_axes={"image_features": {0: "patches"}, **{name: {1: "tokens"} for name in deepstack}},
     )
     with torch.no_grad():
-        features = [(parts.vision_encoder(*args),) for args in [trace, *vision.check_inputs]]
+        outs = [parts.vision_encoder(*args) for args in [trace, *vision.check_inputs]]
+        features = [(out[0] if deepstack else out,) for out in outs]
     projector = GraphJob(
         "projector",
         parts.projector,
@@ -292,20 +301,23 @@ def build_jobs(parts: Parts, seed: int = 0, kv_storage: str = "buffer", max_cont
         if parts.position_rows > 1:  # rows that differ, as an image's (frame, row, column) do
             positions = torch.stack([positions + torch.randint(-1, 2, positions.shape, generator=g)
                                      for _ in range(parts.position_rows)]).clamp(min=0)
+        extra = [torch.randn(parts.deepstack_layers, b, s, parts.hidden_size, generator=g)] if parts.deepstack_layers else []
         past = [torch.randn(b, kv_shape[0], p, kv_shape[1], generator=g) for _ in range(2 * parts.num_layers)]
-        return (embeds, *masks, positions, *past)
+        return (embeds, *masks, positions, *extra, *past)
 
     past_names = kv_names("past", parts.num_layers)
     present_names = kv_names("present", parts.num_layers)
     axes = {"inputs_embeds": {0: "batch", 1: "seq"},
             "position_ids": {0: "batch", 1: "seq"} if parts.position_rows == 1 else {1: "batch", 2: "seq"}}
     axes.update({m: {0: "batch", 2: "seq", 3: "total_len"} for m in parts.mask_names})
+    extra_names = ["deepstack_embeds"] if parts.deepstack_layers else []
+    axes.update({n: {1: "batch", 2: "seq"} for n in extra_names})
     axes.update({n: {0: "batch", 2: "cache_len"} for n in past_names})
     present_len = "total_len" if kv_storage == "state" else "seq"
     decoder = GraphJob(
         "decoder",
         DecoderGraph(parts, kv_storage),
-        ["inputs_embeds", *parts.mask_names, "position_ids", *past_names],
+        ["inputs_embeds", *parts.mask_names, "position_ids", *extra_names, *past_names],
         ["logits", *present_names],
         axes,
         decoder_inputs(TRACE),

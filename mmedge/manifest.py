@@ -154,6 +154,7 @@ class SchemeSpec:
     sliding_window: int | None = None  # set when the decoder takes a sliding-window mask too
     vision: str = "images"  # or "patch_grid": the vision encoder takes patches and per-patch indices (Qwen2-VL)
     vision_window: int | None = None  # "patch_grid" with window attention: window side, in merged tokens
+    vision_pos_grid: int | None = None  # "patch_grid" with a learned side x side position table (Qwen3-VL)
 
 
 @dataclass

@@ -46,6 +46,7 @@ class _Sequence:
     grids: list[tuple]  # per image: (rows, cols) of tiles, or (t, h, w) patches
     block_of: np.ndarray
     positions: np.ndarray | None = None  # [3, len(ids)] for "mrope"
+    deepstack: np.ndarray | None = None  # [k, 1, len(ids), hidden]: visual features for the decoder's first layers
 
 
 @dataclass
@@ -77,6 +78,9 @@ class Pipeline:
         # a decoder built on GroupQueryAttention (kv_cache "in_place") takes the sequence lengths instead of
         # masks and position ids: causal attention at linear positions, which is all that kernel does
         self.takes_lengths = "seqlens_k" in decoder_inputs
+        # a decoder with DeepStack (Qwen3-VL) takes visual features for its first k layers beside the embeddings
+        spec = decoder_inputs.get("deepstack_embeds")
+        self.deepstack_shape = (spec.shape[0], spec.shape[-1], np.dtype(spec.dtype)) if spec else None
         # where the engine writes the cache itself, it writes the logits [1, 1, vocab] into one buffer too
         self._into = dict(self.cache.into())
         if self._into:
@@ -386,6 +390,9 @@ class Pipeline:
         masks = [schemes.attention_masks(self.manifest.schemes, self.mask_names, start, n, cache.mask_slots,
                                          seq.block_of, self.mask_dtype, int(pad)) for pad, seq in zip(pads, seqs)]
         feeds = {name: np.concatenate([m[name] for m in masks]) for name in self.mask_names}
+        if self.deepstack_shape:
+            feeds["deepstack_embeds"] = np.concatenate([self._deepstack(seq, start, n, int(pad))
+                                                        for pad, seq in zip(pads, seqs)], axis=1)
         return self.graphs["decoder"].run({"inputs_embeds": embeds, "position_ids": positions, **feeds,
                                            **cache.feeds()})
 
@@ -418,13 +425,33 @@ class Pipeline:
         return np.concatenate(firsts), step
 
     def _prompt_embeddings_many(self, seqs: list[_Sequence]) -> list[np.ndarray]:
-        """Each sequence's prompt embeddings [1, len, hidden], with its images' embeddings in its image tokens."""
-        return [schemes.place_image(self.manifest.schemes, self._embed(seq.ids[None]), seq.ids[None], image_embeds,
-                                    self.manifest.prompt.image_token_id)
-                for seq, image_embeds in zip(seqs, self._image_embeddings(seqs))]
+        """Each sequence's prompt embeddings [1, len, hidden], with its images' embeddings in its image tokens (and,
+        for a DeepStack decoder, its visual features at the same tokens in `seq.deepstack`)."""
+        rows = []
+        token = self.manifest.prompt.image_token_id
+        for seq, (image_embeds, extra) in zip(seqs, self._image_embeddings(seqs)):
+            rows.append(schemes.place_image(self.manifest.schemes, self._embed(seq.ids[None]), seq.ids[None],
+                                            image_embeds, token))
+            if self.deepstack_shape:
+                k, hidden, dtype = self.deepstack_shape
+                seq.deepstack = np.zeros((k, 1, len(seq.ids), hidden), dtype)
+                seq.deepstack[:, 0, seq.ids == token] = extra["deepstack_embeds"]
+        return rows
 
-    def _image_embeddings(self, seqs: list[_Sequence]) -> list[np.ndarray]:
-        """Per sequence, its images' embeddings in prompt order, [tokens, hidden] (or [frames, tokens, hidden]).
+    def _deepstack(self, seq: _Sequence, start: int, n: int, pad: int = 0) -> np.ndarray:
+        """The DeepStack features for the tokens in slots start..start+n-1 (`pad` slots of left padding first):
+        the prompt's image tokens carry theirs, every other token zeros."""
+        k, hidden, dtype = self.deepstack_shape
+        out = np.zeros((k, 1, n, hidden), dtype)
+        index = np.arange(start - pad, start - pad + n)
+        inside = (index >= 0) & (index < len(seq.ids))
+        if seq.deepstack is not None and inside.any():
+            out[:, :, inside] = seq.deepstack[:, :, index[inside]]
+        return out
+
+    def _image_embeddings(self, seqs: list[_Sequence]) -> list[tuple[np.ndarray, dict]]:
+        """Per sequence, its images' embeddings in prompt order, [tokens, hidden] (or [frames, tokens, hidden]),
+        and the vision encoder's other outputs for them (DeepStack features [k, tokens, hidden]).
 
         Fixed-size images and tiles of all sequences go through the vision encoder and projector together,
         VISION_BATCH a call; "patch_grid" encoders take one image a call (attention over its patches alone, so
@@ -434,29 +461,32 @@ class Pipeline:
 
         def encode(feeds):
             start = time.perf_counter()
-            features = vision.run(feeds)["image_features"]
+            out = vision.run(feeds)
             seconds["vision"] += time.perf_counter() - start
             start = time.perf_counter()
-            embeds = projector.run({"image_features": features})["image_embeds"]
+            embeds = projector.run({"image_features": out.pop("image_features")})["image_embeds"]
             seconds["projector"] += time.perf_counter() - start
-            return embeds
+            return embeds, out
 
         if self.manifest.schemes.vision == "patch_grid":
             takes = self.manifest.graphs["vision_encoder"].inputs
             merge = self.manifest.preprocess.merge_size
             out = []
             for seq in seqs:
-                embeds = []
+                embeds, extras = [], []
                 for pixels, grid in zip(seq.pixels, seq.grids):
-                    extra = schemes.vision_inputs(self.manifest.schemes, merge, [grid])
-                    embeds.append(encode({"pixel_values": pixels, **{k: v for k, v in extra.items() if k in takes}}))
-                out.append(np.concatenate(embeds))
+                    feeds = schemes.vision_inputs(self.manifest.schemes, merge, [grid])
+                    image, extra = encode({"pixel_values": pixels, **{k: v for k, v in feeds.items() if k in takes}})
+                    embeds.append(image)
+                    extras.append(extra)
+                out.append((np.concatenate(embeds), {name: np.concatenate([e[name] for e in extras], axis=1)
+                                                     for name in extras[0]}))
         else:
             frames = [np.concatenate(seq.pixels) for seq in seqs]
             pixels = np.concatenate(frames)
-            embeds = np.concatenate([encode({"pixel_values": pixels[i : i + VISION_BATCH]})
+            embeds = np.concatenate([encode({"pixel_values": pixels[i : i + VISION_BATCH]})[0]
                                      for i in range(0, len(pixels), VISION_BATCH)])
-            out = np.split(embeds, np.cumsum([len(f) for f in frames])[:-1])
+            out = [(e, {}) for e in np.split(embeds, np.cumsum([len(f) for f in frames])[:-1])]
         self.timings.vision, self.timings.projector = seconds["vision"], seconds["projector"]
         return out
 
@@ -527,6 +557,8 @@ class Pipeline:
                     self.manifest.schemes, self.mask_names, start, n, mask_slots, seq.block_of, self.mask_dtype
                 ),
             }
+            if self.deepstack_shape:
+                positions["deepstack_embeds"] = self._deepstack(seq, start, n)
         return self.graphs["decoder"].run({"inputs_embeds": embeds, **positions, **cache_feeds}, into=into)
 
     def _cached_step(self, embeds: np.ndarray, seq: _Sequence) -> np.ndarray:

@@ -92,6 +92,17 @@ def prompt_positions(schemes: SchemeSpec, ids: np.ndarray, grids: list, image_to
     return out
 
 
+def _bilinear_taps(index: np.ndarray, size: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per position along one axis (of `size` positions), the two rows of a `side`-long table that bilinear
+    resampling with aligned corners reads, and their weights (float32, the order of transformers' arithmetic)."""
+    src = index.astype(np.float32) * np.float32(side - 1) / np.maximum(size - 1, 1).astype(np.float32)
+    floor = np.floor(src)
+    offsets = np.arange(2)
+    taps = np.clip(floor.astype(np.int64)[:, None] + offsets, 0, side - 1)
+    weights = np.maximum(np.float32(1) - np.abs(src[:, None] - floor[:, None] - offsets.astype(np.float32)), 0)
+    return taps, weights.astype(np.float32)
+
+
 def vision_inputs(schemes: SchemeSpec, merge_size: int, grids: list) -> dict[str, np.ndarray]:
     """The per-patch indices a "patch_grid" vision encoder takes beside the patches of `grids` ((t, h, w) each,
     in patches, as the preprocessing cut them, concatenated in order):
@@ -100,7 +111,10 @@ def vision_inputs(schemes: SchemeSpec, merge_size: int, grids: list) -> dict[str
     frame_segments [N]: which frame each patch is in (attention stays within a frame);
     with a window (`schemes.vision_window` merged tokens a side, Qwen2.5-VL):
     window_index [N / m^2]: the merged tokens regrouped window by window (the order the blocks run in);
-    window_segments [N]: which window each patch is in, in that order.
+    window_segments [N]: which window each patch is in, in that order;
+    with a learned position table (`schemes.vision_pos_grid` a side, Qwen3-VL):
+    pos_indices, pos_weights [N, 4]: the table rows and weights that resample it bilinearly (corners
+    aligned) to the frame's grid, in float32 as transformers computes them.
     """
     m = merge_size
     positions, frames, order, windows = [], [], [], []
@@ -125,6 +139,12 @@ def vision_inputs(schemes: SchemeSpec, merge_size: int, grids: list) -> dict[str
         offset += t * (h // m) * (w // m)
     out = {"vision_positions": np.concatenate(positions).astype(np.int64),
            "frame_segments": np.concatenate(frames).astype(np.int64)}
+    if schemes.vision_pos_grid:
+        sizes = np.concatenate([np.tile([[h, w]], (t * h * w, 1)) for t, h, w in grids])
+        taps = [_bilinear_taps(out["vision_positions"][:, a], sizes[:, a], schemes.vision_pos_grid) for a in (0, 1)]
+        (rows, row_w), (cols, col_w) = taps
+        out["pos_indices"] = (rows[:, :, None] * schemes.vision_pos_grid + cols[:, None, :]).reshape(-1, 4)
+        out["pos_weights"] = (row_w[:, :, None] * col_w[:, None, :]).reshape(-1, 4)
     if schemes.vision_window:
         out["window_index"] = np.concatenate(order).astype(np.int64)
         out["window_segments"] = np.concatenate(windows).astype(np.int64)

@@ -230,7 +230,7 @@ class ChatRecipe(PaliGemmaRecipe):
         import importlib
         import tempfile
 
-        from transformers import AutoProcessor
+        from mmedge.evaluate import load_processor
 
         if image_size or patch_size:
             self.dims = dataclasses.replace(
@@ -241,7 +241,7 @@ class ChatRecipe(PaliGemmaRecipe):
         self.config = self.family.tiny_config(self.dims, self.tok)
         with tempfile.TemporaryDirectory() as tmp:
             self.family.save_checkpoint(self.model(), self.tok, Path(tmp))
-            self.processor = AutoProcessor.from_pretrained(tmp)
+            self.processor = load_processor(Path(tmp))
             self.processor.chat_template = self.chat_template
             desc = self.family.describe(self.family.load(Path(tmp)), Path(tmp), self.processor.tokenizer)
         self.pre = desc.preprocess
@@ -391,7 +391,88 @@ class SmolVLMRecipe(ChatRecipe):
         return batch
 
 
-RECIPES = {"paligemma": PaliGemmaRecipe, "llava": LlavaRecipe, "gemma3": Gemma3Recipe, "smolvlm": SmolVLMRecipe}
+class _PatchGridTower(torch.nn.Module):
+    """A "patch_grid" vision encoder (Qwen-VL) called with the patches of a batch of same-sized images only: the
+    per-patch indices come from the runtime's code, as at inference."""
+
+    def __init__(self, encoder, grid: tuple[int, int, int], schemes, merge: int):
+        super().__init__()
+        self.encoder, self.grid, self.schemes, self.merge = encoder, grid, schemes, merge
+
+    def forward(self, pixels):
+        from mmedge.runtimes.schemes import vision_inputs
+
+        n = pixels.shape[0] // math.prod(self.grid)
+        extra = vision_inputs(self.schemes, self.merge, [self.grid] * n)
+        return self.encoder(pixels, *(torch.from_numpy(a).to(pixels.device) for a in extra.values()))
+
+
+class _PerImage(torch.nn.Module):
+    """The patch merger's tokens [images x tokens, hidden] as [images, tokens, hidden]."""
+
+    def __init__(self, merger, tokens: int):
+        super().__init__()
+        self.merger, self.tokens = merger, tokens
+
+    def forward(self, features):
+        out = self.merger(features)
+        return out.reshape(-1, self.tokens, out.shape[-1])
+
+
+class Qwen2VLRecipe(ChatRecipe):
+    """Qwen2.5-VL at the demo size: 12-pixel patches, 2x2 merge -> 9 tokens (one per cell), window attention over
+    2x2 tokens with a full-attention block, M-RoPE Qwen2 decoder. Every image is resized to 72x72 (min_pixels =
+    max_pixels), as the task's images are."""
+
+    family_name = "qwen2_vl"
+    # Qwen2-VL's turn format (no system turn) with the text before the image (as LlavaRecipe)
+    chat_template = (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}"
+        "{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+        "<|vision_start|><|image_pad|><|vision_end|>{% endfor %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    dims = tiny.TinyShape(
+        "shapes demo Qwen2.5-VL",
+        vision=dict(depth=3, hidden_size=128, intermediate_size=256, num_heads=4, window_size=48,
+                    fullatt_block_indexes=[2]),
+        text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=1, mrope_section=[4, 6, 6], tie_word_embeddings=True,
+                  max_position_embeddings=256),
+        image_size=72, patch_size=12, extra=dict(model_type="qwen2_5_vl", min_pixels=72 * 72, max_pixels=72 * 72),
+    )
+    align_cosine = True
+
+    def __init__(self, image_size: int | None = None, patch_size: int | None = None):
+        super().__init__(image_size, patch_size)
+        size, patch = self.dims.image_size, self.dims.patch_size
+        self.grid = (1, size // patch, size // patch)
+        self.n_image = size // patch // 2 * (size // patch // 2)
+        self.image_token = self.tok.token_to_id(self.family.IMAGE_PAD)
+
+    def batch(self, examples):
+        batch = super().batch(examples)
+        batch["image_grid_thw"] = torch.tensor([self.grid] * len(examples))
+        batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token).long()
+        return batch
+
+    def vision_parts(self, model):
+        from mmedge.manifest import SchemeSpec
+
+        parts = self.family.split(model)
+        grid = parts.patch_grid
+        schemes = SchemeSpec(vision="patch_grid", vision_window=grid["window"])
+        return (_PatchGridTower(parts.vision_encoder, self.grid, schemes, grid["merge_size"]),
+                _PerImage(parts.projector, self.n_image))
+
+    def projector_output(self, model):
+        layer = model.model.visual.merger.mlp[2]
+        return [layer.weight, layer.bias]
+
+
+RECIPES = {"paligemma": PaliGemmaRecipe, "llava": LlavaRecipe, "gemma3": Gemma3Recipe, "smolvlm": SmolVLMRecipe,
+           "qwen2_vl": Qwen2VLRecipe}
 
 
 # Stage 2 opens with the questions that match a word of the question against the

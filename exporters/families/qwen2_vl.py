@@ -1,5 +1,5 @@
-"""Qwen2-VL and Qwen2.5-VL: a ViT over any number of patches with 2-D rotary positions, a 2x2 patch merger,
-a Qwen2 decoder with 3-D multimodal rotary positions (M-RoPE).
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL (dense): a ViT over any number of patches with 2-D rotary positions, a 2x2
+patch merger, a decoder with 3-D multimodal rotary positions (M-RoPE).
 
 Split:
     vision_encoder  patch embedding (Conv3d over temporal x patch x patch) and the ViT blocks over all patches of
@@ -7,10 +7,14 @@ Split:
                     blocks attend within windows of `window_size` pixels except the `fullatt_block_indexes`
                     ones. The per-patch indices (rotary row/column, frame and window membership, the window
                     order) are inputs the runtime computes from each image's grid (schemes.vision_inputs), so
-                    the graph takes any patch count.
+                    the graph takes any patch count. Qwen3-VL adds a learned position table resampled to the
+                    grid (its rows and weights are inputs too) and DeepStack: the listed blocks' features,
+                    merged by their own mergers, come out as `deepstack_embeds` [k, N/4, hidden].
     projector       the patch merger (norm, 2x2 neighbours concatenated, MLP) -> [N/4, hidden]
     embed_tokens    language_model.embed_tokens
-    decoder         language_model (Qwen2, rotary over 3 position rows split by mrope_section) + lm_head
+    decoder         language_model (Qwen2; Qwen3 with the rotary sections interleaved) + lm_head; Qwen3-VL's also
+                    takes `deepstack_embeds` [k, B, S, hidden], added to the hidden states after each of its first
+                    k layers (zero but at image tokens)
 
 Preprocessing ("smart_resize"): each side to a multiple of patch x merge with the area in
 [min_pixels, max_pixels], bicubic, CLIP normalisation, patches in merge-block order. Prompt: the
@@ -31,11 +35,13 @@ from mmedge.exporters.family import Description, Parts, generation_defaults, spe
 from mmedge.manifest import PreprocessSpec, PromptSpec, SchemeSpec
 from mmedge.runtimes.preprocess import RESAMPLE_FROM_INT
 
-MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 ALIASES = {
     "qwen2-vl-2b": "Qwen/Qwen2-VL-2B-Instruct",
     "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
     "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "qwen3-vl-2b": "Qwen/Qwen3-VL-2B-Instruct",
+    "qwen3-vl-4b": "Qwen/Qwen3-VL-4B-Instruct",
 }
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -65,34 +71,43 @@ def _by_token(x: torch.Tensor, index: torch.Tensor, unit: int) -> torch.Tensor:
 class _VisionEncoder(torch.nn.Module):
     """The ViT blocks with masked attention instead of the upstream per-image split (`cu_seqlens`), so one
     graph runs any number of images of any grid; the same arithmetic per block, the patches in the same order
-    out as in."""
+    out as in. Inputs after the patches, as schemes.vision_inputs names them: vision_positions, frame_segments,
+    then pos_indices, pos_weights (a learned position table) and window_index, window_segments (windows)."""
 
-    def __init__(self, visual, full_blocks: tuple[int, ...] | None):
+    def __init__(self, visual, full_blocks: tuple[int, ...] | None, pos_table: bool, deepstack: tuple[int, ...]):
         super().__init__()
         from importlib import import_module
 
         self.visual = visual
-        self.full_blocks = full_blocks  # None: every block attends within frames (Qwen2-VL)
+        self.full_blocks = full_blocks  # None: every block attends within frames
+        self.pos_table, self.deepstack = pos_table, deepstack
         self.unit = visual.spatial_merge_size ** 2
         self.rotary = import_module(type(visual).__module__).apply_rotary_pos_emb_vision
 
-    def forward(self, pixel_values, vision_positions, frame_segments, window_index=None, window_segments=None):
+    def forward(self, pixel_values, vision_positions, frame_segments, *rest):
         vm = self.visual
         hidden = vm.patch_embed(pixel_values)
+        if self.pos_table:
+            indices, weights, *rest = rest
+            hidden = hidden + (vm.pos_embed(indices) * weights[:, :, None]).sum(1).to(hidden.dtype)
         cos, sin = vm.rotary_pos_emb(hidden, vision_positions)
         full = _segment_mask(frame_segments)
         window = None
         if self.full_blocks is not None:
+            window_index, window_segments = rest
             hidden, cos, sin = (_by_token(t, window_index, self.unit) for t in (hidden, cos, sin))
             window = _segment_mask(window_segments)  # the frames are whole in window order: `full` holds too
+        stacked = []
         for i, block in enumerate(vm.blocks):
             mask = full if window is None or i in self.full_blocks else window
             hidden = hidden + self._attention(block.attn, block.norm1(hidden), cos, sin, mask)
             hidden = hidden + block.mlp(block.norm2(hidden))
+            if i in self.deepstack:
+                stacked.append(vm.deepstack_merger_list[self.deepstack.index(i)](hidden))
         if window is not None:
             back = torch.empty_like(window_index).scatter_(0, window_index, torch.arange(window_index.shape[0]))
             hidden = _by_token(hidden, back, self.unit)
-        return hidden
+        return (hidden, torch.stack(stacked)) if self.deepstack else hidden
 
     def _attention(self, attn, x, cos, sin, mask):
         n = x.shape[0]
@@ -104,16 +119,43 @@ class _VisionEncoder(torch.nn.Module):
         return attn.proj(torch.matmul(weights, v).transpose(1, 2).reshape(n, -1))
 
 
+def _dense_deepstack(text_model, hidden_states, visual_pos_masks, visual_embeds):
+    """Qwen3-VL's DeepStack step as a dense add: the exported decoder takes the visual features as [B, S, hidden],
+    zero but at image tokens, instead of gathering the image positions with a boolean mask (data-dependent
+    shapes that TensorRT and Core ML do not take). The same sum at every position."""
+    return hidden_states + visual_embeds.to(hidden_states.dtype)
+
+
+def _interleaved_sections(rotary, freq):
+    """Qwen3-VL's interleaved M-RoPE layout (frequency j from row H where j % 3 == 1, W where j % 3 == 2, within
+    their sections; T elsewhere) as selections: the upstream strided in-place assignment is the same values,
+    but coremltools mis-converts it."""
+    j = torch.arange(freq.shape[-1])
+    h = (j % 3 == 1) & (j < rotary.mrope_section[1] * 3)
+    w = (j % 3 == 2) & (j < rotary.mrope_section[2] * 3)
+    out = torch.where(h, freq[1], torch.where(w, freq[2], freq[0]))
+    return torch.cat((out, out), dim=-1)
+
+
 def split(model) -> Parts:
+    import types
+
     cfg = model.config
     text, vision = cfg.text_config, cfg.vision_config
     windowed = cfg.model_type == "qwen2_5_vl"
     full_blocks = tuple(vision.fullatt_block_indexes) if windowed else None
+    deepstack = tuple(getattr(vision, "deepstack_visual_indexes", None) or ())
+    language = model.model.language_model
+    if deepstack:  # explicit patches of the loaded model's instance (export owns it)
+        language._deepstack_process = types.MethodType(_dense_deepstack, language)
+    if cfg.model_type == "qwen3_vl":
+        language.rotary_emb.recomposition_frequencies = types.MethodType(_interleaved_sections, language.rotary_emb)
+    visual = model.model.visual
     return Parts(
-        vision_encoder=_VisionEncoder(model.model.visual, full_blocks),
-        projector=model.model.visual.merger,
-        embed_tokens=model.model.language_model.embed_tokens,
-        text_model=model.model.language_model,
+        vision_encoder=_VisionEncoder(visual, full_blocks, hasattr(visual, "pos_embed"), deepstack),
+        projector=visual.merger,
+        embed_tokens=language.embed_tokens,
+        text_model=language,
         head=model.lm_head,
         image_size=(0, 0),
         num_layers=text.num_hidden_layers,
@@ -121,14 +163,23 @@ def split(model) -> Parts:
         head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
         hidden_size=text.hidden_size,
         vocab_size=text.vocab_size,
-        mask_arg=lambda m: {"full_attention": m[0]},
+        # Qwen2/2.5-VL's decoder takes the masks by layer type; Qwen3-VL's a 4-D mask as it is
+        mask_arg=(lambda m: m[0]) if deepstack or cfg.model_type == "qwen3_vl" else (lambda m: {"full_attention": m[0]}),
         position_rows=3,
         patch_grid=dict(
             patch_dim=vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2,
             merge_size=vision.spatial_merge_size,
             window=_window(vision) if windowed else None,
+            pos_grid=_pos_grid(visual),
+            deepstack=len(deepstack),
         ),
+        deepstack_layers=len(deepstack),
     )
+
+
+def _pos_grid(visual) -> int | None:
+    """Qwen3-VL's learned position table, in rows a side (None: the encoder has none)."""
+    return int(visual.num_grid_per_side) if hasattr(visual, "pos_embed") else None
 
 
 def _window(vision) -> int:
@@ -177,7 +228,8 @@ def describe(model, checkpoint: Path, tokenizer) -> Description:
             image_layout="patch_grid",
         ),
         schemes=SchemeSpec(positions="mrope", attention="causal", vision="patch_grid",
-                           vision_window=_window(vision) if cfg.model_type == "qwen2_5_vl" else None),
+                           vision_window=_window(vision) if cfg.model_type == "qwen2_5_vl" else None,
+                           vision_pos_grid=_pos_grid(model.model.visual)),
         special_tokens=special_tokens(model, tokenizer),
         generation=generation_defaults(model),
         max_position_embeddings=cfg.text_config.max_position_embeddings,
@@ -206,6 +258,17 @@ TINY_SHAPES = {
         image_size=32, patch_size=4, seed=2,
         extra=dict(model_type="qwen2_5_vl", min_pixels=16 * 16, max_pixels=64 * 64),
     ),
+    # a learned 6x6 position table resampled to each grid, DeepStack features from 2 of 3 vision blocks into the
+    # first 2 decoder layers, interleaved M-RoPE sections, QK-norm decoder
+    "qwen3vl-deepstack": tiny.TinyShape(
+        "tiny random Qwen3-VL (DeepStack, interleaved M-RoPE, learned position table, GQA)",
+        vision=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=36,
+                    deepstack_visual_indexes=[0, 1]),
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, mrope_section=[2, 3, 3], mrope_interleaved=True),
+        image_size=32, patch_size=4, seed=4,
+        extra=dict(model_type="qwen3_vl", min_pixels=16 * 16, max_pixels=64 * 64),
+    ),
 }
 
 # Qwen/Qwen2-VL-2B-Instruct's chat template (images and videos; no vision ids)
@@ -231,23 +294,27 @@ def tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 384):
 
 
 def tiny_config(shape: tiny.TinyShape, tok):
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
 
     ids = tiny.token_ids(tok)
     text = dict(shape.text)
-    sections = text.pop("mrope_section")
-    text = dict(dict(max_position_embeddings=512, tie_word_embeddings=False), **text,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sections},
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": text.pop("mrope_section")}
+    if text.pop("mrope_interleaved", False):
+        rope["mrope_interleaved"] = True
+    text = dict(dict(max_position_embeddings=512, tie_word_embeddings=False), **text, rope_parameters=rope,
                 vocab_size=tiny.vocab_size(shape, tok), pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"],
                 eos_token_id=ids["<eos>"])
-    qwen25 = shape.extra["model_type"] == "qwen2_5_vl"
+    kind = shape.extra["model_type"]
+    # Qwen2-VL names the vision width embed_dim and the merger's output hidden_size; the later ones hidden_size
+    # and out_hidden_size
+    out = {"hidden_size": text["hidden_size"]} if kind == "qwen2_vl" else {"out_hidden_size": text["hidden_size"]}
     vision = dict(shape.vision, patch_size=shape.patch_size, spatial_merge_size=2, temporal_patch_size=2,
-                  in_channels=3, **({"out_hidden_size": text["hidden_size"]} if qwen25
-                                    else {"hidden_size": text["hidden_size"]}))
-    config = Qwen2_5_VLConfig if qwen25 else Qwen2VLConfig
+                  in_channels=3, **out)
+    config = {"qwen2_vl": Qwen2VLConfig, "qwen2_5_vl": Qwen2_5_VLConfig, "qwen3_vl": Qwen3VLConfig}[kind]
     return config(vision_config=vision, text_config=text, image_token_id=tok.token_to_id(IMAGE_PAD),
                   video_token_id=tok.token_to_id(VIDEO_PAD), vision_start_token_id=tok.token_to_id(VISION_START),
-                  vision_end_token_id=tok.token_to_id(VISION_END), tie_word_embeddings=False)
+                  vision_end_token_id=tok.token_to_id(VISION_END),
+                  tie_word_embeddings=text["tie_word_embeddings"])
 
 
 def tiny_model(shape: tiny.TinyShape, tok):
@@ -258,13 +325,21 @@ def tiny_model(shape: tiny.TinyShape, tok):
     return model
 
 
+def ckpt_model_type(checkpoint: Path) -> str:
+    from mmedge.exporters.checkpoint import read_config
+
+    return read_config(checkpoint)["model_type"]
+
+
 def reference_processor(checkpoint: Path):
     """The checkpoint's processor for reference inputs: transformers' Qwen2VLProcessor with the PIL backend's
     image processor (the one the runtime matches bit for bit; the torchvision backend resizes differently) and
     without the video processor, which transformers builds on torchvision."""
-    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil, Qwen2VLProcessor
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil, Qwen2VLProcessor, Qwen3VLProcessor
 
-    class ImageOnlyProcessor(Qwen2VLProcessor):
+    qwen3 = ckpt_model_type(checkpoint) == "qwen3_vl"
+
+    class ImageOnlyProcessor(Qwen3VLProcessor if qwen3 else Qwen2VLProcessor):
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
             super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
