@@ -162,7 +162,7 @@ def _match_signature(module: torch.nn.Module, per_input: list) -> tuple:
 
     params = list(inspect.signature(module.forward).parameters.values())
     fixed = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if any(p.kind == p.VAR_POSITIONAL for p in params):
+    if any(p.kind == p.VAR_POSITIONAL for p in params) and len(per_input) > len(fixed):
         return (*per_input[: len(fixed)], tuple(per_input[len(fixed) :]))
     return tuple(per_input)
 
