@@ -158,10 +158,11 @@ def _export(opts: ExportOptions, checkpoint: Path, family, plan: dict[str, str],
         raise ExportError(
             f"--max-context {max_context} exceeds the model's {desc.max_position_embeddings} positions"
         )
-    if max_context <= desc.prompt.image_seq_len + 1:
-        raise ExportError(
-            f"--max-context {max_context} leaves no room after the {desc.prompt.image_seq_len} image tokens"
-        )
+    image_tokens = _image_tokens(desc.preprocess, desc.prompt)
+    if max_context <= image_tokens + 1:
+        budget = " an image within --max-pixels takes" if desc.preprocess.resize_mode == "smart_resize" else ""
+        raise ExportError(f"--max-context {max_context} leaves no room after the {image_tokens} image tokens{budget}"
+                          + ("; lower --max-pixels" if budget else ""))
 
     choose = getattr(target, "kv_storage", lambda parts, attention, requested: requested or target.KV_STORAGE[0])
     storage = choose(parts, desc.schemes.attention, opts.kv_cache)
