@@ -164,7 +164,7 @@ def split(model) -> Parts:
         hidden_size=text.hidden_size,
         vocab_size=text.vocab_size,
         # Qwen2/2.5-VL's decoder takes the masks by layer type; Qwen3-VL's a 4-D mask as it is
-        mask_arg=(lambda m: m[0]) if deepstack or cfg.model_type == "qwen3_vl" else (lambda m: {"full_attention": m[0]}),
+        mask_arg=(lambda m: m[0]) if cfg.model_type == "qwen3_vl" else (lambda m: {"full_attention": m[0]}),
         position_rows=3,
         patch_grid=dict(
             patch_dim=vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2,
