@@ -399,12 +399,23 @@ class _PatchGridTower(torch.nn.Module):
         super().__init__()
         self.encoder, self.grid, self.schemes, self.merge = encoder, grid, schemes, merge
 
-    def forward(self, pixels):
+    def forward(self, pixels, chunk: int = 32):
+        """The images `chunk` at a time: the encoder masks attention across all patches of a call, so one call
+        over hundreds of images would cost their patch count squared."""
         from mmedge.runtimes.schemes import vision_inputs
 
-        n = pixels.shape[0] // math.prod(self.grid)
-        extra = vision_inputs(self.schemes, self.merge, [self.grid] * n)
-        return self.encoder(pixels, *(torch.from_numpy(a).to(pixels.device) for a in extra.values()))
+        per = math.prod(self.grid)
+        extra = [torch.from_numpy(a).to(pixels.device)
+                 for a in vision_inputs(self.schemes, self.merge, [self.grid] * chunk).values()]
+        outs = []
+        for start in range(0, pixels.shape[0], chunk * per):
+            part = pixels[start : start + chunk * per]
+            n = part.shape[0] // per
+            if n != chunk:
+                extra = [torch.from_numpy(a).to(pixels.device)
+                         for a in vision_inputs(self.schemes, self.merge, [self.grid] * n).values()]
+            outs.append(self.encoder(part, *extra))
+        return torch.cat(outs)
 
 
 class _PerImage(torch.nn.Module):
