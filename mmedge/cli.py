@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 from mmedge import __version__
-from mmedge.errors import MmedgeError, first_line
+from mmedge.errors import InputError, MmedgeError, first_line
 
 log = logging.getLogger("mmedge")
 
@@ -72,8 +72,10 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="answer a prompt about an image with a package")
     r.add_argument("package", type=Path)
-    r.add_argument("--image", required=True, action="append",
+    r.add_argument("--image", action="append", default=[],
                    help="image file (PNG, JPEG, ...); repeat for several images, in the order the prompt takes them")
+    r.add_argument("--video", help="video file (MP4, WebM, MKV, ...; read with PyAV), for families that take video "
+                                   "(Qwen2-VL, Qwen2.5-VL); frames are sampled at the package's rate")
     r.add_argument("--prompt", required=True, help='the question or task, e.g. "caption en"')
     r.add_argument("--max-new-tokens", type=int)
     r.add_argument("--stream", action="store_true", help="print text as it is generated")
@@ -233,14 +235,16 @@ def cmd_run(args) -> int:
         min_pixels=args.min_pixels,
         max_image_tokens=args.max_image_tokens,
     )
-    image = args.image[0] if len(args.image) == 1 else args.image
+    if not args.image and not args.video:
+        raise InputError("give an image (--image) or, for families that take video, --video")
+    image = args.image[0] if len(args.image) == 1 else (args.image or None)
     if args.stream:
-        for piece in pipe.stream(image, args.prompt, **options):
+        for piece in pipe.stream(image, args.prompt, video=args.video, **options):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
     else:
-        print(pipe.generate(image, args.prompt, **options))
+        print(pipe.generate(image, args.prompt, video=args.video, **options))
     return 0
 
 

@@ -104,6 +104,13 @@ class PreprocessSpec:
     temporal_patch_size: int | None = None  # "smart_resize": frames per patch (an image is repeated to fill it)
     min_pixels: int | None = None  # "smart_resize": the area bounds of the resized image (the token budget)
     max_pixels: int | None = None
+    # video ("smart_resize" families whose processor takes video): frames sampled at video_fps from a file,
+    # between video_min_frames and video_max_frames, each frame resized within [video_min_pixels, video_max_pixels]
+    video_fps: float | None = None
+    video_min_frames: int | None = None
+    video_max_frames: int | None = None
+    video_min_pixels: int | None = None
+    video_max_pixels: int | None = None
     rescale: float = 1 / 255
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
@@ -141,6 +148,9 @@ class PromptSpec:
     image_expansion: str = "{image}"
     image_layout: str = "single"  # or "tiles": see runtimes/text.py
     tile_expansion: str | None = None  # "tiles": one tile's text, with {row}, {col} (1-based) and {image}
+    video_token: str | None = None  # families that take video: its token, repeated once per merged patch
+    video_token_id: int | None = None
+    video_marker: str | None = None  # the chat template's per-video text, expanded as image markers are
 
 
 @dataclass
@@ -155,6 +165,9 @@ class SchemeSpec:
     vision: str = "images"  # or "patch_grid": the vision encoder takes patches and per-patch indices (Qwen2-VL)
     vision_window: int | None = None  # "patch_grid" with window attention: window side, in merged tokens
     vision_pos_grid: int | None = None  # "patch_grid" with a learned side x side position table (Qwen3-VL)
+    # "mrope" video positions: None, a video's frame index on the temporal row (Qwen2-VL); else its time, at this
+    # many positions a second (Qwen2.5-VL)
+    video_tokens_per_second: float | None = None
 
 
 @dataclass

@@ -29,6 +29,7 @@ from mmedge.runtimes.kv_cache import EngineCache, make_cache
 from mmedge.runtimes.preprocess import ImageInput, preprocess_with_grid
 from mmedge.runtimes.sampling import GenerationOptions, choose
 from mmedge.runtimes.text import StreamDecoder, TextCodec
+from mmedge.runtimes.video import Video, VideoInput, prepare_video
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class _Sequence:
     ids: np.ndarray
     pixels: list[np.ndarray]  # per image: [frames, 3, H, W], or [patches, patch_dim] (vision "patch_grid")
     grids: list[tuple]  # per image: (rows, cols) of tiles, or (t, h, w) patches
+    videos: list[Video]  # after the images, in prompt order
     block_of: np.ndarray
     positions: np.ndarray | None = None  # [3, len(ids)] for "mrope"
     deepstack: np.ndarray | None = None  # [k, 1, len(ids), hidden]: visual features for the decoder's first layers
@@ -181,13 +183,17 @@ class Pipeline:
 
     # -- public API --------------------------------------------------------
 
-    def generate(self, image: ImageInput | Sequence[ImageInput], prompt: str, **options: Any) -> str:
-        """The answer to `prompt` about `image` (or a list of images, in the order the prompt takes them)."""
-        return "".join(self.stream(image, prompt, **options))
+    def generate(self, image: ImageInput | Sequence[ImageInput] | None, prompt: str,
+                 video: VideoInput | None = None, **options: Any) -> str:
+        """The answer to `prompt` about `image` (or a list of images, in the order the prompt takes them, or None)
+        and, for families that take video, `video`: a file path (read with PyAV, frames sampled at the
+        package's rate) or a list of frames sampled at that rate."""
+        return "".join(self.stream(image, prompt, video=video, **options))
 
-    def stream(self, image: ImageInput, prompt: str, **options: Any) -> Iterator[str]:
+    def stream(self, image: ImageInput | Sequence[ImageInput] | None, prompt: str, video: VideoInput | None = None,
+               **options: Any) -> Iterator[str]:
         opts = self.options(**options)
-        yield from self._pieces(self._tokens(image, prompt, opts), opts)
+        yield from self._pieces(self._tokens(image, prompt, opts, video), opts)
 
     def _pieces(self, tokens, opts: GenerationOptions) -> Iterator[str]:
         """Text of `tokens` as it becomes final, up to the first stop string."""
@@ -230,9 +236,10 @@ class Pipeline:
         preprocessing gives it (`grids`: one per image, for several)."""
         return self.codec.encode(self.codec.render(prompt, raw=raw, grid=grid, grids=grids))
 
-    def generate_ids(self, image: ImageInput, prompt: str, **options: Any) -> Iterator[int]:
+    def generate_ids(self, image: ImageInput | Sequence[ImageInput] | None, prompt: str,
+                     video: VideoInput | None = None, **options: Any) -> Iterator[int]:
         """Yield generated token ids (EOS is not yielded)."""
-        return self._tokens(image, prompt, self.options(**options))
+        return self._tokens(image, prompt, self.options(**options), video)
 
     def teacher_forced_logits(self, image: ImageInput, prompt: str, tokens: Sequence[int]) -> np.ndarray:
         """Next-token logits after the prompt and after each of `tokens` fed in turn: [len(tokens) + 1, vocab].
@@ -258,15 +265,15 @@ class Pipeline:
 
     # -- internals ---------------------------------------------------------
 
-    def _tokens(self, image: ImageInput, prompt: str, opts: GenerationOptions) -> Iterator[int]:
+    def _tokens(self, image, prompt: str, opts: GenerationOptions, video=None) -> Iterator[int]:
         with self._exclusive():
-            yield from self._generate(image, prompt, opts)
+            yield from self._generate(image, prompt, opts, video)
 
-    def _generate(self, image: ImageInput, prompt: str, opts: GenerationOptions) -> Iterator[int]:
+    def _generate(self, image, prompt: str, opts: GenerationOptions, video=None) -> Iterator[int]:
         rng = np.random.default_rng(opts.seed)
         t = self.timings = Timings()
         start = time.perf_counter()
-        seq = self._prepare(image, prompt, opts)
+        seq = self._prepare(image, prompt, opts, video)
         ids = seq.ids
         t.preprocess = time.perf_counter() - start
         capacity = self.cache.capacity
@@ -425,17 +432,22 @@ class Pipeline:
         return np.concatenate(firsts), step
 
     def _prompt_embeddings_many(self, seqs: list[_Sequence]) -> list[np.ndarray]:
-        """Each sequence's prompt embeddings [1, len, hidden], with its images' embeddings in its image tokens (and,
-        for a DeepStack decoder, its visual features at the same tokens in `seq.deepstack`)."""
+        """Each sequence's prompt embeddings [1, len, hidden], with its images' (and videos') embeddings in their
+        tokens (and, for a DeepStack decoder, their visual features at the same tokens in `seq.deepstack`)."""
         rows = []
-        token = self.manifest.prompt.image_token_id
-        for seq, (image_embeds, extra) in zip(seqs, self._image_embeddings(seqs)):
-            rows.append(schemes.place_image(self.manifest.schemes, self._embed(seq.ids[None]), seq.ids[None],
-                                            image_embeds, token))
+        prompt = self.manifest.prompt
+        for seq, (images, videos) in zip(seqs, self._image_embeddings(seqs)):
+            embeds = self._embed(seq.ids[None])
             if self.deepstack_shape:
                 k, hidden, dtype = self.deepstack_shape
                 seq.deepstack = np.zeros((k, 1, len(seq.ids), hidden), dtype)
-                seq.deepstack[:, 0, seq.ids == token] = extra["deepstack_embeds"]
+            for token, (media, extra) in ((prompt.image_token_id, images), (prompt.video_token_id, videos)):
+                if media is None:
+                    continue
+                embeds = schemes.place_image(self.manifest.schemes, embeds, seq.ids[None], media, token)
+                if self.deepstack_shape:
+                    seq.deepstack[:, 0, seq.ids == token] = extra["deepstack_embeds"]
+            rows.append(embeds)
         return rows
 
     def _deepstack(self, seq: _Sequence, start: int, n: int, pad: int = 0) -> np.ndarray:
@@ -450,8 +462,9 @@ class Pipeline:
         return out
 
     def _image_embeddings(self, seqs: list[_Sequence]) -> list[tuple[np.ndarray, dict]]:
-        """Per sequence, its images' embeddings in prompt order, [tokens, hidden] (or [frames, tokens, hidden]),
-        and the vision encoder's other outputs for them (DeepStack features [k, tokens, hidden]).
+        """Per sequence, (images, videos): each the embeddings in prompt order, [tokens, hidden] (or [frames,
+        tokens, hidden]), and the vision encoder's other outputs for them (DeepStack features [k, tokens,
+        hidden]); (None, {}) where the sequence has none.
 
         Fixed-size images and tiles of all sequences go through the vision encoder and projector together,
         VISION_BATCH a call; "patch_grid" encoders take one image a call (attention over its patches alone, so
@@ -468,25 +481,29 @@ class Pipeline:
             seconds["projector"] += time.perf_counter() - start
             return embeds, out
 
+        def joined(parts):
+            """[tokens, hidden] and the other outputs of several calls, or (None, {}) for none."""
+            if not parts:
+                return None, {}
+            return (np.concatenate([e for e, _ in parts]),
+                    {name: np.concatenate([x[name] for _, x in parts], axis=1) for name in parts[0][1]})
+
         if self.manifest.schemes.vision == "patch_grid":
             takes = self.manifest.graphs["vision_encoder"].inputs
             merge = self.manifest.preprocess.merge_size
-            out = []
-            for seq in seqs:
-                embeds, extras = [], []
-                for pixels, grid in zip(seq.pixels, seq.grids):
-                    feeds = schemes.vision_inputs(self.manifest.schemes, merge, [grid])
-                    image, extra = encode({"pixel_values": pixels, **{k: v for k, v in feeds.items() if k in takes}})
-                    embeds.append(image)
-                    extras.append(extra)
-                out.append((np.concatenate(embeds), {name: np.concatenate([e[name] for e in extras], axis=1)
-                                                     for name in extras[0]}))
+
+            def run(pixels, grid):
+                feeds = schemes.vision_inputs(self.manifest.schemes, merge, [grid])
+                return encode({"pixel_values": pixels, **{k: v for k, v in feeds.items() if k in takes}})
+
+            out = [(joined([run(p, g) for p, g in zip(seq.pixels, seq.grids)]),
+                    joined([run(v.patches, v.grid) for v in seq.videos])) for seq in seqs]
         else:
             frames = [np.concatenate(seq.pixels) for seq in seqs]
             pixels = np.concatenate(frames)
             embeds = np.concatenate([encode({"pixel_values": pixels[i : i + VISION_BATCH]})[0]
                                      for i in range(0, len(pixels), VISION_BATCH)])
-            out = [(e, {}) for e in np.split(embeds, np.cumsum([len(f) for f in frames])[:-1])]
+            out = [((e, {}), (None, {})) for e in np.split(embeds, np.cumsum([len(f) for f in frames])[:-1])]
         self.timings.vision, self.timings.projector = seconds["vision"], seconds["projector"]
         return out
 
@@ -515,27 +532,33 @@ class Pipeline:
         low = min(opts.min_pixels or spec.min_pixels, high)
         return dataclasses.replace(spec, max_pixels=high, min_pixels=low)
 
-    def _prepare(self, image: ImageInput | Sequence[ImageInput], prompt: str, opts: GenerationOptions) -> _Sequence:
+    def _prepare(self, image, prompt: str, opts: GenerationOptions, video: VideoInput | None = None) -> _Sequence:
         """Prompt ids, each image's pixels (one row per tile where the family splits images, or its patches),
-        attention blocks and positions."""
-        images = list(image) if isinstance(image, (list, tuple)) else [image]
-        if not images:
+        the video's patches, attention blocks and positions."""
+        images = list(image) if isinstance(image, (list, tuple)) else [] if image is None else [image]
+        if not images and video is None:
             raise InputError("no image given: pass one image, or a list of them")
+        if video is not None and not self.manifest.prompt.video_marker:
+            raise InputError(f"this {self.manifest.model_type} package takes images, not video")
         raw = opts.raw_prompt
-        spec = self._image_spec(opts, len(images))
+        spec = self._image_spec(opts, max(1, len(images)))
         prepared = [preprocess_with_grid(im, spec) for im in images]
         grids = [grid for _, grid in prepared]
-        ids = self.encode_prompt(prompt, raw=raw, grids=grids)
+        videos = [] if video is None else [prepare_video(video, self.manifest.preprocess)]
+        ids = self.codec.encode(self.codec.render(prompt, raw=raw, grids=grids, videos=[v.grid for v in videos]))
         token = self.manifest.prompt.image_token_id
-        if raw and not (ids == token).any():
+        if raw and images and not (ids == token).any():
             p = self.manifest.prompt
             where = (f"{p.image_marker!r} (expanded to the image tokens)" if p.image_marker
                      else f"{p.image_token!r} x {p.image_seq_len} where the family's format puts them")
             raise InputError(f"a raw prompt must say where the image goes and this one has no image tokens: write "
                              f"{where}, or drop --raw-prompt")
         s = self.manifest.schemes
-        positions = schemes.prompt_positions(s, ids, grids, token, spec.merge_size)
-        return _Sequence(ids, [p for p, _ in prepared], grids, schemes.blocks(s, ids, token), positions)
+        step = spec.temporal_patch_size
+        positions = schemes.prompt_positions(s, ids, grids, token, spec.merge_size,
+                                             [(v.grid, step / v.fps) for v in videos],
+                                             self.manifest.prompt.video_token_id)
+        return _Sequence(ids, [p for p, _ in prepared], grids, videos, schemes.blocks(s, ids, token), positions)
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         return self.graphs["embed_tokens"].run({"input_ids": ids})["inputs_embeds"]

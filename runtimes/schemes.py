@@ -53,42 +53,57 @@ def position_ids(schemes: SchemeSpec, start: int, length: int, pad: int = 0,
 
 
 def prompt_positions(schemes: SchemeSpec, ids: np.ndarray, grids: list, image_token_id: int,
-                     merge_size: int | None) -> np.ndarray | None:
+                     merge_size: int | None, videos: list | None = None, video_token_id: int | None = None
+                     ) -> np.ndarray | None:
     """The prompt's positions where the scheme gives each token its own ("mrope": [3, len(ids)]), else None.
 
     Qwen2-VL's multimodal rotary positions, as its `get_rope_index` computes them: text tokens count up on all
-    three rows; the tokens of an image with grid (t, h, w) patches (h/m x w/m tokens per frame, m =
-    `merge_size`) take (start + frame, start + row, start + column); the text after it continues from start +
-    max(h, w) / m. Images are matched to runs of image tokens in order, `grids` one per image.
+    three rows; the tokens of an image or video with grid (t, h, w) patches (h/m x w/m tokens per frame, m =
+    `merge_size`) take (start + temporal, start + row, start + column); the text after it continues from
+    start + max(h, w) / m. An image's temporal position is its frame index; a video's too (Qwen2-VL), or with
+    `video_tokens_per_second` its time: trunc(index x tokens_per_second x seconds per temporal patch)
+    (Qwen2.5-VL). `grids` (images) and `videos` ((grid, seconds per temporal patch) each) are matched to the
+    runs of their tokens in order.
     """
     if schemes.positions != "mrope":
         return None
+    videos = list(videos or [])
+    kind = np.where(ids == image_token_id, 1, 0)
+    if video_token_id is not None:
+        kind = np.where(ids == video_token_id, 2, kind)
+    queues = {1: [(tuple(g), None) for g in grids], 2: [(tuple(g), s) for g, s in videos]}
+    names = {1: "image", 2: "video"}
     out = np.empty((3, len(ids)), np.int64)
-    image = ids == image_token_id
-    pos, i, left = 0, 0, list(grids)
+    pos, i = 0, 0
     while i < len(ids):
-        if image[i]:
-            if not left:
-                raise InputError(f"the prompt has more image tokens than the {len(grids)} image(s) give; "
-                                 "do not type the image token yourself")
-            t, h, w = left.pop(0)
-            h, w = h // merge_size, w // merge_size
-            n = t * h * w
-            grid = np.stack(np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")).reshape(3, -1)
-            if not image[i : i + n].all() or grid.shape[1] != n:
-                raise InputError(f"image {len(grids) - len(left)} has {n} tokens but the prompt holds "
-                                 f"{int(image[i : i + n].sum())} there; do not type the image token yourself")
-            out[:, i : i + n] = grid + pos
-            pos, i = pos + max(h, w), i + n
-        else:
-            end = i + 1
-            while end < len(ids) and not image[end]:
-                end += 1
+        k = kind[i]
+        if k == 0:
+            end = i + int(np.argmax(kind[i:] != 0)) if (kind[i:] != 0).any() else len(ids)
             out[:, i:end] = np.arange(pos, pos + end - i)
             pos, i = pos + end - i, end
+            continue
+        if not queues[k]:
+            raise InputError(f"the prompt has more {names[k]} tokens than the {names[k]}s given fill; do not type "
+                             f"the {names[k]} token yourself")
+        (t, h, w), seconds = queues[k].pop(0)
+        h, w = h // merge_size, w // merge_size
+        n = t * h * w
+        if not (kind[i : i + n] == k).all() or i + n > len(ids):
+            raise InputError(f"an {names[k]} of {n} tokens does not fit its place in the prompt; do not type the "
+                             f"{names[k]} token yourself")
+        frames = np.arange(t)
+        if seconds is not None and schemes.video_tokens_per_second is not None:  # float32, as torch computes it
+            step = np.float32(schemes.video_tokens_per_second) * np.float32(seconds)
+            frames = (frames.astype(np.float32) * step).astype(np.int64)
+        rows, cols = np.arange(h), np.arange(w)
+        out[0, i : i + n] = np.repeat(frames, h * w) + pos
+        out[1, i : i + n] = np.tile(np.repeat(rows, w), t) + pos
+        out[2, i : i + n] = np.tile(cols, t * h) + pos
+        pos, i = pos + max(h, w), i + n
+    left = [names[k] for k in (1, 2) if queues[k]]
     if left:
-        raise InputError(f"{len(left)} image(s) have no place in the prompt (it has fewer image tokens than the "
-                         "images need)")
+        raise InputError(f"{' and '.join(left)}(s) given have no place in the prompt (it has fewer tokens for them "
+                         "than they need)")
     return out
 
 

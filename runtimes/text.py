@@ -40,42 +40,46 @@ class TextCodec:
         return cls(Path(directory) / manifest.tokenizer, manifest.prompt, manifest.special_tokens, template,
                    manifest.preprocess.merge_size)
 
-    def render(self, prompt: str, raw: bool = False, grid: tuple = (0, 0), grids: list | None = None) -> str:
+    def render(self, prompt: str, raw: bool = False, grid: tuple = (0, 0), grids: list | None = None,
+               videos: list | None = None) -> str:
         """The full prompt text: the family's format or chat template around the user's text, or `prompt` as is.
 
         Image markers (the chat template's per-image text, or those typed in a
         raw prompt) are then expanded into each image's tokens, in order;
         `grids` holds one entry per image (or `grid` the one image's): the
         (rows, cols) of tiles the preprocessing cut it into, or its (t, h, w)
-        patch grid (image_layout "patch_grid").
+        patch grid (image_layout "patch_grid"); `videos` the (t, h, w) grid of each video, whose markers
+        (`video_marker`) become one video token per merged patch.
         """
         grids = [tuple(grid)] if grids is None else [tuple(g) for g in grids]
+        videos = [tuple(v) for v in videos or []]
+        if videos and not self.prompt.video_marker:
+            raise InputError("this package's model takes no video")
         if raw:
             text = prompt
         elif self.chat is not None:
-            content = [{"type": "image"} for _ in grids] + [{"type": "text", "text": prompt}]
+            content = ([{"type": "image"} for _ in grids] + [{"type": "video"} for _ in videos]
+                       + [{"type": "text", "text": prompt}])
             messages = [{"role": "user", "content": content}]
             try:
                 text = self.chat.render(messages=messages, add_generation_prompt=True, **self.prompt.template_vars)
             except Exception as exc:  # a template's raise_exception() or a broken template
                 raise InputError(f"the package's chat template refused the prompt: {first_line(exc)}") from None
         else:
-            if len(grids) != 1:
-                raise InputError(f"this package's prompt format takes one image, not {len(grids)}")
+            if len(grids) != 1 or videos:
+                raise InputError(f"this package's prompt format takes one image, not {len(grids)}"
+                                 + (f" and {len(videos)} video(s)" if videos else ""))
             p = self.prompt
             image = self.image_text(grids[0]) if p.image_layout == "patch_grid" else p.image_token * p.image_seq_len
             text = self.prompt.template
             # placeholders replaced one by one, so braces in the user's text are safe
             text = text.replace("{image}", image).replace("{bos}", self.special.bos or "")
             return text.replace("{prompt}", prompt)
-        marker = self.prompt.image_marker
-        if marker:
-            pieces = text.split(marker)
-            if len(pieces) - 1 not in (0, len(grids)):
-                raise InputError(f"the prompt has {len(pieces) - 1} image markers ({marker!r}) for {len(grids)} "
-                                 "image(s): give one image per marker")
-            if len(pieces) > 1:
-                text = pieces[0] + "".join(self.image_text(g) + rest for g, rest in zip(grids, pieces[1:]))
+        text = _expand(text, self.prompt.image_marker, [self.image_text(g) for g in grids], "image")
+        if videos:
+            unit = self.merge_size ** 2
+            text = _expand(text, self.prompt.video_marker,
+                           [self.prompt.video_token * (t * h * w // unit) for t, h, w in videos], "video")
         return text
 
     def image_text(self, grid: tuple = (0, 0)) -> str:
@@ -111,6 +115,17 @@ class TextCodec:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _expand(text: str, marker: str | None, expansions: list[str], what: str) -> str:
+    """Each `marker` in `text` replaced by the next of `expansions`, in order (no markers: `text` as it is)."""
+    if not marker:
+        return text
+    pieces = text.split(marker)
+    if len(pieces) - 1 not in (0, len(expansions)):
+        raise InputError(f"the prompt has {len(pieces) - 1} {what} markers ({marker!r}) for {len(expansions)} "
+                         f"{what}(s): give one {what} per marker")
+    return pieces[0] + "".join(e + rest for e, rest in zip(expansions, pieces[1:])) if len(pieces) > 1 else text
 
 
 def _compile(source: str | None):

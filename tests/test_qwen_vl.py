@@ -119,3 +119,124 @@ def test_budget_and_image_count_errors(packages, tmp_path):
     ok = run_cli("run", str(qwen), "--image", str(image), "--image", str(image), "--prompt", "x",
                  "--max-new-tokens", "3")
     assert ok.returncode == 0, ok.stderr
+
+
+# -- video -----------------------------------------------------------------------------------------------
+# transformers builds these models' video processor on torchvision, which does not import beside the CPU torch
+# here: the reference runs the model itself on the runtime's patches (its prompt ids, 3-D positions and tokens
+# are transformers'). The patches against the video processor (grids equal, values within its torchvision
+# resize's difference) and the frame sampling (indices equal) are measured in docs/dynamic-resolution.md.
+VIDEO_SHAPES = [name for name in QWEN if SHAPES[name].extra["model_type"] != "qwen3_vl"]
+
+
+def clip_frames(n: int = 4, size=(56, 40)) -> list[Image.Image]:
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return [Image.fromarray(np.roll(base, 6 * i, axis=1)) for i in range(n)]  # the scene pans
+
+
+def video_reference(model, processor, pipe, images, frames):
+    """transformers' prompt ids, 3-D positions and greedy tokens for `images` then a video of `frames`."""
+    seq = pipe._prepare(images or None, PROMPTS[1], pipe.options(), frames)
+    video = seq.videos[0]
+    content = [{"type": "image"} for _ in images] + [{"type": "video"}, {"type": "text", "text": PROMPTS[1]}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    kw = {}
+    if images:
+        kw = dict(processor.image_processor(images=images, return_tensors="pt"))
+        text = text.replace("<|image_pad|>", "<|image_pad|>" * (int(kw["image_grid_thw"].prod()) // 4))
+    text = text.replace("<|video_pad|>", "<|video_pad|>" * (int(np.prod(video.grid)) // 4))  # the processor's expansion
+    ids = processor.tokenizer(text, return_tensors="pt")["input_ids"]
+    types = (ids == model.config.image_token_id).long() + 2 * (ids == model.config.video_token_id).long()
+    kw.update(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=types,
+              pixel_values_videos=torch.from_numpy(video.patches), video_grid_thw=torch.tensor([video.grid]))
+    rope = dict(image_grid_thw=kw.get("image_grid_thw"), video_grid_thw=kw["video_grid_thw"])
+    if model.config.model_type == "qwen2_5_vl":
+        kw["second_per_grid_ts"] = rope["second_per_grid_ts"] = torch.tensor([2 / video.fps])
+    with torch.no_grad():
+        out = model.generate(**kw, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+        positions, _ = model.model.get_rope_index(ids, types, **rope)
+    return seq, ids[0].tolist(), positions[:, 0].numpy(), out[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("shape", [pytest.param(s, marks=() if s == VIDEO_SHAPES[0] else slow) for s in VIDEO_SHAPES])
+def test_video_matches_transformers(shape, checkpoints, packages):
+    path = checkpoints[shape]
+    model = ckpt.family_for(ckpt.read_config(path)["model_type"]).load(path)
+    processor = load_processor(path)
+    for target in ("onnxruntime", "openvino"):
+        pipe = Pipeline.load(packages(shape, target))
+        for images in ([], [sample_images()["noise"]]):  # a 4-frame clip alone, and after an image
+            seq, ids, positions, expected = video_reference(model, processor, pipe, images, clip_frames())
+            assert seq.videos[0].grid[0] == 2  # 4 frames, 2 a temporal patch
+            assert seq.ids.tolist() == ids
+            np.testing.assert_array_equal(seq.positions, positions)
+            got = pipe.generate_ids(images or None, PROMPTS[1], video=clip_frames(), max_new_tokens=NEW_TOKENS,
+                                    ignore_eos=True)
+            assert list(got) == expected, (shape, target, len(images))
+
+
+def write_clip(path, frames, fps: int = 10):
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames[0].width, frames[0].height, "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_image(frame)):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def test_video_file_is_sampled_at_the_package_rate(packages, tmp_path):
+    import av
+
+    from mmedge.runtimes.video import prepare_video
+
+    pipe = Pipeline.load(packages(VIDEO_SHAPES[0]))
+    spec = pipe.manifest.preprocess
+    clip = tmp_path / "clip.mp4"
+    write_clip(clip, clip_frames(20), fps=10)  # 2 s at 10 fps: 2 s x 2 fps = 4 frames, at 0, 5, 10, 15
+    with av.open(str(clip)) as container:
+        decoded = [f.to_image() for f in container.decode(video=0)]
+    from_file = prepare_video(clip, spec)
+    from_list = prepare_video([decoded[i] for i in (0, 5, 10, 15)], spec)
+    assert from_file.grid == from_list.grid and from_file.grid[0] == 2 and from_file.fps == spec.video_fps == 2.0
+    np.testing.assert_array_equal(from_file.patches, from_list.patches)
+    expected = list(pipe.generate_ids(None, "x", video=[decoded[i] for i in (0, 5, 10, 15)], max_new_tokens=4,
+                                      ignore_eos=True))
+    result = run_cli("run", str(pipe.path), "--video", str(clip), "--prompt", "x", "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    assert list(pipe.generate_ids(None, "x", video=str(clip), max_new_tokens=4, ignore_eos=True)) == expected
+
+
+def _empty_clip(path):
+    """A container with a video stream and no frames."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+
+
+def test_video_errors(packages, tmp_path):
+    qwen = packages(VIDEO_SHAPES[0])
+    not_video = tmp_path / "notes.mp4"
+    not_video.write_text("not a video")
+    assert_one_line_error(run_cli("run", str(qwen), "--video", str(not_video), "--prompt", "x"), "not a video")
+    empty = tmp_path / "empty.mp4"
+    _empty_clip(empty)
+    assert_one_line_error(run_cli("run", str(qwen), "--video", str(empty), "--prompt", "x"), str(empty.name))
+    assert_one_line_error(run_cli("run", str(qwen), "--video", str(tmp_path / "nope.mp4"), "--prompt", "x"),
+                          "video not found")
+    image = tmp_path / "a.png"
+    sample_images()["shapes"].save(image)
+    clip = tmp_path / "clip.mp4"
+    write_clip(clip, clip_frames(8))
+    assert_one_line_error(run_cli("run", str(packages("paligemma-gqa")), "--image", str(image), "--video", str(clip),
+                                  "--prompt", "x"), "not video")
+    assert_one_line_error(run_cli("run", str(qwen), "--prompt", "x"), "--image")
+    pipe = Pipeline.load(qwen)
+    with pytest.raises(InputError, match="differ in size"):
+        pipe.generate(None, "x", video=[Image.new("RGB", (40, 40)), Image.new("RGB", (48, 40))])

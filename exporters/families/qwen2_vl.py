@@ -187,10 +187,24 @@ def _window(vision) -> int:
     return vision.window_size // vision.spatial_merge_size // vision.patch_size
 
 
+def _video_config(checkpoint: Path, model_type: str) -> dict:
+    """The checkpoint's video processor settings ({} where mmedge does not run this model type's video yet:
+    Qwen3-VL puts timestamps between its frames)."""
+    import json
+
+    path = checkpoint / "video_preprocessor_config.json"
+    if model_type == "qwen3_vl" or not path.exists():
+        return {}
+    return json.loads(path.read_text())
+
+
 def describe(model, checkpoint: Path, tokenizer) -> Description:
     cfg = model.config
     vision = cfg.vision_config
     pre = image_processor_config(checkpoint)
+    video = _video_config(checkpoint, cfg.model_type)
+    video_size = video.get("size") or {}
+    video_token = getattr(tokenizer, "video_token", None) or VIDEO_PAD
     size = pre.get("size") or {}
     resample = pre.get("resample", 3)
     template = chat_template(checkpoint)
@@ -207,6 +221,11 @@ def describe(model, checkpoint: Path, tokenizer) -> Description:
             temporal_patch_size=pre.get("temporal_patch_size", vision.temporal_patch_size),
             min_pixels=pre.get("min_pixels") or size.get("shortest_edge", 56 * 56),
             max_pixels=pre.get("max_pixels") or size.get("longest_edge", 28 * 28 * 1280),
+            video_fps=float(video.get("fps") or 2.0) if video else None,
+            video_min_frames=video.get("min_frames", 4) if video else None,
+            video_max_frames=video.get("max_frames", 768) if video else None,
+            video_min_pixels=(video.get("min_pixels") or video_size.get("shortest_edge", 128 * 28 * 28)) if video else None,
+            video_max_pixels=(video.get("max_pixels") or video_size.get("longest_edge", 768 * 28 * 28)) if video else None,
             rescale=pre.get("rescale_factor", 1 / 255),
             mean=list(pre.get("image_mean", CLIP_MEAN)),
             std=list(pre.get("image_std", CLIP_STD)),
@@ -226,10 +245,15 @@ def describe(model, checkpoint: Path, tokenizer) -> Description:
             image_marker=image,
             image_expansion="{image}",
             image_layout="patch_grid",
+            video_token=video_token if video else None,
+            video_token_id=cfg.video_token_id if video else None,
+            video_marker=video_token if video else None,
         ),
         schemes=SchemeSpec(positions="mrope", attention="causal", vision="patch_grid",
                            vision_window=_window(vision) if cfg.model_type == "qwen2_5_vl" else None,
-                           vision_pos_grid=_pos_grid(model.model.visual)),
+                           vision_pos_grid=_pos_grid(model.model.visual),
+                           video_tokens_per_second=getattr(vision, "tokens_per_second", None)
+                           if cfg.model_type == "qwen2_5_vl" else None),
         special_tokens=special_tokens(model, tokenizer),
         generation=generation_defaults(model),
         max_position_embeddings=cfg.text_config.max_position_embeddings,
@@ -369,5 +393,17 @@ def save_checkpoint(model, tok, out: Path) -> Path:
     model.save_pretrained(out)
     hf_tok.save_pretrained(out)
     image_processor.save_pretrained(out)
+    if cfg.model_type != "qwen3_vl":  # the video processor's settings, as transformers saves them (it builds the
+        # processor itself on torchvision); a tiny clip's frames get the images' pixel bounds
+        import json
+
+        settings = dict(video_processor_type="Qwen2VLVideoProcessor", do_sample_frames=True, fps=2.0, min_frames=4,
+                        max_frames=16, size={"shortest_edge": image_processor.size["shortest_edge"],
+                                             "longest_edge": image_processor.size["longest_edge"]},
+                        patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+                        temporal_patch_size=vision.temporal_patch_size, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+                        resample=3, do_resize=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                        do_convert_rgb=True)
+        (out / "video_preprocessor_config.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
     return out

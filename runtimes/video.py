@@ -1,0 +1,134 @@
+"""Video for the dynamic-resolution families: read a file with PyAV, sample frames as the processor does, and cut
+them into temporal patches.
+
+A video is a file path (any container and codec FFmpeg reads) or a list of frames (anything `load_image`
+takes), already sampled. From a file, frames are sampled at the package's `video_fps` (Qwen2-VL's video
+processor with sampling on): n = frames / native fps x video_fps, within [video_min_frames, video_max_frames]
+and the file's frame count, rounded down to whole temporal patches, at indices 0, N/n, 2N/n, ... Each frame
+is resized like an image (smart_resize within the video's pixel bounds, Pillow's filter, the same
+normalisation), the frames are padded to a whole number of temporal patches by repeating the last, and
+patches hold `temporal_patch_size` consecutive frames: [t * h * w, 3 * T * p * p] with the grid (t, h, w).
+
+PyAV is the reader: FFmpeg's decoders in-process (no subprocess, no binary on PATH), exact frame counts and
+rates from the container, and it is what transformers itself uses to load video. It is an optional
+dependency (`pip install "mmedge[video]"`): nothing else in the runtime needs it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+from mmedge.errors import InputError
+from mmedge.manifest import PreprocessSpec
+
+VideoInput = Union[str, os.PathLike, Sequence]
+
+
+@dataclass
+class Video:
+    """A prepared video: patches [t*h*w, patch_dim], grid (t, h, w) in patches, and the frame rate of the sampled
+    frames (positions of Qwen2.5-VL's temporal row follow time)."""
+
+    patches: np.ndarray
+    grid: tuple[int, int, int]
+    fps: float
+
+
+def sample_indices(total: int, native_fps: float, spec: PreprocessSpec) -> np.ndarray:
+    """Which of a file's `total` frames to keep, as Qwen2-VL's video processor samples them."""
+    step = spec.temporal_patch_size
+    most = math.floor(min(spec.video_max_frames, total) / step) * step
+    n = total / native_fps * spec.video_fps
+    n = math.floor(min(max(n, spec.video_min_frames), most, total) / step) * step
+    if n < 1:
+        raise InputError(f"the video has {total} frame(s); this model needs at least {step}")
+    # torch.arange(0, total, total / n).int(): the values in float64, stored as float32, then truncated
+    return np.arange(0, total, total / n).astype(np.float32).astype(np.int64)
+
+
+def read_video(path: str | os.PathLike, spec: PreprocessSpec, convert) -> tuple[list, float]:
+    """The sampled frames of a video file, each passed through `convert(rgb PIL image)` as it is decoded (so only
+    the kept frames, at their final size, are held), and their frame rate."""
+    try:
+        import av
+    except ImportError:
+        raise InputError('reading video files needs PyAV: pip install "mmedge[video]" (or pip install av), '
+                         "or pass the frames as a list of images") from None
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"video not found: {path}")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise InputError(f"{path} has no video stream")
+            stream = container.streams.video[0]
+            native = float(stream.average_rate or stream.guessed_rate or 0)
+            total = stream.frames or sum(1 for _ in container.decode(stream))  # count where the container does not
+            if total and not native:
+                raise InputError(f"{path} does not say its frame rate; pass its frames as a list of images")
+            if not total:
+                raise InputError(f"{path} holds no frames")
+            keep = sample_indices(total, native, spec)
+            if stream.frames == 0:
+                container.seek(0)
+            wanted, frames = set(keep.tolist()), []
+            for i, frame in enumerate(container.decode(stream)):
+                if i in wanted:
+                    frames.append(convert(frame.to_image().convert("RGB")))
+    except InputError:
+        raise
+    except Exception as exc:  # av.error.* (not a video, damaged, unknown codec), OSError
+        raise InputError(f"{path} is not a video FFmpeg can read ({str(exc).splitlines()[0] if str(exc) else exc})"
+                         ) from None
+    if not frames:
+        raise InputError(f"{path} holds no frames")
+    return frames, len(keep) / total * native
+
+
+def prepare_video(video: VideoInput, spec: PreprocessSpec, fps: float | None = None) -> Video:
+    """A file or a list of frames -> temporal patches and their grid."""
+    from mmedge.runtimes.preprocess import _normalized, _rgb_array, _RESAMPLE, load_image, smart_resize, to_rgb
+
+    if spec.video_fps is None:
+        raise InputError("this package's model takes no video")
+    size = {}
+
+    def convert(frame: Image.Image) -> np.ndarray:
+        """One frame resized (the first frame's size decides, as the processor resizes a clip as one) and
+        normalised: [3, H, W]."""
+        if "hw" not in size:
+            h, w = frame.height, frame.width
+            size["hw"] = smart_resize(h, w, spec, spec.video_min_pixels, spec.video_max_pixels) if spec.do_resize \
+                else (h, w)
+        h, w = size["hw"]
+        if frame.size != (w, h):
+            frame = frame.resize((w, h), resample=_RESAMPLE[spec.resample])
+        return _normalized(_rgb_array(frame), spec)
+
+    if isinstance(video, (str, os.PathLike)):
+        arrays, rate = read_video(video, spec, convert)
+    elif isinstance(video, (list, tuple)):
+        if not video:
+            raise InputError("the video has no frames")
+        frames = [to_rgb(load_image(f)) for f in video]
+        if any(f.size != frames[0].size for f in frames):
+            raise InputError("the video's frames differ in size; pass frames of one size")
+        arrays, rate = [convert(f) for f in frames], spec.video_fps
+    else:
+        raise InputError(f"a video is a file path or a list of frames, not {type(video).__name__}")
+    rate = fps or rate
+    h, w = size["hw"]
+    p, m, t = spec.patch_size, spec.merge_size, spec.temporal_patch_size
+    arrays += [arrays[-1]] * (-len(arrays) % t)  # whole temporal patches: the last frame repeated
+    clip = np.stack(arrays)  # [frames, 3, H, W]
+    gt, gh, gw = len(arrays) // t, h // p, w // p
+    c = clip.shape[1]
+    patches = clip.reshape(gt, t, c, gh // m, m, p, gw // m, m, p).transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return Video(np.ascontiguousarray(patches.reshape(gt * gh * gw, c * t * p * p)), (gt, gh, gw), rate)
