@@ -151,6 +151,9 @@ class PromptSpec:
     video_token: str | None = None  # families that take video: its token, repeated once per merged patch
     video_token_id: int | None = None
     video_marker: str | None = None  # the chat template's per-video text, expanded as image markers are
+    # with timestamps (Qwen3-VL): each temporal patch's text, with {seconds} (its time, one decimal) and {video}
+    # (its tokens); None: the video's tokens in one run
+    video_frame_expansion: str | None = None
 
 
 @dataclass

@@ -545,7 +545,8 @@ class Pipeline:
         prepared = [preprocess_with_grid(im, spec) for im in images]
         grids = [grid for _, grid in prepared]
         videos = [] if video is None else [prepare_video(video, self.manifest.preprocess)]
-        ids = self.codec.encode(self.codec.render(prompt, raw=raw, grids=grids, videos=[v.grid for v in videos]))
+        ids = self.codec.encode(self.codec.render(prompt, raw=raw, grids=grids, videos=[v.grid for v in videos],
+                                                  seconds=[v.seconds for v in videos]))
         token = self.manifest.prompt.image_token_id
         if raw and images and not (ids == token).any():
             p = self.manifest.prompt
@@ -555,8 +556,11 @@ class Pipeline:
                              f"{where}, or drop --raw-prompt")
         s = self.manifest.schemes
         step = spec.temporal_patch_size
-        positions = schemes.prompt_positions(s, ids, grids, token, spec.merge_size,
-                                             [(v.grid, step / v.fps) for v in videos],
+        # a video stamped per temporal patch (Qwen3-VL) is as many one-patch videos, each its own run of tokens
+        split = bool(self.manifest.prompt.video_frame_expansion)
+        items = [(g, step / v.fps) for v in videos
+                 for g in ([(1, v.grid[1], v.grid[2])] * v.grid[0] if split else [v.grid])]
+        positions = schemes.prompt_positions(s, ids, grids, token, spec.merge_size, items,
                                              self.manifest.prompt.video_token_id)
         return _Sequence(ids, [p for p, _ in prepared], grids, videos, schemes.blocks(s, ids, token), positions)
 

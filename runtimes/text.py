@@ -41,7 +41,7 @@ class TextCodec:
                    manifest.preprocess.merge_size)
 
     def render(self, prompt: str, raw: bool = False, grid: tuple = (0, 0), grids: list | None = None,
-               videos: list | None = None) -> str:
+               videos: list | None = None, seconds: list | None = None) -> str:
         """The full prompt text: the family's format or chat template around the user's text, or `prompt` as is.
 
         Image markers (the chat template's per-image text, or those typed in a
@@ -49,7 +49,8 @@ class TextCodec:
         `grids` holds one entry per image (or `grid` the one image's): the
         (rows, cols) of tiles the preprocessing cut it into, or its (t, h, w)
         patch grid (image_layout "patch_grid"); `videos` the (t, h, w) grid of each video, whose markers
-        (`video_marker`) become one video token per merged patch.
+        (`video_marker`) become one video token per merged patch, or with `video_frame_expansion` one such
+        text per temporal patch, stamped with its time from `seconds` (a list per video).
         """
         grids = [tuple(grid)] if grids is None else [tuple(g) for g in grids]
         videos = [tuple(v) for v in videos or []]
@@ -77,10 +78,20 @@ class TextCodec:
             return text.replace("{prompt}", prompt)
         text = _expand(text, self.prompt.image_marker, [self.image_text(g) for g in grids], "image")
         if videos:
-            unit = self.merge_size ** 2
             text = _expand(text, self.prompt.video_marker,
-                           [self.prompt.video_token * (t * h * w // unit) for t, h, w in videos], "video")
+                           [self.video_text(v, s) for v, s in zip(videos, seconds or [None] * len(videos))], "video")
         return text
+
+    def video_text(self, grid: tuple, seconds: list | None = None) -> str:
+        """The tokens of a video of (t, h, w) patches: one run, or with `video_frame_expansion` one stamped text
+        per temporal patch."""
+        t, h, w = grid
+        frame = self.prompt.video_token * (h * w // self.merge_size ** 2)
+        if not self.prompt.video_frame_expansion:
+            return frame * t
+        stamps = seconds if seconds is not None else [float(i) for i in range(t)]
+        return "".join(self.prompt.video_frame_expansion.replace("{seconds}", f"{s:.1f}").replace("{video}", frame)
+                       for s in stamps)
 
     def image_text(self, grid: tuple = (0, 0)) -> str:
         """The text one image becomes: `image_expansion`, after one `tile_expansion` per tile when the

@@ -39,6 +39,7 @@ class Video:
     patches: np.ndarray
     grid: tuple[int, int, int]
     fps: float
+    seconds: list[float]  # each temporal patch's time: the mean of its first and last frame's (Qwen3-VL's stamps)
 
 
 def sample_indices(total: int, native_fps: float, spec: PreprocessSpec) -> np.ndarray:
@@ -53,9 +54,9 @@ def sample_indices(total: int, native_fps: float, spec: PreprocessSpec) -> np.nd
     return np.arange(0, total, total / n).astype(np.float32).astype(np.int64)
 
 
-def read_video(path: str | os.PathLike, spec: PreprocessSpec, convert) -> tuple[list, float]:
+def read_video(path: str | os.PathLike, spec: PreprocessSpec, convert) -> tuple[list, float, np.ndarray, float]:
     """The sampled frames of a video file, each passed through `convert(rgb PIL image)` as it is decoded (so only
-    the kept frames, at their final size, are held), and their frame rate."""
+    the kept frames, at their final size, are held), their frame rate, their indices and the file's rate."""
     try:
         import av
     except ImportError:
@@ -89,7 +90,7 @@ def read_video(path: str | os.PathLike, spec: PreprocessSpec, convert) -> tuple[
                          ) from None
     if not frames:
         raise InputError(f"{path} holds no frames")
-    return frames, len(keep) / total * native
+    return frames, len(keep) / total * native, keep, native
 
 
 def prepare_video(video: VideoInput, spec: PreprocessSpec, fps: float | None = None) -> Video:
@@ -113,7 +114,7 @@ def prepare_video(video: VideoInput, spec: PreprocessSpec, fps: float | None = N
         return _normalized(_rgb_array(frame), spec)
 
     if isinstance(video, (str, os.PathLike)):
-        arrays, rate = read_video(video, spec, convert)
+        arrays, rate, indices, native = read_video(video, spec, convert)
     elif isinstance(video, (list, tuple)):
         if not video:
             raise InputError("the video has no frames")
@@ -121,14 +122,18 @@ def prepare_video(video: VideoInput, spec: PreprocessSpec, fps: float | None = N
         if any(f.size != frames[0].size for f in frames):
             raise InputError("the video's frames differ in size; pass frames of one size")
         arrays, rate = [convert(f) for f in frames], spec.video_fps
+        indices, native = np.arange(len(frames)), spec.video_fps
     else:
         raise InputError(f"a video is a file path or a list of frames, not {type(video).__name__}")
     rate = fps or rate
     h, w = size["hw"]
     p, m, t = spec.patch_size, spec.merge_size, spec.temporal_patch_size
-    arrays += [arrays[-1]] * (-len(arrays) % t)  # whole temporal patches: the last frame repeated
+    pad = -len(arrays) % t
+    arrays += [arrays[-1]] * pad  # whole temporal patches: the last frame repeated
+    stamps = [float(i) / native for i in list(indices) + [indices[-1]] * pad]
+    seconds = [(stamps[i] + stamps[i + t - 1]) / 2 for i in range(0, len(stamps), t)]
     clip = np.stack(arrays)  # [frames, 3, H, W]
     gt, gh, gw = len(arrays) // t, h // p, w // p
     c = clip.shape[1]
     patches = clip.reshape(gt, t, c, gh // m, m, p, gw // m, m, p).transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    return Video(np.ascontiguousarray(patches.reshape(gt * gh * gw, c * t * p * p)), (gt, gh, gw), rate)
+    return Video(np.ascontiguousarray(patches.reshape(gt * gh * gw, c * t * p * p)), (gt, gh, gw), rate, seconds)

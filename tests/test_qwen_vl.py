@@ -126,7 +126,7 @@ def test_budget_and_image_count_errors(packages, tmp_path):
 # here: the reference runs the model itself on the runtime's patches (its prompt ids, 3-D positions and tokens
 # are transformers'). The patches against the video processor (grids equal, values within its torchvision
 # resize's difference) and the frame sampling (indices equal) are measured in docs/dynamic-resolution.md.
-VIDEO_SHAPES = [name for name in QWEN if SHAPES[name].extra["model_type"] != "qwen3_vl"]
+VIDEO_SHAPES = QWEN
 
 
 def clip_frames(n: int = 4, size=(56, 40)) -> list[Image.Image]:
@@ -145,7 +145,14 @@ def video_reference(model, processor, pipe, images, frames):
     if images:
         kw = dict(processor.image_processor(images=images, return_tensors="pt"))
         text = text.replace("<|image_pad|>", "<|image_pad|>" * (int(kw["image_grid_thw"].prod()) // 4))
-    text = text.replace("<|video_pad|>", "<|video_pad|>" * (int(np.prod(video.grid)) // 4))  # the processor's expansion
+    t, h, w = video.grid
+    if model.config.model_type == "qwen3_vl":  # Qwen3VLProcessor's expansion: each temporal patch stamped
+        stamps = processor._calculate_timestamps(list(range(len(frames))), pipe.manifest.preprocess.video_fps, 2)
+        tokens = "".join(f"<{s:.1f} seconds><|vision_start|>" + "<|video_pad|>" * (h * w // 4) + "<|vision_end|>"
+                         for s in stamps)
+    else:  # Qwen2VLProcessor's: one run
+        tokens = "<|video_pad|>" * (t * h * w // 4)
+    text = text.replace("<|video_pad|>", tokens)
     ids = processor.tokenizer(text, return_tensors="pt")["input_ids"]
     types = (ids == model.config.image_token_id).long() + 2 * (ids == model.config.video_token_id).long()
     kw.update(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=types,

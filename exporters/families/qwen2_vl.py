@@ -25,6 +25,7 @@ stopped, and the text after an image resumes at the largest of them + 1 (schemes
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -187,22 +188,17 @@ def _window(vision) -> int:
     return vision.window_size // vision.spatial_merge_size // vision.patch_size
 
 
-def _video_config(checkpoint: Path, model_type: str) -> dict:
-    """The checkpoint's video processor settings ({} where mmedge does not run this model type's video yet:
-    Qwen3-VL puts timestamps between its frames)."""
-    import json
-
+def _video_config(checkpoint: Path) -> dict:
+    """The checkpoint's video processor settings ({}: it has none, and the package takes no video)."""
     path = checkpoint / "video_preprocessor_config.json"
-    if model_type == "qwen3_vl" or not path.exists():
-        return {}
-    return json.loads(path.read_text())
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def describe(model, checkpoint: Path, tokenizer) -> Description:
     cfg = model.config
     vision = cfg.vision_config
     pre = image_processor_config(checkpoint)
-    video = _video_config(checkpoint, cfg.model_type)
+    video = _video_config(checkpoint)
     video_size = video.get("size") or {}
     video_token = getattr(tokenizer, "video_token", None) or VIDEO_PAD
     size = pre.get("size") or {}
@@ -248,6 +244,9 @@ def describe(model, checkpoint: Path, tokenizer) -> Description:
             video_token=video_token if video else None,
             video_token_id=cfg.video_token_id if video else None,
             video_marker=video_token if video else None,
+            # Qwen3-VL stamps each temporal patch with its time, as Qwen3VLProcessor expands a video
+            video_frame_expansion=f"<{{seconds}} seconds>{VISION_START}{{video}}{VISION_END}"
+            if video and cfg.model_type == "qwen3_vl" else None,
         ),
         schemes=SchemeSpec(positions="mrope", attention="causal", vision="patch_grid",
                            vision_window=_window(vision) if cfg.model_type == "qwen2_5_vl" else None,
@@ -393,17 +392,16 @@ def save_checkpoint(model, tok, out: Path) -> Path:
     model.save_pretrained(out)
     hf_tok.save_pretrained(out)
     image_processor.save_pretrained(out)
-    if cfg.model_type != "qwen3_vl":  # the video processor's settings, as transformers saves them (it builds the
-        # processor itself on torchvision); a tiny clip's frames get the images' pixel bounds
-        import json
-
-        settings = dict(video_processor_type="Qwen2VLVideoProcessor", do_sample_frames=True, fps=2.0, min_frames=4,
-                        max_frames=16, size={"shortest_edge": image_processor.size["shortest_edge"],
-                                             "longest_edge": image_processor.size["longest_edge"]},
-                        patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
-                        temporal_patch_size=vision.temporal_patch_size, image_mean=CLIP_MEAN, image_std=CLIP_STD,
-                        resample=3, do_resize=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-                        do_convert_rgb=True)
-        (out / "video_preprocessor_config.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
+    # the video processor's settings, as transformers saves them (it builds the processor itself on torchvision);
+    # a tiny clip's frames get the images' pixel bounds
+    kind = "Qwen3VLVideoProcessor" if cfg.model_type == "qwen3_vl" else "Qwen2VLVideoProcessor"
+    settings = dict(video_processor_type=kind, do_sample_frames=True, fps=2.0, min_frames=4,
+                    max_frames=16, size={"shortest_edge": image_processor.size["shortest_edge"],
+                                         "longest_edge": image_processor.size["longest_edge"]},
+                    patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
+                    temporal_patch_size=vision.temporal_patch_size, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+                    resample=3, do_resize=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                    do_convert_rgb=True)
+    (out / "video_preprocessor_config.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
     return out
