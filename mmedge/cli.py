@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--image", action="append", default=[],
                    help="image file (PNG, JPEG, ...); repeat for several images, in the order the prompt takes them")
     r.add_argument("--video", help="video file (MP4, WebM, MKV, ...; read with PyAV), for families that take video "
-                                   "(Qwen2-VL, Qwen2.5-VL); frames are sampled at the package's rate")
+                                   "(Qwen2-VL, Qwen2.5-VL, Qwen3-VL); frames are sampled at the package's rate")
     r.add_argument("--prompt", required=True, help='the question or task, e.g. "caption en"')
     r.add_argument("--max-new-tokens", type=int)
     r.add_argument("--stream", action="store_true", help="print text as it is generated")
