@@ -166,7 +166,8 @@ def video_reference(model, processor, pipe, images, frames):
     return seq, ids[0].tolist(), positions[:, 0].numpy(), out[0, ids.shape[1]:].tolist()
 
 
-@pytest.mark.parametrize("shape", [pytest.param(s, marks=() if s == VIDEO_SHAPES[0] else slow) for s in VIDEO_SHAPES])
+@slow  # the contributors' loop reads and runs a clip in test_video_file_is_sampled_at_the_package_rate
+@pytest.mark.parametrize("shape", VIDEO_SHAPES)
 def test_video_matches_transformers(shape, checkpoints, packages):
     path = checkpoints[shape]
     model = ckpt.family_for(ckpt.read_config(path)["model_type"]).load(path)
