@@ -25,10 +25,13 @@ binds to the past buffers so that GroupQueryAttention writes each new key and
 value into its slot and nothing else moves.
 
 Only what GroupQueryAttention expresses is built here: causal attention
-(no prefix or image blocks, no holes), linear positions, Llama-style
-blocks (RMSNorm with weight, SwiGLU MLP, optional q/k/v biases, no QK norm,
-no soft-capping). `supports()` says whether a model qualifies; the exporter
-verifies the graph against PyTorch either way.
+(no prefix or image blocks, no holes), Llama-style blocks (RMSNorm with
+weight, SwiGLU MLP, optional q/k/v biases, no QK norm, no soft-capping), and
+linear positions, or Qwen2-VL's 3-D ones (M-RoPE, in blocks): then the graph
+also takes position_ids [3, batch, seq] and rotates q and k with
+MRotaryEmbedding before attention, which runs without rotary of its own.
+`supports()` says whether a model qualifies; the exporter verifies the graph
+against PyTorch either way.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from mmedge.exporters.graphs import DecoderGraph, GraphJob, kv_names
 
 MS = "com.microsoft"
 # the transformers decoder stacks built of Llama blocks that this builder reproduces exactly
-LLAMA_STACKS = ("LlamaModel",)
+LLAMA_STACKS = ("LlamaModel", "Qwen2VLTextModel", "Qwen2_5_VLTextModel")
 INPUTS = ("inputs_embeds", "seqlens_k", "total_sequence_length")
 
 
@@ -55,8 +58,10 @@ def supports(parts: Parts, attention: str) -> str | None:
         return f"decoder {name} is not one of {', '.join(LLAMA_STACKS)}"
     if attention != "causal":
         return f"attention pattern {attention!r} is not plain causal"
-    if getattr(stack.config, "sliding_window", None):
+    if getattr(stack.config, "sliding_window", None) and getattr(stack.config, "use_sliding_window", True):
         return "sliding-window attention"
+    if parts.position_rows > 1 and getattr(stack.config, "rope_parameters", {}).get("mrope_interleaved"):
+        return "interleaved M-RoPE sections"
     rope = getattr(stack.rotary_emb, "rope_type", "default")
     if rope not in ("default", "linear", "llama3"):  # these fix inv_freq once; dynamic kinds change it per length
         return f"rotary scaling {rope!r}"
@@ -129,6 +134,31 @@ def build(parts: Parts, max_positions: int) -> onnx.ModelProto:
              epsilon=eps)
         return out, total
 
+    mrope = parts.position_rows > 1
+    sections = [int(n) for n in getattr(stack.rotary_emb, "mrope_section", [])]
+
+    def attention(i: int, qkv: str, attn) -> str:
+        """GroupQueryAttention over the packed q|k|v, rotary inside it (linear positions) or applied before it
+        from the 3-D positions (M-RoPE)."""
+        context = b.name("attention")
+        caches = [cos, sin]
+        if mrope:
+            q, k, v = b.op("Split", [qkv, b.weight_int("qkv_sizes", [heads * dim, kv_heads * dim, kv_heads * dim])],
+                           n_out=3, axis=-1)
+            q = b.op("MRotaryEmbedding", [q, "position_ids", cos, sin], domain=MS, num_heads=heads,
+                     mrope_section=sections)
+            k = b.op("MRotaryEmbedding", [k, "position_ids", cos, sin], domain=MS, num_heads=kv_heads,
+                     mrope_section=sections)
+            qkv, key, value, caches = q, k, v, []
+        else:
+            key = value = ""
+        b.op("GroupQueryAttention",
+             [qkv, key, value, f"past.{i}.key", f"past.{i}.value", "seqlens_k", "total_sequence_length", *caches],
+             domain=MS, outputs=[context, f"present.{i}.key", f"present.{i}.value"],
+             num_heads=heads, kv_num_heads=kv_heads, do_rotary=0 if mrope else 1, rotary_interleaved=0,
+             scale=float(attn.scaling))
+        return context
+
     hidden, residual = "inputs_embeds", None
     for i, layer in enumerate(stack.layers):
         attn, mlp = layer.self_attn, layer.mlp
@@ -138,13 +168,7 @@ def build(parts: Parts, max_positions: int) -> onnx.ModelProto:
         if attn.q_proj.bias is not None:
             bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]).detach().numpy()
             qkv = b.op("Add", [qkv, b.weight(f"layers.{i}.qkv_bias", bias)])
-        context = b.name("attention")
-        b.op("GroupQueryAttention",
-             [qkv, "", "", f"past.{i}.key", f"past.{i}.value", "seqlens_k", "total_sequence_length", cos, sin],
-             domain=MS, outputs=[context, f"present.{i}.key", f"present.{i}.value"],
-             num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0,
-             scale=float(attn.scaling))
-        out = b.linear(context, attn.o_proj, f"layers.{i}.o_proj")
+        out = b.linear(attention(i, qkv, attn), attn.o_proj, f"layers.{i}.o_proj")
         x, residual = norm(out, residual, layer.post_attention_layernorm)
         gate = b.linear(x, mlp.gate_proj, f"layers.{i}.gate_proj")
         up = b.linear(x, mlp.up_proj, f"layers.{i}.up_proj")
@@ -162,6 +186,8 @@ def build(parts: Parts, max_positions: int) -> onnx.ModelProto:
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
     ]
+    if mrope:
+        inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, [3, "batch", "seq"]))
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1, parts.vocab_size])]
     for i in range(parts.num_layers):
         for kind in ("key", "value"):
@@ -185,14 +211,17 @@ class InPlaceReference(torch.nn.Module):
         self.parts, self.max_context = parts, max_context
         self.decoder = DecoderGraph(parts, "buffer")
 
-    def forward(self, inputs_embeds, seqlens_k, total_sequence_length, *past):
+    def forward(self, inputs_embeds, seqlens_k, total_sequence_length, *rest):
         batch, n = inputs_embeds.shape[:2]
         total = int(total_sequence_length)
         start = total - n
         mask = torch.zeros(batch, 1, n, total)
         mask[..., start:] = torch.where(torch.tril(torch.ones(n, n, dtype=torch.bool)), 0.0,
                                         torch.finfo(torch.float32).min)
-        positions = torch.arange(start, total).repeat(batch, 1)
+        if self.parts.position_rows > 1:  # the 3-D positions come in (M-RoPE)
+            positions, past = rest[0], rest[1:]
+        else:
+            positions, past = torch.arange(start, total).repeat(batch, 1), rest
         out = self.decoder(inputs_embeds, mask, positions, *[p[:, :, :start] for p in past])
         presents = []
         for buffer, new in zip(past, out[1:]):
@@ -217,14 +246,19 @@ def decoder_job(parts: Parts, max_context: int, generator: torch.Generator) -> G
     def inputs(batch: int, n: int, start: int) -> tuple:
         embeds = torch.randn(batch, n, parts.hidden_size, generator=generator)
         past = [torch.randn(batch, *kv, generator=generator) for _ in range(2 * parts.num_layers)]
+        extra = []
+        if parts.position_rows > 1:  # rows that differ, as an image's (frame, row, column) do; within the table
+            linear = torch.arange(start, start + n).repeat(batch, 1)
+            extra = [torch.stack([(linear - torch.randint(0, 3, linear.shape, generator=generator)).clamp(min=0)
+                                  for _ in range(parts.position_rows)])]
         return (embeds, torch.full((batch,), start + n - 1, dtype=torch.int32),
-                torch.tensor(start + n, dtype=torch.int32), *past)
+                torch.tensor(start + n, dtype=torch.int32), *extra, *past)
 
     past_names, present_names = kv_names("past", parts.num_layers), kv_names("present", parts.num_layers)
     return GraphJob(
         "decoder",
         InPlaceReference(parts, max_context),
-        [*INPUTS, *past_names],
+        [*INPUTS, *(["position_ids"] if parts.position_rows > 1 else []), *past_names],
         ["logits", *present_names],
         {},
         inputs(*CHECKS[0]),

@@ -80,6 +80,8 @@ class Pipeline:
         # a decoder built on GroupQueryAttention (kv_cache "in_place") takes the sequence lengths instead of
         # masks and position ids: causal attention at linear positions, which is all that kernel does
         self.takes_lengths = "seqlens_k" in decoder_inputs
+        # ... and, for 3-D positions (M-RoPE), the positions too: the kernel rotates nothing itself then
+        self.lengths_and_positions = self.takes_lengths and "position_ids" in decoder_inputs
         # a decoder with DeepStack (Qwen3-VL) takes visual features for its first k layers beside the embeddings
         spec = decoder_inputs.get("deepstack_embeds")
         self.deepstack_shape = (spec.shape[0], spec.shape[-1], np.dtype(spec.dtype)) if spec else None
@@ -346,7 +348,7 @@ class Pipeline:
         cache = make_cache(self.manifest.kv_cache, self.graphs["decoder"], batch)
         start = time.perf_counter()
         if self.takes_lengths:
-            logits, step = self._prefill_rows_in_place(cache, rows, lengths)
+            logits, step = self._prefill_rows_in_place(cache, rows, lengths, prepared)
         else:
             pads = longest - lengths
             embeds = np.zeros((batch, longest, rows[0].shape[-1]), rows[0].dtype)
@@ -403,7 +405,7 @@ class Pipeline:
         return self.graphs["decoder"].run({"inputs_embeds": embeds, "position_ids": positions, **feeds,
                                            **cache.feeds()})
 
-    def _prefill_rows_in_place(self, cache, rows: list, lengths: np.ndarray):
+    def _prefill_rows_in_place(self, cache, rows: list, lengths: np.ndarray, seqs: list):
         """GroupQueryAttention: each prompt alone into its own rows of the batch's buffers (bound in place), then
         steps of all rows, each at its own length."""
         decoder, into, feeds = self.graphs["decoder"], cache.into(), cache.feeds()
@@ -414,8 +416,10 @@ class Pipeline:
             past = {name: array[r : r + 1] for name, array in feeds.items()}  # views: written where they lie
             present = {name: array[r : r + 1] for name, array in into.items()}
             logits = np.empty((1, 1, vocab), self._into["logits"].dtype)
+            extra = {"position_ids": self._positions(seqs[r], 0, n)} if self.lengths_and_positions else {}
             decoder.run({"inputs_embeds": row, "seqlens_k": np.array([n - 1], np.int32),
-                         "total_sequence_length": np.array(n, np.int32), **past}, into={**present, "logits": logits})
+                         "total_sequence_length": np.array(n, np.int32), **extra, **past},
+                        into={**present, "logits": logits})
             firsts.append(logits)
         seen = lengths.astype(np.int32).copy()  # tokens in each row's cache
         batch_logits = np.empty((len(rows), 1, vocab), self._into["logits"].dtype)
@@ -423,8 +427,12 @@ class Pipeline:
         def step(embeds):
             if int(seen.max()) + 1 > cache.capacity:
                 raise ValueError(f"KV cache overflow: {int(seen.max()) + 1} > {cache.capacity}")
+            extra = {}
+            if self.lengths_and_positions:
+                extra["position_ids"] = np.concatenate([self._positions(seq, int(at), 1) for seq, at in zip(seqs, seen)],
+                                                       axis=-2)
             decoder.run({"inputs_embeds": embeds, "seqlens_k": seen.copy(),
-                         "total_sequence_length": np.array(seen.max() + 1, np.int32), **feeds},
+                         "total_sequence_length": np.array(seen.max() + 1, np.int32), **extra, **feeds},
                         into={**into, "logits": batch_logits})
             seen[:] += 1
             return batch_logits
@@ -449,6 +457,9 @@ class Pipeline:
                     seq.deepstack[:, 0, seq.ids == token] = extra["deepstack_embeds"]
             rows.append(embeds)
         return rows
+
+    def _positions(self, seq: _Sequence, start: int, n: int, pad: int = 0) -> np.ndarray:
+        return schemes.position_ids(self.manifest.schemes, start, n, pad, seq.positions)
 
     def _deepstack(self, seq: _Sequence, start: int, n: int, pad: int = 0) -> np.ndarray:
         """The DeepStack features for the tokens in slots start..start+n-1 (`pad` slots of left padding first):
@@ -577,6 +588,8 @@ class Pipeline:
             batch = embeds.shape[0]
             positions = {"seqlens_k": np.full(batch, start + n - 1, np.int32),
                          "total_sequence_length": np.array(start + n, np.int32)}
+            if self.lengths_and_positions:
+                positions["position_ids"] = self._positions(seq, start, n)
         else:
             positions = {
                 "position_ids": schemes.position_ids(self.manifest.schemes, start, n, prompt=seq.positions),

@@ -49,7 +49,7 @@ def position_ids(schemes: SchemeSpec, start: int, length: int, pad: int = 0,
     n = prompt.shape[1]
     after = index + (int(prompt.max()) + 1 - n)
     out = np.where(index < n, prompt[:, np.clip(index, 0, n - 1)], after)
-    return out[:, None, :]
+    return np.ascontiguousarray(out[:, None, :])
 
 
 def prompt_positions(schemes: SchemeSpec, ids: np.ndarray, grids: list, image_token_id: int,

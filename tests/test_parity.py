@@ -63,7 +63,7 @@ def test_kv_cache_equals_recompute(shape, target, packages):
 # onnxruntime builds the decoder on GroupQueryAttention (KV cache written in place) for causal Llama-block
 # decoders whose head size is a multiple of 16; every other shape keeps the traced decoder
 IN_PLACE = {"smolvlm-tiles": True, "llava-gqa": True, "llava-full-multilayer": True, "idefics3-single": False,
-            "paligemma-gqa": False, "gemma3-sliding": False, "qwen2vl-gqa": False}
+            "paligemma-gqa": False, "gemma3-sliding": False, "qwen2vl-gqa": True}
 
 
 @pytest.mark.parametrize("shape", each_shape(sorted(set(IN_PLACE) & set(SHAPES))))
