@@ -79,6 +79,16 @@ BUILTIN = {
         image_size=512, patch_size=16, seed=3, vocab_size=49280, sharp_init=False,
         extra=dict(scale_factor=4, longest_edge=512, splitting=False), family="idefics3",
     ),
+    # for speed measurements of the 3-D-position decoders: a Qwen2-VL with a SmolLM2-135M-sized decoder (random
+    # weights, ~190M parameters) behind a small vision tower, images up to 448 x 448 (256 tokens)
+    "qwen2vl-135m-shaped": TinyShape(
+        "random Qwen2-VL with a SmolLM2-135M-sized decoder (for speed measurements)",
+        vision=dict(depth=4, embed_dim=192, num_heads=3, mlp_ratio=4),
+        text=dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                  num_key_value_heads=3, mrope_section=[8, 12, 12], max_position_embeddings=4096),
+        image_size=448, patch_size=14, seed=3, vocab_size=49152, sharp_init=False, family="qwen2_vl",
+        extra=dict(model_type="qwen2_vl", min_pixels=56 * 56, max_pixels=448 * 448),
+    ),
     # for scale (tools/scale.py, docs/scale.md): google/paligemma-3b-mix-224's architecture, 2.92B parameters
     # (SigLIP-So400m 1152x27 at 224 px, 256 image tokens; Gemma-2B decoder, 18 layers, MQA, head 256, vocab
     # 257216, tied LM head), random weights, saved in float32 (11.7 GB on disk, built on first use)
