@@ -260,7 +260,14 @@ def cmd_inspect(args) -> int:
     print(f"family      {m.family} ({m.model_type})    target {m.target}    format {m.format_version}")
     print(f"context     {m.kv_cache.max_context} tokens; KV {m.kv_cache.num_layers} layers x "
           f"{m.kv_cache.num_kv_heads} heads x {m.kv_cache.head_dim} ({m.kv_cache.dtype}, {m.kv_cache.storage})")
-    print(f"prompt      {m.prompt.image_seq_len} image tokens; attention {m.schemes.attention}")
+    pre = m.preprocess
+    if pre.resize_mode == "smart_resize":  # dynamic resolution: the budget, not a count
+        most = pre.max_pixels // (pre.patch_size * pre.merge_size) ** 2
+        video = f"; video at {pre.video_fps:g} frames/s" if m.prompt.video_marker else ""
+        tokens = f"up to {most} image tokens an image ({pre.min_pixels}-{pre.max_pixels} pixels){video}"
+    else:
+        tokens = f"{m.prompt.image_seq_len} image tokens"
+    print(f"prompt      {tokens}; attention {m.schemes.attention}; positions {m.schemes.positions}")
     print(f"size        {_mb(total)} in {len(m.files)} files (sha256 verified)")
     print()
     print(f"{'graph':<16}{'precision':<11}{'size':>10}  inputs -> outputs")
