@@ -76,10 +76,10 @@ class TextCodec:
             # placeholders replaced one by one, so braces in the user's text are safe
             text = text.replace("{image}", image).replace("{bos}", self.special.bos or "")
             return text.replace("{prompt}", prompt)
-        text = _expand(text, self.prompt.image_marker, [self.image_text(g) for g in grids], "image")
+        text = _expand(text, self.prompt.image_marker, grids, self.image_text, "image")
         if videos:
-            text = _expand(text, self.prompt.video_marker,
-                           [self.video_text(v, s) for v, s in zip(videos, seconds or [None] * len(videos))], "video")
+            text = _expand(text, self.prompt.video_marker, list(zip(videos, seconds or [None] * len(videos))),
+                           lambda item: self.video_text(*item), "video")
         return text
 
     def video_text(self, grid: tuple, seconds: list | None = None) -> str:
@@ -128,15 +128,16 @@ class TextCodec:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def _expand(text: str, marker: str | None, expansions: list[str], what: str) -> str:
-    """Each `marker` in `text` replaced by the next of `expansions`, in order (no markers: `text` as it is)."""
-    if not marker:
+def _expand(text: str, marker: str | None, items: list, expand, what: str) -> str:
+    """Each `marker` in `text` replaced by `expand(item)` of the next of `items`, in order (no markers: `text` as
+    it is, and nothing is expanded)."""
+    pieces = text.split(marker) if marker else [text]
+    if len(pieces) == 1:
         return text
-    pieces = text.split(marker)
-    if len(pieces) - 1 not in (0, len(expansions)):
-        raise InputError(f"the prompt has {len(pieces) - 1} {what} markers ({marker!r}) for {len(expansions)} "
+    if len(pieces) - 1 != len(items):
+        raise InputError(f"the prompt has {len(pieces) - 1} {what} markers ({marker!r}) for {len(items)} "
                          f"{what}(s): give one {what} per marker")
-    return pieces[0] + "".join(e + rest for e, rest in zip(expansions, pieces[1:])) if len(pieces) > 1 else text
+    return pieces[0] + "".join(expand(item) + rest for item, rest in zip(items, pieces[1:]))
 
 
 def _compile(source: str | None):
