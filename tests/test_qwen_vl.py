@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import BACKEND, NEW_TOKENS, PROMPTS, SHAPES, run_cli, sample_images, slow
+from conftest import BACKEND, NEW_TOKENS, PROMPTS, SHAPES, sample_images, slow
+from conftest import run_cli_in_process as run_cli  # the CLI's main() here: the same exit status and messages
 from mmedge import Pipeline
 from mmedge.errors import InputError
 from mmedge.evaluate import load_processor
@@ -73,7 +74,7 @@ def test_several_images_in_one_prompt_match_transformers(shape, target, packages
         np.testing.assert_array_equal(after[:, 0], np.tile(np.arange(len(seq.ids), len(seq.ids) + 2) + int(delta), (3, 1)))
 
 
-@pytest.mark.parametrize("shape", QWEN)
+@pytest.mark.parametrize("shape", [pytest.param(s, marks=() if s == QWEN[0] else slow) for s in QWEN])
 def test_vision_encoder_verified_at_grids_other_than_the_traced_one(shape, packages):
     """Export checks the vision encoder against PyTorch at every grid of graphs.PATCH_GRIDS_CHECKS (portrait,
     landscape, the smallest, two images, a two-frame clip), in each target's engine."""
