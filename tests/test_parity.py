@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from mmedge.evaluate import load_processor
 
-from conftest import BACKEND, CASES, NEW_TOKENS, PROMPTS, SHAPES, each_shape, matrix, sample_images
+from conftest import BACKEND, CASES, NEW_TOKENS, PROMPTS, SHAPES, each_shape, matrix, sample_images, slow
 from mmedge import Pipeline
 from mmedge.evaluate import reference_inputs
 from mmedge.runtimes.preprocess import preprocess, preprocess_with_grid
@@ -66,7 +66,9 @@ IN_PLACE = {"smolvlm-tiles": True, "llava-gqa": True, "llava-full-multilayer": T
             "paligemma-gqa": False, "gemma3-sliding": False, "qwen2vl-gqa": True}
 
 
-@pytest.mark.parametrize("shape", each_shape(sorted(set(IN_PLACE) & set(SHAPES))))
+# in the contributors' loop: the Llama-block case (Qwen2-VL's M-RoPE one runs in its greedy parity case there)
+@pytest.mark.parametrize("shape", each_shape([s for s in sorted(set(IN_PLACE) & set(SHAPES)) if s != "qwen2vl-gqa"])
+                         + [pytest.param("qwen2vl-gqa", marks=slow)])
 def test_in_place_decoder_fills_the_cache_as_the_traced_one(shape, packages):
     built = Pipeline.load(packages(shape, "onnxruntime"))
     storage = built.manifest.kv_cache.storage
