@@ -500,6 +500,9 @@ class TorchGraph:
         self.module.reset()
         self._fresh = isinstance(self.module, graphs.StatefulDecoder)
 
+    def truncate_state(self, length: int) -> None:
+        """As Core ML's (runtimes/backends/coreml.py): the buffers are written at the mask's length."""
+
 
 def simulated_pipeline(package: Path, checkpoint: Path | None = None, stored_weights: bool = True):
     """The package's Pipeline over the torch modules its .mlpackage files were converted from, for

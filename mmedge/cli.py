@@ -1,4 +1,4 @@
-"""The `mmedge` command line: export, run, inspect, eval, bench, list-models.
+"""The `mmedge` command line: export, run, chat, inspect, eval, bench, list-models.
 
 Errors in the user's input print one line on stderr and exit with status 2;
 anything unexpected prints one line too (MMEDGE_DEBUG=1 shows the traceback).
@@ -77,30 +77,25 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--video", help="video file (MP4, WebM, MKV, ...; read with PyAV), for families that take video "
                                    "(Qwen2-VL, Qwen2.5-VL, Qwen3-VL); frames are sampled at the package's rate")
     r.add_argument("--prompt", required=True, help='the question or task, e.g. "caption en"')
-    r.add_argument("--max-new-tokens", type=int)
     r.add_argument("--stream", action="store_true", help="print text as it is generated")
-    r.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    r.add_argument("--temperature", type=float)
-    r.add_argument("--top-k", type=int)
-    r.add_argument("--top-p", type=float)
-    r.add_argument("--seed", type=int)
-    r.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
     r.add_argument("--raw-prompt", action="store_true", help="pass --prompt through as the full formatted prompt")
-    r.add_argument("--max-pixels", type=int, help="dynamic-resolution packages: the most pixels per image "
-                   "(default: the package's)")
-    r.add_argument("--min-pixels", type=int, help="dynamic-resolution packages: the fewest pixels per image")
-    r.add_argument("--max-image-tokens", type=int, help="dynamic-resolution packages: the most image tokens "
-                   "the prompt's images take together (shared equally)")
-    r.add_argument("--backend", help="engine to run on (default: the package's target)")
-    r.add_argument("--providers", help="ONNX Runtime execution providers in priority order, comma-separated "
-                   "(default: CPUExecutionProvider)")
-    r.add_argument("--device", help="OpenVINO device: CPU (default), GPU, NPU, AUTO, ...; Core ML compute units: "
-                                    "ALL (default; the decoder CPU_AND_GPU), CPU_ONLY, CPU_AND_GPU, CPU_AND_NE")
-    r.add_argument("--inference-precision", choices=("f32", "bf16", "f16"),
-                   help="OpenVINO on CPU: compute precision, f32 (default: the package's numbers), bf16 or f16 "
-                   "(faster where the CPU has AVX512-BF16/AMX or FP16; results move slightly)")
-    r.add_argument("--threads", type=int, default=0, help="intra-op threads (default: engine's choice)")
-    r.add_argument("--no-verify", action="store_true", help="skip checking file hashes at load")
+    _generation_args(r)
+    _engine_args(r)
+
+    c = sub.add_parser("chat", help="a conversation about images with a package: questions from stdin, one a line",
+                       description="Each line read from stdin is a question; the answer streams to stdout, and the "
+                       "next question extends the conversation (the KV cache keeps the earlier turns). Lines "
+                       "starting with / are commands: /image PATH (show an image with the next question), /reset "
+                       "(forget the conversation), /quit. Interactive when stdin is a terminal; piped input runs "
+                       "every line and exits 2 at the first error.")
+    c.add_argument("package", type=Path)
+    c.add_argument("--image", action="append", default=[], help="image file for the first question (repeatable)")
+    c.add_argument("--system", help="system prompt")
+    c.add_argument("--drop-oldest", action="store_true",
+                   help="when the conversation outgrows the context, leave out its oldest exchanges (default: stop "
+                   "with an error)")
+    _generation_args(c)
+    _engine_args(c)
 
     i = sub.add_parser("inspect", help="show a package's graphs, sizes and export verification")
     i.add_argument("package", type=Path)
@@ -141,6 +136,58 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("list-models", help="aliases, built-in models and supported families")
     return p
+
+
+def _generation_args(r) -> None:
+    r.add_argument("--max-new-tokens", type=int)
+    r.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    r.add_argument("--temperature", type=float)
+    r.add_argument("--top-k", type=int)
+    r.add_argument("--top-p", type=float)
+    r.add_argument("--seed", type=int)
+    r.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
+    r.add_argument("--max-pixels", type=int, help="dynamic-resolution packages: the most pixels per image "
+                   "(default: the package's)")
+    r.add_argument("--min-pixels", type=int, help="dynamic-resolution packages: the fewest pixels per image")
+    r.add_argument("--max-image-tokens", type=int, help="dynamic-resolution packages: the most image tokens "
+                   "the prompt's images take together (shared equally)")
+
+
+def _engine_args(r) -> None:
+    r.add_argument("--backend", help="engine to run on (default: the package's target)")
+    r.add_argument("--providers", help="ONNX Runtime execution providers in priority order, comma-separated "
+                   "(default: CPUExecutionProvider)")
+    r.add_argument("--device", help="OpenVINO device: CPU (default), GPU, NPU, AUTO, ...; Core ML compute units: "
+                                    "ALL (default; the decoder CPU_AND_GPU), CPU_ONLY, CPU_AND_GPU, CPU_AND_NE")
+    r.add_argument("--inference-precision", choices=("f32", "bf16", "f16"),
+                   help="OpenVINO on CPU: compute precision, f32 (default: the package's numbers), bf16 or f16 "
+                   "(faster where the CPU has AVX512-BF16/AMX or FP16; results move slightly)")
+    r.add_argument("--threads", type=int, default=0, help="intra-op threads (default: engine's choice)")
+    r.add_argument("--no-verify", action="store_true", help="skip checking file hashes at load")
+
+
+def _load(args):
+    """The package's Pipeline, with the engine options of `run` and `chat`."""
+    from mmedge.runtimes import Pipeline
+
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
+    return Pipeline.load(args.package, backend=args.backend, providers=providers, threads=args.threads,
+                         verify=not args.no_verify, device=args.device, inference_precision=args.inference_precision)
+
+
+def _generation_options(args) -> dict:
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=True if args.sample else None,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop or None,
+        max_pixels=args.max_pixels,
+        min_pixels=args.min_pixels,
+        max_image_tokens=args.max_image_tokens,
+    )
 
 
 def cmd_export(args) -> int:
@@ -217,24 +264,8 @@ def _print_quantization(q: dict) -> None:
 
 
 def cmd_run(args) -> int:
-    from mmedge.runtimes import Pipeline
-
-    providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
-    pipe = Pipeline.load(args.package, backend=args.backend, providers=providers, threads=args.threads,
-                         verify=not args.no_verify, device=args.device, inference_precision=args.inference_precision)
-    options = dict(
-        max_new_tokens=args.max_new_tokens,
-        do_sample=True if args.sample else None,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop=args.stop or None,
-        raw_prompt=args.raw_prompt or None,
-        max_pixels=args.max_pixels,
-        min_pixels=args.min_pixels,
-        max_image_tokens=args.max_image_tokens,
-    )
+    pipe = _load(args)
+    options = dict(_generation_options(args), raw_prompt=args.raw_prompt or None)
     if not args.image and not args.video:
         raise InputError("give an image (--image) or, for families that take video, --video")
     image = args.image[0] if len(args.image) == 1 else (args.image or None)
@@ -246,6 +277,55 @@ def cmd_run(args) -> int:
     else:
         print(pipe.generate(image, args.prompt, video=args.video, **options))
     return 0
+
+
+def cmd_chat(args) -> int:
+    """Questions from stdin, a line each, answers streamed to stdout; see the `chat` command's help."""
+    pipe = _load(args)
+    chat = pipe.chat(system=args.system, overflow="drop_oldest" if args.drop_oldest else "error")
+    options = _generation_options(args)
+    pipe.options(**options)  # a bad option fails before the first question
+    interactive = sys.stdin.isatty()
+    images = list(args.image)
+    status = 0
+    while True:
+        if interactive:
+            sys.stdout.write("> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, rest = line.partition(" ")
+            if command == "/quit":
+                break
+            if command == "/reset":
+                chat.reset()
+            elif command == "/image" and rest.strip():
+                images.append(rest.strip())
+            else:
+                error = InputError(f"unknown command {line!r}: /image PATH, /reset or /quit")
+                if not interactive:
+                    raise error
+                print(f"mmedge: error: {error}", file=sys.stderr)
+            continue
+        try:
+            for piece in chat.stream(images or None, line, **options):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            images = []
+        except MmedgeError as exc:
+            if not interactive:
+                raise
+            print(f"mmedge: error: {exc}", file=sys.stderr)
+            status = exc.exit_code
+    if images:
+        raise InputError(f"{len(images)} image(s) given but no question after them")
+    return status if not interactive else 0
 
 
 def cmd_inspect(args) -> int:
@@ -416,6 +496,7 @@ COMMANDS = {
     "export": cmd_export,
     "build": cmd_build,
     "run": cmd_run,
+    "chat": cmd_chat,
     "inspect": cmd_inspect,
     "eval": cmd_eval,
     "bench": cmd_bench,

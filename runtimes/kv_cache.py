@@ -66,6 +66,12 @@ class KVCache:
     def reset(self) -> None:
         self.length = 0  # stale slots are masked out, no need to clear them
 
+    def truncate(self, length: int) -> int:
+        """Keep the first `length` tokens (a new sequence that starts as the cached one did); returns how many are
+        kept: `length`, or 0 where the cache could only start over."""
+        self.length = min(length, self.length)  # the slots past it are masked, then overwritten
+        return self.length
+
     def feeds(self) -> dict[str, np.ndarray]:
         return self._feeds
 
@@ -127,6 +133,19 @@ class StateCache(KVCache):
         self.decoder.reset_state()
         self.length = 0
 
+    def truncate(self, length: int) -> int:
+        """The engine cuts its state (`truncate_state`: OpenVINO's grows token by token; Core ML's is a buffer
+        written at the mask's length, so there is nothing to cut); an engine that cannot starts over."""
+        if length >= self.length:
+            return self.length
+        cut = getattr(self.decoder, "truncate_state", None)
+        if length <= 0 or cut is None:
+            self.reset()
+            return 0
+        cut(length)
+        self.length = length
+        return length
+
     def feeds(self) -> dict[str, np.ndarray]:
         return {}
 
@@ -144,6 +163,9 @@ class EngineCache(StateCache):
     @property
     def mask_slots(self) -> int:
         return self.spec.max_context  # the engine attends over the whole buffer, unwritten slots masked
+
+    def truncate(self, length: int) -> int:
+        return KVCache.truncate(self, length)  # a buffer written by position, as "buffer"
 
     def fresh(self) -> dict[str, np.ndarray]:
         raise InputError("this decoder keeps its KV cache on its device and always attends over the whole cache; "

@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
@@ -26,10 +26,14 @@ from mmedge.manifest import Manifest, load_manifest
 from mmedge.runtimes import schemes
 from mmedge.runtimes.backends import DEFAULT_BACKEND_FOR_TARGET, ONLY_OWN_BACKEND, get_backend
 from mmedge.runtimes.kv_cache import EngineCache, make_cache
+from mmedge.runtimes.media_cache import DEFAULT_MB, MediaCache, media_key
 from mmedge.runtimes.preprocess import ImageInput, preprocess_with_grid
 from mmedge.runtimes.sampling import GenerationOptions, choose
 from mmedge.runtimes.text import StreamDecoder, TextCodec
 from mmedge.runtimes.video import Video, VideoInput, prepare_video
+
+if TYPE_CHECKING:
+    from mmedge.runtimes.chat import Chat
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,35 @@ class _Sequence:
     block_of: np.ndarray
     positions: np.ndarray | None = None  # [3, len(ids)] for "mrope"
     deepstack: np.ndarray | None = None  # [k, 1, len(ids), hidden]: visual features for the decoder's first layers
+    keys: list[bytes] = field(default_factory=list)  # per image, then per video: its pixels' content key
+    spans: list[tuple] = field(default_factory=list)  # (first, last + 1, key) of each image's and video's tokens
+
+
+@dataclass
+class PreparedImage:
+    """An image as preprocessing left it (pixels, grid) and its content key: a conversation keeps its images so,
+    and hands them back on every turn."""
+
+    pixels: np.ndarray
+    grid: tuple
+    key: bytes
+
+
+@dataclass
+class _Held:
+    """The sequence whose keys and values the Pipeline's KV cache holds: its prompt (ids, attention blocks, media
+    spans) and the generated tokens fed after it."""
+
+    ids: np.ndarray
+    blocks: np.ndarray
+    spans: list
+    fed: list[int] = field(default_factory=list)
+
+    def all_ids(self) -> np.ndarray:
+        return np.concatenate([self.ids, np.asarray(self.fed, np.int64)])
+
+    def all_blocks(self) -> np.ndarray:
+        return np.concatenate([self.blocks, np.full(len(self.fed), -1, np.int64)])  # generated: in no block
 
 
 @dataclass
@@ -62,6 +95,7 @@ class Timings:
     decode: float = 0.0
     new_tokens: int = 0
     prompt_tokens: int = 0
+    reused_tokens: int = 0  # of the prompt's, whose keys and values the cache held from the call before
     steps: list[float] = field(default_factory=list, repr=False)
 
 
@@ -99,6 +133,8 @@ class Pipeline:
         self.defaults: dict[str, Any] = {}  # options set at load (the visual token budget), under each call's
         self._lock = threading.Lock()  # one generation at a time: they share the KV cache and the engines' state
         self._owner: int | None = None
+        self.media = MediaCache(DEFAULT_MB << 20)  # image embeddings by content (runtimes/media_cache.py)
+        self._held: _Held | None = None  # what the KV cache holds, for the next call to start from
 
     @classmethod
     def load(
@@ -113,6 +149,7 @@ class Pipeline:
         max_pixels: int | None = None,
         min_pixels: int | None = None,
         max_image_tokens: int | None = None,
+        image_cache_mb: float = DEFAULT_MB,
     ) -> "Pipeline":
         """Open a package directory written by `mmedge export`.
 
@@ -124,11 +161,15 @@ class Pipeline:
         CPU is faster at them. verify: check every file's sha256 against the
         manifest first. max_pixels / min_pixels / max_image_tokens: the
         visual token budget of dynamic-resolution packages, instead of the
-        package's (each call can set them again).
+        package's (each call can set them again). image_cache_mb: memory
+        for the embeddings of images seen before (0: none kept), so that
+        another question about the same image skips the vision encoder.
         """
         path = Path(path)
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
             raise InputError(f"threads must be a whole number >= 0 (0: the engine's choice), got {threads!r}")
+        if isinstance(image_cache_mb, bool) or not isinstance(image_cache_mb, (int, float)) or not image_cache_mb >= 0:
+            raise InputError(f"image_cache_mb must be a number of megabytes >= 0, got {image_cache_mb!r}")
         manifest = load_manifest(path, verify_files=verify)
         schemes.check_schemes(manifest.schemes)
         missing = [p for p in PARTS if p not in manifest.graphs]
@@ -156,8 +197,10 @@ class Pipeline:
         pipe.defaults = {k: v for k, v in dict(max_pixels=max_pixels, min_pixels=min_pixels,
                                                max_image_tokens=max_image_tokens).items() if v is not None}
         pipe._image_spec(pipe.options(), 1)  # a budget the package cannot take fails here, not at the first call
+        pipe.media = MediaCache(int(image_cache_mb * (1 << 20)))
         pipe._load_options = dict(backend=backend, providers=providers, threads=threads, device=device,
-                                  inference_precision=inference_precision, **pipe.defaults)
+                                  inference_precision=inference_precision, image_cache_mb=image_cache_mb,
+                                  **pipe.defaults)
         return pipe
 
     def clone(self) -> "Pipeline":
@@ -210,6 +253,13 @@ class Pipeline:
         if tail:
             yield tail
 
+    def chat(self, system: str | None = None, overflow: str = "error") -> "Chat":
+        """A conversation (runtimes/chat.py): `chat.ask(image_or_None, text)` turn after turn, each extending the
+        KV cache the turns before left instead of computing the whole history again."""
+        from mmedge.runtimes.chat import Chat
+
+        return Chat(self, system, overflow)
+
     def generate_batch(self, requests: Sequence[tuple[ImageInput, str]], **options: Any) -> list[str]:
         """Answers to several (image, prompt) pairs, generated together: one vision encoder call for all their
         images and one decoder call per step for all of them. Each answer is the one generate() gives for its
@@ -259,6 +309,7 @@ class Pipeline:
             raise InputError(f"{len(seq.ids)} prompt and {len(tokens)} forced tokens exceed this package's context "
                              f"of {self.cache.capacity}")
         embeds = self._prompt_embeddings(seq)
+        self._held = None
         self.cache.reset()
         rows = [self._cached_step(embeds, seq)[0, -1].copy()]
         for token in tokens:
@@ -269,28 +320,39 @@ class Pipeline:
 
     def _tokens(self, image, prompt: str, opts: GenerationOptions, video=None) -> Iterator[int]:
         with self._exclusive():
-            yield from self._generate(image, prompt, opts, video)
+            yield from self._generate(lambda: self._prepare(image, prompt, opts, video), opts)
 
-    def _generate(self, image, prompt: str, opts: GenerationOptions, video=None) -> Iterator[int]:
+    def _generate(self, prepare, opts: GenerationOptions, too_long: str = "shorten the prompt") -> Iterator[int]:
+        """Tokens for the sequence `prepare()` makes. The prompt's leading tokens whose keys and values the cache
+        still holds from the call before (the same tokens and images: a fixed instruction before a new frame, the
+        earlier turns of a conversation) are not computed again (`timings.reused_tokens`)."""
         rng = np.random.default_rng(opts.seed)
         t = self.timings = Timings()
         start = time.perf_counter()
-        seq = self._prepare(image, prompt, opts, video)
+        seq = prepare()
         ids = seq.ids
         t.preprocess = time.perf_counter() - start
         capacity = self.cache.capacity
         if len(ids) >= capacity:
-            raise InputError(
-                f"the prompt is {len(ids)} tokens but this package's context holds {capacity}; "
-                "shorten the prompt or re-export with a larger --max-context"
-            )
+            raise InputError(f"the prompt is {len(ids)} tokens but this package's context holds {capacity} "
+                             f"(max_context); {too_long} or re-export with a larger --max-context")
         t.prompt_tokens = len(ids)
         embeds = self._prompt_embeddings(seq)
-        step = self._cached_step if opts.use_cache else self._uncached_step(embeds)
-        self.cache.reset()
+        held, self._held = self._held, None  # from here the cache holds this sequence, once its prefill is in
+        if opts.use_cache:
+            keep = self.cache.truncate(self._reusable(held, seq))
+            if not keep:
+                self.cache.reset()
+            step = self._cached_step
+        else:
+            keep, step = 0, self._uncached_step(embeds)
+            self.cache.reset()
+        t.reused_tokens = keep
         start = time.perf_counter()
-        logits = step(embeds, seq)
+        logits = step(embeds[:, keep:] if keep else embeds, seq)
         t.prefill = time.perf_counter() - start
+        if opts.use_cache and seq.spans is not None:
+            self._held = held = _Held(ids, seq.block_of, seq.spans)
         eos = self.manifest.special_tokens.eos_ids
         banned = eos if opts.ignore_eos else None
         budget = min(opts.max_new_tokens, capacity - len(ids))
@@ -310,6 +372,17 @@ class Pipeline:
             logits = step(self._embed(np.array([[token]], dtype=np.int64)), seq)
             t.steps.append(time.perf_counter() - start)
             t.decode += t.steps[-1]
+            if self._held is not None:
+                held.fed.append(token)
+
+    def _reusable(self, held: _Held | None, seq: _Sequence) -> int:
+        """The prompt's leading tokens whose keys and values the cache holds (0: none, or unknown)."""
+        if held is None or seq.spans is None:
+            return 0
+        old = held.all_ids()
+        if len(old) != self.cache.length:
+            return 0
+        return schemes.reusable_prefix(old, held.all_blocks(), held.spans, seq.ids, seq.block_of, seq.spans)
 
     def _batch_tokens(self, requests: Sequence[tuple[ImageInput, str]], opts: GenerationOptions) -> list[list[int]]:
         requests = list(requests)
@@ -325,6 +398,7 @@ class Pipeline:
         if not opts.use_cache:
             raise InputError("generate_batch always uses the KV cache; use generate() for use_cache=False")
         with self._exclusive():
+            self._held = None  # an engine-held cache serves the batch too
             return self._generate_rows(requests, opts)
 
     def _generate_rows(self, requests: list, opts: GenerationOptions) -> list[list[int]]:
@@ -479,7 +553,8 @@ class Pipeline:
 
         Fixed-size images and tiles of all sequences go through the vision encoder and projector together,
         VISION_BATCH a call; "patch_grid" encoders take one image a call (attention over its patches alone, so
-        memory follows the largest image, not the sum of them)."""
+        memory follows the largest image, not the sum of them). An image seen before (the same preprocessed
+        pixels) takes its embeddings from `self.media` instead."""
         vision, projector = self.graphs["vision_encoder"], self.graphs["projector"]
         seconds = {"vision": 0.0, "projector": 0.0}
 
@@ -493,28 +568,36 @@ class Pipeline:
             return embeds, out
 
         def joined(parts):
-            """[tokens, hidden] and the other outputs of several calls, or (None, {}) for none."""
+            """[tokens, hidden] and the other outputs of several images, or (None, {}) for none."""
             if not parts:
                 return None, {}
             return (np.concatenate([e for e, _ in parts]),
                     {name: np.concatenate([x[name] for _, x in parts], axis=1) for name in parts[0][1]})
 
+        # every image and video of these sequences, once per content, from the cache where it was seen before
+        media: dict[bytes, tuple] = {}
+        for seq in seqs:
+            for key, item in zip(seq.keys, [*zip(seq.pixels, seq.grids), *((v.patches, v.grid) for v in seq.videos)]):
+                media.setdefault(key, item)
+        done = {key: self.media.get(key) for key in media}
+        todo = [key for key, value in done.items() if value is None]
         if self.manifest.schemes.vision == "patch_grid":
             takes = self.manifest.graphs["vision_encoder"].inputs
             merge = self.manifest.preprocess.merge_size
-
-            def run(pixels, grid):
+            for key in todo:
+                pixels, grid = media[key]
                 feeds = schemes.vision_inputs(self.manifest.schemes, merge, [grid])
-                return encode({"pixel_values": pixels, **{k: v for k, v in feeds.items() if k in takes}})
-
-            out = [(joined([run(p, g) for p, g in zip(seq.pixels, seq.grids)]),
-                    joined([run(v.patches, v.grid) for v in seq.videos])) for seq in seqs]
-        else:
-            frames = [np.concatenate(seq.pixels) for seq in seqs]
-            pixels = np.concatenate(frames)
+                done[key] = encode({"pixel_values": pixels, **{k: v for k, v in feeds.items() if k in takes}})
+        elif todo:
+            pixels = np.concatenate([media[key][0] for key in todo])
             embeds = np.concatenate([encode({"pixel_values": pixels[i : i + VISION_BATCH]})[0]
                                      for i in range(0, len(pixels), VISION_BATCH)])
-            out = [((e, {}), (None, {})) for e in np.split(embeds, np.cumsum([len(f) for f in frames])[:-1])]
+            for key, e in zip(todo, np.split(embeds, np.cumsum([len(media[key][0]) for key in todo])[:-1])):
+                done[key] = (e, {})
+        for key in todo:
+            self.media.put(key, done[key])
+        out = [(joined([done[k] for k in seq.keys[: len(seq.pixels)]]),
+                joined([done[k] for k in seq.keys[len(seq.pixels):]])) for seq in seqs]
         self.timings.vision, self.timings.projector = seconds["vision"], seconds["projector"]
         return out
 
@@ -543,21 +626,31 @@ class Pipeline:
         low = min(opts.min_pixels or spec.min_pixels, high)
         return dataclasses.replace(spec, max_pixels=high, min_pixels=low)
 
-    def _prepare(self, image, prompt: str, opts: GenerationOptions, video: VideoInput | None = None) -> _Sequence:
+    def _prepare_image(self, image: ImageInput, spec) -> PreparedImage:
+        pixels, grid = preprocess_with_grid(image, spec)
+        return PreparedImage(pixels, grid, media_key(pixels, grid))
+
+    def _prepare(self, image, prompt: str, opts: GenerationOptions, video: VideoInput | None = None,
+                 conversation: list[dict] | None = None) -> _Sequence:
         """Prompt ids, each image's pixels (one row per tile where the family splits images, or its patches),
-        the video's patches, attention blocks and positions."""
+        the video's patches, attention blocks and positions. `conversation`: the messages of a chat
+        (runtimes/chat.py), rendered instead of `prompt`, its images (given as `image`) where they mark them."""
         images = list(image) if isinstance(image, (list, tuple)) else [] if image is None else [image]
-        if not images and video is None:
+        if not images and video is None and conversation is None:
             raise InputError("no image given: pass one image, or a list of them")
         if video is not None and not self.manifest.prompt.video_marker:
             raise InputError(f"this {self.manifest.model_type} package takes images, not video")
         raw = opts.raw_prompt
         spec = self._image_spec(opts, max(1, len(images)))
-        prepared = [preprocess_with_grid(im, spec) for im in images]
-        grids = [grid for _, grid in prepared]
+        prepared = [im if isinstance(im, PreparedImage) else self._prepare_image(im, spec) for im in images]
+        grids = [im.grid for im in prepared]
         videos = [] if video is None else [prepare_video(video, self.manifest.preprocess)]
-        ids = self.codec.encode(self.codec.render(prompt, raw=raw, grids=grids, videos=[v.grid for v in videos],
-                                                  seconds=[v.seconds for v in videos]))
+        if conversation is not None:
+            text = self.codec.render_conversation(conversation, grids)
+        else:
+            text = self.codec.render(prompt, raw=raw, grids=grids, videos=[v.grid for v in videos],
+                                     seconds=[v.seconds for v in videos])
+        ids = self.codec.encode(text)
         token = self.manifest.prompt.image_token_id
         if raw and images and not (ids == token).any():
             p = self.manifest.prompt
@@ -573,7 +666,27 @@ class Pipeline:
                  for g in ([(1, v.grid[1], v.grid[2])] * v.grid[0] if split else [v.grid])]
         positions = schemes.prompt_positions(s, ids, grids, token, spec.merge_size, items,
                                              self.manifest.prompt.video_token_id)
-        return _Sequence(ids, [p for p, _ in prepared], grids, videos, schemes.blocks(s, ids, token), positions)
+        keys = [im.key for im in prepared] + [media_key(v.patches, v.grid) for v in videos]
+        seq = _Sequence(ids, [im.pixels for im in prepared], grids, videos, schemes.blocks(s, ids, token), positions,
+                        keys=keys)
+        seq.spans = self._spans(seq)
+        return seq
+
+    def _spans(self, seq: _Sequence) -> list[tuple] | None:
+        """Where each image's and video's tokens lie, for matching a cached prefix (None: not known, so nothing
+        of the cache is reused: a raw prompt whose image tokens do not add up)."""
+        p, merge = self.manifest.prompt, self.manifest.preprocess.merge_size or 1
+        if self.manifest.schemes.vision == "patch_grid":
+            counts = [int(np.prod(g)) // merge ** 2 for g in seq.grids]
+        else:
+            counts = [len(pixels) * p.image_seq_len for pixels in seq.pixels]
+        try:
+            spans = schemes.media_spans(seq.ids, p.image_token_id, counts, seq.keys[: len(seq.pixels)])
+            return spans + schemes.media_spans(seq.ids, p.video_token_id,
+                                               [int(np.prod(v.grid)) // merge ** 2 for v in seq.videos],
+                                               seq.keys[len(seq.pixels):])
+        except InputError:
+            return None
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         return self.graphs["embed_tokens"].run({"input_ids": ids})["inputs_embeds"]

@@ -254,3 +254,42 @@ def place_image(
     out = inputs_embeds.copy()
     out[0, slots] = flat.astype(out.dtype, copy=False)
     return out
+
+
+def media_spans(ids: np.ndarray, token_id: int | None, counts: list[int], keys: list[bytes]) -> list[tuple]:
+    """(first, last + 1, key) of each image's (or video's) tokens in `ids`, in order: `counts[i]` tokens each (the
+    tokens of one image need not be contiguous: tiles are separated by text)."""
+    if token_id is None or not counts:
+        return []
+    where = np.flatnonzero(ids == token_id)
+    if len(where) != sum(counts):
+        raise InputError(f"the prompt holds {len(where)} media tokens for {sum(counts)} media embeddings")
+    ends = np.cumsum(counts)
+    return [(int(where[end - n]), int(where[end - 1]) + 1, key) for n, end, key in zip(counts, ends, keys)]
+
+
+def reusable_prefix(old_ids: np.ndarray, old_blocks: np.ndarray, old_spans: list, new_ids: np.ndarray,
+                    new_blocks: np.ndarray, new_spans: list) -> int:
+    """How many leading tokens of a new sequence have the keys and values a cache holds for an old one (never the
+    whole new sequence: one token at least is fed, for its logits). They must be the same token ids, with the same
+    image (by content) wherever media tokens lie among them, and the cut must not split a bidirectional attention
+    block of either sequence (`blocks`; the old one's generated tokens are in no block), whose every token's keys
+    and values depend on the whole block."""
+    n = min(len(old_ids), len(new_ids) - 1)
+    differ = np.flatnonzero(old_ids[:n] != new_ids[:n])
+    cut = int(differ[0]) if differ.size else max(n, 0)
+    old = set(old_spans)
+    for span in new_spans:
+        if span[0] < cut and span not in old:
+            cut = span[0]
+    for span in old_spans:  # an old image cut in two is not the new one's either
+        if span[0] < cut < span[1]:
+            cut = span[0]
+    moved = True
+    while moved and cut > 0:
+        moved = False
+        for blocks in (old_blocks, new_blocks):
+            if 0 < cut < len(blocks) and blocks[cut - 1] >= 0 and blocks[cut - 1] == blocks[cut]:
+                cut = int(np.flatnonzero(blocks[:cut] == blocks[cut])[0])
+                moved = True
+    return cut

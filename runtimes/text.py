@@ -61,11 +61,7 @@ class TextCodec:
         elif self.chat is not None:
             content = ([{"type": "image"} for _ in grids] + [{"type": "video"} for _ in videos]
                        + [{"type": "text", "text": prompt}])
-            messages = [{"role": "user", "content": content}]
-            try:
-                text = self.chat.render(messages=messages, add_generation_prompt=True, **self.prompt.template_vars)
-            except Exception as exc:  # a template's raise_exception() or a broken template
-                raise InputError(f"the package's chat template refused the prompt: {first_line(exc)}") from None
+            text = self._apply_template([{"role": "user", "content": content}])
         else:
             if len(grids) != 1 or videos:
                 raise InputError(f"this package's prompt format takes one image, not {len(grids)}"
@@ -81,6 +77,23 @@ class TextCodec:
             text = _expand(text, self.prompt.video_marker, list(zip(videos, seconds or [None] * len(videos))),
                            lambda item: self.video_text(*item), "video")
         return text
+
+    def render_conversation(self, messages: list[dict], grids: list) -> str:
+        """A whole conversation through the chat template, with the generation prompt: `messages` as
+        transformers' apply_chat_template takes them (system, user and assistant turns; content a list of
+        {"type": "text", "text": ...} and, in user turns, {"type": "image"} entries), then each image marker
+        expanded into the next of `grids`' images, in order."""
+        if self.chat is None:
+            raise InputError("this package's model takes its prompt in a fixed format, not as a conversation (it has "
+                             "no chat template): ask each question on its own with generate()")
+        return _expand(self._apply_template(messages), self.prompt.image_marker, [tuple(g) for g in grids],
+                       self.image_text, "image")
+
+    def _apply_template(self, messages: list[dict]) -> str:
+        try:
+            return self.chat.render(messages=messages, add_generation_prompt=True, **self.prompt.template_vars)
+        except Exception as exc:  # a template's raise_exception() or a broken template
+            raise InputError(f"the package's chat template refused the prompt: {first_line(exc)}") from None
 
     def video_text(self, grid: tuple, seconds: list | None = None) -> str:
         """The tokens of a video of (t, h, w) patches: one run, or with `video_frame_expansion` one stamped text

@@ -126,6 +126,10 @@ class CoreMLDecoder(CoreMLGraph):
     def reset_state(self) -> None:
         self.state = self.model.make_state()  # a new state starts zeroed; the old one is freed
 
+    def truncate_state(self, length: int) -> None:
+        """Nothing to cut: each call writes its tokens at [mask length - new, mask length) of the fixed buffers, so
+        the next call after `length` tokens overwrites what followed them."""
+
     def run(self, inputs: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         return _outputs(self._predict(inputs, self.state), self.output_names, into)
 

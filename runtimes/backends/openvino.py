@@ -25,6 +25,15 @@ class OpenVinoGraph:
         self.output_names = [name for names, _ in self._outputs for name in names]
         if self.request.query_state():  # a stateful graph (the decoder's KV cache held in the engine)
             self.reset_state = self.request.reset_state
+            self.truncate_state = self._truncate_state
+
+    def _truncate_state(self, length: int) -> None:
+        """Keep the first `length` tokens of every state ([batch, kv_heads, tokens, head_dim], grown by Concat)."""
+        import openvino as ov
+
+        for state in self.request.query_state():
+            kept = np.ascontiguousarray(state.state.data[:, :, :length])
+            state.state = ov.Tensor(kept)
 
     def run(self, inputs: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         results = self.request.infer(inputs)

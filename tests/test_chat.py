@@ -1,0 +1,262 @@
+"""What apps do around one generate(): conversations that extend the KV cache, prompts that start as the last one
+did (a fixed question about new camera frames), images seen before, and threads. Every answer is checked against
+transformers (a conversation's turn against generate() over the whole history) or against the answer computed
+from scratch."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import BACKEND, NEW_TOKENS, PARITY_TARGETS, SHAPES, matrix, sample_images
+from conftest import run_cli_in_process as run_cli
+from mmedge import Pipeline
+from mmedge.errors import InputError
+from mmedge.evaluate import load_processor
+from mmedge.exporters import checkpoint as ckpt
+from mmedge.runtimes.media_cache import MediaCache
+from test_errors import assert_one_line_error
+
+# every family with a chat template; PaliGemma's fixed prompt format takes one question at a time
+CHAT_SHAPES = [name for name, shape in SHAPES.items() if shape.family != "paligemma"]
+FIXED_FORMAT = next(name for name, shape in SHAPES.items() if shape.family == "paligemma")
+TURN_TOKENS = 10
+# a conversation: (new images, question) per turn; turn 2 shows no new image, turn 3 a second one
+TURNS = [(["shapes"], "what is on the left?"), ([], "and its color?"), (["noise"], "and in this one?")]
+
+
+class Counting:
+    """A graph that counts its runs."""
+
+    def __init__(self, graph):
+        self.graph, self.calls = graph, 0
+
+    def __getattr__(self, name):
+        return getattr(self.graph, name)
+
+    def run(self, inputs, into=None):
+        self.calls += 1
+        return self.graph.run(inputs, into)
+
+
+def hf_turn(model, processor, messages: list[dict], n: int = TURN_TOKENS) -> list[int]:
+    """transformers' greedy tokens after a whole conversation rendered by its processor's chat template."""
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module")
+def hf_model(checkpoints):
+    done = {}
+
+    def get(shape):
+        if shape not in done:
+            path = checkpoints[shape]
+            done[shape] = (ckpt.family_for(ckpt.read_config(path)["model_type"]).load(path), load_processor(path))
+        return done[shape]
+
+    return get
+
+
+def with_images(messages: list[dict], images: list) -> list[dict]:
+    """The chat's messages with its images in their {"type": "image"} entries, as processors take them."""
+    queue = iter(images)
+    return [{**m, "content": [{**c, "image": next(queue)} if c["type"] == "image" else c for c in m["content"]]}
+            for m in messages]
+
+
+@pytest.mark.parametrize("shape,target", matrix([(s, t) for s in CHAT_SHAPES for t in PARITY_TARGETS]))
+def test_each_turn_extends_the_cache_and_matches_transformers(shape, target, packages, hf_model):
+    """Each turn's tokens equal transformers' generate() over the whole history so far; a follow-up computes
+    only its new tokens (the earlier turns' keys and values stay in the cache) and runs no vision encoder
+    unless it brings a new image."""
+    pipe = Pipeline.load(packages(shape, target), backend=BACKEND.get(target))
+    vision = pipe.graphs["vision_encoder"] = Counting(pipe.graphs["vision_encoder"])
+    model, processor = hf_model(shape)
+    chat = pipe.chat()
+    shown, before = [], 0
+    for i, (names, question) in enumerate(TURNS):
+        shown += [sample_images()[n] for n in names]
+        expected = hf_turn(model, processor, with_images(chat.messages() + [
+            {"role": "user", "content": [{"type": "image"}] * len(names) + [{"type": "text", "text": question}]}],
+            shown))
+        calls = vision.calls
+        answer = chat.ask([sample_images()[n] for n in names] or None, question, max_new_tokens=TURN_TOKENS,
+                          ignore_eos=True)
+        assert chat.history[-1].tokens == expected, f"{shape}/{target} turn {i + 1}"
+        assert chat.history[-1].text == answer == pipe.codec.decode(expected)
+        assert (vision.calls > calls) == bool(names)  # images of earlier turns come from the image cache
+        if i:  # the turns before are not computed again (a retokenized answer may give back its last tokens)
+            assert pipe.timings.reused_tokens >= before, (pipe.timings.reused_tokens, before)
+        before = pipe.timings.prompt_tokens
+    assert [t.role for t in chat.history] == ["user", "assistant"] * len(TURNS)
+    assert len(chat.history[4].images) == 1
+
+
+# a shape whose random weights answer with visible text (Gemma 3's tiny one repeats an invisible token)
+@pytest.mark.parametrize("shape", [next(s for s in CHAT_SHAPES if SHAPES[s].family == "idefics3")])
+def test_a_stream_closed_early_keeps_its_part_and_reset_forgets(shape, packages):
+    pipe = Pipeline.load(packages(shape))
+    chat = pipe.chat(system="answer briefly")
+    stream = chat.stream(sample_images()["shapes"], "what is this?", max_new_tokens=8, ignore_eos=True)
+    first = next(stream)
+    stream.close()
+    assert [t.text for t in chat.history] == ["what is this?", first]
+    again = chat.ask(None, "more?", max_new_tokens=4)  # the Pipeline is free again
+    assert isinstance(again, str) and len(chat.history) == 4
+    chat.reset()
+    assert chat.history == [] and chat.system == "answer briefly"
+    assert [m["role"] for m in chat.messages()] == ["system"]
+
+
+def test_the_context_limit_is_one_clear_error_or_drops_the_oldest_turns(packages):
+    pipe = Pipeline.load(packages(CHAT_SHAPES[0]))
+    capacity = pipe.cache.capacity
+    chat = pipe.chat()
+    chat.ask(sample_images()["shapes"], "what is this?", max_new_tokens=4, ignore_eos=True)
+    kept = list(chat.history)
+    long = "tell me more " * capacity
+    with pytest.raises(InputError, match=rf"context holds {capacity} \(max_context\); start a new conversation"):
+        chat.ask(None, long)
+    assert chat.history == kept  # the failed turn left nothing behind
+    rolling = pipe.chat(overflow="drop_oldest")
+    question = "and then what happened next there? " * max(1, capacity // 40)
+    for _ in range(6):
+        rolling.ask(sample_images()["noise"], question, max_new_tokens=4, ignore_eos=True)
+        assert pipe.timings.prompt_tokens < capacity
+    assert len(rolling.history) < 12  # older exchanges were left out
+    with pytest.raises(InputError, match="overflow must be one of error, drop_oldest"):
+        pipe.chat(overflow="rotate")
+    with pytest.raises(InputError, match="raw_prompt does not apply"):
+        chat.ask(None, "x", raw_prompt=True)
+
+
+def test_a_fixed_format_model_refuses_a_chat_in_one_line(packages, tmp_path):
+    pipe = Pipeline.load(packages(FIXED_FORMAT))
+    with pytest.raises(InputError, match="fixed format, not as a conversation"):
+        pipe.chat()
+    image = tmp_path / "im.png"
+    sample_images()["shapes"].save(image)
+    result = run_cli("chat", str(packages(FIXED_FORMAT)), "--image", str(image))
+    assert_one_line_error(result, "fixed format, not as a conversation")
+
+
+def test_chat_command_reads_questions_from_stdin(packages, tmp_path, monkeypatch):
+    """Piped questions, a line each: the answers are the chat's, one line each; a bad line is one error, exit 2."""
+    import io
+
+    package = packages(CHAT_SHAPES[0])
+    image = tmp_path / "im.png"
+    sample_images()["shapes"].save(image)
+    chat = Pipeline.load(package).chat()
+    expected = [chat.ask(str(image), "what is this?", max_new_tokens=6), chat.ask(None, "why?", max_new_tokens=6)]
+    monkeypatch.setattr("sys.stdin", io.StringIO("what is this?\n\nwhy?\n"))
+    result = run_cli("chat", str(package), "--image", str(image), "--max-new-tokens", "6")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == expected
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/teleport\n"))
+    assert_one_line_error(run_cli("chat", str(package), "--max-new-tokens", "2"), "unknown command '/teleport'")
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    assert_one_line_error(run_cli("chat", str(package), "--image", str(tmp_path / "none.png")), "not found")
+
+
+# -- a prompt that starts as the last one did -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [FIXED_FORMAT, *CHAT_SHAPES])
+def test_a_prompt_starting_as_the_last_one_reuses_its_cache(shape, packages, reference_tokens):
+    """The same question about a new frame reuses the text before the image; a new question about the same image
+    reuses the image too (PaliGemma's prompt attends both ways, so none of it); every answer equals
+    transformers'."""
+    pipe = Pipeline.load(packages(shape))
+    expected = reference_tokens(shape)
+    ask = lambda name, prompt: list(pipe.generate_ids(sample_images()[name], prompt,  # noqa: E731
+                                                       max_new_tokens=NEW_TOKENS, ignore_eos=True))
+    assert ask("noise", "caption en") == expected["noise", "caption en"]
+    assert pipe.timings.reused_tokens == 0
+    assert ask("shapes", "caption en") == expected["shapes", "caption en"]
+    new_frame = pipe.timings.reused_tokens
+    question = "what color is the circle on the left of the square?"
+    assert ask("shapes", question) == expected["shapes", question]
+    same_image = pipe.timings.reused_tokens
+    if pipe.manifest.schemes.attention == "prefix_bidirectional":
+        assert new_frame == same_image == 0
+    else:
+        first_image = int(np.flatnonzero(pipe._held.ids == pipe.manifest.prompt.image_token_id)[0])
+        assert 0 < new_frame <= first_image  # up to the image (or to the tile markers before it)
+        assert same_image > first_image  # the image too
+    assert pipe._held.spans is not None
+
+
+# -- images seen before ----------------------------------------------------------------------------------------
+
+
+def test_an_image_seen_before_skips_the_vision_encoder(packages):
+    shape = CHAT_SHAPES[0]
+    pipe = Pipeline.load(packages(shape))
+    vision = pipe.graphs["vision_encoder"] = Counting(pipe.graphs["vision_encoder"])
+    image = sample_images()["shapes"]
+    first = pipe.generate(image, "what is this?", max_new_tokens=6)
+    runs = vision.calls
+    assert pipe.generate(np.asarray(image), "what is this?", max_new_tokens=6) == first  # same pixels, as an array
+    assert pipe.generate(image, "and this?", max_new_tokens=6) is not None
+    assert vision.calls == runs and pipe.media.hits == 2
+    pipe.generate(sample_images()["noise"], "what is this?", max_new_tokens=6)
+    assert vision.calls > runs
+    off = Pipeline.load(packages(shape), image_cache_mb=0)
+    off.graphs["vision_encoder"] = Counting(off.graphs["vision_encoder"])
+    assert off.generate(image, "what is this?", max_new_tokens=6) == first
+    off.generate(image, "what is this?", max_new_tokens=6)
+    assert off.graphs["vision_encoder"].calls == 2 * runs and len(off.media) == 0
+    with pytest.raises(InputError, match="image_cache_mb must be a number of megabytes >= 0"):
+        Pipeline.load(packages(shape), image_cache_mb=-1)
+
+
+def test_media_cache_keeps_the_most_recent_within_its_bytes():
+    cache = MediaCache(max_bytes=3 * 400)
+    item = lambda: (np.zeros((10, 10), np.float32), {})  # noqa: E731 (400 bytes)
+    for key in (b"a", b"b", b"c"):
+        cache.put(key, item())
+    assert cache.get(b"a") is not None  # a is now the most recent
+    cache.put(b"d", item())  # evicts b, the least recently used
+    assert cache.get(b"b") is None and all(cache.get(k) is not None for k in (b"a", b"c", b"d"))
+    assert cache.bytes == 1200 and len(cache) == 3
+    cache.put(b"big", (np.zeros((40, 10), np.float32), {}))  # larger than the whole budget: not kept
+    assert cache.get(b"big") is None and len(cache) == 3
+
+
+# -- threads ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["one Pipeline", "clones"])
+def test_threads_each_get_their_own_answers(mode, packages):
+    """4 threads x 10 prompts on one Pipeline (callers take turns) or on clones (one cache each, in parallel):
+    every answer is the one a single thread gets."""
+    pipe = Pipeline.load(packages(CHAT_SHAPES[0]))
+    images = list(sample_images().values())
+    work = [(images[i % 3], f"question {i}: what is this?") for i in range(10)]
+    expected = [pipe.generate(im, q, max_new_tokens=8) for im, q in work]
+    results: dict[tuple[int, int], str] = {}
+    errors = []
+
+    def worker(t, p):
+        try:
+            for i in (list(range(10)) if t % 2 else list(range(9, -1, -1))):  # different orders
+                results[t, i] = p.generate(*work[i], max_new_tokens=8)
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    pipes = [pipe.clone() for _ in range(4)] if mode == "clones" else [pipe] * 4
+    threads = [threading.Thread(target=worker, args=(t, pipes[t])) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert all(results[t, i] == expected[i] for t in range(4) for i in range(10))
