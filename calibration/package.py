@@ -92,7 +92,9 @@ def _pipeline(stage: Path, manifest: Manifest, files: dict[str, Path], wrap: dic
     for part, make in (wrap or {}).items():
         graphs[part] = make(graphs[part])
     codec = TextCodec.from_package(stage, manifest)
-    return Pipeline(stage, manifest, graphs, codec)
+    pipe = Pipeline(stage, manifest, graphs, codec)
+    pipe.reuse_prefix = False  # each recorded sample runs whole, from an empty cache, as the graphs are replayed
+    return pipe
 
 
 def _target(manifest: Manifest):

@@ -388,6 +388,7 @@ def activation_stats(stage: Path, manifest: Manifest, jobs: list[GraphJob], cali
     hooks = [m.register_forward_pre_hook(record) for m in linears]
     try:
         pipe = Pipeline(stage, manifest, graphs, TextCodec.from_package(stage, manifest))
+        pipe.reuse_prefix = False  # the statistics count every token of every sample
         for sample in tqdm(calib.calibrate, desc="calibrate", unit="sample", disable=not progress):
             for _ in pipe.generate_ids(sample.image, sample.prompt, max_new_tokens=16):
                 pass

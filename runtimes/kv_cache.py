@@ -72,6 +72,17 @@ class KVCache:
         self.length = min(length, self.length)  # the slots past it are masked, then overwritten
         return self.length
 
+    def keep_rows(self, rows: np.ndarray) -> bool:
+        """Keep only these rows of a batch (the others' sequences ended), so later steps run the rest alone;
+        False where the cache cannot (the rows then run on)."""
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+        self._feeds = {}
+        for (kname, vname), k, v in zip(self._past_names, self.keys, self.values):
+            self._feeds[kname] = k
+            self._feeds[vname] = v
+        return True
+
     def feeds(self) -> dict[str, np.ndarray]:
         return self._feeds
 
@@ -112,6 +123,14 @@ class InPlaceCache(KVCache):
     def into(self) -> dict[str, np.ndarray]:
         return self._into
 
+    def keep_rows(self, rows: np.ndarray) -> bool:
+        super().keep_rows(rows)
+        self._into = {}
+        for (kname, vname), k, v in zip(self._present_names, self.keys, self.values):
+            self._into[kname] = k
+            self._into[vname] = v
+        return True
+
     def write(self, outputs: dict[str, np.ndarray], n_new: int) -> None:
         self._advance(n_new)  # the decoder wrote the new slots itself
 
@@ -148,6 +167,13 @@ class StateCache(KVCache):
 
     def feeds(self) -> dict[str, np.ndarray]:
         return {}
+
+    def keep_rows(self, rows: np.ndarray) -> bool:
+        keep = getattr(self.decoder, "keep_state_rows", None)
+        if keep is None:
+            return False
+        keep(rows)
+        return True
 
     def fresh(self) -> dict[str, np.ndarray]:
         self.reset()

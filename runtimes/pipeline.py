@@ -135,6 +135,9 @@ class Pipeline:
         self._owner: int | None = None
         self.media = MediaCache(DEFAULT_MB << 20)  # image embeddings by content (runtimes/media_cache.py)
         self._held: _Held | None = None  # what the KV cache holds, for the next call to start from
+        # a call's prompt starts from what the cache holds of the call before, where they agree (docs/apps.md);
+        # False: every call computes its whole prompt (benchmarks of one question, recording graph inputs)
+        self.reuse_prefix = True
 
     @classmethod
     def load(
@@ -340,7 +343,7 @@ class Pipeline:
         embeds = self._prompt_embeddings(seq)
         held, self._held = self._held, None  # from here the cache holds this sequence, once its prefill is in
         if opts.use_cache:
-            keep = self.cache.truncate(self._reusable(held, seq))
+            keep = self.cache.truncate(self._reusable(held, seq) if self.reuse_prefix else 0)
             if not keep:
                 self.cache.reset()
             step = self._cached_step
@@ -422,18 +425,21 @@ class Pipeline:
         cache = make_cache(self.manifest.kv_cache, self.graphs["decoder"], batch)
         start = time.perf_counter()
         if self.takes_lengths:
-            logits, step = self._prefill_rows_in_place(cache, rows, lengths, prepared)
+            logits, step, drop = self._prefill_rows_in_place(cache, rows, lengths, prepared)
         else:
-            pads = longest - lengths
+            live = {"pads": longest - lengths, "seqs": prepared}
             embeds = np.zeros((batch, longest, rows[0].shape[-1]), rows[0].dtype)
             for i, row in enumerate(rows):
-                embeds[i, pads[i]:] = row[0]
+                embeds[i, live["pads"][i]:] = row[0]
             cache.reset()
 
             def step(embeds):
-                out = self._decode_rows(embeds, cache, pads, prepared)
+                out = self._decode_rows(embeds, cache, live["pads"], live["seqs"])
                 cache.write(out, embeds.shape[1])
                 return out["logits"]
+
+            def drop(keep):
+                live["pads"], live["seqs"] = live["pads"][keep], [live["seqs"][k] for k in keep]
 
             logits = step(embeds)
         t.prefill = time.perf_counter() - start
@@ -446,19 +452,24 @@ class Pipeline:
         banned = eos if opts.ignore_eos else None
         rngs = [np.random.default_rng(opts.seed) for _ in rows]  # as each row would draw alone
         out: list[list[int]] = [[] for _ in rows]
+        order = np.arange(batch)  # the request each row of the running batch answers
         alive = np.ones(batch, bool)
         for i in range(budget):
-            fed = np.zeros((batch, 1), np.int64)  # a finished row is fed token 0 and its output ignored
-            for r in np.flatnonzero(alive):
-                token = choose(logits[r, -1], opts, rngs[r], banned)
+            fed = np.zeros((len(order), 1), np.int64)  # a finished row still in the batch is fed token 0
+            for j in np.flatnonzero(alive):
+                token = choose(logits[j, -1], opts, rngs[order[j]], banned)
                 if token in eos:
-                    alive[r] = False
+                    alive[j] = False
                     continue
-                out[r].append(token)
-                fed[r, 0] = token
+                out[order[j]].append(token)
+                fed[j, 0] = token
             t.new_tokens += int(alive.sum())
             if not alive.any() or i + 1 == budget:
                 break
+            if not alive.all() and cache.keep_rows(np.flatnonzero(alive)):  # finished rows leave the batch
+                keep = np.flatnonzero(alive)
+                drop(keep)
+                order, fed, alive = order[keep], fed[keep], alive[keep]
             start = time.perf_counter()
             logits = step(self._embed(fed))
             t.steps.append(time.perf_counter() - start)
@@ -484,6 +495,7 @@ class Pipeline:
         steps of all rows, each at its own length."""
         decoder, into, feeds = self.graphs["decoder"], cache.into(), cache.feeds()
         vocab = self._into["logits"].shape[-1]
+        live = {"seqs": list(seqs)}
         firsts = []
         for r, row in enumerate(rows):
             n = row.shape[1]
@@ -495,23 +507,28 @@ class Pipeline:
                          "total_sequence_length": np.array(n, np.int32), **extra, **past},
                         into={**present, "logits": logits})
             firsts.append(logits)
-        seen = lengths.astype(np.int32).copy()  # tokens in each row's cache
-        batch_logits = np.empty((len(rows), 1, vocab), self._into["logits"].dtype)
+        live["seen"] = lengths.astype(np.int32).copy()  # tokens in each row's cache
+        live["logits"] = np.empty((len(rows), 1, vocab), self._into["logits"].dtype)
 
         def step(embeds):
+            seen = live["seen"]
             if int(seen.max()) + 1 > cache.capacity:
                 raise ValueError(f"KV cache overflow: {int(seen.max()) + 1} > {cache.capacity}")
             extra = {}
             if self.lengths_and_positions:
-                extra["position_ids"] = np.concatenate([self._positions(seq, int(at), 1) for seq, at in zip(seqs, seen)],
-                                                       axis=-2)
+                extra["position_ids"] = np.concatenate([self._positions(seq, int(at), 1)
+                                                        for seq, at in zip(live["seqs"], seen)], axis=-2)
             decoder.run({"inputs_embeds": embeds, "seqlens_k": seen.copy(),
-                         "total_sequence_length": np.array(seen.max() + 1, np.int32), **extra, **feeds},
-                        into={**into, "logits": batch_logits})
+                         "total_sequence_length": np.array(seen.max() + 1, np.int32), **extra, **cache.feeds()},
+                        into={**cache.into(), "logits": live["logits"]})
             seen[:] += 1
-            return batch_logits
+            return live["logits"]
 
-        return np.concatenate(firsts), step
+        def drop(keep):
+            live["seqs"], live["seen"] = [live["seqs"][k] for k in keep], live["seen"][keep]
+            live["logits"] = np.empty((len(keep), 1, vocab), live["logits"].dtype)
+
+        return np.concatenate(firsts), step, drop
 
     def _prompt_embeddings_many(self, seqs: list[_Sequence]) -> list[np.ndarray]:
         """Each sequence's prompt embeddings [1, len, hidden], with its images' (and videos') embeddings in their

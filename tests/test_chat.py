@@ -260,3 +260,35 @@ def test_threads_each_get_their_own_answers(mode, packages):
         t.join()
     assert not errors, errors
     assert all(results[t, i] == expected[i] for t in range(4) for i in range(10))
+
+
+# -- batches ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model,target", [pytest.param("shapes-smolvlm", "onnxruntime", id="in_place"),
+                                          pytest.param("shapes-smolvlm", "openvino", id="state"),
+                                          pytest.param("shapes-paligemma", "onnxruntime", id="buffer")])
+def test_finished_rows_leave_the_batch_and_the_rest_answer_as_alone(model, target, demo_packages):
+    """A trained demo model's answers end at their own lengths (a colour after a word or two, a caption after
+    several): each row's tokens equal generate()'s alone, and the batch shrinks as rows end (KV cache rows
+    removed, so later steps run only the rows still answering)."""
+    from mmedge.tasks import shapes
+
+    package, _ = demo_packages(model, target)
+    pipe = Pipeline.load(package)
+    pairs = [(e.image, e.prompt) for e in shapes.examples(6, seed=3, kinds=("caption", "color", "count"))]
+    alone = [list(pipe.generate_ids(image, prompt, max_new_tokens=24)) for image, prompt in pairs]
+    assert len({len(a) for a in alone}) > 1, alone  # rows do end at different steps
+    shrank = []
+    keep_rows = type(pipe.cache).keep_rows
+
+    def watch(cache, rows):
+        shrank.append(len(rows))
+        return keep_rows(cache, rows)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(type(pipe.cache), "keep_rows", watch):
+        batched = pipe.generate_ids_batch(pairs, max_new_tokens=24)
+    assert batched == alone
+    assert shrank and shrank == sorted(shrank, reverse=True) and shrank[-1] < len(pairs)

@@ -83,12 +83,18 @@ def test_cli_run_without_torch(packages, tmp_path):
     )
 
 
-def test_tensorrt_runtime_modules_import_without_torch(tmp_path):
-    """The TensorRT backend, its engine builder and CUDA wrapper are runtime code too (Jetson apps)."""
+def test_every_runtime_module_imports_without_torch(tmp_path):
+    """Every module of mmedge.runtimes: the chat and caches apps embed, the TensorRT backend, its engine builder
+    and CUDA wrapper (Jetson apps), and whatever is added later."""
     run_blocked(
         """
-        import mmedge.runtimes.backends.tensorrt, mmedge.runtimes.backends.tensorrt_build
-        import mmedge.runtimes.backends.cuda
+        import importlib, pkgutil
+        import mmedge.runtimes
+        names = [m.name for m in pkgutil.walk_packages(mmedge.runtimes.__path__, "mmedge.runtimes.")]
+        assert {"mmedge.runtimes.chat", "mmedge.runtimes.media_cache", "mmedge.runtimes.backends.tensorrt",
+                "mmedge.runtimes.backends.tensorrt_build", "mmedge.runtimes.backends.cuda"} <= set(names), names
+        for name in names:
+            importlib.import_module(name)
         assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers")]
         """,
         tmp_path,

@@ -25,15 +25,16 @@ class OpenVinoGraph:
         self.output_names = [name for names, _ in self._outputs for name in names]
         if self.request.query_state():  # a stateful graph (the decoder's KV cache held in the engine)
             self.reset_state = self.request.reset_state
-            self.truncate_state = self._truncate_state
+            self.truncate_state = lambda length: self._cut_states((slice(None), slice(None), slice(0, length)))
+            self.keep_state_rows = lambda rows: self._cut_states((np.asarray(rows),))
 
-    def _truncate_state(self, length: int) -> None:
-        """Keep the first `length` tokens of every state ([batch, kv_heads, tokens, head_dim], grown by Concat)."""
+    def _cut_states(self, index: tuple) -> None:
+        """Every state ([batch, kv_heads, tokens, head_dim], grown by Concat) cut to `index`: the first tokens
+        (a new sequence that starts as the cached one did), or some rows of a batch (the others ended)."""
         import openvino as ov
 
         for state in self.request.query_state():
-            kept = np.ascontiguousarray(state.state.data[:, :, :length])
-            state.state = ov.Tensor(kept)
+            state.state = ov.Tensor(np.ascontiguousarray(state.state.data[index]))
 
     def run(self, inputs: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         results = self.request.infer(inputs)
