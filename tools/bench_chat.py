@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     opts = dict(max_new_tokens=args.new_tokens, ignore_eos=True)
     rows = []
     for run in range(args.runs):
+        pipe.media.clear()  # each run a conversation about a photo not seen before
+        pipe._held = None
         chat = pipe.chat()
         for turn in range(args.turns):
             question = QUESTIONS[turn % len(QUESTIONS)]
