@@ -76,7 +76,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="image file (PNG, JPEG, ...); repeat for several images, in the order the prompt takes them")
     r.add_argument("--video", help="video file (MP4, WebM, MKV, ...; read with PyAV), for families that take video "
                                    "(Qwen2-VL, Qwen2.5-VL, Qwen3-VL); frames are sampled at the package's rate")
-    r.add_argument("--prompt", required=True, help='the question or task, e.g. "caption en"')
+    r.add_argument("--prompt", help='the question or task, e.g. "caption en"')
+    r.add_argument("--detect", metavar="OBJECTS", help='boxes around these objects ("cat ; dog"), asked in the '
+                   "family's detection prompt (PaliGemma, Qwen-VL); printed a box a line, in the image's pixels")
+    r.add_argument("--draw", metavar="OUT.png", help="write the image with the answer's boxes drawn on it")
     r.add_argument("--stream", action="store_true", help="print text as it is generated")
     r.add_argument("--raw-prompt", action="store_true", help="pass --prompt through as the full formatted prompt")
     _generation_args(r)
@@ -268,7 +271,31 @@ def cmd_run(args) -> int:
     options = dict(_generation_options(args), raw_prompt=args.raw_prompt or None)
     if not args.image and not args.video:
         raise InputError("give an image (--image) or, for families that take video, --video")
+    if (args.prompt is None) == (args.detect is None):
+        raise InputError("give --prompt (a question) or --detect (objects to box), one of them")
     image = args.image[0] if len(args.image) == 1 else (args.image or None)
+    if args.detect is not None or args.draw:
+        if len(args.image) != 1 or args.video:
+            raise InputError("--detect and --draw take one --image")
+        if args.stream:
+            raise InputError("--detect and --draw print the boxes once the answer is complete; drop --stream")
+        if args.detect is None:
+            pipe.boxes(image, "")  # a family that writes no boxes is refused before generating
+        found = (pipe.detect(image, args.detect, **options) if args.detect is not None
+                 else pipe.boxes(image, pipe.generate(image, args.prompt, **options)))
+        print(found.text)
+        for box in found.boxes:
+            print(f"{box.label or '-'}: {box.x0:.0f} {box.y0:.0f} {box.x1:.0f} {box.y1:.0f}")
+        if found.segments:
+            print(f"mask tokens for {', '.join(found.segments)}: not decoded (PaliGemma's mask decoder is a model of "
+                  "its own)")
+        if args.draw:
+            from mmedge.runtimes.boxes import draw
+            from mmedge.runtimes.preprocess import load_image
+
+            draw(load_image(image), found.boxes, args.draw)
+            log.info("drew %d box(es) on %s", len(found.boxes), args.draw)
+        return 0
     if args.stream:
         for piece in pipe.stream(image, args.prompt, video=args.video, **options):
             sys.stdout.write(piece)

@@ -171,6 +171,10 @@ class SchemeSpec:
     # "mrope" video positions: None, a video's frame index on the temporal row (Qwen2-VL); else its time, at this
     # many positions a second (Qwen2.5-VL)
     video_tokens_per_second: float | None = None
+    # how the model writes boxes (runtimes/boxes.py: "loc1024_yxyx", "box_1000", "json_pixels", "json_1000") and the
+    # prompt that asks for them, with {objects}; None: the family has no box output mmedge reads
+    boxes: str | None = None
+    detect_prompt: str | None = None
 
 
 @dataclass

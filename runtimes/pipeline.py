@@ -27,12 +27,13 @@ from mmedge.runtimes import schemes
 from mmedge.runtimes.backends import DEFAULT_BACKEND_FOR_TARGET, ONLY_OWN_BACKEND, get_backend
 from mmedge.runtimes.kv_cache import EngineCache, make_cache
 from mmedge.runtimes.media_cache import DEFAULT_MB, MediaCache, media_key
-from mmedge.runtimes.preprocess import ImageInput, preprocess_with_grid
+from mmedge.runtimes.preprocess import ImageInput, load_image, preprocess_with_grid, smart_resize
 from mmedge.runtimes.sampling import GenerationOptions, choose
 from mmedge.runtimes.text import StreamDecoder, TextCodec
 from mmedge.runtimes.video import Video, VideoInput, prepare_video
 
 if TYPE_CHECKING:
+    from mmedge.runtimes.boxes import Detections
     from mmedge.runtimes.chat import Chat
 
 log = logging.getLogger(__name__)
@@ -262,6 +263,40 @@ class Pipeline:
         from mmedge.runtimes.chat import Chat
 
         return Chat(self, system, overflow)
+
+    def detect(self, image: ImageInput, objects: str | Sequence[str], **options: Any) -> "Detections":
+        """Boxes around `objects` ("cat ; dog", or a list) in `image`, asked with the family's detection prompt and
+        read from the answer in its box format (runtimes/boxes.py), in the original image's pixels."""
+        from mmedge.runtimes import boxes
+
+        s = self.manifest.schemes
+        if not s.boxes or not s.detect_prompt:
+            raise InputError(f"this {self.manifest.model_type} package's model writes no boxes mmedge reads "
+                             "(PaliGemma and Qwen-VL do); ask with generate() instead")
+        if isinstance(image, (list, tuple)):
+            raise InputError("detect() looks at one image")
+        picture = load_image(image)
+        text = self.generate(picture, boxes.detect_prompt(s.detect_prompt, s.boxes, objects), **options)
+        return boxes.parse(s.boxes, text, picture.size, self._seen_size(picture, options))
+
+    def boxes(self, image: ImageInput, text: str) -> "Detections":
+        """The boxes in an answer about `image` (say, to a detection prompt of one's own), as detect() reads them."""
+        from mmedge.runtimes import boxes
+
+        if not self.manifest.schemes.boxes:
+            raise InputError(f"this {self.manifest.model_type} package's model writes no boxes mmedge reads "
+                             "(PaliGemma and Qwen-VL do)")
+        picture = load_image(image)
+        return boxes.parse(self.manifest.schemes.boxes, text, picture.size, self._seen_size(picture, {}))
+
+    def _seen_size(self, picture, options: dict) -> tuple[int, int]:
+        """(width, height) of the image as the vision encoder sees it."""
+        spec = self._image_spec(self.options(**{k: v for k, v in options.items()
+                                                if k in ("max_pixels", "min_pixels", "max_image_tokens")}), 1)
+        if spec.resize_mode == "smart_resize":
+            h, w = smart_resize(picture.size[1], picture.size[0], spec)
+            return w, h
+        return spec.width, spec.height
 
     def generate_batch(self, requests: Sequence[tuple[ImageInput, str]], **options: Any) -> list[str]:
         """Answers to several (image, prompt) pairs, generated together: one vision encoder call for all their

@@ -107,6 +107,8 @@ def describe(model, checkpoint: Path, tokenizer) -> Description:
             attention="prefix_bidirectional",
             image_placement="replace_image_tokens",
             sliding_window=getattr(cfg.text_config, "sliding_window", None),
+            boxes="loc1024_yxyx",  # "detect cat ; dog" -> <loc..>x4 cat ; <loc..>x4 dog
+            detect_prompt="detect {objects}",
         ),
         special_tokens=special_tokens(model, tokenizer),
         generation=generation_defaults(model),

@@ -183,6 +183,17 @@ def _pos_grid(visual) -> int | None:
     return int(visual.num_grid_per_side) if hasattr(visual, "pos_embed") else None
 
 
+# how each generation writes boxes (runtimes/boxes.py) and a prompt that asks for them: Qwen2-VL's box tokens over
+# [0, 1000); Qwen2.5-VL's JSON in pixels of the resized image; Qwen3-VL's JSON over [0, 1000] (the Qwen cookbooks)
+_JSON_PROMPT = ('Locate every instance that belongs to the following categories: "{objects}". '
+                "Report bbox coordinates in JSON format.")
+DETECTION = {
+    "qwen2_vl": dict(boxes="box_1000", detect_prompt="Find the bounding box of each of: {objects}."),
+    "qwen2_5_vl": dict(boxes="json_pixels", detect_prompt=_JSON_PROMPT),
+    "qwen3_vl": dict(boxes="json_1000", detect_prompt=_JSON_PROMPT),
+}
+
+
 def _window(vision) -> int:
     """Qwen2.5-VL's attention window, in merged tokens a side."""
     return vision.window_size // vision.spatial_merge_size // vision.patch_size
@@ -252,7 +263,8 @@ def describe(model, checkpoint: Path, tokenizer) -> Description:
                            vision_window=_window(vision) if cfg.model_type == "qwen2_5_vl" else None,
                            vision_pos_grid=_pos_grid(model.model.visual),
                            video_tokens_per_second=getattr(vision, "tokens_per_second", None)
-                           if cfg.model_type == "qwen2_5_vl" else None),
+                           if cfg.model_type == "qwen2_5_vl" else None,
+                           **DETECTION[cfg.model_type]),
         special_tokens=special_tokens(model, tokenizer),
         generation=generation_defaults(model),
         max_position_embeddings=cfg.text_config.max_position_embeddings,

@@ -1,0 +1,109 @@
+"""Boxes (and segment tokens) out of a detection answer, in the original image's pixels.
+
+Each family writes boxes its own way; the package names the way (`schemes.boxes`) and the prompt that asks
+for them (`schemes.detect_prompt`, with {objects}):
+
+  "loc1024_yxyx"   PaliGemma: four <locNNNN> tokens (y0, x0, y1, x1 in 1024 bins over the image) then the
+                   label, detections separated by " ; "; <segNNN> tokens after a box are a mask for
+                   PaliGemma's separate mask decoder (reported, not decoded)
+  "box_1000"       Qwen2-VL: <|object_ref_start|>label<|object_ref_end|><|box_start|>(x0,y0),(x1,y1)<|box_end|>,
+                   coordinates over the image in [0, 1000)
+  "json_pixels"    Qwen2.5-VL: a JSON list of {"bbox_2d": [x0, y0, x1, y1], "label": ...} in pixels of the image
+                   as the model saw it (after its resize)
+  "json_1000"      Qwen3-VL: the same JSON, coordinates over the image in [0, 1000]
+
+A truncated answer (the token budget ran out mid-list) gives the boxes that are complete.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+from mmedge.errors import InputError
+
+BOX_FORMATS = ("loc1024_yxyx", "box_1000", "json_pixels", "json_1000")
+SEPARATOR = {"loc1024_yxyx": " ; "}  # between the objects asked for in the detect prompt; others ", "
+
+
+@dataclass
+class Box:
+    label: str
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+
+@dataclass
+class Detections:
+    boxes: list[Box]
+    text: str  # the answer as generated
+    segments: list[str] = field(default_factory=list)  # labels that came with mask tokens (not decoded)
+
+
+_LOC = re.compile(r"((?:<loc\d{4}>){4})\s*((?:<seg\d{3}>)*)\s*([^<;]*)")
+_QWEN2 = re.compile(r"(?:<\|object_ref_start\|>(.*?)<\|object_ref_end\|>)?\s*<\|box_start\|>\s*\(\s*(-?[\d.]+)\s*,"
+                    r"\s*(-?[\d.]+)\s*\)\s*,\s*\(\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*\)\s*<\|box_end\|>")
+_JSON_OBJECT = re.compile(r"\{[^{}]*\}")
+
+
+def parse(fmt: str, text: str, size: tuple[int, int], seen: tuple[int, int] | None = None) -> Detections:
+    """The boxes in `text`, in pixels of an image of `size` (width, height); `seen`: the (width, height) the
+    model saw it at, for "json_pixels" (default: `size`)."""
+    width, height = size
+    boxes: list[Box] = []
+    segments: list[str] = []
+    if fmt == "loc1024_yxyx":
+        for locs, segs, label in _LOC.findall(text):
+            y0, x0, y1, x1 = (int(v) / 1024 for v in re.findall(r"\d{4}", locs))
+            boxes.append(Box(label.strip(), x0 * width, y0 * height, x1 * width, y1 * height))
+            if segs:
+                segments.append(label.strip())
+    elif fmt == "box_1000":
+        for label, *xy in _QWEN2.findall(text):
+            x0, y0, x1, y1 = (float(v) / 1000 for v in xy)
+            boxes.append(Box(label.strip(), x0 * width, y0 * height, x1 * width, y1 * height))
+    elif fmt in ("json_pixels", "json_1000"):
+        sx, sy = ((width / seen[0], height / seen[1]) if seen else (1.0, 1.0)) if fmt == "json_pixels" else (
+            width / 1000, height / 1000)
+        for chunk in _JSON_OBJECT.findall(text):  # object by object: a cut-off list still gives its complete ones
+            try:
+                item = json.loads(chunk)
+                x0, y0, x1, y1 = (float(v) for v in item["bbox_2d"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            boxes.append(Box(str(item.get("label", "")), x0 * sx, y0 * sy, x1 * sx, y1 * sy))
+    else:
+        raise InputError(f"this mmedge does not know the box format {fmt!r}; upgrade mmedge")
+    return Detections(boxes, text, segments)
+
+
+def detect_prompt(template: str, fmt: str, objects: str | list[str]) -> str:
+    """The family's detection prompt for `objects` (a list, or one string with the objects separated by ";" or
+    ",")."""
+    names = objects if isinstance(objects, (list, tuple)) else re.split(r"\s*[;,]\s*", objects)
+    names = [str(n).strip() for n in names if str(n).strip()]
+    if not names:
+        raise InputError("name the objects to detect, e.g. \"cat ; dog\"")
+    return template.replace("{objects}", SEPARATOR.get(fmt, ", ").join(names))
+
+
+def draw(image, boxes: list[Box], out) -> None:
+    """The image with each box outlined and labelled, written to `out`."""
+    from PIL import ImageDraw
+
+    canvas = image.convert("RGB")
+    pen = ImageDraw.Draw(canvas)
+    width = max(2, round(min(canvas.size) / 200))
+    colors = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
+    for i, box in enumerate(boxes):
+        color = colors[i % len(colors)]
+        pen.rectangle((box.x0, box.y0, box.x1, box.y1), outline=color, width=width)
+        if box.label:
+            pen.text((box.x0 + width, box.y0 + width), box.label, fill=color)
+    try:
+        canvas.save(out)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot write {out}: {exc}") from None
