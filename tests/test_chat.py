@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BACKEND, NEW_TOKENS, PARITY_TARGETS, SHAPES, matrix, sample_images
+from conftest import BACKEND, NEW_TOKENS, PARITY_TARGETS, SHAPES, each_shape, matrix, sample_images
 from conftest import run_cli_in_process as run_cli
 from mmedge import Pipeline
 from mmedge.errors import InputError
@@ -100,6 +100,17 @@ def test_each_turn_extends_the_cache_and_matches_transformers(shape, target, pac
 
 
 # a shape whose random weights answer with visible text (Gemma 3's tiny one repeats an invisible token)
+@pytest.mark.parametrize("shape", each_shape(CHAT_SHAPES))
+def test_several_images_in_one_question_match_transformers(shape, packages, hf_model):
+    """generate([a, b], prompt): both images in one user turn, in order, as each family's template places them."""
+    pipe = Pipeline.load(packages(shape))
+    model, processor = hf_model(shape)
+    images = [sample_images()["wide"], sample_images()["shapes"]]
+    content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "what changed?"}]
+    expected = hf_turn(model, processor, with_images([{"role": "user", "content": content}], images))
+    assert list(pipe.generate_ids(images, "what changed?", max_new_tokens=TURN_TOKENS, ignore_eos=True)) == expected
+
+
 @pytest.mark.parametrize("shape", [next(s for s in CHAT_SHAPES if SHAPES[s].family == "idefics3")])
 def test_a_stream_closed_early_keeps_its_part_and_reset_forgets(shape, packages):
     pipe = Pipeline.load(packages(shape))

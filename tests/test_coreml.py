@@ -92,6 +92,19 @@ def test_stateful_decoder_is_token_exact_in_pytorch(shape, checkpoints, packages
     image = sample_images()["shapes"]
     full = list(pipe.generate_ids(image, PROMPTS[0], max_new_tokens=8, ignore_eos=True, use_cache=False))
     assert full == expected["shapes", PROMPTS[0]][:8]
+    if pipe.codec.chat is not None:  # a conversation: the state keeps turn 1 and turn 2 writes after it
+        from test_chat import hf_turn, with_images
+        from mmedge.evaluate import load_processor
+
+        path = checkpoints[shape]  # a model of its own: the pipeline's was split (Qwen3-VL's patched in place)
+        model = ckpt.family_for(ckpt.read_config(path)["model_type"]).load(path)
+        processor, chat = load_processor(path), pipe.chat()
+        for names, question in (["shapes"], "what is this?"), ([], "and its color?"):
+            user = {"role": "user", "content": [{"type": "image"}] * len(names) + [{"type": "text", "text": question}]}
+            want = hf_turn(model, processor, with_images(chat.messages() + [user], [image]))
+            chat.ask([image] * len(names) or None, question, max_new_tokens=len(want), ignore_eos=True)
+            assert chat.history[-1].tokens == want, f"{shape}: turn {len(chat.history) // 2}"
+        assert pipe.timings.reused_tokens > 0
     # with float16 buffers, as Core ML keeps them: the next token after every prefix of transformers'
     # answers mostly the same (random weights leave near-ties that fp16 keys and values can flip)
     decoder.module = fp16_state
