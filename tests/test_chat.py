@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BACKEND, NEW_TOKENS, PARITY_TARGETS, SHAPES, each_shape, matrix, sample_images
+from conftest import BACKEND, NEW_TOKENS, PARITY_TARGETS, SHAPES, each_shape, matrix, sample_images, slow
 from conftest import run_cli_in_process as run_cli
 from mmedge import Pipeline
 from mmedge.errors import InputError
@@ -180,7 +180,7 @@ def test_chat_command_reads_questions_from_stdin(packages, tmp_path, monkeypatch
 # -- a prompt that starts as the last one did -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [FIXED_FORMAT, *CHAT_SHAPES])
+@pytest.mark.parametrize("shape", each_shape([FIXED_FORMAT, *CHAT_SHAPES]))
 def test_a_prompt_starting_as_the_last_one_reuses_its_cache(shape, packages, reference_tokens):
     """The same question about a new frame reuses the text before the image; a new question about the same image
     reuses the image too (PaliGemma's prompt attends both ways, so none of it); every answer equals
@@ -276,8 +276,9 @@ def test_threads_each_get_their_own_answers(mode, packages):
 # -- batches ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model,target", [pytest.param("shapes-smolvlm", "onnxruntime", id="in_place"),
-                                          pytest.param("shapes-smolvlm", "openvino", id="state"),
+# the contributors' loop keeps the default demo's (exported there anyway); CI runs all three
+@pytest.mark.parametrize("model,target", [pytest.param("shapes-smolvlm", "onnxruntime", id="in_place", marks=slow),
+                                          pytest.param("shapes-smolvlm", "openvino", id="state", marks=slow),
                                           pytest.param("shapes-paligemma", "onnxruntime", id="buffer")])
 def test_finished_rows_leave_the_batch_and_the_rest_answer_as_alone(model, target, demo_packages):
     """A trained demo model's answers end at their own lengths (a colour after a word or two, a caption after
