@@ -48,11 +48,15 @@ class KVCache:
         self._past_names = [(spec.past_key.format(layer=i), spec.past_value.format(layer=i)) for i in layers]
         self._present_names = [(spec.present_key.format(layer=i), spec.present_value.format(layer=i)) for i in layers]
         # the buffers are written in place, so one feed dict serves every step
-        self._feeds = {}
-        for (kname, vname), k, v in zip(self._past_names, self.keys, self.values):
-            self._feeds[kname] = k
-            self._feeds[vname] = v
+        self._feeds = self._named(self._past_names)
         self.length = 0
+
+    def _named(self, names: list[tuple[str, str]]) -> dict[str, np.ndarray]:
+        """{key name: keys, value name: values} per layer, over the cache's own arrays."""
+        out = {}
+        for (kname, vname), k, v in zip(names, self.keys, self.values):
+            out[kname], out[vname] = k, v
+        return out
 
     @property
     def capacity(self) -> int:
@@ -77,10 +81,7 @@ class KVCache:
         False where the cache cannot (the rows then run on)."""
         self.keys = [k[rows] for k in self.keys]
         self.values = [v[rows] for v in self.values]
-        self._feeds = {}
-        for (kname, vname), k, v in zip(self._past_names, self.keys, self.values):
-            self._feeds[kname] = k
-            self._feeds[vname] = v
+        self._feeds = self._named(self._past_names)
         return True
 
     def feeds(self) -> dict[str, np.ndarray]:
@@ -115,20 +116,14 @@ class InPlaceCache(KVCache):
 
     def __init__(self, spec: KVCacheSpec, batch: int = 1):
         super().__init__(spec, batch)
-        self._into = {}
-        for (kname, vname), k, v in zip(self._present_names, self.keys, self.values):
-            self._into[kname] = k
-            self._into[vname] = v
+        self._into = self._named(self._present_names)
 
     def into(self) -> dict[str, np.ndarray]:
         return self._into
 
     def keep_rows(self, rows: np.ndarray) -> bool:
         super().keep_rows(rows)
-        self._into = {}
-        for (kname, vname), k, v in zip(self._present_names, self.keys, self.values):
-            self._into[kname] = k
-            self._into[vname] = v
+        self._into = self._named(self._present_names)
         return True
 
     def write(self, outputs: dict[str, np.ndarray], n_new: int) -> None:

@@ -270,9 +270,7 @@ class Pipeline:
         from mmedge.runtimes import boxes
 
         s = self.manifest.schemes
-        if not s.boxes or not s.detect_prompt:
-            raise InputError(f"this {self.manifest.model_type} package's model writes no boxes mmedge reads "
-                             "(PaliGemma and Qwen-VL do); ask with generate() instead")
+        self._box_format()
         if isinstance(image, (list, tuple)):
             raise InputError("detect() looks at one image")
         picture = load_image(image)
@@ -283,11 +281,16 @@ class Pipeline:
         """The boxes in an answer about `image` (say, to a detection prompt of one's own), as detect() reads them."""
         from mmedge.runtimes import boxes
 
-        if not self.manifest.schemes.boxes:
-            raise InputError(f"this {self.manifest.model_type} package's model writes no boxes mmedge reads "
-                             "(PaliGemma and Qwen-VL do)")
+        fmt = self._box_format()
         picture = load_image(image)
-        return boxes.parse(self.manifest.schemes.boxes, text, picture.size, self._seen_size(picture, {}))
+        return boxes.parse(fmt, text, picture.size, self._seen_size(picture, {}))
+
+    def _box_format(self) -> str:
+        s = self.manifest.schemes
+        if not s.boxes or not s.detect_prompt:
+            raise InputError(f"this {self.manifest.model_type} package's model writes no boxes mmedge reads "
+                             "(PaliGemma and Qwen-VL do); ask with generate() instead")
+        return s.boxes
 
     def _seen_size(self, picture, options: dict) -> tuple[int, int]:
         """(width, height) of the image as the vision encoder sees it."""
