@@ -147,7 +147,7 @@ def _export(opts: ExportOptions, checkpoint: Path, family, plan: dict[str, str],
         torch.set_num_threads(default_threads())
     target = _target_module(opts.target)
     log.info("loading %s", checkpoint)
-    model = _load(family, checkpoint)
+    model = _load(family, checkpoint, lazily=getattr(target, "LAZY_WEIGHTS", False))
     tokenizer = _load_tokenizer(checkpoint)
     parts = family.split(model)
     desc = family.describe(model, checkpoint, tokenizer)
@@ -326,8 +326,16 @@ def _template_vars(tokenizer) -> dict:
     return {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, (str, list))}
 
 
-def _load(family, checkpoint: Path):
+def _load(family, checkpoint: Path, lazily: bool = False):
+    """The torch model; `lazily`: its weights left in the checkpoint until needed (exporters/lazy.py), where the
+    checkpoint allows."""
     try:
+        if lazily:
+            from mmedge.exporters import lazy
+
+            model = lazy.load(checkpoint)
+            if model is not None:
+                return model
         return family.load(checkpoint)
     except ExportError:
         raise

@@ -36,11 +36,14 @@ against PyTorch either way.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from mmedge.exporters import lazy
 from mmedge.exporters.family import Parts
 from mmedge.exporters.graphs import DecoderGraph, GraphJob, kv_names
 
@@ -77,8 +80,13 @@ def supports(parts: Parts, attention: str) -> str | None:
 
 
 class _Builder:
+    """Nodes and initializers of a graph being built. Weights come as arrays (small tables, written inline) or as
+    functions that produce them (`deferred`): a model's weights are read from the checkpoint one at a time while
+    the graph file is written (lazy.write_model), never all held at once."""
+
     def __init__(self):
         self.nodes, self.inits = [], []
+        self.deferred: dict[str, Callable[[], np.ndarray]] = {}
         self._n = 0
 
     def name(self, hint: str) -> str:
@@ -88,6 +96,20 @@ class _Builder:
     def weight(self, hint: str, array: np.ndarray) -> str:
         name = self.name(hint)
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32), name))
+        return name
+
+    def weights(self, hint: str, *params: torch.Tensor, transpose: bool = False) -> str:
+        """The model's `params` joined along their first axis (transposed: [in, out] for MatMul), deferred."""
+        name = self.name(hint)
+        rows = sum(p.shape[0] for p in params)
+        dims = [rows, *params[0].shape[1:]]
+        self.inits.append(TensorProto(name=name, data_type=TensorProto.FLOAT, dims=dims[::-1] if transpose else dims))
+
+        def value() -> np.ndarray:
+            joined = np.concatenate([lazy.values(p) for p in params]) if len(params) > 1 else lazy.values(params[0])
+            return np.ascontiguousarray(joined.T if transpose else joined, dtype=np.float32)
+
+        self.deferred[name] = value
         return name
 
     def weight_int(self, hint: str, values: list[int]) -> str:
@@ -101,9 +123,9 @@ class _Builder:
         return outs if len(outs) > 1 else outs[0]
 
     def linear(self, x: str, layer: torch.nn.Linear, hint: str) -> str:
-        y = self.op("MatMul", [x, self.weight(hint, layer.weight.detach().numpy().T)])
+        y = self.op("MatMul", [x, self.weights(hint, layer.weight, transpose=True)])
         if layer.bias is not None:
-            y = self.op("Add", [y, self.weight(hint + "_bias", layer.bias.detach().numpy())])
+            y = self.op("Add", [y, self.weights(hint + "_bias", layer.bias)])
         return y
 
 
@@ -115,8 +137,9 @@ def _rotary_tables(stack, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
     return (np.cos(freqs) * scale).astype(np.float32), (np.sin(freqs) * scale).astype(np.float32)
 
 
-def build(parts: Parts, max_positions: int) -> onnx.ModelProto:
-    """The fused decoder graph of `parts` (weights copied from its torch modules)."""
+def build(parts: Parts, max_positions: int) -> tuple[onnx.ModelProto, dict[str, Callable[[], np.ndarray]]]:
+    """The fused decoder graph of `parts`, and its deferred weights (name -> function giving the array) that
+    lazy.write_model writes in."""
     stack = parts.text_model
     cfg = stack.config
     heads, kv_heads, dim = cfg.num_attention_heads, parts.num_kv_heads, parts.head_dim
@@ -125,7 +148,7 @@ def build(parts: Parts, max_positions: int) -> onnx.ModelProto:
     cos, sin = b.weight("cos_cache", cos), b.weight("sin_cache", sin)
 
     def norm(x: str, residual: str | None, module) -> tuple[str, str]:
-        gamma = b.weight("norm", module.weight.detach().numpy())
+        gamma = b.weights("norm", module.weight)
         eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
         if residual is None:
             return b.op("SimplifiedLayerNormalization", [x, gamma], axis=-1, epsilon=eps, stash_type=1), x
@@ -163,11 +186,11 @@ def build(parts: Parts, max_positions: int) -> onnx.ModelProto:
     for i, layer in enumerate(stack.layers):
         attn, mlp = layer.self_attn, layer.mlp
         x, residual = norm(hidden, residual, layer.input_layernorm)
-        qkv_w = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach().numpy()
-        qkv = b.op("MatMul", [x, b.weight(f"layers.{i}.qkv", qkv_w.T)])
+        qkv = b.op("MatMul", [x, b.weights(f"layers.{i}.qkv", attn.q_proj.weight, attn.k_proj.weight,
+                                           attn.v_proj.weight, transpose=True)])
         if attn.q_proj.bias is not None:
-            bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]).detach().numpy()
-            qkv = b.op("Add", [qkv, b.weight(f"layers.{i}.qkv_bias", bias)])
+            qkv = b.op("Add", [qkv, b.weights(f"layers.{i}.qkv_bias", attn.q_proj.bias, attn.k_proj.bias,
+                                              attn.v_proj.bias)])
         out = b.linear(attention(i, qkv, attn), attn.o_proj, f"layers.{i}.o_proj")
         x, residual = norm(out, residual, layer.post_attention_layernorm)
         gate = b.linear(x, mlp.gate_proj, f"layers.{i}.gate_proj")
@@ -194,8 +217,9 @@ def build(parts: Parts, max_positions: int) -> onnx.ModelProto:
             inputs.append(helper.make_tensor_value_info(f"past.{i}.{kind}", TensorProto.FLOAT, kv))
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, kv))
     graph = helper.make_graph(b.nodes, "decoder", inputs, outputs, b.inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MS, 1)],
-                             producer_name="mmedge")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MS, 1)],
+                              producer_name="mmedge")
+    return model, b.deferred
 
 
 class InPlaceReference(torch.nn.Module):
@@ -230,7 +254,7 @@ class InPlaceReference(torch.nn.Module):
             presents.append(full)
         return (out[0], *presents)
 
-    def build(self) -> onnx.ModelProto:
+    def build(self):
         return build(self.parts, self.max_context)
 
 

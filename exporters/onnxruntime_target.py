@@ -13,7 +13,7 @@ import onnx
 import torch
 
 from mmedge.errors import ExportError, first_line
-from mmedge.exporters import trace_cache
+from mmedge.exporters import lazy, trace_cache
 from mmedge.exporters.graphs import GraphJob
 from mmedge.manifest import TensorSpec
 
@@ -22,12 +22,14 @@ log = logging.getLogger(__name__)
 OPSET = 18
 DERIVED_DIMS = {"total_len"}  # sizes that follow from others; torch.export infers them
 EXTERNAL_DATA_BYTES = (2 << 30) - (64 << 20)  # protobuf's limit: bigger models keep weights beside the graph
+LAZY_WEIGHTS = True  # traced from ONNX graphs whose weights are read from the checkpoint as they are written
 
 
 def export_graph(job: GraphJob, path: Path) -> None:
     """Trace `job.module` (or build it: the in-place decoder) and write `path` (weights external over 2 GB)."""
     if job.kv_storage == "in_place":
-        save_model(job.module.build(), path)
+        model, deferred = job.module.build()
+        lazy.write_model(model, deferred, path, external=_weight_bytes(model, deferred) > EXTERNAL_DATA_BYTES)
         return
     if job.kv_storage == "state":
         _past_and_new_from_buffer_trace(job, path)
@@ -52,15 +54,24 @@ def export_graph(job: GraphJob, path: Path) -> None:
                     dynamic_shapes=_match_signature(job.module, dynamic),
                     opset_version=OPSET,
                     dynamo=True,
+                    optimize=False,  # after its weights are bound: folding must not read placeholders
                     verbose=False,
                 )
             except Exception as exc:
                 raise ExportError(f"tracing {job.name} failed: {first_line(exc)}") from exc
+            lazy.bind_program(program, job.module)
+            program.optimize()
         save_program(program, dest, job)
 
     trace_cache.cached_trace(job, trace, path, job.trace_cache)
     if path.stat().st_size > EXTERNAL_DATA_BYTES:  # read back inline from a cache an export with a higher limit filled
         save_model(onnx.load(str(path)), path)
+
+
+def _weight_bytes(model: onnx.ModelProto, deferred: dict) -> int:
+    """The float32 bytes of a built graph's initializers, deferred ones included (counted from their shapes)."""
+    return sum(4 * int(np.prod(init.dims, dtype=np.int64)) if init.name in deferred else init.ByteSize()
+               for init in model.graph.initializer)
 
 
 def _past_and_new_from_buffer_trace(job: GraphJob, path: Path) -> None:
@@ -215,12 +226,14 @@ def verify_graph(job: GraphJob, path: Path, rtol: float = 1e-3) -> dict:
 
     from mmedge.runtimes.backends import default_threads
 
+    expected = reference_outputs(job)  # before the session: the torch weights and the graph's are not held at once
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.intra_op_num_threads = default_threads()
+    opts.add_session_config_entry("session.disable_prepacking", "1")  # one copy of the weights: the graph's
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     if job.kv_storage != "in_place":
-        return compare_with_torch(job, lambda feeds: session.run(job.output_names, feeds), rtol)
+        return compare_with_torch(job, lambda feeds: session.run(job.output_names, feeds), rtol, expected)
     from mmedge.runtimes.backends.onnxruntime import OnnxRuntimeGraph
 
     graph = OnnxRuntimeGraph(session, ort)
@@ -231,19 +244,27 @@ def verify_graph(job: GraphJob, path: Path, rtol: float = 1e-3) -> dict:
         out = graph.run(feeds, into=into)
         return [into[name] if name in into else out[name] for name in job.output_names]
 
-    return compare_with_torch(job, run_in_place, rtol)
+    return compare_with_torch(job, run_in_place, rtol, expected)
 
 
-def compare_with_torch(job: GraphJob, run, rtol: float = 1e-3) -> dict:
-    """Run `run(feeds) -> outputs in job.output_names order` on the job's check inputs and compare with PyTorch.
+def reference_outputs(job: GraphJob) -> list[tuple]:
+    """PyTorch's outputs for each of the job's check inputs (weights read module by module where lazy)."""
+    out = []
+    with torch.no_grad(), lazy.materialized(job.module):
+        for inputs in job.check_inputs:
+            expected = job.module(*inputs)
+            out.append(tuple(expected) if isinstance(expected, (tuple, list)) else (expected,))
+    return out
+
+
+def compare_with_torch(job: GraphJob, run, rtol: float = 1e-3, expected: list[tuple] | None = None) -> dict:
+    """Run `run(feeds) -> outputs in job.output_names order` on the job's check inputs and compare with PyTorch
+    (`expected`, or computed here by reference_outputs).
 
     Passes when every output's max abs error <= rtol * max(1, max |reference|).
     """
     worst: dict[str, dict[str, float]] = {}
-    for inputs in job.check_inputs:
-        with torch.no_grad():
-            expected = job.module(*inputs)
-        expected = expected if isinstance(expected, (tuple, list)) else (expected,)
+    for inputs, expected in zip(job.check_inputs, expected or reference_outputs(job)):
         feeds = {name: t.numpy() for name, t in zip(job.input_names, inputs)}
         got = run(feeds)
         for name, ref, out in zip(job.output_names, expected, got):

@@ -8,9 +8,10 @@ export still verifies the graph it writes against PyTorch.
 
 A graph is found again only if everything its trace depends on is the same: the module's code (class and
 every scalar setting of every submodule, the model config included), every parameter and buffer byte for
-byte, the trace inputs, names and dynamic axes, mmedge's exporter sources, and the versions of torch,
-onnxscript, onnx and transformers. Entries are written atomically (a temporary folder, then a rename), so
-a killed export never leaves a half-written one; a damaged entry is traced again.
+byte (a weight still in the checkpoint by its file's path, size and modification time, and its name), the
+trace inputs, names and dynamic axes, mmedge's exporter sources, and the versions of torch, onnxscript, onnx
+and transformers. Entries are written atomically (a temporary folder, then a rename), so a killed export
+never leaves a half-written one; a damaged entry is traced again.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import onnx
 import torch
 
 from mmedge.errors import first_line
+from mmedge.exporters import lazy
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +179,9 @@ def _non_persistent(module: torch.nn.Module):
 
 
 def _hash_value(h, value, depth: int = 0) -> None:
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor) and lazy.source_of(value) is not None:  # still in the checkpoint file
+        h.update(f"S{tuple(value.shape)}{lazy.source_of(value).identity()}".encode())
+    elif isinstance(value, torch.Tensor):
         t = value.detach().cpu().contiguous()
         h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
         if t.numel():
