@@ -200,7 +200,7 @@ def materialized(module: torch.nn.Module):
     def empty(mod, args, output):
         mod._parameters.update(mod.__dict__.pop("_mmedge_lazy", {}))
 
-    for mod in module.modules():
+    for mod in module.modules() if isinstance(module, torch.nn.Module) else ():  # (or a plain function)
         if any(source_of(p) is not None for p in mod._parameters.values()):
             handles.append(mod.register_forward_pre_hook(fill))
             handles.append(mod.register_forward_hook(empty, always_call=True))

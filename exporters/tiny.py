@@ -99,6 +99,20 @@ BUILTIN = {
                   num_attention_heads=8, num_key_value_heads=1, head_dim=256, max_position_embeddings=8192),
         image_size=224, patch_size=14, seed=3, vocab_size=257216, sharp_init=False,
     ),
+    # Qwen/Qwen2.5-VL-3B-Instruct's architecture, 3.75B parameters (ViT 1280x32, window attention over 112-pixel
+    # windows with full attention in blocks 7/15/23/31, 2x2 merger; Qwen2.5-3B decoder, 36 layers, 16 heads, 2 KV
+    # heads, vocab 151936, tied LM head), random weights, saved in bfloat16 as the published checkpoint is (7.5 GB
+    # on disk, built on first use); images up to 1280 tokens as export allows by default
+    "qwen2.5-vl-3b-shaped": TinyShape(
+        "random Qwen2.5-VL-3B-Instruct architecture, 3.8B parameters, bfloat16 (for scale measurements)",
+        vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, window_size=112,
+                    fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu"),
+        text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                  num_key_value_heads=2, mrope_section=[16, 24, 24], rope_theta=1000000.0,
+                  max_position_embeddings=128000, tie_word_embeddings=True, rms_norm_eps=1e-6),
+        image_size=448, patch_size=14, seed=3, vocab_size=151936, sharp_init=False, family="qwen2_vl",
+        extra=dict(model_type="qwen2_5_vl", min_pixels=56 * 56, max_pixels=1280 * 28 * 28), dtype="bfloat16",
+    ),
     # llava-hf/llava-1.5-7b-hf's architecture, 7.06B parameters (CLIP ViT-L/14 at 336 px, layer -2, 576 image
     # tokens; Llama-2-7B decoder, 32 layers, MHA, vocab 32064), random weights, saved in float16 as the
     # published checkpoint is (14.1 GB on disk, built on first use)

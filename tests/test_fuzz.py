@@ -69,8 +69,9 @@ def test_mutated_manifests_load_or_fail_in_one_line(manifest_data, data):
     for _ in range(data.draw(st.integers(1, 3))):
         path = data.draw(st.sampled_from(paths))
         parent = mutated
-        for key in path[:-1]:
-            parent = parent[key] if isinstance(parent, (dict, list)) else None
+        for key in path[:-1]:  # an earlier mutation may have removed or replaced part of the path
+            inside = isinstance(parent, dict) and key in parent or isinstance(parent, list) and key < len(parent)
+            parent = parent[key] if inside else None
         if isinstance(parent, (dict, list)):
             action = data.draw(st.sampled_from(["replace", "delete"]))
             if action == "delete" and isinstance(parent, dict):

@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ("paligemma-3b-shaped", "llava-1.5-7b-shaped")
+MODELS = ("paligemma-3b-shaped", "qwen2.5-vl-3b-shaped", "llava-1.5-7b-shaped")
 TARGETS = ("onnxruntime", "openvino", "tensorrt", "coreml")
 QUANTS = ("fp32", "fp16", "int8", "int4")
 

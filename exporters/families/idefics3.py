@@ -63,7 +63,9 @@ class _VisionEncoder(torch.nn.Module):
     def forward(self, pixel_values):
         vm = self.vision_model
         patches = vm.embeddings.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
-        hidden = patches + vm.embeddings.position_embedding.weight[None]
+        # the embedding module called (not its weight read): export reads weights module by module (lazy.py)
+        ids = torch.arange(patches.shape[1], device=patches.device)
+        hidden = patches + vm.embeddings.position_embedding(ids)[None]
         hidden = vm.encoder(inputs_embeds=hidden, attention_mask=None).last_hidden_state
         return vm.post_layernorm(hidden)
 
