@@ -24,6 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from mmedge.calibration.package import QuantOptions
+from mmedge.calibration.weights import GraphWeights, to_matmul_nbits
 from mmedge.exporters.onnxruntime_target import save_model
 from mmedge.errors import ExportError
 
@@ -79,8 +80,9 @@ def _name_nodes(model: onnx.ModelProto) -> None:
 
 
 def _tapped_copy(path: Path, out: Path) -> list[str]:
-    """Write a decoder copy whose extra outputs are the inputs of its weight MatMuls; returns their names."""
-    model = onnx.load(str(path))
+    """Write a decoder copy whose extra outputs are the inputs of its weight MatMuls; returns their names. The
+    copy is the graph only: `out` lies beside `path` and reads its weights from the same data file."""
+    model = onnx.load(str(path), load_external_data=False)
     outputs = {o.name for o in model.graph.output}
     taps = []
     for node in _weight_matmuls(model):
@@ -88,7 +90,7 @@ def _tapped_copy(path: Path, out: Path) -> list[str]:
         if tap not in taps and tap not in outputs:
             model.graph.output.append(helper.make_tensor_value_info(tap, onnx.TensorProto.FLOAT, None))
             taps.append(tap)
-    save_model(model, out)
+    onnx.save_model(model, str(out))
     return taps
 
 
@@ -242,37 +244,18 @@ ACCURACY_LEVEL = 4
 INT8_BLOCK = 32
 
 
-def _matmul_nbits(model: onnx.ModelProto, bits: int, block: int, include: list[str] | None = None,
-                  exclude: list[str] | None = None) -> onnx.ModelProto:
-    """Weight MatMuls as block-wise symmetric MatMulNBits of `bits` (all, or those `include` names)."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
-    config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True, bits=bits,
-                                          accuracy_level=ACCURACY_LEVEL)
-    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=True,
-                                     accuracy_level=ACCURACY_LEVEL, nodes_to_include=include,
-                                     nodes_to_exclude=exclude or [], algo_config=config)
-    quiet = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
-    level = quiet.level
-    quiet.setLevel(logging.WARNING)  # it logs a line per node at INFO
-    try:
-        quantizer.process()
-    finally:
-        quiet.setLevel(level)
-    return quantizer.model.model
-
-
 def quantize_decoder_int8(src: Path, dst: Path) -> dict:
     """Every weight MatMul (LM head included) as block-wise INT8 MatMulNBits."""
-    model = onnx.load(str(src))
-    _name_nodes(model)
-    count = len(_weight_matmuls(model))
-    save_model(_matmul_nbits(model, 8, INT8_BLOCK), dst)
+    graph = GraphWeights(src)
+    _name_nodes(graph.model)
+    matmuls = _weight_matmuls(graph.model)
+    deferred = to_matmul_nbits(graph, matmuls, 8, INT8_BLOCK, ACCURACY_LEVEL)
+    graph.write(dst, deferred, external=_has_external_data(src))
     return {"scheme": f"int8 block-wise weights (MatMulNBits, block {INT8_BLOCK}, symmetric); activations int8 "
-                      f"per block at run time (accuracy level {ACCURACY_LEVEL})", "matmuls": count}
+                      f"per block at run time (accuracy level {ACCURACY_LEVEL})", "matmuls": len(matmuls)}
 
 
-def _fold_target(model: onnx.ModelProto, inits: dict, x: str, readers: list):
+def _fold_target(graph: GraphWeights, x: str, readers: list):
     """Where a per-channel factor on activation `x` can go inside the op that makes it: a function
     taking the factor, or None.
 
@@ -280,6 +263,7 @@ def _fold_target(model: onnx.ModelProto, inits: dict, x: str, readers: list):
     projection's output columns take it, when only `readers` read x; then AWQ
     costs no node per token.
     """
+    model, inits = graph.model, graph.inits
     consumers = [n for n in model.graph.node if x in n.input]
     producer = next((n for n in model.graph.node if x in n.output), None)
     if producer is None or {id(n) for n in consumers} != {id(n) for n in readers}:
@@ -287,10 +271,7 @@ def _fold_target(model: onnx.ModelProto, inits: dict, x: str, readers: list):
     used = lambda name: sum(name in n.input for n in model.graph.node)  # noqa: E731
 
     def scaling(name: str, shape: tuple):
-        def apply(factor: np.ndarray) -> None:
-            value = numpy_helper.to_array(inits[name]) * factor.reshape(shape)
-            inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
-        return apply
+        return lambda factor: graph.scale(name, factor.reshape(shape).astype(np.float32))
 
     if producer.op_type in ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"):
         gamma = producer.input[1 if producer.op_type == "SimplifiedLayerNormalization" else 2]
@@ -305,25 +286,24 @@ def _fold_target(model: onnx.ModelProto, inits: dict, x: str, readers: list):
     return None
 
 
-def apply_awq(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], skip: list[str], block: int,
+def apply_awq(graph: GraphWeights, matmuls: list[onnx.NodeProto], skip: list[str], block: int,
               stats: _ActivationStats | None) -> dict:
-    """Activation-aware scales for the weight MatMuls (but `skip`), written into the fp32 weights; returns
-    the report's AWQ entries. Each scale s multiplies a weight's input rows and 1/s is taken by the op that
-    makes the activation (folded) or by a Mul on it."""
+    """Activation-aware scales for the weight MatMuls (but `skip`), recorded as factors on the fp32 weights
+    (applied as each is read for quantization); returns the report's AWQ entries. Each scale s multiplies a
+    weight's input rows and 1/s is taken by the op that makes the activation (folded) or by a Mul on it."""
     if stats is None:
         raise ExportError("activation-aware INT4 needs decoder calibration data")
-    inits = {i.name: i for i in model.graph.initializer}
     groups: dict[str, list[onnx.NodeProto]] = {}  # MatMuls reading one activation share one scale
     for node in matmuls:
         if node.name not in skip and node.input[0] in stats.abs_sum:
             groups.setdefault(node.input[0], []).append(node)
     alphas, gains, folded = {}, [], 0
     for x, group in groups.items():
-        fold = _fold_target(model, inits, x, group)
+        fold = _fold_target(graph, x, group)
         # one scale for all the MatMuls reading x when the op making x can take 1/s (no node added per
         # token); otherwise each MatMul gets its own scale and a Mul on its input
         for members in [group] if fold else [[n] for n in group]:
-            alpha, gain = _scale_group(model, inits, x, members, fold, block, stats)
+            alpha, gain = _scale_group(graph, x, members, fold, block, stats)
             alphas.update(dict.fromkeys((n.name for n in members), alpha))
             gains.append(gain)
             folded += bool(fold) and alpha != 0.0
@@ -332,24 +312,26 @@ def apply_awq(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], skip: list[
             "awq_error_vs_rtn": round(float(np.mean(gains)), 4) if gains else 1.0}  # mean AWQ MSE / RTN MSE
 
 
-def _scale_group(model, inits, x, members, fold, block, stats) -> tuple[float, float]:
+def _scale_group(graph: GraphWeights, x, members, fold, block, stats) -> tuple[float, float]:
     """Search and apply one scale for the MatMuls `members` reading `x`; returns (alpha, error vs RTN)."""
-    ws = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in members]
+    ws = [graph.array(n.input[1]).astype(np.float32) for n in members]
     act, rows = stats.stats(x)
     s, alpha, gain = awq_scales(np.concatenate(ws, axis=1), act, rows, block)
+    del ws
     if alpha == 0.0:
         return alpha, gain
-    for n, w in zip(members, ws):
-        inits[n.input[1]].CopyFrom(numpy_helper.from_array((w * s[:, None]).astype(np.float32), n.input[1]))
+    for n in members:
+        graph.scale(n.input[1], s[:, None].astype(np.float32))
     if fold:
         fold(1.0 / s)
         return alpha, gain
     node = members[0]
     inv = node.name + "_awq_inv_scale"
-    model.graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), inv))
+    graph.add((1.0 / s).astype(np.float32), inv)
     scaled = node.input[0] + "_awq_" + node.name
-    at = list(model.graph.node).index(node)
-    model.graph.node.insert(at, helper.make_node("Mul", [node.input[0], inv], [scaled], name=node.name + "_awq"))
+    nodes = graph.model.graph.node
+    nodes.insert(list(nodes).index(node), helper.make_node("Mul", [node.input[0], inv], [scaled],
+                                                           name=node.name + "_awq"))
     node.input[0] = scaled
     return alpha, gain
 
@@ -363,15 +345,14 @@ def lm_heads(model: onnx.ModelProto, matmuls: list[onnx.NodeProto], vocab: int) 
 def quantize_decoder_int4(src: Path, dst: Path, block: int, method: str, stats: _ActivationStats | None,
                           lm_head_vocab: int) -> dict:
     """Block-wise INT4 (MatMulNBits) for every weight MatMul but the LM head, which gets INT8."""
-    model = onnx.load(str(src))
-    _name_nodes(model)
-    matmuls = _weight_matmuls(model)
-    heads = lm_heads(model, matmuls, lm_head_vocab)
-    awq = apply_awq(model, matmuls, heads, block, stats) if method == "awq" else {}
-    model = _matmul_nbits(model, 4, block, exclude=heads)
-    if heads:
-        model = _matmul_nbits(model, 8, INT8_BLOCK, include=heads)
-    save_model(model, dst)
+    graph = GraphWeights(src)
+    _name_nodes(graph.model)
+    matmuls = _weight_matmuls(graph.model)
+    heads = lm_heads(graph.model, matmuls, lm_head_vocab)
+    awq = apply_awq(graph, matmuls, heads, block, stats) if method == "awq" else {}
+    deferred = to_matmul_nbits(graph, [n for n in matmuls if n.name not in heads], 4, block, ACCURACY_LEVEL)
+    deferred.update(to_matmul_nbits(graph, [n for n in matmuls if n.name in heads], 8, INT8_BLOCK, ACCURACY_LEVEL))
+    graph.write(dst, deferred, external=_has_external_data(src))
     return {"scheme": f"int4 block-wise (MatMulNBits, block {block}, symmetric) weights; LM head int8 block-wise "
                       f"(block {INT8_BLOCK}); activations int8 per block at run time (accuracy level {ACCURACY_LEVEL})",
             "int4_method": method, "int4_matmuls": len(matmuls) - len(heads), **awq}
@@ -388,7 +369,7 @@ def decoder_capture(work: Path, decoder: Path, plan: dict, options: QuantOptions
     """For activation-aware INT4: run a decoder copy that also returns its MatMul inputs, keeping statistics."""
     if plan["decoder"] != "int4" or options.int4_method != "awq":
         return None
-    tapped = work / "decoder_tapped.onnx"
+    tapped = decoder.with_name(".tapped-" + decoder.name)  # beside the decoder: it reads the decoder's data file
     taps = _tapped_copy(decoder, tapped)
     return tapped, lambda graph: _ActivationStats(graph, taps)
 

@@ -139,6 +139,8 @@ def _quantize(target, stage, work, manifest, fp32, plan, calib, options, progres
         for _ in pipe.generate_ids(sample.image, sample.prompt, max_new_tokens=options.decode_steps):
             pass
     del pipe
+    if capture:
+        capture[0].unlink(missing_ok=True)  # the decoder copy that returned its MatMul inputs
 
     graphs = {}
     bar = tqdm([p for p in PARTS if plan[p] != "fp32"], desc="quantize", unit="graph", disable=not progress)
@@ -200,33 +202,41 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 def measure(stage: Path, manifest: Manifest, fp32_files: dict, quant_files: dict, calib: CalibrationSet,
             options: QuantOptions, progress: bool = True) -> dict:
-    """Quantized vs fp32 on the held-out samples: per-graph error, teacher-forced logits, greedy answers."""
+    """Quantized vs fp32 on the held-out samples: per-graph error, teacher-forced logits, greedy answers.
+
+    The fp32 package runs all samples first and is let go before the quantized one loads, so a big model's
+    two packages are never in memory together."""
     ref = _pipeline(stage, manifest, fp32_files, dict.fromkeys(("vision_encoder", "projector", "embed_tokens"), Recorder))
     rec = {p: ref.graphs[p] for p in ("vision_encoder", "projector", "embed_tokens")}
-    quant = _pipeline(stage, manifest, quant_files)
-    graph_err: dict[str, dict | None] = dict.fromkeys(PARTS)
-    agree = top1 = positions = 0
-    kl_sum = 0.0
-    logits_err = None
-    for sample in tqdm(calib.held_out, desc="measure", unit="sample", disable=not progress):
+    expected = []  # per sample: fp32 greedy tokens and teacher-forced logits
+    for sample in tqdm(calib.held_out, desc="measure fp32", unit="sample", disable=not progress):
         for r in rec.values():
             r.keep = True  # record each held-out input once, in the generation pass
         tokens = list(ref.generate_ids(sample.image, sample.prompt, max_new_tokens=options.decode_steps))
         for r in rec.values():
             r.keep = False
+        expected.append((tokens, ref.teacher_forced_logits(sample.image, sample.prompt, tokens)))
+    graph_feeds = {part: [(feeds, {k: np.array(v, copy=True) for k, v in r.graph.run(feeds).items()})
+                          for feeds in r.feeds] for part, r in rec.items()}  # copies: an engine reuses its buffers
+    del ref, rec
+    quant = _pipeline(stage, manifest, quant_files)
+    graph_err: dict[str, dict | None] = dict.fromkeys(PARTS)
+    agree = top1 = positions = 0
+    kl_sum = 0.0
+    logits_err = None
+    for sample, (tokens, a) in zip(tqdm(calib.held_out, desc="measure", unit="sample", disable=not progress),
+                                   expected):
         answer = list(quant.generate_ids(sample.image, sample.prompt, max_new_tokens=options.decode_steps))
         agree += tokens == answer
-        a = ref.teacher_forced_logits(sample.image, sample.prompt, tokens)
         b = quant.teacher_forced_logits(sample.image, sample.prompt, tokens)
         top1 += int((a.argmax(-1) == b.argmax(-1)).sum())
         positions += len(a)
         la, lb = _log_softmax(a), _log_softmax(b)
         kl_sum += float((np.exp(la) * (la - lb)).sum())
         logits_err = _worst(logits_err, _err(a, b))
-    for part, r in rec.items():
-        for feeds in r.feeds:
+    for part, cases in graph_feeds.items():
+        for feeds, want in cases:
             got = quant.graphs[part].run(feeds)
-            want = r.graph.run(feeds)
             for name in manifest.graphs[part].outputs:  # the contract's names (an engine may add aliases)
                 graph_err[part] = _worst(graph_err[part], _err(want[name], got[name]))
     graph_err["decoder"] = logits_err

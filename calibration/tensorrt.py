@@ -30,6 +30,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from mmedge.calibration import onnxruntime as ort_quant
+from mmedge.calibration.weights import GraphWeights
 from mmedge.calibration.package import QuantOptions
 from mmedge.errors import ExportError
 from mmedge.exporters.onnxruntime_target import save_model
@@ -173,7 +174,9 @@ def quantize_decoder(src: Path, dst: Path, precision: str, options: QuantOptions
     heads = ort_quant.lm_heads(model, matmuls, vocab)
     awq = {}
     if precision == "int4" and options.int4_method == "awq":
-        awq = ort_quant.apply_awq(model, matmuls, heads, options.int4_block_size, stats)
+        weights = GraphWeights.in_memory(model)
+        awq = ort_quant.apply_awq(weights, matmuls, heads, options.int4_block_size, stats)
+        weights.bake()
     wide = 8 if precision == "int8" else 4
     int4 = weight_only(model, {n.name: 8 if n.name in heads else wide for n in matmuls}, options.int4_block_size)
     save_model(to_fp16(model), dst)

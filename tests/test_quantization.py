@@ -214,6 +214,44 @@ def test_fake_int4_is_what_matmulnbits_computes(tmp_path):
     assert np.abs(got - simulated).max() < 0.05 * np.abs(got - exact).max()
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_streamed_matmulnbits_is_onnxruntimes_quantizer_byte_for_byte(tmp_path, bits):
+    """The streamed quantizer (one weight read from the data file at a time, columns in slices) writes the
+    graph onnxruntime's MatMulNBitsQuantizer writes from the graph loaded whole: same bytes, same outputs."""
+    import onnxruntime as ort
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    from mmedge.calibration import weights
+
+    rng = np.random.default_rng(2)
+    k, n = 100, 2 * weights.COLUMNS + 300  # K not a multiple of the block; N over several column slices
+    w = rng.normal(size=(k, n)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    src = tmp_path / "src.onnx"
+    onnx.save_model(model, str(src), save_as_external_data=True, location="src.onnx.data")
+    streamed = weights.GraphWeights(src)
+    deferred = weights.to_matmul_nbits(streamed, list(streamed.model.graph.node), bits, 32, 4)
+    streamed.write(tmp_path / "streamed.onnx", deferred, external=True)
+    config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, bits=bits, accuracy_level=4)
+    whole = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=32, is_symmetric=True, accuracy_level=4,
+                                 algo_config=config)
+    whole.process()
+    onnx.save(whole.model.model, str(tmp_path / "whole.onnx"))
+    a, b = onnx.load(str(tmp_path / "streamed.onnx")), onnx.load(str(tmp_path / "whole.onnx"))
+    assert [numpy_helper.to_array(i).tobytes() for i in a.graph.initializer] == \
+        [numpy_helper.to_array(i).tobytes() for i in b.graph.initializer]
+    assert (tmp_path / "streamed.onnx.data").exists() and "w" not in {i.name for i in a.graph.initializer}
+    x = rng.normal(size=(3, k)).astype(np.float32)
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa
+    assert np.array_equal(run(tmp_path / "streamed.onnx"), run(tmp_path / "whole.onnx"))
+
+
 def test_activation_aware_scales_beat_round_to_nearest_on_outlier_channels():
     rng = np.random.default_rng(1)
     k, n = 128, 64

@@ -1,0 +1,152 @@
+"""An ONNX graph's weights read one at a time, and weight-only MatMulNBits written one at a time.
+
+A 3B decoder is 10 GB of float32 weights in `decoder.onnx.data`. Loading it whole with onnx.load, scaling it
+for AWQ and handing it to onnxruntime's MatMulNBitsQuantizer held it two to three times over (the kernel
+killed such an export on a 24 GB machine). Here the graph is read without its weights (`GraphWeights`), each
+weight is read from the data file when it is needed (AWQ's search, then its quantization), the scales AWQ puts
+on a weight are kept as factors applied as it is read, and the quantized graph is written tensor by tensor
+(lazy.write_model). The packing is onnxruntime's own (`quantize_matmul_4bits` / `_8bits`, the kernels
+MatMulNBitsQuantizer calls), over column slices of each weight, so the graph is the one MatMulNBitsQuantizer
+would write, with no weight ever held more than once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from mmedge.exporters import lazy
+
+COLUMNS = 8192  # weight columns quantized per kernel call: a 257k-token LM head is never copied whole
+
+
+class GraphWeights:
+    """The graph at `path` without its weights; `array(name)` reads one initializer (with the factors recorded
+    by `scale`), from the graph or its external data file."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.model = onnx.load(str(path), load_external_data=False)
+        self.inits = {i.name: i for i in self.model.graph.initializer}
+        self.factors: dict[str, list[np.ndarray]] = {}
+
+    @classmethod
+    def in_memory(cls, model: onnx.ModelProto) -> "GraphWeights":
+        """A graph already loaded with its weights (small graphs, or targets that rewrite them in memory)."""
+        graph = cls.__new__(cls)
+        graph.path, graph.model, graph.factors = None, model, {}
+        graph.inits = {i.name: i for i in model.graph.initializer}
+        return graph
+
+    def bake(self) -> None:
+        """Write the recorded factors into an in-memory graph's initializers."""
+        for name in list(self.factors):
+            self.inits[name].CopyFrom(numpy_helper.from_array(self.array(name).astype(np.float32), name))
+            del self.factors[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.inits[name].dims)
+
+    def _base(self, name: str) -> np.ndarray:
+        init = self.inits[name]
+        if init.data_location != TensorProto.EXTERNAL:
+            return numpy_helper.to_array(init)
+        info = {e.key: e.value for e in init.external_data}
+        file = (self.path.parent / info["location"]).resolve()
+        if not file.is_relative_to(self.path.parent.resolve()):
+            raise ValueError(f"{init.name}'s data file {info['location']!r} is outside {self.path.parent}")
+        dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
+        count = int(np.prod(init.dims, dtype=np.int64))
+        return np.fromfile(file, dtype=dtype, count=count, offset=int(info.get("offset", 0))).reshape(init.dims)
+
+    def array(self, name: str) -> np.ndarray:
+        array = self._base(name)
+        for factor in self.factors.get(name, ()):  # in the order recorded (a row scale, then a column one)
+            array = array * factor
+        return array
+
+    def scale(self, name: str, factor: np.ndarray) -> None:
+        """Multiply initializer `name` by `factor` (broadcast), applied whenever it is read from now on (kept as
+        given: a [K, 1] and a [1, N] factor are two vectors, not a [K, N] product)."""
+        self.factors.setdefault(name, []).append(factor)
+
+    def add(self, array: np.ndarray, name: str) -> None:
+        """A new small initializer, inline."""
+        init = numpy_helper.from_array(array, name)
+        self.model.graph.initializer.append(init)
+        self.inits[name] = self.model.graph.initializer[-1]
+
+    def write(self, path: Path, deferred: dict | None = None, external: bool = True) -> None:
+        """Write the graph to `path`: every weight read (or produced by `deferred`) one at a time."""
+        deferred = dict(deferred or {})
+        used = {name for node in self.model.graph.node for name in node.input}
+        kept = [i for i in self.model.graph.initializer if i.name in used or i.name in deferred]
+        del self.model.graph.initializer[:]
+        self.model.graph.initializer.extend(kept)
+        for init in self.model.graph.initializer:
+            if init.name not in deferred and (init.data_location == TensorProto.EXTERNAL or init.name in self.factors):
+                deferred[init.name] = lambda name=init.name: self.array(name)
+        lazy.write_model(self.model, deferred, Path(path), external)
+
+
+def quantize_columns(w_columns, k: int, n: int, bits: int, block: int):
+    """Block-wise symmetric quantization of a [K, N] weight given as `w_columns(start, stop)` (a float32 [K, m]
+    slice): (packed uint8 [N, K/block, block*bits/8], scales float32 [N, K/block]), as MatMulNBits stores them."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    kernel = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    k_blocks = (k + block - 1) // block
+    blob = block * bits // 8
+    packed = np.zeros((n, k_blocks, blob), dtype=np.uint8)
+    scales = np.zeros((n, k_blocks), dtype=np.float32)
+    zero_points = np.zeros((n, (k_blocks + 8 // bits - 1) // (8 // bits)), dtype=np.uint8)  # unused (symmetric)
+    for start in range(0, n, COLUMNS):
+        stop = min(n, start + COLUMNS)
+        w = np.ascontiguousarray(w_columns(start, stop), dtype=np.float32)
+        part_packed = np.zeros((stop - start, k_blocks, blob), dtype=np.uint8)
+        part_scales = np.zeros((stop - start, k_blocks), dtype=np.float32)
+        kernel(part_packed, w, part_scales, zero_points[: stop - start], block, stop - start, k, True)
+        packed[start:stop], scales[start:stop] = part_packed, part_scales
+    return packed, scales
+
+
+def to_matmul_nbits(weights: GraphWeights, nodes: list, bits: int, block: int, accuracy_level: int) -> dict:
+    """Replace each MatMul of `nodes` (weight [K, N] in `weights`) by MatMulNBits of `bits`; returns the deferred
+    initializers (name -> function) that GraphWeights.write computes one at a time."""
+    graph = weights.model.graph
+    deferred = {}
+    done: dict[str, tuple] = {}  # the last weight quantized: its packed values wait for their scales' turn
+    for node in nodes:
+        name = node.input[1]
+        k, n = weights.shape(name)
+        packed_name, scales_name = f"{name}_Q{bits}", f"{name}_scales"
+
+        def packed(name=name, k=k, n=n):
+            done.clear()
+            base = weights.array(name)  # one weight, AWQ factors applied
+            done[name] = quantize_columns(lambda a, b: base[:, a:b], k, n, bits, block)
+            return done[name][0]
+
+        def scales(name=name, k=k, n=n):
+            result = done.pop(name, None) or quantize_columns(lambda a, b: weights.array(name)[:, a:b], k, n, bits,
+                                                              block)
+            return result[1]
+
+        k_blocks = (k + block - 1) // block
+        graph.initializer.append(TensorProto(name=packed_name, data_type=TensorProto.UINT8,
+                                             dims=[n, k_blocks, block * bits // 8]))
+        graph.initializer.append(TensorProto(name=scales_name, data_type=TensorProto.FLOAT, dims=[n, k_blocks]))
+        deferred[packed_name], deferred[scales_name] = packed, scales
+        attrs = dict(K=k, N=n, bits=bits, block_size=block)
+        if accuracy_level:
+            attrs["accuracy_level"] = accuracy_level
+        quantized = helper.make_node("MatMulNBits", [node.input[0], packed_name, scales_name], list(node.output),
+                                     name=(node.name + f"_Q{bits}") if node.name else "", domain="com.microsoft",
+                                     **attrs)
+        at = list(graph.node).index(node)
+        graph.node.remove(node)
+        graph.node.insert(at, quantized)
+    return deferred
