@@ -66,6 +66,18 @@ class CalibrationSet:
                 "held_out_samples": len(self.held_out), "skipped_unreadable": self.skipped}
 
 
+DEFAULT_SAMPLES = 64
+
+
+def default_samples(weights) -> int:
+    """Calibration samples when --calib-samples is not given: 64, and for a model over 1B parameters as many as
+    64 would be for 1B in time (a sample's prefill costs in proportion), at least 16: 21 for a 3B model."""
+    params = weights.elements if weights is not None else 0
+    if params <= 1e9:
+        return DEFAULT_SAMPLES
+    return max(16, round(DEFAULT_SAMPLES * 1e9 / params))
+
+
 def load_calibration(source: str, samples: int, checkpoint: Path | None = None,
                      held_out: int | None = None) -> CalibrationSet:
     """`samples` calibration samples from `source`, plus held-out ones (default: a quarter as many, at least 4)."""

@@ -87,7 +87,9 @@ def _pipeline(stage: Path, manifest: Manifest, files: dict[str, Path], wrap: dic
     from mmedge.runtimes.pipeline import Pipeline
     from mmedge.runtimes.text import TextCodec
 
-    engine = get_backend(getattr(_target(manifest), "BACKEND", manifest.target))
+    name = getattr(_target(manifest), "BACKEND", manifest.target)
+    big = _bytes(_target(manifest), files["decoder"]) > BIG_DECODER_BYTES
+    engine = get_backend(name, **({"low_memory": True} if big and name == "onnxruntime" else {}))
     graphs = {part: engine.load(files[part]) for part in PARTS}
     for part, make in (wrap or {}).items():
         graphs[part] = make(graphs[part])
@@ -95,6 +97,13 @@ def _pipeline(stage: Path, manifest: Manifest, files: dict[str, Path], wrap: dic
     pipe = Pipeline(stage, manifest, graphs, codec)
     pipe.reuse_prefix = False  # each recorded sample runs whole, from an empty cache, as the graphs are replayed
     return pipe
+
+
+# A decoder graph over this many bytes (float32: ~250M parameters) is calibrated on its prefills plus one decode
+# step (each step reads every weight for one row of statistics: a second per step for a 3B model here) and run
+# by ONNX Runtime without prepacking (a repacked copy of its weights would double the memory). Smaller ones run
+# calibration's full decode and prepacked.
+BIG_DECODER_BYTES = 1 << 30
 
 
 def _target(manifest: Manifest):
@@ -135,8 +144,10 @@ def _quantize(target, stage, work, manifest, fp32, plan, calib, options, progres
     decoder_data = pipe.graphs["decoder"] if capture else None
     calibrated = bool(capture) or any(plan[p] == "int8" for p in feeds)
     samples = calib.calibrate if calibrated else []  # fp16 and weight-only int8 need no calibration data
+    # a decode step reads every weight for one row of activations: a big decoder is calibrated on its prefills
+    steps = options.decode_steps if _bytes(target, fp32["decoder"]) <= BIG_DECODER_BYTES else 1
     for sample in tqdm(samples, desc="calibrate", unit="sample", disable=not progress):
-        for _ in pipe.generate_ids(sample.image, sample.prompt, max_new_tokens=options.decode_steps):
+        for _ in pipe.generate_ids(sample.image, sample.prompt, max_new_tokens=steps):
             pass
     del pipe
     if capture:

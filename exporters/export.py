@@ -35,7 +35,7 @@ class ExportOptions:
     overwrite: bool = False
     progress: bool = True
     calib: str = "builtin"  # image folder, JSONL of {image, prompt}, or builtin
-    calib_samples: int = 64
+    calib_samples: int | None = None  # default: calibration.data.default_samples (64, fewer for big models)
     calib_method: str = "minmax"
     int4_method: str = "awq"
     int4_block_size: int | None = None  # default: 32, or 64 for tensorrt (TensorRT's INT4 blocks are 64 or 128)
@@ -117,12 +117,17 @@ def _locked_export(opts: ExportOptions) -> Manifest:
     family = ckpt.family_for(ckpt.read_config(path)["model_type"])
     calib = None
     plan = parse_quant(opts.quant, opts.target)
-    resources.check(path, Path(opts.output).resolve(), quantized=set(plan.values()) != {"fp32"})
+    resources.check(path, Path(opts.output).resolve(), quantized=set(plan.values()) != {"fp32"},
+                    whole=not getattr(_target_module(opts.target), "LAZY_WEIGHTS", False))
     needs = getattr(_target_module(opts.target), "needs_calibration", lambda plan, opts: set(plan.values()) != {"fp32"})
     if needs(plan, opts):
         from mmedge.calibration.data import load_calibration
 
-        calib = load_calibration(opts.calib, opts.calib_samples, checkpoint=path)  # bad data fails before export
+        from mmedge.calibration.data import default_samples
+
+        samples = opts.calib_samples if opts.calib_samples is not None else default_samples(
+            resources.checkpoint_weights(path))
+        calib = load_calibration(opts.calib, samples, checkpoint=path)  # bad data fails before export
     manifest = _export(opts, path, family, plan, calib)
     if opts.build_engines:
         from mmedge.runtimes.backends.tensorrt_build import build_package
@@ -304,7 +309,7 @@ def generate_once(package: Path, manifest: Manifest) -> dict:
     backend = CHECK_BACKEND.get(manifest.target, manifest.target)
     ramp = np.linspace(0, 255, 96 * 64 * 3).reshape(64, 96, 3).astype(np.uint8)  # not square: resizing is exercised
     try:
-        pipe = Pipeline.load(package, backend=backend, verify=False)
+        pipe = Pipeline.load(package, backend=backend, verify=False, low_memory=backend == "onnxruntime")
         tokens = list(pipe.generate_ids(Image.fromarray(ramp), "describe the image", max_new_tokens=3,
                                         ignore_eos=True))
     except Exception as exc:

@@ -5,9 +5,12 @@ with the numbers, not from the kernel's OOM killer half an hour in. The estimate
 own weight files (the safetensors headers give every tensor's type and shape) and count only what the export
 cannot do without:
 
-- memory: the model's weights as export holds them (float32), plus the largest single weight tensor (a graph
-  writer's or quantizer's working copy); the engines' copies of big graphs are memory-mapped from disk and
-  not counted;
+- memory, where the target converts from the torch model whole (Core ML): the model's weights in float32,
+  plus the largest single weight tensor (a converter's or quantizer's working copy);
+- memory, where export reads weights from the checkpoint as it writes graphs (ONNX Runtime, OpenVINO,
+  TensorRT: exporters/lazy.py): a graph serialized whole below protobuf's 2 GB limit, plus three copies of the
+  largest tensor (read, transposed or quantized, written). The engines that check the graphs map their files
+  from disk: those pages can be dropped and read again, so they are not counted;
 - disk, in the output's file system: the graphs in float32 (the staged package), plus, for a quantized
   export, the quantized graphs beside them until the float32 ones are removed.
 
@@ -16,7 +19,6 @@ Only a clear shortfall is refused: these are lower bounds, and the export may st
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import struct
@@ -36,20 +38,18 @@ class Weights:
 
 def checkpoint_weights(checkpoint: Path) -> Weights | None:
     """Counted from the safetensors headers (no weights are read); None when the checkpoint has none."""
+    from mmedge.exporters.lazy import read_header
+
     files = sorted(Path(checkpoint).glob("*.safetensors"))
     if not files:
         return None
     elements = largest = 0
     for path in files:
         try:
-            with path.open("rb") as f:
-                (length,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(length))
+            header, _ = read_header(path)
         except (OSError, struct.error, ValueError):
             return None  # unreadable: loading will say what is wrong
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
+        for info in header.values():
             n = 1
             for d in info["shape"]:
                 n *= d
@@ -74,25 +74,30 @@ def available_memory() -> int | None:
         return None
 
 
-def needs(weights: Weights, quantized: bool) -> tuple[int, int]:
-    """(memory, disk) bytes an export of these weights cannot do without."""
+def needs(weights: Weights, quantized: bool, whole: bool = True) -> tuple[int, int]:
+    """(memory, disk) bytes an export of these weights cannot do without; `whole`: the torch model is loaded
+    whole (else its weights are read from the checkpoint as graphs are written)."""
     fp32 = weights.elements * 4
-    memory = fp32 + weights.largest * 4
+    memory = fp32 + weights.largest * 4 if whole else INLINE_GRAPH_BYTES + 3 * weights.largest * 4
     disk = fp32 + (fp32 // 2 if quantized else 0)  # int8 graphs are a quarter of fp32, int4 less; room for both
     return memory, disk
 
 
-def check(checkpoint: Path, output: Path, quantized: bool) -> None:
+INLINE_GRAPH_BYTES = 2 * GB  # a graph under protobuf's limit is serialized whole
+
+
+def check(checkpoint: Path, output: Path, quantized: bool, whole: bool = True) -> None:
     """Refuse, in one line with the numbers, an export this machine clearly has no room for."""
     weights = checkpoint_weights(checkpoint)
     if weights is None or os.environ.get("MMEDGE_SKIP_RESOURCE_CHECK"):
         return
-    memory, disk = needs(weights, quantized)
+    memory, disk = needs(weights, quantized, whole)
     free_memory = available_memory()
     if free_memory is not None and free_memory < memory:
+        held = "holds its weights in float32" if whole else "holds its largest graph and weight in float32"
         raise ExportError(
-            f"not enough memory: exporting {checkpoint.name} ({weights.elements / 1e9:.2f}B parameters) holds its "
-            f"weights in float32, about {memory / GB:.1f} GB, and {free_memory / GB:.1f} GB is available; close "
+            f"not enough memory: exporting {checkpoint.name} ({weights.elements / 1e9:.2f}B parameters) {held}, "
+            f"about {memory / GB:.1f} GB, and {free_memory / GB:.1f} GB is available; close "
             "other programs or use a machine with more memory (MMEDGE_SKIP_RESOURCE_CHECK=1 tries anyway)")
     parent = output.parent
     while not parent.exists() and parent != parent.parent:

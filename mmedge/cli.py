@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
                         "coreml also takes pal4, pal6 or pal8 per graph (palettized weights), e.g. fp16,decoder=pal4")
     e.add_argument("--calib", default="builtin",
                    help="calibration data: an image folder, a JSONL of {image, prompt}, or builtin (default)")
-    e.add_argument("--calib-samples", type=int, default=64, help="calibration samples (default: 64)")
+    e.add_argument("--calib-samples", type=int, help="calibration samples (default: 64; fewer for a model over "
+                   "1B parameters, at least 16)")
     e.add_argument("--calib-method", default="minmax", help="INT8 activation ranges: minmax, entropy or percentile")
     e.add_argument("--int4-method", default="awq", help="INT4 decoder weights: awq (activation-aware) or rtn")
     e.add_argument("--int4-block-size", type=int,
@@ -166,6 +167,8 @@ def _engine_args(r) -> None:
                    help="OpenVINO on CPU: compute precision, f32 (default: the package's numbers), bf16 or f16 "
                    "(faster where the CPU has AVX512-BF16/AMX or FP16; results move slightly)")
     r.add_argument("--threads", type=int, default=0, help="intra-op threads (default: engine's choice)")
+    r.add_argument("--low-memory", action="store_true",
+                   help="ONNX Runtime: keep weights memory-mapped, no repacked copies (less memory, slower fp32)")
     r.add_argument("--no-verify", action="store_true", help="skip checking file hashes at load")
 
 
@@ -175,7 +178,8 @@ def _load(args):
 
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
     return Pipeline.load(args.package, backend=args.backend, providers=providers, threads=args.threads,
-                         verify=not args.no_verify, device=args.device, inference_precision=args.inference_precision)
+                         verify=not args.no_verify, device=args.device, inference_precision=args.inference_precision,
+                         low_memory=args.low_memory)
 
 
 def _generation_options(args) -> dict:

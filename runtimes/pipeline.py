@@ -154,6 +154,7 @@ class Pipeline:
         min_pixels: int | None = None,
         max_image_tokens: int | None = None,
         image_cache_mb: float = DEFAULT_MB,
+        low_memory: bool = False,
     ) -> "Pipeline":
         """Open a package directory written by `mmedge export`.
 
@@ -168,6 +169,8 @@ class Pipeline:
         package's (each call can set them again). image_cache_mb: memory
         for the embeddings of images seen before (0: none kept), so that
         another question about the same image skips the vision encoder.
+        low_memory (ONNX Runtime): weights are not repacked into copies of
+        their own; each graph's memory is its memory-mapped file (slower fp32).
         """
         path = Path(path)
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
@@ -192,6 +195,10 @@ class Pipeline:
             options["device"] = device
         if inference_precision:
             options["inference_precision"] = inference_precision
+        if low_memory:
+            if name != "onnxruntime":
+                raise InputError(f"low_memory is for the onnxruntime backend, not {name}")
+            options["low_memory"] = True
         engine = get_backend(name, **options)
         if hasattr(engine, "open_package"):
             engine.open_package(path, manifest)
@@ -204,7 +211,7 @@ class Pipeline:
         pipe.media = MediaCache(int(image_cache_mb * (1 << 20)))
         pipe._load_options = dict(backend=backend, providers=providers, threads=threads, device=device,
                                   inference_precision=inference_precision, image_cache_mb=image_cache_mb,
-                                  **pipe.defaults)
+                                  low_memory=low_memory, **pipe.defaults)
         return pipe
 
     def clone(self) -> "Pipeline":
