@@ -119,7 +119,11 @@ def load(checkpoint: Path):
     if isinstance(sources, str):
         log.info("loading the model whole: %s", sources)
         return None
-    _fill(model, sources)
+    try:
+        _fill(model, sources)
+    except LazyLoadError as exc:
+        log.info("loading the model whole: %s", exc)
+        return None
     return model
 
 
