@@ -3,6 +3,8 @@ tests/test_parity.py::test_external_data_package.)"""
 
 from __future__ import annotations
 
+import pytest
+
 
 def test_the_scale_tool_counts_the_memory_of_the_whole_process_tree(tmp_path):
     """tools/scale.py's peak RSS includes children: here a child holds 300 MB that its parent never touches."""
@@ -17,3 +19,29 @@ def test_the_scale_tool_counts_the_memory_of_the_whole_process_tree(tmp_path):
     parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}])"
     result = scale.measure([sys.executable, "-c", parent], tmp_path / "log")
     assert result["exit"] == 0 and result["peak_rss_gb"] >= 0.29, result
+
+
+def test_low_memory_sessions_keep_one_copy_of_the_weights_and_the_same_tokens(packages):
+    """Pipeline.load(low_memory=True) (the export's final check, calibration of a big decoder, --low-memory):
+    ONNX Runtime without prepacking, the same greedy tokens; for another backend it is one clear error."""
+    import numpy as np
+    from PIL import Image
+
+    from mmedge import InputError, Pipeline
+
+    package = packages("paligemma-gqa")
+    image_file = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    def prepacking(pipe) -> bool:
+        try:
+            return pipe.graphs["decoder"].session.get_session_options().get_session_config_entry(
+                "session.disable_prepacking") != "1"
+        except RuntimeError:  # not set: onnxruntime prepacks
+            return True
+
+    lean, full = Pipeline.load(package, low_memory=True), Pipeline.load(package)
+    assert not prepacking(lean) and prepacking(full)
+    ask = dict(max_new_tokens=6, ignore_eos=True)
+    assert list(lean.generate_ids(image_file, "describe", **ask)) == list(full.generate_ids(image_file, "describe",
+                                                                                              **ask))
+    with pytest.raises(InputError, match="low_memory is for the onnxruntime backend"):
+        Pipeline.load(package, backend="openvino", low_memory=True)
