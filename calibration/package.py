@@ -151,6 +151,7 @@ def _quantize(target, stage, work, manifest, fp32, plan, calib, options, progres
             pass
     del pipe
     if capture:
+        decoder_data.graph = None  # the statistics are kept; the decoder copy's session is let go
         capture[0].unlink(missing_ok=True)  # the decoder copy that returned its MatMul inputs
 
     graphs = {}
