@@ -88,7 +88,7 @@ def _pipeline(stage: Path, manifest: Manifest, files: dict[str, Path], wrap: dic
     from mmedge.runtimes.text import TextCodec
 
     name = getattr(_target(manifest), "BACKEND", manifest.target)
-    big = _bytes(_target(manifest), files["decoder"]) > BIG_DECODER_BYTES
+    big = _bytes(_target(manifest), stage / manifest.graphs["decoder"].file) > BIG_DECODER_BYTES  # the fp32 one
     engine = get_backend(name, **({"low_memory": True} if big and name == "onnxruntime" else {}))
     graphs = {part: engine.load(files[part]) for part in PARTS}
     for part, make in (wrap or {}).items():
