@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 ROW_SAMPLE = 512  # activation rows kept per MatMul for the INT4 scale search
 AWQ_GRID = np.linspace(0.0, 1.0, 11)
-AWQ_SEARCH_COLUMNS = 2048
+AWQ_SEARCH_COLUMNS = 512
 
 
 # -- recording the real pipeline ---------------------------------------------
