@@ -81,14 +81,17 @@ def quiet():
 # -- the whole package -------------------------------------------------------
 
 
-def _pipeline(stage: Path, manifest: Manifest, files: dict[str, Path], wrap: dict | None = None):
-    """A runtime Pipeline over `files` (part -> graph path), optionally with wrapped graphs."""
+def _pipeline(stage: Path, manifest: Manifest, files: dict[str, Path], wrap: dict | None = None,
+              fp32: bool = True):
+    """A runtime Pipeline over `files` (part -> graph path), optionally with wrapped graphs; `fp32`: the files are
+    the staged fp32 graphs (or a copy reading their data), run without prepacking where the decoder is big."""
     from mmedge.runtimes.backends import get_backend
     from mmedge.runtimes.pipeline import Pipeline
     from mmedge.runtimes.text import TextCodec
 
     name = getattr(_target(manifest), "BACKEND", manifest.target)
-    big = _bytes(_target(manifest), stage / manifest.graphs["decoder"].file) > BIG_DECODER_BYTES  # the fp32 one
+    # a quantized graph is not copied by prepacking, it is packed (MatMulNBits runs its int8 kernels on that)
+    big = fp32 and _bytes(_target(manifest), stage / manifest.graphs["decoder"].file) > BIG_DECODER_BYTES
     engine = get_backend(name, **({"low_memory": True} if big and name == "onnxruntime" else {}))
     graphs = {part: engine.load(files[part]) for part in PARTS}
     for part, make in (wrap or {}).items():
@@ -231,7 +234,7 @@ def measure(stage: Path, manifest: Manifest, fp32_files: dict, quant_files: dict
     graph_feeds = {part: [(feeds, {k: np.array(v, copy=True) for k, v in r.graph.run(feeds).items()})
                           for feeds in r.feeds] for part, r in rec.items()}  # copies: an engine reuses its buffers
     del ref, rec
-    quant = _pipeline(stage, manifest, quant_files)
+    quant = _pipeline(stage, manifest, quant_files, fp32=False)
     graph_err: dict[str, dict | None] = dict.fromkeys(PARTS)
     agree = top1 = positions = 0
     kl_sum = 0.0
