@@ -169,8 +169,9 @@ class Pipeline:
         package's (each call can set them again). image_cache_mb: memory
         for the embeddings of images seen before (0: none kept), so that
         another question about the same image skips the vision encoder.
-        low_memory (ONNX Runtime): weights are not repacked into copies of
-        their own; each graph's memory is its memory-mapped file (slower fp32).
+        low_memory (ONNX Runtime): float graphs' weights are not repacked into
+        copies of their own; their memory is their memory-mapped files (fp32
+        MatMuls a little slower). Quantized graphs are packed as always.
         """
         path = Path(path)
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:

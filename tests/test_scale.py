@@ -43,5 +43,8 @@ def test_low_memory_sessions_keep_one_copy_of_the_weights_and_the_same_tokens(pa
     ask = dict(max_new_tokens=6, ignore_eos=True)
     assert list(lean.generate_ids(image_file, "describe", **ask)) == list(full.generate_ids(image_file, "describe",
                                                                                               **ask))
+    # quantized graphs keep prepacking (MatMulNBits' int8 kernels run on packed weights: ~100x slower without)
+    int4 = Pipeline.load(packages("paligemma-gqa", quant="int4"), low_memory=True)
+    assert prepacking(int4)
     with pytest.raises(InputError, match="low_memory is for the onnxruntime backend"):
         Pipeline.load(package, backend="openvino", low_memory=True)
