@@ -154,8 +154,9 @@ def _quantize(target, stage, work, manifest, fp32, plan, calib, options, progres
             pass
     del pipe
     if capture:
-        decoder_data.graph = None  # the statistics are kept; the decoder copy's session is let go
-        capture[0].unlink(missing_ok=True)  # the decoder copy that returned its MatMul inputs
+        decoder_data.graph = None  # what it recorded is kept; the session is let go
+        if capture[0] != fp32["decoder"]:
+            capture[0].unlink(missing_ok=True)  # a decoder copy that returned its MatMul inputs (ONNX Runtime)
 
     graphs = {}
     bar = tqdm([p for p in PARTS if plan[p] != "fp32"], desc="quantize", unit="graph", disable=not progress)

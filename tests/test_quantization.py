@@ -164,8 +164,12 @@ def test_tiny_random_packages_of_every_shape_load_and_generate(packages, shape, 
     image = sample_images()["shapes"]
     pipe = Pipeline.load(packages(shape, target, quant), backend=BACKEND.get(target))
     first = list(pipe.generate_ids(image, "caption en", max_new_tokens=12, ignore_eos=True))
+    # the KV cache is reset between calls: the same prompt recomputed gives the same tokens (prefix reuse is off
+    # here: it recomputes the prompt's last token alone, and int8-activation kernels round that path differently,
+    # which flipped a near-tie of gemma3-sliding's random int4 decoder at the 9th token)
+    pipe.reuse_prefix = False
     again = list(pipe.generate_ids(image, "caption en", max_new_tokens=12, ignore_eos=True))
-    assert len(first) == 12 and first == again  # the KV cache is reset between calls
+    assert len(first) == 12 and first == again
     assert pipe.generate(image, "caption en", max_new_tokens=4) is not None
     precisions = {g.precision for g in pipe.manifest.graphs.values()}
     assert precisions == set(parse_quant(quant, target).values())

@@ -85,6 +85,32 @@ def size_gb(path: Path) -> float | None:
     return round(sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**30, 2)
 
 
+HOW = """
+## How export keeps within memory
+
+- **Weights stay in the checkpoint** (exporters/lazy.py). The torch model is built from its config with every
+  parameter a placeholder that takes no memory and knows its tensor in the safetensors files (names renamed as
+  transformers renames them at load; float16 and bfloat16 converted tensor by tensor). Tracing needs shapes
+  only. The traced graph's weights are bound to their tensors and read one at a time as the graph file is
+  written, weight transposes included; the fused ONNX Runtime decoder's weights likewise.
+- **Verification** runs PyTorch first, each module's weights read just before it runs and dropped after,
+  then the engine on the written graph with its weights memory-mapped (ONNX Runtime without prepacking, which
+  would copy them): the two are never held at once.
+- **Quantization** (ONNX Runtime decoder) reads one weight at a time from the data file, keeps AWQ's scales as
+  factors applied on read, and writes `MatMulNBits` tensor by tensor (calibration/weights.py). A big decoder
+  is calibrated on its prefills (each decode step reads every weight for one row of statistics) with fewer
+  samples by default (21 for a 3B model), and the fp32 and quantized packages are measured one after the
+  other.
+- **Still whole**: Core ML converts a traced torch module (coremltools needs the model in memory, in float32);
+  OpenVINO's conversion reads the ONNX graph whole (`ov.convert_model`); TensorRT's int8/int4/fp16 rewrites and
+  ONNX Runtime's fp16 conversion load the graph with onnx.load.
+
+Peak RSS counts memory-mapped graph files, whose pages the kernel can drop and read again; the anonymous
+peak is what an export cannot give back. The final generation check and calibration map the whole float32
+package, so RSS there is about the package's size plus the anonymous part.
+"""
+
+
 def render(results: dict, out: Path) -> None:
     rows = sorted(results.values(), key=lambda r: (r["model"], TARGETS.index(r["target"]), QUANTS.index(r["quant"])))
     machine = rows[0]["machine"] if rows else ""
@@ -110,6 +136,7 @@ def render(results: dict, out: Path) -> None:
     missing = [f"{m} {t} {q}" for m in MODELS for t in TARGETS for q in QUANTS if f"{m}-{t}-{q}" not in results]
     if missing:
         lines += ["", f"Not measured yet ({len(missing)}): " + "; ".join(missing) + "."]
+    lines += ["", HOW.strip()]
     benches = [r for r in rows if r.get("bench")]
     if benches:
         lines += ["", "## Running the packages (`mmedge bench`)", ""]
