@@ -171,7 +171,8 @@ def _fill(model, sources: dict[str, Source]) -> None:
     for key, buf in list(model.named_buffers()):
         module_name, _, attr = key.rpartition(".")
         module = model.get_submodule(module_name)
-        module._buffers[attr] = sources[key].tensor().to(buf.dtype) if key in sources else torch.empty_like(buf, device="cpu")
+        module._buffers[attr] = (sources[key].tensor().to(buf.dtype) if key in sources
+                                 else torch.empty_like(buf, device="cpu"))
     for key, buf in model.named_buffers():
         buf._is_hf_initialized = key in sources
     for param in model.parameters():

@@ -26,7 +26,12 @@ import onnx
 
 from mmedge.errors import ExportError
 from mmedge.exporters import tensorrt_ops
-from mmedge.exporters.onnxruntime_target import LAZY_WEIGHTS, export_graph, io_specs, verify_graph  # noqa: F401 (target API)
+from mmedge.exporters.onnxruntime_target import (  # noqa: F401 (the target API)
+    LAZY_WEIGHTS,
+    export_graph,
+    io_specs,
+    verify_graph,
+)
 from mmedge.manifest import Manifest, PreprocessSpec
 
 SUFFIX = ".onnx"

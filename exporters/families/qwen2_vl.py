@@ -333,7 +333,8 @@ def tiny_config(shape: tiny.TinyShape, tok):
 
     ids = tiny.token_ids(tok)
     text = dict(shape.text)
-    rope = {"rope_type": "default", "rope_theta": text.pop("rope_theta", 10000.0), "mrope_section": text.pop("mrope_section")}
+    rope = {"rope_type": "default", "rope_theta": text.pop("rope_theta", 10000.0),
+            "mrope_section": text.pop("mrope_section")}
     if text.pop("mrope_interleaved", False):
         rope["mrope_interleaved"] = True
     text = dict(dict(max_position_embeddings=512, tie_word_embeddings=False), **text, rope_parameters=rope,
