@@ -91,7 +91,7 @@ def _pipeline(stage: Path, manifest: Manifest, files: dict[str, Path], wrap: dic
 
     name = getattr(_target(manifest), "BACKEND", manifest.target)
     # a quantized graph is not copied by prepacking, it is packed (MatMulNBits runs its int8 kernels on that)
-    big = fp32 and _bytes(_target(manifest), stage / manifest.graphs["decoder"].file) > BIG_DECODER_BYTES
+    big = fp32 and _big_decoder(stage, manifest)
     engine = get_backend(name, **({"low_memory": True} if big and name == "onnxruntime" else {}))
     graphs = {part: engine.load(files[part]) for part in PARTS}
     for part, make in (wrap or {}).items():
@@ -107,6 +107,11 @@ def _pipeline(stage: Path, manifest: Manifest, files: dict[str, Path], wrap: dic
 # by ONNX Runtime without prepacking (a repacked copy of its weights would double the memory). Smaller ones run
 # calibration's full decode and prepacked.
 BIG_DECODER_BYTES = 1 << 30
+
+
+def _big_decoder(stage: Path, manifest: Manifest) -> bool:
+    """Whether the staged fp32 decoder is over BIG_DECODER_BYTES."""
+    return _bytes(_target(manifest), stage / manifest.graphs["decoder"].file) > BIG_DECODER_BYTES
 
 
 def _target(manifest: Manifest):
@@ -148,7 +153,7 @@ def _quantize(target, stage, work, manifest, fp32, plan, calib, options, progres
     calibrated = bool(capture) or any(plan[p] == "int8" for p in feeds)
     samples = calib.calibrate if calibrated else []  # fp16 and weight-only int8 need no calibration data
     # a decode step reads every weight for one row of activations: a big decoder is calibrated on its prefills
-    steps = options.decode_steps if _bytes(target, fp32["decoder"]) <= BIG_DECODER_BYTES else 1
+    steps = 1 if _big_decoder(stage, manifest) else options.decode_steps
     for sample in tqdm(samples, desc="calibrate", unit="sample", disable=not progress):
         for _ in pipe.generate_ids(sample.image, sample.prompt, max_new_tokens=steps):
             pass

@@ -106,10 +106,8 @@ def quantize_columns(w_columns, k: int, n: int, bits: int, block: int):
     for start in range(0, n, COLUMNS):
         stop = min(n, start + COLUMNS)
         w = np.ascontiguousarray(w_columns(start, stop), dtype=np.float32)
-        part_packed = np.zeros((stop - start, k_blocks, blob), dtype=np.uint8)
-        part_scales = np.zeros((stop - start, k_blocks), dtype=np.float32)
-        kernel(part_packed, w, part_scales, zero_points[: stop - start], block, stop - start, k, True)
-        packed[start:stop], scales[start:stop] = part_packed, part_scales
+        # rows [start, stop) of packed / scales are contiguous: the kernel writes them in place
+        kernel(packed[start:stop], w, scales[start:stop], zero_points[: stop - start], block, stop - start, k, True)
     return packed, scales
 
 
@@ -124,16 +122,17 @@ def to_matmul_nbits(weights: GraphWeights, nodes: list, bits: int, block: int, a
         k, n = weights.shape(name)
         packed_name, scales_name = f"{name}_Q{bits}", f"{name}_scales"
 
-        def packed(name=name, k=k, n=n):
-            done.clear()
+        def quantized(name=name, k=k, n=n):
             base = weights.array(name)  # one weight, AWQ factors applied
-            done[name] = quantize_columns(lambda a, b: base[:, a:b], k, n, bits, block)
+            return quantize_columns(lambda a, b: base[:, a:b], k, n, bits, block)
+
+        def packed(name=name, quantized=quantized):
+            done.clear()
+            done[name] = quantized()
             return done[name][0]
 
-        def scales(name=name, k=k, n=n):
-            result = done.pop(name, None) or quantize_columns(lambda a, b: weights.array(name)[:, a:b], k, n, bits,
-                                                              block)
-            return result[1]
+        def scales(name=name, quantized=quantized):
+            return (done.pop(name, None) or quantized())[1]
 
         k_blocks = (k + block - 1) // block
         graph.initializer.append(TensorProto(name=packed_name, data_type=TensorProto.UINT8,
