@@ -138,6 +138,24 @@ def image_processor_config(checkpoint: Path) -> dict:
     )
 
 
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def pixel_fields(pre: dict, resample: int = 3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> dict:
+    """The PreprocessSpec fields every image processor config states the same way: resampling filter, rescale
+    factor, mean and std, RGB conversion and the do_* switches; the defaults are the processor class's, for a
+    config that leaves them out."""
+    from mmedge.runtimes.preprocess import RESAMPLE_FROM_INT
+
+    resample = pre.get("resample", resample)
+    return dict(resample=RESAMPLE_FROM_INT.get(resample, resample) if isinstance(resample, int) else resample,
+                rescale=pre.get("rescale_factor", 1 / 255), mean=list(pre.get("image_mean", mean)),
+                std=list(pre.get("image_std", std)), convert_rgb=pre.get("do_convert_rgb", True) is not False,
+                do_resize=pre.get("do_resize", True), do_rescale=pre.get("do_rescale", True),
+                do_normalize=pre.get("do_normalize", True))
+
+
 def processor_config(checkpoint: Path) -> dict:
     """The processor's own settings (patch size, image token, ...) from processor_config.json, or {}."""
     path = checkpoint / "processor_config.json"

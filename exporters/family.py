@@ -4,9 +4,9 @@ A family is one module in mmedge/exporters/families/ with:
 
     MODEL_TYPES = ("paligemma",)          # config.json model_type values it handles
     ALIASES = {"paligemma": "google/..."}  # short names -> Hub ids (optional)
-    def load(checkpoint: Path) -> torch model
     def split(model) -> Parts
-    def describe(model, checkpoint: Path) -> Description
+    def describe(model, checkpoint: Path, tokenizer) -> Description
+    def load(checkpoint: Path) -> torch model   # optional: `load_pretrained` when absent
 
 The exporter turns `Parts` into graphs and `Description` into manifest
 fields; the runtime never sees the family code. Families are discovered by
@@ -60,6 +60,17 @@ class Parts:
     deepstack_layers: int = 0  # k > 0: the decoder takes deepstack_embeds [k, B, S, hidden] (Qwen3-VL's DeepStack)
 
 
+class LastHiddenState(torch.nn.Module):
+    """A vision tower called with pixel_values, its last hidden state out (SigLIP towers: PaliGemma, Gemma 3)."""
+
+    def __init__(self, tower):
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, pixel_values):
+        return self.tower(pixel_values=pixel_values).last_hidden_state
+
+
 class SoftcapHead(torch.nn.Module):
     """lm_head, then Gemma 2/3's final logit soft-capping (tanh(x / cap) * cap) when the config sets a cap."""
 
@@ -72,6 +83,22 @@ class SoftcapHead(torch.nn.Module):
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+
+def load_pretrained(checkpoint):
+    """The checkpoint's transformers model in fp32 with eager attention (what export traces and verifies against)."""
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(
+        checkpoint, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+
+
+def decoder_dims(text) -> dict:
+    """The Parts fields a transformers text config gives: layers, KV heads, head size, width, vocabulary."""
+    return dict(num_layers=text.num_hidden_layers, num_kv_heads=text.num_key_value_heads,
+                head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+                hidden_size=text.hidden_size, vocab_size=text.vocab_size)
 
 
 def special_tokens(model, tokenizer) -> SpecialTokens:
@@ -99,6 +126,13 @@ class Description:
     chat_template: str | None = None  # Jinja source, written into the package when prompt.mode is "chat"
 
 
+def description(model, tokenizer, **fields) -> Description:
+    """A Description whose special tokens, generation defaults and context length come from the model as every
+    family takes them; `fields` are the family's own (preprocess, prompt, schemes, chat_template)."""
+    return Description(special_tokens=special_tokens(model, tokenizer), generation=generation_defaults(model),
+                       max_position_embeddings=model.config.text_config.max_position_embeddings, **fields)
+
+
 @cache
 def families() -> dict[str, ModuleType]:
     """model_type -> family module, for every file in mmedge.exporters.families."""
@@ -107,6 +141,8 @@ def families() -> dict[str, ModuleType]:
     found: dict[str, ModuleType] = {}
     for info in pkgutil.iter_modules(package.__path__):
         module = importlib.import_module(f"{package.__name__}.{info.name}")
+        if not hasattr(module, "load"):
+            module.load = load_pretrained
         for model_type in getattr(module, "MODEL_TYPES", ()):
             found[model_type] = module
     return found

@@ -156,6 +156,15 @@ def token_ids(tok) -> dict[str, int]:
     return {t: tok.token_to_id(t) for t in [*SPECIAL, IMAGE_TOKEN]}
 
 
+def text_config(shape: TinyShape, tok, text: dict | None = None, **fields) -> dict:
+    """The text config of `shape` (or of `text`, a family's edited copy of shape.text) with a vocabulary and
+    special ids that fit tokenizer `tok`; untied, 512 positions unless the shape says otherwise."""
+    ids = token_ids(tok)
+    return dict(dict(max_position_embeddings=512, tie_word_embeddings=False), **(shape.text if text is None else text),
+                vocab_size=vocab_size(shape, tok), pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"],
+                eos_token_id=ids["<eos>"], **fields)
+
+
 def hf_tokenizer(tok, **extra):
     """`tok` as a transformers fast tokenizer with the shared special tokens named."""
     from transformers import PreTrainedTokenizerFast

@@ -17,9 +17,8 @@ from mmedge import Pipeline
 from mmedge.exporters import checkpoint as ckpt
 from mmedge.calibration.coreml import WEIGHT_THRESHOLD
 from mmedge.exporters import coreml_target
-from mmedge.exporters.export import ExportOptions, _load_tokenizer, export
+from mmedge.exporters.export import ExportOptions, export
 from mmedge.manifest import load_manifest
-from mmedge.runtimes.text import TextCodec
 
 ct = pytest.importorskip("coremltools")
 MACOS = pytest.mark.skipif(sys.platform != "darwin", reason="Core ML runs models on macOS only")

@@ -4,9 +4,7 @@ graph written that way is the graph written from the loaded model."""
 
 from __future__ import annotations
 
-import json
 
-import numpy as np
 import onnx
 import pytest
 import torch

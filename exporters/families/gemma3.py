@@ -19,34 +19,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
 from mmedge.exporters import tiny
-from mmedge.exporters.checkpoint import chat_template, image_processor_config
-from mmedge.exporters.family import Description, Parts, SoftcapHead, generation_defaults, special_tokens
+from mmedge.exporters.checkpoint import chat_template, image_processor_config, pixel_fields
+from mmedge.exporters.family import Description, LastHiddenState, Parts, SoftcapHead, decoder_dims, description
 from mmedge.manifest import PreprocessSpec, PromptSpec, SchemeSpec
-from mmedge.runtimes.preprocess import RESAMPLE_FROM_INT
 
 MODEL_TYPES = ("gemma3",)
 ALIASES = {"gemma3-4b": "google/gemma-3-4b-it"}
 BOI, EOI, SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
-
-
-def load(checkpoint: Path):
-    from transformers import Gemma3ForConditionalGeneration
-
-    return Gemma3ForConditionalGeneration.from_pretrained(
-        checkpoint, dtype=torch.float32, attn_implementation="eager"
-    ).eval()
-
-
-class _VisionEncoder(torch.nn.Module):
-    def __init__(self, tower):
-        super().__init__()
-        self.tower = tower
-
-    def forward(self, pixel_values):
-        return self.tower(pixel_values=pixel_values).last_hidden_state
 
 
 def split(model) -> Parts:
@@ -55,17 +36,13 @@ def split(model) -> Parts:
     size = cfg.vision_config.image_size
     sliding = "sliding_attention" in (getattr(text, "layer_types", None) or [])
     return Parts(
-        vision_encoder=_VisionEncoder(model.model.vision_tower),
+        vision_encoder=LastHiddenState(model.model.vision_tower),
         projector=model.model.multi_modal_projector,
         embed_tokens=model.model.language_model.embed_tokens,
         text_model=model.model.language_model,
         head=SoftcapHead(model.lm_head, getattr(text, "final_logit_softcapping", None)),
         image_size=(size, size),
-        num_layers=text.num_hidden_layers,
-        num_kv_heads=text.num_key_value_heads,
-        head_dim=text.head_dim,
-        hidden_size=text.hidden_size,
-        vocab_size=text.vocab_size,
+        **decoder_dims(text),
         mask_names=("attention_mask", "sliding_attention_mask") if sliding else ("attention_mask",),
         mask_arg=(lambda m: {"full_attention": m[0], "sliding_attention": m[1]}) if sliding
         else (lambda m: {"full_attention": m[0]}),
@@ -76,23 +53,17 @@ def describe(model, checkpoint: Path, tokenizer) -> Description:
     cfg = model.config
     pre = image_processor_config(checkpoint)
     size = pre.get("size") or {}
-    resample = pre.get("resample", 2)
     template = chat_template(checkpoint)
     boi = getattr(tokenizer, "boi_token", None) or BOI
     eoi = getattr(tokenizer, "eoi_token", None) or EOI
     sliding = "sliding_attention" in (getattr(cfg.text_config, "layer_types", None) or [])
-    return Description(
+    return description(
+        model,
+        tokenizer,
         preprocess=PreprocessSpec(
+            **pixel_fields(pre, resample=2),
             height=size.get("height", cfg.vision_config.image_size),
             width=size.get("width", cfg.vision_config.image_size),
-            resample=RESAMPLE_FROM_INT.get(resample, resample) if isinstance(resample, int) else resample,
-            rescale=pre.get("rescale_factor", 1 / 255),
-            mean=list(pre.get("image_mean", [0.5, 0.5, 0.5])),
-            std=list(pre.get("image_std", [0.5, 0.5, 0.5])),
-            convert_rgb=pre.get("do_convert_rgb", True) is not False,
-            do_resize=pre.get("do_resize", True),
-            do_rescale=pre.get("do_rescale", True),
-            do_normalize=pre.get("do_normalize", True),
         ),
         prompt=PromptSpec(
             # Gemma 3's turn format, for a checkpoint without a chat template
@@ -107,9 +78,6 @@ def describe(model, checkpoint: Path, tokenizer) -> Description:
         ),
         schemes=SchemeSpec(positions="linear", position_offset=0, attention="image_bidirectional",
                            sliding_window=cfg.text_config.sliding_window if sliding else None),
-        special_tokens=special_tokens(model, tokenizer),
-        generation=generation_defaults(model),
-        max_position_embeddings=cfg.text_config.max_position_embeddings,
         chat_template=template,
     )
 
@@ -158,9 +126,7 @@ def tiny_config(shape: tiny.TinyShape, tok):
     from transformers import Gemma3Config
 
     ids = tiny.token_ids(tok)
-    text = dict(dict(max_position_embeddings=512, tie_word_embeddings=False), **shape.text,
-                vocab_size=tiny.vocab_size(shape, tok), pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"],
-                eos_token_id=ids["<eos>"])
+    text = tiny.text_config(shape, tok)
     vision = dict(shape.vision, image_size=shape.image_size, patch_size=shape.patch_size,
                   model_type="siglip_vision_model", vision_use_head=False)
     return Gemma3Config(vision_config=vision, text_config=text, image_token_id=tok.token_to_id(SOFT),

@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 
 from mmedge.exporters import tiny
-from mmedge.exporters.checkpoint import chat_template, image_processor_config, processor_config
-from mmedge.exporters.family import Description, Parts, generation_defaults, special_tokens
+from mmedge.exporters.checkpoint import chat_template, image_processor_config, pixel_fields, processor_config
+from mmedge.exporters.family import Description, Parts, decoder_dims, description
 from mmedge.manifest import PreprocessSpec, PromptSpec, SchemeSpec
-from mmedge.runtimes.preprocess import RESAMPLE_FROM_INT
 
 MODEL_TYPES = ("idefics3", "smolvlm")
 ALIASES = {
@@ -36,14 +35,6 @@ ALIASES = {
     "idefics3-8b": "HuggingFaceM4/Idefics3-8B-Llama3",
 }
 FAKE, GLOBAL, IMAGE, END = "<fake_token_around_image>", "<global-img>", "<image>", "<end_of_utterance>"
-
-
-def load(checkpoint: Path):
-    from transformers import AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText.from_pretrained(
-        checkpoint, dtype=torch.float32, attn_implementation="eager"
-    ).eval()
 
 
 class _VisionEncoder(torch.nn.Module):
@@ -81,11 +72,7 @@ def split(model) -> Parts:
         text_model=model.model.text_model,
         head=model.lm_head,
         image_size=(size, size),
-        num_layers=text.num_hidden_layers,
-        num_kv_heads=text.num_key_value_heads,
-        head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
-        hidden_size=text.hidden_size,
-        vocab_size=text.vocab_size,
+        **decoder_dims(text),
     )
 
 
@@ -100,23 +87,17 @@ def describe(model, checkpoint: Path, tokenizer) -> Description:
     glob = getattr(tokenizer, "global_image_token", None) or GLOBAL
     image = getattr(tokenizer, "image_token", None) or IMAGE
     template = chat_template(checkpoint)
-    resample = pre.get("resample", 1)
-    return Description(
+    return description(
+        model,
+        tokenizer,
         preprocess=PreprocessSpec(
+            **pixel_fields(pre, resample=1),
             height=tile,
             width=tile,
-            resample=RESAMPLE_FROM_INT.get(resample, resample) if isinstance(resample, int) else resample,
             resize_mode="longest_edge",
             longest_edge=(pre.get("size") or {}).get("longest_edge", 4 * tile),
             tile_size=tile,
             do_image_splitting=pre.get("do_image_splitting", True),
-            rescale=pre.get("rescale_factor", 1 / 255),
-            mean=list(pre.get("image_mean", [0.5, 0.5, 0.5])),
-            std=list(pre.get("image_std", [0.5, 0.5, 0.5])),
-            convert_rgb=pre.get("do_convert_rgb", True) is not False,
-            do_resize=pre.get("do_resize", True),
-            do_rescale=pre.get("do_rescale", True),
-            do_normalize=pre.get("do_normalize", True),
         ),
         prompt=PromptSpec(
             # SmolVLM's turn format, for a checkpoint without a chat template
@@ -131,9 +112,6 @@ def describe(model, checkpoint: Path, tokenizer) -> Description:
             tile_expansion=fake + "<row_{row}_col_{col}>{image}",
         ),
         schemes=SchemeSpec(positions="linear", position_offset=0, attention="causal"),
-        special_tokens=special_tokens(model, tokenizer),
-        generation=generation_defaults(model),
-        max_position_embeddings=cfg.text_config.max_position_embeddings,
         chat_template=template,
     )
 
@@ -180,9 +158,7 @@ def tiny_config(shape: tiny.TinyShape, tok):
     from transformers import Idefics3Config, SmolVLMConfig
 
     ids = tiny.token_ids(tok)
-    text = dict(dict(max_position_embeddings=512, tie_word_embeddings=False), **shape.text,
-                vocab_size=tiny.vocab_size(shape, tok), pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"],
-                eos_token_id=ids["<eos>"])
+    text = tiny.text_config(shape, tok)
     vision = dict(shape.vision, image_size=shape.image_size, patch_size=shape.patch_size)
     config = SmolVLMConfig if shape.extra.get("model_type") == "smolvlm" else Idefics3Config
     return config(vision_config=vision, text_config=text, scale_factor=shape.extra["scale_factor"],

@@ -20,23 +20,14 @@ from pathlib import Path
 import torch
 
 from mmedge.exporters import tiny
-from mmedge.exporters.checkpoint import chat_template, image_processor_config, processor_config
-from mmedge.exporters.family import Description, Parts, generation_defaults, special_tokens
+from mmedge.exporters.checkpoint import (
+    CLIP_MEAN, CLIP_STD, chat_template, image_processor_config, pixel_fields, processor_config,
+)
+from mmedge.exporters.family import Description, Parts, decoder_dims, description
 from mmedge.manifest import PreprocessSpec, PromptSpec, SchemeSpec
-from mmedge.runtimes.preprocess import RESAMPLE_FROM_INT
 
 MODEL_TYPES = ("llava",)
 ALIASES = {"llava-1.5": "llava-hf/llava-1.5-7b-hf"}
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
-
-def load(checkpoint: Path):
-    from transformers import LlavaForConditionalGeneration
-
-    return LlavaForConditionalGeneration.from_pretrained(
-        checkpoint, dtype=torch.float32, attn_implementation="eager"
-    ).eval()
 
 
 class _VisionEncoder(torch.nn.Module):
@@ -64,11 +55,7 @@ def split(model) -> Parts:
         text_model=model.model.language_model,
         head=model.lm_head,
         image_size=(crop, crop),
-        num_layers=text.num_hidden_layers,
-        num_kv_heads=text.num_key_value_heads,
-        head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
-        hidden_size=text.hidden_size,
-        vocab_size=text.vocab_size,
+        **decoder_dims(text),
     )
 
 
@@ -85,22 +72,16 @@ def describe(model, checkpoint: Path, tokenizer) -> Description:
         n_image -= 1
     image_token = proc.get("image_token", "<image>")
     template = chat_template(checkpoint)
-    resample = pre.get("resample", 3)
-    return Description(
+    return description(
+        model,
+        tokenizer,
         preprocess=PreprocessSpec(
+            **pixel_fields(pre, mean=CLIP_MEAN, std=CLIP_STD),
             height=crop["height"],
             width=crop["width"],
-            resample=RESAMPLE_FROM_INT.get(resample, resample) if isinstance(resample, int) else resample,
             resize_mode="shortest_edge",
             shortest_edge=shortest,
             do_center_crop=pre.get("do_center_crop", True),
-            rescale=pre.get("rescale_factor", 1 / 255),
-            mean=list(pre.get("image_mean", CLIP_MEAN)),
-            std=list(pre.get("image_std", CLIP_STD)),
-            convert_rgb=pre.get("do_convert_rgb", True) is not False,
-            do_resize=pre.get("do_resize", True),
-            do_rescale=pre.get("do_rescale", True),
-            do_normalize=pre.get("do_normalize", True),
         ),
         prompt=PromptSpec(
             template="{bos}USER: {image}\n{prompt} ASSISTANT:",  # LLaVA-1.5's format, if the checkpoint has no template
@@ -111,9 +92,6 @@ def describe(model, checkpoint: Path, tokenizer) -> Description:
             image_marker=image_token,
         ),
         schemes=SchemeSpec(positions="linear", position_offset=0, attention="causal"),
-        special_tokens=special_tokens(model, tokenizer),
-        generation=generation_defaults(model),
-        max_position_embeddings=cfg.text_config.max_position_embeddings,
         chat_template=template,
     )
 
@@ -166,9 +144,7 @@ def tiny_config(shape: tiny.TinyShape, tok):
     from transformers import LlavaConfig
 
     ids = tiny.token_ids(tok)
-    text = dict(dict(max_position_embeddings=512, tie_word_embeddings=False), **shape.text,
-                vocab_size=tiny.vocab_size(shape, tok), pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"],
-                eos_token_id=ids["<eos>"])
+    text = tiny.text_config(shape, tok)
     vision = dict(shape.vision, image_size=shape.image_size, patch_size=shape.patch_size,
                   model_type="clip_vision_model", projection_dim=text["hidden_size"])
     n_patches = (shape.image_size // shape.patch_size) ** 2

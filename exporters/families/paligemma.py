@@ -15,13 +15,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 
 from mmedge.exporters import tiny
-from mmedge.exporters.checkpoint import image_processor_config
-from mmedge.exporters.family import Description, Parts, SoftcapHead, generation_defaults, special_tokens
+from mmedge.exporters.checkpoint import image_processor_config, pixel_fields
+from mmedge.exporters.family import Description, LastHiddenState, Parts, SoftcapHead, decoder_dims, description
 from mmedge.manifest import PreprocessSpec, PromptSpec, SchemeSpec
-from mmedge.runtimes.preprocess import RESAMPLE_FROM_INT
 
 MODEL_TYPES = ("paligemma",)
 ALIASES = {
@@ -31,40 +29,19 @@ ALIASES = {
 }
 
 
-def load(checkpoint: Path):
-    from transformers import PaliGemmaForConditionalGeneration
-
-    return PaliGemmaForConditionalGeneration.from_pretrained(
-        checkpoint, dtype=torch.float32, attn_implementation="eager"
-    ).eval()
-
-
-class _VisionEncoder(torch.nn.Module):
-    def __init__(self, tower):
-        super().__init__()
-        self.tower = tower
-
-    def forward(self, pixel_values):
-        return self.tower(pixel_values=pixel_values).last_hidden_state
-
-
 def split(model) -> Parts:
     cfg = model.config
     text = cfg.text_config
     size = cfg.vision_config.image_size
     sliding = getattr(text, "sliding_window", None) is not None
     return Parts(
-        vision_encoder=_VisionEncoder(model.model.vision_tower),
+        vision_encoder=LastHiddenState(model.model.vision_tower),
         projector=model.model.multi_modal_projector,
         embed_tokens=model.model.language_model.embed_tokens,
         text_model=model.model.language_model,
         head=SoftcapHead(model.lm_head, getattr(text, "final_logit_softcapping", None)),
         image_size=(size, size),
-        num_layers=text.num_hidden_layers,
-        num_kv_heads=text.num_key_value_heads,
-        head_dim=text.head_dim,
-        hidden_size=text.hidden_size,
-        vocab_size=text.vocab_size,
+        **decoder_dims(text),
         mask_names=("attention_mask", "sliding_attention_mask") if sliding else ("attention_mask",),
         mask_arg=(lambda m: {"full_attention": m[0], "sliding_attention": m[1]}) if sliding else (lambda m: m[0]),
     )
@@ -76,24 +53,18 @@ def describe(model, checkpoint: Path, tokenizer) -> Description:
     size = pre.get("size", {})
     height = size.get("height", cfg.vision_config.image_size)
     width = size.get("width", cfg.vision_config.image_size)
-    resample = pre.get("resample", 3)
     patches = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
     image_token = "<image>"
     image_token_id = cfg.image_token_id
     if tokenizer.convert_tokens_to_ids(image_token) != image_token_id:
         image_token = tokenizer.convert_ids_to_tokens(image_token_id)
-    return Description(
+    return description(
+        model,
+        tokenizer,
         preprocess=PreprocessSpec(
+            **pixel_fields(pre),
             height=height,
             width=width,
-            resample=RESAMPLE_FROM_INT.get(resample, resample) if isinstance(resample, int) else resample,
-            rescale=pre.get("rescale_factor", 1 / 255),
-            mean=list(pre.get("image_mean", [0.5, 0.5, 0.5])),
-            std=list(pre.get("image_std", [0.5, 0.5, 0.5])),
-            convert_rgb=pre.get("do_convert_rgb", True) is not False,
-            do_resize=pre.get("do_resize", True),
-            do_rescale=pre.get("do_rescale", True),
-            do_normalize=pre.get("do_normalize", True),
         ),
         prompt=PromptSpec(
             template="{image}{bos}{prompt}\n",
@@ -110,9 +81,6 @@ def describe(model, checkpoint: Path, tokenizer) -> Description:
             boxes="loc1024_yxyx",  # "detect cat ; dog" -> <loc..>x4 cat ; <loc..>x4 dog
             detect_prompt="detect {objects}",
         ),
-        special_tokens=special_tokens(model, tokenizer),
-        generation=generation_defaults(model),
-        max_position_embeddings=cfg.text_config.max_position_embeddings,
     )
 
 
@@ -159,14 +127,7 @@ def tiny_config(shape: tiny.TinyShape, tok):
     from transformers import PaliGemmaConfig
 
     ids = tiny.token_ids(tok)
-    text = dict(
-        dict(max_position_embeddings=512, tie_word_embeddings=False),
-        **shape.text,
-        vocab_size=tiny.vocab_size(shape, tok),
-        pad_token_id=ids["<pad>"],
-        bos_token_id=ids["<bos>"],
-        eos_token_id=ids["<eos>"],
-    )
+    text = tiny.text_config(shape, tok)
     return PaliGemmaConfig(
         vision_config=dict(shape.vision, image_size=shape.image_size, patch_size=shape.patch_size,
                            projection_dim=text["hidden_size"], model_type="siglip_vision_model",

@@ -31,10 +31,9 @@ from pathlib import Path
 import torch
 
 from mmedge.exporters import tiny
-from mmedge.exporters.checkpoint import chat_template, image_processor_config
-from mmedge.exporters.family import Description, Parts, generation_defaults, special_tokens
+from mmedge.exporters.checkpoint import CLIP_MEAN, CLIP_STD, chat_template, image_processor_config, pixel_fields
+from mmedge.exporters.family import Description, Parts, decoder_dims, description
 from mmedge.manifest import PreprocessSpec, PromptSpec, SchemeSpec
-from mmedge.runtimes.preprocess import RESAMPLE_FROM_INT
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 ALIASES = {
@@ -46,16 +45,6 @@ ALIASES = {
 }
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
-
-def load(checkpoint: Path):
-    from transformers import AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText.from_pretrained(
-        checkpoint, dtype=torch.float32, attn_implementation="eager"
-    ).eval()
 
 
 def _segment_mask(segments: torch.Tensor) -> torch.Tensor:
@@ -159,11 +148,7 @@ def split(model) -> Parts:
         text_model=language,
         head=model.lm_head,
         image_size=(0, 0),
-        num_layers=text.num_hidden_layers,
-        num_kv_heads=text.num_key_value_heads,
-        head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
-        hidden_size=text.hidden_size,
-        vocab_size=text.vocab_size,
+        **decoder_dims(text),
         # Qwen2/2.5-VL's decoder takes the masks by layer type; Qwen3-VL's a 4-D mask as it is
         mask_arg=(lambda m: m[0]) if cfg.model_type == "qwen3_vl" else (lambda m: {"full_attention": m[0]}),
         position_rows=3,
@@ -213,15 +198,16 @@ def describe(model, checkpoint: Path, tokenizer) -> Description:
     video_size = video.get("size") or {}
     video_token = getattr(tokenizer, "video_token", None) or VIDEO_PAD
     size = pre.get("size") or {}
-    resample = pre.get("resample", 3)
     template = chat_template(checkpoint)
     image = getattr(tokenizer, "image_token", None) or IMAGE_PAD
     patch, merge = pre.get("patch_size", vision.patch_size), pre.get("merge_size", vision.spatial_merge_size)
-    return Description(
+    return description(
+        model,
+        tokenizer,
         preprocess=PreprocessSpec(
+            **pixel_fields(pre, mean=CLIP_MEAN, std=CLIP_STD),
             height=patch * merge,
             width=patch * merge,
-            resample=RESAMPLE_FROM_INT.get(resample, resample) if isinstance(resample, int) else resample,
             resize_mode="smart_resize",
             patch_size=patch,
             merge_size=merge,
@@ -233,13 +219,6 @@ def describe(model, checkpoint: Path, tokenizer) -> Description:
             video_max_frames=video.get("max_frames", 768) if video else None,
             video_min_pixels=(video.get("min_pixels") or video_size.get("shortest_edge", 128 * 28 * 28)) if video else None,
             video_max_pixels=(video.get("max_pixels") or video_size.get("longest_edge", 768 * 28 * 28)) if video else None,
-            rescale=pre.get("rescale_factor", 1 / 255),
-            mean=list(pre.get("image_mean", CLIP_MEAN)),
-            std=list(pre.get("image_std", CLIP_STD)),
-            convert_rgb=pre.get("do_convert_rgb", True) is not False,
-            do_resize=pre.get("do_resize", True),
-            do_rescale=pre.get("do_rescale", True),
-            do_normalize=pre.get("do_normalize", True),
         ),
         prompt=PromptSpec(
             # Qwen2-VL's turn format, for a checkpoint without a chat template
@@ -265,9 +244,6 @@ def describe(model, checkpoint: Path, tokenizer) -> Description:
                            video_tokens_per_second=getattr(vision, "tokens_per_second", None)
                            if cfg.model_type == "qwen2_5_vl" else None,
                            **DETECTION[cfg.model_type]),
-        special_tokens=special_tokens(model, tokenizer),
-        generation=generation_defaults(model),
-        max_position_embeddings=cfg.text_config.max_position_embeddings,
         chat_template=template,
     )
 
@@ -331,15 +307,12 @@ def tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 384):
 def tiny_config(shape: tiny.TinyShape, tok):
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
 
-    ids = tiny.token_ids(tok)
     text = dict(shape.text)
     rope = {"rope_type": "default", "rope_theta": text.pop("rope_theta", 10000.0),
             "mrope_section": text.pop("mrope_section")}
     if text.pop("mrope_interleaved", False):
         rope["mrope_interleaved"] = True
-    text = dict(dict(max_position_embeddings=512, tie_word_embeddings=False), **text, rope_parameters=rope,
-                vocab_size=tiny.vocab_size(shape, tok), pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"],
-                eos_token_id=ids["<eos>"])
+    text = tiny.text_config(shape, tok, text, rope_parameters=rope)
     kind = shape.extra["model_type"]
     # Qwen2-VL names the vision width embed_dim and the merger's output hidden_size; the later ones hidden_size
     # and out_hidden_size
