@@ -94,9 +94,11 @@ def load_pretrained(checkpoint):
     ).eval()
 
 
-def decoder_dims(text) -> dict:
-    """The Parts fields a transformers text config gives: layers, KV heads, head size, width, vocabulary."""
-    return dict(num_layers=text.num_hidden_layers, num_kv_heads=text.num_key_value_heads,
+def decoder_fields(language_model, text) -> dict:
+    """The Parts fields a transformers decoder stack and its text config give: the token embedding, the stack,
+    layers, KV heads, head size, width and vocabulary."""
+    return dict(embed_tokens=language_model.embed_tokens, text_model=language_model,
+                num_layers=text.num_hidden_layers, num_kv_heads=text.num_key_value_heads,
                 head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
                 hidden_size=text.hidden_size, vocab_size=text.vocab_size)
 

@@ -24,7 +24,7 @@ import torch
 
 from mmedge.exporters import tiny
 from mmedge.exporters.checkpoint import chat_template, image_processor_config, pixel_fields, processor_config
-from mmedge.exporters.family import Description, Parts, decoder_dims, description
+from mmedge.exporters.family import Description, Parts, decoder_fields, description
 from mmedge.manifest import PreprocessSpec, PromptSpec, SchemeSpec
 
 MODEL_TYPES = ("idefics3", "smolvlm")
@@ -68,11 +68,9 @@ def split(model) -> Parts:
     return Parts(
         vision_encoder=_VisionEncoder(model.model.vision_model),
         projector=model.model.connector,
-        embed_tokens=model.model.text_model.embed_tokens,
-        text_model=model.model.text_model,
         head=model.lm_head,
         image_size=(size, size),
-        **decoder_dims(text),
+        **decoder_fields(model.model.text_model, text),
     )
 
 

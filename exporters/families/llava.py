@@ -23,7 +23,7 @@ from mmedge.exporters import tiny
 from mmedge.exporters.checkpoint import (
     CLIP_MEAN, CLIP_STD, chat_template, image_processor_config, pixel_fields, processor_config,
 )
-from mmedge.exporters.family import Description, Parts, decoder_dims, description
+from mmedge.exporters.family import Description, Parts, decoder_fields, description
 from mmedge.manifest import PreprocessSpec, PromptSpec, SchemeSpec
 
 MODEL_TYPES = ("llava",)
@@ -51,11 +51,9 @@ def split(model) -> Parts:
         vision_encoder=_VisionEncoder(model.model.vision_tower, cfg.vision_feature_layer,
                                       cfg.vision_feature_select_strategy),
         projector=model.model.multi_modal_projector,
-        embed_tokens=model.model.language_model.embed_tokens,
-        text_model=model.model.language_model,
         head=model.lm_head,
         image_size=(crop, crop),
-        **decoder_dims(text),
+        **decoder_fields(model.model.language_model, text),
     )
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mmedge.exporters import tiny
 from mmedge.exporters.checkpoint import image_processor_config, pixel_fields
-from mmedge.exporters.family import Description, LastHiddenState, Parts, SoftcapHead, decoder_dims, description
+from mmedge.exporters.family import Description, LastHiddenState, Parts, SoftcapHead, decoder_fields, description
 from mmedge.manifest import PreprocessSpec, PromptSpec, SchemeSpec
 
 MODEL_TYPES = ("paligemma",)
@@ -37,11 +37,9 @@ def split(model) -> Parts:
     return Parts(
         vision_encoder=LastHiddenState(model.model.vision_tower),
         projector=model.model.multi_modal_projector,
-        embed_tokens=model.model.language_model.embed_tokens,
-        text_model=model.model.language_model,
         head=SoftcapHead(model.lm_head, getattr(text, "final_logit_softcapping", None)),
         image_size=(size, size),
-        **decoder_dims(text),
+        **decoder_fields(model.model.language_model, text),
         mask_names=("attention_mask", "sliding_attention_mask") if sliding else ("attention_mask",),
         mask_arg=(lambda m: {"full_attention": m[0], "sliding_attention": m[1]}) if sliding else (lambda m: m[0]),
     )

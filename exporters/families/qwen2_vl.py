@@ -32,7 +32,7 @@ import torch
 
 from mmedge.exporters import tiny
 from mmedge.exporters.checkpoint import CLIP_MEAN, CLIP_STD, chat_template, image_processor_config, pixel_fields
-from mmedge.exporters.family import Description, Parts, decoder_dims, description
+from mmedge.exporters.family import Description, Parts, decoder_fields, description
 from mmedge.manifest import PreprocessSpec, PromptSpec, SchemeSpec
 
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -144,11 +144,9 @@ def split(model) -> Parts:
     return Parts(
         vision_encoder=_VisionEncoder(visual, full_blocks, hasattr(visual, "pos_embed"), deepstack),
         projector=visual.merger,
-        embed_tokens=language.embed_tokens,
-        text_model=language,
         head=model.lm_head,
         image_size=(0, 0),
-        **decoder_dims(text),
+        **decoder_fields(language, text),
         # Qwen2/2.5-VL's decoder takes the masks by layer type; Qwen3-VL's a 4-D mask as it is
         mask_arg=(lambda m: m[0]) if cfg.model_type == "qwen3_vl" else (lambda m: {"full_attention": m[0]}),
         position_rows=3,
