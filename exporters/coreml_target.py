@@ -42,7 +42,6 @@ from mmedge.errors import ExportError, first_line
 from mmedge.exporters import graphs
 from mmedge.exporters.graphs import GraphJob
 from mmedge.exporters.onnxruntime_target import compare_with_torch
-from mmedge.exporters.tensorrt_target import max_images
 from mmedge.manifest import Manifest, TensorSpec
 from mmedge.runtimes.backends.coreml import array_dtype
 
@@ -78,7 +77,7 @@ def build_jobs(parts, kv_storage: str, max_context: int, preprocess) -> list[Gra
         most = preprocess.max_pixels // (preprocess.patch_size * preprocess.merge_size) ** 2 * unit
         vision.bounds = projector.bounds = {"patches": most, "tokens": most // unit}
     else:
-        vision.bounds = projector.bounds = {"batch": max_images(preprocess)}
+        vision.bounds = projector.bounds = {"batch": preprocess.frames_per_image()}
     embed.bounds = {"batch": 1, "seq": max_context}
     for job in (vision, projector, embed):  # trace and check within the model's fixed or bounded batch
         batch = job.bounds.get("batch")

@@ -285,7 +285,7 @@ def _image_tokens(spec, prompt) -> int:
     """The most image tokens one image takes: the fixed count, or what max_pixels allows (dynamic resolution)."""
     if spec.resize_mode == "smart_resize":
         return spec.max_pixels // (spec.patch_size * spec.merge_size) ** 2
-    return prompt.image_seq_len
+    return prompt.image_seq_len * spec.frames_per_image()
 
 
 # backends a target's packages are checked with at export, where not the target's own (TensorRT needs the GPU

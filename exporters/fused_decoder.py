@@ -49,7 +49,7 @@ from mmedge.exporters.graphs import DecoderGraph, GraphJob, kv_names
 
 MS = "com.microsoft"
 # the transformers decoder stacks built of Llama blocks that this builder reproduces exactly
-LLAMA_STACKS = ("LlamaModel", "Qwen2VLTextModel", "Qwen2_5_VLTextModel")
+LLAMA_STACKS = ("LlamaModel", "Qwen2Model", "Qwen2VLTextModel", "Qwen2_5_VLTextModel")
 INPUTS = ("inputs_embeds", "seqlens_k", "total_sequence_length")
 
 

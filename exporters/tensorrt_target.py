@@ -40,14 +40,6 @@ PROMPT_SLACK = 32  # text tokens around the image ones, for the prefill profile'
 VISION_BATCH_OPT = 1
 
 
-def max_images(preprocess: PreprocessSpec) -> int:
-    """The most images one prompt sends through the vision encoder: the tiles and the whole image, or 1."""
-    if preprocess.resize_mode == "longest_edge" and preprocess.do_image_splitting and preprocess.tile_size:
-        side = math.ceil((preprocess.longest_edge or preprocess.tile_size) / preprocess.tile_size)
-        return side * side + 1
-    return 1
-
-
 def vision_ranges(manifest: Manifest) -> tuple[dict[str, tuple[int, int, int]], int]:
     """The vision encoder's and projector's profile dims (min, opt, max), and the most image tokens a prompt's
     image gives. A "smart_resize" encoder runs one image a call, from the smallest grid (merge x merge patches)
@@ -58,7 +50,7 @@ def vision_ranges(manifest: Manifest) -> tuple[dict[str, tuple[int, int, int]], 
         most = pre.max_pixels // (pre.patch_size * pre.merge_size) ** 2 * unit
         opt = min(most, max(unit, 448 * 448 // pre.patch_size ** 2 // unit * unit))
         return {"patches": (unit, opt, most), "tokens": (1, opt // unit, most // unit)}, most // unit
-    images = max_images(pre)
+    images = pre.frames_per_image()
     return {"batch": (1, min(VISION_BATCH_OPT, images), images)}, manifest.prompt.image_seq_len * images
 
 

@@ -87,7 +87,12 @@ class PreprocessSpec:
     area between min_pixels and max_pixels (aspect kept), then cut into
     patches flattened as the processor does ([patches, 3 x temporal x
     patch x patch], merge-block order) with their grid (t, h, w) in patches;
-    height x width is then only the size export traced at.
+    height x width is then only the size export traced at. "aspect_tiles"
+    (InternVL, GOT-OCR2): the (columns, rows) grid with min_tiles <= columns x
+    rows <= max_tiles whose aspect ratio is closest to the image's, the image
+    resized to it and cut into tiles of `tile_size` row by row, then, when
+    there is more than one, the whole image resized to one tile; with
+    do_image_splitting off, one tile-sized square.
     """
 
     height: int
@@ -99,6 +104,8 @@ class PreprocessSpec:
     longest_edge: int | None = None
     tile_size: int | None = None
     do_image_splitting: bool = False
+    min_tiles: int | None = None  # "aspect_tiles": the bounds of columns x rows
+    max_tiles: int | None = None
     patch_size: int | None = None  # "smart_resize": pixels per patch side
     merge_size: int | None = None  # "smart_resize": patches per side merged into one token
     temporal_patch_size: int | None = None  # "smart_resize": frames per patch (an image is repeated to fill it)
@@ -119,6 +126,18 @@ class PreprocessSpec:
     do_rescale: bool = True
     do_normalize: bool = True
 
+    def frames_per_image(self) -> int:
+        """The most vision-encoder inputs one image becomes: its tiles and the whole image, or 1 (for
+        "smart_resize", one call of patches)."""
+        if not (self.do_image_splitting and self.tile_size):
+            return 1
+        if self.resize_mode == "longest_edge":
+            side = math.ceil((self.longest_edge or self.tile_size) / self.tile_size)
+            return side * side + 1
+        if self.resize_mode == "aspect_tiles":
+            return (self.max_tiles or 1) + ((self.max_tiles or 1) > 1)
+        return 1
+
 
 @dataclass
 class PromptSpec:
@@ -134,7 +153,9 @@ class PromptSpec:
     becomes `image_expansion`, whose {image} is the image token repeated
     image_seq_len times; with image_layout "tiles" and an image split into
     tiles, preceded by one `tile_expansion` per tile (rows of tiles, each
-    row ending in a newline, then a newline), as Idefics3 / SmolVLM do.
+    row ending in a newline, then a newline), as Idefics3 / SmolVLM do; with
+    image_layout "tile_run", {image} is the image tokens of all the image's
+    tiles and its whole-image tile in one run (InternVL).
     """
 
     template: str
@@ -146,7 +167,7 @@ class PromptSpec:
     template_vars: dict[str, Any] = field(default_factory=dict)
     image_marker: str | None = None
     image_expansion: str = "{image}"
-    image_layout: str = "single"  # or "tiles": see runtimes/text.py
+    image_layout: str = "single"  # or "tiles", "tile_run", "patch_grid": see runtimes/text.py
     tile_expansion: str | None = None  # "tiles": one tile's text, with {row}, {col} (1-based) and {image}
     video_token: str | None = None  # families that take video: its token, repeated once per merged patch
     video_token_id: int | None = None

@@ -154,6 +154,8 @@ def preprocess_with_grid(image: ImageInput, spec: PreprocessSpec) -> tuple[np.nd
         return _patches(img, spec)
     if spec.resize_mode == "longest_edge":
         frames, grid = _tiles(img, spec)
+    elif spec.resize_mode == "aspect_tiles":
+        frames, grid = _aspect_tiles(img, spec)
     else:
         if spec.do_resize:
             size = _resized(img.size, spec)
@@ -209,6 +211,44 @@ def _tiles(img: Image.Image, spec: PreprocessSpec) -> tuple[list[np.ndarray], tu
         return [_rgb_array(img)], (0, 0)
     rows, cols = h // tile, w // tile
     arr = _rgb_array(img)
+    frames = [arr[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] for r in range(rows) for c in range(cols)]
+    frames.append(_rgb_array(resize(img, tile, tile)))
+    return frames, (rows, cols)
+
+
+def tile_grid(height: int, width: int, tile: int, low: int, high: int) -> tuple[int, int]:
+    """(columns, rows) for "aspect_tiles": among the grids of low..high tiles, fewest tiles first, the one whose
+    aspect ratio is closest to the image's; on a tie the later (more tiles) one while the image's area is more
+    than half the tiles' (GotOcr2ImageProcessor's get_optimal_tiled_canvas)."""
+    grids = sorted(((c, r) for c in range(1, high + 1) for r in range(1, high + 1) if low <= c * r <= high),
+                   key=lambda g: g[0] * g[1])
+    ratio, area = width / height, width * height
+    best, best_diff = (1, 1), float("inf")
+    for c, r in grids:
+        diff = abs(ratio - c / r)
+        if diff < best_diff:
+            best, best_diff = (c, r), diff
+        elif diff == best_diff and area > 0.5 * tile * tile * c * r:
+            best = (c, r)
+    return best
+
+
+def _aspect_tiles(img: Image.Image, spec: PreprocessSpec) -> tuple[list[np.ndarray], tuple[int, int]]:
+    """InternVL / GOT-OCR2: the image resized to the grid of `tile_grid`, cut into tiles row by row, and with more
+    than one tile the whole image resized to a last one; without splitting, one tile-sized square. Pillow's
+    filter on 8-bit RGB, as the processor's PIL backend resizes."""
+    resample = _RESAMPLE[spec.resample]
+    tile = spec.tile_size
+
+    def resize(im, h, w):
+        return im if im.size == (w, h) else im.resize((w, h), resample=resample)
+
+    if not spec.do_image_splitting:
+        return [_rgb_array(resize(img, tile, tile) if spec.do_resize else img)], (0, 0)
+    cols, rows = tile_grid(img.height, img.width, tile, spec.min_tiles or 1, spec.max_tiles or 1)
+    if cols * rows == 1:
+        return [_rgb_array(resize(img, tile, tile))], (0, 0)
+    arr = _rgb_array(resize(img, rows * tile, cols * tile))
     frames = [arr[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] for r in range(rows) for c in range(cols)]
     frames.append(_rgb_array(resize(img, tile, tile)))
     return frames, (rows, cols)

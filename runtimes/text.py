@@ -109,7 +109,8 @@ class TextCodec:
     def image_text(self, grid: tuple = (0, 0)) -> str:
         """The text one image becomes: `image_expansion`, after one `tile_expansion` per tile when the
         layout is "tiles" and the image was split (row by row, a newline after each row, then one more);
-        with layout "patch_grid", one image token per merged patch of its (t, h, w) grid."""
+        with layout "tile_run", `image_expansion` around the tokens of all its tiles and the whole image in one
+        run; with layout "patch_grid", one image token per merged patch of its (t, h, w) grid."""
         p = self.prompt
         if p.image_layout == "patch_grid":
             t, h, w = grid
@@ -119,6 +120,8 @@ class TextCodec:
         rows, cols = grid
         if p.image_layout == "single" or not rows:
             return whole
+        if p.image_layout == "tile_run":  # every tile's tokens, then the whole image's, in one run
+            return p.image_expansion.replace("{image}", image * (rows * cols + 1))
         if p.image_layout != "tiles" or not p.tile_expansion:
             raise PackageError(f"this mmedge does not know the image layout {p.image_layout!r}; upgrade mmedge")
         tile = p.tile_expansion.replace("{image}", image)

@@ -63,7 +63,8 @@ def test_kv_cache_equals_recompute(shape, target, packages):
 # onnxruntime builds the decoder on GroupQueryAttention (KV cache written in place) for causal Llama-block
 # decoders whose head size is a multiple of 16; every other shape keeps the traced decoder
 IN_PLACE = {"smolvlm-tiles": True, "llava-gqa": True, "llava-full-multilayer": True, "idefics3-single": False,
-            "paligemma-gqa": False, "gemma3-sliding": False, "qwen2vl-gqa": True}
+            "paligemma-gqa": False, "gemma3-sliding": False, "qwen2vl-gqa": True, "internvl-tiles": True,
+            "internvl-single": True}
 
 
 # in the contributors' loop: the Llama-block case (Qwen2-VL's M-RoPE one runs in its greedy parity case there)

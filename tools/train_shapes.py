@@ -485,8 +485,38 @@ class Qwen2VLRecipe(ChatRecipe):
         return [layer.weight, layer.bias]
 
 
+class InternVLRecipe(ChatRecipe):
+    """InternVL at the demo size: InternViT 6x6 patches, pixel shuffle 0.5 -> 9 tokens (one per cell), LayerNorm-MLP
+    connector, Qwen2 decoder. Every image is one 72x72 tile (max_patches 1: the task's images are small squares)."""
+
+    family_name = "internvl"
+    # InternVL's turn format with the text before the image (as LlavaRecipe). Stage 2 trains only the connector's
+    # last Linear, as LLaVA's MLP projector needs (see LlavaRecipe).
+    chat_template = (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}"
+        "{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+        "\n<IMG_CONTEXT>{% endfor %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    dims = tiny.TinyShape(
+        "shapes demo InternVL",
+        vision=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4),
+        text=dict(model_type="qwen2", hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=1, head_dim=32, tie_word_embeddings=True,
+                  max_position_embeddings=256),
+        image_size=72, patch_size=12, extra=dict(max_patches=1),
+    )
+    align_cosine = True
+    train_projector = "last"
+
+    def projector_output(self, model):
+        layer = model.model.multi_modal_projector.linear_2
+        return [layer.weight, layer.bias]
+
+
 RECIPES = {"paligemma": PaliGemmaRecipe, "llava": LlavaRecipe, "gemma3": Gemma3Recipe, "smolvlm": SmolVLMRecipe,
-           "qwen2_vl": Qwen2VLRecipe}
+           "qwen2_vl": Qwen2VLRecipe, "internvl": InternVLRecipe}
 
 
 # Stage 2 opens with the questions that match a word of the question against the
