@@ -376,6 +376,8 @@ def cmd_inspect(args) -> int:
         most = pre.max_pixels // (pre.patch_size * pre.merge_size) ** 2
         video = f"; video at {pre.video_fps:g} frames/s" if m.prompt.video_marker else ""
         tokens = f"up to {most} image tokens an image ({pre.min_pixels}-{pre.max_pixels} pixels){video}"
+    elif pre.frames_per_image() > 1:
+        tokens = f"{m.prompt.image_seq_len} image tokens a tile, up to {pre.frames_per_image()} tiles an image"
     else:
         tokens = f"{m.prompt.image_seq_len} image tokens"
     print(f"prompt      {tokens}; attention {m.schemes.attention}; positions {m.schemes.positions}")
