@@ -74,7 +74,7 @@ def build_jobs(parts, kv_storage: str, max_context: int, preprocess) -> list[Gra
     vision, projector, embed, reference = graphs.build_jobs(parts, kv_storage="buffer")
     if parts.patch_grid:  # one image a call, up to the package's max_pixels
         unit = preprocess.merge_size ** 2
-        most = preprocess.max_pixels // (preprocess.patch_size * preprocess.merge_size) ** 2 * unit
+        most = preprocess.max_pixels // preprocess.token_pixels() * unit
         vision.bounds = projector.bounds = {"patches": most, "tokens": most // unit}
     else:
         vision.bounds = projector.bounds = {"batch": preprocess.frames_per_image()}

@@ -269,7 +269,7 @@ def _apply_pixel_budget(opts: ExportOptions, spec) -> None:
             raise ExportError("--max-pixels / --min-pixels are for dynamic-resolution models (Qwen-VL); this model "
                               f"takes images at a fixed {spec.height}x{spec.width}")
         return
-    token = (spec.patch_size * spec.merge_size) ** 2
+    token = spec.token_pixels()
     if opts.max_pixels is not None:
         spec.max_pixels = opts.max_pixels
     elif spec.max_pixels > DEFAULT_IMAGE_TOKENS * token:
@@ -284,7 +284,7 @@ def _apply_pixel_budget(opts: ExportOptions, spec) -> None:
 def _image_tokens(spec, prompt) -> int:
     """The most image tokens one image takes: the fixed count, or what max_pixels allows (dynamic resolution)."""
     if spec.resize_mode == "smart_resize":
-        return spec.max_pixels // (spec.patch_size * spec.merge_size) ** 2
+        return spec.max_pixels // spec.token_pixels()
     return prompt.image_seq_len * spec.frames_per_image()
 
 

@@ -229,7 +229,8 @@ def _patch_grid_jobs(parts: Parts, g: torch.Generator) -> tuple[GraphJob, GraphJ
     from mmedge.runtimes.schemes import vision_inputs
 
     grid = parts.patch_grid
-    scheme = SchemeSpec(vision="patch_grid", vision_window=grid["window"], vision_pos_grid=grid.get("pos_grid"))
+    scheme = SchemeSpec(vision="patch_grid", vision_window=grid["window"], vision_pos_grid=grid.get("pos_grid"),
+                        vision_pos_resample=grid.get("pos_resample"))
 
     def inputs(grids):
         extra = vision_inputs(scheme, grid["merge_size"], grids)

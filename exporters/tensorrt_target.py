@@ -19,7 +19,6 @@ the TensorRT backend keeps the cache on the GPU, written in place.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import onnx
@@ -32,7 +31,7 @@ from mmedge.exporters.onnxruntime_target import (  # noqa: F401 (the target API)
     io_specs,
     verify_graph,
 )
-from mmedge.manifest import Manifest, PreprocessSpec
+from mmedge.manifest import Manifest
 
 SUFFIX = ".onnx"
 KV_STORAGE = ("buffer",)
@@ -47,7 +46,7 @@ def vision_ranges(manifest: Manifest) -> tuple[dict[str, tuple[int, int, int]], 
     pre = manifest.preprocess
     if pre.resize_mode == "smart_resize":
         unit = pre.merge_size ** 2
-        most = pre.max_pixels // (pre.patch_size * pre.merge_size) ** 2 * unit
+        most = pre.max_pixels // pre.token_pixels() * unit
         opt = min(most, max(unit, 448 * 448 // pre.patch_size ** 2 // unit * unit))
         return {"patches": (unit, opt, most), "tokens": (1, opt // unit, most // unit)}, most // unit
     images = pre.frames_per_image()

@@ -373,7 +373,7 @@ def cmd_inspect(args) -> int:
           f"{m.kv_cache.num_kv_heads} heads x {m.kv_cache.head_dim} ({m.kv_cache.dtype}, {m.kv_cache.storage})")
     pre = m.preprocess
     if pre.resize_mode == "smart_resize":  # dynamic resolution: the budget, not a count
-        most = pre.max_pixels // (pre.patch_size * pre.merge_size) ** 2
+        most = pre.max_pixels // pre.token_pixels()
         video = f"; video at {pre.video_fps:g} frames/s" if m.prompt.video_marker else ""
         tokens = f"up to {most} image tokens an image ({pre.min_pixels}-{pre.max_pixels} pixels){video}"
     elif pre.frames_per_image() > 1:

@@ -111,6 +111,10 @@ class PreprocessSpec:
     temporal_patch_size: int | None = None  # "smart_resize": frames per patch (an image is repeated to fill it)
     min_pixels: int | None = None  # "smart_resize": the area bounds of the resized image (the token budget)
     max_pixels: int | None = None
+    # "smart_resize" as GLM-4V's processor does it: the bounds count this many frames of the image's area (its
+    # temporal patch size; 1: Qwen-VL), and sides shorter than one token are first scaled up to one
+    smart_resize_frames: int = 1
+    smart_resize_upscale: bool = False
     # video ("smart_resize" families whose processor takes video): frames sampled at video_fps from a file,
     # between video_min_frames and video_max_frames, each frame resized within [video_min_pixels, video_max_pixels]
     video_fps: float | None = None
@@ -125,6 +129,10 @@ class PreprocessSpec:
     do_resize: bool = True
     do_rescale: bool = True
     do_normalize: bool = True
+
+    def token_pixels(self) -> int:
+        """"smart_resize": the pixels of the min/max_pixels budget one image token takes."""
+        return (self.patch_size * self.merge_size) ** 2 * self.smart_resize_frames
 
     def frames_per_image(self) -> int:
         """The most vision-encoder inputs one image becomes: its tiles and the whole image, or 1 (for
@@ -188,7 +196,10 @@ class SchemeSpec:
     sliding_window: int | None = None  # set when the decoder takes a sliding-window mask too
     vision: str = "images"  # or "patch_grid": the vision encoder takes patches and per-patch indices (Qwen2-VL)
     vision_window: int | None = None  # "patch_grid" with window attention: window side, in merged tokens
-    vision_pos_grid: int | None = None  # "patch_grid" with a learned side x side position table (Qwen3-VL)
+    vision_pos_grid: int | None = None  # "patch_grid" with a learned side x side position table (Qwen3-VL, GLM-4V)
+    # how that table is resampled to a frame's grid: None, bilinear with aligned corners (Qwen3-VL); "bicubic_border",
+    # torch grid_sample's bicubic at patch centres, borders clamped (GLM-4V)
+    vision_pos_resample: str | None = None
     # "mrope" video positions: None, a video's frame index on the temporal row (Qwen2-VL); else its time, at this
     # many positions a second (Qwen2.5-VL)
     video_tokens_per_second: float | None = None

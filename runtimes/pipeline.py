@@ -679,7 +679,7 @@ class Pipeline:
         if high > spec.max_pixels and self.manifest.target in ("tensorrt", "coreml"):
             raise InputError(f"max_pixels {high} is more than this {self.manifest.target} package's engines take "
                              f"({spec.max_pixels}); re-export with a larger --max-pixels")
-        token = (spec.patch_size * spec.merge_size) ** 2  # pixels per image token
+        token = spec.token_pixels()  # pixels of the budget per image token
         if opts.max_image_tokens is not None:
             share = opts.max_image_tokens // n_images
             if share < 1:

@@ -257,19 +257,24 @@ def _aspect_tiles(img: Image.Image, spec: PreprocessSpec) -> tuple[list[np.ndarr
 def smart_resize(height: int, width: int, spec: PreprocessSpec, min_pixels: int | None = None,
                  max_pixels: int | None = None) -> tuple[int, int]:
     """(height, width) as Qwen2-VL's processors resize: each a multiple of patch x merge, the area within
-    [min_pixels, max_pixels] (the package's, unless given), the aspect ratio kept as closely as that allows."""
+    [min_pixels, max_pixels] (the package's, unless given), the aspect ratio kept as closely as that allows; with
+    `smart_resize_frames` / `smart_resize_upscale`, GLM-4V's variant."""
     factor = spec.patch_size * spec.merge_size
     low = spec.min_pixels if min_pixels is None else min_pixels
     high = spec.max_pixels if max_pixels is None else max_pixels
+    frames = spec.smart_resize_frames  # GLM-4V counts an image as its temporal patch's frames
+    if spec.smart_resize_upscale and (height < factor or width < factor):
+        scale = max(factor / height, factor / width)
+        height, width = int(height * scale), int(width * scale)
     if max(height, width) / min(height, width) > 200:
         raise InputError(f"the image is {width}x{height}: an aspect ratio over 200 is more than the model takes; "
                          "crop it first")
     h, w = round(height / factor) * factor, round(width / factor) * factor
-    if h * w > high:
-        beta = math.sqrt(height * width / high)
+    if frames * h * w > high:
+        beta = math.sqrt(frames * height * width / high)
         h, w = max(factor, math.floor(height / beta / factor) * factor), max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < low:
-        beta = math.sqrt(low / (height * width))
+    elif frames * h * w < low:
+        beta = math.sqrt(low / (frames * height * width))
         h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
     return h, w
 

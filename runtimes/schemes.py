@@ -118,6 +118,26 @@ def _bilinear_taps(index: np.ndarray, size: np.ndarray, side: int) -> tuple[np.n
     return taps, weights.astype(np.float32)
 
 
+def _bicubic_taps(index: np.ndarray, size: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per position along one axis (of `size` positions), the four rows of a `side`-long table that torch's
+    grid_sample reads in bicubic mode (align_corners False, border padding) at the position's centre, and their
+    cubic-convolution weights (A = -0.75), in float32 as torch computes them."""
+    one, two = np.float32(1), np.float32(2)
+    norm = (index.astype(np.float32) + np.float32(0.5)) / size.astype(np.float32) * two - one
+    src = ((norm + one) * np.float32(side) - one) / two
+    floor = np.floor(src)
+    t = (src - floor)[:, None]
+    a = np.float32(-0.75)
+    near = lambda x: ((a + two) * x - (a + np.float32(3))) * x * x + one  # noqa: E731
+    far = lambda x: ((a * x - np.float32(5) * a) * x + np.float32(8) * a) * x - np.float32(4) * a  # noqa: E731
+    weights = np.concatenate([far(t + one), near(t), near(one - t), far(two - t)], axis=1)
+    taps = np.clip(floor.astype(np.int64)[:, None] + np.arange(-1, 3), 0, side - 1)
+    return taps, weights.astype(np.float32)
+
+
+TABLE_RESAMPLERS = {None: _bilinear_taps, "bicubic_border": _bicubic_taps}
+
+
 def vision_inputs(schemes: SchemeSpec, merge_size: int, grids: list) -> dict[str, np.ndarray]:
     """The per-patch indices a "patch_grid" vision encoder takes beside the patches of `grids` ((t, h, w) each,
     in patches, as the preprocessing cut them, concatenated in order):
@@ -127,9 +147,10 @@ def vision_inputs(schemes: SchemeSpec, merge_size: int, grids: list) -> dict[str
     with a window (`schemes.vision_window` merged tokens a side, Qwen2.5-VL):
     window_index [N / m^2]: the merged tokens regrouped window by window (the order the blocks run in);
     window_segments [N]: which window each patch is in, in that order;
-    with a learned position table (`schemes.vision_pos_grid` a side, Qwen3-VL):
-    pos_indices, pos_weights [N, 4]: the table rows and weights that resample it bilinearly (corners
-    aligned) to the frame's grid, in float32 as transformers computes them.
+    with a learned position table (`schemes.vision_pos_grid` a side, Qwen3-VL, GLM-4V):
+    pos_indices, pos_weights [N, k]: the table rows and weights that resample it to the frame's grid, in
+    float32 as transformers computes them: bilinearly with aligned corners (k = 4, Qwen3-VL) or, with
+    `vision_pos_resample` "bicubic_border", as grid_sample's bicubic mode (k = 16, GLM-4V).
     """
     m = merge_size
     positions, frames, order, windows = [], [], [], []
@@ -156,10 +177,15 @@ def vision_inputs(schemes: SchemeSpec, merge_size: int, grids: list) -> dict[str
            "frame_segments": np.concatenate(frames).astype(np.int64)}
     if schemes.vision_pos_grid:
         sizes = np.concatenate([np.tile([[h, w]], (t * h * w, 1)) for t, h, w in grids])
-        taps = [_bilinear_taps(out["vision_positions"][:, a], sizes[:, a], schemes.vision_pos_grid) for a in (0, 1)]
+        resample = TABLE_RESAMPLERS.get(schemes.vision_pos_resample)
+        if resample is None:
+            raise PackageError(f"this mmedge does not know the position table resampling "
+                               f"{schemes.vision_pos_resample!r} the package needs; upgrade mmedge")
+        taps = [resample(out["vision_positions"][:, a], sizes[:, a], schemes.vision_pos_grid) for a in (0, 1)]
         (rows, row_w), (cols, col_w) = taps
-        out["pos_indices"] = (rows[:, :, None] * schemes.vision_pos_grid + cols[:, None, :]).reshape(-1, 4)
-        out["pos_weights"] = (row_w[:, :, None] * col_w[:, None, :]).reshape(-1, 4)
+        k = rows.shape[1] * cols.shape[1]
+        out["pos_indices"] = (rows[:, :, None] * schemes.vision_pos_grid + cols[:, None, :]).reshape(-1, k)
+        out["pos_weights"] = (row_w[:, :, None] * col_w[:, None, :]).reshape(-1, k)
     if schemes.vision_window:
         out["window_index"] = np.concatenate(order).astype(np.int64)
         out["window_segments"] = np.concatenate(windows).astype(np.int64)
