@@ -117,6 +117,7 @@ def to_matmul_nbits(weights: GraphWeights, nodes: list, bits: int, block: int, a
     graph = weights.model.graph
     deferred = {}
     done: dict[str, tuple] = {}  # the last weight quantized: its packed values wait for their scales' turn
+    replaced: dict[str, onnx.NodeProto] = {}  # by the MatMul's output (unique in the graph): its MatMulNBits
     for node in nodes:
         name = node.input[1]
         k, n = weights.shape(name)
@@ -145,7 +146,9 @@ def to_matmul_nbits(weights: GraphWeights, nodes: list, bits: int, block: int, a
         quantized = helper.make_node("MatMulNBits", [node.input[0], packed_name, scales_name], list(node.output),
                                      name=(node.name + f"_Q{bits}") if node.name else "", domain="com.microsoft",
                                      **attrs)
-        at = list(graph.node).index(node)
-        graph.node.remove(node)
-        graph.node.insert(at, quantized)
+        replaced[node.output[0]] = quantized
+    if replaced:  # one pass over the graph (a search per node was quadratic in a big decoder's nodes)
+        kept = [replaced.get(n.output[0], n) if n.op_type == "MatMul" and n.output else n for n in graph.node]
+        del graph.node[:]
+        graph.node.extend(kept)
     return deferred
