@@ -120,6 +120,12 @@ class PreprocessSpec:
     video_fps: float | None = None
     video_min_frames: int | None = None
     video_max_frames: int | None = None
+    # how a file's frames are picked: "uniform" (Qwen2-VL's: n at video_fps, within the frame bounds, evenly spread);
+    # "per_second" (GLM-4V's: frame ceil(i x native fps / video_fps) for each i under the duration x video_fps,
+    # repeats dropped, an even count)
+    video_sampling: str = "uniform"
+    # GLM-4V: the video's pixel bounds count the area of all its sampled frames, not one frame's
+    video_budget_per_clip: bool = False
     video_min_pixels: int | None = None
     video_max_pixels: int | None = None
     rescale: float = 1 / 255
@@ -180,9 +186,14 @@ class PromptSpec:
     video_token: str | None = None  # families that take video: its token, repeated once per merged patch
     video_token_id: int | None = None
     video_marker: str | None = None  # the chat template's per-video text, expanded as image markers are
-    # with timestamps (Qwen3-VL): each temporal patch's text, with {seconds} (its time, one decimal) and {video}
-    # (its tokens); None: the video's tokens in one run
+    # with timestamps (Qwen3-VL): each temporal patch's text, with {seconds} (its time, one decimal), {second} (its
+    # first frame's time in whole seconds, truncated), {index} (1-based) and {video} (its tokens); None: the video's
+    # tokens in one run
     video_frame_expansion: str | None = None
+    video_frame_separator: str = ""  # between those texts (InternVL: a newline)
+    # a video as a run of images (InternVL: each frame one tile; GLM-4V: each temporal patch a (1, h, w) grid): each
+    # one's tokens are the image token, and it is encoded, spliced and positioned as the images are
+    video_as_images: bool = False
 
 
 @dataclass

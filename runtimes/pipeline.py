@@ -30,7 +30,7 @@ from mmedge.runtimes.media_cache import DEFAULT_MB, MediaCache, media_key
 from mmedge.runtimes.preprocess import ImageInput, load_image, preprocess_with_grid, smart_resize
 from mmedge.runtimes.sampling import GenerationOptions, choose
 from mmedge.runtimes.text import StreamDecoder, TextCodec
-from mmedge.runtimes.video import Video, VideoInput, prepare_video
+from mmedge.runtimes.video import Video, VideoInput, prepare_video, video_units
 
 if TYPE_CHECKING:
     from mmedge.runtimes.boxes import Detections
@@ -712,7 +712,10 @@ class Pipeline:
             text = self.codec.render_conversation(conversation, grids)
         else:
             text = self.codec.render(prompt, raw=raw, grids=grids, videos=[v.grid for v in videos],
-                                     seconds=[v.seconds for v in videos])
+                                     seconds=[v.seconds for v in videos], starts=[v.starts for v in videos])
+        if self.manifest.prompt.video_as_images:  # after the images, each frame (or temporal patch) one more image
+            prepared += [PreparedImage(pixels, g, media_key(pixels, g)) for v in videos for pixels, g in video_units(v)]
+            grids, videos = [im.grid for im in prepared], []
         ids = self.codec.encode(text)
         token = self.manifest.prompt.image_token_id
         if raw and images and not (ids == token).any():

@@ -41,7 +41,7 @@ class TextCodec:
                    manifest.preprocess.merge_size)
 
     def render(self, prompt: str, raw: bool = False, grid: tuple = (0, 0), grids: list | None = None,
-               videos: list | None = None, seconds: list | None = None) -> str:
+               videos: list | None = None, seconds: list | None = None, starts: list | None = None) -> str:
         """The full prompt text: the family's format or chat template around the user's text, or `prompt` as is.
 
         Image markers (the chat template's per-image text, or those typed in a
@@ -50,7 +50,7 @@ class TextCodec:
         (rows, cols) of tiles the preprocessing cut it into, or its (t, h, w)
         patch grid (image_layout "patch_grid"); `videos` the (t, h, w) grid of each video, whose markers
         (`video_marker`) become one video token per merged patch, or with `video_frame_expansion` one such
-        text per temporal patch, stamped with its time from `seconds` (a list per video).
+        text per temporal patch, stamped with its time from `seconds` / `starts` (a list per video).
         """
         grids = [tuple(grid)] if grids is None else [tuple(g) for g in grids]
         videos = [tuple(v) for v in videos or []]
@@ -74,7 +74,8 @@ class TextCodec:
             return text.replace("{prompt}", prompt)
         text = _expand(text, self.prompt.image_marker, grids, self.image_text, "image")
         if videos:
-            text = _expand(text, self.prompt.video_marker, list(zip(videos, seconds or [None] * len(videos))),
+            none = [None] * len(videos)
+            text = _expand(text, self.prompt.video_marker, list(zip(videos, seconds or none, starts or none)),
                            lambda item: self.video_text(*item), "video")
         return text
 
@@ -95,16 +96,26 @@ class TextCodec:
         except Exception as exc:  # a template's raise_exception() or a broken template
             raise InputError(f"the package's chat template refused the prompt: {first_line(exc)}") from None
 
-    def video_text(self, grid: tuple, seconds: list | None = None) -> str:
-        """The tokens of a video of (t, h, w) patches: one run, or with `video_frame_expansion` one stamped text
-        per temporal patch."""
+    def video_text(self, grid: tuple, seconds: list | None = None, starts: list | None = None) -> str:
+        """The tokens of a video of (t, h, w) patches (or, taken as images by a fixed-size family, t frames): one
+        run, or with `video_frame_expansion` one stamped text per temporal patch (or frame), joined by
+        `video_frame_separator`; `seconds` / `starts` the times of each (their mean and first frame's)."""
+        p = self.prompt
         t, h, w = grid
-        frame = self.prompt.video_token * (h * w // self.merge_size ** 2)
-        if not self.prompt.video_frame_expansion:
+        if p.video_as_images:
+            token = p.image_token
+            per = h * w // self.merge_size ** 2 if p.image_layout == "patch_grid" else p.image_seq_len
+        else:
+            token, per = p.video_token, h * w // self.merge_size ** 2
+        frame = token * per
+        if not p.video_frame_expansion:
             return frame * t
-        stamps = seconds if seconds is not None else [float(i) for i in range(t)]
-        return "".join(self.prompt.video_frame_expansion.replace("{seconds}", f"{s:.1f}").replace("{video}", frame)
-                       for s in stamps)
+        seconds = seconds if seconds is not None else [float(i) for i in range(t)]
+        starts = starts if starts is not None else seconds
+        return p.video_frame_separator.join(
+            p.video_frame_expansion.replace("{seconds}", f"{s:.1f}").replace("{second}", str(int(first)))
+            .replace("{index}", str(i + 1)).replace("{video}", frame)
+            for i, (s, first) in enumerate(zip(seconds, starts)))
 
     def image_text(self, grid: tuple = (0, 0)) -> str:
         """The text one image becomes: `image_expansion`, after one `tile_expansion` per tile when the

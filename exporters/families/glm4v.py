@@ -15,11 +15,14 @@ Split:
 Preprocessing ("smart_resize", GLM-4V's variant): sides below one token scaled up first, then each side to a
 multiple of patch x merge with the area of the image's temporal patch (2 frames of it) within [min_pixels,
 max_pixels]; bicubic, CLIP normalisation, patches in merge-block order. Prompt: the checkpoint's chat template;
-each "<|image|>" becomes one per merged token of its image. Positions "mrope", as Qwen2-VL's for images.
+each "<|image|>" becomes one per merged token of its image, each "<|video|>" one
+"<|begin_of_image|>" + tokens + "<|end_of_image|>" + whole seconds per temporal patch, each patch encoded, spliced
+and positioned as an image of one frame (`video_as_images`). Positions "mrope", as Qwen2-VL's for images.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -79,6 +82,12 @@ def _pos_grid(visual) -> int:
     return int(round(visual.embeddings.position_embedding.num_embeddings ** 0.5))
 
 
+def _video_config(checkpoint: Path) -> dict:
+    """The checkpoint's video processor settings ({}: Glm4vVideoProcessor's defaults)."""
+    path = checkpoint / "video_preprocessor_config.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def describe(model, checkpoint: Path, tokenizer) -> Description:
     cfg = model.config
     vision = cfg.vision_config
@@ -88,6 +97,8 @@ def describe(model, checkpoint: Path, tokenizer) -> Description:
     image = getattr(tokenizer, "image_token", None) or IMAGE
     patch, merge = pre.get("patch_size", vision.patch_size), pre.get("merge_size", vision.spatial_merge_size)
     temporal = pre.get("temporal_patch_size", vision.temporal_patch_size)
+    video = _video_config(checkpoint)
+    video_size = video.get("size") or {}
     return description(
         model,
         tokenizer,
@@ -103,6 +114,14 @@ def describe(model, checkpoint: Path, tokenizer) -> Description:
             max_pixels=size.get("longest_edge", 28 * 28 * 15000),
             smart_resize_frames=temporal,
             smart_resize_upscale=True,
+            # Glm4vVideoProcessor: 2 frames a second of the clip, its pixel bounds over all of them
+            video_fps=float(video.get("fps") or 2.0),
+            video_min_frames=temporal,
+            video_max_frames=int(video.get("max_duration") or 300) * int(video.get("fps") or 2),
+            video_min_pixels=video_size.get("shortest_edge", 112 * 112),
+            video_max_pixels=video_size.get("longest_edge", 28 * 28 * 2 * 30000),
+            video_sampling="per_second",
+            video_budget_per_clip=True,
         ),
         prompt=PromptSpec(
             # GLM-4.1V's turn format, for a checkpoint without a chat template
@@ -114,6 +133,11 @@ def describe(model, checkpoint: Path, tokenizer) -> Description:
             image_marker=image,
             image_expansion="{image}",
             image_layout="patch_grid",
+            # each temporal patch as an image, stamped with its first frame's second, as Glm4vProcessor expands
+            # "<|video|>"; spliced and positioned as images are (`video_as_images`)
+            video_marker=getattr(tokenizer, "video_token", None) or VIDEO,
+            video_as_images=True,
+            video_frame_expansion=BEGIN_IMAGE + "{video}" + END_IMAGE + "{second}",
         ),
         schemes=SchemeSpec(positions="mrope", attention="causal", vision="patch_grid",
                            vision_pos_grid=_pos_grid(model.model.visual), vision_pos_resample="bicubic_border"),

@@ -13,7 +13,8 @@ min_patches <= columns x rows <= max_patches whose aspect ratio is closest to th
 that many tiles and cut row by row, then the whole image resized to one tile when there is more than one;
 bicubic, ImageNet normalisation. Prompt: the checkpoint's chat template; each "<IMG_CONTEXT>" it writes becomes
 "<img>" + the image tokens of all its tiles in one run + "</img>" (layout "tile_run"), as InternVLProcessor
-expands it. Attention causal, positions from 0.
+expands it; each "<video>" becomes "Frame1: <img>...</img>\nFrame2: ..." with each frame one tile, encoded and
+spliced as images are (`video_as_images`). Attention causal, positions from 0.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ ALIASES = {
 }
 CONTEXT, START, END, VIDEO = "<IMG_CONTEXT>", "<img>", "</img>", "<video>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+VIDEO_FRAMES = 8  # frames sampled from a video file
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -110,6 +112,11 @@ def describe(model, checkpoint: Path, tokenizer) -> Description:
             do_image_splitting=bool(pre.get("crop_to_patches", True)) and pre.get("max_patches", 12) > 1,
             min_tiles=pre.get("min_patches", 1),
             max_tiles=pre.get("max_patches", 12),
+            # InternVL's video processor takes the frames it is given; from a file mmedge samples VIDEO_FRAMES
+            # evenly (at most one a second), each resized to one tile as an unsplit image is
+            video_fps=1.0,
+            video_min_frames=1,
+            video_max_frames=VIDEO_FRAMES,
         ),
         prompt=PromptSpec(
             # InternVL's turn format, for a checkpoint without a chat template
@@ -121,6 +128,11 @@ def describe(model, checkpoint: Path, tokenizer) -> Description:
             image_marker=context,
             image_expansion=f"{start}{{image}}{end}",
             image_layout="tile_run",
+            # a video's frames, each one tile, as InternVLProcessor expands its "<video>": "Frame1: <img>...</img>"
+            video_marker=getattr(tokenizer, "video_token", None) or VIDEO,
+            video_as_images=True,
+            video_frame_expansion=f"Frame{{index}}: {start}{{video}}{end}",
+            video_frame_separator="\n",
         ),
         schemes=SchemeSpec(positions="linear", position_offset=0, attention="causal"),
         chat_template=template,
