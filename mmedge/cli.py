@@ -155,6 +155,8 @@ def _generation_args(r) -> None:
     r.add_argument("--min-pixels", type=int, help="dynamic-resolution packages: the fewest pixels per image")
     r.add_argument("--max-image-tokens", type=int, help="dynamic-resolution packages: the most image tokens "
                    "the prompt's images take together (shared equally)")
+    r.add_argument("--max-video-tokens", type=int, help="the most tokens the video takes (its frames resized "
+                   "down, or fewer frames sampled where each has a fixed size)")
 
 
 def _engine_args(r) -> None:
@@ -194,6 +196,7 @@ def _generation_options(args) -> dict:
         max_pixels=args.max_pixels,
         min_pixels=args.min_pixels,
         max_image_tokens=args.max_image_tokens,
+        max_video_tokens=args.max_video_tokens,
     )
 
 

@@ -153,6 +153,7 @@ class Pipeline:
         max_pixels: int | None = None,
         min_pixels: int | None = None,
         max_image_tokens: int | None = None,
+        max_video_tokens: int | None = None,
         image_cache_mb: float = DEFAULT_MB,
         low_memory: bool = False,
     ) -> "Pipeline":
@@ -166,7 +167,9 @@ class Pipeline:
         CPU is faster at them. verify: check every file's sha256 against the
         manifest first. max_pixels / min_pixels / max_image_tokens: the
         visual token budget of dynamic-resolution packages, instead of the
-        package's (each call can set them again). image_cache_mb: memory
+        package's (each call can set them again); max_video_tokens: the most
+        tokens a prompt's video takes (its frames resized down, or, where
+        frames have a fixed size, fewer of them sampled from a file). image_cache_mb: memory
         for the embeddings of images seen before (0: none kept), so that
         another question about the same image skips the vision encoder.
         low_memory (ONNX Runtime): float graphs' weights are not repacked into
@@ -207,7 +210,8 @@ class Pipeline:
         codec = TextCodec.from_package(path, manifest)
         pipe = cls(path, manifest, graphs, codec)
         pipe.defaults = {k: v for k, v in dict(max_pixels=max_pixels, min_pixels=min_pixels,
-                                               max_image_tokens=max_image_tokens).items() if v is not None}
+                                               max_image_tokens=max_image_tokens,
+                                               max_video_tokens=max_video_tokens).items() if v is not None}
         pipe._image_spec(pipe.options(), 1)  # a budget the package cannot take fails here, not at the first call
         pipe.media = MediaCache(int(image_cache_mb * (1 << 20)))
         pipe._load_options = dict(backend=backend, providers=providers, threads=threads, device=device,
@@ -707,7 +711,9 @@ class Pipeline:
         spec = self._image_spec(opts, max(1, len(images)))
         prepared = [im if isinstance(im, PreparedImage) else self._prepare_image(im, spec) for im in images]
         grids = [im.grid for im in prepared]
-        videos = [] if video is None else [prepare_video(video, self.manifest.preprocess)]
+        videos = [] if video is None else [prepare_video(video, self.manifest.preprocess,
+                                                         max_tokens=opts.max_video_tokens,
+                                                         tokens_per_frame=self.manifest.prompt.image_seq_len)]
         if conversation is not None:
             text = self.codec.render_conversation(conversation, grids)
         else:

@@ -25,6 +25,7 @@ class GenerationOptions:
     max_pixels: int | None = None  # the most pixels an image is resized to
     min_pixels: int | None = None  # the fewest
     max_image_tokens: int | None = None  # the most image tokens one prompt's images take together
+    max_video_tokens: int | None = None  # the most tokens a prompt's video takes (its frames resized, or fewer taken)
 
     def check(self) -> None:
         """Every option of the right type and range (sampling ones too when greedy: a wrong value is a mistake
@@ -45,7 +46,7 @@ class GenerationOptions:
         for name in ("do_sample", "ignore_eos", "use_cache", "raw_prompt"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("max_pixels", "min_pixels", "max_image_tokens"):
+        for name in ("max_pixels", "min_pixels", "max_image_tokens", "max_video_tokens"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
                                       or value < 1):

@@ -124,15 +124,43 @@ def read_video(path: str | os.PathLike, spec: PreprocessSpec, convert) -> tuple[
     return frames, len(keep) / total * native, keep, native
 
 
-def prepare_video(video: VideoInput, spec: PreprocessSpec, fps: float | None = None) -> Video:
+def prepare_video(video: VideoInput, spec: PreprocessSpec, fps: float | None = None, max_tokens: int | None = None,
+                  tokens_per_frame: int | None = None) -> Video:
     """A file or a list of frames -> temporal patches and their grid ("smart_resize" families), or the frames as
-    tiles [frames, 3, H, W] with the grid (frames, H, W) (the fixed-size families that take video as images)."""
+    tiles [frames, 3, H, W] with the grid (frames, H, W) (the fixed-size families that take video as images).
+
+    max_tokens: the most tokens the video may take: its frames resized down to fit (dynamic resolution), or, where
+    each frame takes a fixed `tokens_per_frame`, at most that many frames sampled from a file (a list of frames
+    over it is refused)."""
     from mmedge.runtimes.preprocess import _normalized, _rgb_array, _RESAMPLE, load_image, smart_resize, to_rgb
 
     if spec.video_fps is None:
         raise InputError("this package's model takes no video")
     size = {}
     patches = spec.resize_mode == "smart_resize"
+    if max_tokens is not None and not patches:
+        most = max_tokens // (tokens_per_frame or 1)
+        if most < 1:
+            raise InputError(f"max_video_tokens {max_tokens} is less than one frame's {tokens_per_frame} tokens")
+        if isinstance(video, (list, tuple)) and len(video) > most:
+            raise InputError(f"the video's {len(video)} frames take {len(video) * tokens_per_frame} tokens, more "
+                             f"than max_video_tokens {max_tokens}: pass at most {most} frames")
+        spec = dataclasses.replace(spec, video_max_frames=min(spec.video_max_frames or most, most),
+                                   video_min_frames=min(spec.video_min_frames or 1, most))
+
+    def bounds(count: int) -> tuple[int, int]:
+        """The frames' pixel bounds: the package's, lowered so that `count` frames take at most max_tokens."""
+        low, high = spec.video_min_pixels, spec.video_max_pixels
+        if max_tokens is None:
+            return low, high
+        patches_t = -(-count // spec.temporal_patch_size)  # temporal patches, after padding
+        each = max_tokens // patches_t
+        if each < 1:
+            raise InputError(f"max_video_tokens {max_tokens} leaves less than one token for each of the video's "
+                             f"{patches_t} temporal patches: raise it, or pass fewer frames")
+        # the pixels of `each` tokens a frame (GLM-4V's bounds count the clip's frames: as many times that)
+        cap = each * (spec.patch_size * spec.merge_size) ** 2 * (count if spec.video_budget_per_clip else 1)
+        return min(low, cap), min(high, cap)
 
     def convert(frame: Image.Image, count: int) -> np.ndarray:
         """One frame resized (the first frame's size decides, as the processor resizes a clip as one) and
@@ -144,8 +172,7 @@ def prepare_video(video: VideoInput, spec: PreprocessSpec, fps: float | None = N
         if "hw" not in size:
             h, w = frame.height, frame.width
             budget = dataclasses.replace(spec, smart_resize_frames=count) if spec.video_budget_per_clip else spec
-            size["hw"] = smart_resize(h, w, budget, spec.video_min_pixels, spec.video_max_pixels) \
-                if spec.do_resize else (h, w)
+            size["hw"] = smart_resize(h, w, budget, *bounds(count)) if spec.do_resize else (h, w)
         h, w = size["hw"]
         if frame.size != (w, h):
             frame = frame.resize((w, h), resample=_RESAMPLE[spec.resample])

@@ -127,3 +127,36 @@ def test_glm4v_frame_sampling_is_the_processors():
     for total, native in ((5, 30.0), (61, 30.0), (300, 24.0), (7, 2.0), (1, 25.0), (40000, 25.0), (9000, 25.0)):
         metadata = VideoMetadata(total_num_frames=total, fps=native, duration=None)
         assert sample_indices(total, native, spec).tolist() == sampler(processor, metadata).tolist(), (total, native)
+
+
+def test_video_token_budget(packages, tmp_path):
+    """max_video_tokens caps a prompt's video: dynamic-resolution frames resized down (Qwen2-VL per frame, GLM-4V
+    over the clip), fixed-size frames fewer (InternVL, from a file); too small a cap is one line, exit 2."""
+    from conftest import run_cli_in_process as run_cli
+    from test_errors import assert_one_line_error
+    from test_qwen_vl import write_clip
+
+    frames = clip_frames(4, (120, 96))
+    for shape in ("qwen2vl-gqa", VIDEO_SHAPES[0]):  # Qwen2-VL's own video tokens; GLM-4V's as images
+        pipe = Pipeline.load(packages(shape, "onnxruntime"))
+        p = pipe.manifest.prompt
+        token = p.image_token_id if p.video_as_images else p.video_token_id
+        full = int((pipe._prepare(None, PROMPTS[1], pipe.options(), frames).ids == token).sum())
+        capped = int((pipe._prepare(None, PROMPTS[1], pipe.options(max_video_tokens=full // 3), frames).ids
+                      == token).sum())
+        assert 0 < capped <= full // 3 < full, (shape, capped, full)
+        assert len(list(pipe.generate_ids(None, PROMPTS[1], video=frames, max_new_tokens=2, max_video_tokens=8))) == 2
+
+    internvl = [s for s in VIDEO_SHAPES if SHAPES[s].family == "internvl"][0]
+    pipe = Pipeline.load(packages(internvl, "onnxruntime"))
+    per = pipe.manifest.prompt.image_seq_len
+    clip = tmp_path / "clip.mp4"
+    write_clip(clip, clip_frames(40, (64, 48)), fps=10)
+    seq = pipe._prepare(None, PROMPTS[1], pipe.options(max_video_tokens=3 * per), str(clip))
+    assert len(seq.pixels) == 3  # three frames sampled from the file, not the package's eight
+    result = run_cli("run", str(packages(internvl, "onnxruntime")), "--video", str(clip), "--prompt", "hi",
+                     "--max-video-tokens", str(per - 1))
+    assert_one_line_error(result, "less than one frame's")
+    result = run_cli("run", str(packages("qwen2vl-gqa", "onnxruntime")), "--video", str(clip), "--prompt", "hi",
+                     "--max-video-tokens", "1")
+    assert_one_line_error(result, "less than one token for each")
