@@ -129,6 +129,10 @@ class Pipeline:
         # (Core ML) or holding their cache on their device (TensorRT) run one at a time
         fixed = manifest.graphs["decoder"].inputs["inputs_embeds"].shape[0]
         self.max_batch: int | None = 1 if isinstance(fixed, int) or isinstance(self.cache, EngineCache) else None
+        # images (tiles, frames) per vision encoder call: engines built for a bounded batch (TensorRT's profiles,
+        # Core ML's bounds: one image's tiles) take at most that many, however many images a prompt has
+        bounded = manifest.target in ("tensorrt", "coreml")
+        self.vision_batch = min(VISION_BATCH, manifest.preprocess.frames_per_image()) if bounded else VISION_BATCH
         self.timings = Timings()
         self._load_options: dict[str, Any] | None = None  # what load() was given, for clone()
         self.defaults: dict[str, Any] = {}  # options set at load (the visual token budget), under each call's
@@ -619,7 +623,7 @@ class Pipeline:
         hidden]); (None, {}) where the sequence has none.
 
         Fixed-size images and tiles of all sequences go through the vision encoder and projector together,
-        VISION_BATCH a call; "patch_grid" encoders take one image a call (attention over its patches alone, so
+        `vision_batch` a call; "patch_grid" encoders take one image a call (attention over its patches alone, so
         memory follows the largest image, not the sum of them). An image seen before (the same preprocessed
         pixels) takes its embeddings from `self.media` instead."""
         vision, projector = self.graphs["vision_encoder"], self.graphs["projector"]
@@ -657,8 +661,8 @@ class Pipeline:
                 done[key] = encode({"pixel_values": pixels, **{k: v for k, v in feeds.items() if k in takes}})
         elif todo:
             pixels = np.concatenate([media[key][0] for key in todo])
-            embeds = np.concatenate([encode({"pixel_values": pixels[i : i + VISION_BATCH]})[0]
-                                     for i in range(0, len(pixels), VISION_BATCH)])
+            embeds = np.concatenate([encode({"pixel_values": pixels[i : i + self.vision_batch]})[0]
+                                     for i in range(0, len(pixels), self.vision_batch)])
             for key, e in zip(todo, np.split(embeds, np.cumsum([len(media[key][0]) for key in todo])[:-1])):
                 done[key] = (e, {})
         for key in todo:

@@ -59,3 +59,19 @@ def test_tile_grid_is_gotocr2s_choice():
     for high in (1, 4, 6, 12):
         for h, w in sizes:
             assert tile_grid(h, w, 448, 1, high) == get_optimal_tiled_canvas((h, w), (448, 448), 1, high), (h, w, high)
+
+
+@pytest.mark.parametrize("shape", [pytest.param(s, marks=() if s == "internvl-single" else slow) for s in INTERNVL])
+def test_bounded_vision_engines_take_several_images_in_calls_they_hold(shape, packages, reference):
+    """A TensorRT package's vision engine takes at most one image's tiles a call (its profile); two images
+    go through in calls of that size, with transformers' tokens (here through ONNX Runtime)."""
+    images, _, expected = reference(shape)
+    pipe = Pipeline.load(packages(shape, "tensorrt"), backend=BACKEND["tensorrt"])
+    bound = pipe.manifest.preprocess.frames_per_image()
+    assert pipe.vision_batch == bound
+    vision, batches = pipe.graphs["vision_encoder"], []
+    run = vision.run
+    vision.run = lambda feeds: batches.append(len(feeds["pixel_values"])) or run(feeds)
+    assert list(pipe.generate_ids(images, PROMPTS[1], max_new_tokens=NEW_TOKENS, ignore_eos=True)) == expected
+    assert batches and max(batches) <= bound and sum(batches) == sum(len(p) for p in pipe._prepare(
+        images, PROMPTS[1], pipe.options()).pixels)
