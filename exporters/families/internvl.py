@@ -190,7 +190,8 @@ def tiny_config(shape: tiny.TinyShape, tok):
     vision = dict(shape.vision, image_size=[shape.image_size] * 2, patch_size=[shape.patch_size] * 2)
     n_image = (shape.image_size // shape.patch_size) ** 2 // 4
     return InternVLConfig(vision_config=vision, text_config=text, image_token_id=tok.token_to_id(CONTEXT),
-                          image_seq_length=n_image, downsample_ratio=0.5, tie_word_embeddings=False, **extra)
+                          image_seq_length=n_image, downsample_ratio=0.5,
+                          tie_word_embeddings=text["tie_word_embeddings"], **extra)
 
 
 def tiny_model(shape: tiny.TinyShape, tok):
