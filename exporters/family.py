@@ -103,6 +103,17 @@ def decoder_fields(language_model, text) -> dict:
                 hidden_size=text.hidden_size, vocab_size=text.vocab_size)
 
 
+def image_only(processor_class):
+    """`processor_class` built without its video processor (transformers builds those on torchvision, which does
+    not import beside the CPU torch): the image path and the prompt expansion as they are."""
+
+    class ImageOnlyProcessor(processor_class):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    return ImageOnlyProcessor
+
+
 def special_tokens(model, tokenizer) -> SpecialTokens:
     """BOS / EOS / PAD as the checkpoint generates: EOS from generation_config, else the tokenizer's."""
     eos = model.generation_config.eos_token_id

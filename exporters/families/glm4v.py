@@ -29,7 +29,7 @@ import torch
 
 from mmedge.exporters import tiny
 from mmedge.exporters.checkpoint import CLIP_MEAN, CLIP_STD, chat_template, image_processor_config, pixel_fields
-from mmedge.exporters.family import Description, Parts, decoder_fields, description
+from mmedge.exporters.family import Description, Parts, decoder_fields, description, image_only
 from mmedge.exporters.patch_grid import PatchGridEncoder
 from mmedge.manifest import PreprocessSpec, PromptSpec, SchemeSpec
 
@@ -207,9 +207,7 @@ def reference_processor(checkpoint: Path):
     video processor, which transformers builds on torchvision."""
     from transformers import AutoTokenizer, Glm4vImageProcessorPil, Glm4vProcessor
 
-    class ImageOnlyProcessor(Glm4vProcessor):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+    ImageOnlyProcessor = image_only(Glm4vProcessor)
 
     return ImageOnlyProcessor(image_processor=Glm4vImageProcessorPil.from_pretrained(checkpoint),
                               tokenizer=AutoTokenizer.from_pretrained(checkpoint),

@@ -26,7 +26,7 @@ import torch
 
 from mmedge.exporters import tiny
 from mmedge.exporters.checkpoint import chat_template, image_processor_config, pixel_fields, processor_config
-from mmedge.exporters.family import Description, Parts, decoder_fields, description
+from mmedge.exporters.family import Description, Parts, decoder_fields, description, image_only
 from mmedge.manifest import PreprocessSpec, PromptSpec, SchemeSpec
 
 MODEL_TYPES = ("internvl",)
@@ -207,9 +207,7 @@ def reference_processor(checkpoint: Path):
     on torchvision): the PIL backend's GotOcr2 image processor, the tokenizer and the chat template."""
     from transformers import AutoTokenizer, GotOcr2ImageProcessorPil, InternVLProcessor
 
-    class ImageOnlyProcessor(InternVLProcessor):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+    ImageOnlyProcessor = image_only(InternVLProcessor)
 
     return ImageOnlyProcessor(image_processor=GotOcr2ImageProcessorPil.from_pretrained(checkpoint),
                               tokenizer=AutoTokenizer.from_pretrained(checkpoint),

@@ -32,7 +32,7 @@ import torch
 
 from mmedge.exporters import tiny
 from mmedge.exporters.checkpoint import CLIP_MEAN, CLIP_STD, chat_template, image_processor_config, pixel_fields
-from mmedge.exporters.family import Description, Parts, decoder_fields, description
+from mmedge.exporters.family import Description, Parts, decoder_fields, description, image_only
 from mmedge.exporters.patch_grid import PatchGridEncoder
 from mmedge.manifest import PreprocessSpec, PromptSpec, SchemeSpec
 
@@ -285,9 +285,7 @@ def reference_processor(checkpoint: Path):
 
     qwen3 = ckpt_model_type(checkpoint) == "qwen3_vl"
 
-    class ImageOnlyProcessor(Qwen3VLProcessor if qwen3 else Qwen2VLProcessor):
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+    ImageOnlyProcessor = image_only(Qwen3VLProcessor if qwen3 else Qwen2VLProcessor)
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     return ImageOnlyProcessor(image_processor=Qwen2VLImageProcessorPil.from_pretrained(checkpoint),
