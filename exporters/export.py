@@ -177,7 +177,8 @@ def _export(opts: ExportOptions, checkpoint: Path, family, plan: dict[str, str],
         if hasattr(target, "build_jobs"):
             jobs = target.build_jobs(parts, storage, max_context, desc.preprocess)
         else:
-            jobs = build_jobs(parts, kv_storage=storage, max_context=max_context)
+            jobs = build_jobs(parts, kv_storage=storage, max_context=max_context, attention=desc.schemes.attention,
+                              position_offset=desc.schemes.position_offset)
         from mmedge.exporters import trace_cache
 
         cache = trace_cache.directory(opts.trace_cache)

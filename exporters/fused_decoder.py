@@ -24,14 +24,22 @@ and present.{i}.key/value of the same shape as the past, which the runtime
 binds to the past buffers so that GroupQueryAttention writes each new key and
 value into its slot and nothing else moves.
 
-Only what GroupQueryAttention expresses is built here: causal attention
-(no prefix or image blocks, no holes), Llama-style blocks (RMSNorm with
-weight, SwiGLU MLP, optional q/k/v biases, no QK norm, no soft-capping), and
-linear positions, or Qwen2-VL's 3-D ones (M-RoPE, in blocks): then the graph
-also takes position_ids [3, batch, seq] and rotates q and k with
-MRotaryEmbedding before attention, which runs without rotary of its own.
-`supports()` says whether a model qualifies; the exporter verifies the graph
-against PyTorch either way.
+Built here: Llama-style blocks (RMSNorm with weight, SwiGLU MLP, optional
+q/k/v biases) and Gemma's (RMSNorm scaling by 1 + weight, GELU-tanh MLP,
+Gemma 2/3's norms after attention and MLP, Gemma 3's QK norm, attention and
+final logit soft-capping, a rotary base per layer type); linear positions
+(rotary inside the kernel, shifted by the scheme's position offset), or
+Qwen2-VL's 3-D ones (M-RoPE, in blocks): then the graph also takes
+position_ids [3, batch, seq] and rotates q and k with MRotaryEmbedding before
+attention, which runs without rotary of its own.
+
+Attention that is not plain causal (PaliGemma's bidirectional prefix, Gemma
+3's bidirectional image blocks) or has sliding-window layers runs the kernel
+with causal=0 and the runtime's additive masks as attention_bias: the graph
+then takes the traced decoder's mask inputs (`attention_mask` [batch, 1, seq,
+total], and `sliding_attention_mask` for the windowed layers), sized to the
+tokens so far rather than to the whole buffer. `supports()` says whether a
+model qualifies; the exporter verifies the graph against PyTorch either way.
 """
 
 from __future__ import annotations
@@ -48,34 +56,56 @@ from mmedge.exporters.family import Parts
 from mmedge.exporters.graphs import DecoderGraph, GraphJob, kv_names
 
 MS = "com.microsoft"
-# the transformers decoder stacks built of Llama blocks that this builder reproduces exactly
+# the transformers decoder stacks of Llama blocks, and of Gemma blocks, that this builder reproduces exactly
 LLAMA_STACKS = ("LlamaModel", "Qwen2Model", "Qwen2VLTextModel", "Qwen2_5_VLTextModel")
+GEMMA_STACKS = ("GemmaModel", "Gemma2Model", "Gemma3TextModel")
 INPUTS = ("inputs_embeds", "seqlens_k", "total_sequence_length")
+# MLP activations of the gate: module class -> how the graph computes it
+ACTIVATIONS = {"SiLU": "silu", "SiLUActivation": "silu", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh"}
+# RMSNorms that scale by (1 + weight): Gemma's
+UNIT_OFFSET_NORMS = ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm")
+
+
+def layer_windows(stack) -> list[int | None]:
+    """Each layer's sliding window as its attention module applies it (None: global). A Llama config may carry
+    a `sliding_window` value that Llama's attention ignores; the module's own attribute is what counts."""
+    return [getattr(layer.self_attn, "sliding_window", None) for layer in stack.layers]
+
+
+def takes_masks(parts: Parts, attention: str) -> bool:
+    """Whether the graph takes the runtime's masks as attention bias (else: causal inside the kernel)."""
+    return attention != "causal" or any(layer_windows(parts.text_model))
+
+
+def _rope_types(stack) -> dict[str | None, str]:
+    """The rotary kind per layer type (None: one for all layers)."""
+    kind = getattr(stack.rotary_emb, "rope_type", "default")
+    return dict(kind) if isinstance(kind, dict) else {None: kind}
 
 
 def supports(parts: Parts, attention: str) -> str | None:
     """None when the decoder can be built here, else why not (one line)."""
     stack = parts.text_model
     name = type(stack).__name__
-    if name not in LLAMA_STACKS:
-        return f"decoder {name} is not one of {', '.join(LLAMA_STACKS)}"
-    if attention != "causal":
-        return f"attention pattern {attention!r} is not plain causal"
-    if getattr(stack.config, "sliding_window", None) and getattr(stack.config, "use_sliding_window", True):
-        return "sliding-window attention"
+    if name not in LLAMA_STACKS + GEMMA_STACKS:
+        return f"decoder {name} is not one of {', '.join(LLAMA_STACKS + GEMMA_STACKS)}"
+    if any(layer_windows(stack)) and len(parts.mask_names) < 2:
+        return "sliding-window layers without a sliding-window mask"
+    if takes_masks(parts, attention) and parts.position_rows > 1:
+        return f"attention pattern {attention!r} or sliding windows with 3-D positions"
     if parts.position_rows > 1 and getattr(stack.config, "rope_parameters", {}).get("mrope_interleaved"):
         return "interleaved M-RoPE sections"
-    rope = getattr(stack.rotary_emb, "rope_type", "default")
-    if rope not in ("default", "linear", "llama3"):  # these fix inv_freq once; dynamic kinds change it per length
-        return f"rotary scaling {rope!r}"
+    for rope in _rope_types(stack).values():
+        if rope not in ("default", "linear", "llama3"):  # these fix inv_freq once; dynamic kinds change it per length
+            return f"rotary scaling {rope!r}"
     if parts.head_dim % 16:
         return f"head size {parts.head_dim} (GroupQueryAttention's rotary needs a multiple of 16)"
-    head = parts.head
+    head = getattr(parts.head, "lm_head", parts.head)  # SoftcapHead wraps the Linear
     if not isinstance(head, torch.nn.Linear):
         return f"output head {type(head).__name__} is not a plain Linear"
     act = type(stack.layers[0].mlp.act_fn).__name__
-    if act not in ("SiLU", "SiLUActivation"):
-        return f"MLP activation {act} is not SiLU"
+    if act not in ACTIVATIONS:
+        return f"MLP activation {act} is not one of {', '.join(ACTIVATIONS)}"
     return None
 
 
@@ -129,79 +159,132 @@ class _Builder:
         return y
 
 
-def _rotary_tables(stack, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin [max_positions, head_dim / 2] from the model's own rotary module (its scaling included)."""
+def _rotary_tables(stack, max_positions: int, layer_type: str | None = None, offset: int = 0
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [max_positions, head_dim / 2] from the model's own rotary module (its scaling included), of the
+    layer type's frequencies where they differ per type (Gemma 3); row p holds position p + offset."""
     rotary = stack.rotary_emb
-    freqs = np.outer(np.arange(max_positions, dtype=np.float64), rotary.inv_freq.double().numpy())
-    scale = float(getattr(rotary, "attention_scaling", 1.0))
+    prefix = f"{layer_type}_" if layer_type else ""
+    inv_freq = getattr(rotary, f"{prefix}inv_freq")
+    positions = np.arange(offset, offset + max_positions, dtype=np.float64)
+    freqs = np.outer(positions, inv_freq.double().numpy())
+    scale = float(getattr(rotary, f"{prefix}attention_scaling", 1.0))
     return (np.cos(freqs) * scale).astype(np.float32), (np.sin(freqs) * scale).astype(np.float32)
 
 
-def build(parts: Parts, max_positions: int) -> tuple[onnx.ModelProto, dict[str, Callable[[], np.ndarray]]]:
+def build(parts: Parts, max_positions: int, attention: str = "causal", position_offset: int = 0
+          ) -> tuple[onnx.ModelProto, dict[str, Callable[[], np.ndarray]]]:
     """The fused decoder graph of `parts`, and its deferred weights (name -> function giving the array) that
     lazy.write_model writes in."""
     stack = parts.text_model
     cfg = stack.config
     heads, kv_heads, dim = cfg.num_attention_heads, parts.num_kv_heads, parts.head_dim
     b = _Builder()
-    cos, sin = _rotary_tables(stack, max_positions)
-    cos, sin = b.weight("cos_cache", cos), b.weight("sin_cache", sin)
+    windows = layer_windows(stack)
+    masked = takes_masks(parts, attention)
+    layer_types = getattr(cfg, "layer_types", None) if None not in _rope_types(stack) else None
+    tables: dict[str | None, list[str]] = {}
+
+    def rotary_caches(i: int) -> list[str]:
+        kind = layer_types[i] if layer_types else None
+        if kind not in tables:
+            cos, sin = _rotary_tables(stack, max_positions, kind, position_offset)
+            tables[kind] = [b.weight("cos_cache", cos), b.weight("sin_cache", sin)]
+        return tables[kind]
+
+    def gamma(module) -> str:
+        name = b.weights("norm", module.weight)
+        if type(module).__name__ in UNIT_OFFSET_NORMS:
+            plain = b.deferred[name]
+            b.deferred[name] = lambda: plain() + np.float32(1.0)
+        return name
+
+    def eps(module) -> float:
+        return float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
+
+    def rms(x: str, module) -> str:
+        return b.op("SimplifiedLayerNormalization", [x, gamma(module)], axis=-1, epsilon=eps(module), stash_type=1)
 
     def norm(x: str, residual: str | None, module) -> tuple[str, str]:
-        gamma = b.weights("norm", module.weight)
-        eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
         if residual is None:
-            return b.op("SimplifiedLayerNormalization", [x, gamma], axis=-1, epsilon=eps, stash_type=1), x
+            return rms(x, module), x
         out, total = b.name("normed"), b.name("residual")
-        b.op("SkipSimplifiedLayerNormalization", [x, residual, gamma], domain=MS, outputs=[out, "", "", total],
-             epsilon=eps)
+        b.op("SkipSimplifiedLayerNormalization", [x, residual, gamma(module)], domain=MS,
+             outputs=[out, "", "", total], epsilon=eps(module))
         return out, total
+
+    def head_norm(x: str, n_heads: int, module) -> str:
+        """RMSNorm over each head's slice of [batch, seq, n_heads * dim] (QK norm)."""
+        normed = rms(b.op("Reshape", [x, b.weight_int("heads", [0, 0, n_heads, dim])]), module)
+        return b.op("Reshape", [normed, b.weight_int("flat", [0, 0, n_heads * dim])])
 
     mrope = parts.position_rows > 1
     sections = [int(n) for n in getattr(stack.rotary_emb, "mrope_section", [])]
 
-    def attention(i: int, qkv: str, attn) -> str:
-        """GroupQueryAttention over the packed q|k|v, rotary inside it (linear positions) or applied before it
-        from the 3-D positions (M-RoPE)."""
+    def attention_op(i: int, qkv: str, attn) -> str:
+        """GroupQueryAttention over the packed q|k|v (or q, k, v after QK norm), rotary inside it (linear
+        positions) or applied before it from the 3-D positions (M-RoPE); masked by the bias where it takes one."""
         context = b.name("attention")
-        caches = [cos, sin]
-        if mrope:
-            q, k, v = b.op("Split", [qkv, b.weight_int("qkv_sizes", [heads * dim, kv_heads * dim, kv_heads * dim])],
-                           n_out=3, axis=-1)
-            q = b.op("MRotaryEmbedding", [q, "position_ids", cos, sin], domain=MS, num_heads=heads,
-                     mrope_section=sections)
-            k = b.op("MRotaryEmbedding", [k, "position_ids", cos, sin], domain=MS, num_heads=kv_heads,
-                     mrope_section=sections)
-            qkv, key, value, caches = q, k, v, []
-        else:
-            key = value = ""
+        caches = rotary_caches(i)
+        key = value = ""
+        qk_norm = getattr(attn, "q_norm", None) is not None
+        if mrope or qk_norm:
+            q, key, value = b.op("Split", [qkv, b.weight_int("qkv_sizes", [heads * dim, kv_heads * dim,
+                                                                           kv_heads * dim])], n_out=3, axis=-1)
+            qkv = q
+            if qk_norm:
+                qkv, key = head_norm(qkv, heads, attn.q_norm), head_norm(key, kv_heads, attn.k_norm)
+            if mrope:
+                cos, sin = caches
+                qkv = b.op("MRotaryEmbedding", [qkv, "position_ids", cos, sin], domain=MS, num_heads=heads,
+                           mrope_section=sections)
+                key = b.op("MRotaryEmbedding", [key, "position_ids", cos, sin], domain=MS, num_heads=kv_heads,
+                           mrope_section=sections)
+                caches = []
+        # optional inputs: cos_cache, sin_cache, position_ids, attention_bias
+        optional = [*(caches or ["", ""]), *(["", parts.mask_names[1 if windows[i] else 0]] if masked else [])]
+        softcap = getattr(attn, "attn_logit_softcapping", None) or getattr(cfg, "attn_logit_softcapping", None)
         b.op("GroupQueryAttention",
-             [qkv, key, value, f"past.{i}.key", f"past.{i}.value", "seqlens_k", "total_sequence_length", *caches],
+             [qkv, key, value, f"past.{i}.key", f"past.{i}.value", "seqlens_k", "total_sequence_length", *optional],
              domain=MS, outputs=[context, f"present.{i}.key", f"present.{i}.value"],
              num_heads=heads, kv_num_heads=kv_heads, do_rotary=0 if mrope else 1, rotary_interleaved=0,
-             scale=float(attn.scaling))
+             scale=float(attn.scaling), causal=0 if masked else 1, softcap=float(softcap or 0.0))
         return context
+
+    def mlp_op(x: str, mlp, i: int) -> str:
+        gate = b.linear(x, mlp.gate_proj, f"layers.{i}.gate_proj")
+        up = b.linear(x, mlp.up_proj, f"layers.{i}.up_proj")
+        if ACTIVATIONS[type(mlp.act_fn).__name__] == "gelu_tanh":
+            act = b.op("FastGelu", [gate], domain=MS)  # 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
+        else:
+            act = b.op("Mul", [gate, b.op("Sigmoid", [gate])])
+        return b.linear(b.op("Mul", [act, up]), mlp.down_proj, f"layers.{i}.down_proj")
 
     hidden, residual = "inputs_embeds", None
     for i, layer in enumerate(stack.layers):
-        attn, mlp = layer.self_attn, layer.mlp
+        attn = layer.self_attn
         x, residual = norm(hidden, residual, layer.input_layernorm)
         qkv = b.op("MatMul", [x, b.weights(f"layers.{i}.qkv", attn.q_proj.weight, attn.k_proj.weight,
                                            attn.v_proj.weight, transpose=True)])
         if attn.q_proj.bias is not None:
             qkv = b.op("Add", [qkv, b.weights(f"layers.{i}.qkv_bias", attn.q_proj.bias, attn.k_proj.bias,
                                               attn.v_proj.bias)])
-        out = b.linear(attention(i, qkv, attn), attn.o_proj, f"layers.{i}.o_proj")
-        x, residual = norm(out, residual, layer.post_attention_layernorm)
-        gate = b.linear(x, mlp.gate_proj, f"layers.{i}.gate_proj")
-        up = b.linear(x, mlp.up_proj, f"layers.{i}.up_proj")
-        act = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate])]), up])
-        hidden = b.linear(act, mlp.down_proj, f"layers.{i}.down_proj")
+        out = b.linear(attention_op(i, qkv, attn), attn.o_proj, f"layers.{i}.o_proj")
+        if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma 2/3: a norm after attention and after the MLP
+            x, residual = norm(rms(out, layer.post_attention_layernorm), residual, layer.pre_feedforward_layernorm)
+            hidden = rms(mlp_op(x, layer.mlp, i), layer.post_feedforward_layernorm)
+        else:
+            x, residual = norm(out, residual, layer.post_attention_layernorm)
+            hidden = mlp_op(x, layer.mlp, i)
     x, _ = norm(hidden, residual, stack.norm)
     last = b.op("Slice", [x, b.weight_int("minus_one", [-1]), b.weight_int("end", [np.iinfo(np.int64).max]),
                           b.weight_int("axis", [1])])
-    b.linear(last, parts.head, "lm_head")
-    b.nodes[-1].output[0] = "logits"  # the head's MatMul, or the bias Add after it
+    logits = b.linear(last, getattr(parts.head, "lm_head", parts.head), "lm_head")
+    cap = getattr(parts.head, "softcap", None)
+    if cap:  # final logit soft-capping: tanh(x / cap) * cap
+        cap_value = b.weight("softcap", np.array(cap, np.float32))
+        b.op("Mul", [b.op("Tanh", [b.op("Div", [logits, cap_value])]), cap_value])
+    b.nodes[-1].output[0] = "logits"  # the last node: the head's MatMul, its bias Add, or the soft-cap's Mul
 
     kv = ["batch", kv_heads, "max_context", dim]
     inputs = [
@@ -209,6 +292,9 @@ def build(parts: Parts, max_positions: int) -> tuple[onnx.ModelProto, dict[str, 
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
     ]
+    if masked:
+        inputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", 1, "seq", "total"])
+                   for name in parts.mask_names]
     if mrope:
         inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, [3, "batch", "seq"]))
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1, parts.vocab_size])]
@@ -228,25 +314,32 @@ class InPlaceReference(torch.nn.Module):
     seqlens_k / total_sequence_length say how many slots are filled; the
     new keys and values land in copies of the past buffers at their slots,
     the rest of each buffer unchanged (as GroupQueryAttention leaves it).
+    Where the graph takes masks they come in as the traced decoder takes
+    them (over the filled slots and the new tokens); else attention is causal.
     """
 
-    def __init__(self, parts: Parts, max_context: int):
+    def __init__(self, parts: Parts, max_context: int, attention: str = "causal", position_offset: int = 0):
         super().__init__()
         self.parts, self.max_context = parts, max_context
+        self.attention, self.position_offset = attention, position_offset
+        self.n_masks = len(parts.mask_names) if takes_masks(parts, attention) else 0
         self.decoder = DecoderGraph(parts, "buffer")
 
     def forward(self, inputs_embeds, seqlens_k, total_sequence_length, *rest):
         batch, n = inputs_embeds.shape[:2]
         total = int(total_sequence_length)
         start = total - n
-        mask = torch.zeros(batch, 1, n, total)
-        mask[..., start:] = torch.where(torch.tril(torch.ones(n, n, dtype=torch.bool)), 0.0,
-                                        torch.finfo(torch.float32).min)
+        masks, rest = list(rest[: self.n_masks]), rest[self.n_masks :]
+        if not masks:
+            mask = torch.zeros(batch, 1, n, total)
+            mask[..., start:] = torch.where(torch.tril(torch.ones(n, n, dtype=torch.bool)), 0.0,
+                                            torch.finfo(torch.float32).min)
+            masks = [mask]
         if self.parts.position_rows > 1:  # the 3-D positions come in (M-RoPE)
             positions, past = rest[0], rest[1:]
         else:
-            positions, past = torch.arange(start, total).repeat(batch, 1), rest
-        out = self.decoder(inputs_embeds, mask, positions, *[p[:, :, :start] for p in past])
+            positions, past = torch.arange(start, total).repeat(batch, 1) + self.position_offset, rest
+        out = self.decoder(inputs_embeds, *masks, positions, *[p[:, :, :start] for p in past])
         presents = []
         for buffer, new in zip(past, out[1:]):
             full = buffer.clone()
@@ -255,7 +348,7 @@ class InPlaceReference(torch.nn.Module):
         return (out[0], *presents)
 
     def build(self):
-        return build(self.parts, self.max_context)
+        return build(self.parts, self.max_context, self.attention, self.position_offset)
 
 
 # (batch, new tokens, filled slots): GroupQueryAttention takes several new tokens after a filled cache
@@ -263,26 +356,36 @@ class InPlaceReference(torch.nn.Module):
 CHECKS = ((1, 3, 4), (2, 1, 9), (1, 6, 0), (2, 5, 0))
 
 
-def decoder_job(parts: Parts, max_context: int, generator: torch.Generator) -> GraphJob:
+def _random_mask(batch: int, n: int, start: int, generator: torch.Generator) -> torch.Tensor:
+    """An additive mask [batch, 1, n, start + n] of any pattern (both ways, holes), each token seeing itself."""
+    keep = torch.rand(batch, 1, n, start + n, generator=generator) > 0.3
+    keep[..., torch.arange(n), start + torch.arange(n)] = True
+    return torch.where(keep, 0.0, torch.finfo(torch.float32).min)
+
+
+def decoder_job(parts: Parts, max_context: int, generator: torch.Generator, attention: str = "causal",
+                position_offset: int = 0) -> GraphJob:
     """The decoder's GraphJob for kv_cache storage "in_place" (export builds, verification traces nothing)."""
     kv = (parts.num_kv_heads, max_context, parts.head_dim)
+    masked = takes_masks(parts, attention)
 
     def inputs(batch: int, n: int, start: int) -> tuple:
         embeds = torch.randn(batch, n, parts.hidden_size, generator=generator)
         past = [torch.randn(batch, *kv, generator=generator) for _ in range(2 * parts.num_layers)]
-        extra = []
+        extra = [_random_mask(batch, n, start, generator) for _ in parts.mask_names] if masked else []
         if parts.position_rows > 1:  # rows that differ, as an image's (frame, row, column) do; within the table
             linear = torch.arange(start, start + n).repeat(batch, 1)
-            extra = [torch.stack([(linear - torch.randint(0, 3, linear.shape, generator=generator)).clamp(min=0)
-                                  for _ in range(parts.position_rows)])]
+            extra.append(torch.stack([(linear - torch.randint(0, 3, linear.shape, generator=generator)).clamp(min=0)
+                                      for _ in range(parts.position_rows)]))
         return (embeds, torch.full((batch,), start + n - 1, dtype=torch.int32),
                 torch.tensor(start + n, dtype=torch.int32), *extra, *past)
 
     past_names, present_names = kv_names("past", parts.num_layers), kv_names("present", parts.num_layers)
     return GraphJob(
         "decoder",
-        InPlaceReference(parts, max_context),
-        [*INPUTS, *(["position_ids"] if parts.position_rows > 1 else []), *past_names],
+        InPlaceReference(parts, max_context, attention, position_offset),
+        [*INPUTS, *(parts.mask_names if masked else []), *(["position_ids"] if parts.position_rows > 1 else []),
+         *past_names],
         ["logits", *present_names],
         {},
         inputs(*CHECKS[0]),

@@ -269,8 +269,10 @@ def _patch_grid_jobs(parts: Parts, g: torch.Generator) -> tuple[GraphJob, GraphJ
     return vision, projector
 
 
-def build_jobs(parts: Parts, seed: int = 0, kv_storage: str = "buffer", max_context: int = 0) -> list[GraphJob]:
-    """The four jobs; the decoder's for kv_cache storage "in_place" is built, not traced (fused_decoder)."""
+def build_jobs(parts: Parts, seed: int = 0, kv_storage: str = "buffer", max_context: int = 0,
+               attention: str = "causal", position_offset: int = 0) -> list[GraphJob]:
+    """The four jobs; the decoder's for kv_cache storage "in_place" is built, not traced (fused_decoder), for
+    the scheme's `attention` pattern and `position_offset` (the traced decoder takes masks and positions)."""
     g = torch.Generator().manual_seed(seed)
     vision, projector = (_patch_grid_jobs if parts.patch_grid else _image_jobs)(parts, g)
 
@@ -290,7 +292,7 @@ def build_jobs(parts: Parts, seed: int = 0, kv_storage: str = "buffer", max_cont
     if kv_storage == "in_place":
         from mmedge.exporters import fused_decoder
 
-        return [vision, projector, embed, fused_decoder.decoder_job(parts, max_context, g)]
+        return [vision, projector, embed, fused_decoder.decoder_job(parts, max_context, g, attention, position_offset)]
 
     kv_shape = (parts.num_kv_heads, parts.head_dim)
 

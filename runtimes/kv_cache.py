@@ -121,6 +121,10 @@ class InPlaceCache(KVCache):
     def into(self) -> dict[str, np.ndarray]:
         return self._into
 
+    @property
+    def mask_slots(self) -> int:
+        return self.length  # GroupQueryAttention's bias covers the tokens so far, not the whole buffer
+
     def keep_rows(self, rows: np.ndarray) -> bool:
         super().keep_rows(rows)
         self._into = self._named(self._present_names)

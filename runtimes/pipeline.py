@@ -115,6 +115,7 @@ class Pipeline:
         # a decoder built on GroupQueryAttention (kv_cache "in_place") takes the sequence lengths instead of
         # masks and position ids: causal attention at linear positions, which is all that kernel does
         self.takes_lengths = "seqlens_k" in decoder_inputs
+        # (a fused decoder whose attention is not plain causal takes the masks as well, over the tokens so far)
         # ... and, for 3-D positions (M-RoPE), the positions too: the kernel rotates nothing itself then
         self.lengths_and_positions = self.takes_lengths and "position_ids" in decoder_inputs
         # a decoder with DeepStack (Qwen3-VL) takes visual features for its first k layers beside the embeddings
@@ -557,6 +558,7 @@ class Pipeline:
             present = {name: array[r : r + 1] for name, array in into.items()}
             logits = np.empty((1, 1, vocab), self._into["logits"].dtype)
             extra = {"position_ids": self._positions(seqs[r], 0, n)} if self.lengths_and_positions else {}
+            extra.update(self._masks(seqs[r], 0, n, 0))
             decoder.run({"inputs_embeds": row, "seqlens_k": np.array([n - 1], np.int32),
                          "total_sequence_length": np.array(n, np.int32), **extra, **past},
                         into={**present, "logits": logits})
@@ -572,6 +574,13 @@ class Pipeline:
             if self.lengths_and_positions:
                 extra["position_ids"] = np.concatenate([self._positions(seq, int(at), 1)
                                                         for seq, at in zip(live["seqs"], seen)], axis=-2)
+            if self.mask_names:  # each row's masks over its own tokens, padded (masked) to the longest row's
+                total = int(seen.max()) + 1
+                rows = [self._masks(seq, int(at), 1, int(at)) for seq, at in zip(live["seqs"], seen)]
+                neg = np.finfo(self.mask_dtype).min
+                extra.update({name: np.concatenate([np.pad(m[name], [(0, 0)] * 3 + [(0, total - m[name].shape[-1])],
+                                                           constant_values=neg) for m in rows])
+                              for name in self.mask_names})
             decoder.run({"inputs_embeds": embeds, "seqlens_k": seen.copy(),
                          "total_sequence_length": np.array(seen.max() + 1, np.int32), **extra, **cache.feeds()},
                         into={**cache.into(), "logits": live["logits"]})
@@ -779,16 +788,22 @@ class Pipeline:
                          "total_sequence_length": np.array(start + n, np.int32)}
             if self.lengths_and_positions:
                 positions["position_ids"] = self._positions(seq, start, n)
+            positions.update(self._masks(seq, start, n, mask_slots))
         else:
             positions = {
                 "position_ids": schemes.position_ids(self.manifest.schemes, start, n, prompt=seq.positions),
-                **schemes.attention_masks(
-                    self.manifest.schemes, self.mask_names, start, n, mask_slots, seq.block_of, self.mask_dtype
-                ),
+                **self._masks(seq, start, n, mask_slots),
             }
             if self.deepstack_shape:
                 positions["deepstack_embeds"] = self._deepstack(seq, start, n)
         return self.graphs["decoder"].run({"inputs_embeds": embeds, **positions, **cache_feeds}, into=into)
+
+    def _masks(self, seq: _Sequence, start: int, n: int, cache_len: int) -> dict[str, np.ndarray]:
+        """The step's masks where the decoder takes them, else none."""
+        if not self.mask_names:
+            return {}
+        return schemes.attention_masks(self.manifest.schemes, self.mask_names, start, n, cache_len, seq.block_of,
+                                       self.mask_dtype)
 
     def _cached_step(self, embeds: np.ndarray, seq: _Sequence) -> np.ndarray:
         out = self._decode(embeds, self.cache.length, self.cache.feeds(), self.cache.mask_slots, seq, self._into)

@@ -151,9 +151,13 @@ def test_unknown_target_and_unknown_precision(tmp_path):
                                   "-o", str(tmp_path / "o")), "projector cannot be 'int4'")
     assert_one_line_error(run_cli("export", "--model", "tiny-paligemma", "--kv-cache", "state",
                                   "-o", str(tmp_path / "o")), "--kv-cache state is not available for --target onnxruntime")
-    assert_one_line_error(run_cli("export", "--model", "tiny-paligemma", "--kv-cache", "in_place",
+    assert not (tmp_path / "o").exists()
+
+
+def test_in_place_cache_on_a_decoder_the_kernel_cannot_run(checkpoints, tmp_path):
+    assert_one_line_error(run_cli("export", "--model", str(checkpoints["glm4v-gqa"]), "--kv-cache", "in_place",
                                   "-o", str(tmp_path / "o")),
-                          "--kv-cache in_place needs a decoder GroupQueryAttention can run", "GemmaModel",
+                          "--kv-cache in_place needs a decoder GroupQueryAttention can run", "Glm4vTextModel",
                           "--kv-cache buffer")
     assert not (tmp_path / "o").exists()
 

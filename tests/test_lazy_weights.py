@@ -75,7 +75,8 @@ def test_a_lazily_written_graph_is_the_graph_written_from_the_loaded_model(check
 
     monkeypatch.delenv("MMEDGE_TRACE_CACHE", raising=False)  # trace both times: nothing read back from a cache
     inline = onnxruntime_target.EXTERNAL_DATA_BYTES
-    for shape in ("paligemma-gqa", "llava-gqa"):  # traced decoder; fused decoder built from deferred weights
+    # traced decoder; fused decoder (Gemma 2 blocks: norm weights + 1, soft-capping) built from deferred weights
+    for shape in ("idefics3-single", "paligemma2-sliding"):
         packages = {}
         for lazily, external in ((False, inline), (True, 0)):
             monkeypatch.setattr(onnxruntime_target, "LAZY_WEIGHTS", lazily)
