@@ -94,6 +94,30 @@ def test_in_place_decoder_fills_the_cache_as_the_traced_one(shape, packages):
     assert built.cache.keys[0] is buffers  # written in place: the same arrays, never reallocated
 
 
+def test_a_sliding_window_llama_ignores_keeps_the_fused_decoder(checkpoints, reference_tokens, tmp_path):
+    """transformers' own Idefics3 test config carries text_config.sliding_window, which Llama's attention ignores:
+    the decoder is still built on GroupQueryAttention, and its tokens are still transformers'."""
+    import json
+    import shutil
+
+    from mmedge.exporters.export import ExportOptions, export
+
+    shape = "smolvlm-tiles"
+    checkpoint = tmp_path / "ck"
+    shutil.copytree(checkpoints[shape], checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["text_config"]["sliding_window"] = 4  # shorter than any prompt: it would change every token if applied
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    export(ExportOptions(model=str(checkpoint), output=tmp_path / "pkg", progress=False))
+    pipe = Pipeline.load(tmp_path / "pkg")
+    assert pipe.manifest.kv_cache.storage == "in_place" and not pipe.mask_names
+    reference = reference_tokens(shape)
+    image = sample_images()["shapes"]
+    for prompt in PROMPTS:
+        assert list(pipe.generate_ids(image, prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True)) == \
+            reference["shapes", prompt]
+
+
 @pytest.mark.parametrize("shape", each_shape())
 def test_prompt_ids_and_pixels_match_processor(shape, packages, processors):
     processor = processors(shape)
