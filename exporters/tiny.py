@@ -220,7 +220,9 @@ def builtin_shape(name: str) -> TinyShape:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("MMEDGE_CACHE", Path.home() / ".cache" / "mmedge"))
+    from mmedge.manifest import user_cache_dir
+
+    return user_cache_dir()
 
 
 def materialize(name: str) -> Path:

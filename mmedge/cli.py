@@ -171,7 +171,10 @@ def _engine_args(r) -> None:
     r.add_argument("--threads", type=int, default=0, help="intra-op threads (default: engine's choice)")
     r.add_argument("--low-memory", action="store_true",
                    help="ONNX Runtime: keep weights memory-mapped, no repacked copies (less memory, slower fp32)")
-    r.add_argument("--no-verify", action="store_true", help="skip checking file hashes at load")
+    verify = r.add_mutually_exclusive_group()
+    verify.add_argument("--no-verify", action="store_true", help="skip checking file hashes at load")
+    verify.add_argument("--verify-full", action="store_true",
+                        help="hash every file at load, even those that are the very files verified before")
 
 
 def _load(args):
@@ -180,7 +183,7 @@ def _load(args):
 
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
     return Pipeline.load(args.package, backend=args.backend, providers=providers, threads=args.threads,
-                         verify=not args.no_verify, device=args.device, inference_precision=args.inference_precision,
+                         verify="full" if args.verify_full else not args.no_verify, device=args.device, inference_precision=args.inference_precision,
                          low_memory=args.low_memory)
 
 

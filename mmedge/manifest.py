@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -360,13 +361,26 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def load_manifest(directory: str | Path, verify_files: bool = True) -> Manifest:
+def user_cache_dir() -> Path:
+    """mmedge's cache folder: $MMEDGE_CACHE, else ~/.cache/mmedge (built-in checkpoints, verification records,
+    compiled-model caches)."""
+    return Path(os.environ.get("MMEDGE_CACHE", Path.home() / ".cache" / "mmedge"))
+
+
+VERIFY = (True, False, "full")
+
+
+def load_manifest(directory: str | Path, verify_files: bool | str = True) -> Manifest:
     """Read and check a package's manifest.
 
     With `verify_files`, every file listed in the manifest must exist with its
     recorded size and sha256, so a truncated copy or a swapped graph is caught
-    at load time with one clear message.
+    at load time with one clear message. True hashes a file only when it is
+    not the very file hashed before (verify_package_files); "full" hashes every
+    byte every time.
     """
+    if verify_files not in VERIFY:
+        raise PackageError(f"verify must be True, False or 'full', got {verify_files!r}")
     directory = Path(directory)
     if not directory.exists():
         raise PackageError(f"package not found: {directory}")
@@ -375,15 +389,17 @@ def load_manifest(directory: str | Path, verify_files: bool = True) -> Manifest:
     path = directory / MANIFEST_NAME
     if not path.exists():
         raise PackageError(f"{directory} is not an mmedge package (no {MANIFEST_NAME}); create one with `mmedge export`")
+    raw = path.read_bytes()
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PackageError(f"{path} is not valid JSON ({exc}); re-export the package") from None
     manifest = Manifest.from_dict(data)
     for name in sorted(named_files(manifest) | set(manifest.files)):
         confined(directory, name)
     if verify_files:
-        verify_package_files(directory, manifest)
+        verify_package_files(directory, manifest, remember=verify_files != "full",
+                             manifest_digest=hashlib.sha256(raw).hexdigest())
     return manifest
 
 
@@ -408,7 +424,46 @@ def confined(directory: Path, name: str) -> Path:
     return path
 
 
-def verify_package_files(directory: Path, manifest: Manifest) -> None:
+def _identity(stat) -> list[int]:
+    """What changes whenever a file's bytes do: a write updates mtime and ctime (ctime cannot be set back from user
+    space), a replacement is another inode, a copy another inode or device."""
+    return [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+
+
+def _record_path(directory: Path) -> Path:
+    key = hashlib.sha256(str(Path(directory).resolve()).encode()).hexdigest()[:32]
+    return user_cache_dir() / "verified" / f"{key}.json"
+
+
+def _read_record(directory: Path, manifest_digest: str) -> dict[str, list[int]]:
+    try:
+        record = json.loads(_record_path(directory).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(record, dict) or record.get("manifest") != manifest_digest:
+        return {}
+    files = record.get("files")
+    return files if isinstance(files, dict) else {}
+
+
+def _write_record(directory: Path, manifest_digest: str, files: dict[str, list[int]]) -> None:
+    path = _record_path(directory)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"package": str(Path(directory).resolve()), "manifest": manifest_digest,
+                                   "files": files}))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home: every load hashes, as before
+
+
+def verify_package_files(directory: Path, manifest: Manifest, remember: bool = True, manifest_digest: str = ""
+                         ) -> None:
+    """Every listed file exists with its size and sha256. With `remember`, a file is hashed only when it is not
+    the file hashed at an earlier load (same device, inode, size, mtime and ctime, recorded under
+    user_cache_dir()/verified for the manifest of sha256 `manifest_digest`); the record is written after a full
+    pass."""
     needed = named_files(manifest)
     listed = set(manifest.files)
     # a graph may be a directory (Core ML's .mlpackage): its files are listed one by one
@@ -416,11 +471,18 @@ def verify_package_files(directory: Path, manifest: Manifest) -> None:
     missing_entries = sorted(needed - listed)
     if missing_entries:
         raise PackageError(f"{MANIFEST_NAME} lists no hash for {', '.join(missing_entries)}; re-export the package")
+    digest = manifest_digest or hashlib.sha256((directory / MANIFEST_NAME).read_bytes()).hexdigest()
+    known = _read_record(directory, digest) if remember else {}
+    seen: dict[str, list[int]] = {}
     for name, entry in manifest.files.items():
         path = directory / name
         if not path.is_file():
             raise PackageError(f"package file missing: {path}; the package is incomplete, re-export or re-copy it")
-        size = path.stat().st_size
+        stat = path.stat()
+        seen[name] = _identity(stat)
+        size = stat.st_size
+        if known.get(name) == seen[name] and size == entry.bytes:
+            continue  # the very file that matched before
         if size != entry.bytes:
             raise PackageError(
                 f"package file {name} has {size} bytes, manifest says {entry.bytes}: the copy is damaged, re-copy or re-export"
@@ -429,3 +491,5 @@ def verify_package_files(directory: Path, manifest: Manifest) -> None:
             raise PackageError(
                 f"package file {name} does not match its sha256 in {MANIFEST_NAME}: it was changed or damaged, re-copy or re-export"
             )
+    if remember and seen != known:
+        _write_record(directory, digest, seen)

@@ -152,7 +152,7 @@ class Pipeline:
         backend: str | None = None,
         providers: Sequence[str] | None = None,
         threads: int = 0,
-        verify: bool = True,
+        verify: bool | str = True,
         device: str | None = None,
         inference_precision: str | None = None,
         max_pixels: int | None = None,
@@ -169,8 +169,11 @@ class Pipeline:
         threads: passed to the backend (threads 0: $MMEDGE_THREADS if set,
         else the engine's choice). inference_precision (OpenVINO on
         CPU): compute precision, "f32" by default, "bf16" / "f16" where the
-        CPU is faster at them. verify: check every file's sha256 against the
-        manifest first. max_pixels / min_pixels / max_image_tokens: the
+        CPU is faster at them. verify: check every file's size and sha256
+        against the manifest first; a file that is the very file verified at
+        an earlier load (same inode, size, mtime and ctime, recorded under
+        $MMEDGE_CACHE/verified) is not read again; "full": hash every byte;
+        False: no check. max_pixels / min_pixels / max_image_tokens: the
         visual token budget of dynamic-resolution packages, instead of the
         package's (each call can set them again); max_video_tokens: the most
         tokens a prompt's video takes (its frames resized down, or, where

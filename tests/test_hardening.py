@@ -239,3 +239,53 @@ def test_a_checkpoint_index_naming_weights_outside_it_is_refused(checkpoints, tm
     result = run_cli("export", "--model", str(checkpoint), "-o", str(tmp_path / "pkg"))
     assert result.returncode == 2 and "outside the checkpoint" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "pkg").exists()
+
+
+# -- hashing once per file -----------------------------------------------------------------------------------
+
+
+def _count_hashed(monkeypatch) -> list[str]:
+    from mmedge import manifest
+
+    hashed, plain = [], manifest.sha256_file
+    monkeypatch.setattr(manifest, "sha256_file", lambda path, *a: hashed.append(path.name) or plain(path, *a))
+    return hashed
+
+
+def test_a_file_verified_before_is_not_read_again_but_any_write_to_it_is_caught(packages, tmp_path, monkeypatch):
+    monkeypatch.setenv("MMEDGE_CACHE", str(tmp_path / "cache"))
+    package = _copy(packages, tmp_path)
+    hashed = _count_hashed(monkeypatch)
+    Pipeline.load(package)
+    listed = set(json.loads((package / MANIFEST_NAME).read_text())["files"])
+    assert set(hashed) == listed  # first load: every file
+    hashed.clear()
+    Pipeline.load(package)
+    assert hashed == []  # the same files: none read
+    Pipeline.load(package, verify="full")
+    assert set(hashed) == listed  # "full": every byte, every time
+    # one byte changed in place, same size, mtime set back: ctime still moves, so the file is hashed and refused
+    decoder = package / "decoder.onnx"
+    before = decoder.stat()
+    with open(decoder, "r+b") as fh:
+        fh.seek(before.st_size // 2)
+        byte = fh.read(1)
+        fh.seek(before.st_size // 2)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(decoder, ns=(before.st_atime_ns, before.st_mtime_ns))
+    hashed.clear()
+    with pytest.raises(PackageError, match="does not match its sha256"):
+        Pipeline.load(package)
+    assert hashed == ["decoder.onnx"] or "decoder.onnx" in hashed
+
+
+def test_without_a_writable_cache_every_load_hashes_everything(packages, tmp_path, monkeypatch):
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("MMEDGE_CACHE", str(blocked))
+    package = _copy(packages, tmp_path)
+    hashed = _count_hashed(monkeypatch)
+    Pipeline.load(package)
+    first = len(hashed)
+    Pipeline.load(package)
+    assert first > 0 and len(hashed) == 2 * first
