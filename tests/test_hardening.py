@@ -289,3 +289,34 @@ def test_without_a_writable_cache_every_load_hashes_everything(packages, tmp_pat
     first = len(hashed)
     Pipeline.load(package)
     assert first > 0 and len(hashed) == 2 * first
+
+
+def test_openvino_compiles_once_and_never_serves_a_stale_graph(packages, tmp_path, monkeypatch):
+    """The model cache ($MMEDGE_CACHE/openvino) fills on the first load and is used after; another package
+    copied to the same path runs its own graphs, not the cached ones of the path's earlier package."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MMEDGE_CACHE", str(cache))
+    image = sample_images()["shapes"]
+
+    def tokens(package, **options):
+        return list(Pipeline.load(package, **options).generate_ids(image, "caption en", max_new_tokens=8,
+                                                                   ignore_eos=True))
+
+    where = tmp_path / "pkg"
+    expected = {}
+    for shape in ("paligemma-gqa", "paligemma-mqa"):
+        source = packages(shape, "openvino")
+        monkeypatch.setenv("MMEDGE_CACHE", str(tmp_path / f"none-{shape}"))
+        expected[shape] = tokens(source)  # each package alone, its own fresh cache
+        monkeypatch.setenv("MMEDGE_CACHE", str(cache))
+        shutil.rmtree(where, ignore_errors=True)
+        shutil.copytree(source, where)
+        assert tokens(where) == expected[shape], shape
+        blobs = sorted((cache / "openvino").iterdir())
+        assert blobs
+        assert tokens(where) == expected[shape], shape  # from the cache
+        assert sorted((cache / "openvino").iterdir()) == blobs  # nothing compiled again
+    assert expected["paligemma-gqa"] != expected["paligemma-mqa"]
+    from mmedge.runtimes.backends.openvino import OpenVinoBackend
+
+    assert OpenVinoBackend(cache_dir=None).cache_dir is None

@@ -57,12 +57,16 @@ class OpenVinoBackend:
     hint: performance hint, LATENCY (default) or THROUGHPUT. inference_precision
     (CPU): f32 (default), bf16 or f16 compute; OpenVINO's own CPU default is
     bf16 where the CPU has it, which would run an fp32 package in bf16 silently.
+    cache_dir: where OpenVINO keeps each compiled graph (its model cache, CACHE_DIR), so that the next load of
+    the same file with the same settings imports it instead of compiling; default $MMEDGE_CACHE/openvino,
+    None or "" for none (also when the folder cannot be made). OpenVINO keys each entry on the graph file
+    and the compile settings, and compiles again when the file changes.
     """
 
     name = "openvino"
 
     def __init__(self, device: str | None = None, threads: int = 0, hint: str = "LATENCY",
-                 inference_precision: str | None = None):
+                 inference_precision: str | None = None, cache_dir: str | Path | None = "default"):
         try:
             import openvino as ov
         except ImportError:
@@ -88,11 +92,23 @@ class OpenVinoBackend:
             self.config.update(INFERENCE_PRECISION_HINT=inference_precision or "f32", KV_CACHE_PRECISION="f32")
         elif inference_precision:
             self.config["INFERENCE_PRECISION_HINT"] = inference_precision
+        if cache_dir == "default":
+            from mmedge.manifest import user_cache_dir
+
+            cache_dir = user_cache_dir() / "openvino"
+        self.cache_dir = None
+        if cache_dir:
+            try:
+                Path(cache_dir).mkdir(parents=True, exist_ok=True)
+                self.core.set_property({"CACHE_DIR": str(cache_dir)})
+                self.cache_dir = Path(cache_dir)
+            except OSError as exc:
+                log.info("OpenVINO model cache off: %s", exc)
 
     def load(self, path: Path):
         try:
-            model = self.core.read_model(str(path))
-            compiled = self.core.compile_model(model, self.device, self.config)
+            # from the path: with a cache entry for this file and these settings, the graph is not even read
+            compiled = self.core.compile_model(str(path), self.device, self.config)
         except Exception as exc:  # openvino raises RuntimeError with multi-line messages
             raise MmedgeError(f"OpenVINO could not load {Path(path).name}: {reason(exc)}") from None
         return OpenVinoGraph(compiled)
