@@ -32,6 +32,7 @@ SUFFIX = ".xml"
 KV_STORAGE = ("state", "buffer")  # the first is the default
 ONNX_DIR = ".onnx"  # intermediate ONNX graphs inside the staged package, removed by finish()
 LAZY_WEIGHTS = True  # traced from ONNX graphs whose weights are read from the checkpoint as they are written
+CONVERSION = "stateful-sdpa"  # how the IR is made from the trace (part of its trace-cache key): fuse_attention
 
 
 def _onnx_path(path: Path) -> Path:
@@ -49,12 +50,12 @@ def export_graph(job: GraphJob, path: Path) -> None:
         try:
             model = ov.convert_model(str(onnx_path))
             if job.kv_storage == "state":
-                model = make_stateful(model, _cache_pairs(job))
+                model = fuse_attention(make_stateful(model, _cache_pairs(job)))
             ov.save_model(model, str(dest), compress_to_fp16=False)
         except Exception as exc:
             raise ExportError(f"OpenVINO could not convert {job.name}: {first_line(exc)}") from exc
 
-    trace_cache.converted(job, f"OpenVINO IR|{ov.__version__}", convert, path)
+    trace_cache.converted(job, f"OpenVINO IR|{ov.__version__}|{CONVERSION}", convert, path)
 
 
 def _cache_pairs(job: GraphJob) -> dict[str, str]:
@@ -89,6 +90,58 @@ def make_stateful(model, pairs: dict[str, str]):
         shape = ops.concat([batch, ops.constant(np.array([heads, 0, dim], np.int64))], 0)
         empty = ops.broadcast(ops.constant(np.array(0, info.data_type.to_dtype())), shape)
         node.output(0).replace(opset6.read_value(empty, variable).output(0))
+    model.validate_nodes_and_infer_types()
+    return model
+
+
+def fuse_attention(model):
+    """Rewrite each layer's traced attention over the state as ScaledDotProductAttention, in the form the CPU
+    plugin fuses with the state (its StatefulSDPAFusion): ReadValue -> Gather(beam_idx) -> Concat(past, new)
+    -> [GQA: Unsqueeze, Broadcast, Reshape] -> ScaledDotProductAttention, the Concat also feeding the Assign.
+    The plugin then keeps each layer's cache inside one attention kernel instead of concatenating it, expanding
+    it per query head and running MatMul + Softmax + MatMul every token.
+
+    Traced attention: MatMul(q, k, transpose_b) -> Multiply(scale) -> Add(mask) -> Softmax -> MatMul(., v).
+    Layers of another form (Gemma 2's soft-capping) are left as they are. beam_idx, which the pattern
+    requires, is computed in the graph (0..batch-1: every row keeps its own cache), so the inputs do not change.
+    """
+    import numpy as np
+    import openvino.opset13 as ops
+
+    def single(node, kind):
+        users = [t.get_node() for t in node.output(0).get_target_inputs()]
+        return users[0] if len(users) == 1 and users[0].get_type_name() == kind else None
+
+    def constant(output):
+        node = output.get_node()
+        return node.get_data() if node.get_type_name() == "Constant" else None
+
+    rewritten = 0
+    for softmax in [op for op in model.get_ordered_ops() if op.get_type_name() == "Softmax"]:
+        add = softmax.input_value(0).get_node()
+        mul = add.input_value(0).get_node() if add.get_type_name() == "Add" else None
+        qk = mul.input_value(0).get_node() if mul is not None and mul.get_type_name() == "Multiply" else None
+        out = single(softmax, "MatMul")
+        scale = constant(mul.input_value(1)) if mul is not None else None
+        if (qk is None or qk.get_type_name() != "MatMul" or out is None or scale is None or scale.size != 1
+                or qk.get_attributes() != {"transpose_a": False, "transpose_b": True}
+                or out.get_attributes() != {"transpose_a": False, "transpose_b": False}
+                or softmax.get_attributes().get("axis") not in (-1, 3)):
+            continue
+        sdpa = ops.scaled_dot_product_attention(qk.input_value(0), qk.input_value(1), out.input_value(1),
+                                                add.input_value(1), ops.constant(np.float32(scale.reshape(()))),
+                                                causal=False)
+        out.output(0).replace(sdpa.output(0))
+        rewritten += 1
+    if not rewritten:
+        return model
+    embeds = next(p for p in model.get_parameters() if "inputs_embeds" in p.get_output_tensor(0).get_names())
+    batch = ops.gather(ops.shape_of(embeds, "i32"), ops.constant(np.int32(0)), ops.constant(np.int32(0)))
+    beam_idx = ops.range(ops.constant(np.int32(0)), batch, ops.constant(np.int32(1)), "i32")
+    for read in [op for op in model.get_ordered_ops() if op.get_type_name() == "ReadValue"]:
+        for target in list(read.output(0).get_target_inputs()):
+            if target.get_node().get_type_name() == "Concat":
+                target.replace_source_output(ops.gather(read.output(0), beam_idx, ops.constant(np.int32(0))).output(0))
     model.validate_nodes_and_infer_types()
     return model
 
