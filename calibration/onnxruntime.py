@@ -133,7 +133,9 @@ def quantize_static_int8(src: Path, dst: Path, feeds: list[dict], method: str, s
                                                         if n.op_type in ("Conv", "Gemm")]
     cwd = os.getcwd()
     with tempfile.TemporaryDirectory() as tmp:
-        named = Path(tmp) / src.name
+        # another name than dst's: the quantizer refuses to write dst's <name>.data where one exists in the
+        # working directory, which is this one
+        named = Path(tmp) / f"source-{src.name}"
         save_model(model, named)
         del model
         os.chdir(tmp)  # the calibrator writes its augmented model to the working directory

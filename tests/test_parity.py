@@ -220,3 +220,11 @@ def test_external_data_package(checkpoints, packages, tmp_path, monkeypatch):
     assert list(external.generate_ids(image, "caption en", max_new_tokens=12, ignore_eos=True)) == list(
         inline.generate_ids(image, "caption en", max_new_tokens=12, ignore_eos=True)
     )
+    # quantized from external-data graphs: the same graphs as from inline ones
+    quantized = export(ExportOptions(model=str(checkpoints["paligemma-gqa"]), output=tmp_path / "int8",
+                                     quant="int8", calib_samples=8, progress=False))
+    assert all(f"{spec.file}.data" in quantized.files for spec in quantized.graphs.values())
+    inline = Pipeline.load(packages("paligemma-gqa", "onnxruntime", "int8"))
+    assert list(Pipeline.load(tmp_path / "int8").generate_ids(image, "caption en", max_new_tokens=12,
+                                                                ignore_eos=True)) == list(
+        inline.generate_ids(image, "caption en", max_new_tokens=12, ignore_eos=True))
