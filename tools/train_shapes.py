@@ -457,6 +457,9 @@ class Qwen2VLRecipe(ChatRecipe):
         image_size=72, patch_size=12, extra=dict(model_type="qwen2_5_vl", min_pixels=72 * 72, max_pixels=72 * 72),
     )
     align_cosine = True
+    # stage 2 trains only the merger's last Linear (as LLaVA's and InternVL's MLP connectors need): with the
+    # whole merger trained, caption stayed at 75-87%; with the last Linear only it reached 100% (97.4% overall)
+    train_projector = "last"
 
     def __init__(self, image_size: int | None = None, patch_size: int | None = None):
         super().__init__(image_size, patch_size)
