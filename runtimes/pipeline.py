@@ -155,6 +155,7 @@ class Pipeline:
         verify: bool | str = True,
         device: str | None = None,
         inference_precision: str | None = None,
+        kv_cache_precision: str | None = None,
         max_pixels: int | None = None,
         min_pixels: int | None = None,
         max_image_tokens: int | None = None,
@@ -169,7 +170,9 @@ class Pipeline:
         threads: passed to the backend (threads 0: $MMEDGE_THREADS if set,
         else the engine's choice). inference_precision (OpenVINO on
         CPU): compute precision, "f32" by default, "bf16" / "f16" where the
-        CPU is faster at them. verify: check every file's size and sha256
+        CPU is faster at them. kv_cache_precision (OpenVINO): "f32" (default),
+        "f16" or "u8", the KV cache's precision (u8: faster decode, answers
+        may change). verify: check every file's size and sha256
         against the manifest first; a file that is the very file verified at
         an earlier load (same inode, size, mtime and ctime, recorded under
         $MMEDGE_CACHE/verified) is not read again; "full": hash every byte;
@@ -207,6 +210,10 @@ class Pipeline:
             options["device"] = device
         if inference_precision:
             options["inference_precision"] = inference_precision
+        if kv_cache_precision:
+            if name != "openvino":
+                raise InputError(f"kv_cache_precision is for the openvino backend, not {name}")
+            options["kv_cache_precision"] = kv_cache_precision
         if low_memory:
             if name != "onnxruntime":
                 raise InputError(f"low_memory is for the onnxruntime backend, not {name}")
@@ -223,7 +230,8 @@ class Pipeline:
         pipe._image_spec(pipe.options(), 1)  # a budget the package cannot take fails here, not at the first call
         pipe.media = MediaCache(int(image_cache_mb * (1 << 20)))
         pipe._load_options = dict(backend=backend, providers=providers, threads=threads, device=device,
-                                  inference_precision=inference_precision, image_cache_mb=image_cache_mb,
+                                  inference_precision=inference_precision,
+                                  kv_cache_precision=kv_cache_precision, image_cache_mb=image_cache_mb,
                                   low_memory=low_memory, **pipe.defaults)
         return pipe
 

@@ -143,3 +143,22 @@ def test_state_cache_needs_a_stateful_engine_and_a_known_storage(packages):
         make_cache(dataclasses.replace(spec, storage="state"), Stateless())
     with pytest.raises(PackageError, match="upgrade mmedge"):
         make_cache(dataclasses.replace(spec, storage="paged"), Stateless())
+
+
+def test_openvino_kv_cache_precision_is_opt_in(packages):
+    """f32 unless asked (parity); u8 reaches the compiled decoder; other backends and values are refused."""
+    from conftest import sample_images
+    from mmedge import Pipeline
+    from mmedge.errors import InputError, MmedgeError
+
+    package = packages("paligemma-gqa", "openvino")
+    default = Pipeline.load(package)
+    u8 = Pipeline.load(package, kv_cache_precision="u8")
+    assert "float32" in str(default.graphs["decoder"].compiled.get_property("KV_CACHE_PRECISION"))
+    assert "uint8" in str(u8.graphs["decoder"].compiled.get_property("KV_CACHE_PRECISION"))
+    image = sample_images()["shapes"]
+    assert len(list(u8.generate_ids(image, "caption en", max_new_tokens=6, ignore_eos=True))) == 6
+    with pytest.raises(InputError, match="kv_cache_precision is for the openvino backend"):
+        Pipeline.load(packages("paligemma-gqa"), kv_cache_precision="u8")
+    with pytest.raises(MmedgeError, match="unknown KV-cache precision"):
+        Pipeline.load(package, kv_cache_precision="int3")
