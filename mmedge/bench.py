@@ -2,7 +2,7 @@
 
 Each run answers the same prompt about the same image with EOS banned, so
 every run decodes exactly `new_tokens` tokens. Stages are timed inside the
-runtime (runtimes.pipeline.Timings); time to first token and end-to-end time
+runtime (runtimes.batch.Timings, as pipe.timings); time to first token and end-to-end time
 are taken around the generator, so they include everything a caller waits for.
 """
 

@@ -186,8 +186,9 @@ def _load(args):
 
     providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
     return Pipeline.load(args.package, backend=args.backend, providers=providers, threads=args.threads,
-                         verify="full" if args.verify_full else not args.no_verify, device=args.device, inference_precision=args.inference_precision,
-                         kv_cache_precision=args.kv_cache_precision, low_memory=args.low_memory)
+                         verify="full" if args.verify_full else not args.no_verify, device=args.device,
+                         inference_precision=args.inference_precision, kv_cache_precision=args.kv_cache_precision,
+                         low_memory=args.low_memory)
 
 
 def _generation_options(args) -> dict:
