@@ -276,7 +276,7 @@ def test_a_file_verified_before_is_not_read_again_but_any_write_to_it_is_caught(
     hashed.clear()
     with pytest.raises(PackageError, match="does not match its sha256"):
         Pipeline.load(package)
-    assert hashed == ["decoder.onnx"] or "decoder.onnx" in hashed
+    assert "decoder.onnx" in hashed
 
 
 def test_without_a_writable_cache_every_load_hashes_everything(packages, tmp_path, monkeypatch):
