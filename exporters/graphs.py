@@ -43,6 +43,19 @@ class GraphJob:
     trace_cache: object = None  # a folder of traced graphs to reuse (exporters/trace_cache.py), or None
 
 
+class _Layer:
+    """A cache layer as transformers' cross-attention layers read it: keys, values, initialised or not."""
+
+    def __init__(self, keys=None, values=None):
+        self.keys, self.values, self.is_initialized = keys, values, keys is not None
+
+
+def _slots(num_self: int, cross_layers: tuple) -> dict[int, int]:
+    """The text model's layer index -> its KV-cache slot, for the self-attention layers (cross layers have none)."""
+    layers = [i for i in range(num_self + len(cross_layers)) if i not in cross_layers]
+    return {layer: slot for slot, layer in enumerate(layers)}
+
+
 class _PastKV:
     """Duck-typed transformers cache: past comes in as tensors, the graph's present keys/values are kept.
 
@@ -52,16 +65,22 @@ class _PastKV:
     engine keeps it as in-graph state for the next call).
     """
 
-    def __init__(self, past: tuple, keep_all: bool):
+    def __init__(self, past: tuple, keep_all: bool, cross_layers: tuple = (), cross: tuple = ()):
         self.past, self.keep_all = past, keep_all
         self.present: list = [None] * (len(past) // 2)
+        self.slot = _slots(len(past) // 2, cross_layers)
+        # a cross-attention layer reads its image keys and values from the cache, as transformers' cache holds
+        # them after the first step (Llama 3.2 Vision); self-attention layers are not initialised here
+        self.layers = [_Layer(*cross[2 * cross_layers.index(i): 2 * cross_layers.index(i) + 2])
+                       if i in cross_layers else _Layer() for i in range(len(self.slot) + len(cross_layers))]
 
     def update(self, key, value, layer_idx, *args, **kwargs):
+        slot = self.slot[layer_idx]
         full = (
-            torch.cat([self.past[2 * layer_idx], key], dim=2),
-            torch.cat([self.past[2 * layer_idx + 1], value], dim=2),
+            torch.cat([self.past[2 * slot], key], dim=2),
+            torch.cat([self.past[2 * slot + 1], value], dim=2),
         )
-        self.present[layer_idx] = full if self.keep_all else (key, value)
+        self.present[slot] = full if self.keep_all else (key, value)
         return full
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -82,19 +101,27 @@ class DecoderGraph(torch.nn.Module):
         self.n_masks = len(parts.mask_names)
         self.mask_arg = parts.mask_arg
         self.n_extra = 1 if parts.deepstack_layers else 0  # deepstack_embeds after position_ids
+        self.cross_layers, self.cross_arg = tuple(parts.cross_layers), parts.cross_arg
+        # after them: cross_attention_mask, cross_attention_rows and each cross layer's key and value
+        self.n_cross = 2 + 2 * len(self.cross_layers) if self.cross_layers else 0
 
     def forward(self, inputs_embeds, *rest):
         masks, position_ids = rest[: self.n_masks], rest[self.n_masks]
-        extra, past = rest[self.n_masks + 1 : self.n_masks + 1 + self.n_extra], rest[self.n_masks + 1 + self.n_extra :]
-        cache = _PastKV(past, self.keep_all)
-        logits = self.last_logits(inputs_embeds, masks, position_ids, cache, *extra)
+        rest = rest[self.n_masks + 1 :]
+        extra, cross, past = rest[: self.n_extra], rest[self.n_extra : self.n_extra + self.n_cross], \
+            rest[self.n_extra + self.n_cross :]
+        cache = _PastKV(past, self.keep_all, self.cross_layers, cross[2:])
+        logits = self.last_logits(inputs_embeds, masks, position_ids, cache, *extra, cross=cross[:2])
         flat = [t for pair in cache.present for t in pair]
         return (logits, *flat)
 
-    def last_logits(self, inputs_embeds, masks, position_ids, cache, deepstack_embeds=None):
-        """The decoder stack over `cache` (a duck-typed transformers cache), then the head on the last position."""
+    def last_logits(self, inputs_embeds, masks, position_ids, cache, deepstack_embeds=None, cross=()):
+        """The decoder stack over `cache` (a duck-typed transformers cache), then the head on the last position;
+        `cross`: the cross mask and rows, for a cross-attention text model."""
         extra = {} if deepstack_embeds is None else {"deepstack_visual_embeds": list(deepstack_embeds.unbind(0)),
                                                       "visual_pos_masks": None}
+        if cross:
+            extra.update(self.cross_arg(*cross))
         out = self.text_model(
             inputs_embeds=inputs_embeds,
             attention_mask=self.mask_arg(list(masks)),
@@ -178,6 +205,23 @@ def kv_names(prefix: str, num_layers: int) -> list[str]:
     return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
 
 
+# image positions of the cross-attention decoder's inputs at TRACE and each of CHECKS ((batch, seq, cache) ->
+# length): all different, and 1 (a text-only prompt's one empty position)
+CROSS_LENGTHS = {(2, 5, 7): 6, (1, 3, 4): 9, (3, 1, 9): 4, (1, 6, 0): 1}
+
+
+def _cross_inputs(parts: Parts, batch: int, seq: int, length: int, g: torch.Generator) -> list[torch.Tensor]:
+    """cross_mask [B, 1, S, L] (a random visible subset per token, none for some tokens), cross_rows [B, 1, S, 1]
+    (whether the token sees any) and each cross layer's keys and values [B, kv_heads, L, head_dim]."""
+    sees = torch.rand(batch, 1, seq, length, generator=g) > 0.4
+    sees[..., 0] |= torch.rand(batch, 1, seq, generator=g) > 0.3
+    rows = sees.any(-1, keepdim=True)
+    mask = torch.where(sees, 0.0, torch.finfo(torch.float32).min)
+    kv = [torch.randn(batch, parts.num_kv_heads, length, parts.head_dim, generator=g)
+          for _ in range(2 * len(parts.cross_layers))]
+    return [mask, rows.float(), *kv]
+
+
 def _mask(batch: int, seq: int, cache: int, generator: torch.Generator) -> torch.Tensor:
     """A valid additive mask: causal over [cache | new] with random holes in the cache."""
     keep = torch.ones(batch, 1, seq, cache + seq, dtype=torch.bool)
@@ -203,22 +247,61 @@ def _image_jobs(parts: Parts, g: torch.Generator) -> tuple[GraphJob, GraphJob]:
         pixels(TRACE["batch"]),
         [pixels(c["batch"]) for c in CHECKS[:2]],
     )
+    return vision, _projector_job(parts, vision, g)
+
+
+def _tile_canvas_jobs(parts: Parts, g: torch.Generator) -> tuple[GraphJob, GraphJob]:
+    """Vision scheme "tile_canvas" (Llama 3.2 Vision): each image's tiles [B, tiles, 3, H, W] (padded with empty
+    tiles to the most an image takes) with its aspect_ratio_ids [B] and aspect_ratio_mask [B, tiles], as the
+    runtime computes them from each image's (rows, cols) of tiles; and the projector over their features."""
+    from mmedge.runtimes.schemes import tile_canvas_inputs
+
+    h, w = parts.image_size
+    tiles = parts.tile_canvas["max_tiles"]
+
+    def inputs(grids):
+        pixels = torch.rand(len(grids), tiles, 3, h, w, generator=g) * 2 - 1
+        extra = tile_canvas_inputs(tiles, grids)
+        return (pixels, *(torch.from_numpy(a) for a in extra.values())), list(extra)
+
+    arrangements = [(r, c) for r in range(1, tiles + 1) for c in range(1, tiles + 1) if r * c <= tiles]
+    trace, names = inputs([arrangements[-1], arrangements[0]])
+    vision = GraphJob(
+        "vision_encoder",
+        parts.vision_encoder,
+        ["pixel_values", *names],
+        ["image_features"],
+        {"pixel_values": {0: "batch"}, **{name: {0: "batch"} for name in names}},
+        trace,
+        [inputs([arrangements[1]])[0], inputs([arrangements[len(arrangements) // 2], (1, 1), arrangements[-2]])[0]],
+    )
+    return vision, _projector_job(parts, vision, g)
+
+
+def _projector_job(parts: Parts, vision: GraphJob, g: torch.Generator) -> GraphJob:
+    """The projector over features of the vision encoder's shape; a cross-attention family's returns each cross
+    layer's image keys and values instead of embeddings."""
     with torch.no_grad():
-        feature_shape = parts.vision_encoder(*pixels(1)).shape[1:]
+        feature_shape = parts.vision_encoder(*[x[:1] for x in vision.trace_inputs]).shape[1:]
 
     def features(b):
         return (torch.randn(b, *feature_shape, generator=g),)
 
-    projector = GraphJob(
+    if parts.cross_layers:
+        outputs = kv_names("cross", len(parts.cross_layers))
+        output_axes = {name: {0: "batch"} for name in outputs}
+    else:
+        outputs, output_axes = ["image_embeds"], {}
+    return GraphJob(
         "projector",
         parts.projector,
         ["image_features"],
-        ["image_embeds"],
+        outputs,
         {"image_features": {0: "batch"}},
         features(TRACE["batch"]),
         [features(c["batch"]) for c in CHECKS[:2]],
+        output_axes=output_axes,
     )
-    return vision, projector
 
 
 def _patch_grid_jobs(parts: Parts, g: torch.Generator) -> tuple[GraphJob, GraphJob]:
@@ -274,7 +357,8 @@ def build_jobs(parts: Parts, seed: int = 0, kv_storage: str = "buffer", max_cont
     """The four jobs; the decoder's for kv_cache storage "in_place" is built, not traced (fused_decoder), for
     the scheme's `attention` pattern and `position_offset` (the traced decoder takes masks and positions)."""
     g = torch.Generator().manual_seed(seed)
-    vision, projector = (_patch_grid_jobs if parts.patch_grid else _image_jobs)(parts, g)
+    jobs = _patch_grid_jobs if parts.patch_grid else _tile_canvas_jobs if parts.tile_canvas else _image_jobs
+    vision, projector = jobs(parts, g)
 
     def ids(c):
         return (torch.randint(0, parts.vocab_size, (c["batch"], c["seq"]), generator=g),)
@@ -305,6 +389,8 @@ def build_jobs(parts: Parts, seed: int = 0, kv_storage: str = "buffer", max_cont
             positions = torch.stack([positions + torch.randint(-1, 2, positions.shape, generator=g)
                                      for _ in range(parts.position_rows)]).clamp(min=0)
         extra = [torch.randn(parts.deepstack_layers, b, s, parts.hidden_size, generator=g)] if parts.deepstack_layers else []
+        if parts.cross_layers:
+            extra += _cross_inputs(parts, b, s, CROSS_LENGTHS[c["batch"], c["seq"], c["cache"]], g)
         past = [torch.randn(b, kv_shape[0], p, kv_shape[1], generator=g) for _ in range(2 * parts.num_layers)]
         return (embeds, *masks, positions, *extra, *past)
 
@@ -315,6 +401,11 @@ def build_jobs(parts: Parts, seed: int = 0, kv_storage: str = "buffer", max_cont
     axes.update({m: {0: "batch", 2: "seq", 3: "total_len"} for m in parts.mask_names})
     extra_names = ["deepstack_embeds"] if parts.deepstack_layers else []
     axes.update({n: {1: "batch", 2: "seq"} for n in extra_names})
+    if parts.cross_layers:
+        cross_names = kv_names("cross", len(parts.cross_layers))
+        extra_names += ["cross_mask", "cross_rows", *cross_names]
+        axes.update({"cross_mask": {0: "batch", 2: "seq", 3: "cross_len"}, "cross_rows": {0: "batch", 2: "seq"}})
+        axes.update({n: {0: "batch", 2: "cross_len"} for n in cross_names})
     axes.update({n: {0: "batch", 2: "cache_len"} for n in past_names})
     present_len = "total_len" if kv_storage == "state" else "seq"
     decoder = GraphJob(

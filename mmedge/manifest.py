@@ -93,7 +93,10 @@ class PreprocessSpec:
     rows <= max_tiles whose aspect ratio is closest to the image's, the image
     resized to it and cut into tiles of `tile_size` row by row, then, when
     there is more than one, the whole image resized to one tile; with
-    do_image_splitting off, one tile-sized square.
+    do_image_splitting off, one tile-sized square. "tile_canvas" (Llama 3.2
+    Vision): the canvas of at most max_tiles tiles of `tile_size` that fits the
+    image best, the image resized into it (aspect kept) and padded, cut into
+    tiles row by row and padded with empty tiles to max_tiles.
     """
 
     height: int
@@ -151,6 +154,8 @@ class PreprocessSpec:
             return side * side + 1
         if self.resize_mode == "aspect_tiles":
             return (self.max_tiles or 1) + ((self.max_tiles or 1) > 1)
+        if self.resize_mode == "tile_canvas":
+            return self.max_tiles or 1
         return 1
 
 
@@ -204,7 +209,8 @@ class SchemeSpec:
     positions: str = "linear"  # position id = sequence index + position_offset; or "mrope" (3-D, Qwen2-VL)
     position_offset: int = 0
     attention: str = "causal"  # or "prefix_bidirectional"
-    image_placement: str = "replace_image_tokens"
+    image_placement: str = "replace_image_tokens"  # or "cross_attention" (Llama 3.2 Vision, IDEFICS)
+    cross_mask: str | None = None  # "cross_attention": which images each token sees ("image_spans")
     sliding_window: int | None = None  # set when the decoder takes a sliding-window mask too
     vision: str = "images"  # or "patch_grid": the vision encoder takes patches and per-patch indices (Qwen2-VL)
     vision_window: int | None = None  # "patch_grid" with window attention: window side, in merged tokens

@@ -42,8 +42,10 @@ class MediaCache:
         self._items.move_to_end(key)
         return item[0]
 
-    def put(self, key: bytes, value: tuple[np.ndarray, dict]) -> None:
-        size = value[0].nbytes + sum(a.nbytes for a in value[1].values())
+    def put(self, key: bytes, value: tuple[np.ndarray | None, dict]) -> None:
+        """`value`: (embeddings, the vision side's other outputs by name), or (None, outputs) where there are no
+        embeddings (a cross-attention family's image keys and values)."""
+        size = (0 if value[0] is None else value[0].nbytes) + sum(a.nbytes for a in value[1].values())
         if size > self.max_bytes or key in self._items:
             return
         while self.bytes + size > self.max_bytes:

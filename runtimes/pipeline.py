@@ -55,6 +55,8 @@ class _Sequence:
     block_of: np.ndarray
     positions: np.ndarray | None = None  # [3, len(ids)] for "mrope"
     deepstack: np.ndarray | None = None  # [k, 1, len(ids), hidden]: visual features for the decoder's first layers
+    cross: dict | None = None  # image placement "cross_attention": the images' keys and values per cross layer
+    cross_sees: np.ndarray | None = None  # [len(ids), images]: which images each prompt token sees
     keys: list[bytes] = field(default_factory=list)  # per image, then per video: its pixels' content key
     spans: list[tuple] = field(default_factory=list)  # (first, last + 1, key) of each image's and video's tokens
 
@@ -107,6 +109,14 @@ class Pipeline(RowBatching):
         # a decoder with DeepStack (Qwen3-VL) takes visual features for its first k layers beside the embeddings
         spec = decoder_inputs.get("deepstack_embeds")
         self.deepstack_shape = (spec.shape[0], spec.shape[-1], np.dtype(spec.dtype)) if spec else None
+        # a cross-attention decoder (image placement "cross_attention") takes each cross layer's image keys and
+        # values, which the projector gives per image (`image_positions` each, `tile_positions` per tile)
+        self.cross_names = [n for n in manifest.graphs["projector"].outputs if n.startswith("cross.")]
+        if self.cross_names:
+            key = manifest.graphs["projector"].outputs[self.cross_names[0]]
+            self.image_positions = key.shape[2]
+            self.tile_positions = self.image_positions // manifest.preprocess.frames_per_image()
+            self.cross_dtype = np.dtype(decoder_inputs["cross_mask"].dtype)
         # where the engine writes the cache itself, it writes the logits [1, 1, vocab] into one buffer too
         self._into = dict(self.cache.into())
         if self._into:
@@ -116,6 +126,8 @@ class Pipeline(RowBatching):
         # (Core ML) or holding their cache on their device (TensorRT) run one at a time
         fixed = manifest.graphs["decoder"].inputs["inputs_embeds"].shape[0]
         self.max_batch: int | None = 1 if isinstance(fixed, int) or isinstance(self.cache, EngineCache) else None
+        if self.cross_names:  # rows of one batch would each need their own images' keys and values
+            self.max_batch = 1
         # images (tiles, frames) per vision encoder call: engines built for a bounded batch (TensorRT's profiles,
         # Core ML's bounds: one image's tiles) take at most that many, however many images a prompt has
         bounded = manifest.target in ("tensorrt", "coreml")
@@ -437,6 +449,8 @@ class Pipeline(RowBatching):
         old = held.all_ids()
         if len(old) != self.cache.length:
             return 0
+        if self.cross_names and [s[2] for s in held.spans] != [s[2] for s in seq.spans]:
+            return 0  # tokens that see no image attend over every image: other images change them all
         return schemes.reusable_prefix(old, held.all_blocks(), held.spans, seq.ids, seq.block_of, seq.spans)
 
     def _batch_tokens(self, requests: Sequence[tuple[ImageInput, str]], opts: GenerationOptions) -> list[list[int]]:
@@ -459,6 +473,8 @@ class Pipeline(RowBatching):
     def _prompt_embeddings_many(self, seqs: list[_Sequence]) -> list[np.ndarray]:
         """Each sequence's prompt embeddings [1, len, hidden], with its images' (and videos') embeddings in their
         tokens (and, for a DeepStack decoder, their visual features at the same tokens in `seq.deepstack`)."""
+        if self.cross_names:
+            return [self._with_cross_states(seq) for seq in seqs]
         rows = []
         prompt = self.manifest.prompt
         for seq, (images, videos) in zip(seqs, self._image_embeddings(seqs)):
@@ -474,6 +490,41 @@ class Pipeline(RowBatching):
                     seq.deepstack[:, 0, seq.ids == token] = extra["deepstack_embeds"]
             rows.append(embeds)
         return rows
+
+    def _with_cross_states(self, seq: _Sequence) -> np.ndarray:
+        """A cross-attention prompt's embeddings (its tokens' own), with its images' keys and values for the
+        cross-attention layers in `seq.cross` (each image's computed once: an image seen before takes them from
+        `self.media`) and which images each token sees in `seq.cross_sees`."""
+        vision, projector = self.graphs["vision_encoder"], self.graphs["projector"]
+        self.timings.vision = self.timings.projector = 0.0
+        states = []
+        for key, pixels, grid in zip(seq.keys, seq.pixels, seq.grids):
+            found = self.media.get(key)
+            if found is None:
+                start = time.perf_counter()
+                features = vision.run(schemes.vision_feeds(self.manifest.schemes, pixels, grid))["image_features"]
+                self.timings.vision += time.perf_counter() - start
+                start = time.perf_counter()
+                found = (None, projector.run({"image_features": features}))
+                self.timings.projector += time.perf_counter() - start
+                self.media.put(key, found)
+            states.append(found[1])
+        if states:
+            seq.cross = {name: np.concatenate([s[name] for s in states], axis=2) for name in self.cross_names}
+        else:  # no image: one empty position, which no token sees
+            spec = self.manifest.graphs["decoder"].inputs[self.cross_names[0]]
+            empty = np.zeros((1, spec.shape[1], 1, spec.shape[3]), np.dtype(spec.dtype))
+            seq.cross = {name: empty for name in self.cross_names}
+        seq.cross_sees = schemes.cross_visibility(self.manifest.schemes, seq.ids, self.manifest.prompt.image_token_id,
+                                                  len(seq.pixels))
+        return self._embed(seq.ids[None])
+
+    def _cross_feeds(self, seq: _Sequence, start: int, n: int) -> dict[str, np.ndarray]:
+        """The cross-attention decoder's image inputs for the tokens in slots start..start+n-1."""
+        lengths = [self.image_positions] * len(seq.pixels)
+        visible = [int(np.prod(grid)) * self.tile_positions for grid in seq.grids]
+        mask, rows = schemes.cross_masks(seq.cross_sees, start, n, lengths, visible, dtype=self.cross_dtype)
+        return {"cross_mask": mask, "cross_rows": rows, **seq.cross}
 
     def _positions(self, seq: _Sequence, start: int, n: int, pad: int = 0) -> np.ndarray:
         return schemes.position_ids(self.manifest.schemes, start, n, pad, seq.positions)
@@ -579,7 +630,7 @@ class Pipeline(RowBatching):
         the video's patches, attention blocks and positions. `conversation`: the messages of a chat
         (runtimes/chat.py), rendered instead of `prompt`, its images (given as `image`) where they mark them."""
         images = list(image) if isinstance(image, (list, tuple)) else [] if image is None else [image]
-        if not images and video is None and conversation is None:
+        if not images and video is None and conversation is None and not self.cross_names:
             raise InputError("no image given: pass one image, or a list of them")
         if video is not None and not self.manifest.prompt.video_marker:
             raise InputError(f"this {self.manifest.model_type} package takes images, not video")
@@ -626,6 +677,8 @@ class Pipeline(RowBatching):
         p, merge = self.manifest.prompt, self.manifest.preprocess.merge_size or 1
         if self.manifest.schemes.vision == "patch_grid":
             counts = [int(np.prod(g)) // merge ** 2 for g in seq.grids]
+        elif self.cross_names:  # the image's tokens in the prompt, not its positions for cross-attention
+            counts = [p.image_seq_len] * len(seq.pixels)
         else:
             counts = [len(pixels) * p.image_seq_len for pixels in seq.pixels]
         try:
@@ -659,6 +712,8 @@ class Pipeline(RowBatching):
             }
             if self.deepstack_shape:
                 positions["deepstack_embeds"] = self._deepstack(seq, start, n)
+        if self.cross_names:
+            positions.update(self._cross_feeds(seq, start, n))
         return self.graphs["decoder"].run({"inputs_embeds": embeds, **positions, **cache_feeds}, into=into)
 
     def _masks(self, seq: _Sequence, start: int, n: int, cache_len: int) -> dict[str, np.ndarray]:

@@ -152,6 +152,8 @@ def preprocess_with_grid(image: ImageInput, spec: PreprocessSpec) -> tuple[np.nd
         img = to_rgb(img)
     if spec.resize_mode == "smart_resize":
         return _patches(img, spec)
+    if spec.resize_mode == "tile_canvas":
+        return _tile_canvas(img, spec)
     if spec.resize_mode == "longest_edge":
         frames, grid = _tiles(img, spec)
     elif spec.resize_mode == "aspect_tiles":
@@ -252,6 +254,48 @@ def _aspect_tiles(img: Image.Image, spec: PreprocessSpec) -> tuple[list[np.ndarr
     frames = [arr[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] for r in range(rows) for c in range(cols)]
     frames.append(_rgb_array(resize(img, tile, tile)))
     return frames, (rows, cols)
+
+
+def tiled_canvas(height: int, width: int, max_tiles: int, tile: int) -> tuple[int, int]:
+    """(height, width) of the canvas of tiles for "tile_canvas", as MllamaImageProcessor picks it: among every
+    arrangement of at most max_tiles tiles, the smallest scale-up that fits the image whole, else the largest
+    scale-down; on a tie the smallest area."""
+    sizes = np.array([(a, b) for a in range(1, max_tiles + 1) for b in range(1, max_tiles + 1)
+                      if a * b <= max_tiles]) * tile
+    scale_h, scale_w = sizes[:, 0] / height, sizes[:, 1] / width
+    scales = np.where(scale_w > scale_h, scale_h, scale_w)
+    up = scales[scales >= 1]
+    chosen = sizes[scales == (np.min(up) if len(up) else np.max(scales[scales < 1]))]
+    best = chosen[np.argmin(chosen[:, 0] * chosen[:, 1])]
+    return int(best[0]), int(best[1])
+
+
+def _fit_to_canvas(height: int, width: int, canvas_h: int, canvas_w: int, tile: int) -> tuple[int, int]:
+    """(height, width) of the image resized into its canvas, aspect kept, no side under one tile unless the image's
+    is (MllamaImageProcessor's get_image_size_fit_to_canvas)."""
+    target_w, target_h = int(np.clip(width, tile, canvas_w)), int(np.clip(height, tile, canvas_h))
+    scale_h, scale_w = target_h / height, target_w / width
+    if scale_w < scale_h:
+        return min(math.floor(height * scale_w) or 1, target_h), target_w
+    return target_h, min(math.floor(width * scale_h) or 1, target_w)
+
+
+def _tile_canvas(img: Image.Image, spec: PreprocessSpec) -> tuple[np.ndarray, tuple[int, int]]:
+    """Llama 3.2 Vision: the image resized into the canvas of `tiled_canvas` (Pillow's filter on 8-bit RGB), padded
+    with black at the right and bottom, normalized, cut into tiles row by row, and padded with empty (zero) tiles
+    to max_tiles: pixel_values [max_tiles, 3, tile, tile] and the (rows, cols) of tiles."""
+    tile, most = spec.tile_size, spec.max_tiles
+    canvas_h, canvas_w = tiled_canvas(img.height, img.width, most, tile)
+    h, w = _fit_to_canvas(img.height, img.width, canvas_h, canvas_w, tile)
+    if img.size != (w, h):
+        img = img.resize((w, h), resample=_RESAMPLE[spec.resample])
+    canvas = np.zeros((canvas_h, canvas_w, 3), np.uint8)
+    canvas[:h, :w] = _rgb_array(img)
+    rows, cols = canvas_h // tile, canvas_w // tile
+    pixels = _normalized(canvas, spec).reshape(3, rows, tile, cols, tile).transpose(1, 3, 0, 2, 4)
+    out = np.zeros((most, 3, tile, tile), np.float32)
+    out[: rows * cols] = pixels.reshape(rows * cols, 3, tile, tile)
+    return out, (rows, cols)
 
 
 def smart_resize(height: int, width: int, spec: PreprocessSpec, min_pixels: int | None = None,

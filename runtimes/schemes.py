@@ -17,8 +17,14 @@ from mmedge.manifest import SchemeSpec
 
 ATTENTION_PATTERNS = ("causal", "prefix_bidirectional", "image_bidirectional")
 POSITION_SCHEMES = ("linear", "mrope")
-IMAGE_PLACEMENTS = ("replace_image_tokens",)
-VISION_SCHEMES = ("images", "patch_grid")
+# "cross_attention": images are not in the prompt's embeddings; the decoder's cross-attention layers read their
+# keys and values (the projector's), each token seeing the images the `cross_mask` rule gives it
+IMAGE_PLACEMENTS = ("replace_image_tokens", "cross_attention")
+VISION_SCHEMES = ("images", "patch_grid", "tile_canvas")
+# which images each token of a cross-attention prompt sees. "image_spans" (Llama 3.2 Vision): an image from its
+# token up to the next image token, images in a row all to the end of the text after them, the last image to the
+# end; tokens before the first image see none
+CROSS_MASKS = ("image_spans",)
 
 
 def check_schemes(schemes: SchemeSpec) -> None:
@@ -27,6 +33,8 @@ def check_schemes(schemes: SchemeSpec) -> None:
         (schemes.positions, POSITION_SCHEMES, "position scheme"),
         (schemes.image_placement, IMAGE_PLACEMENTS, "image placement"),
         (schemes.vision, VISION_SCHEMES, "vision input scheme"),
+        *([(schemes.cross_mask, CROSS_MASKS, "cross-attention mask rule")]
+          if schemes.image_placement == "cross_attention" else []),
     ):
         if value not in known:
             raise PackageError(f"this mmedge does not know the {what} {value!r} the package needs; upgrade mmedge")
@@ -190,6 +198,65 @@ def vision_inputs(schemes: SchemeSpec, merge_size: int, grids: list) -> dict[str
         out["window_index"] = np.concatenate(order).astype(np.int64)
         out["window_segments"] = np.concatenate(windows).astype(np.int64)
     return out
+
+
+def tile_canvas_inputs(max_tiles: int, grids: list) -> dict[str, np.ndarray]:
+    """Vision scheme "tile_canvas": per image of (rows, cols) tiles, its aspect_ratio_ids (the arrangement's index
+    + 1 among every (rows, cols) of at most max_tiles tiles, in MllamaImageProcessor's order) and its
+    aspect_ratio_mask [max_tiles] (1 for the tiles it has)."""
+    arrangements = [(a, b) for a in range(1, max_tiles + 1) for b in range(1, max_tiles + 1) if a * b <= max_tiles]
+    ids = np.array([arrangements.index(tuple(grid)) + 1 for grid in grids], np.int64)
+    mask = np.zeros((len(grids), max_tiles), np.int64)
+    for i, (rows, cols) in enumerate(grids):
+        mask[i, : rows * cols] = 1
+    return {"aspect_ratio_ids": ids, "aspect_ratio_mask": mask}
+
+
+def vision_feeds(schemes: SchemeSpec, pixels: np.ndarray, grid: tuple) -> dict[str, np.ndarray]:
+    """The vision encoder's inputs for one image's pixels, [frames, 3, H, W], where the scheme is "images" or
+    "tile_canvas" (a batch of one image, its tiles, and their aspect-ratio inputs)."""
+    if schemes.vision == "tile_canvas":
+        return {"pixel_values": pixels[None], **tile_canvas_inputs(len(pixels), [grid])}
+    return {"pixel_values": pixels}
+
+
+def cross_visibility(schemes: SchemeSpec, ids: np.ndarray, image_token_id: int, n_images: int) -> np.ndarray:
+    """[len(ids), n_images] bool: which images each prompt token sees (rule `schemes.cross_mask`); a token
+    generated after the prompt sees what the prompt's last token sees."""
+    where = np.flatnonzero(ids == image_token_id)
+    if len(where) != n_images:
+        raise InputError(f"the prompt has {len(where)} image tokens for {n_images} images: write one per image")
+    sees = np.zeros((len(ids), n_images), bool)
+    ends = [int(b) for b in where[1:]] + [len(ids)]
+    last = len(ids)
+    for i in range(n_images - 1, -1, -1):  # images in a row all see to the end of the text after them
+        if ends[i] == where[i] + 1:
+            ends[i] = last
+        last = ends[i]
+        sees[where[i] : ends[i], i] = True
+    return sees
+
+
+def cross_masks(sees: np.ndarray, start: int, n: int, lengths: list[int], visible: list[int], pad: int = 0,
+                dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """The decoder's cross_mask [1, 1, n, sum(lengths)] (additive: 0 where the token may attend, the dtype's
+    lowest elsewhere) and cross_rows [1, 1, n, 1] (1 where it sees any image) for the tokens in slots
+    start..start+n-1 (`pad` slots of left padding first), given `sees` from cross_visibility, each image's
+    positions (`lengths`) and how many of them are its content (`visible`; the rest are padding tiles). No image
+    at all: one position, seen by none (the decoder's cross layers add nothing then)."""
+    total = sum(lengths)
+    if not total:
+        return np.full((1, 1, n, 1), np.finfo(dtype).min, dtype), np.zeros((1, 1, n, 1), dtype)
+    index = np.clip(np.arange(start - pad, start - pad + n), 0, len(sees) - 1)
+    rows_sees = sees[index] & (np.arange(start - pad, start - pad + n) >= 0)[:, None]
+    columns = np.zeros((len(lengths), total), bool)  # image i's content positions
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(int)
+    for i, (offset, count) in enumerate(zip(offsets, visible)):
+        columns[i, offset : offset + count] = True
+    keep = rows_sees.astype(np.int64) @ columns.astype(np.int64) > 0  # [n, total]
+    mask = np.where(keep, 0, np.finfo(dtype).min).astype(dtype)[None, None]
+    rows = keep.any(-1).astype(dtype)[None, None, :, None]
+    return mask, rows
 
 
 def blocks(schemes: SchemeSpec, input_ids: np.ndarray, image_token_id: int) -> np.ndarray:
