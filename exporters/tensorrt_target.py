@@ -49,8 +49,25 @@ def vision_ranges(manifest: Manifest) -> tuple[dict[str, tuple[int, int, int]], 
         most = pre.max_pixels // pre.token_pixels() * unit
         opt = min(most, max(unit, 448 * 448 // pre.patch_size ** 2 // unit * unit))
         return {"patches": (unit, opt, most), "tokens": (1, opt // unit, most // unit)}, most // unit
+    if pre.resize_mode == "tile_canvas":  # one image a call, its tiles (padded to max_tiles) inside the batch row
+        return {"batch": (1, 1, 1)}, manifest.prompt.image_seq_len
     images = pre.frames_per_image()
     return {"batch": (1, min(VISION_BATCH_OPT, images), images)}, manifest.prompt.image_seq_len * images
+
+
+# cross-attention decoders: the most images a prompt's cross-attention keys and values hold in the engine's profile
+# (Llama 3.2 Vision at 4 tiles: 6404 positions an image); more are refused by the engine's shape check
+CROSS_IMAGES = 4
+
+
+def cross_range(manifest: Manifest) -> dict[str, tuple[int, int, int]]:
+    """The cross-attention length's profile dims: from a text-only prompt's one position to CROSS_IMAGES images."""
+    outputs = manifest.graphs["projector"].outputs
+    key = next((spec for name, spec in outputs.items() if name.startswith("cross.")), None)
+    if key is None:
+        return {}
+    image = key.shape[2]
+    return {"cross_len": (1, image, CROSS_IMAGES * image)}
 
 
 def dim_ranges(manifest: Manifest) -> dict[str, list[dict[str, tuple[int, int, int]]]]:
@@ -60,13 +77,14 @@ def dim_ranges(manifest: Manifest) -> dict[str, list[dict[str, tuple[int, int, i
     prompt = min(context, image_tokens + PROMPT_SLACK)
     cache = (context, context, context)  # the whole buffer, always
     one = (1, 1, 1)
+    cross = cross_range(manifest)
     return {
         "vision_encoder": [vision],
         "projector": [vision],
         "embed_tokens": [{"batch": one, "seq": (1, prompt, context)}],
         "decoder": [
-            {"batch": one, "seq": (1, prompt, context), "cache_len": cache},  # prefill
-            {"batch": one, "seq": one, "cache_len": cache},  # decode
+            {"batch": one, "seq": (1, prompt, context), "cache_len": cache, **cross},  # prefill
+            {"batch": one, "seq": one, "cache_len": cache, **cross},  # decode
         ],
     }
 

@@ -518,8 +518,86 @@ class InternVLRecipe(ChatRecipe):
         return [layer.weight, layer.bias]
 
 
+class _OneTile(torch.nn.Module):
+    """Llama 3.2 Vision's tiled encoder over one-tile images [B, 3, H, W] (aspect ratio (1, 1))."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, pixels):
+        ones = torch.ones(pixels.shape[0], dtype=torch.long, device=pixels.device)
+        return self.encoder(pixels[:, None], ones, ones[:, None])
+
+
+class _CellStates(torch.nn.Module):
+    """The multi-modal projector's states of the patches (the class position dropped): one per grid cell."""
+
+    def __init__(self, projector):
+        super().__init__()
+        self.projector = projector
+
+    def forward(self, features):
+        return self.projector(features[:, 0, 1:])
+
+
+class MllamaRecipe(ChatRecipe):
+    """Llama 3.2 Vision at the demo size: one 72x72 tile, 24-pixel patches (9 patches, one per cell, and the class
+    position), 3 local + 1 global vision layers, a Llama decoder of 5 layers with cross-attention in layers 1 and 3.
+    Stage 1 aligns the projected patch states (what the cross-attention layers read) with the word embeddings, as
+    for the spliced families; stage 2 trains the decoder, its cross-attention layers and the projector."""
+
+    family_name = "mllama"
+    chat_template = (
+        "{{ bos_token }}{% for message in messages %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+        "{% for item in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<|image|>' }}{% endfor %}"
+        "{% for item in message['content'] | selectattr('type', 'equalto', 'text') %}{{ item['text'] | trim }}"
+        "{% endfor %}{{ '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    )
+    dims = tiny.TinyShape(
+        "shapes demo Llama 3.2 Vision",
+        vision=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_global_layers=1,
+                    attention_heads=4, max_num_tiles=1, supported_aspect_ratios=[[1, 1]], vision_output_dim=256,
+                    intermediate_layers_indices=[1]),
+        text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=5, num_attention_heads=4,
+                  num_key_value_heads=1, cross_attention_layers=[1, 3], max_position_embeddings=256),
+        image_size=72, patch_size=24,
+    )
+    align_cosine = True
+
+    def __init__(self, image_size: int | None = None, patch_size: int | None = None):
+        super().__init__(image_size, patch_size)
+        self.n_image = (self.dims.image_size // self.dims.patch_size) ** 2  # patch states, one per cell
+
+    def model(self):
+        from transformers import MllamaForConditionalGeneration
+
+        return MllamaForConditionalGeneration(self.config)  # gates at 0, as transformers starts them
+
+    def batch(self, examples):
+        batch = super().batch(examples)
+        n = len(examples)
+        batch["pixel_values"] = batch["pixel_values"][:, None, None]  # [batch, images, tiles, 3, H, W]
+        batch["aspect_ratio_ids"] = torch.ones(n, 1, dtype=torch.long)
+        batch["aspect_ratio_mask"] = torch.ones(n, 1, 1, dtype=torch.long)
+        image = self.tok.token_to_id(self.family.IMAGE)
+        seen = (batch["input_ids"] == image).long().cumsum(1) > 0  # from the image's token on (one image)
+        batch["cross_attention_mask"] = (seen & (batch["attention_mask"] == 1)).long()[:, :, None, None]
+        return batch
+
+    def vision_parts(self, model):
+        parts = self.family.split(model)
+        return _OneTile(parts.vision_encoder), _CellStates(model.model.multi_modal_projector)
+
+    def projector_output(self, model):
+        layer = model.model.multi_modal_projector
+        return [layer.weight, layer.bias]
+
+
 RECIPES = {"paligemma": PaliGemmaRecipe, "llava": LlavaRecipe, "gemma3": Gemma3Recipe, "smolvlm": SmolVLMRecipe,
-           "qwen2_vl": Qwen2VLRecipe, "internvl": InternVLRecipe}
+           "qwen2_vl": Qwen2VLRecipe, "internvl": InternVLRecipe, "mllama": MllamaRecipe}
 
 
 # Stage 2 opens with the questions that match a word of the question against the

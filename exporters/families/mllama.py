@@ -162,15 +162,20 @@ def tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 384):
     return tok
 
 
-def tiny_model(shape: tiny.TinyShape, tok):
-    from transformers import MllamaConfig, MllamaForConditionalGeneration
+def tiny_config(shape: tiny.TinyShape, tok):
+    from transformers import MllamaConfig
 
     image = tok.token_to_id(IMAGE)
     text = tiny.text_config(shape, tok)
     text["vocab_size"] = image
     vision = dict(shape.vision, image_size=shape.image_size, patch_size=shape.patch_size)
-    model = MllamaForConditionalGeneration(MllamaConfig(vision_config=vision, text_config=text,
-                                                        image_token_index=image))
+    return MllamaConfig(vision_config=vision, text_config=text, image_token_index=image, **shape.extra)
+
+
+def tiny_model(shape: tiny.TinyShape, tok):
+    from transformers import MllamaForConditionalGeneration
+
+    model = MllamaForConditionalGeneration(tiny_config(shape, tok))
     with torch.no_grad():  # transformers starts every gate at 0: the image would change nothing
         for name, p in model.named_parameters():
             if p.dim() == 1 and name.rsplit(".", 1)[-1] in ("gate", "gate_attn", "gate_ffn", "cross_attn_attn_gate",
