@@ -86,30 +86,44 @@ def build_jobs(parts, kv_storage: str, max_context: int, preprocess) -> list[Gra
             job.check_inputs = [c for c in job.check_inputs if c[0].shape[0] <= batch]
     g = torch.Generator().manual_seed(1)
     module = graphs.StatefulDecoder(parts, max_context).eval()
+    # a cross-attention decoder's image keys and values: the same for every step of a sequence
+    image_kv = {length: graphs._cross_inputs(parts, 1, 1, length, g)[2:] for length in (5, 7)}
 
-    def step(begin: int, n: int):
+    def step(begin: int, n: int, length: int = 7):
         embeds = torch.randn(1, n, parts.hidden_size, generator=g)
         masks = [graphs._mask(1, n, begin, g) for _ in parts.mask_names]
         positions = torch.arange(begin, begin + n)[None] + 1
         if parts.position_rows > 1:
             positions = torch.stack([positions + i for i in range(parts.position_rows)])
         extra = [torch.randn(parts.deepstack_layers, 1, n, parts.hidden_size, generator=g)] if parts.deepstack_layers else []
+        if parts.cross_layers:
+            extra += [*graphs._cross_inputs(parts, 1, n, length, g)[:2], *image_kv[length]]
         return (embeds, *masks, positions, *extra)
 
+    cross_names = ["cross_mask", "cross_rows", *graphs.cross_names(len(parts.cross_layers))] \
+        if parts.cross_layers else []
     decoder = GraphJob(
         "decoder",
         module,
-        ["inputs_embeds", *parts.mask_names, "position_ids", *(["deepstack_embeds"] if parts.deepstack_layers else [])],
+        ["inputs_embeds", *parts.mask_names, "position_ids", *(["deepstack_embeds"] if parts.deepstack_layers else []),
+         *cross_names],
         ["logits"],
         {"inputs_embeds": {1: "seq"}, "position_ids": {parts.position_rows > 1 and 2 or 1: "seq"},
-         "deepstack_embeds": {2: "seq"},
+         "deepstack_embeds": {2: "seq"}, "cross_mask": {2: "seq", 3: "cross_len"}, "cross_rows": {2: "seq"},
+         **{n: {2: "cross_len"} for n in cross_names[2:]},
          **{m: {2: "seq", 3: "total_len"} for m in parts.mask_names}},
-        step(2, 5),
+        step(2, 5, 5),
         # one sequence from an empty cache: prefill, a decode step, a second chunk, a decode step
         [step(0, 4), step(4, 1), step(5, 3), step(8, 1)],
         kv_storage="state",
     )
     decoder.bounds = {"batch": 1, "seq": max_context, "total_len": max_context}
+    if parts.cross_layers:  # from a text-only prompt's one position to CROSS_IMAGES images' keys and values
+        from mmedge.exporters.tensorrt_target import CROSS_IMAGES
+
+        with torch.no_grad():
+            image = projector.module(*[t[:1] for t in projector.trace_inputs])[0].shape[2]
+        decoder.bounds["cross_len"] = CROSS_IMAGES * image
     decoder.reference = reference.module
     return [vision, projector, embed, decoder]
 

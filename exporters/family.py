@@ -61,7 +61,7 @@ class Parts:
     # cross-attention families (image_placement "cross_attention": Llama 3.2 Vision, IDEFICS): the indices of the
     # text model's layers that attend to the images; every other layer is a self-attention layer with a slot in
     # the KV cache (num_layers counts those). The projector then returns each cross layer's image keys and values,
-    # [B, kv_heads, image positions, head_dim] (cross.{j}.key / .value), which the decoder takes as inputs
+    # [B, kv_heads, image positions, head_dim] (cross_key_{j} / cross_value_{j}), which the decoder takes as inputs
     cross_layers: tuple[int, ...] = ()
     # the text model's keyword arguments for the runtime's cross mask [B, 1, S, L] (additive: 0 where a token sees
     # an image position) and rows [B, 1, S, 1] (1 where a token sees any image, else 0)

@@ -56,6 +56,14 @@ def _slots(num_self: int, cross_layers: tuple) -> dict[int, int]:
     return {layer: slot for slot, layer in enumerate(layers)}
 
 
+def _cross_cache_layers(num_self: int, cross_layers: tuple, cross: tuple) -> list[_Layer]:
+    """Every layer's cache entry: a cross-attention layer's holds its image keys and values (cross: key, value per
+    cross layer), as transformers' cache does after the first step (Llama 3.2 Vision reads them from there); a
+    self-attention layer's is left uninitialised (its keys and values go through update())."""
+    return [_Layer(*cross[2 * cross_layers.index(i) : 2 * cross_layers.index(i) + 2]) if i in cross_layers
+            else _Layer() for i in range(num_self + len(cross_layers))]
+
+
 class _PastKV:
     """Duck-typed transformers cache: past comes in as tensors, the graph's present keys/values are kept.
 
@@ -69,10 +77,7 @@ class _PastKV:
         self.past, self.keep_all = past, keep_all
         self.present: list = [None] * (len(past) // 2)
         self.slot = _slots(len(past) // 2, cross_layers)
-        # a cross-attention layer reads its image keys and values from the cache, as transformers' cache holds
-        # them after the first step (Llama 3.2 Vision); self-attention layers are not initialised here
-        self.layers = [_Layer(*cross[2 * cross_layers.index(i): 2 * cross_layers.index(i) + 2])
-                       if i in cross_layers else _Layer() for i in range(len(self.slot) + len(cross_layers))]
+        self.layers = _cross_cache_layers(len(self.slot), cross_layers, cross)
 
     def update(self, key, value, layer_idx, *args, **kwargs):
         slot = self.slot[layer_idx]
@@ -141,14 +146,17 @@ class _StateKV:
     attention computes in the model's.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, begin):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, begin, cross_layers: tuple = (), cross: tuple = ()):
         self.keys, self.values, self.begin = keys, values, begin
+        self.slot = _slots(keys.shape[0], cross_layers)
+        self.layers = _cross_cache_layers(len(self.slot), cross_layers, cross)
 
     def update(self, key, value, layer_idx, *args, **kwargs):
         end = self.begin + key.shape[2]
-        self.keys[layer_idx, :, :, self.begin : end] = key.to(self.keys.dtype)
-        self.values[layer_idx, :, :, self.begin : end] = value.to(self.values.dtype)
-        return self.keys[layer_idx, :, :, :end].to(key.dtype), self.values[layer_idx, :, :, :end].to(value.dtype)
+        slot = self.slot[layer_idx]
+        self.keys[slot, :, :, self.begin : end] = key.to(self.keys.dtype)
+        self.values[slot, :, :, self.begin : end] = value.to(self.values.dtype)
+        return self.keys[slot, :, :, :end].to(key.dtype), self.values[slot, :, :, :end].to(value.dtype)
 
     def get_seq_length(self, layer_idx: int = 0):
         return self.begin
@@ -184,10 +192,11 @@ class StatefulDecoder(DecoderGraph):
         self.value_cache.zero_()
 
     def forward(self, inputs_embeds, *rest):
-        masks, position_ids, extra = rest[: self.n_masks], rest[self.n_masks], rest[self.n_masks + 1 :]
+        masks, position_ids, rest = rest[: self.n_masks], rest[self.n_masks], rest[self.n_masks + 1 :]
+        extra, cross = rest[: self.n_extra], rest[self.n_extra :]
         begin = masks[0].shape[-1] - inputs_embeds.shape[1]
-        return self.last_logits(inputs_embeds, masks, position_ids, _StateKV(self.key_cache, self.value_cache, begin),
-                                *extra)
+        cache = _StateKV(self.key_cache, self.value_cache, begin, self.cross_layers, cross[2:])
+        return self.last_logits(inputs_embeds, masks, position_ids, cache, *extra, cross=cross[:2])
 
 
 def with_kv_storage(job: GraphJob, kv_storage: str) -> GraphJob:
@@ -203,6 +212,12 @@ def with_kv_storage(job: GraphJob, kv_storage: str) -> GraphJob:
 
 def kv_names(prefix: str, num_layers: int) -> list[str]:
     return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def cross_names(num_cross_layers: int) -> list[str]:
+    """The projector's outputs and the decoder's inputs holding each cross-attention layer's image keys and values
+    (no dots: Core ML renames names with them)."""
+    return [f"cross_{kind}_{j}" for j in range(num_cross_layers) for kind in ("key", "value")]
 
 
 # image positions of the cross-attention decoder's inputs at TRACE and each of CHECKS ((batch, seq, cache) ->
@@ -288,7 +303,7 @@ def _projector_job(parts: Parts, vision: GraphJob, g: torch.Generator) -> GraphJ
         return (torch.randn(b, *feature_shape, generator=g),)
 
     if parts.cross_layers:
-        outputs = kv_names("cross", len(parts.cross_layers))
+        outputs = cross_names(len(parts.cross_layers))
         output_axes = {name: {0: "batch"} for name in outputs}
     else:
         outputs, output_axes = ["image_embeds"], {}
@@ -402,10 +417,10 @@ def build_jobs(parts: Parts, seed: int = 0, kv_storage: str = "buffer", max_cont
     extra_names = ["deepstack_embeds"] if parts.deepstack_layers else []
     axes.update({n: {1: "batch", 2: "seq"} for n in extra_names})
     if parts.cross_layers:
-        cross_names = kv_names("cross", len(parts.cross_layers))
-        extra_names += ["cross_mask", "cross_rows", *cross_names]
+        image_kv = cross_names(len(parts.cross_layers))
+        extra_names += ["cross_mask", "cross_rows", *image_kv]
         axes.update({"cross_mask": {0: "batch", 2: "seq", 3: "cross_len"}, "cross_rows": {0: "batch", 2: "seq"}})
-        axes.update({n: {0: "batch", 2: "cross_len"} for n in cross_names})
+        axes.update({n: {0: "batch", 2: "cross_len"} for n in image_kv})
     axes.update({n: {0: "batch", 2: "cache_len"} for n in past_names})
     present_len = "total_len" if kv_storage == "state" else "seq"
     decoder = GraphJob(

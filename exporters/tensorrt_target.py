@@ -63,7 +63,7 @@ CROSS_IMAGES = 4
 def cross_range(manifest: Manifest) -> dict[str, tuple[int, int, int]]:
     """The cross-attention length's profile dims: from a text-only prompt's one position to CROSS_IMAGES images."""
     outputs = manifest.graphs["projector"].outputs
-    key = next((spec for name, spec in outputs.items() if name.startswith("cross.")), None)
+    key = next((spec for name, spec in outputs.items() if name.startswith("cross_key_")), None)
     if key is None:
         return {}
     image = key.shape[2]

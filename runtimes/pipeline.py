@@ -111,7 +111,7 @@ class Pipeline(RowBatching):
         self.deepstack_shape = (spec.shape[0], spec.shape[-1], np.dtype(spec.dtype)) if spec else None
         # a cross-attention decoder (image placement "cross_attention") takes each cross layer's image keys and
         # values, which the projector gives per image (`image_positions` each, `tile_positions` per tile)
-        self.cross_names = [n for n in manifest.graphs["projector"].outputs if n.startswith("cross.")]
+        self.cross_names = [n for n in manifest.graphs["projector"].outputs if n.startswith(("cross_key_", "cross_value_"))]
         if self.cross_names:
             key = manifest.graphs["projector"].outputs[self.cross_names[0]]
             self.image_positions = key.shape[2]

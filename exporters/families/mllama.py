@@ -6,7 +6,7 @@ Split (image placement "cross_attention", docs/package-format.md):
                     -> [B, max_tiles, 1601, 7680]: the last global layer's states and the listed
                     intermediate layers' concatenated, as the model does
     projector       multi_modal_projector, then each cross-attention layer's k_proj / v_proj (and k_norm):
-                    cross.{j}.key / .value [B, kv_heads, max_tiles x 1601, head_dim], computed once per
+                    cross_key_{j} / cross_value_{j} [B, kv_heads, max_tiles x 1601, head_dim], computed once per
                     image and held by the runtime for the whole conversation
     embed_tokens    language_model.embed_tokens (the <|image|> token's row is past the LM head's vocabulary)
     decoder         language_model + lm_head: self-attention layers over the KV cache, cross-attention layers
@@ -23,6 +23,7 @@ transformers' skipping of those layers gives. Preprocessing matches MllamaImageP
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,6 +38,47 @@ ALIASES = {"llama-3.2-vision": "meta-llama/Llama-3.2-11B-Vision-Instruct"}
 IMAGE = "<|image|>"
 
 
+def _aspect_ratio_attention_mask(aspect_ratio_mask, num_patches: int, target_length: int, dtype):
+    """transformers' _prepare_aspect_ratio_attention_mask written without in-place assignment (which Core ML's
+    converter does not take): the same values, including its quirk that with no padding positions
+    (`mask[:, :, -0:] = 0`) every position of every tile is masked."""
+    batch, tiles = aspect_ratio_mask.shape
+    keep = aspect_ratio_mask.view(batch, tiles, 1, 1).to(dtype).repeat(1, 1, target_length, 1)
+    pad = target_length - num_patches
+    content = (torch.arange(target_length) < (num_patches if pad else 0)).to(dtype).view(1, 1, target_length, 1)
+    inverted = (1 - keep * content).reshape(batch, tiles * target_length, 1)
+    return (inverted @ inverted.transpose(-1, -2) * torch.finfo(dtype).min).unsqueeze(1)
+
+
+@contextmanager
+def out_of_place_masks():
+    """While tracing: the vision model's tile mask built by `_aspect_ratio_attention_mask`."""
+    from transformers.models.mllama import modeling_mllama
+
+    original = modeling_mllama._prepare_aspect_ratio_attention_mask
+    modeling_mllama._prepare_aspect_ratio_attention_mask = _aspect_ratio_attention_mask
+    try:
+        yield
+    finally:
+        modeling_mllama._prepare_aspect_ratio_attention_mask = original
+
+
+class _OneImageEach:
+    """Tiles [B, T, 3, H, W] as the vision model reads a batch of one image per row, [B, 1, T, 3, H, W]: it takes
+    the shape, then reshapes to [B x T, 3, H, W]. No rank-6 tensor is made (Core ML has rank 5 at most)."""
+
+    def __init__(self, tiles):
+        self.tiles = tiles
+
+    @property
+    def shape(self):
+        b, t, c, h, w = self.tiles.shape
+        return (b, 1, t, c, h, w)
+
+    def reshape(self, *shape):
+        return self.tiles.reshape(*shape)
+
+
 class TileVision(torch.nn.Module):
     """One image a row: tiles [B, T, 3, H, W], aspect_ratio_ids [B], aspect_ratio_mask [B, T] -> [B, T, P, D]."""
 
@@ -45,8 +87,9 @@ class TileVision(torch.nn.Module):
         self.vision_model = vision_model
 
     def forward(self, pixel_values, aspect_ratio_ids, aspect_ratio_mask):
-        out = self.vision_model(pixel_values=pixel_values[:, None], aspect_ratio_ids=aspect_ratio_ids[:, None],
-                                aspect_ratio_mask=aspect_ratio_mask[:, None]).last_hidden_state
+        with out_of_place_masks():
+            out = self.vision_model(pixel_values=_OneImageEach(pixel_values), aspect_ratio_ids=aspect_ratio_ids[:, None],
+                                    aspect_ratio_mask=aspect_ratio_mask[:, None]).last_hidden_state
         return out[:, 0]
 
 
