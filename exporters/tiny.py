@@ -113,6 +113,17 @@ BUILTIN = {
         image_size=448, patch_size=14, seed=3, vocab_size=151936, sharp_init=False, family="qwen2_vl",
         extra=dict(model_type="qwen2_5_vl", min_pixels=56 * 56, max_pixels=1280 * 28 * 28), dtype="bfloat16",
     ),
+    # for measuring how a cross-attention decoder takes its image keys and values (tools/bench_cross.py): Llama 3.2
+    # Vision's text geometry at a smaller width (8 layers, cross-attention in 3 and 7, 8 heads of 128, as 11B has
+    # 8 KV heads of 128) and its image size (4 tiles of 448 px / 14: 4100 image positions) behind a small tower
+    "mllama-cross-shaped": TinyShape(
+        "random Llama 3.2 Vision geometry, 8 x 1024 decoder, 4 tiles of 448 px (for cross-attention measurements)",
+        vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_global_layers=1,
+                    attention_heads=2, max_num_tiles=4, vision_output_dim=128, intermediate_layers_indices=[0]),
+        text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=8, cross_attention_layers=[3, 7], max_position_embeddings=2048),
+        image_size=448, patch_size=14, sharp_init=False, family="mllama",
+    ),
     # llava-hf/llava-1.5-7b-hf's architecture, 7.06B parameters (CLIP ViT-L/14 at 336 px, layer -2, 576 image
     # tokens; Llama-2-7B decoder, 32 layers, MHA, vocab 32064), random weights, saved in float16 as the
     # published checkpoint is (14.1 GB on disk, built on first use)

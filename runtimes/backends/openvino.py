@@ -21,6 +21,10 @@ class OpenVinoGraph:
         self.compiled = compiled
         self.request = compiled.create_infer_request()
         self.input_names = [p.get_any_name() for p in compiled.inputs]
+        # inputs read in place from the caller's arrays, not copied into the request's tensors each call: the
+        # buffer KV cache and a cross-attention decoder's image keys and values are tens to hundreds of MB a
+        # step (docs/targets.md has the measurement); the arrays are not changed while a call runs
+        self.share_inputs = True
         # a tensor may carry several names (the exporter's and the graph's own): answer to all of them
         self._outputs = [(sorted(p.get_names()), p) for p in compiled.outputs]
         self.output_names = [name for names, _ in self._outputs for name in names]
@@ -38,7 +42,7 @@ class OpenVinoGraph:
             state.state = ov.Tensor(np.ascontiguousarray(state.state.data[index]))
 
     def run(self, inputs: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        results = self.request.infer(inputs)
+        results = self.request.infer(inputs, share_inputs=self.share_inputs)
         out = {}
         for names, port in self._outputs:
             target = next((into[n] for n in names if into and n in into), None)
