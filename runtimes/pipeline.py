@@ -524,7 +524,9 @@ class Pipeline(RowBatching):
         lengths = [self.image_positions] * len(seq.pixels)
         visible = [int(np.prod(grid)) * self.tile_positions for grid in seq.grids]
         mask, rows = schemes.cross_masks(seq.cross_sees, start, n, lengths, visible, dtype=self.cross_dtype)
-        return {"cross_mask": mask, "cross_rows": rows, **seq.cross}
+        takes = self.manifest.graphs["decoder"].inputs  # a model that derives the rows from the mask takes no rows
+        return {name: value for name, value in (("cross_mask", mask), ("cross_rows", rows), *seq.cross.items())
+                if name in takes}
 
     def _positions(self, seq: _Sequence, start: int, n: int, pad: int = 0) -> np.ndarray:
         return schemes.position_ids(self.manifest.schemes, start, n, pad, seq.positions)

@@ -17,7 +17,7 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from conftest import BACKEND, PROMPTS, run_cli, sample_images
+from conftest import BACKEND, PROMPTS, SHAPES, run_cli, sample_images, slow
 from mmedge import Pipeline
 from mmedge.calibration.package import Recorder
 from mmedge.exporters import tensorrt_ops
@@ -82,8 +82,13 @@ def test_precision_is_written_into_the_graphs(trt_packages):
     assert TensorProto.INT8 in kinds.values()  # the LM head, per channel
 
 
-def test_profiles_hold_every_shape_the_runtime_feeds(packages):
-    package = packages(SHAPE, "tensorrt")
+# a cross-attention family too: its decoder takes image keys and values of any prompt's length (cross_len)
+CROSS_SHAPE = next(name for name, shape in SHAPES.items() if shape.family == "mllama")
+
+
+@pytest.mark.parametrize("shape", [SHAPE, pytest.param(CROSS_SHAPE, marks=slow)])
+def test_profiles_hold_every_shape_the_runtime_feeds(shape, packages):
+    package = packages(shape, "tensorrt")
     manifest = load_manifest(package)
     profiles = manifest.tensorrt["profiles"]
     context = manifest.kv_cache.max_context
@@ -103,6 +108,10 @@ def test_profiles_hold_every_shape_the_runtime_feeds(packages):
         pipe.graphs[part] = Recorder(pipe.graphs[part])
     for prompt in PROMPTS:
         list(pipe.generate_ids(sample_images()["shapes"], prompt, max_new_tokens=4, ignore_eos=True))
+    if pipe.cross_names:  # no image (one position), and two images
+        list(pipe.generate_ids(None, PROMPTS[0], max_new_tokens=2, ignore_eos=True))
+        list(pipe.generate_ids([sample_images()["wide"], sample_images()["noise"]], PROMPTS[0], max_new_tokens=2,
+                               ignore_eos=True))
     for part in PARTS:
         assert pipe.graphs[part].feeds
         for feeds in pipe.graphs[part].feeds:
