@@ -96,12 +96,12 @@ def build_jobs(parts, kv_storage: str, max_context: int, preprocess) -> list[Gra
         if parts.position_rows > 1:
             positions = torch.stack([positions + i for i in range(parts.position_rows)])
         extra = [torch.randn(parts.deepstack_layers, 1, n, parts.hidden_size, generator=g)] if parts.deepstack_layers else []
-        if parts.cross_layers:
+        if parts.cross_attention:
             extra += [*graphs._cross_inputs(parts, 1, n, length, g)[:2], *image_kv[length]]
         return (embeds, *masks, positions, *extra)
 
-    cross_names = ["cross_mask", "cross_rows", *graphs.cross_names(len(parts.cross_layers))] \
-        if parts.cross_layers else []
+    cross_names = ["cross_mask", "cross_rows", *graphs.cross_names(parts.cross_attention)] \
+        if parts.cross_attention else []
     decoder = GraphJob(
         "decoder",
         module,
@@ -118,7 +118,7 @@ def build_jobs(parts, kv_storage: str, max_context: int, preprocess) -> list[Gra
         kv_storage="state",
     )
     decoder.bounds = {"batch": 1, "seq": max_context, "total_len": max_context}
-    if parts.cross_layers:  # from a text-only prompt's one position to CROSS_IMAGES images' keys and values
+    if parts.cross_attention:  # from a text-only prompt's one position to CROSS_IMAGES images' keys and values
         from mmedge.exporters.tensorrt_target import CROSS_IMAGES
 
         with torch.no_grad():

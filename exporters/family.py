@@ -58,13 +58,17 @@ class Parts:
     # of runtimes/schemes.vision_inputs; {"patch_dim": int, "merge_size": int, "window": int | None}
     patch_grid: dict | None = None
     deepstack_layers: int = 0  # k > 0: the decoder takes deepstack_embeds [k, B, S, hidden] (Qwen3-VL's DeepStack)
-    # cross-attention families (image_placement "cross_attention": Llama 3.2 Vision, IDEFICS): the indices of the
-    # text model's layers that attend to the images; every other layer is a self-attention layer with a slot in
-    # the KV cache (num_layers counts those). The projector then returns each cross layer's image keys and values,
-    # [B, kv_heads, image positions, head_dim] (cross_key_{j} / cross_value_{j}), which the decoder takes as inputs
+    # cross-attention families (image placement "cross_attention": Llama 3.2 Vision, IDEFICS): how many layers
+    # attend to the images. The projector then returns each one's image keys and values, [B, kv_heads, image
+    # positions, head_dim] (cross_key_{j} / cross_value_{j}), which the decoder takes as inputs
+    cross_attention: int = 0
+    # where the text model reads them from its cache (Llama 3.2 Vision): the indices, in the model's layer
+    # numbering, of its cross-attention layers; every other layer is a self-attention layer with a slot in the
+    # KV cache (num_layers counts those). Empty: the text model takes them through `cross_arg` (IDEFICS)
     cross_layers: tuple[int, ...] = ()
     # the text model's keyword arguments for the runtime's cross mask [B, 1, S, L] (additive: 0 where a token sees
-    # an image position) and rows [B, 1, S, 1] (1 where a token sees any image, else 0)
+    # an image position), rows [B, 1, S, 1] (1 where a token sees any image, else 0) and the keys and values
+    # (key_0, value_0, key_1, ...)
     cross_arg: Callable | None = None
     # vision inputs beyond pixel_values, computed by the runtime from each image's grid (scheme "tile_canvas":
     # aspect_ratio_ids [B] and aspect_ratio_mask [B, tiles])

@@ -77,7 +77,8 @@ class _PastKV:
         self.past, self.keep_all = past, keep_all
         self.present: list = [None] * (len(past) // 2)
         self.slot = _slots(len(past) // 2, cross_layers)
-        self.layers = _cross_cache_layers(len(self.slot), cross_layers, cross)
+        if cross_layers:
+            self.layers = _cross_cache_layers(len(self.slot), cross_layers, cross)
 
     def update(self, key, value, layer_idx, *args, **kwargs):
         slot = self.slot[layer_idx]
@@ -107,26 +108,26 @@ class DecoderGraph(torch.nn.Module):
         self.mask_arg = parts.mask_arg
         self.n_extra = 1 if parts.deepstack_layers else 0  # deepstack_embeds after position_ids
         self.cross_layers, self.cross_arg = tuple(parts.cross_layers), parts.cross_arg
-        # after them: cross_attention_mask, cross_attention_rows and each cross layer's key and value
-        self.n_cross = 2 + 2 * len(self.cross_layers) if self.cross_layers else 0
+        # after them: cross_mask, cross_rows and each cross-attention layer's key and value
+        self.n_cross = 2 + 2 * parts.cross_attention if parts.cross_attention else 0
 
     def forward(self, inputs_embeds, *rest):
         masks, position_ids = rest[: self.n_masks], rest[self.n_masks]
         rest = rest[self.n_masks + 1 :]
         extra, cross, past = rest[: self.n_extra], rest[self.n_extra : self.n_extra + self.n_cross], \
             rest[self.n_extra + self.n_cross :]
-        cache = _PastKV(past, self.keep_all, self.cross_layers, cross[2:])
-        logits = self.last_logits(inputs_embeds, masks, position_ids, cache, *extra, cross=cross[:2])
+        cache = _PastKV(past, self.keep_all, self.cross_layers, cross[2:] if self.cross_layers else ())
+        logits = self.last_logits(inputs_embeds, masks, position_ids, cache, *extra, cross=cross)
         flat = [t for pair in cache.present for t in pair]
         return (logits, *flat)
 
     def last_logits(self, inputs_embeds, masks, position_ids, cache, deepstack_embeds=None, cross=()):
         """The decoder stack over `cache` (a duck-typed transformers cache), then the head on the last position;
-        `cross`: the cross mask and rows, for a cross-attention text model."""
+        `cross`: the cross mask, rows, keys and values, for a cross-attention text model."""
         extra = {} if deepstack_embeds is None else {"deepstack_visual_embeds": list(deepstack_embeds.unbind(0)),
                                                       "visual_pos_masks": None}
         if cross:
-            extra.update(self.cross_arg(*cross))
+            extra.update(self.cross_arg(cross[0], cross[1], tuple(cross[2:])))
         out = self.text_model(
             inputs_embeds=inputs_embeds,
             attention_mask=self.mask_arg(list(masks)),
@@ -149,7 +150,8 @@ class _StateKV:
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, begin, cross_layers: tuple = (), cross: tuple = ()):
         self.keys, self.values, self.begin = keys, values, begin
         self.slot = _slots(keys.shape[0], cross_layers)
-        self.layers = _cross_cache_layers(len(self.slot), cross_layers, cross)
+        if cross_layers:
+            self.layers = _cross_cache_layers(len(self.slot), cross_layers, cross)
 
     def update(self, key, value, layer_idx, *args, **kwargs):
         end = self.begin + key.shape[2]
@@ -195,8 +197,9 @@ class StatefulDecoder(DecoderGraph):
         masks, position_ids, rest = rest[: self.n_masks], rest[self.n_masks], rest[self.n_masks + 1 :]
         extra, cross = rest[: self.n_extra], rest[self.n_extra :]
         begin = masks[0].shape[-1] - inputs_embeds.shape[1]
-        cache = _StateKV(self.key_cache, self.value_cache, begin, self.cross_layers, cross[2:])
-        return self.last_logits(inputs_embeds, masks, position_ids, cache, *extra, cross=cross[:2])
+        cache = _StateKV(self.key_cache, self.value_cache, begin, self.cross_layers,
+                         cross[2:] if self.cross_layers else ())
+        return self.last_logits(inputs_embeds, masks, position_ids, cache, *extra, cross=cross)
 
 
 def with_kv_storage(job: GraphJob, kv_storage: str) -> GraphJob:
@@ -233,7 +236,7 @@ def _cross_inputs(parts: Parts, batch: int, seq: int, length: int, g: torch.Gene
     rows = sees.any(-1, keepdim=True)
     mask = torch.where(sees, 0.0, torch.finfo(torch.float32).min)
     kv = [torch.randn(batch, parts.num_kv_heads, length, parts.head_dim, generator=g)
-          for _ in range(2 * len(parts.cross_layers))]
+          for _ in range(2 * parts.cross_attention)]
     return [mask, rows.float(), *kv]
 
 
@@ -302,8 +305,8 @@ def _projector_job(parts: Parts, vision: GraphJob, g: torch.Generator) -> GraphJ
     def features(b):
         return (torch.randn(b, *feature_shape, generator=g),)
 
-    if parts.cross_layers:
-        outputs = cross_names(len(parts.cross_layers))
+    if parts.cross_attention:
+        outputs = cross_names(parts.cross_attention)
         output_axes = {name: {0: "batch"} for name in outputs}
     else:
         outputs, output_axes = ["image_embeds"], {}
@@ -404,7 +407,7 @@ def build_jobs(parts: Parts, seed: int = 0, kv_storage: str = "buffer", max_cont
             positions = torch.stack([positions + torch.randint(-1, 2, positions.shape, generator=g)
                                      for _ in range(parts.position_rows)]).clamp(min=0)
         extra = [torch.randn(parts.deepstack_layers, b, s, parts.hidden_size, generator=g)] if parts.deepstack_layers else []
-        if parts.cross_layers:
+        if parts.cross_attention:
             extra += _cross_inputs(parts, b, s, CROSS_LENGTHS[c["batch"], c["seq"], c["cache"]], g)
         past = [torch.randn(b, kv_shape[0], p, kv_shape[1], generator=g) for _ in range(2 * parts.num_layers)]
         return (embeds, *masks, positions, *extra, *past)
@@ -416,8 +419,8 @@ def build_jobs(parts: Parts, seed: int = 0, kv_storage: str = "buffer", max_cont
     axes.update({m: {0: "batch", 2: "seq", 3: "total_len"} for m in parts.mask_names})
     extra_names = ["deepstack_embeds"] if parts.deepstack_layers else []
     axes.update({n: {1: "batch", 2: "seq"} for n in extra_names})
-    if parts.cross_layers:
-        image_kv = cross_names(len(parts.cross_layers))
+    if parts.cross_attention:
+        image_kv = cross_names(parts.cross_attention)
         extra_names += ["cross_mask", "cross_rows", *image_kv]
         axes.update({"cross_mask": {0: "batch", 2: "seq", 3: "cross_len"}, "cross_rows": {0: "batch", 2: "seq"}})
         axes.update({n: {0: "batch", 2: "cross_len"} for n in image_kv})

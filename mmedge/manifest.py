@@ -200,6 +200,11 @@ class PromptSpec:
     # a video as a run of images (InternVL: each frame one tile; GLM-4V: each temporal patch a (1, h, w) grid): each
     # one's tokens are the image token, and it is encoded, spliced and positioned as the images are
     video_as_images: bool = False
+    # after expansion, this text twice in a row becomes once (IDEFICS: images in a row share the
+    # <fake_token_around_image> between them, as IdeficsProcessor writes them)
+    merge_adjacent: str | None = None
+    # the user's text stripped of these characters at both ends, as the family's processor strips a text item
+    strip_prompt: str | None = None
 
 
 @dataclass

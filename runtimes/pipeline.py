@@ -516,13 +516,15 @@ class Pipeline(RowBatching):
             empty = np.zeros((1, spec.shape[1], 1, spec.shape[3]), np.dtype(spec.dtype))
             seq.cross = {name: empty for name in self.cross_names}
         seq.cross_sees = schemes.cross_visibility(self.manifest.schemes, seq.ids, self.manifest.prompt.image_token_id,
-                                                  len(seq.pixels))
+                                                  len(seq.pixels), self.manifest.special_tokens.eos_ids)
         return self._embed(seq.ids[None])
 
     def _cross_feeds(self, seq: _Sequence, start: int, n: int) -> dict[str, np.ndarray]:
         """The cross-attention decoder's image inputs for the tokens in slots start..start+n-1."""
         lengths = [self.image_positions] * len(seq.pixels)
-        visible = [int(np.prod(grid)) * self.tile_positions for grid in seq.grids]
+        tiles = [int(np.prod(g)) if self.manifest.schemes.vision == "tile_canvas" else len(p)  # the rest are padding
+                 for p, g in zip(seq.pixels, seq.grids)]
+        visible = [n * self.tile_positions for n in tiles]
         mask, rows = schemes.cross_masks(seq.cross_sees, start, n, lengths, visible, dtype=self.cross_dtype)
         takes = self.manifest.graphs["decoder"].inputs  # a model that derives the rows from the mask takes no rows
         return {name: value for name, value in (("cross_mask", mask), ("cross_rows", rows), *seq.cross.items())

@@ -23,8 +23,9 @@ IMAGE_PLACEMENTS = ("replace_image_tokens", "cross_attention")
 VISION_SCHEMES = ("images", "patch_grid", "tile_canvas")
 # which images each token of a cross-attention prompt sees. "image_spans" (Llama 3.2 Vision): an image from its
 # token up to the next image token, images in a row all to the end of the text after them, the last image to the
-# end; tokens before the first image see none
-CROSS_MASKS = ("image_spans",)
+# end; tokens before the first image see none. "last_image" (IDEFICS): the last image whose token is at or before
+# the token; none before the first image, nor after an end-of-sequence token until the next image
+CROSS_MASKS = ("image_spans", "last_image")
 
 
 def check_schemes(schemes: SchemeSpec) -> None:
@@ -220,13 +221,23 @@ def vision_feeds(schemes: SchemeSpec, pixels: np.ndarray, grid: tuple) -> dict[s
     return {"pixel_values": pixels}
 
 
-def cross_visibility(schemes: SchemeSpec, ids: np.ndarray, image_token_id: int, n_images: int) -> np.ndarray:
+def cross_visibility(schemes: SchemeSpec, ids: np.ndarray, image_token_id: int, n_images: int,
+                     eos_ids=()) -> np.ndarray:
     """[len(ids), n_images] bool: which images each prompt token sees (rule `schemes.cross_mask`); a token
     generated after the prompt sees what the prompt's last token sees."""
     where = np.flatnonzero(ids == image_token_id)
     if len(where) != n_images:
         raise InputError(f"the prompt has {len(where)} image tokens for {n_images} images: write one per image")
     sees = np.zeros((len(ids), n_images), bool)
+    if schemes.cross_mask == "last_image":
+        last, ended = -1, False
+        for i, token in enumerate(ids.tolist()):
+            if token == image_token_id:
+                last, ended = last + 1, False
+            if last >= 0 and not ended:
+                sees[i, last] = True
+            ended = ended or token in eos_ids
+        return sees
     ends = [int(b) for b in where[1:]] + [len(ids)]
     last = len(ids)
     for i in range(n_images - 1, -1, -1):  # images in a row all see to the end of the text after them

@@ -62,6 +62,8 @@ class TextCodec:
             content = ([{"type": "image"} for _ in grids] + [{"type": "video"} for _ in videos]
                        + [{"type": "text", "text": prompt}])
             text = self._apply_template([{"role": "user", "content": content}])
+        elif self.prompt.image_marker:  # a fixed format with image markers: each image's text where they are
+            return self._format_with_markers(prompt, grids)
         else:
             if len(grids) != 1 or videos:
                 raise InputError(f"this package's prompt format takes one image, not {len(grids)}"
@@ -72,11 +74,32 @@ class TextCodec:
             # placeholders replaced one by one, so braces in the user's text are safe
             text = text.replace("{image}", image).replace("{bos}", self.special.bos or "")
             return text.replace("{prompt}", prompt)
-        text = _expand(text, self.prompt.image_marker, grids, self.image_text, "image")
+        text = self._merged(_expand(text, self.prompt.image_marker, grids, self.image_text, "image"))
         if videos:
             none = [None] * len(videos)
             text = _expand(text, self.prompt.video_marker, list(zip(videos, seconds or none, starts or none)),
                            lambda item: self.video_text(*item), "video")
+        return text
+
+    def _format_with_markers(self, prompt: str, grids: list) -> str:
+        """The fixed format with {image} as one image marker per image (none for a text-only prompt), each
+        expanded into its image's text; the user's text goes in as typed (a marker in it is not an image)."""
+        p = self.prompt
+        if p.strip_prompt:
+            prompt = prompt.strip(p.strip_prompt)
+        before, _, after = p.template.partition("{prompt}")
+        parts = [part.replace("{image}", p.image_marker * len(grids)).replace("{bos}", self.special.bos or "")
+                 for part in (before, after)]
+        count = parts[0].count(p.image_marker)
+        head = _expand(parts[0], p.image_marker, grids[:count], self.image_text, "image")
+        tail = _expand(parts[1], p.image_marker, grids[count:], self.image_text, "image")
+        return self._merged(head) + prompt + self._merged(tail)
+
+    def _merged(self, text: str) -> str:
+        """`merge_adjacent` twice in a row written once."""
+        twice = self.prompt.merge_adjacent and self.prompt.merge_adjacent * 2
+        while twice and twice in text:
+            text = text.replace(twice, self.prompt.merge_adjacent)
         return text
 
     def render_conversation(self, messages: list[dict], grids: list) -> str:

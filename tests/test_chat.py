@@ -6,6 +6,7 @@ from scratch."""
 from __future__ import annotations
 
 import threading
+from importlib import import_module
 
 import numpy as np
 import pytest
@@ -20,8 +21,10 @@ from mmedge.exporters import checkpoint as ckpt
 from mmedge.runtimes.media_cache import MediaCache
 from test_errors import assert_one_line_error
 
-# every family with a chat template; PaliGemma's fixed prompt format takes one question at a time
-CHAT_SHAPES = [name for name, shape in SHAPES.items() if shape.family != "paligemma"]
+# every family whose checkpoints carry a chat template; fixed prompt formats (PaliGemma, IDEFICS) take one question
+# at a time
+CHAT_SHAPES = [name for name, shape in SHAPES.items()
+               if hasattr(import_module(f"mmedge.exporters.families.{shape.family}"), "CHAT_TEMPLATE")]
 FIXED_FORMAT = next(name for name, shape in SHAPES.items() if shape.family == "paligemma")
 TURN_TOKENS = 10
 # a conversation: (new images, question) per turn; turn 2 shows no new image, turn 3 a second one

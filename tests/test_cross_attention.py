@@ -1,8 +1,9 @@
-"""Cross-attention families (image placement "cross_attention": Llama 3.2 Vision) beyond the shared runners, which
-cover one image (4 tiles) per prompt and two in one question on every target: images of 1 and 2 tiles and a
-text-only prompt against transformers, the tiles and aspect-ratio inputs against the processor's, the rule of
-which tokens see which image against the processor's cross_attention_mask, the image keys and values computed
-once per image, and bad input."""
+"""Cross-attention families (image placement "cross_attention": Llama 3.2 Vision, IDEFICS) beyond the shared
+runners, which cover one image per prompt on every target (and, for Llama 3.2 Vision, 4 tiles and two images in
+one question): images of 1 and 2 tiles and a text-only prompt against transformers, the tiles and aspect-ratio
+inputs against the processor's, the rule of which tokens see which image against each processor's mask, IDEFICS's
+images interleaved with text in a raw prompt, the image keys and values computed once per image, and bad
+input."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from mmedge.runtimes import schemes
 from test_chat import Counting
 from test_errors import assert_one_line_error
 
-CROSS = [name for name, shape in SHAPES.items() if shape.family == "mllama"]
+MLLAMA = [name for name, shape in SHAPES.items() if shape.family == "mllama"]
+IDEFICS = [name for name, shape in SHAPES.items() if shape.family == "idefics"]
 
 
 def images() -> dict[str, Image.Image | None]:
@@ -61,7 +63,7 @@ def reference(checkpoints):
 
 
 @pytest.mark.parametrize("shape,target", [pytest.param(s, t, marks=() if t == "onnxruntime" else slow)
-                                          for s in CROSS for t in ("onnxruntime", "openvino")])
+                                          for s in MLLAMA for t in ("onnxruntime", "openvino")])
 def test_tiles_and_text_only_match_transformers(shape, target, packages, reference):
     pipe = Pipeline.load(packages(shape, target), backend=BACKEND.get(target))
     for (name, image), tiles in zip(images().items(), (1, 2, 0)):
@@ -80,7 +82,7 @@ def test_tiles_and_text_only_match_transformers(shape, target, packages, referen
         np.testing.assert_array_equal(feeds["aspect_ratio_mask"], inputs["aspect_ratio_mask"][0].numpy())
 
 
-@pytest.mark.parametrize("shape", CROSS)
+@pytest.mark.parametrize("shape", MLLAMA)
 def test_which_tokens_see_which_image_is_the_processors_rule(shape, checkpoints):
     """schemes.cross_visibility against MllamaProcessor's cross_attention_mask, for images alone, in a row, between
     words and at the end of a raw prompt."""
@@ -97,7 +99,7 @@ def test_which_tokens_see_which_image_is_the_processors_rule(shape, checkpoints)
         np.testing.assert_array_equal(schemes.cross_visibility(scheme, ids, token, n), expected, err_msg=text)
 
 
-@pytest.mark.parametrize("shape", CROSS)
+@pytest.mark.parametrize("shape", MLLAMA)
 def test_image_keys_and_values_are_computed_once_per_image(shape, packages):
     """The vision encoder and the projector (which gives every cross-attention layer's keys and values) run once
     for an image; the decoder's steps reuse what they gave, and a new question about the same image, or a
@@ -120,8 +122,49 @@ def test_image_keys_and_values_are_computed_once_per_image(shape, packages):
 
 
 def test_a_raw_prompt_needs_one_image_token_per_image(packages):
-    package = packages(CROSS[0])
+    package = packages(MLLAMA[0])
     image = "examples/images/shapes.png"
     result = run_cli("run", str(package), "--image", image, "--image", image, "--raw-prompt",
                      "--prompt", "<|image|>what is this?", "--max-new-tokens", "2")
     assert_one_line_error(result, "1 image markers", "for 2 image(s)")
+
+
+# -- IDEFICS ---------------------------------------------------------------------------------------------------
+
+
+def interleaved(processor, a, b):
+    """A raw prompt with two images between words and an end-of-sequence token after the second one's text (the
+    tokens after it see no image), and the processor's inputs for the same items."""
+    eos = processor.tokenizer.eos_token
+    raw = f"{processor.tokenizer.bos_token}User:<image>the left one<image>the right one{eos}and now<end_of_utterance>" \
+          "\nAssistant:"
+    items = ["User:", a, "the left one", b, f"the right one{eos}and now<end_of_utterance>\nAssistant:"]
+    return raw, processor.processor(text=[items], return_tensors="pt")
+
+
+@pytest.mark.parametrize("shape,target", [pytest.param(s, t, marks=() if t == "onnxruntime" else slow)
+                                          for s in IDEFICS for t in ("onnxruntime", "openvino", "openvino-buffer")])
+def test_idefics_images_in_a_row_and_interleaved_match_transformers(shape, target, checkpoints, packages):
+    """Two images in the instruct format (sharing the fake token between them), a text-only prompt, and two
+    images interleaved with text in a raw prompt: transformers' tokens, the processor's ids and, for the raw
+    prompt, its image_attention_mask rule (the last image seen; none after an end-of-sequence token)."""
+    path = checkpoints[shape]
+    model = ckpt.family_for(ckpt.read_config(path)["model_type"]).load(path)
+    processor = load_processor(path)
+    pipe = Pipeline.load(packages(shape, target))
+    a, b = sample_images()["wide"], sample_images()["noise"]
+    raw, raw_inputs = interleaved(processor, a, b)
+    cases = [([a, b], PROMPTS[1], processor(images=[a, b], text=PROMPTS[1]), {}),
+             (None, PROMPTS[0], processor(images=None, text=PROMPTS[0]), {}),
+             ([a, b], raw, raw_inputs, {"raw_prompt": True})]
+    for images, prompt, inputs, options in cases:
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+        expected = out[0, inputs["input_ids"].shape[1]:].tolist()
+        got = list(pipe.generate_ids(images, prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True, **options))
+        assert got == expected, prompt
+        seq = pipe._prepare(images, prompt, pipe.options(**options))
+        assert seq.ids.tolist() == inputs["input_ids"][0].tolist()
+        pipe._prompt_embeddings(seq)
+        if images:
+            np.testing.assert_array_equal(seq.cross_sees, inputs["image_attention_mask"][0].numpy().astype(bool))

@@ -112,9 +112,10 @@ class CrossKV(torch.nn.Module):
         return tuple(out)
 
 
-def _cross_arg(mask, rows):
+def _cross_arg(mask, rows, kv):
     """The runtime's cross mask and rows as MllamaTextModel takes them: rows that see no image attend evenly
-    (their mask zeroed, as _prepare_cross_attention_mask does) and their MLP output is masked."""
+    (their mask zeroed, as _prepare_cross_attention_mask does) and their MLP output is masked. The keys and
+    values reach the layers through the cache (Parts.cross_layers)."""
     return {"cross_attention_mask": mask * rows, "full_text_row_masked_out_mask": rows}
 
 
@@ -136,6 +137,7 @@ def split(model) -> Parts:
         head_dim=text.hidden_size // text.num_attention_heads,
         hidden_size=text.hidden_size,
         vocab_size=text.vocab_size,
+        cross_attention=len(cross),
         cross_layers=cross,
         cross_arg=_cross_arg,
         tile_canvas={"max_tiles": cfg.vision_config.max_num_tiles},
