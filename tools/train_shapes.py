@@ -61,6 +61,8 @@ class PaliGemmaRecipe:
     # Stage 1 scores image tokens against word embeddings by dot product (False; the shipped
     # PaliGemma demo) or by cosine, the projector then scaled to the words' norm (True).
     align_cosine = False
+    # Stage 1 also trains a linear probe to read each token's cell index from it (cross-attention families)
+    align_positions = False
     # Stage 2 trains the whole projector with the decoder ("all"), only its last linear map
     # (projector_output: "last"), or keeps stage 1's ("none"); projector_lr scales its learning rate.
     train_projector = "all"
@@ -138,7 +140,11 @@ class PaliGemmaRecipe:
         shape_words = self.word_ids([*shapes.SHAPES, "nothing"])
         color_words = self.word_ids([*shapes.COLORS, "nothing"])
         scale = torch.nn.Parameter(torch.full((), 10.0 if self.align_cosine else 1.0, device=device))
-        opt = torch.optim.AdamW([*tower.parameters(), *projector.parameters(), scale], lr=lr, weight_decay=0.0)
+        # cross-attention families: a linear probe (dropped after) must also tell each cell's token from its cell
+        # index, so that the states carry where they are (the decoder gives them no positions of its own)
+        probe = torch.nn.Linear(table.shape[1], 9).to(device) if self.align_positions else None
+        extra = list(probe.parameters()) if probe is not None else []
+        opt = torch.optim.AdamW([*tower.parameters(), *projector.parameters(), scale, *extra], lr=lr, weight_decay=0.0)
         data = shapes.examples(steps * batch_size, seed=seed + 1_000_003)
         bar = tqdm(range(steps), desc="align vision", disable=not progress, mininterval=2)
         normalize = torch.nn.functional.normalize if self.align_cosine else (lambda t: t)
@@ -146,11 +152,15 @@ class PaliGemmaRecipe:
             exs = [next(data) for _ in range(batch_size)]
             shape_t, color_t = (t.to(device) for t in self.cell_targets(exs))
             pixels = torch.from_numpy(np.concatenate([preprocess(ex.image, self.pre) for ex in exs])).to(device)
-            tokens = normalize(projector(tower(pixels))) * scale
+            states = projector(tower(pixels))
+            tokens = normalize(states) * scale
             words = normalize(table.detach())
             ce = torch.nn.functional.cross_entropy
             loss = ce((tokens @ words[shape_words].T).flatten(0, 1), shape_t.flatten()) + ce(
                 (tokens @ words[color_words].T).flatten(0, 1), color_t.flatten())
+            if probe is not None:
+                cells = torch.arange(9, device=device).repeat(len(exs))
+                loss = loss + ce(probe(states).flatten(0, 1), cells)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -566,6 +576,9 @@ class MllamaRecipe(ChatRecipe):
         image_size=72, patch_size=24,
     )
     align_cosine = True
+    # the first run (4000 + 8000 steps) without it: 63.4% held-out, `where` 7.8%, left_of 40%, caption 36%: the
+    # aligned states said what was in a cell but not where, and cross-attention gives them no positions
+    align_positions = True
 
     def __init__(self, image_size: int | None = None, patch_size: int | None = None):
         super().__init__(image_size, patch_size)
