@@ -1,4 +1,4 @@
-"""The `mmedge` command line: export, run, chat, inspect, eval, bench, list-models.
+"""The `mmedge` command line: export, build, run, chat, serve, inspect, eval, bench, list-models.
 
 Errors in the user's input print one line on stderr and exit with status 2;
 anything unexpected prints one line too (MMEDGE_DEBUG=1 shows the traceback).
@@ -101,6 +101,30 @@ def _parser() -> argparse.ArgumentParser:
     _generation_args(c)
     _engine_args(c)
 
+    s = sub.add_parser("serve", help="serve packages over HTTP: the OpenAI chat-completions API",
+                       description="POST /v1/chat/completions (OpenAI's format: image_url parts as data URIs, "
+                       "stream, max_tokens, temperature, top_p, seed, stop), GET /v1/models, GET /health. Each "
+                       "package runs its requests one at a time, in arrival order, from a bounded queue; a "
+                       "client that sends its conversation again finds the earlier turns in the KV cache.")
+    s.add_argument("package", nargs="+", metavar="[NAME=]PACKAGE",
+                   help="package directory, served as NAME (default: its directory's name, without .pkg)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                   "only; 0.0.0.0 for every interface, with --api-key)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-queue", type=int, default=16, help="requests that may wait per package (default 16); "
+                   "more are answered 429")
+    s.add_argument("--max-image-mb", type=float, default=20.0, help="the most one image may weigh (default 20)")
+    s.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds a request may take, waiting and generating (default 300); then 504")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $MMEDGE_API_KEY, else none)")
+    s.add_argument("--allow-local-files", action="store_true",
+                   help="image_url may be a path (or file:// URL) on this machine")
+    s.add_argument("--ray", action="store_true", help="serve on Ray Serve: the cluster at $RAY_ADDRESS, or a local "
+                   "Ray instance (pip install 'ray[serve]')")
+    s.add_argument("--replicas", type=int, default=2, help="with --ray: processes each holding the packages "
+                   "(default 2)")
+    _engine_args(s)
+
     i = sub.add_parser("inspect", help="show a package's graphs, sizes and export verification")
     i.add_argument("package", type=Path)
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
@@ -180,15 +204,20 @@ def _engine_args(r) -> None:
                         help="hash every file at load, even those that are the very files verified before")
 
 
+def _load_options(args) -> dict:
+    """Pipeline.load's engine options from the arguments of `run`, `chat` and `serve`."""
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
+    return dict(backend=args.backend, providers=providers, threads=args.threads,
+                verify="full" if args.verify_full else not args.no_verify, device=args.device,
+                inference_precision=args.inference_precision, kv_cache_precision=args.kv_cache_precision,
+                low_memory=args.low_memory)
+
+
 def _load(args):
     """The package's Pipeline, with the engine options of `run` and `chat`."""
     from mmedge.runtimes import Pipeline
 
-    providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
-    return Pipeline.load(args.package, backend=args.backend, providers=providers, threads=args.threads,
-                         verify="full" if args.verify_full else not args.no_verify, device=args.device,
-                         inference_precision=args.inference_precision, kv_cache_precision=args.kv_cache_precision,
-                         low_memory=args.low_memory)
+    return Pipeline.load(args.package, **_load_options(args))
 
 
 def _generation_options(args) -> dict:
@@ -369,6 +398,36 @@ def cmd_chat(args) -> int:
     return status if not interactive else 0
 
 
+def cmd_serve(args) -> int:
+    try:
+        from mmedge.serve import ServeConfig, parse_packages, serve
+    except ImportError as exc:
+        raise InputError(f"mmedge serve needs its web stack ({exc.name} is missing): pip install 'mmedge[serve]'")
+    for name, value, low in (("--max-queue", args.max_queue, 0), ("--max-image-mb", args.max_image_mb, 0.001),
+                             ("--timeout", args.timeout, 0.001), ("--port", args.port, 0)):
+        if not value >= low or (name == "--port" and value > 65535):
+            raise InputError(f"{name} {value} is out of range")
+    config = ServeConfig(max_queue=args.max_queue, max_image_mb=args.max_image_mb, timeout=args.timeout,
+                         api_key=args.api_key or os.environ.get("MMEDGE_API_KEY") or None,
+                         allow_local_files=args.allow_local_files)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
+        log.warning("serving on %s without --api-key: anyone who can reach this port can use the models", args.host)
+    packages = parse_packages(args.package)
+    if args.ray:
+        if args.replicas < 1:
+            raise InputError(f"--replicas {args.replicas}: at least 1")
+        try:
+            from mmedge.serve import serve_ray
+            import ray  # noqa: F401
+        except ImportError:
+            raise InputError("--ray needs Ray Serve: pip install 'ray[serve]'") from None
+        serve_ray(packages, host=args.host, port=args.port, config=config, replicas=args.replicas,
+                  **_load_options(args))
+        return 0
+    serve(packages, host=args.host, port=args.port, config=config, **_load_options(args))
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from mmedge.manifest import load_manifest
 
@@ -540,6 +599,7 @@ COMMANDS = {
     "build": cmd_build,
     "run": cmd_run,
     "chat": cmd_chat,
+    "serve": cmd_serve,
     "inspect": cmd_inspect,
     "eval": cmd_eval,
     "bench": cmd_bench,

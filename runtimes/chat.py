@@ -100,6 +100,24 @@ class Chat:
                 if answered:
                     self.history += [user, Turn("assistant", "".join(pieces), tokens=ids)]
 
+    def add(self, role: str, text: str, images: Sequence[ImageInput] = (), **options: Any) -> None:
+        """Put a turn into the history without generating: a conversation held elsewhere (a client that sends
+        the whole history with each question, as the OpenAI API does) replayed here. The next turn then finds
+        in the KV cache whatever of that history this Pipeline computed last time."""
+        if role not in ("user", "assistant"):
+            raise InputError(f"a turn's role is 'user' or 'assistant', not {role!r}")
+        if not isinstance(text, str):
+            raise InputError(f"a turn's text must be text, not {type(text).__name__}")
+        if role == "assistant" and images:
+            raise InputError("an assistant turn holds text only: images go with the user's turns")
+        prepared = []
+        if images:
+            pipe = self.pipe
+            spec = pipe._image_spec(pipe.options(**options),
+                                    len(images) + sum(len(t.images) for t in self.history))
+            prepared = [pipe._prepare_image(im, spec) for im in images]
+        self.history.append(Turn(role, text, prepared))
+
     def reset(self) -> None:
         """Forget the history (the system prompt stays). The cache is not cleared: the next turn reuses what
         still matches, the system prompt at least."""

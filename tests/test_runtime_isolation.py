@@ -115,3 +115,31 @@ def test_coreml_backend_imports_coremltools_without_torch(tmp_path):
         """,
         tmp_path,
     )
+
+
+def test_server_without_torch(packages, tmp_path):
+    """`mmedge serve`'s app answers a request in a process where torch cannot be imported."""
+    pytest.importorskip("fastapi")
+    package = packages("paligemma-gqa")
+    image = tmp_path / "img.png"
+    sample_images()["shapes"].save(image)
+    result = run_blocked(
+        f"""
+        import base64, json
+        from fastapi.testclient import TestClient
+        import mmedge
+        from mmedge.serve import create_app
+        app = create_app({{"m": mmedge.Pipeline.load({str(package)!r})}})
+        uri = "data:image/png;base64," + base64.b64encode(open({str(image)!r}, "rb").read()).decode()
+        r = TestClient(app).post("/v1/chat/completions", json={{"model": "m", "max_tokens": 8, "messages": [
+            {{"role": "user", "content": [{{"type": "image_url", "image_url": {{"url": uri}}}},
+                                         {{"type": "text", "text": "caption en"}}]}}]}})
+        leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
+        print(json.dumps({{"status": r.status_code, "text": r.json()["choices"][0]["message"]["content"],
+                          "leaked": leaked}}))
+        """,
+        tmp_path,
+    )
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["status"] == 200 and out["leaked"] == []
+    assert out["text"] == Pipeline.load(package).generate(image, "caption en", max_new_tokens=8)
