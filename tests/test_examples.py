@@ -1,36 +1,87 @@
-"""The examples run as users run them."""
+"""The examples a developer copies run, on the shapes demo: the robot loop on a video file, the Jetson budget.
 
-import subprocess
-import sys
+(examples/client.py is run against a live server in test_serve.py.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import numpy as np
+import pytest
+
+from mmedge.runtimes import Pipeline
+from mmedge.tasks import shapes
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+FPS, HOLD = 20, 10  # the clip's frame rate; frames each scene is held for
 
 
-def test_caption_example(packages, tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "caption.py"), str(packages("paligemma-gqa")),
-         str(ROOT / "examples" / "images" / "shapes.png"), "caption en"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip()
-    assert "prompt tokens" in result.stderr
+def example(path: str):
+    spec = importlib.util.spec_from_file_location(Path(path).stem, EXAMPLES / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_cli_run_and_inspect(packages, tmp_path):
-    from conftest import run_cli
+def run(module, *argv) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = module.main(list(argv))
+    return code, out.getvalue()
 
-    pkg = packages("paligemma-gqa")
-    image = ROOT / "examples" / "images" / "two_shapes.png"
-    plain = run_cli("run", str(pkg), "--image", str(image), "--prompt", "caption en", "--max-new-tokens", "10",
-                    cwd=tmp_path)
-    streamed = run_cli("run", str(pkg), "--image", str(image), "--prompt", "caption en", "--max-new-tokens", "10",
-                       "--stream", cwd=tmp_path)
-    assert plain.returncode == 0 and streamed.returncode == 0, plain.stderr + streamed.stderr
-    assert plain.stdout == streamed.stdout and plain.stdout.strip()
-    shown = run_cli("inspect", str(pkg), cwd=tmp_path)
-    assert shown.returncode == 0, shown.stderr
-    for graph in ("vision_encoder", "projector", "embed_tokens", "decoder"):
-        assert graph in shown.stdout
-    assert "max abs err" in shown.stdout and "FAIL" not in shown.stdout
+
+@pytest.fixture(scope="module")
+def package(demo_packages):
+    return demo_packages("shapes-paligemma")[0]  # fp32 onnxruntime, shared with the demo tests
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """Four scenes, each held for HOLD frames, losslessly (FFV1): the frames OpenCV reads are the images."""
+    av = pytest.importorskip("av")
+    scenes = list(shapes.examples(4, seed=99))
+    path = tmp_path_factory.mktemp("clip") / "scenes.mkv"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("ffv1", rate=FPS)
+        stream.width = stream.height = shapes.IMAGE_SIZE
+        stream.pix_fmt = "bgr0"
+        for ex in scenes:
+            for _ in range(HOLD):
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(np.asarray(ex.image), format="rgb24")))
+        container.mux(stream.encode())
+    return path, scenes
+
+
+def test_robot_loop_answers_the_newest_frame_and_drops_the_rest(package, clip):
+    pytest.importorskip("cv2")
+    path, scenes = clip
+    code, out = run(example("robot_loop.py"), str(package), "--video", str(path), "--question", "caption",
+                    "--rate", "8")
+    assert code == 0, out
+    pipe = Pipeline.load(package)
+    answers = re.findall(r"frame +(\d+): '(.*)' \(", out)
+    assert len(answers) >= 4, out  # 2 s of video at up to 8 questions a second
+    for index, text in answers:  # each answer is about the frame it names
+        assert text == pipe.generate(scenes[int(index) // HOLD].image, "caption", max_new_tokens=16), (index, out)
+    summary = re.search(r"answered (\d+) frames of (\d+) captured \((\d+) dropped\)", out)
+    answered, captured, dropped = map(int, summary.groups())
+    assert captured == len(scenes) * HOLD and answered == len(answers) and dropped == captured - answered > 0
+
+
+def test_jetson_budget_is_computed_from_the_package(package):
+    budget = example("jetson/budget.py")
+    manifest = json.loads((package / "mmedge.json").read_text())
+    graphs = {f for f in manifest["files"] if f.endswith((".onnx", ".data", ".bin", ".xml"))}
+    b = budget.budget(package)
+    assert b["weights"] == sum(manifest["files"][f]["bytes"] for f in graphs) > 0
+    kv = manifest["kv_cache"]
+    assert b["kv_cache"] == 2 * kv["num_layers"] * kv["num_kv_heads"] * kv["head_dim"] * kv["max_context"] * 4
+    code, out = run(budget, str(package), "--device", "orin-nano-8gb")
+    assert code == 0 and "an estimate" in out and "fits" in out
+    assert run(budget, str(package.parent))[0] == 2  # not a package

@@ -11,6 +11,7 @@ import base64
 import io
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -270,3 +271,20 @@ def test_ray_serve_two_replicas_answer_concurrent_clients(packages, questions, d
     finally:
         ray_serve.shutdown()
         ray.shutdown()
+
+
+def test_client_example_streams_and_follows_up(server, questions, direct, tmp_path, capsys):
+    """examples/client.py against the live server: the answer and the follow-up, the follow-up's history cached."""
+    from test_examples import example
+
+    ex = questions[4]
+    image = tmp_path / "scene.png"
+    ex.image.save(image)
+    code = example("client.py").main(["--base-url", server[0] + "/v1", "--api-key", KEY, "--model", CHAT,
+                                      "--image", str(image), "--question", "caption", "--follow-up", "how many circles?"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    chat = direct[CHAT].chat()
+    assert out == chat.ask(image, "caption") + chat.ask(None, "how many circles?")
+    cached = [int(n) for n in re.findall(r"(\d+) of them cached", err)]
+    assert len(cached) == 2 and cached[1] > 0, err
