@@ -334,7 +334,7 @@ class Job:
             self._put(ServeError(400, exc.message))
         except Exception as exc:  # a bug: one line here, a 500 there
             log.error("%s: internal error: %s: %s (MMEDGE_DEBUG=1 shows the traceback)", self.served.name,
-                      type(exc).__name__, first_line(exc), exc_info=log.isEnabledFor(logging.DEBUG))
+                      type(exc).__name__, first_line(exc), exc_info=bool(os.environ.get("MMEDGE_DEBUG")))
             self._put(ServeError(500, f"internal error: {type(exc).__name__}", "server_error", "internal_error"))
         finally:
             self.served.done()
