@@ -64,8 +64,9 @@ class PaliGemmaRecipe:
     # Stage 1 also aligns each cell's token with its row word (top/center/bottom) and column word
     # (left/center/right): cross-attention families, whose decoder gives image states no positions
     align_positions = False
-    # Stage 2 keeps the aligned vision tower as it is (True), or trains it with the rest (False)
+    # Stage 2 keeps the aligned vision tower as it is (True), or trains it with the rest (False) at tower_lr x lr
     freeze_tower = True
+    tower_lr = 1.0
     # Stage 2 trains the whole projector with the decoder ("all"), only its last linear map
     # (projector_output: "last"), or keeps stage 1's ("none"); projector_lr scales its learning rate.
     train_projector = "all"
@@ -592,9 +593,12 @@ class MllamaRecipe(ChatRecipe):
     # `where` 7.8%, left_of 40%, caption 36%: the aligned states said what was in a cell, not where. A linear
     # cell-index probe in stage 1 made it worse (54.9%; shapes per cell 95% instead of 99.6%). Here stage 1 puts
     # the row and column words into each state, beside the shape and colour words, so that the decoder can copy
-    # where as it copies what.
+    # where as it copies what: 83.8% held-out (4000 + 10000 steps, tower frozen; where 68.9%, mostly the column
+    # word, left_of 51.2%, caption 86.8%, the rest 96-100%). Stage 2 now trains the tower too, at a fifth of the
+    # rate, so that each state can take on what the questions about relations need (left_of), for longer.
     align_positions = True
-    freeze_tower = True
+    freeze_tower = False
+    tower_lr = 0.2
 
     def __init__(self, image_size: int | None = None, patch_size: int | None = None):
         super().__init__(image_size, patch_size)
@@ -657,9 +661,12 @@ def train(recipe, steps: int, batch_size: int, lr: float, seed: int, progress: b
             for p in recipe.projector_output(model):
                 p.requires_grad_(True)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    in_projector = {id(p) for p in recipe.vision_parts(model)[1].parameters()}
-    groups = [{"params": [p for p in trainable if id(p) not in in_projector], "lr": lr},
-              {"params": [p for p in trainable if id(p) in in_projector], "lr": lr * recipe.projector_lr}]
+    tower, projector = recipe.vision_parts(model)
+    in_projector = {id(p) for p in projector.parameters()}
+    in_tower = {id(p) for p in tower.parameters()} - in_projector
+    groups = [{"params": [p for p in trainable if id(p) not in in_projector | in_tower], "lr": lr},
+              {"params": [p for p in trainable if id(p) in in_projector], "lr": lr * recipe.projector_lr},
+              {"params": [p for p in trainable if id(p) in in_tower], "lr": lr * recipe.tower_lr}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
 
