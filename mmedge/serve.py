@@ -340,8 +340,15 @@ class Job:
             self.served.done()
 
     async def items(self):
+        """The pieces as the worker makes them; a request still waiting for its turn (or for its next piece) at
+        its deadline is answered 504 from here, and the worker skips it."""
         while True:
-            item = await self.queue.get()
+            try:  # a second's grace: the worker's own check, with the better message, usually comes first
+                item = await asyncio.wait_for(self.queue.get(), max(0.0, self.deadline - time.monotonic()) + 1.0)
+            except asyncio.TimeoutError:
+                self.cancelled.set()
+                raise ServeError(504, f"no answer within --timeout {self.config.timeout:g} s (the model is busy or "
+                                 "slow): retry later, or ask for fewer max_tokens", "timeout_error", "timeout") from None
             if item is _END:
                 return
             if isinstance(item, ServeError):

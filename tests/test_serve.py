@@ -288,3 +288,17 @@ def test_client_example_streams_and_follows_up(server, questions, direct, tmp_pa
     assert out == chat.ask(image, "caption") + chat.ask(None, "how many circles?")
     cached = [int(n) for n in re.findall(r"(\d+) of them cached", err)]
     assert len(cached) == 2 and cached[1] > 0, err
+
+
+def test_a_request_past_its_timeout_is_504_and_the_next_is_served(direct, questions):
+    from fastapi.testclient import TestClient
+
+    from mmedge.serve import ServeConfig, create_app
+
+    ex = questions[5]
+    body = {"model": CHAT, "messages": [user(ex.image, "caption")]}
+    late = TestClient(create_app({CHAT: direct[CHAT]}, ServeConfig(timeout=1e-6)))
+    r = late.post("/v1/chat/completions", json=body)
+    assert r.status_code == 504 and "--timeout" in r.json()["error"]["message"]
+    r = TestClient(create_app({CHAT: direct[CHAT]}, ServeConfig(timeout=60))).post("/v1/chat/completions", json=body)
+    assert r.status_code == 200
