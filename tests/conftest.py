@@ -251,16 +251,38 @@ def reference_tokens(checkpoints, shared):
     return get
 
 
-def hf_generate(model, processor, image, prompt, n: int = NEW_TOKENS) -> list[int]:
-    """transformers' own greedy generate(), n tokens past the prompt (EOS not allowed to stop it)."""
+@pytest.fixture(scope="session")
+def hf_model(checkpoints):
+    """shape -> (transformers model, processor) of its tiny checkpoint, each loaded once."""
+    from mmedge.evaluate import load_processor
+    from mmedge.exporters import checkpoint as ckpt
+
+    done = {}
+
+    def get(shape: str):
+        if shape not in done:
+            path = checkpoints[shape]
+            done[shape] = (ckpt.family_for(ckpt.read_config(path)["model_type"]).load(path), load_processor(path))
+        return done[shape]
+
+    return get
+
+
+def hf_greedy(model, inputs, n: int = NEW_TOKENS) -> list[int]:
+    """transformers' own greedy generate() on processor `inputs`, n tokens past the prompt (EOS not allowed to
+    stop it)."""
     import torch
 
-    from mmedge.evaluate import reference_inputs
-
-    inputs = reference_inputs(processor, image, prompt)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
     return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def hf_generate(model, processor, image, prompt, n: int = NEW_TOKENS) -> list[int]:
+    """hf_greedy on the inputs the processor makes of (image, prompt) as the evaluator does."""
+    from mmedge.evaluate import reference_inputs
+
+    return hf_greedy(model, reference_inputs(processor, image, prompt), n)
 
 
 def sample_images() -> dict[str, Image.Image]:

@@ -16,8 +16,6 @@ from conftest import BACKEND, FIRST_SHAPES, NEW_TOKENS, PARITY_TARGETS, SHAPES, 
 from conftest import run_cli_in_process as run_cli
 from mmedge import Pipeline
 from mmedge.errors import InputError
-from mmedge.evaluate import load_processor
-from mmedge.exporters import checkpoint as ckpt
 from mmedge.runtimes.media_cache import MediaCache
 from test_errors import assert_one_line_error
 
@@ -52,19 +50,6 @@ def hf_turn(model, processor, messages: list[dict], n: int = TURN_TOKENS) -> lis
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
     return out[0, inputs["input_ids"].shape[1]:].tolist()
-
-
-@pytest.fixture(scope="module")
-def hf_model(checkpoints):
-    done = {}
-
-    def get(shape):
-        if shape not in done:
-            path = checkpoints[shape]
-            done[shape] = (ckpt.family_for(ckpt.read_config(path)["model_type"]).load(path), load_processor(path))
-        return done[shape]
-
-    return get
 
 
 def with_images(messages: list[dict], images: list) -> list[dict]:

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from conftest import BACKEND, NEW_TOKENS, PROMPTS, SHAPES, sample_images, slow
+from conftest import BACKEND, NEW_TOKENS, PROMPTS, SHAPES, hf_greedy, sample_images, slow
 from conftest import run_cli_in_process as run_cli
 from mmedge import Pipeline
 from mmedge.evaluate import load_processor
-from mmedge.exporters import checkpoint as ckpt
 from mmedge.manifest import SchemeSpec
 from mmedge.runtimes import schemes
 from test_chat import Counting
@@ -41,22 +39,17 @@ def hf_inputs(processor, image, prompt):
 
 
 @pytest.fixture(scope="module")
-def reference(checkpoints):
+def reference(hf_model):
     """shape -> {case: (processor inputs, transformers' greedy tokens)}, computed once for every target."""
     done = {}
 
     def get(shape):
         if shape not in done:
-            path = checkpoints[shape]
-            model = ckpt.family_for(ckpt.read_config(path)["model_type"]).load(path)
-            processor = load_processor(path)
+            model, processor = hf_model(shape)
             done[shape] = {}
             for name, image in images().items():
                 inputs = hf_inputs(processor, image, PROMPTS[1])
-                with torch.no_grad():
-                    out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                                         do_sample=False)
-                done[shape][name] = (inputs, out[0, inputs["input_ids"].shape[1]:].tolist())
+                done[shape][name] = (inputs, hf_greedy(model, inputs))
         return done[shape]
 
     return get
@@ -144,13 +137,11 @@ def interleaved(processor, a, b):
 
 @pytest.mark.parametrize("shape,target", [pytest.param(s, t, marks=() if t == "onnxruntime" else slow)
                                           for s in IDEFICS for t in ("onnxruntime", "openvino", "openvino-buffer")])
-def test_idefics_images_in_a_row_and_interleaved_match_transformers(shape, target, checkpoints, packages):
+def test_idefics_images_in_a_row_and_interleaved_match_transformers(shape, target, hf_model, packages):
     """Two images in the instruct format (sharing the fake token between them), a text-only prompt, and two
     images interleaved with text in a raw prompt: transformers' tokens, the processor's ids and, for the raw
     prompt, its image_attention_mask rule (the last image seen; none after an end-of-sequence token)."""
-    path = checkpoints[shape]
-    model = ckpt.family_for(ckpt.read_config(path)["model_type"]).load(path)
-    processor = load_processor(path)
+    model, processor = hf_model(shape)
     pipe = Pipeline.load(packages(shape, target))
     a, b = sample_images()["wide"], sample_images()["noise"]
     raw, raw_inputs = interleaved(processor, a, b)
@@ -158,9 +149,7 @@ def test_idefics_images_in_a_row_and_interleaved_match_transformers(shape, targe
              (None, PROMPTS[0], processor(images=None, text=PROMPTS[0]), {}),
              ([a, b], raw, raw_inputs, {"raw_prompt": True})]
     for images, prompt, inputs, options in cases:
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
-        expected = out[0, inputs["input_ids"].shape[1]:].tolist()
+        expected = hf_greedy(model, inputs)
         got = list(pipe.generate_ids(images, prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True, **options))
         assert got == expected, prompt
         seq = pipe._prepare(images, prompt, pipe.options(**options))

@@ -6,34 +6,27 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import BACKEND, NEW_TOKENS, PROMPTS, SHAPES, sample_images, slow
+from conftest import BACKEND, NEW_TOKENS, PROMPTS, SHAPES, hf_greedy, sample_images, slow
 from mmedge import Pipeline
-from mmedge.evaluate import load_processor
-from mmedge.exporters import checkpoint as ckpt
 from mmedge.runtimes.preprocess import tile_grid
 
 INTERNVL = [name for name, shape in SHAPES.items() if shape.family == "internvl"]  # internvl-tiles, -single
 
 
 @pytest.fixture(scope="module")
-def reference(checkpoints):
+def reference(hf_model):
     """shape -> (images, processor inputs, transformers' greedy tokens) for two images of different tile grids."""
     done = {}
 
     def get(shape):
         if shape not in done:
-            path = checkpoints[shape]
-            model = ckpt.family_for(ckpt.read_config(path)["model_type"]).load(path)
-            processor = load_processor(path)
+            model, processor = hf_model(shape)
             images = [sample_images()["wide"], sample_images()["noise"]]
             content = [{"type": "image"} for _ in images] + [{"type": "text", "text": PROMPTS[1]}]
             text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
             inputs = processor(images=images, text=[text], return_tensors="pt")
-            with torch.no_grad():
-                out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
-            done[shape] = images, inputs, out[0, inputs["input_ids"].shape[1]:].tolist()
+            done[shape] = images, inputs, hf_greedy(model, inputs)
         return done[shape]
 
     return get

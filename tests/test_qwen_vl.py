@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import BACKEND, NEW_TOKENS, PROMPTS, SHAPES, sample_images, slow
+from conftest import BACKEND, NEW_TOKENS, PROMPTS, SHAPES, hf_greedy, sample_images, slow
 from conftest import run_cli_in_process as run_cli  # the CLI's main() here: the same exit status and messages
 from mmedge import Pipeline
 from mmedge.errors import InputError
@@ -22,25 +22,21 @@ QWEN = [name for name, shape in SHAPES.items() if shape.family == "qwen2_vl"]  #
 
 
 @pytest.fixture(scope="module")
-def reference(checkpoints):
+def reference(hf_model):
     """shape -> [(images, processor inputs, transformers' greedy tokens, (positions, delta) of get_rope_index)]
     for the multi-image cases, computed once per shape for every target."""
     done = {}
 
     def get(shape):
         if shape not in done:
-            path = checkpoints[shape]
-            model = ckpt.family_for(ckpt.read_config(path)["model_type"]).load(path)
-            processor = load_processor(path)
+            model, processor = hf_model(shape)
             done[shape] = []
             for images in (two_images(), [sample_images()["shapes"]] * 3):
                 inputs = hf_inputs(processor, images, PROMPTS[1])
                 with torch.no_grad():
-                    out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                                         do_sample=False)
                     rope = model.model.get_rope_index(inputs["input_ids"], inputs["mm_token_type_ids"],
                                                       inputs["image_grid_thw"])
-                done[shape].append((images, inputs, out[0, inputs["input_ids"].shape[1]:].tolist(), rope))
+                done[shape].append((images, inputs, hf_greedy(model, inputs), rope))
         return done[shape]
 
     return get

@@ -176,7 +176,6 @@ def _post(server, body, key=KEY, raw: bytes | None = None, headers=None):
 def test_bad_requests_are_http_errors_and_the_server_keeps_serving(server, client, questions):
     ex = questions[3]
     good = {"model": CHAT, "messages": [user(ex.image, ex.prompt)]}
-    png = data_uri(ex.image)
     text_part = {"type": "text", "text": "caption"}
     cases = {
         "malformed JSON": (400, dict(raw=b'{"model": "x", "messages": [')),
