@@ -269,23 +269,23 @@ def decode_image(url: str, config: ServeConfig) -> bytes | str:
 def pieces(served: Served, request: Request, config: ServeConfig, result: Result) -> Iterator[str]:
     """The answer's text in pieces, from the worker thread; `result` filled in when it ends."""
     pipe = served.pipe
+    options = request.options
+    max_new = pipe.options(**options).max_new_tokens  # checked before any image is decoded
+    if max_new > pipe.cache.capacity:
+        raise ServeError(400, f"max_tokens {max_new} is more than {served.name}'s context holds "
+                         f"({pipe.cache.capacity} tokens, prompt included)", code="context_length_exceeded")
+    if pipe.codec.chat is None and (len(request.turns) > 1 or request.system is not None):
+        raise ServeError(400, f"{served.name} takes one question in a fixed format ({pipe.manifest.model_type}"
+                         " has no chat template): send a single user message")
     turns = [(role, text, [decode_image(u, config) for u in urls]) for role, text, urls in request.turns]
     *history, (_, question, images) = turns
-    options = request.options
     if pipe.codec.chat is not None:
         chat = pipe.chat(system=request.system)
         for role, text, turn_images in history:
             chat.add(role, text, turn_images, **options)
         stream = chat.stream(images or None, question, **options)
     else:
-        if history or request.system is not None:
-            raise ServeError(400, f"{served.name} takes one question in a fixed format ({pipe.manifest.model_type}"
-                             " has no chat template): send a single user message")
         stream = pipe.stream(images[0] if len(images) == 1 else (images or None), question, **options)
-    max_new = pipe.options(**options).max_new_tokens
-    if max_new > pipe.cache.capacity:
-        raise ServeError(400, f"max_tokens {max_new} is more than {served.name}'s context holds "
-                         f"({pipe.cache.capacity} tokens, prompt included)", code="context_length_exceeded")
     yield from stream
     t = pipe.timings
     result.prompt_tokens, result.completion_tokens, result.cached_tokens = (
