@@ -332,7 +332,7 @@ def _run_on_core_ml(job: GraphJob, path: Path, rtol: float) -> dict:  # pragma: 
 
 def needs_calibration(plan: dict[str, str], opts) -> bool:
     """Only the activation-aware INT4 ranges use calibration data; the rest of Core ML's compression is data-free."""
-    return plan["decoder"] == "int4" and opts.int4_method == "awq"
+    return plan.get("decoder") == "int4" and opts.int4_method == "awq"
 
 
 def compress(stage: Path, manifest: Manifest, plan: dict[str, str], opts, jobs: list[GraphJob], calib=None) -> dict:

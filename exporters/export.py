@@ -50,7 +50,7 @@ def check_options(opts: ExportOptions) -> None:
         raise ExportError(f"unknown target {opts.target!r}; choose one of: {', '.join(TARGETS)}")
     from mmedge.calibration import plan as qplan
 
-    plan = qplan.parse_quant(opts.quant, opts.target)
+    plan = qplan.parse_quant(opts.quant, opts.target, kind=None)  # the syntax; the model's kind decides the rest
     needs = list(TARGET_NEEDS.get(opts.target, []))
     if opts.target == "openvino" and set(plan.values()) != {"fp32"}:
         needs.append(("nncf", "openvino"))
@@ -116,7 +116,7 @@ def _locked_export(opts: ExportOptions) -> Manifest:
     path = ckpt.resolve(opts.model)
     family = ckpt.family_for(ckpt.read_config(path)["model_type"])
     calib = None
-    plan = parse_quant(opts.quant, opts.target)
+    plan = parse_quant(opts.quant, opts.target, kind=getattr(family, "KIND", "generative"))
     resources.check(path, Path(opts.output).resolve(), quantized=set(plan.values()) != {"fp32"},
                     whole=not getattr(_target_module(opts.target), "LAZY_WEIGHTS", False))
     needs = getattr(_target_module(opts.target), "needs_calibration", lambda plan, opts: set(plan.values()) != {"fp32"})
@@ -154,6 +154,10 @@ def _export(opts: ExportOptions, checkpoint: Path, family, plan: dict[str, str],
     log.info("loading %s", checkpoint)
     model = _load(family, checkpoint, lazily=getattr(target, "LAZY_WEIGHTS", False))
     tokenizer = _load_tokenizer(checkpoint)
+    if getattr(family, "KIND", "generative") == "embedding":
+        from mmedge.exporters.embedding import export_package
+
+        return export_package(opts, checkpoint, family, model, tokenizer, target, plan, calib)
     parts = family.split(model)
     desc = family.describe(model, checkpoint, tokenizer)
     _apply_pixel_budget(opts, desc.preprocess)
@@ -171,7 +175,6 @@ def _export(opts: ExportOptions, checkpoint: Path, family, plan: dict[str, str],
 
     choose = getattr(target, "kv_storage", lambda parts, attention, requested: requested or target.KV_STORAGE[0])
     storage = choose(parts, desc.schemes.attention, opts.kv_cache)
-    graphs, report = {}, {}
     started = time.perf_counter()
     with staged_package(Path(opts.output), opts.overwrite) as stage:
         if hasattr(target, "build_jobs"):
@@ -179,28 +182,7 @@ def _export(opts: ExportOptions, checkpoint: Path, family, plan: dict[str, str],
         else:
             jobs = build_jobs(parts, kv_storage=storage, max_context=max_context, attention=desc.schemes.attention,
                               position_offset=desc.schemes.position_offset)
-        from mmedge.exporters import trace_cache
-
-        cache = trace_cache.directory(opts.trace_cache)
-        for job in jobs:
-            job.precision = plan[job.name]
-            job.trace_cache = cache
-        bar = tqdm(jobs, desc="export", unit="graph", disable=not opts.progress)
-        for job in bar:
-            bar.set_postfix_str(job.name)
-            file = f"{job.name}{target.SUFFIX}"
-            target.export_graph(job, stage / file)
-            result = target.verify_graph(job, stage / file)
-            report[job.name] = result
-            if result["passed"] is False:  # None: the target cannot run the graph here (Core ML off macOS)
-                worst = max(result["outputs"].items(), key=lambda kv: kv[1]["max_abs_err"])
-                raise ExportError(
-                    f"{job.name} does not match PyTorch: {worst[0]} max abs error {worst[1]['max_abs_err']:.3g} "
-                    f"(tolerance {result['rtol']} x max(1, |ref|)); nothing was written"
-                )
-            inputs, outputs = target.io_specs(stage / file, job)
-            graphs[job.name] = GraphSpec(file=file, precision="fp32", inputs=inputs, outputs=outputs)
-        bar.close()
+        graphs, report = export_jobs(target, jobs, plan, stage, opts)
         getattr(target, "finish", lambda stage: None)(stage)
         tokenizer.backend_tokenizer.save(str(stage / "tokenizer.json"))
         if desc.prompt.mode == "chat":
@@ -225,13 +207,7 @@ def _export(opts: ExportOptions, checkpoint: Path, family, plan: dict[str, str],
             schemes=desc.schemes,
             special_tokens=desc.special_tokens,
             generation=desc.generation,
-            source={
-                "model": opts.model,
-                "checkpoint": str(checkpoint),
-                "torch": torch.__version__,
-                "transformers": _version("transformers"),
-                "onnx": _version("onnx"),
-            },
+            source=source_info(opts, checkpoint),
             verification={"reference": "pytorch fp32", "graphs": report},
             mmedge_version=__version__,
         )
@@ -239,7 +215,7 @@ def _export(opts: ExportOptions, checkpoint: Path, family, plan: dict[str, str],
             if set(plan.values()) != {"fp32"}:
                 manifest.quantization = target.compress(stage, manifest, plan, opts, jobs, calib)
         else:
-            del model, parts, jobs, job, bar  # nothing reads the torch model from here on: free it before quantizing
+            del model, parts, jobs  # nothing reads the torch model from here on: free it before quantizing
             if calib is not None:
                 gc.collect()  # a full collection costs ~0.3-1 s in a big process: only where memory is needed next
                 from mmedge.calibration.package import QuantOptions, quantize_package
@@ -254,6 +230,46 @@ def _export(opts: ExportOptions, checkpoint: Path, family, plan: dict[str, str],
         manifest.save(stage)
     log.info("exported %s in %.1f s", opts.output, time.perf_counter() - started)
     return manifest
+
+
+def export_jobs(target, jobs: list, plan: dict[str, str], stage: Path, opts: ExportOptions
+                ) -> tuple[dict[str, GraphSpec], dict[str, dict]]:
+    """Each job's graph exported to `stage` and verified against PyTorch (an ExportError on a mismatch):
+    the graphs' specs and the verification report, by part."""
+    from tqdm.auto import tqdm
+
+    from mmedge.exporters import trace_cache
+
+    cache = trace_cache.directory(opts.trace_cache)
+    for job in jobs:
+        job.precision = plan[job.name]
+        job.trace_cache = cache
+    graphs, report = {}, {}
+    bar = tqdm(jobs, desc="export", unit="graph", disable=not opts.progress)
+    for job in bar:
+        bar.set_postfix_str(job.name)
+        file = f"{job.name}{target.SUFFIX}"
+        target.export_graph(job, stage / file)
+        result = target.verify_graph(job, stage / file)
+        report[job.name] = result
+        if result["passed"] is False:  # None: the target cannot run the graph here (Core ML off macOS)
+            worst = max(result["outputs"].items(), key=lambda kv: kv[1]["max_abs_err"])
+            raise ExportError(
+                f"{job.name} does not match PyTorch: {worst[0]} max abs error {worst[1]['max_abs_err']:.3g} "
+                f"(tolerance {result['rtol']} x max(1, |ref|)); nothing was written"
+            )
+        inputs, outputs = target.io_specs(stage / file, job)
+        graphs[job.name] = GraphSpec(file=file, precision="fp32", inputs=inputs, outputs=outputs)
+    bar.close()
+    return graphs, report
+
+
+def source_info(opts: ExportOptions, checkpoint: Path) -> dict:
+    """What the manifest records of where a package came from."""
+    import torch
+
+    return {"model": opts.model, "checkpoint": str(checkpoint), "torch": torch.__version__,
+            "transformers": _version("transformers"), "onnx": _version("onnx")}
 
 
 # a dynamic-resolution package's default image budget, in tokens per image: Qwen's own advice for devices short

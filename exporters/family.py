@@ -7,6 +7,8 @@ A family is one module in mmedge/exporters/families/ with:
     def split(model) -> Parts
     def describe(model, checkpoint: Path, tokenizer) -> Description
     def load(checkpoint: Path) -> torch model   # optional: `load_pretrained` when absent
+    KIND = "embedding"                     # optional: a dual encoder (CLIP, SigLIP), whose split() gives
+                                           # EncoderParts and describe() an EmbeddingDescription
 
 The exporter turns `Parts` into graphs and `Description` into manifest
 fields; the runtime never sees the family code. Families are discovered by
@@ -24,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from mmedge.manifest import GenerationDefaults, PreprocessSpec, PromptSpec, SchemeSpec, SpecialTokens
+from mmedge.manifest import EmbeddingSpec, GenerationDefaults, PreprocessSpec, PromptSpec, SchemeSpec, SpecialTokens
 
 
 @dataclass
@@ -139,6 +141,47 @@ def special_tokens(model, tokenizer) -> SpecialTokens:
 
 def generation_defaults(model) -> GenerationDefaults:
     return GenerationDefaults(max_new_tokens=min(64, getattr(model.generation_config, "max_new_tokens", None) or 64))
+
+
+@dataclass
+class EncoderParts:
+    """The torch modules of a dual encoder (package kind "embedding"), each exported as its own graph.
+
+    vision_encoder: pixel_values [B,3,H,W] -> image_embeds [B, dim], L2-normalised
+    text_encoder: input_ids [B,S] -> text_embeds [B, dim], L2-normalised
+    """
+
+    vision_encoder: object
+    text_encoder: object
+    image_size: tuple[int, int]
+    dim: int
+    vocab_size: int
+    text_length: int  # the most tokens a text takes (the text model's positions)
+    eos_id: int | None = None  # a token the text encoder pools at (CLIP), placed in the traced and checked ids
+
+
+class Normalized(torch.nn.Module):
+    """A module's output (a tensor, or a transformers output's pooler_output), through `projection` if given,
+    divided by its L2 norm over the last axis: an embedding as CLIP and SigLIP compare them."""
+
+    def __init__(self, module, projection=None):
+        super().__init__()
+        self.module, self.projection = module, projection
+
+    def forward(self, x):
+        out = self.module(x)
+        out = getattr(out, "pooler_output", out)
+        if self.projection is not None:
+            out = self.projection(out)
+        return out / out.norm(p=2, dim=-1, keepdim=True)
+
+
+@dataclass
+class EmbeddingDescription:
+    """Run-time facts a dual-encoder family hands to the manifest."""
+
+    preprocess: PreprocessSpec
+    embedding: EmbeddingSpec
 
 
 @dataclass

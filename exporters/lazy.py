@@ -188,25 +188,35 @@ def is_lazy(module: torch.nn.Module) -> bool:
     return any(source_of(p) is not None for p in module.parameters())
 
 
+# modules that read their children's weights without calling them: filled whole when they run (torch's
+# MultiheadAttention takes out_proj.weight into F.multi_head_attention_forward: SigLIP's pooling head)
+READS_CHILDREN = (torch.nn.MultiheadAttention,)
+
+
 @contextmanager
 def materialized(module: torch.nn.Module):
     """Run `module` with real weights: each submodule's own parameters are read just before it runs and dropped
     right after (tied ones read per module), so a reference run holds one module's weights at a time. A module
-    that reads a child's weights without calling the child would see zeros: its outputs then differ from the
+    that reads a child's weights without calling the child (other than READS_CHILDREN) would see zeros: its outputs then differ from the
     exported graph's, and verification says so."""
     handles = []
 
+    def own(mod):  # the modules whose parameters `mod` reads when it runs
+        return list(mod.modules()) if isinstance(mod, READS_CHILDREN) else [mod]
+
     def fill(mod, args):
-        mod._mmedge_lazy = dict(mod._parameters)
-        for name, param in mod._parameters.items():
-            if source_of(param) is not None:
-                mod._parameters[name] = torch.nn.Parameter(source_of(param).tensor(), requires_grad=False)
+        for m in own(mod):
+            m._mmedge_lazy = dict(m._parameters)
+            for name, param in m._parameters.items():
+                if source_of(param) is not None:
+                    m._parameters[name] = torch.nn.Parameter(source_of(param).tensor(), requires_grad=False)
 
     def empty(mod, args, output):
-        mod._parameters.update(mod.__dict__.pop("_mmedge_lazy", {}))
+        for m in own(mod):
+            m._parameters.update(m.__dict__.pop("_mmedge_lazy", {}))
 
     for mod in module.modules() if isinstance(module, torch.nn.Module) else ():  # (or a plain function)
-        if any(source_of(p) is not None for p in mod._parameters.values()):
+        if isinstance(mod, READS_CHILDREN) or any(source_of(p) is not None for p in mod._parameters.values()):
             handles.append(mod.register_forward_pre_hook(fill))
             handles.append(mod.register_forward_hook(empty, always_call=True))
     try:

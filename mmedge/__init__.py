@@ -4,6 +4,9 @@
     pipe = mmedge.Pipeline.load("package-dir/")
     print(pipe.generate("photo.jpg", "caption en"))
 
+    emb = mmedge.Embedder.load("clip-package/")   # CLIP, SigLIP
+    print(emb.classify("photo.jpg", ["cup", "dog"]))
+
 Importing mmedge does not import torch; only `mmedge export` needs it.
 """
 
@@ -11,7 +14,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    if name in ("Pipeline", "GenerationOptions"):
+    if name in ("Pipeline", "Embedder", "GenerationOptions"):
         from mmedge import runtimes
 
         return getattr(runtimes, name)
@@ -22,4 +25,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'mmedge' has no attribute {name!r}")
 
 
-__all__ = ["Pipeline", "GenerationOptions", "MmedgeError", "InputError", "PackageError", "ExportError", "__version__"]
+__all__ = ["Pipeline", "Embedder", "GenerationOptions", "MmedgeError", "InputError", "PackageError", "ExportError", "__version__"]

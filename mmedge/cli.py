@@ -125,6 +125,23 @@ def _parser() -> argparse.ArgumentParser:
                    "(default 2)")
     _engine_args(s)
 
+    m = sub.add_parser("embed", help="image or text embeddings from an embedding package (CLIP, SigLIP)")
+    m.add_argument("package", type=Path)
+    m.add_argument("--image", action="append", default=[], help="image file; repeat for several")
+    m.add_argument("--text", action="append", default=[], help="text; repeat for several")
+    m.add_argument("--out", type=Path, help="write the embeddings to OUT.json or OUT.npy (one array: images or "
+                   "texts, a row each) instead of printing JSON")
+    _embedder_args(m)
+
+    c = sub.add_parser("classify", help="zero-shot classification of an image with an embedding package")
+    c.add_argument("package", type=Path)
+    c.add_argument("--image", required=True, help="image file")
+    c.add_argument("--labels", required=True, help="comma-separated labels, e.g. cat,dog,cup")
+    c.add_argument("--template", help='how a label is written before it is embedded, {} the label (default: the '
+                   'package\'s, e.g. "a photo of a {}.")')
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    _embedder_args(c)
+
     i = sub.add_parser("inspect", help="show a package's graphs, sizes and export verification")
     i.add_argument("package", type=Path)
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
@@ -202,6 +219,20 @@ def _engine_args(r) -> None:
     verify.add_argument("--no-verify", action="store_true", help="skip checking file hashes at load")
     verify.add_argument("--verify-full", action="store_true",
                         help="hash every file at load, even those that are the very files verified before")
+
+
+def _embedder_args(r) -> None:
+    r.add_argument("--backend", help="engine to run on (default: the package's target)")
+    r.add_argument("--device", help="OpenVINO device: CPU (default), GPU, NPU, AUTO, ...")
+    r.add_argument("--threads", type=int, default=0, help="intra-op threads (default: engine's choice)")
+    r.add_argument("--no-verify", action="store_true", help="skip checking file hashes at load")
+
+
+def _embedder(args):
+    from mmedge.runtimes import Embedder
+
+    return Embedder.load(args.package, backend=args.backend, device=args.device, threads=args.threads,
+                         verify=not args.no_verify)
 
 
 def _load_options(args) -> dict:
@@ -528,15 +559,25 @@ def cmd_eval(args) -> int:
         from mmedge.exporters.checkpoint import shipped_models
 
         path = shipped_models().get(str(path), path)  # a shipped demo model by name
-    if (path / MANIFEST_NAME).exists() or not (path / "config.json").exists():
-        answer = package_answerer(path, batch=args.batch, backend=args.backend, threads=args.threads,
-                                  device=args.device, inference_precision=args.inference_precision)
-        what = "package"
-    else:
-        answer = reference_answerer(path, batch=args.batch)
-        what = "PyTorch checkpoint"
     seed = DEFAULT_SEED if args.seed is None else args.seed
-    result = evaluate(answer, n=args.n, seed=seed, task=args.task, progress=not args.json)
+    package = (path / MANIFEST_NAME).exists() or not (path / "config.json").exists()
+    if _embedding(path, package):  # a dual encoder: the zero-shot form of the task
+        from mmedge.evaluate import ReferenceEmbedder, evaluate_zero_shot
+        from mmedge.runtimes import Embedder
+
+        embedder = Embedder.load(path, backend=args.backend, threads=args.threads, device=args.device,
+                                 inference_precision=args.inference_precision) if package else ReferenceEmbedder(path)
+        what = "package, zero-shot" if package else "PyTorch checkpoint, zero-shot"
+        result = evaluate_zero_shot(embedder, n=args.n, seed=seed, task=args.task, progress=not args.json)
+    else:
+        if package:
+            answer = package_answerer(path, batch=args.batch, backend=args.backend, threads=args.threads,
+                                      device=args.device, inference_precision=args.inference_precision)
+            what = "package"
+        else:
+            answer = reference_answerer(path, batch=args.batch)
+            what = "PyTorch checkpoint"
+        result = evaluate(answer, n=args.n, seed=seed, task=args.task, progress=not args.json)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -545,6 +586,70 @@ def cmd_eval(args) -> int:
         print(f"  {kind:<10}{100 * acc:6.1f}%")
     print(f"  {'all':<10}{100 * result['accuracy']:6.1f}%")
     return 0
+
+
+def cmd_embed(args) -> int:
+    import numpy as np
+
+    if not args.image and not args.text:
+        raise InputError("give --image and/or --text to embed")
+    out = args.out
+    if out is not None and out.suffix.lower() not in (".json", ".npy"):
+        raise InputError(f"--out must end in .json or .npy, got {out.name}")
+    if out is not None and out.suffix.lower() == ".npy" and args.image and args.text:
+        raise InputError("an .npy file holds one array: give --image or --text, not both (or write .json)")
+    for path in args.image:
+        if not Path(path).is_file():
+            raise InputError(f"image not found: {path}")
+    embedder = _embedder(args)
+    result = {}
+    if args.image:
+        result["images"] = embedder.embed_images(args.image)
+    if args.text:
+        result["texts"] = embedder.embed_texts(args.text)
+    if out is not None and out.suffix.lower() == ".npy":
+        np.save(out, next(iter(result.values())))
+        log.info("wrote %s (%d x %d)", out, *next(iter(result.values())).shape)
+        return 0
+    doc = {"model_type": embedder.manifest.model_type, "dim": embedder.spec.dim}
+    doc.update({key: [{"input": str(src), "embedding": row.tolist()} for src, row in
+                      zip(args.image if key == "images" else args.text, rows)] for key, rows in result.items()})
+    if out is None:
+        print(json.dumps(doc))
+    else:
+        out.write_text(json.dumps(doc) + "\n")
+        log.info("wrote %s", out)
+    return 0
+
+
+def cmd_classify(args) -> int:
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    if not labels:
+        raise InputError("--labels is empty; give comma-separated labels, e.g. cat,dog,cup")
+    if not Path(args.image).is_file():
+        raise InputError(f"image not found: {args.image}")
+    embedder = _embedder(args)
+    ranked = embedder.classify(args.image, labels, template=args.template)
+    if args.json:
+        print(json.dumps({"labels": [{"label": label, "probability": p} for label, p in ranked],
+                          "activation": embedder.spec.activation}))
+        return 0
+    width = max(len(label) for label, _ in ranked)
+    for label, p in ranked:
+        print(f"{label:<{width}}  {p:.4f}")
+    return 0
+
+
+def _embedding(path: Path, package: bool) -> bool:
+    """Whether `path` (a package, else a checkpoint) is an embedding model's."""
+    if package:
+        from mmedge.manifest import load_manifest
+
+        return (path / "mmedge.json").is_file() and load_manifest(path, verify_files=False).kind == "embedding"
+    from mmedge.exporters import checkpoint as ckpt
+
+    family = ckpt.family_for(ckpt.read_config(path).get("model_type", ""))
+    return getattr(family, "KIND", "generative") == "embedding"
 
 
 def cmd_bench(args) -> int:
@@ -602,6 +707,8 @@ COMMANDS = {
     "serve": cmd_serve,
     "inspect": cmd_inspect,
     "eval": cmd_eval,
+    "embed": cmd_embed,
+    "classify": cmd_classify,
     "bench": cmd_bench,
     "list-models": cmd_list_models,
 }

@@ -10,6 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from mmedge.errors import MmedgeError, first_line
@@ -175,3 +176,73 @@ def reference_inputs(processor, image, prompt: str) -> dict:
         return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                              return_tensors="pt")
     return processor(images=image, text=prompt, return_tensors="pt")
+
+
+# -- embedding packages (CLIP, SigLIP): the zero-shot form of the task ------------------------------------------
+
+ZERO_SHOT_BATCH = 64  # images embedded per call of an embedder (it splits them into its own batches)
+
+
+def evaluate_zero_shot(embedder, n: int = 500, seed: int = DEFAULT_SEED, task: str = "shapes",
+                       progress: bool = False) -> dict:
+    """Zero-shot accuracy of an embedder (embed_images, embed_texts) on single-shape scenes: each scene's colour
+    or shape is the label whose templated text is most similar to the image (shapes.ZERO_SHOT)."""
+    from mmedge.tasks import shapes
+
+    if task not in TASKS:
+        raise MmedgeError(f"unknown task {task!r}; available: {', '.join(TASKS)}")
+    if n < 1:
+        raise MmedgeError(f"-n must be at least 1, got {n}")
+    labels = {kind: embedder.embed_texts([template.format(label) for label in names])
+              for kind, (template, names) in shapes.ZERO_SHOT.items()}
+    right: dict[str, int] = defaultdict(int)
+    total: dict[str, int] = defaultdict(int)
+    with tqdm(total=n, desc="eval", disable=not progress, mininterval=1) as bar:
+        for chunk in _chunks(shapes.zero_shot_examples(n, seed), ZERO_SHOT_BATCH):
+            images = embedder.embed_images([ex.image for ex in chunk])
+            for ex, row in zip(chunk, images):
+                total[ex.kind] += 1
+                right[ex.kind] += ex.labels[int(np.argmax(labels[ex.kind] @ row))] == ex.answer
+            bar.update(len(chunk))
+    per_kind = {k: right[k] / total[k] for k in shapes.ZERO_SHOT if total[k]}
+    return {"task": task, "form": "zero-shot", "accuracy": sum(right.values()) / n, "per_kind": per_kind, "n": n,
+            "seed": seed}
+
+
+class ReferenceEmbedder:
+    """transformers' CLIP / SigLIP model and processor as an embedder (unit-length rows, as a package's): the
+    reference numbers of the zero-shot task."""
+
+    def __init__(self, checkpoint: Path):
+        import transformers
+        from transformers import AutoProcessor
+
+        from mmedge.exporters import checkpoint as ckpt
+
+        transformers.logging.set_verbosity_error()
+        family = ckpt.family_for(ckpt.read_config(checkpoint)["model_type"])
+        try:
+            self.model = family.load(checkpoint)
+            self.processor = AutoProcessor.from_pretrained(checkpoint)
+        except Exception as exc:
+            raise MmedgeError(f"could not load the model from {checkpoint}: {first_line(exc)}") from exc
+        self.siglip = self.model.config.model_type == "siglip"
+
+    def _unit(self, out):
+        x = getattr(out, "pooler_output", out).detach().numpy()
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    def embed_images(self, images):
+        import torch
+
+        with torch.no_grad():
+            pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+            return self._unit(self.model.get_image_features(pixel_values=pixels))
+
+    def embed_texts(self, texts):
+        import torch
+
+        padding = "max_length" if self.siglip else True
+        with torch.no_grad():
+            ids = self.processor(text=list(texts), padding=padding, truncation=True, return_tensors="pt")["input_ids"]
+            return self._unit(self.model.get_text_features(input_ids=ids))

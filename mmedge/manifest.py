@@ -250,6 +250,30 @@ class GenerationDefaults:
 
 
 @dataclass
+class EmbeddingSpec:
+    """An embedding package's (kind "embedding": CLIP, SigLIP) run-time facts.
+
+    Its graphs are `vision_encoder` (pixel_values [B, 3, H, W] -> image_embeds [B, dim]) and `text_encoder`
+    (input_ids [B, S] -> text_embeds [B, dim]), both L2-normalised. An image-text logit is
+    logit_scale x cosine + logit_bias; "softmax" turns a row of them into probabilities over the labels (CLIP),
+    "sigmoid" each into a probability of its own (SigLIP).
+    """
+
+    dim: int
+    logit_scale: float
+    logit_bias: float = 0.0
+    activation: str = "softmax"  # or "sigmoid"
+    template: str = "a photo of a {}."  # classify's default prompt, {} the label
+    text_length: int = 77  # the most tokens of a text; longer ones are cut (keeping the tokenizer's end token)
+    text_padding: str = "longest"  # a batch padded to its longest text; "max_length": every text to text_length
+    pad_id: int = 0
+    # how a text is written before tokenizing: None as given; "siglip": lowercased, punctuation removed, runs of
+    # spaces made one (SiglipTokenizer's canonicalize_text)
+    text_normalize: str | None = None
+    max_batch: int = 8  # images or texts per graph call (the static targets' profiles and flexible shapes)
+
+
+@dataclass
 class FileEntry:
     sha256: str
     bytes: int
@@ -261,12 +285,15 @@ class Manifest:
     model_type: str
     target: str
     graphs: dict[str, GraphSpec]
-    kv_cache: KVCacheSpec
     preprocess: PreprocessSpec
-    prompt: PromptSpec
-    schemes: SchemeSpec
-    special_tokens: SpecialTokens
-    generation: GenerationDefaults
+    # "generative" (a VLM: the fields below to generation) or "embedding" (a dual encoder: `embedding`)
+    kind: str = "generative"
+    kv_cache: KVCacheSpec | None = None
+    prompt: PromptSpec | None = None
+    schemes: SchemeSpec | None = None
+    special_tokens: SpecialTokens | None = None
+    generation: GenerationDefaults | None = None
+    embedding: EmbeddingSpec | None = None
     tokenizer: str = "tokenizer.json"
     source: dict[str, Any] = field(default_factory=dict)
     files: dict[str, FileEntry] = field(default_factory=dict)
@@ -292,9 +319,11 @@ class Manifest:
                 f"package format {version} is newer than this mmedge reads ({FORMAT_VERSION}); upgrade mmedge"
             )
         try:
-            return _build(cls, data)
+            manifest = _build(cls, data)
+            _check_kind(manifest)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:  # _Malformed names the field
             raise PackageError(f"{MANIFEST_NAME} is malformed: {exc}; re-export the package") from None
+        return manifest
 
     def graph_of(self, file: str) -> str | None:
         """The graph (part name) stored in `file`, if any."""
@@ -309,8 +338,31 @@ class _Malformed(ValueError):
     """A manifest field of the wrong type or out of range; the message names the field."""
 
 
+# what each package kind must state
+KIND_FIELDS = {"generative": ("kv_cache", "prompt", "schemes", "special_tokens", "generation"),
+               "embedding": ("embedding",)}
+ACTIVATIONS = ("softmax", "sigmoid")
+
+
+def _check_kind(manifest: "Manifest") -> None:
+    if manifest.kind not in KIND_FIELDS:
+        raise _Malformed(f"kind must be one of {', '.join(KIND_FIELDS)}, got {manifest.kind!r}")
+    for name in KIND_FIELDS[manifest.kind]:
+        if getattr(manifest, name) is None:
+            raise _Malformed(f"missing field {name} (a {manifest.kind} package states it)")
+    spec = manifest.embedding
+    if manifest.kind == "embedding":
+        if spec.activation not in ACTIVATIONS:
+            raise _Malformed(f"embedding.activation must be one of {', '.join(ACTIVATIONS)}, got {spec.activation!r}")
+        if spec.text_padding not in ("longest", "max_length"):
+            raise _Malformed(f"embedding.text_padding must be longest or max_length, got {spec.text_padding!r}")
+        if spec.text_normalize not in (None, "siglip"):
+            raise _Malformed(f"embedding.text_normalize must be null or siglip, got {spec.text_normalize!r}")
+
+
 # the smallest value a count may take (a manifest with a zero or negative one cannot run)
-MINIMUM = {"kv_cache.max_context": 2, "kv_cache.num_layers": 1, "kv_cache.num_kv_heads": 1, "kv_cache.head_dim": 1,
+MINIMUM = {"embedding.dim": 1, "embedding.text_length": 2, "embedding.max_batch": 1, "embedding.pad_id": 0,
+           "kv_cache.max_context": 2, "kv_cache.num_layers": 1, "kv_cache.num_kv_heads": 1, "kv_cache.head_dim": 1,
            "preprocess.height": 1, "preprocess.width": 1, "prompt.image_seq_len": 1, "prompt.image_token_id": 0,
            "generation.max_new_tokens": 1}
 
@@ -417,7 +469,7 @@ def load_manifest(directory: str | Path, verify_files: bool | str = True) -> Man
 def named_files(manifest: Manifest) -> set[str]:
     """The files (or Core ML folders) the manifest points the runtime at."""
     needed = {g.file for g in manifest.graphs.values()} | {manifest.tokenizer}
-    if manifest.prompt.chat_template:
+    if manifest.prompt is not None and manifest.prompt.chat_template:
         needed.add(manifest.prompt.chat_template)
     return needed
 

@@ -24,7 +24,7 @@ import numpy as np
 from mmedge.errors import InputError, PackageError
 from mmedge.manifest import Manifest, load_manifest
 from mmedge.runtimes import schemes
-from mmedge.runtimes.backends import DEFAULT_BACKEND_FOR_TARGET, ONLY_OWN_BACKEND, get_backend
+from mmedge.runtimes.backends import open_engine
 from mmedge.runtimes.batch import RowBatching, Timings
 from mmedge.runtimes.kv_cache import EngineCache, make_cache
 from mmedge.runtimes.media_cache import DEFAULT_MB, MediaCache, media_key
@@ -191,34 +191,16 @@ class Pipeline(RowBatching):
         if isinstance(image_cache_mb, bool) or not isinstance(image_cache_mb, (int, float)) or not image_cache_mb >= 0:
             raise InputError(f"image_cache_mb must be a number of megabytes >= 0, got {image_cache_mb!r}")
         manifest = load_manifest(path, verify_files=verify)
+        if manifest.kind != "generative":
+            raise PackageError(f"{path} is an {manifest.kind} package ({manifest.model_type}), which does not generate "
+                               "text: open it with mmedge.Embedder.load (CLI: mmedge embed, mmedge classify)")
         schemes.check_schemes(manifest.schemes)
         missing = [p for p in PARTS if p not in manifest.graphs]
         if missing:
             raise PackageError(f"package {path} lacks the graphs {', '.join(missing)}; re-export it")
-        name = backend or DEFAULT_BACKEND_FOR_TARGET.get(manifest.target)
-        if name is None:
-            raise PackageError(f"no backend here runs target {manifest.target!r}; pass backend=...")
-        if manifest.target in ONLY_OWN_BACKEND and name != manifest.target:
-            raise PackageError(f"a {manifest.target} package runs with the {manifest.target} backend only, "
-                               f"not {name}; export for {name} to run there")
-        options: dict[str, Any] = {"threads": threads}
-        if providers:
-            options["providers"] = providers
-        if device:
-            options["device"] = device
-        if inference_precision:
-            options["inference_precision"] = inference_precision
-        if kv_cache_precision:
-            if name != "openvino":
-                raise InputError(f"kv_cache_precision is for the openvino backend, not {name}")
-            options["kv_cache_precision"] = kv_cache_precision
-        if low_memory:
-            if name != "onnxruntime":
-                raise InputError(f"low_memory is for the onnxruntime backend, not {name}")
-            options["low_memory"] = True
-        engine = get_backend(name, **options)
-        if hasattr(engine, "open_package"):
-            engine.open_package(path, manifest)
+        engine = open_engine(path, manifest, backend, threads=threads, providers=providers, device=device,
+                             inference_precision=inference_precision, kv_cache_precision=kv_cache_precision,
+                             low_memory=low_memory)
         graphs = {part: engine.load(path / manifest.graphs[part].file) for part in PARTS}
         codec = TextCodec.from_package(path, manifest)
         pipe = cls(path, manifest, graphs, codec)

@@ -25,6 +25,7 @@ from filelock import FileLock
 from PIL import Image
 
 from mmedge.exporters import tiny
+from mmedge.exporters.family import families
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -59,7 +60,13 @@ TARGETS = {
 }
 # the backend a target's packages run with in these tests, where not the target's own (no GPU here)
 BACKEND = {"tensorrt": "onnxruntime"}
-SHAPES = tiny.shapes()
+# the generative families' tiny shapes (every VLM test runs over them) and the embedding families' (CLIP, SigLIP:
+# tests/test_embedding.py)
+_KIND = {name: getattr(module, "KIND", "generative") for name, module in
+         ((m.__name__.rsplit(".", 1)[-1], m) for m in families().values())}
+ALL_SHAPES = tiny.shapes()
+SHAPES = {name: shape for name, shape in ALL_SHAPES.items() if _KIND[shape.family] == "generative"}
+EMBEDDING_SHAPES = [name for name, shape in ALL_SHAPES.items() if _KIND[shape.family] == "embedding"]
 # targets whose packages run on this machine
 RUN_HERE = [t for t in TARGETS if t != "coreml" or sys.platform == "darwin"]
 PARITY_TARGETS = [t for t in RUN_HERE if t != "onnxruntime-buffer"]
@@ -159,7 +166,7 @@ class _Checkpoints(Mapping):
         self._shared = shared
 
     def __getitem__(self, name: str) -> Path:
-        shape = SHAPES[name]
+        shape = ALL_SHAPES[name]
         return self._shared.folder(f"checkpoints/{name}", lambda out: tiny.save(shape, out))
 
     def __iter__(self) -> Iterator[str]:

@@ -168,6 +168,33 @@ def examples(n: int, seed: int, size: int = IMAGE_SIZE, kinds: tuple[str, ...] =
         yield sample(rng, kinds[i % len(kinds)], size)
 
 
+# The zero-shot form of the task, for embedding packages (CLIP, SigLIP): a scene of one shape, and either its
+# colour or its shape picked among every label of the kind by image-text similarity, the labels written into
+# the kind's template.
+ZERO_SHOT = {"color": ("a {} shape", tuple(COLORS)), "shape": ("a {}", SHAPES)}
+
+
+@dataclass
+class ZeroShotExample:
+    image: Image.Image
+    kind: str  # "color" or "shape"
+    template: str  # with {} for the label
+    labels: tuple[str, ...]
+    answer: str
+
+
+def zero_shot_examples(n: int, seed: int, size: int = IMAGE_SIZE):
+    """n single-shape scenes from `seed`, the kinds of ZERO_SHOT in rotation (a generator)."""
+    rng = np.random.default_rng(seed)
+    kinds = tuple(ZERO_SHOT)
+    for i in range(n):
+        obj = Obj(SHAPES[rng.integers(len(SHAPES))], list(COLORS)[rng.integers(len(COLORS))], int(rng.integers(9)))
+        kind = kinds[i % len(kinds)]
+        template, labels = ZERO_SHOT[kind]
+        yield ZeroShotExample(draw([obj], rng, size), kind, template, labels,
+                              obj.color if kind == "color" else obj.shape)
+
+
 def normalize(text: str) -> str:
     return re.sub(r"\s+", " ", text.strip().lower()).rstrip(".").strip()
 

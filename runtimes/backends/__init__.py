@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
@@ -78,3 +78,39 @@ def get_backend(name: str, **options: Any) -> Backend:
     module = importlib.import_module(module_name)
     options["threads"] = options.get("threads") or default_threads()
     return getattr(module, class_name)(**options)
+
+
+def open_engine(path: Path, manifest, backend: str | None = None, threads: int = 0,
+                providers: Sequence[str] | None = None, device: str | None = None,
+                inference_precision: str | None = None, kv_cache_precision: str | None = None,
+                low_memory: bool = False) -> Backend:
+    """The engine that runs package `path` (its manifest read): `backend`, else the target's own, with the
+    options only some backends take refused by the others; opened on the package where the backend holds
+    whole packages (TensorRT's engines)."""
+    from mmedge.errors import PackageError
+
+    name = backend or DEFAULT_BACKEND_FOR_TARGET.get(manifest.target)
+    if name is None:
+        raise PackageError(f"no backend here runs target {manifest.target!r}; pass backend=...")
+    if manifest.target in ONLY_OWN_BACKEND and name != manifest.target:
+        raise PackageError(f"a {manifest.target} package runs with the {manifest.target} backend only, "
+                           f"not {name}; export for {name} to run there")
+    options: dict[str, Any] = {"threads": threads}
+    if providers:
+        options["providers"] = providers
+    if device:
+        options["device"] = device
+    if inference_precision:
+        options["inference_precision"] = inference_precision
+    if kv_cache_precision:
+        if name != "openvino":
+            raise InputError(f"kv_cache_precision is for the openvino backend, not {name}")
+        options["kv_cache_precision"] = kv_cache_precision
+    if low_memory:
+        if name != "onnxruntime":
+            raise InputError(f"low_memory is for the onnxruntime backend, not {name}")
+        options["low_memory"] = True
+    engine = get_backend(name, **options)
+    if hasattr(engine, "open_package"):
+        engine.open_package(path, manifest)
+    return engine

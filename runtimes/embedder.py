@@ -1,0 +1,142 @@
+"""Image and text embeddings from a dual-encoder package (kind "embedding": CLIP, SigLIP), and zero-shot
+classification with them.
+
+    emb = Embedder.load("clip-int8-onnxruntime")
+    emb.embed_images(["a.jpg", "b.jpg"])          # [2, dim] float32, unit length
+    emb.embed_texts(["a cup", "a dog"])            # [2, dim]
+    emb.classify("frame.jpg", ["cup", "dog", "cat"])   # [("cup", 0.91), ("dog", 0.06), ...]
+
+Images and texts run in batches of the package's max_batch. classify writes each label into the template
+("a photo of a {}." by default), and turns the logits (logit_scale x cosine + logit_bias) into probabilities
+the model's own way: a softmax over the labels (CLIP), or a sigmoid for each (SigLIP, whose probabilities
+need not sum to one).
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from mmedge.errors import InputError, PackageError
+from mmedge.manifest import Manifest, load_manifest
+from mmedge.runtimes.backends import open_engine
+from mmedge.runtimes.preprocess import ImageInput, preprocess
+
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize_text(text: str, scheme: str | None) -> str:
+    """A text as the package's tokenizer expects it written: as given, or "siglip" (lowercased, punctuation
+    removed, runs of whitespace made one space, stripped: SiglipTokenizer.canonicalize_text)."""
+    if scheme == "siglip":
+        return re.sub(r"\s+", " ", text.lower().translate(_PUNCTUATION)).strip()
+    return text
+
+
+class Embedder:
+    def __init__(self, path: Path, manifest: Manifest, graphs: dict, tokenizer):
+        self.path, self.manifest, self.graphs = path, manifest, graphs
+        self.spec = manifest.embedding
+        self.tokenizer = tokenizer
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(self.spec.text_length)  # the end token the post-processor adds is kept
+
+    @classmethod
+    def load(cls, path: str | Path, backend: str | None = None, providers: Sequence[str] | None = None,
+             threads: int = 0, verify: bool | str = True, device: str | None = None,
+             inference_precision: str | None = None) -> "Embedder":
+        """Open an embedding package written by `mmedge export` (options as Pipeline.load's)."""
+        from tokenizers import Tokenizer
+
+        path = Path(path)
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise InputError(f"threads must be a whole number >= 0 (0: the engine's choice), got {threads!r}")
+        manifest = load_manifest(path, verify_files=verify)
+        if manifest.kind != "embedding":
+            raise PackageError(f"{path} is a {manifest.kind} package ({manifest.model_type}), not an embedding one: "
+                               "open it with mmedge.Pipeline.load (CLI: mmedge run)")
+        missing = [p for p in ("vision_encoder", "text_encoder") if p not in manifest.graphs]
+        if missing:
+            raise PackageError(f"package {path} lacks the graphs {', '.join(missing)}; re-export it")
+        engine = open_engine(path, manifest, backend, threads=threads, providers=providers, device=device,
+                             inference_precision=inference_precision)
+        graphs = {part: engine.load(path / manifest.graphs[part].file) for part in ("vision_encoder", "text_encoder")}
+        try:
+            tokenizer = Tokenizer.from_file(str(path / manifest.tokenizer))
+        except Exception as exc:
+            raise PackageError(f"cannot read {manifest.tokenizer}: {exc}") from None
+        return cls(path, manifest, graphs, tokenizer)
+
+    # -- embeddings ---------------------------------------------------------------------------
+
+    def embed_images(self, images: Sequence[ImageInput]) -> np.ndarray:
+        """[N, dim] unit-length image embeddings, one row per image (a path, bytes, PIL image or HxWx3 array)."""
+        images = _sequence(images, "images")
+        rows = []
+        for start in range(0, len(images), self.spec.max_batch):
+            pixels = np.concatenate([preprocess(im, self.manifest.preprocess)
+                                     for im in images[start:start + self.spec.max_batch]])
+            rows.append(self.graphs["vision_encoder"].run({"pixel_values": pixels})["image_embeds"])
+        return np.concatenate(rows).astype(np.float32, copy=False) if rows else np.zeros((0, self.spec.dim), np.float32)
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """[N, dim] unit-length text embeddings, one row per text."""
+        texts = _sequence(texts, "texts")
+        for t in texts:
+            if not isinstance(t, str):
+                raise InputError(f"texts must be strings, got {type(t).__name__}")
+        rows = []
+        for start in range(0, len(texts), self.spec.max_batch):
+            ids = self.token_ids(texts[start:start + self.spec.max_batch])
+            rows.append(self.graphs["text_encoder"].run({"input_ids": ids})["text_embeds"])
+        return np.concatenate(rows).astype(np.float32, copy=False) if rows else np.zeros((0, self.spec.dim), np.float32)
+
+    def token_ids(self, texts: Sequence[str]) -> np.ndarray:
+        """input_ids [N, S] as the checkpoint's processor makes them: truncated to text_length, padded with
+        pad_id to the longest text (or, "max_length", to text_length)."""
+        encoded = [e.ids for e in self.tokenizer.encode_batch([normalize_text(t, self.spec.text_normalize)
+                                                              for t in texts])]
+        width = self.spec.text_length if self.spec.text_padding == "max_length" else max(map(len, encoded))
+        ids = np.full((len(encoded), width), self.spec.pad_id, dtype=np.int64)
+        for row, e in enumerate(encoded):
+            ids[row, :len(e)] = e
+        return ids
+
+    # -- scores -------------------------------------------------------------------------------
+
+    def logits(self, image_embeds: np.ndarray, text_embeds: np.ndarray) -> np.ndarray:
+        """[images, texts] logit_scale x cosine + logit_bias, as the model's logits_per_image."""
+        return self.spec.logit_scale * (image_embeds @ text_embeds.T) + self.spec.logit_bias
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Each row's logits as the model turns them into probabilities: softmax over the row, or sigmoid each."""
+        logits = np.asarray(logits, dtype=np.float64)
+        if self.spec.activation == "sigmoid":
+            return 1.0 / (1.0 + np.exp(-logits))
+        shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return shifted / shifted.sum(axis=-1, keepdims=True)
+
+    def classify(self, image: ImageInput, labels: Sequence[str], template: str | None = None
+                 ) -> list[tuple[str, float]]:
+        """(label, probability) for each label, most probable first; each label is written into `template`
+        (default: the package's, e.g. "a photo of a {}.") before it is embedded."""
+        labels = _sequence(labels, "labels")
+        if not labels:
+            raise InputError("classify needs at least one label")
+        template = self.spec.template if template is None else template
+        if not isinstance(template, str) or "{}" not in template:
+            raise InputError(f"the template must contain {{}} where the label goes, got {template!r}")
+        probs = self.probabilities(self.logits(self.embed_images([image]),
+                                               self.embed_texts([template.format(lb) for lb in labels])))[0]
+        order = np.argsort(-probs, kind="stable")
+        return [(labels[i], float(probs[i])) for i in order]
+
+
+def _sequence(items, what: str) -> list:
+    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+        raise InputError(f"{what} must be a list, got {type(items).__name__}")
+    return list(items)
