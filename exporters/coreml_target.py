@@ -437,6 +437,11 @@ def int4_clip_ratios(module, stats: dict, block: int) -> tuple[dict, dict]:
 
 def finalize(stage: Path, manifest: Manifest) -> None:
     """Record what an app needs besides the I/O: deployment target, the decoder's states."""
+    if "decoder" not in manifest.graphs:  # a dual encoder (CLIP, SigLIP): no state
+        spec = _load_spec(stage / manifest.graphs["vision_encoder"].file)
+        manifest.coreml = {"deployment_target": DEPLOYMENT_TARGET, "specification_version": spec.specificationVersion,
+                           "flexible_batch": f"1 to {manifest.embedding.max_batch} images or texts a call"}
+        return
     spec = _load_spec(stage / manifest.graphs["decoder"].file)
     manifest.kv_cache.dtype = STATE_DTYPE
     manifest.coreml = {
@@ -547,3 +552,30 @@ def simulated_pipeline(package: Path, checkpoint: Path | None = None, stored_wei
     pipe = Pipeline(package, manifest, graphs, TextCodec.from_package(package, manifest))
     pipe.max_batch = None  # the torch modules take any batch (generate_batch); Core ML's decoder takes one
     return pipe, model
+
+
+def simulated_embedder(package: Path, checkpoint: Path | None = None):
+    """An embedding package's (CLIP, SigLIP) Embedder over the torch modules its .mlpackage files were converted
+    from, each with the weights its .mlpackage stores (compressed ones dequantized), float32 compute: what
+    measures a Core ML dual encoder where Core ML cannot run. Returns (embedder, the transformers model)."""
+    from tokenizers import Tokenizer
+
+    from mmedge.calibration.coreml import load_stored_weights
+    from mmedge.exporters import checkpoint as ckpt
+    from mmedge.exporters import embedding
+    from mmedge.manifest import load_manifest
+    from mmedge.runtimes.embedder import Embedder
+
+    import_coremltools()
+    package = Path(package)
+    manifest = load_manifest(package)
+    if manifest.target != "coreml" or manifest.kind != "embedding":
+        raise ExportError(f"{package} is a {manifest.target} {manifest.kind} package, not a coreml embedding one")
+    checkpoint = Path(checkpoint or manifest.source["checkpoint"])
+    family = ckpt.family_for(ckpt.read_config(checkpoint)["model_type"])
+    model = family.load(checkpoint)
+    jobs = embedding.build_jobs(family.split(model), manifest.embedding.max_batch)
+    for job in jobs:
+        load_stored_weights(job.module, package / manifest.graphs[job.name].file)
+    graphs = {job.name: TorchGraph(job) for job in jobs}
+    return Embedder(package, manifest, graphs, Tokenizer.from_file(str(package / manifest.tokenizer))), model

@@ -90,6 +90,13 @@ def source_of(tensor) -> Source | None:
     return getattr(tensor, ATTR, None)
 
 
+def value(tensor) -> torch.Tensor:
+    """A parameter's values: read from the checkpoint when it is a placeholder, else the tensor itself (for
+    the numbers a family writes into the manifest, e.g. CLIP's logit scale)."""
+    source = source_of(tensor)
+    return source.tensor() if source is not None else tensor.detach()
+
+
 def placeholder(source: Source, shape) -> torch.nn.Parameter:
     """A parameter of `shape` that takes no memory and knows its source."""
     param = torch.nn.Parameter(torch.zeros((), dtype=torch.float32).expand(tuple(shape)), requires_grad=False)

@@ -37,6 +37,7 @@ SUFFIX = ".onnx"
 KV_STORAGE = ("buffer",)
 PROMPT_SLACK = 32  # text tokens around the image ones, for the prefill profile's optimum
 VISION_BATCH_OPT = 1
+TEXT_OPT = 16  # a dual encoder's text encoder: the profile's optimum length in tokens (a short label prompt)
 
 
 def vision_ranges(manifest: Manifest) -> tuple[dict[str, tuple[int, int, int]], int]:
@@ -72,6 +73,12 @@ def cross_range(manifest: Manifest) -> dict[str, tuple[int, int, int]]:
 
 def dim_ranges(manifest: Manifest) -> dict[str, list[dict[str, tuple[int, int, int]]]]:
     """Per graph, per optimization profile: (min, opt, max) of each named dimension."""
+    if manifest.kind == "embedding":  # a dual encoder: batches up to max_batch, texts up to text_length
+        spec = manifest.embedding
+        batch = (1, 1, spec.max_batch)
+        length = spec.text_length
+        seq = (length, length, length) if spec.text_padding == "max_length" else (1, min(TEXT_OPT, length), length)
+        return {"vision_encoder": [{"batch": batch}], "text_encoder": [{"batch": batch, "seq": seq}]}
     vision, image_tokens = vision_ranges(manifest)
     context = manifest.kv_cache.max_context
     prompt = min(context, image_tokens + PROMPT_SLACK)
@@ -123,7 +130,8 @@ def finalize(stage: Path, manifest: Manifest) -> None:
         raise ExportError(f"TensorRT's ONNX parser would reject {listed}; nothing was written")
     manifest.tensorrt = {
         "profiles": profiles(manifest),
-        "kv_cache": "past inputs at the full max_context, unwritten slots masked; new slots written on the GPU",
+        **({"kv_cache": "past inputs at the full max_context, unwritten slots masked; new slots written on the GPU"}
+           if manifest.kv_cache else {}),
         "parser_check": f"every op and type in the graphs is in TensorRT {tensorrt_ops.TABLE_VERSION}'s ONNX "
                         "parser table",
     }

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from mmedge.errors import ExportError
-from mmedge.exporters import tiny
+from mmedge.exporters import lazy, tiny
 from mmedge.exporters.checkpoint import CLIP_MEAN, CLIP_STD, image_processor_config, pixel_fields
 from mmedge.exporters.family import EmbeddingDescription, EncoderParts, Normalized
 from mmedge.manifest import EmbeddingSpec, PreprocessSpec
@@ -74,8 +74,8 @@ def describe(model, checkpoint: Path, tokenizer) -> EmbeddingDescription:
         raise ExportError(f"the tokenizer in {checkpoint} has no pad token; set one (CLIP pads with its end token)")
     return EmbeddingDescription(preprocess=preprocess, embedding=EmbeddingSpec(
         dim=split(model).dim,
-        logit_scale=float(model.logit_scale.exp()),
-        logit_bias=float(model.logit_bias) if siglip else 0.0,
+        logit_scale=float(lazy.value(model.logit_scale).exp()),  # lazy: export may leave weights in the file
+        logit_bias=float(lazy.value(model.logit_bias)) if siglip else 0.0,
         activation="sigmoid" if siglip else "softmax",
         template=TEMPLATES[cfg.model_type],
         text_length=min(length, getattr(tokenizer, "model_max_length", length) or length),
