@@ -58,6 +58,8 @@ def shapes() -> dict[str, TinyShape]:
 # name -> shape, for `mmedge export --model <name>`
 BUILTIN = {
     "tiny-paligemma": "paligemma-gqa",
+    "tiny-clip": "clip-tiny",
+    "tiny-siglip": "siglip-tiny",
     # for speed measurements: a decoder of SmolLM2-135M's size and vocabulary (random weights, ~190M
     # parameters with the untied LM head) behind a small vision tower; its outputs mean nothing
     "paligemma-135m-shaped": TinyShape(
@@ -123,6 +125,16 @@ BUILTIN = {
         text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=8, cross_attention_layers=[3, 7], max_position_embeddings=2048),
         image_size=448, patch_size=14, sharp_init=False, family="mllama",
+    ),
+    # for benchmarks (tools/bench_embed.py): openai/clip-vit-base-patch16's architecture, 150M parameters (ViT-B/16
+    # at 224 px, 768 x 12; text tower 512 x 12, 77 positions, vocab 49408; projections to 512), random weights
+    "clip-vit-b16-shaped": TinyShape(
+        "random CLIP ViT-B/16 architecture, 150M parameters (for benchmarks)",
+        vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+        text=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8,
+                  max_position_embeddings=77),
+        image_size=224, patch_size=16, seed=3, vocab_size=49408, sharp_init=False, family="clip",
+        extra=dict(projection_dim=512),
     ),
     # llava-hf/llava-1.5-7b-hf's architecture, 7.06B parameters (CLIP ViT-L/14 at 336 px, layer -2, 576 image
     # tokens; Llama-2-7B decoder, 32 layers, MHA, vocab 32064), random weights, saved in float16 as the
