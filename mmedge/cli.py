@@ -459,6 +459,18 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _prompt_line(m) -> str:
+    """How many image tokens a generative package's images take."""
+    pre = m.preprocess
+    if pre.resize_mode == "smart_resize":  # dynamic resolution: the budget, not a count
+        most = pre.max_pixels // pre.token_pixels()
+        video = f"; video at {pre.video_fps:g} frames/s" if m.prompt.video_marker else ""
+        return f"up to {most} image tokens an image ({pre.min_pixels}-{pre.max_pixels} pixels){video}"
+    if pre.frames_per_image() > 1:
+        return f"{m.prompt.image_seq_len} image tokens a tile, up to {pre.frames_per_image()} tiles an image"
+    return f"{m.prompt.image_seq_len} image tokens"
+
+
 def cmd_inspect(args) -> int:
     from mmedge.manifest import load_manifest
 
@@ -469,18 +481,15 @@ def cmd_inspect(args) -> int:
     total = sum(f.bytes for f in m.files.values())
     print(f"package     {args.package}")
     print(f"family      {m.family} ({m.model_type})    target {m.target}    format {m.format_version}")
-    print(f"context     {m.kv_cache.max_context} tokens; KV {m.kv_cache.num_layers} layers x "
-          f"{m.kv_cache.num_kv_heads} heads x {m.kv_cache.head_dim} ({m.kv_cache.dtype}, {m.kv_cache.storage})")
-    pre = m.preprocess
-    if pre.resize_mode == "smart_resize":  # dynamic resolution: the budget, not a count
-        most = pre.max_pixels // pre.token_pixels()
-        video = f"; video at {pre.video_fps:g} frames/s" if m.prompt.video_marker else ""
-        tokens = f"up to {most} image tokens an image ({pre.min_pixels}-{pre.max_pixels} pixels){video}"
-    elif pre.frames_per_image() > 1:
-        tokens = f"{m.prompt.image_seq_len} image tokens a tile, up to {pre.frames_per_image()} tiles an image"
+    if m.kind == "embedding":
+        e = m.embedding
+        bias = f" + {e.logit_bias:g}" if e.logit_bias else ""
+        print(f"embedding   {e.dim} dims; logit {e.logit_scale:g} x cosine{bias}, {e.activation}; texts up to "
+              f"{e.text_length} tokens ({e.text_padding}); batches up to {e.max_batch}; template {e.template!r}")
     else:
-        tokens = f"{m.prompt.image_seq_len} image tokens"
-    print(f"prompt      {tokens}; attention {m.schemes.attention}; positions {m.schemes.positions}")
+        print(f"context     {m.kv_cache.max_context} tokens; KV {m.kv_cache.num_layers} layers x "
+              f"{m.kv_cache.num_kv_heads} heads x {m.kv_cache.head_dim} ({m.kv_cache.dtype}, {m.kv_cache.storage})")
+        print(f"prompt      {_prompt_line(m)}; attention {m.schemes.attention}; positions {m.schemes.positions}")
     print(f"size        {_mb(total)} in {len(m.files)} files (sha256 verified)")
     print()
     print(f"{'graph':<16}{'precision':<11}{'size':>10}  inputs -> outputs")
@@ -491,7 +500,8 @@ def cmd_inspect(args) -> int:
         ins = ", ".join(_short(n, s.shape) for n, s in g.inputs.items() if not n.startswith("past."))
         outs = ", ".join(_short(n, s.shape) for n, s in g.outputs.items() if not n.startswith("present."))
         kv = " (+ past/present k,v per layer)" if any(n.startswith("past.") for n in g.inputs) else ""
-        kv = kv or (" (k,v per layer held as engine state)" if name == "decoder" and m.kv_cache.storage == "state" else "")
+        kv = kv or (" (k,v per layer held as engine state)" if name == "decoder" and m.kv_cache.storage == "state"
+                    else "")
         print(f"{name:<16}{g.precision:<11}{_mb(size):>10}  {ins} -> {outs}{kv}")
     report = m.verification.get("graphs", {})
     if report:

@@ -150,6 +150,8 @@ def test_the_cli_embeds_and_classifies(packages, tmp_path):
     want = embedder.classify(image, ["cat", "dog", "cup"])
     assert [lb for lb, _ in ranked] == [lb for lb, _ in want]
     np.testing.assert_allclose([p for _, p in ranked], [p for _, p in want], atol=1e-6)
+    out = run_cli_in_process("inspect", str(package))
+    assert out.returncode == 0 and f"embedding   {embedder.spec.dim} dims" in out.stdout, out.stderr
 
 
 def test_bad_input(packages, checkpoints, tmp_path):
@@ -199,3 +201,21 @@ def test_a_manifest_must_state_its_kinds_fields(packages, tmp_path):
             from mmedge.runtimes import Embedder
 
             Embedder.load(package, verify=False)
+
+
+DEMO = "shapes-clip"
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "openvino"])
+def test_demo_int8_keeps_its_zero_shot_accuracy(demo_packages, scores, target):
+    """The shipped demo's INT8 packages (static, calibrated on the task's scenes and label prompts) within a point
+    of the fp32 ones on the held-out zero-shot task; the fp32 ones at the demo's bar (tests/test_demo_model.py
+    holds the checkpoint to it)."""
+    fp32, _ = demo_packages(DEMO, target, "fp32")
+    int8, _ = demo_packages(DEMO, target, "int8")
+    ref, got = scores(fp32), scores(int8)
+    assert ref["form"] == "zero-shot" and ref["accuracy"] >= 0.95, ref
+    assert got["accuracy"] >= ref["accuracy"] - 0.01, (got, ref)
+    report = json.loads((int8 / "mmedge.json").read_text())["quantization"]
+    assert report["calibration"]["source"].startswith("builtin (shapes task")
+    assert report["bytes"] < report["bytes_fp32"]

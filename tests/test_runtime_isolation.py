@@ -83,6 +83,33 @@ def test_cli_run_without_torch(packages, tmp_path):
     )
 
 
+def test_embedder_and_cli_classify_without_torch(packages, tmp_path):
+    """An embedding package (CLIP) embeds and classifies, through the API and the CLI, with torch unimportable."""
+    from conftest import EMBEDDING_SHAPES
+
+    from mmedge.runtimes import Embedder
+
+    package = packages(EMBEDDING_SHAPES[0])
+    image = tmp_path / "img.png"
+    sample_images()["shapes"].save(image)
+    result = run_blocked(
+        f"""
+        import json
+        from mmedge import Embedder
+        from mmedge.cli import main
+        emb = Embedder.load({str(package)!r})
+        ranked = emb.classify({str(image)!r}, ["circle", "square", "cat"])
+        assert main(["classify", {str(package)!r}, "--image", {str(image)!r}, "--labels", "circle,square"]) == 0
+        leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers"))
+        print(json.dumps({{"leaked": leaked, "ranked": ranked}}))
+        """,
+        tmp_path,
+    )
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["leaked"] == []
+    assert [tuple(x) for x in out["ranked"]] == Embedder.load(package).classify(image, ["circle", "square", "cat"])
+
+
 def test_every_runtime_module_imports_without_torch(tmp_path):
     """Every module of mmedge.runtimes: the chat and caches apps embed, the TensorRT backend, its engine builder
     and CUDA wrapper (Jetson apps), and whatever is added later."""

@@ -1,6 +1,6 @@
 """Images and texts per second of a CLIP ViT-B/16-shaped dual encoder, mmedge packages against transformers.
 
-    python tools/bench_embed.py [--work /tmp/bench-embed] [--rounds 3] [--batch 8] [--threads 2]
+    python tools/bench_embed.py [--prepare] [--work /tmp/bench-embed] [--rounds 3] [--batch 8] [--threads 2]
 
 The model is `clip-vit-b16-shaped` (openai/clip-vit-base-patch16's architecture, random weights from a fixed
 seed, built locally). Rows:
@@ -11,7 +11,7 @@ seed, built locally). Rows:
 
 Every row embeds the same 32 photographs and 32 label prompts in batches of --batch, preprocessing and
 tokenizing included; the rows take turns --rounds times and each reports the median of its rounds. Prints a
-Markdown table (docs/benchmarks.md keeps it).
+Markdown table (docs/benchmarks.md keeps it). `--prepare` only exports the packages (kept in --work).
 """
 
 from __future__ import annotations
@@ -112,10 +112,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prepare", action="store_true", help="only export the packages")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args.work.mkdir(parents=True, exist_ok=True)
     rows = {"transformers eager fp32": None, **prepare(args.work)}
+    if args.prepare:
+        return
     results: dict[str, list[dict]] = {name: [] for name in rows}
     for r in range(args.rounds):
         for name, path in rows.items():

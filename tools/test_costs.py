@@ -20,7 +20,8 @@ sys.path.insert(0, str(ROOT))
 
 LINE = re.compile(r"^\s*([\d.]+)s\s+(setup|call|teardown)\s+(\S+)")
 DEMOS = {"shapes-paligemma": "paligemma", "shapes-llava": "llava", "shapes-gemma3": "gemma3",
-         "shapes-smolvlm": "idefics3"}
+         "shapes-smolvlm": "idefics3", "shapes-internvl": "internvl", "shapes-qwen2vl": "qwen2_vl",
+         "shapes-clip": "clip"}
 # tests of the default demo (shapes-paligemma) whose ids do not name it: the quantization and target checks
 PALIGEMMA_DEMO_TESTS = ("test_quantized_demo_model", "test_activation_aware_int4", "test_per_graph_overrides",
                         "test_openvino_int4_ratio", "test_demo_model_fp16_on_the_tensorrt",
