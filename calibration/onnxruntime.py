@@ -391,7 +391,11 @@ def quantize_graph(part, precision, src, dst, options, feeds, stats) -> dict:
         return quantize_decoder_int8(src, dst)
     if part == "decoder":
         return quantize_decoder_int4(src, dst, options.int4_block_size, options.int4_method, stats, _lm_head_vocab(src))
-    return quantize_static_int8(src, dst, feeds[part], options.calib_method)
+    report = quantize_static_int8(src, dst, feeds[part], options.calib_method)
+    if part == "text_encoder":  # a dual encoder's (CLIP, SigLIP): its token table as int8 rows too
+        quantize_embedding_int8(dst, dst)
+        report["scheme"] += "; token embedding int8 per row"
+    return report
 
 
 def _lm_head_vocab(decoder: Path) -> int:

@@ -312,6 +312,18 @@ def cmd_build(args) -> int:
 
 
 def _print_quantization(q: dict) -> None:
+    if "embedding_cosine" in q:  # an embedding package (CLIP, SigLIP): embeddings against fp32
+        cal = q["calibration"]
+        used = f"calibrated on {cal['calibration_samples']} images and {cal['texts']} texts, " if cal["used"] else ""
+        print(f"quantization {q['name']}: {used}measured on {q['held_out_images']} held-out images and "
+              f"{q['texts']} texts from {cal['source']}")
+        print(f"{'graph':<16}{'precision':<11}{'fp32':>10}{'now':>10}{'cosine mean':>13}{'worst':>10}")
+        for name, g in q["graphs"].items():
+            cos = q["embedding_cosine"][name]
+            print(f"{name:<16}{g['precision']:<11}{_mb(g['bytes_fp32']):>10}{_mb(g['bytes']):>10}"
+                  f"{cos['cosine_mean']:>13.5f}{cos['cosine_min']:>10.5f}")
+        print(f"held-out images whose most similar text is fp32's: {100 * q['top1_agreement']:.1f}%")
+        return
     if "teacher_forced_top1_agreement" not in q:  # Core ML: compressed at export, not run there
         print(f"weights {q['name']}: {q['calibration']['why']}")
         print(f"{'graph':<16}{'precision':<11}{'before':>10}{'now':>10}  scheme")

@@ -219,3 +219,13 @@ def test_demo_int8_keeps_its_zero_shot_accuracy(demo_packages, scores, target):
     report = json.loads((int8 / "mmedge.json").read_text())["quantization"]
     assert report["calibration"]["source"].startswith("builtin (shapes task")
     assert report["bytes"] < report["bytes_fp32"]
+
+
+def test_siglip_text_normalisation():
+    """SiglipTokenizer.canonicalize_text's rule: lowercase, ASCII punctuation removed, whitespace runs made one
+    space, ends stripped; other packages take a text as it is."""
+    from mmedge.runtimes.embedder import normalize_text
+
+    text = "  Is there a CAT,\tor a dog?! (2 of them)  "
+    assert normalize_text(text, "siglip") == "is there a cat or a dog 2 of them"
+    assert normalize_text(text, None) == text
