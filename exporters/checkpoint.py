@@ -10,6 +10,7 @@ from mmedge.errors import ExportError, first_line
 from mmedge.exporters.family import aliases, families, family_for
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model")  # spiece.model: SigLIP's SentencePiece
 
 
 def shipped_dir() -> Path:
@@ -100,8 +101,8 @@ def check_checkpoint(checkpoint: Path) -> Path:
         raise ExportError(f"model type {model_type!r} is not supported yet; supported: {supported}")
     if not any(next(checkpoint.glob(p), None) for p in WEIGHT_PATTERNS):
         raise ExportError(f"{checkpoint} has no weights (*.safetensors or pytorch_model.bin); the download is incomplete")
-    if not (checkpoint / "tokenizer.json").exists() and not (checkpoint / "tokenizer.model").exists():
-        raise ExportError(f"{checkpoint} has no tokenizer (tokenizer.json or tokenizer.model)")
+    if not any((checkpoint / name).exists() for name in TOKENIZER_FILES):
+        raise ExportError(f"{checkpoint} has no tokenizer ({' or '.join(TOKENIZER_FILES)})")
     image_processor_config(checkpoint)
     _check_named_files(checkpoint)
     return checkpoint

@@ -153,7 +153,7 @@ def _export(opts: ExportOptions, checkpoint: Path, family, plan: dict[str, str],
     target = _target_module(opts.target)
     log.info("loading %s", checkpoint)
     model = _load(family, checkpoint, lazily=getattr(target, "LAZY_WEIGHTS", False))
-    tokenizer = _load_tokenizer(checkpoint)
+    tokenizer = _load_tokenizer(checkpoint, family)
     if getattr(family, "KIND", "generative") == "embedding":
         from mmedge.exporters.embedding import export_package
 
@@ -365,13 +365,17 @@ def _load(family, checkpoint: Path, lazily: bool = False):
         raise ExportError(f"could not load the model from {checkpoint}: {first_line(exc)}") from exc
 
 
-def _load_tokenizer(checkpoint: Path):
+def _load_tokenizer(checkpoint: Path, family=None):
+    """The checkpoint's transformers tokenizer, with a `tokenizers` version (what a package holds): its own, or
+    the family's conversion of a SentencePiece-only one (`fast_tokenizer(tok)`: SigLIP)."""
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=False)
     except Exception as exc:
         raise ExportError(f"could not load the tokenizer from {checkpoint}: {first_line(exc)}") from exc
+    if getattr(tok, "backend_tokenizer", None) is None and hasattr(family, "fast_tokenizer"):
+        tok.backend_tokenizer = family.fast_tokenizer(tok)
     if getattr(tok, "backend_tokenizer", None) is None:
         raise ExportError(f"the tokenizer in {checkpoint} has no fast (tokenizers) version; mmedge needs tokenizer.json")
     return tok

@@ -150,6 +150,11 @@ BUILTIN = {
 }
 
 
+def default_corpus() -> list[str]:
+    """The default corpus tiny tokenizers are trained on: a small fixed word salad."""
+    return [" ".join(_WORDS[(i * 7 + j * 13) % len(_WORDS)] for j in range(12)) for i in range(400)]
+
+
 def build_tokenizer(extra_tokens: list[str], vocab_size: int = 384, corpus: list[str] | None = None):
     """A byte-level BPE trained on `corpus` (default: a small fixed word salad); deterministic."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -158,7 +163,7 @@ def build_tokenizer(extra_tokens: list[str], vocab_size: int = 384, corpus: list
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     if corpus is None:
-        corpus = [" ".join(_WORDS[(i * 7 + j * 13) % len(_WORDS)] for j in range(12)) for i in range(400)]
+        corpus = default_corpus()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=SPECIAL,

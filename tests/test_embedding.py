@@ -50,8 +50,8 @@ def _check_against_transformers(embedder, checkpoint):
         padding = "max_length" if ref.siglip else True
         inputs = processor(images=image, text=[template.format(lb) for lb in LABELS], padding=padding,
                            truncation=True, return_tensors="pt")
-        with torch.no_grad():
-            logits = model(**inputs).logits_per_image[0]
+        with torch.no_grad():  # SigLIP as trained: no padding mask (the processor's attention_mask left out)
+            logits = model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits_per_image[0]
         probs = (logits.sigmoid() if ref.siglip else logits.softmax(-1)).numpy()
         ranked = embedder.classify(image, LABELS)
         assert ranked[0][0] == LABELS[int(probs.argmax())]

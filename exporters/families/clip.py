@@ -42,6 +42,24 @@ def load(checkpoint: Path):
     return AutoModel.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="eager").eval()
 
 
+def fast_tokenizer(tok):
+    """SiglipTokenizer (SentencePiece, no fast version) as a `tokenizers` Unigram with the same pieces, scores and
+    normaliser, and the end token appended; its canonicalisation (lowercase, no punctuation) is the runtime's
+    text_normalize "siglip". None for any other tokenizer."""
+    if not hasattr(tok, "canonicalize_text") or not hasattr(tok, "vocab_file"):
+        return None
+    from tokenizers import processors
+    from transformers.convert_slow_tokenizer import SpmConverter
+
+    class Converter(SpmConverter):
+        def post_processor(self):
+            eos = self.original_tokenizer.eos_token
+            return processors.TemplateProcessing(single=["$A", eos], pair=["$A", eos, "$B", eos],
+                                                 special_tokens=[(eos, self.original_tokenizer.eos_token_id)])
+
+    return Converter(tok).converted()
+
+
 def split(model) -> EncoderParts:
     cfg = model.config
     siglip = cfg.model_type == "siglip"
@@ -140,15 +158,41 @@ def tiny_model(shape: tiny.TinyShape, tok):
     return model
 
 
+def sentencepiece_tokenizer(folder: Path, max_length: int):
+    """SigLIP's kind of tokenizer: a SentencePiece unigram model trained on the tiny corpus (pad 0, end 1, unk 2,
+    as the BPE's), in a SiglipTokenizer (which lowercases and strips punctuation before tokenizing)."""
+    import sentencepiece as spm
+    from transformers import SiglipTokenizer
+
+    from mmedge.tasks import shapes
+
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join([line.replace("\n", " ") for line in shapes.corpus()] + tiny.default_corpus()))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / "spiece"), vocab_size=200,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>",
+                                   eos_piece="</s>", unk_piece="<unk>", add_dummy_prefix=False, minloglevel=2,
+                                   num_threads=1)
+    return SiglipTokenizer(str(folder / "spiece.model"), model_max_length=max_length)
+
+
 def save_checkpoint(model, tok, out: Path) -> Path:
-    """save_pretrained the model with its processor (the PIL image processor, the tokenizer) beside it."""
+    """save_pretrained the model with its processor (the PIL image processor, the tokenizer) beside it: CLIP's
+    with the BPE, SigLIP's with a SentencePiece tokenizer as the published checkpoints have."""
+    import tempfile
+
     from transformers import CLIPImageProcessorPil, CLIPProcessor, SiglipImageProcessorPil, SiglipProcessor
 
     side = model.config.vision_config.image_size
-    hf_tok = tiny.hf_tokenizer(tok, model_max_length=model.config.text_config.max_position_embeddings)
+    length = model.config.text_config.max_position_embeddings
+    hf_tok = tiny.hf_tokenizer(tok, model_max_length=length)
     if model.config.model_type == "siglip":
-        processor = SiglipProcessor(image_processor=SiglipImageProcessorPil(size={"height": side, "width": side}),
-                                    tokenizer=hf_tok)
+        with tempfile.TemporaryDirectory() as tmp:
+            processor = SiglipProcessor(image_processor=SiglipImageProcessorPil(size={"height": side, "width": side}),
+                                        tokenizer=sentencepiece_tokenizer(Path(tmp), length))
+            out.mkdir(parents=True, exist_ok=True)
+            model.save_pretrained(out)
+            processor.save_pretrained(out)
+        return out
     else:
         processor = CLIPProcessor(image_processor=CLIPImageProcessorPil(
             size={"shortest_edge": side}, crop_size={"height": side, "width": side}), tokenizer=hf_tok)
