@@ -120,13 +120,24 @@ def test_quantized_embeddings_against_fp32(target, quant, packages, request):
         assert (got.min() if quant == "fp16" else got.mean()) >= (0.999 if quant == "fp16" else 0.95), got
 
 
-def test_coreml_compresses_embeddings(packages):
+@pytest.mark.parametrize("quant", ["int8", "fp16"])
+def test_coreml_compresses_embeddings(packages, checkpoints, quant):
+    """Core ML's INT8 weights (fp16 compute) and fp16: smaller files whose stored weights, run in their torch
+    modules, give embeddings close to the fp32 package's."""
     pytest.importorskip("coremltools")
-    package = packages(EMBEDDING_SHAPES[0], "coreml", "int8")
-    manifest = json.loads((package / "mmedge.json").read_text())
-    graphs = manifest["quantization"]["graphs"]
-    assert {g["precision"] for g in graphs.values()} == {"int8"}
-    assert all(g["bytes"] < g["bytes_before"] for g in graphs.values())
+    from mmedge.exporters.coreml_target import simulated_embedder
+
+    shape = EMBEDDING_SHAPES[0]
+    package = packages(shape, "coreml", quant)
+    graphs = json.loads((package / "mmedge.json").read_text())["quantization"]["graphs"]
+    assert {g["precision"] for g in graphs.values()} == {quant}
+    if quant == "int8":
+        assert all(g["bytes"] < g["bytes_before"] for g in graphs.values())
+    ref, _ = simulated_embedder(packages(shape, "coreml"), checkpoints[shape])
+    got, _ = simulated_embedder(package, checkpoints[shape])
+    images = list(sample_images().values())
+    assert _cosines(ref.embed_images(images), got.embed_images(images)).min() >= 0.99
+    assert _cosines(ref.embed_texts(TEXTS), got.embed_texts(TEXTS)).min() >= 0.99
 
 
 def test_the_cli_embeds_and_classifies(packages, tmp_path):
