@@ -169,6 +169,8 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
     big = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
     onnx.save_model(model, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
                     location=path.name + ".data")
+    if not big:  # a data file left from an earlier version of this graph (the model was read whole) is stale
+        path.with_name(path.name + ".data").unlink(missing_ok=True)
 
 
 def _match_signature(module: torch.nn.Module, per_input: list) -> tuple:

@@ -10,8 +10,9 @@ seed, built locally). Rows:
                      scikit-image's photographs), through mmedge.Embedder (its own preprocessing and tokenizer)
 
 Every row embeds the same 32 photographs and 32 label prompts in batches of --batch, preprocessing and
-tokenizing included; the rows take turns --rounds times and each reports the median of its rounds. Prints a
-Markdown table (docs/benchmarks.md keeps it). `--prepare` only exports the packages (kept in --work).
+tokenizing included; the rows take turns --rounds times and each reports the median of its rounds. Writes the
+table into docs/benchmarks.md as its section "## Embedding models" (replacing the one there; --out another
+page) and prints it. `--prepare` only exports the packages (kept in --work).
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prepare", action="store_true", help="only export the packages")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args.work.mkdir(parents=True, exist_ok=True)
@@ -125,13 +127,29 @@ def main() -> None:
             results[name].append(one_round(name, path, args.batch, args.threads))
             log.info("round %d %s: %s", r + 1, name, results[name][-1])
     base = {k: statistics.median(x[k] for x in results["transformers eager fp32"]) for k in ("images", "texts")}
-    print(f"\n{MODEL}, batch {args.batch}, {args.threads} threads, median of {args.rounds} rounds; "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores\n")
-    print("| row | images/s | texts/s |\n|---|---|---|")
+    lines = [SECTION, "",
+             f"`python tools/bench_embed.py`: {MODEL} (openai/clip-vit-base-patch16's architecture, random weights), "
+             f"{N} photographs and {N} label prompts in batches of {args.batch}, preprocessing and tokenizing "
+             f"included, {args.threads} threads, median of {args.rounds} rounds (rows in turn); "
+             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores. Ratios against transformers "
+             "eager fp32 in the same run.", "", "| row | images/s | texts/s |", "|---|---|---|"]
     for name in rows:
         med = {k: statistics.median(x[k] for x in results[name]) for k in ("images", "texts")}
-        print(f"| {name} | {med['images']:.1f} ({med['images'] / base['images']:.2f}x) | "
-              f"{med['texts']:.1f} ({med['texts'] / base['texts']:.2f}x) |")
+        lines.append(f"| {name} | {med['images']:.1f} ({med['images'] / base['images']:.2f}x) | "
+                     f"{med['texts']:.1f} ({med['texts'] / base['texts']:.2f}x) |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    old = args.out.read_text() if args.out.exists() else "# Benchmarks\n"
+    if SECTION in old:  # replace this tool's section, up to the next one
+        head, _, tail = old.partition(SECTION)
+        rest = tail[tail.index("\n## ") + 1:] if "\n## " in tail else ""
+        old = head.rstrip("\n") + "\n"
+        text = text + ("\n" + rest if rest else "")
+    args.out.write_text(old.rstrip("\n") + "\n\n" + text)
+    log.info("wrote %s", args.out)
+
+
+SECTION = "## Embedding models"
 
 
 if __name__ == "__main__":

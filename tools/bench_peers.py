@@ -402,7 +402,10 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     (work / "results.json").write_text(json.dumps({"bandwidth_gb_s": bandwidth, "rows": rows}, indent=2))
     chart(rows, args.out.with_suffix(".png"))
-    args.out.write_text(report(rows, bandwidth, args))
+    # the sections other tools write into the same page (tools/bench_embed.py: "## Embedding models") are kept
+    old = args.out.read_text() if args.out.exists() else ""
+    kept = old[old.index("\n## ") + 1:] if "\n## " in old else ""
+    args.out.write_text(report(rows, bandwidth, args).rstrip("\n") + ("\n\n" + kept if kept else "\n"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
 
