@@ -690,12 +690,17 @@ def cmd_list_models(args) -> int:
     from mmedge.exporters.export import TARGETS
     from mmedge.exporters.family import aliases, families
 
-    print(f"families (every one on every target: {', '.join(TARGETS)}; precisions: {', '.join(PRECISIONS)})")
+    print(f"families (every one on every target: {', '.join(TARGETS)}; precisions: {', '.join(PRECISIONS)}, "
+          "embedding models up to int8)")
     by_family: dict[str, list[str]] = {}
+    kinds: dict[str, str] = {}
     for model_type, module in families().items():
-        by_family.setdefault(module.__name__.rsplit(".", 1)[-1], []).append(model_type)
+        name = module.__name__.rsplit(".", 1)[-1]
+        by_family.setdefault(name, []).append(model_type)
+        kinds[name] = getattr(module, "KIND", "generative")
     for family, types in sorted(by_family.items()):
-        print(f"  {family:<20} model types: {', '.join(sorted(types))}")
+        kind = " (embedding: mmedge embed / classify)" if kinds[family] == "embedding" else ""
+        print(f"  {family:<20} model types: {', '.join(sorted(types))}{kind}")
     print("aliases (resolved through the Hugging Face cache)")
     for alias, hub_id in sorted(aliases().items()):
         print(f"  {alias:<20} {hub_id}")
