@@ -400,6 +400,11 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         (it,) = typing.get_args(tp)
         return [_convert(it, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
+        options = [o for o in typing.get_args(tp) if o is not type(None)]
+        if value is None and len(options) < len(typing.get_args(tp)):
+            return None
+        if len(options) == 1:  # an optional field: its own type's message names the field at fault
+            return _convert(options[0], value, where)
         for option in typing.get_args(tp):
             try:
                 return _convert(option, value, where)
