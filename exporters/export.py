@@ -138,7 +138,6 @@ def _locked_export(opts: ExportOptions) -> Manifest:
 
 def _export(opts: ExportOptions, checkpoint: Path, family, plan: dict[str, str], calib=None) -> Manifest:
     import torch
-    from tqdm.auto import tqdm
 
     from mmedge.exporters.graphs import build_jobs
     from mmedge.exporters.package import file_entries, staged_package
