@@ -42,6 +42,7 @@ class Embedder:
         self.path, self.manifest, self.graphs = path, manifest, graphs
         self.spec = manifest.embedding
         self.tokenizer = tokenizer
+        self._label_cache: dict[str, np.ndarray] = {}  # classify's text embeddings, by text
         tokenizer.no_padding()
         tokenizer.enable_truncation(self.spec.text_length)  # the end token the post-processor adds is kept
 
@@ -106,6 +107,18 @@ class Embedder:
             ids[row, :len(e)] = e
         return ids
 
+    def _label_embeddings(self, texts: list[str]) -> np.ndarray:
+        """embed_texts(texts), each text embedded once while it stays among the last LABEL_CACHE texts asked about:
+        classifying frame after frame against the same labels runs the text encoder once."""
+        cache = self._label_cache
+        new = [t for t in dict.fromkeys(texts) if t not in cache]
+        if new:
+            for text, row in zip(new, self.embed_texts(new)):
+                cache[text] = row
+            while len(cache) > LABEL_CACHE:
+                cache.pop(next(iter(cache)))
+        return np.stack([cache[t] for t in texts])
+
     # -- scores -------------------------------------------------------------------------------
 
     def logits(self, image_embeds: np.ndarray, text_embeds: np.ndarray) -> np.ndarray:
@@ -131,9 +144,12 @@ class Embedder:
         if not isinstance(template, str) or "{}" not in template:
             raise InputError(f"the template must contain {{}} where the label goes, got {template!r}")
         probs = self.probabilities(self.logits(self.embed_images([image]),
-                                               self.embed_texts([template.format(lb) for lb in labels])))[0]
+                                               self._label_embeddings([template.format(lb) for lb in labels])))[0]
         order = np.argsort(-probs, kind="stable")
         return [(labels[i], float(probs[i])) for i in order]
+
+
+LABEL_CACHE = 4096  # label texts whose embeddings classify keeps (a robot asks about the same labels every frame)
 
 
 def _sequence(items, what: str) -> list:

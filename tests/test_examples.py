@@ -85,3 +85,23 @@ def test_jetson_budget_is_computed_from_the_package(package):
     code, out = run(budget, str(package), "--device", "orin-nano-8gb")
     assert code == 0 and "an estimate" in out and "fits" in out
     assert run(budget, str(package.parent))[0] == 2  # not a package
+
+
+def test_zero_shot_names_each_scene_as_the_embedder_does(demo_packages, tmp_path):
+    """examples/zero_shot.py on the CLIP demo: each single-shape scene's shape, as Embedder.classify ranks it."""
+    from mmedge.runtimes import Embedder
+
+    package = demo_packages("shapes-clip")[0]
+    scenes = [ex for ex in shapes.zero_shot_examples(6, seed=5) if ex.kind == "shape"]
+    paths = []
+    for i, ex in enumerate(scenes):
+        paths.append(tmp_path / f"scene{i}.png")
+        ex.image.save(paths[-1])
+    code, out = run(example("zero_shot.py"), str(package), "--labels", ",".join(shapes.SHAPES), "--template", "a {}",
+                    *map(str, paths))
+    assert code == 0, out
+    emb = Embedder.load(package)
+    for path, ex in zip(paths, scenes):
+        best = emb.classify(path, list(shapes.SHAPES), template="a {}")[0][0]
+        assert f"{path}: {best} (" in out and best == ex.answer, out
+    assert f"{len(scenes)} images" in out
