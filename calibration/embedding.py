@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mmedge.calibration.data import CalibrationSet
-from mmedge.calibration.package import QuantOptions, Recorder, quiet
+from mmedge.calibration.package import QuantOptions, Recorder, graph_bytes, quiet
 from mmedge.calibration.plan import describe
 from mmedge.errors import ExportError, first_line
 from mmedge.manifest import Manifest
@@ -91,9 +91,9 @@ def quantize_package(stage: Path, manifest: Manifest, plan: dict[str, str], cali
                 raise ExportError(f"quantizing {part} to {plan[part]} failed: {first_line(exc)}") from exc
         quant = {p: work / fp32[p].name if plan[p] != "fp32" else fp32[p] for p in parts}
         for part in parts:
-            size = _bytes(target, fp32[part])
+            size = graph_bytes(target, fp32[part])
             graphs[part] = {"precision": plan[part], **graphs.get(part, {}), "bytes_fp32": size,
-                            "bytes": _bytes(target, quant[part]) if plan[part] != "fp32" else size}
+                            "bytes": graph_bytes(target, quant[part]) if plan[part] != "fp32" else size}
         measured = measure(stage, manifest, fp32, quant, [s.image for s in calib.held_out], texts)
         for part in parts:
             if plan[part] == "fp32":
@@ -128,7 +128,3 @@ def measure(stage: Path, manifest: Manifest, fp32: dict, quant: dict, images: li
     return {"held_out_images": len(images), "texts": len(texts),
             "embedding_cosine": {"vision_encoder": cosines(a_img, b_img), "text_encoder": cosines(a_txt, b_txt)},
             "top1_agreement": float(same.mean())}
-
-
-def _bytes(target, path: Path) -> int:
-    return sum(p.stat().st_size for p in target.graph_files(path) if p.exists())

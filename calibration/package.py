@@ -111,7 +111,7 @@ BIG_DECODER_BYTES = 1 << 30
 
 def _big_decoder(stage: Path, manifest: Manifest) -> bool:
     """Whether the staged fp32 decoder is over BIG_DECODER_BYTES."""
-    return _bytes(_target(manifest), stage / manifest.graphs["decoder"].file) > BIG_DECODER_BYTES
+    return graph_bytes(_target(manifest), stage / manifest.graphs["decoder"].file) > BIG_DECODER_BYTES
 
 
 def _target(manifest: Manifest):
@@ -179,8 +179,8 @@ def _quantize(target, stage, work, manifest, fp32, plan, calib, options, progres
     bar.close()
     for part in PARTS:
         graphs.setdefault(part, {"precision": "fp32"})
-        graphs[part]["bytes_fp32"] = _bytes(target, fp32[part])
-        graphs[part]["bytes"] = _bytes(target, work / fp32[part].name) if plan[part] != "fp32" else graphs[part]["bytes_fp32"]
+        graphs[part]["bytes_fp32"] = graph_bytes(target, fp32[part])
+        graphs[part]["bytes"] = graph_bytes(target, work / fp32[part].name) if plan[part] != "fp32" else graphs[part]["bytes_fp32"]
 
     quant_files = {p: (work / fp32[p].name if plan[p] != "fp32" else fp32[p]) for p in PARTS}
     measured = measure(stage, manifest, fp32, quant_files, calib, options, progress)
@@ -198,7 +198,7 @@ def _quantize(target, stage, work, manifest, fp32, plan, calib, options, progres
     }
 
 
-def _bytes(target, path: Path) -> int:
+def graph_bytes(target, path: Path) -> int:
     return sum(p.stat().st_size for p in target.graph_files(path) if p.exists())
 
 

@@ -69,8 +69,8 @@ def export_package(opts, checkpoint, family, model, tokenizer, target, plan: dic
     from pathlib import Path
 
     from mmedge import __version__
-    from mmedge.exporters.export import export_jobs, source_info
-    from mmedge.exporters.package import file_entries, staged_package
+    from mmedge.exporters.export import export_jobs, finish_package, source_info
+    from mmedge.exporters.package import staged_package
     from mmedge.manifest import Manifest
 
     check_options(opts)
@@ -96,11 +96,7 @@ def export_package(opts, checkpoint, family, model, tokenizer, target, plan: dic
                 del model, parts, jobs
                 options = QuantOptions(calib_method=opts.calib_method)
                 manifest.quantization = quantize_package(stage, manifest, plan, calib, options, opts.progress)
-        getattr(target, "finalize", lambda stage, manifest: None)(stage, manifest)
-        manifest.files = file_entries(stage)
-        manifest.save(stage)
-        manifest.verification["embedding"] = embed_once(stage, manifest)
-        manifest.save(stage)
+        finish_package(target, stage, manifest, "embedding", embed_once)
     logging.getLogger(__name__).info("exported %s in %.1f s", opts.output, time.perf_counter() - started)
     return manifest
 

@@ -140,7 +140,7 @@ def _export(opts: ExportOptions, checkpoint: Path, family, plan: dict[str, str],
     import torch
 
     from mmedge.exporters.graphs import build_jobs
-    from mmedge.exporters.package import file_entries, staged_package
+    from mmedge.exporters.package import staged_package
 
     import transformers
 
@@ -222,13 +222,21 @@ def _export(opts: ExportOptions, checkpoint: Path, family, plan: dict[str, str],
                 options = QuantOptions(calib_method=opts.calib_method, int4_method=opts.int4_method,
                                        int4_block_size=opts.int4_block_size, int4_ratio=opts.int4_ratio)
                 manifest.quantization = quantize_package(stage, manifest, plan, calib, options, opts.progress)
-        getattr(target, "finalize", lambda stage, manifest: None)(stage, manifest)
-        manifest.files = file_entries(stage)
-        manifest.save(stage)
-        manifest.verification["generation"] = generate_once(stage, manifest)
-        manifest.save(stage)
+        finish_package(target, stage, manifest, "generation", generate_once)
     log.info("exported %s in %.1f s", opts.output, time.perf_counter() - started)
     return manifest
+
+
+def finish_package(target, stage: Path, manifest: Manifest, check: str, run_once) -> None:
+    """The target's last word on the staged package, the file list and hashes, the manifest written; then the
+    package run once through the runtime (`run_once(stage, manifest)`, recorded as verification[check])."""
+    from mmedge.exporters.package import file_entries
+
+    getattr(target, "finalize", lambda stage, manifest: None)(stage, manifest)
+    manifest.files = file_entries(stage)
+    manifest.save(stage)
+    manifest.verification[check] = run_once(stage, manifest)
+    manifest.save(stage)
 
 
 def export_jobs(target, jobs: list, plan: dict[str, str], stage: Path, opts: ExportOptions

@@ -66,10 +66,14 @@ def split(model) -> EncoderParts:
     vision = Normalized(model.vision_model, None if siglip else model.visual_projection)
     text = Normalized(model.text_model, None if siglip else model.text_projection)
     size = cfg.vision_config.image_size
-    dim = cfg.text_config.projection_size if siglip else cfg.projection_dim
-    return EncoderParts(vision_encoder=vision, text_encoder=text, image_size=(size, size), dim=dim,
+    return EncoderParts(vision_encoder=vision, text_encoder=text, image_size=(size, size), dim=_dim(cfg),
                         vocab_size=cfg.text_config.vocab_size, text_length=cfg.text_config.max_position_embeddings,
                         eos_id=None if siglip else cfg.text_config.eos_token_id)
+
+
+def _dim(cfg) -> int:
+    """The embedding size: SigLIP's text head's, CLIP's projections'."""
+    return cfg.text_config.projection_size if cfg.model_type == "siglip" else cfg.projection_dim
 
 
 def describe(model, checkpoint: Path, tokenizer) -> EmbeddingDescription:
@@ -91,7 +95,7 @@ def describe(model, checkpoint: Path, tokenizer) -> EmbeddingDescription:
     if pad is None:
         raise ExportError(f"the tokenizer in {checkpoint} has no pad token; set one (CLIP pads with its end token)")
     return EmbeddingDescription(preprocess=preprocess, embedding=EmbeddingSpec(
-        dim=split(model).dim,
+        dim=_dim(cfg),
         logit_scale=float(lazy.value(model.logit_scale).exp()),  # lazy: export may leave weights in the file
         logit_bias=float(lazy.value(model.logit_bias)) if siglip else 0.0,
         activation="sigmoid" if siglip else "softmax",
