@@ -5,28 +5,32 @@ from __future__ import annotations
 from mmedge.errors import ExportError
 
 PARTS = ("vision_encoder", "projector", "embed_tokens", "decoder")
+# an encoder-decoder's (Florence-2) graph beside those: in every plan, used where the package has it
+ENCODER = "encoder"
+PLAN_PARTS = (*PARTS, ENCODER)
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 # What a single precision means for each graph. INT4 is weight-only and pays
 # off in the decoder, where the weights are the bytes read per token; the
-# vision encoder and projector run once per image and stay INT8 there.
+# vision encoder, projector and an encoder-decoder's encoder run once per image or prompt and stay INT8 there.
 PRESETS = {
-    "fp32": dict.fromkeys(PARTS, "fp32"),
-    "fp16": dict.fromkeys(PARTS, "fp16"),
-    "int8": dict.fromkeys(PARTS, "int8"),
-    "int4": {"vision_encoder": "int8", "projector": "int8", "embed_tokens": "int8", "decoder": "int4"},
+    "fp32": dict.fromkeys(PLAN_PARTS, "fp32"),
+    "fp16": dict.fromkeys(PLAN_PARTS, "fp16"),
+    "int8": dict.fromkeys(PLAN_PARTS, "int8"),
+    "int4": {"vision_encoder": "int8", "projector": "int8", "embed_tokens": "int8", "decoder": "int4",
+             ENCODER: "int8"},
 }
 # an embedding package's graphs (CLIP, SigLIP): no decoder, so no INT4 (weight-only INT4 pays off where weights
 # are the bytes read per token)
 EMBEDDING_PARTS = ("vision_encoder", "text_encoder")
-KIND_PARTS = {"generative": PARTS, "embedding": EMBEDDING_PARTS}
+KIND_PARTS = {"generative": PLAN_PARTS, "embedding": EMBEDDING_PARTS}
 KIND_PRESETS = {"generative": PRESETS,
                 "embedding": {p: dict.fromkeys(EMBEDDING_PARTS, p) for p in ("fp32", "fp16", "int8")}}
-ALLOWED = {part: ("fp32", "fp16", "int8") for part in (*PARTS, *EMBEDDING_PARTS)} | {"decoder": PRECISIONS}
+ALLOWED = {part: ("fp32", "fp16", "int8") for part in (*PLAN_PARTS, *EMBEDDING_PARTS)} | {"decoder": PRECISIONS}
 # What a target cannot hold: TensorRT's ONNX parser takes no INT8 Gather (nor an INT8 Cast), so its
 # embedding table is fp16 where a preset says int8; asking for it explicitly is an error.
 TARGET_LIMITS = {"tensorrt": {"embed_tokens": ("fp32", "fp16")}}
 # What only a target can hold: Core ML's palettized weights (a k-means lookup table per group of channels).
-TARGET_EXTRAS = {"coreml": dict.fromkeys((*PARTS, *EMBEDDING_PARTS), ("pal4", "pal6", "pal8"))}
+TARGET_EXTRAS = {"coreml": dict.fromkeys((*PLAN_PARTS, *EMBEDDING_PARTS), ("pal4", "pal6", "pal8"))}
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 INT4_METHODS = ("awq", "rtn")
 INT4_BLOCK_SIZES = (32, 64, 128)  # the first is the default
@@ -41,7 +45,7 @@ def parse_quant(text: str, target: str | None = None, kind: str | None = "genera
     if not items:
         raise ExportError(f"--quant is empty; choose one of {', '.join(PRECISIONS)} or part=precision pairs")
     presets = KIND_PRESETS[kind or "generative"]
-    parts = KIND_PARTS[kind] if kind else (*PARTS, *EMBEDDING_PARTS)
+    parts = KIND_PARTS[kind] if kind else (*PLAN_PARTS, *EMBEDDING_PARTS)
     plan = dict(presets["fp32"]) if kind else dict.fromkeys(parts, "fp32")
     if "=" not in items[0]:
         preset = items.pop(0)

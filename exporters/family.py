@@ -21,7 +21,7 @@ import importlib
 import pkgutil
 from dataclasses import dataclass, field
 from functools import cache
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Callable
 
 import torch
@@ -75,6 +75,53 @@ class Parts:
     # vision inputs beyond pixel_values, computed by the runtime from each image's grid (scheme "tile_canvas":
     # aspect_ratio_ids [B] and aspect_ratio_mask [B, tiles])
     tile_canvas: dict | None = None
+    # encoder-decoder families (scheme encoder "prompt": Florence-2): inputs_embeds [B, S, hidden] of the spliced
+    # prompt -> each decoder layer's cross-attention keys and values (cross_key_{j} / cross_value_{j}, [B, heads,
+    # S, head_dim]), run once per prompt; the decoder takes them as a cross-attention family's do. encoder_length:
+    # the most tokens it takes (its positions)
+    encoder: object = None
+    encoder_length: int = 0
+
+
+class EncoderKV(torch.nn.Module):
+    """An encoder stack over inputs_embeds, then each decoder layer's cross-attention k_proj / v_proj over its
+    output, [B, heads, S, head_dim] (BART-style attention modules: Florence-2, Whisper)."""
+
+    def __init__(self, encoder, cross_attentions):
+        super().__init__()
+        self.encoder, self.attentions = encoder, torch.nn.ModuleList(cross_attentions)
+
+    def forward(self, inputs_embeds):
+        states = self.encoder(inputs_embeds=inputs_embeds).last_hidden_state
+        out = []
+        for attn in self.attentions:
+            shape = (*states.shape[:-1], -1, attn.head_dim)
+            out += [attn.k_proj(states).view(shape).transpose(1, 2), attn.v_proj(states).view(shape).transpose(1, 2)]
+        return tuple(out)
+
+
+class _GivenLayer:
+    def __init__(self, keys, values):
+        self.keys, self.values, self.is_initialized = keys, values, True
+
+
+def encoder_decoder_cache(self_cache, cross_kv: tuple):
+    """A transformers EncoderDecoderCache as an encoder-decoder's layers read it after the first step: the self-
+    attention part is `self_cache` (graphs' duck-typed caches), the cross-attention part holds the given keys and
+    values (key_0, value_0, key_1, ...) and is marked filled, so no layer projects the encoder's states again."""
+    from transformers.cache_utils import EncoderDecoderCache
+
+    class Given(EncoderDecoderCache):
+        def __init__(self):  # no super().__init__: nothing of a real cache is made
+            self.self_attention_cache = self_cache
+            self.cross_attention_cache = SimpleNamespace(layers=[_GivenLayer(cross_kv[i], cross_kv[i + 1])
+                                                                 for i in range(0, len(cross_kv), 2)])
+            self.is_updated = dict.fromkeys(range(len(cross_kv) // 2), True)
+
+        def get_seq_length(self, layer_idx: int = 0):
+            return self_cache.get_seq_length(layer_idx)
+
+    return Given()
 
 
 class LastHiddenState(torch.nn.Module):

@@ -305,7 +305,7 @@ def _projector_job(parts: Parts, vision: GraphJob, g: torch.Generator) -> GraphJ
     def features(b):
         return (torch.randn(b, *feature_shape, generator=g),)
 
-    if parts.cross_attention:
+    if parts.cross_attention and parts.encoder is None:
         outputs = cross_names(parts.cross_attention)
         output_axes = {name: {0: "batch"} for name in outputs}
     else:
@@ -391,10 +391,12 @@ def build_jobs(parts: Parts, seed: int = 0, kv_storage: str = "buffer", max_cont
         [ids(c) for c in CHECKS],
     )
 
+    encoder = [encoder_job(parts, g)] if parts.encoder is not None else []
     if kv_storage == "in_place":
         from mmedge.exporters import fused_decoder
 
-        return [vision, projector, embed, fused_decoder.decoder_job(parts, max_context, g, attention, position_offset)]
+        return [vision, projector, embed, *encoder,
+                fused_decoder.decoder_job(parts, max_context, g, attention, position_offset)]
 
     kv_shape = (parts.num_kv_heads, parts.head_dim)
 
@@ -437,4 +439,29 @@ def build_jobs(parts: Parts, seed: int = 0, kv_storage: str = "buffer", max_cont
         output_axes={"logits": {0: "batch"}, **{n: {0: "batch", 2: present_len} for n in present_names}},
         kv_storage=kv_storage,
     )
-    return [vision, projector, embed, decoder]
+    return [vision, projector, embed, *encoder, decoder]
+
+
+# source lengths (image tokens + prompt) the encoder is traced at and checked at
+ENCODER_TRACE, ENCODER_CHECKS = (2, 11), ((1, 7), (3, 16))
+
+
+def encoder_job(parts: Parts, g: torch.Generator) -> GraphJob:
+    """An encoder-decoder's encoder (scheme encoder "prompt"): inputs_embeds [B, S, hidden] -> each decoder
+    layer's cross-attention keys and values [B, heads, S, head_dim]."""
+    outputs = cross_names(parts.cross_attention)
+
+    def embeds(batch, seq):
+        return (torch.randn(batch, seq, parts.hidden_size, generator=g),)
+
+    return GraphJob(
+        "encoder",
+        parts.encoder,
+        ["inputs_embeds"],
+        outputs,
+        {"inputs_embeds": {0: "batch", 1: "source_len"}},
+        embeds(*ENCODER_TRACE),
+        [embeds(*c) for c in ENCODER_CHECKS],
+        output_axes={name: {0: "batch", 2: "source_len"} for name in outputs},
+        bounds={"source_len": parts.encoder_length},
+    )

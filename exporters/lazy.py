@@ -131,6 +131,10 @@ def load(checkpoint: Path):
     except LazyLoadError as exc:
         log.info("loading the model whole: %s", exc)
         return None
+    if (Path(checkpoint) / "generation_config.json").exists():  # as from_pretrained reads it (EOS ids, forced BOS)
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(checkpoint)
     return model
 
 

@@ -155,8 +155,10 @@ def default_corpus() -> list[str]:
     return [" ".join(_WORDS[(i * 7 + j * 13) % len(_WORDS)] for j in range(12)) for i in range(400)]
 
 
-def build_tokenizer(extra_tokens: list[str], vocab_size: int = 384, corpus: list[str] | None = None):
-    """A byte-level BPE trained on `corpus` (default: a small fixed word salad); deterministic."""
+def build_tokenizer(extra_tokens: list[str], vocab_size: int = 384, corpus: list[str] | None = None,
+                    special: list[str] = SPECIAL):
+    """A byte-level BPE trained on `corpus` (default: a small fixed word salad), `special` its first ids;
+    deterministic."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -166,7 +168,7 @@ def build_tokenizer(extra_tokens: list[str], vocab_size: int = 384, corpus: list
         corpus = default_corpus()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL,
+        special_tokens=special,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

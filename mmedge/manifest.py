@@ -205,6 +205,12 @@ class PromptSpec:
     merge_adjacent: str | None = None
     # the user's text stripped of these characters at both ends, as the family's processor strips a text item
     strip_prompt: str | None = None
+    # task tokens the family's processor turns into its own sentence (Florence-2's "<OD>"); a task's sentence with
+    # {input} takes the text after the token there ("<CAPTION_TO_PHRASE_GROUNDING>a red circle")
+    tasks: dict[str, str] = field(default_factory=dict)
+    # scheme encoder "prompt": the decoder's own first tokens (decoder_start_token_id, a forced BOS), from which it
+    # generates while the rendered prompt goes through the encoder
+    decoder_start_ids: list[int] | None = None
 
 
 @dataclass
@@ -230,6 +236,12 @@ class SchemeSpec:
     # prompt that asks for them, with {objects}; None: the family has no box output mmedge reads
     boxes: str | None = None
     detect_prompt: str | None = None
+    # None: a decoder-only model. "prompt": an encoder-decoder (Florence-2): the rendered prompt, images spliced as
+    # image_placement says, runs once through the `encoder` graph, whose outputs are the decoder's cross-attention
+    # keys and values; the decoder generates from prompt.decoder_start_ids. encoder_length: the most tokens the
+    # encoder takes
+    encoder: str | None = None
+    encoder_length: int | None = None
 
 
 @dataclass

@@ -32,6 +32,7 @@ class Timings:
     preprocess: float = 0.0  # image and prompt
     vision: float = 0.0  # vision encoder
     projector: float = 0.0
+    encoder: float = 0.0  # an encoder-decoder's encoder over the prompt
     prefill: float = 0.0  # the decoder over the prompt
     decode: float = 0.0
     new_tokens: int = 0

@@ -40,6 +40,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PARTS = ("vision_encoder", "projector", "embed_tokens", "decoder")
+
+
+def graph_parts(manifest: Manifest) -> tuple[str, ...]:
+    """The graphs a generative package runs: PARTS, and an encoder-decoder's `encoder`."""
+    return (*PARTS, "encoder") if manifest.schemes.encoder else PARTS
 VISION_BATCH = 16  # images (or tiles) per vision encoder call
 
 
@@ -57,6 +62,7 @@ class _Sequence:
     deepstack: np.ndarray | None = None  # [k, 1, len(ids), hidden]: visual features for the decoder's first layers
     cross: dict | None = None  # image placement "cross_attention": the images' keys and values per cross layer
     cross_sees: np.ndarray | None = None  # [len(ids), images]: which images each prompt token sees
+    source: np.ndarray | None = None  # an encoder-decoder's encoder input ids (then `ids` are the decoder's)
     keys: list[bytes] = field(default_factory=list)  # per image, then per video: its pixels' content key
     spans: list[tuple] = field(default_factory=list)  # (first, last + 1, key) of each image's and video's tokens
 
@@ -111,8 +117,13 @@ class Pipeline(RowBatching):
         self.deepstack_shape = (spec.shape[0], spec.shape[-1], np.dtype(spec.dtype)) if spec else None
         # a cross-attention decoder (image placement "cross_attention") takes each cross layer's image keys and
         # values, which the projector gives per image (`image_positions` each, `tile_positions` per tile)
-        self.cross_names = [n for n in manifest.graphs["projector"].outputs if n.startswith(("cross_key_", "cross_value_"))]
-        if self.cross_names:
+        # an encoder-decoder (scheme encoder "prompt") gets them from its encoder, once per prompt
+        self.encoder = manifest.schemes.encoder
+        source = manifest.graphs["encoder" if self.encoder else "projector"].outputs
+        self.cross_names = [n for n in source if n.startswith(("cross_key_", "cross_value_"))]
+        if self.encoder:
+            self.cross_dtype = np.dtype(decoder_inputs["cross_mask"].dtype)
+        elif self.cross_names:
             key = manifest.graphs["projector"].outputs[self.cross_names[0]]
             self.image_positions = key.shape[2]
             self.tile_positions = self.image_positions // manifest.preprocess.frames_per_image()
@@ -195,13 +206,14 @@ class Pipeline(RowBatching):
             raise PackageError(f"{path} is an {manifest.kind} package ({manifest.model_type}), which does not generate "
                                "text: open it with mmedge.Embedder.load (CLI: mmedge embed, mmedge classify)")
         schemes.check_schemes(manifest.schemes)
-        missing = [p for p in PARTS if p not in manifest.graphs]
+        parts = graph_parts(manifest)
+        missing = [p for p in parts if p not in manifest.graphs]
         if missing:
             raise PackageError(f"package {path} lacks the graphs {', '.join(missing)}; re-export it")
         engine = open_engine(path, manifest, backend, threads=threads, providers=providers, device=device,
                              inference_precision=inference_precision, kv_cache_precision=kv_cache_precision,
                              low_memory=low_memory)
-        graphs = {part: engine.load(path / manifest.graphs[part].file) for part in PARTS}
+        graphs = {part: engine.load(path / manifest.graphs[part].file) for part in parts}
         codec = TextCodec.from_package(path, manifest)
         pipe = cls(path, manifest, graphs, codec)
         pipe.defaults = {k: v for k, v in dict(max_pixels=max_pixels, min_pixels=min_pixels,
@@ -455,6 +467,8 @@ class Pipeline(RowBatching):
     def _prompt_embeddings_many(self, seqs: list[_Sequence]) -> list[np.ndarray]:
         """Each sequence's prompt embeddings [1, len, hidden], with its images' (and videos') embeddings in their
         tokens (and, for a DeepStack decoder, their visual features at the same tokens in `seq.deepstack`)."""
+        if self.encoder:
+            return [self._with_encoder_states(seq) for seq in seqs]
         if self.cross_names:
             return [self._with_cross_states(seq) for seq in seqs]
         rows = []
@@ -472,6 +486,21 @@ class Pipeline(RowBatching):
                     seq.deepstack[:, 0, seq.ids == token] = extra["deepstack_embeds"]
             rows.append(embeds)
         return rows
+
+    def _with_encoder_states(self, seq: _Sequence) -> np.ndarray:
+        """An encoder-decoder's decoder-prompt embeddings, with the encoder run once over the source (its images'
+        embeddings in their tokens) for the decoder's cross-attention keys and values in `seq.cross`, which
+        every decoder token sees whole."""
+        (images, _), _ = self._image_embeddings([seq])[0]
+        embeds = self._embed(seq.source[None])
+        if images is not None:
+            embeds = schemes.place_image(self.manifest.schemes, embeds, seq.source[None], images,
+                                         self.manifest.prompt.image_token_id)
+        start = time.perf_counter()
+        seq.cross = self.graphs["encoder"].run({"inputs_embeds": embeds})
+        self.timings.encoder = time.perf_counter() - start
+        seq.cross_sees = np.ones((len(seq.ids), 1), bool)
+        return self._embed(seq.ids[None])
 
     def _with_cross_states(self, seq: _Sequence) -> np.ndarray:
         """A cross-attention prompt's embeddings (its tokens' own), with its images' keys and values for the
@@ -502,11 +531,14 @@ class Pipeline(RowBatching):
         return self._embed(seq.ids[None])
 
     def _cross_feeds(self, seq: _Sequence, start: int, n: int) -> dict[str, np.ndarray]:
-        """The cross-attention decoder's image inputs for the tokens in slots start..start+n-1."""
-        lengths = [self.image_positions] * len(seq.pixels)
-        tiles = [int(np.prod(g)) if self.manifest.schemes.vision == "tile_canvas" else len(p)  # the rest are padding
-                 for p, g in zip(seq.pixels, seq.grids)]
-        visible = [n * self.tile_positions for n in tiles]
+        """The cross-attention decoder's image (or encoder) inputs for the tokens in slots start..start+n-1."""
+        if self.encoder:
+            lengths = visible = [next(iter(seq.cross.values())).shape[2]]
+        else:
+            lengths = [self.image_positions] * len(seq.pixels)
+            tiles = [int(np.prod(g)) if self.manifest.schemes.vision == "tile_canvas" else len(p)  # rest: padding
+                     for p, g in zip(seq.pixels, seq.grids)]
+            visible = [n * self.tile_positions for n in tiles]
         mask, rows = schemes.cross_masks(seq.cross_sees, start, n, lengths, visible, dtype=self.cross_dtype)
         takes = self.manifest.graphs["decoder"].inputs  # a model that derives the rows from the mask takes no rows
         return {name: value for name, value in (("cross_mask", mask), ("cross_rows", rows), *seq.cross.items())
@@ -616,7 +648,7 @@ class Pipeline(RowBatching):
         the video's patches, attention blocks and positions. `conversation`: the messages of a chat
         (runtimes/chat.py), rendered instead of `prompt`, its images (given as `image`) where they mark them."""
         images = list(image) if isinstance(image, (list, tuple)) else [] if image is None else [image]
-        if not images and video is None and conversation is None and not self.cross_names:
+        if not images and video is None and conversation is None and not (self.cross_names and not self.encoder):
             raise InputError("no image given: pass one image, or a list of them")
         if video is not None and not self.manifest.prompt.video_marker:
             raise InputError(f"this {self.manifest.model_type} package takes images, not video")
@@ -655,7 +687,20 @@ class Pipeline(RowBatching):
         seq = _Sequence(ids, [im.pixels for im in prepared], grids, videos, schemes.blocks(s, ids, token), positions,
                         keys=keys)
         seq.spans = self._spans(seq)
+        if self.encoder:
+            self._to_decoder(seq)
         return seq
+
+    def _to_decoder(self, seq: _Sequence) -> None:
+        """An encoder-decoder's prompt: what was rendered becomes the encoder's source, and the decoder starts
+        from the family's own first tokens. Nothing of the KV cache is reused (the source changes it all)."""
+        limit = self.manifest.schemes.encoder_length
+        if limit and len(seq.ids) > limit:
+            raise InputError(f"the prompt is {len(seq.ids)} tokens with its image's, but this model's encoder takes "
+                             f"{limit}: shorten the prompt")
+        seq.source, seq.ids = seq.ids, np.asarray(self.manifest.prompt.decoder_start_ids, np.int64)
+        seq.block_of = schemes.blocks(self.manifest.schemes, seq.ids, self.manifest.prompt.image_token_id)
+        seq.spans = None
 
     def _spans(self, seq: _Sequence) -> list[tuple] | None:
         """Where each image's and video's tokens lie, for matching a cached prefix (None: not known, so nothing

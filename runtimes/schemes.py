@@ -26,6 +26,9 @@ VISION_SCHEMES = ("images", "patch_grid", "tile_canvas")
 # end; tokens before the first image see none. "last_image" (IDEFICS): the last image whose token is at or before
 # the token; none before the first image, nor after an end-of-sequence token until the next image
 CROSS_MASKS = ("image_spans", "last_image")
+# "prompt": an encoder-decoder; the rendered prompt (images spliced in) goes through the `encoder` graph once and
+# every decoder token attends over all of its positions
+ENCODERS = (None, "prompt")
 
 
 def check_schemes(schemes: SchemeSpec) -> None:
@@ -34,6 +37,7 @@ def check_schemes(schemes: SchemeSpec) -> None:
         (schemes.positions, POSITION_SCHEMES, "position scheme"),
         (schemes.image_placement, IMAGE_PLACEMENTS, "image placement"),
         (schemes.vision, VISION_SCHEMES, "vision input scheme"),
+        (schemes.encoder, ENCODERS, "encoder scheme"),
         *([(schemes.cross_mask, CROSS_MASKS, "cross-attention mask rule")]
           if schemes.image_placement == "cross_attention" else []),
     ):

@@ -54,6 +54,8 @@ class TextCodec:
         """
         grids = [tuple(grid)] if grids is None else [tuple(g) for g in grids]
         videos = [tuple(v) for v in videos or []]
+        if not raw and self.prompt.tasks:
+            prompt = self.task_text(prompt)
         if videos and not self.prompt.video_marker:
             raise InputError("this package's model takes no video")
         if raw:
@@ -80,6 +82,21 @@ class TextCodec:
             text = _expand(text, self.prompt.video_marker, list(zip(videos, seconds or none, starts or none)),
                            lambda item: self.video_text(*item), "video")
         return text
+
+    def task_text(self, prompt: str) -> str:
+        """`prompt` with a task token of the family's (prompt.tasks: Florence-2's "<OD>") made its sentence, the
+        text after a token that takes one in its {input}, as the family's processor does."""
+        for token, sentence in self.prompt.tasks.items():
+            if token not in prompt:
+                continue
+            rest = prompt.replace(token, "").strip()
+            if "{input}" in sentence:
+                return sentence.replace("{input}", rest)
+            if rest:
+                raise InputError(f"the task {token} takes no text: ask {token} alone, or a task that takes text "
+                                 f"({', '.join(t for t, v in self.prompt.tasks.items() if '{input}' in v)})")
+            return sentence
+        return prompt
 
     def _format_with_markers(self, prompt: str, grids: list) -> str:
         """The fixed format with {image} as one image marker per image (none for a text-only prompt), each
