@@ -73,7 +73,8 @@ def quantize_graph(part, precision, src, dst, options, feeds, decoder_data) -> d
     if precision == "fp16":
         ov.save_model(model, str(dst), compress_to_fp16=True)
         return {"scheme": "fp16 weights"}
-    if part in ("vision_encoder", "projector", "text_encoder"):  # text_encoder: a dual encoder's (CLIP, SigLIP)
+    # text_encoder: a dual encoder's (CLIP, SigLIP); encoder: an encoder-decoder's (Florence-2)
+    if part in ("vision_encoder", "projector", "text_encoder", "encoder"):
         kind = None if part == "projector" else nncf.ModelType.TRANSFORMER
         quantized = nncf.quantize(model, nncf.Dataset(feeds[part]), subset_size=len(feeds[part]), model_type=kind)
         ov.save_model(quantized, str(dst), compress_to_fp16=False)

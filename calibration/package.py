@@ -31,7 +31,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mmedge.calibration.data import CalibrationSet
-from mmedge.calibration.plan import PARTS, describe
+from mmedge.calibration.plan import describe
+from mmedge.runtimes.pipeline import graph_parts
 from mmedge.errors import ExportError, first_line
 from mmedge.manifest import Manifest
 
@@ -45,6 +46,10 @@ class QuantOptions:
     int4_block_size: int = 32
     int4_ratio: float = 1.0
     decode_steps: int = 16  # max new tokens per calibration / held-out sample
+
+
+# graphs whose inputs calibration records (their static INT8 data): the vision side, an encoder-decoder's encoder
+RECORDED = ("vision_encoder", "projector", "encoder")
 
 
 class Recorder:
@@ -93,7 +98,7 @@ def _pipeline(stage: Path, manifest: Manifest, files: dict[str, Path], wrap: dic
     # a quantized graph is not copied by prepacking, it is packed (MatMulNBits runs its int8 kernels on that)
     big = fp32 and _big_decoder(stage, manifest)
     engine = get_backend(name, **({"low_memory": True} if big and name == "onnxruntime" else {}))
-    graphs = {part: engine.load(files[part]) for part in PARTS}
+    graphs = {part: engine.load(files[part]) for part in files}
     for part, make in (wrap or {}).items():
         graphs[part] = make(graphs[part])
     codec = TextCodec.from_package(stage, manifest)
@@ -124,10 +129,10 @@ def quantize_package(stage: Path, manifest: Manifest, plan: dict[str, str], cali
     target = _target(manifest)
     work = stage / ".quantize"
     work.mkdir()
-    fp32 = {part: stage / manifest.graphs[part].file for part in PARTS}
+    fp32 = {part: stage / manifest.graphs[part].file for part in graph_parts(manifest)}
     try:
         report = _quantize(target, stage, work, manifest, fp32, plan, calib, options, progress)
-        for part in PARTS:
+        for part in fp32:
             if plan[part] == "fp32":
                 continue
             for old in target.graph_files(fp32[part]):
@@ -142,13 +147,14 @@ def quantize_package(stage: Path, manifest: Manifest, plan: dict[str, str], cali
 
 
 def _quantize(target, stage, work, manifest, fp32, plan, calib, options, progress) -> dict:
-    wrap = {part: Recorder for part in ("vision_encoder", "projector")}
+    recorded = [p for p in RECORDED if p in fp32]
+    wrap = {part: Recorder for part in recorded}
     files = dict(fp32)
     capture = target.decoder_capture(work, fp32["decoder"], plan, options)
     if capture:
         files["decoder"], wrap["decoder"] = capture
     pipe = _pipeline(stage, manifest, files, wrap)
-    feeds = {part: pipe.graphs[part].feeds for part in ("vision_encoder", "projector")}
+    feeds = {part: pipe.graphs[part].feeds for part in recorded}
     decoder_data = pipe.graphs["decoder"] if capture else None
     calibrated = bool(capture) or any(plan[p] == "int8" for p in feeds)
     samples = calib.calibrate if calibrated else []  # fp16 and weight-only int8 need no calibration data
@@ -164,7 +170,7 @@ def _quantize(target, stage, work, manifest, fp32, plan, calib, options, progres
             capture[0].unlink(missing_ok=True)  # a decoder copy that returned its MatMul inputs (ONNX Runtime)
 
     graphs = {}
-    bar = tqdm([p for p in PARTS if plan[p] != "fp32"], desc="quantize", unit="graph", disable=not progress)
+    bar = tqdm([p for p in fp32 if plan[p] != "fp32"], desc="quantize", unit="graph", disable=not progress)
     for part in bar:
         bar.set_postfix_str(f"{part} {plan[part]}")
         src, dst = fp32[part], work / fp32[part].name
@@ -177,18 +183,18 @@ def _quantize(target, stage, work, manifest, fp32, plan, calib, options, progres
             raise ExportError(f"quantizing {part} to {plan[part]} failed: {first_line(exc)}") from exc
         graphs[part]["precision"] = plan[part]
     bar.close()
-    for part in PARTS:
+    for part in fp32:
         graphs.setdefault(part, {"precision": "fp32"})
         graphs[part]["bytes_fp32"] = graph_bytes(target, fp32[part])
         graphs[part]["bytes"] = graph_bytes(target, work / fp32[part].name) if plan[part] != "fp32" else graphs[part]["bytes_fp32"]
 
-    quant_files = {p: (work / fp32[p].name if plan[p] != "fp32" else fp32[p]) for p in PARTS}
+    quant_files = {p: (work / fp32[p].name if plan[p] != "fp32" else fp32[p]) for p in fp32}
     measured = measure(stage, manifest, fp32, quant_files, calib, options, progress)
     for part, errors in measured.pop("graphs").items():
         graphs[part].update(errors)
     return {
-        "plan": dict(plan),
-        "name": describe(plan),
+        "plan": {p: plan[p] for p in fp32},
+        "name": describe({p: plan[p] for p in fp32}),
         "options": asdict(options),
         "calibration": {**calib.describe(), "used": calibrated},
         "graphs": graphs,
@@ -227,8 +233,9 @@ def measure(stage: Path, manifest: Manifest, fp32_files: dict, quant_files: dict
 
     The fp32 package runs all samples first and is let go before the quantized one loads, so a big model's
     two packages are never in memory together."""
-    ref = _pipeline(stage, manifest, fp32_files, dict.fromkeys(("vision_encoder", "projector", "embed_tokens"), Recorder))
-    rec = {p: ref.graphs[p] for p in ("vision_encoder", "projector", "embed_tokens")}
+    parts = [p for p in (*RECORDED, "embed_tokens") if p in fp32_files]
+    ref = _pipeline(stage, manifest, fp32_files, dict.fromkeys(parts, Recorder))
+    rec = {p: ref.graphs[p] for p in parts}
     expected = []  # per sample: fp32 greedy tokens and teacher-forced logits
     for sample in tqdm(calib.held_out, desc="measure fp32", unit="sample", disable=not progress):
         for r in rec.values():
@@ -241,7 +248,7 @@ def measure(stage: Path, manifest: Manifest, fp32_files: dict, quant_files: dict
                           for feeds in r.feeds] for part, r in rec.items()}  # copies: an engine reuses its buffers
     del ref, rec
     quant = _pipeline(stage, manifest, quant_files, fp32=False)
-    graph_err: dict[str, dict | None] = dict.fromkeys(PARTS)
+    graph_err: dict[str, dict | None] = dict.fromkeys(fp32_files)
     agree = top1 = positions = 0
     kl_sum = 0.0
     logits_err = None

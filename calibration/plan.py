@@ -81,6 +81,6 @@ def describe(plan: dict[str, str]) -> str:
     if len(values) == 1:
         return values.pop()
     for name, preset in PRESETS.items():
-        if preset == plan:
+        if all(preset.get(part) == precision for part, precision in plan.items()):  # over the package's graphs
             return name
     return ",".join(f"{p}={precision}" for p, precision in plan.items())

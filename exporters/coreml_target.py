@@ -71,15 +71,17 @@ def import_coremltools():
 
 def build_jobs(parts, kv_storage: str, max_context: int, preprocess) -> list[GraphJob]:
     """The shared vision/projector/embedding jobs, and the decoder as a StatefulDecoder over a fixed cache."""
-    vision, projector, embed, reference = graphs.build_jobs(parts, kv_storage="buffer")
+    vision, projector, embed, *encoder, reference = graphs.build_jobs(parts, kv_storage="buffer")
     if parts.patch_grid:  # one image a call, up to the package's max_pixels
         unit = preprocess.merge_size ** 2
         most = preprocess.max_pixels // preprocess.token_pixels() * unit
         vision.bounds = projector.bounds = {"patches": most, "tokens": most // unit}
     else:
         vision.bounds = projector.bounds = {"batch": preprocess.frames_per_image()}
-    embed.bounds = {"batch": 1, "seq": max_context}
-    for job in (vision, projector, embed):  # trace and check within the model's fixed or bounded batch
+    embed.bounds = {"batch": 1, "seq": max(max_context, parts.encoder_length)}  # the encoder's source too
+    for job in encoder:
+        job.bounds = {"batch": 1, "source_len": parts.encoder_length}
+    for job in (vision, projector, embed, *encoder):  # trace and check within the model's fixed or bounded batch
         batch = job.bounds.get("batch")
         if batch:
             job.trace_inputs = tuple(t[:batch] for t in job.trace_inputs)
@@ -118,14 +120,16 @@ def build_jobs(parts, kv_storage: str, max_context: int, preprocess) -> list[Gra
         kv_storage="state",
     )
     decoder.bounds = {"batch": 1, "seq": max_context, "total_len": max_context}
-    if parts.cross_attention:  # from a text-only prompt's one position to CROSS_IMAGES images' keys and values
+    if parts.encoder is not None:  # an encoder-decoder's source, up to its encoder's positions
+        decoder.bounds["cross_len"] = parts.encoder_length
+    elif parts.cross_attention:  # from a text-only prompt's one position to CROSS_IMAGES images' keys and values
         from mmedge.exporters.tensorrt_target import CROSS_IMAGES
 
         with torch.no_grad():
             image = projector.module(*[t[:1] for t in projector.trace_inputs])[0].shape[2]
         decoder.bounds["cross_len"] = CROSS_IMAGES * image
     decoder.reference = reference.module
-    return [vision, projector, embed, decoder]
+    return [vision, projector, embed, *encoder, decoder]
 
 
 def export_graph(job: GraphJob, path: Path) -> None:
@@ -342,6 +346,7 @@ def compress(stage: Path, manifest: Manifest, plan: dict[str, str], opts, jobs: 
     from mmedge.calibration import coreml as cq
     from mmedge.calibration.plan import describe
 
+    plan = {p: plan[p] for p in manifest.graphs}
     report = {"plan": dict(plan), "name": describe(plan), "graphs": {},
               "calibration": {"used": False, "why": "Core ML weight compression is data-free here (coremltools' "
                               "activation-aware schemes run the model, which needs macOS)"}}
@@ -353,7 +358,7 @@ def compress(stage: Path, manifest: Manifest, plan: dict[str, str], opts, jobs: 
         report["calibration"] = {**calib.describe(), "used": True,
                                  "why": "INT4 block ranges chosen on the decoder's recorded inputs (clip search)"}
         report["int4_clip"] = errors
-    parts = [p for p in plan if plan[p] in cq.COMPRESSED]
+    parts = [p for p in plan if p in manifest.graphs and plan[p] in cq.COMPRESSED]
     for part in tqdm(parts, desc="compress", unit="graph", disable=not opts.progress):
         path = stage / manifest.graphs[part].file
         before = _bytes(path)

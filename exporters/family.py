@@ -186,6 +186,19 @@ def special_tokens(model, tokenizer) -> SpecialTokens:
                          eos_ids=[eos] if isinstance(eos, int) else list(eos or []), pad_id=tokenizer.pad_token_id)
 
 
+def decoder_start_ids(model) -> list[int]:
+    """An encoder-decoder's first decoder tokens: decoder_start_token_id, then the BOS that generation forces (the
+    generation config's forced_bos_token_id), if it does."""
+    gen = model.generation_config
+    start = gen.decoder_start_token_id
+    if start is None:
+        start = getattr(model.config, "decoder_start_token_id", None)
+    if start is None:
+        start = model.config.text_config.decoder_start_token_id
+    forced = getattr(gen, "forced_bos_token_id", None)
+    return [int(start)] + ([int(forced)] if forced is not None else [])
+
+
 def generation_defaults(model) -> GenerationDefaults:
     return GenerationDefaults(max_new_tokens=min(64, getattr(model.generation_config, "max_new_tokens", None) or 64))
 

@@ -62,13 +62,23 @@ CROSS_IMAGES = 4
 
 
 def cross_range(manifest: Manifest) -> dict[str, tuple[int, int, int]]:
-    """The cross-attention length's profile dims: from a text-only prompt's one position to CROSS_IMAGES images."""
+    """The cross-attention length's profile dims: from a text-only prompt's one position to CROSS_IMAGES images; an
+    encoder-decoder's, its source's: from one token to the most its encoder takes."""
+    if manifest.schemes.encoder:
+        return {"cross_len": source_range(manifest)}
     outputs = manifest.graphs["projector"].outputs
     key = next((spec for name, spec in outputs.items() if name.startswith("cross_key_")), None)
     if key is None:
         return {}
     image = key.shape[2]
     return {"cross_len": (1, image, CROSS_IMAGES * image)}
+
+
+def source_range(manifest: Manifest) -> tuple[int, int, int]:
+    """An encoder-decoder's source lengths: one token up to its encoder's positions, tuned for the image's tokens
+    and a prompt."""
+    most = manifest.schemes.encoder_length or manifest.prompt.image_seq_len + PROMPT_SLACK
+    return 1, min(most, manifest.prompt.image_seq_len + PROMPT_SLACK), most
 
 
 def dim_ranges(manifest: Manifest) -> dict[str, list[dict[str, tuple[int, int, int]]]]:
@@ -85,7 +95,11 @@ def dim_ranges(manifest: Manifest) -> dict[str, list[dict[str, tuple[int, int, i
     cache = (context, context, context)  # the whole buffer, always
     one = (1, 1, 1)
     cross = cross_range(manifest)
+    if manifest.schemes.encoder:  # the decoder's prompt is its few start tokens; the source goes to the encoder
+        prompt = min(context, PROMPT_SLACK)
+    encoder = {"encoder": [{"batch": one, "source_len": source_range(manifest)}]} if manifest.schemes.encoder else {}
     return {
+        **encoder,
         "vision_encoder": [vision],
         "projector": [vision],
         "embed_tokens": [{"batch": one, "seq": (1, prompt, context)}],

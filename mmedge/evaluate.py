@@ -158,13 +158,26 @@ class ReferenceAnswerer:
             for start in range(0, len(members), self.batch):
                 rows = members[start : start + self.batch]
                 feed = {k: torch.cat([inputs[i][k] for i in rows]) for k in inputs[rows[0]].keys()}
+                start, forced = generated_from(self.model, feed)
                 with torch.no_grad():
-                    out = self.model.generate(**feed, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-                for i, tokens in zip(rows, out[:, feed["input_ids"].shape[1] :].tolist()):
+                    out = self.model.generate(**feed, max_new_tokens=MAX_NEW_TOKENS + forced, do_sample=False)
+                for i, tokens in zip(rows, out[:, start:].tolist()):
                     ends = [j for j, t in enumerate(tokens) if t in self.eos]
                     answers[i] = self.processor.tokenizer.decode(tokens[: ends[0] + 1] if ends else tokens,
                                                                  skip_special_tokens=True)
         return answers
+
+
+def generated_from(model, inputs) -> tuple[int, int]:
+    """(where generate()'s output stops repeating the prompt, how many tokens generate() makes past it that mmedge
+    counts as prompt): the input ids and 0 for a decoder-only model; for an encoder-decoder the decoder's start
+    tokens, of which generate() makes all but decoder_start_token_id (a forced BOS)."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        from mmedge.exporters.family import decoder_start_ids
+
+        start = len(decoder_start_ids(model))
+        return start, start - 1
+    return inputs["input_ids"].shape[1], 0
 
 
 def reference_inputs(processor, image, prompt: str) -> dict:

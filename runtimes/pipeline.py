@@ -282,6 +282,9 @@ class Pipeline(RowBatching):
         KV cache the turns before left instead of computing the whole history again."""
         from mmedge.runtimes.chat import Chat
 
+        if self.encoder:
+            raise InputError(f"this {self.manifest.model_type} package's model answers one prompt at a time (an "
+                             "encoder-decoder, not a chat model): use generate() per question")
         return Chat(self, system, overflow)
 
     def detect(self, image: ImageInput, objects: str | Sequence[str], **options: Any) -> "Detections":

@@ -280,9 +280,12 @@ def hf_greedy(model, inputs, n: int = NEW_TOKENS) -> list[int]:
     stop it)."""
     import torch
 
+    from mmedge.evaluate import generated_from
+
+    start, forced = generated_from(model, inputs)
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    return out[0, inputs["input_ids"].shape[1] :].tolist()
+        out = model.generate(**inputs, max_new_tokens=n + forced, min_new_tokens=n + forced, do_sample=False)
+    return out[0, start:].tolist()
 
 
 def hf_generate(model, processor, image, prompt, n: int = NEW_TOKENS) -> list[int]:

@@ -29,7 +29,8 @@ import torch
 
 from mmedge.exporters import tiny
 from mmedge.exporters.checkpoint import image_processor_config, pixel_fields
-from mmedge.exporters.family import Description, EncoderKV, Parts, description, encoder_decoder_cache
+from mmedge.exporters.family import (Description, EncoderKV, Parts, decoder_start_ids, description,
+                                     encoder_decoder_cache)
 from mmedge.manifest import PreprocessSpec, PromptSpec, SchemeSpec
 
 MODEL_TYPES = ("florence2",)
@@ -123,16 +124,6 @@ def _image_size(cfg) -> int:
     return min(PUBLISHED_SIZE, stride * cfg.vision_config.max_position_embeddings)
 
 
-def decoder_start(model) -> list[int]:
-    """The decoder's first tokens: decoder_start_token_id, then the BOS that generation forces, if it does."""
-    gen = model.generation_config
-    start = gen.decoder_start_token_id
-    if start is None:
-        start = model.config.text_config.decoder_start_token_id
-    forced = getattr(gen, "forced_bos_token_id", None)
-    return [int(start)] + ([int(forced)] if forced is not None else [])
-
-
 def describe(model, checkpoint: Path, tokenizer) -> Description:
     cfg = model.config
     pre = image_processor_config(checkpoint)
@@ -154,7 +145,7 @@ def describe(model, checkpoint: Path, tokenizer) -> Description:
             image_token_id=cfg.image_token_id,
             image_seq_len=pre.get("image_seq_length") or _image_tokens(model, height, width),
             tasks=dict(TASKS),
-            decoder_start_ids=decoder_start(model),
+            decoder_start_ids=decoder_start_ids(model),
         ),
         schemes=SchemeSpec(positions="linear", attention="causal", encoder="prompt",
                            encoder_length=cfg.text_config.max_position_embeddings, boxes="loc1000_xyxy",
