@@ -11,6 +11,9 @@ for them (`schemes.detect_prompt`, with {objects}):
   "json_pixels"    Qwen2.5-VL: a JSON list of {"bbox_2d": [x0, y0, x1, y1], "label": ...} in pixels of the image
                    as the model saw it (after its resize)
   "json_1000"      Qwen3-VL: the same JSON, coordinates over the image in [0, 1000]
+  "loc1000_xyxy"   Florence-2: a label, then one or more boxes of four <loc_N> tokens (x0, y0, x1, y1 in 1000 bins
+                   over the image; a box's corner is its bin's centre); an answer of boxes alone (region
+                   proposals) gives them unlabelled
 
 A truncated answer (the token budget ran out mid-list) gives the boxes that are complete.
 """
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 
 from mmedge.errors import InputError
 
-BOX_FORMATS = ("loc1024_yxyx", "box_1000", "json_pixels", "json_1000")
+BOX_FORMATS = ("loc1024_yxyx", "box_1000", "json_pixels", "json_1000", "loc1000_xyxy")
 SEPARATOR = {"loc1024_yxyx": " ; "}  # between the objects asked for in the detect prompt; others ", "
 
 
@@ -47,6 +50,7 @@ _LOC = re.compile(r"((?:<loc\d{4}>){4})\s*((?:<seg\d{3}>)*)\s*([^<;]*)")
 _QWEN2 = re.compile(r"(?:<\|object_ref_start\|>(.*?)<\|object_ref_end\|>)?\s*<\|box_start\|>\s*\(\s*(-?[\d.]+)\s*,"
                     r"\s*(-?[\d.]+)\s*\)\s*,\s*\(\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*\)\s*<\|box_end\|>")
 _JSON_OBJECT = re.compile(r"\{[^{}]*\}")
+_FLORENCE = re.compile(r"([^<]*)((?:<loc_\d+>){4,})")
 
 
 def parse(fmt: str, text: str, size: tuple[int, int], seen: tuple[int, int] | None = None) -> Detections:
@@ -65,6 +69,12 @@ def parse(fmt: str, text: str, size: tuple[int, int], seen: tuple[int, int] | No
         for label, *xy in _QWEN2.findall(text):
             x0, y0, x1, y1 = (float(v) / 1000 for v in xy)
             boxes.append(Box(label.strip(), x0 * width, y0 * height, x1 * width, y1 * height))
+    elif fmt == "loc1000_xyxy":
+        for label, locs in _FLORENCE.findall(text):
+            bins = [int(v) for v in re.findall(r"<loc_(\d+)>", locs)]
+            for i in range(0, len(bins) - 3, 4):
+                x0, y0, x1, y1 = ((b + 0.5) / 1000 for b in bins[i : i + 4])
+                boxes.append(Box(label.strip(), x0 * width, y0 * height, x1 * width, y1 * height))
     elif fmt in ("json_pixels", "json_1000"):
         sx, sy = ((width / seen[0], height / seen[1]) if seen else (1.0, 1.0)) if fmt == "json_pixels" else (
             width / 1000, height / 1000)
@@ -100,9 +110,12 @@ def draw(image, boxes: list[Box], out) -> None:
     colors = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
     for i, box in enumerate(boxes):
         color = colors[i % len(colors)]
-        pen.rectangle((box.x0, box.y0, box.x1, box.y1), outline=color, width=width)
+        # corners in order: a model may write a box's far corner first (drawn, not corrected, in `boxes`)
+        x0, x1 = sorted((box.x0, box.x1))
+        y0, y1 = sorted((box.y0, box.y1))
+        pen.rectangle((x0, y0, x1, y1), outline=color, width=width)
         if box.label:
-            pen.text((box.x0 + width, box.y0 + width), box.label, fill=color)
+            pen.text((x0 + width, y0 + width), box.label, fill=color)
     try:
         canvas.save(out)
     except (OSError, ValueError) as exc:

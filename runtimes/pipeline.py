@@ -289,7 +289,9 @@ class Pipeline(RowBatching):
 
     def detect(self, image: ImageInput, objects: str | Sequence[str], **options: Any) -> "Detections":
         """Boxes around `objects` ("cat ; dog", or a list) in `image`, asked with the family's detection prompt and
-        read from the answer in its box format (runtimes/boxes.py), in the original image's pixels."""
+        read from the answer in its box format (runtimes/boxes.py), in the original image's pixels. `objects` may
+        instead be one of the family's task tokens (Florence-2: "<OD>" for every object it knows,
+        "<REGION_PROPOSAL>", "<CAPTION_TO_PHRASE_GROUNDING>a red circle"), asked as it is."""
         from mmedge.runtimes import boxes
 
         s = self.manifest.schemes
@@ -297,7 +299,10 @@ class Pipeline(RowBatching):
         if isinstance(image, (list, tuple)):
             raise InputError("detect() looks at one image")
         picture = load_image(image)
-        text = self.generate(picture, boxes.detect_prompt(s.detect_prompt, s.boxes, objects), **options)
+        asked = objects.strip() if isinstance(objects, str) else ""
+        task = any(asked.startswith(token) for token in self.manifest.prompt.tasks)  # a task of the family's
+        prompt = asked if task else boxes.detect_prompt(s.detect_prompt, s.boxes, objects)
+        text = self.generate(picture, prompt, **options)
         return boxes.parse(s.boxes, text, picture.size, self._seen_size(picture, options))
 
     def boxes(self, image: ImageInput, text: str) -> "Detections":
