@@ -20,6 +20,7 @@ METRICS = {
     "preprocess_ms": ("preprocess (image + prompt)", "ms"),
     "vision_encoder_ms": ("vision encoder", "ms"),
     "projector_ms": ("projector", "ms"),
+    "encoder_ms": ("encoder (over the prompt)", "ms"),  # an encoder-decoder's only
     "prefill_ms": ("prefill (decoder over the prompt)", "ms"),
     "ttft_ms": ("time to first token", "ms"),
     "decode_tok_s": ("decode", "tok/s"),
@@ -53,7 +54,7 @@ def bench(package: str | Path, image: Any = None, prompt: str = "caption", new_t
     pipe.reuse_prefix = False  # every run computes the whole of one question, as its first asking does
     load_ms = (time.perf_counter() - start) * 1e3
     image = default_image() if image is None else image
-    samples: dict[str, list[float]] = {k: [] for k in METRICS}
+    samples: dict[str, list[float]] = {k: [] for k in METRICS if k != "encoder_ms" or pipe.encoder}
     bar = tqdm(total=warmup + runs, desc="bench", unit="run", disable=not progress, file=sys.stderr)
     for i in range(warmup + runs):
         start = time.perf_counter()
@@ -69,7 +70,8 @@ def bench(package: str | Path, image: Any = None, prompt: str = "caption", new_t
             raise InputError(f"the context filled after {n} new tokens; pass a smaller --new-tokens")
         t = pipe.timings
         got = dict(preprocess_ms=t.preprocess * 1e3, vision_encoder_ms=t.vision * 1e3, projector_ms=t.projector * 1e3,
-                   prefill_ms=t.prefill * 1e3, ttft_ms=ttft * 1e3, decode_tok_s=(n - 1) / t.decode, e2e_ms=e2e * 1e3)
+                   prefill_ms=t.prefill * 1e3, ttft_ms=ttft * 1e3, decode_tok_s=(n - 1) / t.decode, e2e_ms=e2e * 1e3,
+                   **({"encoder_ms": t.encoder * 1e3} if pipe.encoder else {}))  # an encoder-decoder's encoder
         for k, v in got.items():
             samples[k].append(v)
     bar.close()
@@ -105,8 +107,8 @@ def table(result: dict) -> str:
         f"median of {result['runs']} runs (min - max)",
         f"{'':<40}{'median':>10}{'min':>10}{'max':>10}",
     ]
-    for key, (label, unit) in METRICS.items():
-        m = result["metrics"][key]
+    for key, m in result["metrics"].items():
+        label, unit = METRICS[key]
         lines.append(f"{label + ' (' + unit + ')':<40}{m['median']:>10.2f}{m['min']:>10.2f}{m['max']:>10.2f}")
     lines.append(f"{'load (ms)':<40}{result['load_ms']:>10.1f}")
     lines.append(f"{'peak RSS (MB)':<40}{result['peak_rss_mb']:>10.1f}")

@@ -79,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
                                    "(Qwen2-VL, Qwen2.5-VL, Qwen3-VL); frames are sampled at the package's rate")
     r.add_argument("--prompt", help='the question or task, e.g. "caption en"')
     r.add_argument("--detect", metavar="OBJECTS", help='boxes around these objects ("cat ; dog"), asked in the '
-                   "family's detection prompt (PaliGemma, Qwen-VL); printed a box a line, in the image's pixels")
+                   "family's detection prompt (PaliGemma, Qwen-VL, Florence-2), or a detection task of the family's "
+                   '("<OD>" on Florence-2); printed a box a line, in the image\'s pixels')
     r.add_argument("--draw", metavar="OUT.png", help="write the image with the answer's boxes drawn on it")
     r.add_argument("--stream", action="store_true", help="print text as it is generated")
     r.add_argument("--raw-prompt", action="store_true", help="pass --prompt through as the full formatted prompt")

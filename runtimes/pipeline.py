@@ -317,7 +317,7 @@ class Pipeline(RowBatching):
         s = self.manifest.schemes
         if not s.boxes or not s.detect_prompt:
             raise InputError(f"this {self.manifest.model_type} package's model writes no boxes mmedge reads "
-                             "(PaliGemma and Qwen-VL do); ask with generate() instead")
+                             "(PaliGemma, Qwen-VL and Florence-2 do); ask with generate() instead")
         return s.boxes
 
     def _seen_size(self, picture, options: dict) -> tuple[int, int]:
