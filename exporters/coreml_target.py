@@ -395,8 +395,21 @@ def activation_stats(stage: Path, manifest: Manifest, jobs: list[GraphJob], cali
     decoder = graphs["decoder"]
     decoder.module = decoder.module.with_state_dtype(torch.float32)
     sums: dict[int, list] = {}
+    in_decoder = [False]  # layers the decoder shares with another graph (an encoder-decoder's cross-attention
+    run = decoder.run     # key/value projections, which the encoder runs) count only the decoder's own calls
+
+    def decoder_run(inputs, into=None):
+        in_decoder[0] = True
+        try:
+            return run(inputs, into)
+        finally:
+            in_decoder[0] = False
+
+    decoder.run = decoder_run
 
     def record(module, args):
+        if not in_decoder[0]:
+            return
         x = args[0].detach().float().reshape(-1, args[0].shape[-1])
         entry = sums.setdefault(id(module), [module, 0.0, 0])
         entry[1] = entry[1] + (x * x).sum(0)

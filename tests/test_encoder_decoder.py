@@ -118,3 +118,18 @@ def test_bad_input(florence, tmp_path):
     rng = np.random.default_rng(0)
     noise = Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8))
     assert list(pipe.generate_ids(noise, "<OD>", max_new_tokens=3, ignore_eos=True))  # still answers after errors
+
+
+@pytest.mark.parametrize("shape", FLORENCE)
+def test_coreml_int4_package(shape, packages):
+    """Core ML's INT4 clip search takes statistics of the decoder's own linear layers only: the cross-attention
+    key/value projections it shares with the encoder graph (not in the converted decoder) are left to the
+    encoder's INT8. The package generates through the torch modules with its stored weights."""
+    from mmedge.exporters import coreml_target
+
+    pipe, _ = coreml_target.simulated_pipeline(packages(shape, "coreml", "int4"))
+    report = pipe.manifest.quantization
+    assert report["plan"] == {"vision_encoder": "int8", "projector": "int8", "embed_tokens": "int8",
+                              "encoder": "int8", "decoder": "int4"}
+    assert report["int4_clip"]["layers"] > 0
+    assert len(list(pipe.generate_ids(picture(), "<OD>", max_new_tokens=4, ignore_eos=True))) == 4
