@@ -159,7 +159,11 @@ def _export(opts: ExportOptions, checkpoint: Path, family, plan: dict[str, str],
         return export_package(opts, checkpoint, family, model, tokenizer, target, plan, calib)
     parts = family.split(model)
     desc = family.describe(model, checkpoint, tokenizer)
-    _apply_pixel_budget(opts, desc.preprocess)
+    if desc.preprocess is None:  # a family that reads audio, not images
+        if opts.max_pixels is not None or opts.min_pixels is not None:
+            raise ExportError("--max-pixels / --min-pixels are for models that take images; this one takes audio")
+    else:
+        _apply_pixel_budget(opts, desc.preprocess)
     max_context = opts.max_context or min(desc.max_position_embeddings, _image_tokens(desc.preprocess,
                                                                                     desc.prompt) + 512)
     if max_context > desc.max_position_embeddings:
@@ -202,6 +206,7 @@ def _export(opts: ExportOptions, checkpoint: Path, family, plan: dict[str, str],
                 storage=storage,
             ),
             preprocess=desc.preprocess,
+            audio=desc.audio,
             prompt=desc.prompt,
             schemes=desc.schemes,
             special_tokens=desc.special_tokens,
@@ -306,7 +311,10 @@ def _apply_pixel_budget(opts: ExportOptions, spec) -> None:
 
 
 def _image_tokens(spec, prompt) -> int:
-    """The most image tokens one image takes: the fixed count, or what max_pixels allows (dynamic resolution)."""
+    """The most image tokens one image takes: the fixed count, or what max_pixels allows (dynamic resolution);
+    none where the model takes no images (`spec` None)."""
+    if spec is None:
+        return 0
     if spec.resize_mode == "smart_resize":
         return spec.max_pixels // spec.token_pixels()
     return prompt.image_seq_len * spec.frames_per_image()
@@ -334,8 +342,13 @@ def generate_once(package: Path, manifest: Manifest) -> dict:
     ramp = np.linspace(0, 255, 96 * 64 * 3).reshape(64, 96, 3).astype(np.uint8)  # not square: resizing is exercised
     try:
         pipe = Pipeline.load(package, backend=backend, verify=False, low_memory=backend == "onnxruntime")
-        tokens = list(pipe.generate_ids(Image.fromarray(ramp), "describe the image", max_new_tokens=3,
-                                        ignore_eos=True))
+        if manifest.audio is not None:  # a second of a 440 Hz tone
+            rate = manifest.audio.sampling_rate
+            tone = 0.3 * np.sin(2 * np.pi * 440 * np.arange(rate) / rate)
+            tokens = pipe.transcribe_ids(tone.astype(np.float32), max_new_tokens=3, ignore_eos=True)[0]
+        else:
+            tokens = list(pipe.generate_ids(Image.fromarray(ramp), "describe the image", max_new_tokens=3,
+                                            ignore_eos=True))
     except Exception as exc:
         raise ExportError(f"the exported package cannot generate through the runtime ({first_line(exc)}); "
                           "nothing was written") from exc

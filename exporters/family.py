@@ -26,7 +26,8 @@ from typing import Callable
 
 import torch
 
-from mmedge.manifest import EmbeddingSpec, GenerationDefaults, PreprocessSpec, PromptSpec, SchemeSpec, SpecialTokens
+from mmedge.manifest import (AudioSpec, EmbeddingSpec, GenerationDefaults, PreprocessSpec, PromptSpec, SchemeSpec,
+                             SpecialTokens)
 
 
 @dataclass
@@ -81,18 +82,22 @@ class Parts:
     # the most tokens it takes (its positions)
     encoder: object = None
     encoder_length: int = 0
+    # an encoder over features instead of embeddings (scheme encoder "audio": Whisper): their fixed shape beside the
+    # batch, (mels, frames); the encoder graph then takes input_features [B, mels, frames]
+    encoder_input: tuple | None = None
 
 
 class EncoderKV(torch.nn.Module):
-    """An encoder stack over inputs_embeds, then each decoder layer's cross-attention k_proj / v_proj over its
+    """An encoder stack over inputs_embeds (or audio features: `input_name`), then each decoder layer's cross-attention k_proj / v_proj over its
     output, [B, heads, S, head_dim] (BART-style attention modules: Florence-2, Whisper)."""
 
-    def __init__(self, encoder, cross_attentions):
+    def __init__(self, encoder, cross_attentions, input_name: str = "inputs_embeds"):
         super().__init__()
         self.encoder, self.attentions = encoder, torch.nn.ModuleList(cross_attentions)
+        self.input_name = input_name
 
-    def forward(self, inputs_embeds):
-        states = self.encoder(inputs_embeds=inputs_embeds).last_hidden_state
+    def forward(self, inputs):
+        states = self.encoder(**{self.input_name: inputs}).last_hidden_state
         out = []
         for attn in self.attentions:
             shape = (*states.shape[:-1], -1, attn.head_dim)
@@ -248,13 +253,14 @@ class EmbeddingDescription:
 class Description:
     """Run-time facts a family hands to the manifest."""
 
-    preprocess: PreprocessSpec
+    preprocess: PreprocessSpec | None  # None: a family that reads audio (`audio`)
     prompt: PromptSpec
     schemes: SchemeSpec
     special_tokens: SpecialTokens
     generation: GenerationDefaults
     max_position_embeddings: int
     chat_template: str | None = None  # Jinja source, written into the package when prompt.mode is "chat"
+    audio: AudioSpec | None = None  # scheme encoder "audio": the features the runtime computes
 
 
 def description(model, tokenizer, **fields) -> Description:

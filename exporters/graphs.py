@@ -376,7 +376,7 @@ def build_jobs(parts: Parts, seed: int = 0, kv_storage: str = "buffer", max_cont
     the scheme's `attention` pattern and `position_offset` (the traced decoder takes masks and positions)."""
     g = torch.Generator().manual_seed(seed)
     jobs = _patch_grid_jobs if parts.patch_grid else _tile_canvas_jobs if parts.tile_canvas else _image_jobs
-    vision, projector = jobs(parts, g)
+    vision_jobs = list(jobs(parts, g)) if parts.vision_encoder is not None else []  # none: an audio family
 
     def ids(c):
         return (torch.randint(0, parts.vocab_size, (c["batch"], c["seq"]), generator=g),)
@@ -395,7 +395,7 @@ def build_jobs(parts: Parts, seed: int = 0, kv_storage: str = "buffer", max_cont
     if kv_storage == "in_place":
         from mmedge.exporters import fused_decoder
 
-        return [vision, projector, embed, *encoder,
+        return [*vision_jobs, embed, *encoder,
                 fused_decoder.decoder_job(parts, max_context, g, attention, position_offset)]
 
     kv_shape = (parts.num_kv_heads, parts.head_dim)
@@ -439,7 +439,7 @@ def build_jobs(parts: Parts, seed: int = 0, kv_storage: str = "buffer", max_cont
         output_axes={"logits": {0: "batch"}, **{n: {0: "batch", 2: present_len} for n in present_names}},
         kv_storage=kv_storage,
     )
-    return [vision, projector, embed, *encoder, decoder]
+    return [*vision_jobs, embed, *encoder, decoder]
 
 
 # source lengths (image tokens + prompt) the encoder is traced at and checked at
@@ -448,8 +448,16 @@ ENCODER_TRACE, ENCODER_CHECKS = (2, 11), ((1, 7), (3, 16))
 
 def encoder_job(parts: Parts, g: torch.Generator) -> GraphJob:
     """An encoder-decoder's encoder (scheme encoder "prompt"): inputs_embeds [B, S, hidden] -> each decoder
-    layer's cross-attention keys and values [B, heads, S, head_dim]."""
+    layer's cross-attention keys and values [B, heads, S, head_dim]; an audio encoder's (scheme "audio"):
+    input_features [B, mels, frames] of a fixed size -> the same, over its fixed positions."""
     outputs = cross_names(parts.cross_attention)
+    if parts.encoder_input is not None:
+        def features(batch):
+            return (torch.randn(batch, *parts.encoder_input, generator=g),)
+
+        return GraphJob("encoder", parts.encoder, ["input_features"], outputs, {"input_features": {0: "batch"}},
+                        features(2), [features(1), features(3)],
+                        output_axes={name: {0: "batch"} for name in outputs})
 
     def embeds(batch, seq):
         return (torch.randn(batch, seq, parts.hidden_size, generator=g),)

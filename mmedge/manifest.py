@@ -211,6 +211,10 @@ class PromptSpec:
     # scheme encoder "prompt": the decoder's own first tokens (decoder_start_token_id, a forced BOS), from which it
     # generates while the rendered prompt goes through the encoder
     decoder_start_ids: list[int] | None = None
+    # scheme encoder "audio" (Whisper): language code -> its token, task (transcribe, translate) -> its token; the
+    # runtime swaps them in decoder_start_ids for the call's language and task
+    languages: dict[str, int] = field(default_factory=dict)
+    speech_tasks: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -259,6 +263,24 @@ class GenerationDefaults:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    suppress_ids: list[int] = field(default_factory=list)  # tokens never generated (Whisper's suppress_tokens)
+    begin_suppress_ids: list[int] = field(default_factory=list)  # nor as the first token (begin_suppress_tokens)
+
+
+@dataclass
+class AudioSpec:
+    """An audio package's (scheme encoder "audio": Whisper) features: the runtime's log-mel spectrogram
+    (runtimes/audio.py) of each `chunk_length`-second window at `sampling_rate`, `feature_size` mel bins from
+    an `n_fft` STFT every `hop_length` samples, as the family's feature extractor computes it."""
+
+    sampling_rate: int = 16000
+    n_fft: int = 400
+    hop_length: int = 160
+    chunk_length: int = 30
+    feature_size: int = 80
+
+    def frames(self) -> int:
+        return self.chunk_length * self.sampling_rate // self.hop_length
 
 
 @dataclass
@@ -297,7 +319,7 @@ class Manifest:
     model_type: str
     target: str
     graphs: dict[str, GraphSpec]
-    preprocess: PreprocessSpec
+    preprocess: PreprocessSpec | None = None  # images' (None: a package that takes audio, `audio`)
     # "generative" (a VLM: the fields below to generation) or "embedding" (a dual encoder: `embedding`)
     kind: str = "generative"
     kv_cache: KVCacheSpec | None = None
@@ -306,6 +328,7 @@ class Manifest:
     special_tokens: SpecialTokens | None = None
     generation: GenerationDefaults | None = None
     embedding: EmbeddingSpec | None = None
+    audio: AudioSpec | None = None
     tokenizer: str = "tokenizer.json"
     source: dict[str, Any] = field(default_factory=dict)
     files: dict[str, FileEntry] = field(default_factory=dict)
@@ -362,6 +385,13 @@ def _check_kind(manifest: "Manifest") -> None:
     for name in KIND_FIELDS[manifest.kind]:
         if getattr(manifest, name) is None:
             raise _Malformed(f"missing field {name} (a {manifest.kind} package states it)")
+    if manifest.kind == "generative":  # what it reads: images (preprocess), or audio (scheme encoder "audio")
+        takes = "audio" if manifest.schemes.encoder == "audio" else "preprocess"
+        if getattr(manifest, takes) is None:
+            raise _Malformed(f"missing field {takes} (a package of scheme encoder {manifest.schemes.encoder!r} states "
+                             "it)")
+    elif manifest.preprocess is None:
+        raise _Malformed("missing field preprocess (an embedding package states it)")
     spec = manifest.embedding
     if manifest.kind == "embedding":
         if spec.activation not in ACTIVATIONS:
@@ -375,7 +405,7 @@ def _check_kind(manifest: "Manifest") -> None:
 # the smallest value a count may take (a manifest with a zero or negative one cannot run)
 MINIMUM = {"embedding.dim": 1, "embedding.text_length": 2, "embedding.max_batch": 1, "embedding.pad_id": 0,
            "kv_cache.max_context": 2, "kv_cache.num_layers": 1, "kv_cache.num_kv_heads": 1, "kv_cache.head_dim": 1,
-           "preprocess.height": 1, "preprocess.width": 1, "prompt.image_seq_len": 1, "prompt.image_token_id": 0,
+           "preprocess.height": 1, "preprocess.width": 1, "prompt.image_seq_len": 0, "prompt.image_token_id": -1,
            "generation.max_new_tokens": 1}
 
 

@@ -27,6 +27,7 @@ from mmedge.runtimes import schemes
 from mmedge.runtimes.backends import open_engine
 from mmedge.runtimes.batch import RowBatching, Timings
 from mmedge.runtimes.kv_cache import EngineCache, make_cache
+from mmedge.runtimes.audio import AudioInput
 from mmedge.runtimes.media_cache import DEFAULT_MB, MediaCache, media_key
 from mmedge.runtimes.preprocess import ImageInput, load_image, preprocess_with_grid, smart_resize
 from mmedge.runtimes.sampling import GenerationOptions, choose
@@ -43,7 +44,10 @@ PARTS = ("vision_encoder", "projector", "embed_tokens", "decoder")
 
 
 def graph_parts(manifest: Manifest) -> tuple[str, ...]:
-    """The graphs a generative package runs: PARTS, and an encoder-decoder's `encoder`."""
+    """The graphs a generative package runs: PARTS, and an encoder-decoder's `encoder`; an audio package's
+    encoder, token embedding and decoder."""
+    if manifest.schemes.encoder == "audio":
+        return "embed_tokens", "decoder", "encoder"
     return (*PARTS, "encoder") if manifest.schemes.encoder else PARTS
 VISION_BATCH = 16  # images (or tiles) per vision encoder call
 
@@ -63,6 +67,7 @@ class _Sequence:
     cross: dict | None = None  # image placement "cross_attention": the images' keys and values per cross layer
     cross_sees: np.ndarray | None = None  # [len(ids), images]: which images each prompt token sees
     source: np.ndarray | None = None  # an encoder-decoder's encoder input ids (then `ids` are the decoder's)
+    features: np.ndarray | None = None  # an audio package's: one window's log-mel features [mels, frames]
     keys: list[bytes] = field(default_factory=list)  # per image, then per video: its pixels' content key
     spans: list[tuple] = field(default_factory=list)  # (first, last + 1, key) of each image's and video's tokens
 
@@ -142,13 +147,15 @@ class Pipeline(RowBatching):
         # images (tiles, frames) per vision encoder call: engines built for a bounded batch (TensorRT's profiles,
         # Core ML's bounds: one image's tiles) take at most that many, however many images a prompt has
         bounded = manifest.target in ("tensorrt", "coreml")
-        self.vision_batch = min(VISION_BATCH, manifest.preprocess.frames_per_image()) if bounded else VISION_BATCH
+        frames = manifest.preprocess.frames_per_image() if manifest.preprocess else 1  # none: an audio package
+        self.vision_batch = min(VISION_BATCH, frames) if bounded else VISION_BATCH
         self.timings = Timings()
         self._load_options: dict[str, Any] | None = None  # what load() was given, for clone()
         self.defaults: dict[str, Any] = {}  # options set at load (the visual token budget), under each call's
         self._lock = threading.Lock()  # one generation at a time: they share the KV cache and the engines' state
         self._owner: int | None = None
         self.media = MediaCache(DEFAULT_MB << 20)  # image embeddings by content (runtimes/media_cache.py)
+        self.language: str | None = None  # an audio package's: the language of the last window transcribed
         self._held: _Held | None = None  # what the KV cache holds, for the next call to start from
         # a call's prompt starts from what the cache holds of the call before, where they agree (docs/apps.md);
         # False: every call computes its whole prompt (benchmarks of one question, recording graph inputs)
@@ -219,7 +226,8 @@ class Pipeline(RowBatching):
         pipe.defaults = {k: v for k, v in dict(max_pixels=max_pixels, min_pixels=min_pixels,
                                                max_image_tokens=max_image_tokens,
                                                max_video_tokens=max_video_tokens).items() if v is not None}
-        pipe._image_spec(pipe.options(), 1)  # a budget the package cannot take fails here, not at the first call
+        if manifest.preprocess is not None:  # a budget the package cannot take fails here, not at the first call
+            pipe._image_spec(pipe.options(), 1)
         pipe.media = MediaCache(int(image_cache_mb * (1 << 20)))
         pipe._load_options = dict(backend=backend, providers=providers, threads=threads, device=device,
                                   inference_precision=inference_precision,
@@ -423,14 +431,14 @@ class Pipeline(RowBatching):
         if opts.use_cache and seq.spans is not None:
             self._held = held = _Held(ids, seq.block_of, seq.spans)
         eos = self.manifest.special_tokens.eos_ids
-        banned = eos if opts.ignore_eos else None
+        never = [*(eos if opts.ignore_eos else []), *opts.suppress_ids]  # and, first, begin_suppress_ids
         budget = min(opts.max_new_tokens, capacity - len(ids))
         if budget < opts.max_new_tokens:
             log.warning("max_new_tokens %d is more than the %d tokens this package's context (max_context %d) has "
                         "left after the %d-token prompt: generating at most %d", opts.max_new_tokens, budget,
                         capacity, len(ids), budget)
         for i in range(budget):
-            token = choose(logits[0, -1], opts, rng, banned)
+            token = choose(logits[0, -1], opts, rng, (never + opts.begin_suppress_ids if i == 0 else never) or None)
             if token in eos:
                 return
             t.new_tokens += 1
@@ -475,7 +483,7 @@ class Pipeline(RowBatching):
     def _prompt_embeddings_many(self, seqs: list[_Sequence]) -> list[np.ndarray]:
         """Each sequence's prompt embeddings [1, len, hidden], with its images' (and videos') embeddings in their
         tokens (and, for a DeepStack decoder, their visual features at the same tokens in `seq.deepstack`)."""
-        if self.encoder:
+        if self.encoder:  # (an audio window's encoder ran as it was prepared)
             return [self._with_encoder_states(seq) for seq in seqs]
         if self.cross_names:
             return [self._with_cross_states(seq) for seq in seqs]
@@ -499,16 +507,97 @@ class Pipeline(RowBatching):
         """An encoder-decoder's decoder-prompt embeddings, with the encoder run once over the source (its images'
         embeddings in their tokens) for the decoder's cross-attention keys and values in `seq.cross`, which
         every decoder token sees whole."""
-        (images, _), _ = self._image_embeddings([seq])[0]
-        embeds = self._embed(seq.source[None])
-        if images is not None:
-            embeds = schemes.place_image(self.manifest.schemes, embeds, seq.source[None], images,
-                                         self.manifest.prompt.image_token_id)
-        start = time.perf_counter()
-        seq.cross = self.graphs["encoder"].run({"inputs_embeds": embeds})
-        self.timings.encoder = time.perf_counter() - start
+        if seq.cross is None:  # (an audio window's were computed as it was prepared)
+            (images, _), _ = self._image_embeddings([seq])[0]
+            embeds = self._embed(seq.source[None])
+            if images is not None:
+                embeds = schemes.place_image(self.manifest.schemes, embeds, seq.source[None], images,
+                                             self.manifest.prompt.image_token_id)
+            self._encode({"inputs_embeds": embeds}, seq)
         seq.cross_sees = np.ones((len(seq.ids), 1), bool)
         return self._embed(seq.ids[None])
+
+    def _encode(self, feeds: dict[str, np.ndarray], seq: _Sequence) -> None:
+        start = time.perf_counter()
+        seq.cross = self.graphs["encoder"].run(feeds)
+        self.timings.encoder = time.perf_counter() - start
+
+    # -- audio (scheme encoder "audio": Whisper) -------------------------------
+
+    def transcribe(self, audio: AudioInput, language: str | None = None, task: str | None = None,
+                   sampling_rate: int | None = None, **options: Any) -> str:
+        """The text spoken in `audio`: a file (WAV; FLAC, MP3, ... with PyAV) or samples ([n] or [n, channels]) at
+        `sampling_rate` (default: the model's), resampled to the model's rate, transcribed window by window (30 s
+        for Whisper) and joined. language: a code the model knows ("en", "de", ...; None: detected in each window,
+        as transformers detects it); task: "transcribe" (default) or "translate" (into English)."""
+        return "".join(self.stream_transcription(audio, language, task, sampling_rate, **options))
+
+    def stream_transcription(self, audio: AudioInput, language: str | None = None, task: str | None = None,
+                             sampling_rate: int | None = None, **options: Any) -> Iterator[str]:
+        """transcribe() as its text becomes final."""
+        opts = self.options(**options)
+        for window in self._audio_windows(audio, language, task, sampling_rate):
+            yield from self._pieces(self._audio_tokens(window, opts, language, task), opts)
+
+    def transcribe_ids(self, audio: AudioInput, language: str | None = None, task: str | None = None,
+                       sampling_rate: int | None = None, **options: Any) -> list[list[int]]:
+        """The generated token ids of each window (EOS not included)."""
+        opts = self.options(**options)
+        return [list(self._audio_tokens(window, opts, language, task))
+                for window in self._audio_windows(audio, language, task, sampling_rate)]
+
+    def _audio_windows(self, audio, language, task, sampling_rate) -> list[np.ndarray]:
+        from mmedge.runtimes import audio as sound
+
+        spec = self.manifest.audio
+        if spec is None:
+            raise InputError(f"this {self.manifest.model_type} package takes images, not audio: use generate()")
+        p = self.manifest.prompt
+        if language is not None and language not in p.languages:
+            known = ", ".join(p.languages) or "none: an English-only model"
+            raise InputError(f"this model knows no language {language!r}; it knows {known}")
+        if task is not None and task not in p.speech_tasks:
+            raise InputError(f"task must be one of {', '.join(p.speech_tasks) or 'none (a model without tasks)'}, "
+                             f"got {task!r}")
+        if sampling_rate is not None and (isinstance(sampling_rate, bool) or not isinstance(sampling_rate, int)
+                                          or sampling_rate < 1):
+            raise InputError(f"sampling_rate must be a whole number of Hz, got {sampling_rate!r}")
+        return sound.windows(sound.load_audio(audio, spec.sampling_rate, sampling_rate), spec)
+
+    def _audio_tokens(self, window: np.ndarray, opts: GenerationOptions, language: str | None,
+                      task: str | None) -> Iterator[int]:
+        from mmedge.runtimes.audio import log_mel
+
+        with self._exclusive():
+            yield from self._generate(lambda: self._prepare_audio(log_mel(window, self.manifest.audio), language,
+                                                                  task), opts)
+
+    def _prepare_audio(self, features: np.ndarray, language: str | None, task: str | None) -> _Sequence:
+        """A window's sequence: the encoder run over its features, the decoder's start tokens with the language
+        (given, or the likeliest after the start token) and task put in."""
+        p = self.manifest.prompt
+        ids = list(p.decoder_start_ids)
+        seq = _Sequence(np.asarray(ids[:1], np.int64), [], [], [], np.full(1, -1, np.int64), features=features)
+        self._encode({"input_features": features[None]}, seq)
+        seq.cross_sees = np.ones((1, 1), bool)
+        swap = {}
+        if p.languages:
+            if language is None:  # one decoder step after the start token, over the language tokens
+                self._held = None
+                self.cache.reset()
+                logits = self._cached_step(self._embed(seq.ids[None]), seq)[0, -1]
+                codes = list(p.languages)
+                language = codes[int(np.argmax(logits[[p.languages[c] for c in codes]]))]
+                self.cache.reset()
+            swap.update(dict.fromkeys(p.languages.values(), p.languages[language]))
+        if task is not None:
+            swap.update(dict.fromkeys(p.speech_tasks.values(), p.speech_tasks[task]))
+        seq.ids = np.asarray([swap.get(t, t) for t in ids], np.int64)
+        seq.block_of = np.full(len(seq.ids), -1, np.int64)
+        seq.cross_sees = np.ones((len(seq.ids), 1), bool)
+        seq.spans = None
+        self.language = language
+        return seq
 
     def _with_cross_states(self, seq: _Sequence) -> np.ndarray:
         """A cross-attention prompt's embeddings (its tokens' own), with its images' keys and values for the
@@ -655,6 +744,9 @@ class Pipeline(RowBatching):
         """Prompt ids, each image's pixels (one row per tile where the family splits images, or its patches),
         the video's patches, attention blocks and positions. `conversation`: the messages of a chat
         (runtimes/chat.py), rendered instead of `prompt`, its images (given as `image`) where they mark them."""
+        if self.encoder == "audio":
+            raise InputError(f"this {self.manifest.model_type} package takes audio, not images: use "
+                             "transcribe(audio) (CLI: mmedge run PKG --audio speech.wav)")
         images = list(image) if isinstance(image, (list, tuple)) else [] if image is None else [image]
         if not images and video is None and conversation is None and not (self.cross_names and not self.encoder):
             raise InputError("no image given: pass one image, or a list of them")

@@ -26,6 +26,8 @@ class GenerationOptions:
     min_pixels: int | None = None  # the fewest
     max_image_tokens: int | None = None  # the most image tokens one prompt's images take together
     max_video_tokens: int | None = None  # the most tokens a prompt's video takes (its frames resized, or fewer taken)
+    suppress_ids: list[int] = field(default_factory=list)  # tokens never picked (the package's, e.g. Whisper's)
+    begin_suppress_ids: list[int] = field(default_factory=list)  # never picked as the first token
 
     def check(self) -> None:
         """Every option of the right type and range (sampling ones too when greedy: a wrong value is a mistake

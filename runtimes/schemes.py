@@ -27,8 +27,9 @@ VISION_SCHEMES = ("images", "patch_grid", "tile_canvas")
 # the token; none before the first image, nor after an end-of-sequence token until the next image
 CROSS_MASKS = ("image_spans", "last_image")
 # "prompt": an encoder-decoder; the rendered prompt (images spliced in) goes through the `encoder` graph once and
-# every decoder token attends over all of its positions
-ENCODERS = (None, "prompt")
+# every decoder token attends over all of its positions. "audio" (Whisper): the `encoder` graph reads a window's
+# log-mel features instead (runtimes/audio.py), and there are no vision graphs
+ENCODERS = (None, "prompt", "audio")
 
 
 def check_schemes(schemes: SchemeSpec) -> None:

@@ -38,7 +38,7 @@ class TextCodec:
             except OSError as exc:
                 raise PackageError(f"cannot read the chat template {path}: {exc}; re-export the package") from None
         return cls(Path(directory) / manifest.tokenizer, manifest.prompt, manifest.special_tokens, template,
-                   manifest.preprocess.merge_size)
+                   manifest.preprocess.merge_size if manifest.preprocess else None)
 
     def render(self, prompt: str, raw: bool = False, grid: tuple = (0, 0), grids: list | None = None,
                videos: list | None = None, seconds: list | None = None, starts: list | None = None) -> str:

@@ -99,7 +99,7 @@ class PaliGemmaRecipe:
 
     def cell_targets(self, examples: list[shapes.Example]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per cell of the 3x3 grid (one image token each): the index of its shape and colour word, or of "nothing"."""
-        assert self.n_image == 9, "one image token per cell of the 3x3 grid"
+        assert self.cells == 9, "one image token per cell of the 3x3 grid"
         colors = list(shapes.COLORS)
         shape_t = torch.full((len(examples), 9), len(shapes.SHAPES))
         color_t = torch.full((len(examples), 9), len(colors))
@@ -108,6 +108,18 @@ class PaliGemmaRecipe:
                 shape_t[i, o.cell] = shapes.SHAPES.index(o.shape)
                 color_t[i, o.cell] = colors.index(o.color)
         return shape_t, color_t
+
+    @property
+    def cells(self) -> int:
+        """The image tokens stage 1 aligns, one per cell of the grid (the first ones of the projector's output)."""
+        return self.n_image
+
+    def card_dims(self, cfg) -> tuple[str, str]:
+        """The model card's vision and decoder sizes."""
+        text = cfg.text_config
+        return (f"{cfg.vision_config.num_hidden_layers}x{cfg.vision_config.hidden_size}",
+                f"{text.num_hidden_layers}x{text.hidden_size} ({text.num_attention_heads} heads, "
+                f"{text.num_key_value_heads} KV)")
 
     def word_ids(self, words) -> list[int]:
         ids = [self.tok.token_to_id("\u0120" + w) for w in words]  # the word as it occurs mid-sentence
@@ -617,5 +629,77 @@ class MllamaRecipe(ChatRecipe):
         return [layer.weight, layer.bias]
 
 
+class _CellTokens(torch.nn.Module):
+    """Florence-2's projector output without its last, pooled token: one token per grid cell, row by row."""
+
+    def __init__(self, projector, cells: int):
+        super().__init__()
+        self.projector, self.cells = projector, cells
+
+    def forward(self, features):
+        return self.projector(features)[:, : self.cells]
+
+
+class Florence2Recipe(ChatRecipe):
+    """Florence-2 at the demo size: a two-stage DaViT whose 72x72 input becomes a 3x3 feature map (8- then 3-pixel
+    strides: one position per cell), the projector's 9 cell tokens and one pooled token; a BART encoder-decoder of
+    3 + 3 layers. The encoder reads [image tokens, <s>, question, </s>] with its own positions; the decoder
+    generates the answer from <\s><s> (decoder start, forced BOS) over cross-attention. Stage 1 aligns the cell
+    tokens with the (shared, tied) word embeddings of each cell's shape and colour."""
+
+    family_name = "florence2"
+    chat_template = ""  # none: the processor's fixed format
+    dims = tiny.TinyShape(
+        "shapes demo Florence-2",
+        vision=dict(depths=[1, 2], patch_size=[8, 3], patch_stride=[8, 3], patch_padding=[0, 0],
+                    patch_prenorm=[False, True], embed_dim=[64, 128], num_heads=[2, 4], num_groups=[2, 4],
+                    window_size=3, drop_path_rate=0.0, max_position_embeddings=3, max_temporal_embeddings=1),
+        text=dict(d_model=128, encoder_layers=3, decoder_layers=3, encoder_attention_heads=4,
+                  decoder_attention_heads=4, encoder_ffn_dim=384, decoder_ffn_dim=384, max_position_embeddings=128),
+        image_size=72, patch_size=24,
+    )
+
+    def __init__(self, image_size: int | None = None, patch_size: int | None = None):
+        super().__init__(image_size, patch_size)
+        self.ids = {"<pad>": self.tok.token_to_id("<pad>"), "<bos>": self.tok.token_to_id("<s>"),
+                    "<eos>": self.tok.token_to_id("</s>")}
+
+    @property
+    def cells(self) -> int:
+        return (self.dims.image_size // self.dims.patch_size) ** 2
+
+    def card_dims(self, cfg) -> tuple[str, str]:
+        v, t = cfg.vision_config, cfg.text_config
+        return (f"DaViT depths {list(v.depths)}, widths {list(v.embed_dim)}",
+                f"BART {t.encoder_layers}+{t.decoder_layers} layers x {t.d_model} ({t.decoder_attention_heads} heads)")
+
+    def batch(self, examples):
+        """The encoder's source as the processor gives it; labels <s> answer </s>, from which the model makes the
+        decoder's input (decoder start first), so that it learns the answer after <\s><s> as it generates."""
+        sources = [self._prompt(ex.prompt, ex.image)["input_ids"] for ex in examples]
+        answers = [[self.ids["<bos>"], *self.tok.encode(ex.answer, add_special_tokens=False).ids, self.ids["<eos>"]]
+                   for ex in examples]
+        ids = torch.full((len(sources), max(map(len, sources))), self.ids["<pad>"], dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        labels = torch.full((len(answers), max(map(len, answers))), -100, dtype=torch.long)
+        for i, (src, ans) in enumerate(zip(sources, answers)):
+            ids[i, : len(src)] = torch.tensor(src)
+            mask[i, : len(src)] = 1
+            labels[i, : len(ans)] = torch.tensor(ans)
+        pixels = torch.from_numpy(np.concatenate([preprocess(ex.image, self.pre) for ex in examples]))
+        return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, labels=labels)
+
+    def vision_parts(self, model):
+        parts = self.family.split(model)
+        return parts.vision_encoder, _CellTokens(parts.projector, self.cells)
+
+    def projector_output(self, model):
+        norm = model.model.multi_modal_projector.image_proj_norm  # the projector ends in a LayerNorm
+        return [norm.weight, norm.bias]
+
+    def save(self, model, out: Path) -> None:
+        self.family.save_checkpoint(model.eval(), self.tok, out)
+
+
 RECIPES = {"paligemma": PaliGemmaRecipe, "llava": LlavaRecipe, "gemma3": Gemma3Recipe, "smolvlm": SmolVLMRecipe,
-           "qwen2_vl": Qwen2VLRecipe, "internvl": InternVLRecipe, "mllama": MllamaRecipe}
+           "qwen2_vl": Qwen2VLRecipe, "internvl": InternVLRecipe, "mllama": MllamaRecipe, "florence2": Florence2Recipe}

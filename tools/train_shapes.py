@@ -175,9 +175,8 @@ def main(argv=None) -> int:
         params=sum(p.numel() for p in model.parameters()) / 1e6,
         family=args.family,
         arch=type(model).__name__,
-        vision=f"{cfg.vision_config.num_hidden_layers}x{cfg.vision_config.hidden_size}",
-        text=f"{cfg.text_config.num_hidden_layers}x{cfg.text_config.hidden_size} "
-             f"({cfg.text_config.num_attention_heads} heads, {cfg.text_config.num_key_value_heads} KV)",
+        vision=recipe.card_dims(cfg)[0],
+        text=recipe.card_dims(cfg)[1],
         n_image=recipe.n_image,
         image_size=recipe.dims.image_size,
         command="python tools/train_shapes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
