@@ -71,17 +71,23 @@ def import_coremltools():
 
 def build_jobs(parts, kv_storage: str, max_context: int, preprocess) -> list[GraphJob]:
     """The shared vision/projector/embedding jobs, and the decoder as a StatefulDecoder over a fixed cache."""
-    vision, projector, embed, *encoder, reference = graphs.build_jobs(parts, kv_storage="buffer")
-    if parts.patch_grid:  # one image a call, up to the package's max_pixels
+    jobs = {job.name: job for job in graphs.build_jobs(parts, kv_storage="buffer")}
+    reference, embed = jobs.pop("decoder"), jobs["embed_tokens"]
+    encoder = [jobs["encoder"]] if "encoder" in jobs else []
+    vision, projector = jobs.get("vision_encoder"), jobs.get("projector")
+    if vision is None:  # an audio family: no vision graphs
+        assert parts.encoder_input is not None
+    elif parts.patch_grid:  # one image a call, up to the package's max_pixels
         unit = preprocess.merge_size ** 2
         most = preprocess.max_pixels // preprocess.token_pixels() * unit
         vision.bounds = projector.bounds = {"patches": most, "tokens": most // unit}
     else:
         vision.bounds = projector.bounds = {"batch": preprocess.frames_per_image()}
-    embed.bounds = {"batch": 1, "seq": max(max_context, parts.encoder_length)}  # the encoder's source too
+    source = parts.encoder_length if parts.encoder_input is None else 0  # a prompt encoder's source is tokens too
+    embed.bounds = {"batch": 1, "seq": max(max_context, source)}
     for job in encoder:
-        job.bounds = {"batch": 1, "source_len": parts.encoder_length}
-    for job in (vision, projector, embed, *encoder):  # trace and check within the model's fixed or bounded batch
+        job.bounds = {"batch": 1, "source_len": parts.encoder_length} if source else {"batch": 1}
+    for job in jobs.values():  # trace and check within the model's fixed or bounded batch
         batch = job.bounds.get("batch")
         if batch:
             job.trace_inputs = tuple(t[:batch] for t in job.trace_inputs)
@@ -129,7 +135,7 @@ def build_jobs(parts, kv_storage: str, max_context: int, preprocess) -> list[Gra
             image = projector.module(*[t[:1] for t in projector.trace_inputs])[0].shape[2]
         decoder.bounds["cross_len"] = CROSS_IMAGES * image
     decoder.reference = reference.module
-    return [vision, projector, embed, *encoder, decoder]
+    return [*jobs.values(), decoder]
 
 
 def export_graph(job: GraphJob, path: Path) -> None:

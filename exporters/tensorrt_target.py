@@ -78,6 +78,8 @@ def source_range(manifest: Manifest) -> tuple[int, int, int]:
     """An encoder-decoder's source lengths: one token up to its encoder's positions, tuned for the image's tokens
     and a prompt."""
     most = manifest.schemes.encoder_length or manifest.prompt.image_seq_len + PROMPT_SLACK
+    if manifest.audio is not None:  # an audio encoder's positions are fixed: a whole window, always
+        return most, most, most
     return 1, min(most, manifest.prompt.image_seq_len + PROMPT_SLACK), most
 
 
@@ -89,7 +91,7 @@ def dim_ranges(manifest: Manifest) -> dict[str, list[dict[str, tuple[int, int, i
         length = spec.text_length
         seq = (length, length, length) if spec.text_padding == "max_length" else (1, min(TEXT_OPT, length), length)
         return {"vision_encoder": [{"batch": batch}], "text_encoder": [{"batch": batch, "seq": seq}]}
-    vision, image_tokens = vision_ranges(manifest)
+    vision, image_tokens = vision_ranges(manifest) if manifest.preprocess is not None else ({}, 0)
     context = manifest.kv_cache.max_context
     prompt = min(context, image_tokens + PROMPT_SLACK)
     cache = (context, context, context)  # the whole buffer, always
@@ -98,10 +100,10 @@ def dim_ranges(manifest: Manifest) -> dict[str, list[dict[str, tuple[int, int, i
     if manifest.schemes.encoder:  # the decoder's prompt is its few start tokens; the source goes to the encoder
         prompt = min(context, PROMPT_SLACK)
     encoder = {"encoder": [{"batch": one, "source_len": source_range(manifest)}]} if manifest.schemes.encoder else {}
+    images = {"vision_encoder": [vision], "projector": [vision]} if manifest.preprocess is not None else {}
     return {
         **encoder,
-        "vision_encoder": [vision],
-        "projector": [vision],
+        **images,
         "embed_tokens": [{"batch": one, "seq": (1, prompt, context)}],
         "decoder": [
             {"batch": one, "seq": (1, prompt, context), "cache_len": cache, **cross},  # prefill

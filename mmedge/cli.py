@@ -71,13 +71,20 @@ def _parser() -> argparse.ArgumentParser:
                          "(TensorRT 10.3, JetPack 6.2); auto picks by version")
     bd.add_argument("--force", action="store_true", help="rebuild even if this device's engines are current")
 
-    r = sub.add_parser("run", help="answer a prompt about an image with a package")
+    r = sub.add_parser("run", help="answer a prompt about an image with a package (or transcribe audio: Whisper)")
     r.add_argument("package", type=Path)
     r.add_argument("--image", action="append", default=[],
                    help="image file (PNG, JPEG, ...); repeat for several images, in the order the prompt takes them")
     r.add_argument("--video", help="video file (MP4, WebM, MKV, ...; read with PyAV), for families that take video "
                                    "(Qwen2-VL, Qwen2.5-VL, Qwen3-VL); frames are sampled at the package's rate")
     r.add_argument("--prompt", help='the question or task, e.g. "caption en"')
+    r.add_argument("--audio", help="speech to transcribe, for packages that take audio (Whisper): WAV (PCM or float, "
+                                   "any rate: resampled), or FLAC/MP3/... with PyAV; longer than the model's "
+                                   "window (30 s), transcribed window by window")
+    r.add_argument("--language", help='--audio: the language spoken, a code the model knows ("en", "de", ...); '
+                                      "default: detected")
+    r.add_argument("--task", choices=("transcribe", "translate"),
+                   help="--audio: transcribe (default), or translate into English")
     r.add_argument("--detect", metavar="OBJECTS", help='boxes around these objects ("cat ; dog"), asked in the '
                    "family's detection prompt (PaliGemma, Qwen-VL, Florence-2), or a detection task of the family's "
                    '("<OD>" on Florence-2); printed a box a line, in the image\'s pixels')
@@ -356,6 +363,10 @@ def _print_quantization(q: dict) -> None:
 def cmd_run(args) -> int:
     pipe = _load(args)
     options = dict(_generation_options(args), raw_prompt=args.raw_prompt or None)
+    if args.audio is not None:
+        return _transcribe(pipe, args, options)
+    if args.language is not None or args.task is not None:
+        raise InputError("--language and --task are for --audio (packages that take speech: Whisper)")
     if not args.image and not args.video:
         raise InputError("give an image (--image) or, for families that take video, --video")
     if (args.prompt is None) == (args.detect is None):
@@ -390,6 +401,22 @@ def cmd_run(args) -> int:
         sys.stdout.write("\n")
     else:
         print(pipe.generate(image, args.prompt, video=args.video, **options))
+    return 0
+
+
+def _transcribe(pipe, args, options: dict) -> int:
+    """`run --audio`: the text spoken, streamed or at once."""
+    for flag, given in (("--image", args.image), ("--video", args.video), ("--prompt", args.prompt),
+                        ("--detect", args.detect), ("--draw", args.draw), ("--raw-prompt", args.raw_prompt)):
+        if given:
+            raise InputError(f"--audio takes no {flag}: a speech package transcribes what it hears")
+    if args.stream:
+        for piece in pipe.stream_transcription(args.audio, language=args.language, task=args.task, **options):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        print(pipe.transcribe(args.audio, language=args.language, task=args.task, **options))
     return 0
 
 

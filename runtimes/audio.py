@@ -121,7 +121,8 @@ def _read_with_pyav(path: Path) -> tuple[np.ndarray, int]:
     except InputError:
         raise
     except Exception as exc:  # PyAV raises its own errors for anything it cannot read
-        raise InputError(f"{path} is not audio mmedge can read: {str(exc).splitlines()[0]}") from None
+        why = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise InputError(f"{path} is not audio mmedge can read ({why})") from None
     if not chunks:
         raise InputError(f"the audio in {path} is empty (0 samples)")
     samples = np.concatenate([c.T if c.shape[0] <= 8 and c.ndim == 2 else c.reshape(-1, 1) for c in chunks])

@@ -551,7 +551,8 @@ class Pipeline(RowBatching):
 
         spec = self.manifest.audio
         if spec is None:
-            raise InputError(f"this {self.manifest.model_type} package takes images, not audio: use generate()")
+            raise InputError(f"this {self.manifest.model_type} package takes images, not audio: use generate() "
+                             "(CLI: --image and --prompt)")
         p = self.manifest.prompt
         if language is not None and language not in p.languages:
             known = ", ".join(p.languages) or "none: an English-only model"

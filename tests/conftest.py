@@ -64,9 +64,14 @@ BACKEND = {"tensorrt": "onnxruntime"}
 # tests/test_embedding.py)
 _KIND = {name: getattr(module, "KIND", "generative") for name, module in
          ((m.__name__.rsplit(".", 1)[-1], m) for m in families().values())}
+_TAKES = {name: getattr(module, "TAKES", "images") for name, module in
+          ((m.__name__.rsplit(".", 1)[-1], m) for m in families().values())}
 ALL_SHAPES = tiny.shapes()
-SHAPES = {name: shape for name, shape in ALL_SHAPES.items() if _KIND[shape.family] == "generative"}
+SHAPES = {name: shape for name, shape in ALL_SHAPES.items()
+          if _KIND[shape.family] == "generative" and _TAKES[shape.family] == "images"}
 EMBEDDING_SHAPES = [name for name, shape in ALL_SHAPES.items() if _KIND[shape.family] == "embedding"]
+# the families that take audio (Whisper): tests/test_audio.py
+AUDIO_SHAPES = [name for name, shape in ALL_SHAPES.items() if _TAKES[shape.family] == "audio"]
 # targets whose packages run on this machine
 RUN_HERE = [t for t in TARGETS if t != "coreml" or sys.platform == "darwin"]
 PARITY_TARGETS = [t for t in RUN_HERE if t != "onnxruntime-buffer"]

@@ -195,3 +195,10 @@ def _hf_tokenizer(tok):
 
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                                    pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+
+
+def reference_processor(checkpoint: Path):
+    """transformers' side of the features, for tests and evaluation: the checkpoint's WhisperFeatureExtractor."""
+    from transformers import WhisperFeatureExtractor
+
+    return WhisperFeatureExtractor.from_pretrained(checkpoint)
