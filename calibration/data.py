@@ -7,6 +7,10 @@
     --calib calib.jsonl      one {"image": path, "prompt": text} per line (paths
                              relative to the file)
 
+A package that takes audio (Whisper) calibrates on speech instead: `builtin` is
+the spoken commands shipped in calibration/speech/ (synthesised offline with
+espeak-ng), a folder its sound files (WAV; FLAC, MP3, ... with PyAV).
+
 A set is split into samples that calibrate and held-out samples that measure
 the quantized package against the fp32 one. Unreadable images are skipped
 with one warning that counts them; too few readable samples is an error.
@@ -49,9 +53,10 @@ TASK_SEED = 777  # the demo task's calibration stream: not a training seed, not 
 
 @dataclass
 class Sample:
-    image: Image.Image
+    image: Image.Image | None
     prompt: str
     answer: str | None = None  # known for task-generated samples
+    audio: object = None  # an audio package's sample: float32 samples at the model's rate (then no image)
 
 
 @dataclass
@@ -79,11 +84,14 @@ def default_samples(weights) -> int:
 
 
 def load_calibration(source: str, samples: int, checkpoint: Path | None = None,
-                     held_out: int | None = None) -> CalibrationSet:
-    """`samples` calibration samples from `source`, plus held-out ones (default: a quarter as many, at least 4)."""
+                     held_out: int | None = None, audio_rate: int | None = None) -> CalibrationSet:
+    """`samples` calibration samples from `source`, plus held-out ones (default: a quarter as many, at least 4);
+    `audio_rate`: the model takes audio at this rate, and the samples are speech."""
     if samples < MIN_SAMPLES:
         raise ExportError(f"--calib-samples must be at least {MIN_SAMPLES}, got {samples}")
     n_held = held_out if held_out is not None else max(4, samples // 4)
+    if audio_rate is not None:
+        return _speech_set(source, samples, n_held, audio_rate)
     if source == "builtin":
         task = _checkpoint_task(checkpoint)
         if task == "shapes":
@@ -99,6 +107,34 @@ def load_calibration(source: str, samples: int, checkpoint: Path | None = None,
         pairs, skipped = _jsonl(path, samples + n_held)
         return _split(str(path), pairs, skipped, samples, n_held)
     raise ExportError(f"calibration source {path} is neither a folder of images nor a .jsonl file")
+
+
+SPEECH = Path(__file__).parent / "speech"
+AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".m4a", ".opus", ".webm"}
+
+
+def _speech_set(source: str, samples: int, n_held: int, rate: int) -> CalibrationSet:
+    """Speech clips (cycled where there are fewer than asked for) for an audio package."""
+    from mmedge.errors import InputError
+    from mmedge.runtimes.audio import load_audio
+
+    folder = SPEECH if source == "builtin" else Path(source).expanduser()
+    if not folder.is_dir():
+        raise ExportError(f"calibration source {folder} is not a folder of sound files; an audio model calibrates "
+                          "on speech: pass --calib <folder of WAV/FLAC/MP3 files> or 'builtin'")
+    clips, skipped = [], 0
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES):
+        try:
+            clips.append(load_audio(path, rate))
+        except InputError:
+            skipped += 1
+    if skipped:
+        log.warning("skipped %d sound file(s) in %s that could not be read", skipped, folder)
+    if not clips:
+        raise ExportError(f"no readable sound files in {folder} (WAV; FLAC, MP3, ... with PyAV)")
+    pairs = [Sample(None, "", audio=clips[i % len(clips)]) for i in range(samples + n_held)]
+    name = "builtin (espeak-ng speech, calibration/speech)" if source == "builtin" else str(folder)
+    return CalibrationSet(name, pairs[:samples], pairs[samples:], skipped)
 
 
 def _checkpoint_task(checkpoint: Path | None) -> str | None:

@@ -48,6 +48,19 @@ class QuantOptions:
     decode_steps: int = 16  # max new tokens per calibration / held-out sample
 
 
+def answer(pipe, sample, max_new_tokens: int) -> list[int]:
+    """The greedy tokens of a calibration sample: an (image, prompt) pair's, or a speech clip's (its first window)."""
+    if sample.audio is not None:
+        return pipe.transcribe_ids(sample.audio, max_new_tokens=max_new_tokens)[0]
+    return list(pipe.generate_ids(sample.image, sample.prompt, max_new_tokens=max_new_tokens))
+
+
+def forced_logits(pipe, sample, tokens: list[int]):
+    if sample.audio is not None:
+        return pipe.teacher_forced_logits(None, "", tokens, audio=sample.audio)
+    return pipe.teacher_forced_logits(sample.image, sample.prompt, tokens)
+
+
 # graphs whose inputs calibration records (their static INT8 data): the vision side, an encoder-decoder's encoder
 RECORDED = ("vision_encoder", "projector", "encoder")
 
@@ -161,8 +174,7 @@ def _quantize(target, stage, work, manifest, fp32, plan, calib, options, progres
     # a decode step reads every weight for one row of activations: a big decoder is calibrated on its prefills
     steps = 1 if _big_decoder(stage, manifest) else options.decode_steps
     for sample in tqdm(samples, desc="calibrate", unit="sample", disable=not progress):
-        for _ in pipe.generate_ids(sample.image, sample.prompt, max_new_tokens=steps):
-            pass
+        answer(pipe, sample, steps)
     del pipe
     if capture:
         decoder_data.graph = None  # what it recorded is kept; the session is let go
@@ -240,10 +252,10 @@ def measure(stage: Path, manifest: Manifest, fp32_files: dict, quant_files: dict
     for sample in tqdm(calib.held_out, desc="measure fp32", unit="sample", disable=not progress):
         for r in rec.values():
             r.keep = True  # record each held-out input once, in the generation pass
-        tokens = list(ref.generate_ids(sample.image, sample.prompt, max_new_tokens=options.decode_steps))
+        tokens = answer(ref, sample, options.decode_steps)
         for r in rec.values():
             r.keep = False
-        expected.append((tokens, ref.teacher_forced_logits(sample.image, sample.prompt, tokens)))
+        expected.append((tokens, forced_logits(ref, sample, tokens)))
     graph_feeds = {part: [(feeds, {k: np.array(v, copy=True) for k, v in r.graph.run(feeds).items()})
                           for feeds in r.feeds] for part, r in rec.items()}  # copies: an engine reuses its buffers
     del ref, rec
@@ -254,9 +266,8 @@ def measure(stage: Path, manifest: Manifest, fp32_files: dict, quant_files: dict
     logits_err = None
     for sample, (tokens, a) in zip(tqdm(calib.held_out, desc="measure", unit="sample", disable=not progress),
                                    expected):
-        answer = list(quant.generate_ids(sample.image, sample.prompt, max_new_tokens=options.decode_steps))
-        agree += tokens == answer
-        b = quant.teacher_forced_logits(sample.image, sample.prompt, tokens)
+        agree += tokens == answer(quant, sample, options.decode_steps)
+        b = forced_logits(quant, sample, tokens)
         top1 += int((a.argmax(-1) == b.argmax(-1)).sum())
         positions += len(a)
         la, lb = _log_softmax(a), _log_softmax(b)

@@ -394,6 +394,7 @@ def activation_stats(stage: Path, manifest: Manifest, jobs: list[GraphJob], cali
     through the runtime's Pipeline with the torch modules that were converted (decoder cache in float32)."""
     from tqdm.auto import tqdm
 
+    from mmedge.calibration.package import answer
     from mmedge.runtimes.pipeline import Pipeline
     from mmedge.runtimes.text import TextCodec
 
@@ -427,8 +428,7 @@ def activation_stats(stage: Path, manifest: Manifest, jobs: list[GraphJob], cali
         pipe = Pipeline(stage, manifest, graphs, TextCodec.from_package(stage, manifest))
         pipe.reuse_prefix = False  # the statistics count every token of every sample
         for sample in tqdm(calib.calibrate, desc="calibrate", unit="sample", disable=not progress):
-            for _ in pipe.generate_ids(sample.image, sample.prompt, max_new_tokens=16):
-                pass
+            answer(pipe, sample, 16)
     finally:
         for hook in hooks:
             hook.remove()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import importlib
 import importlib.util
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -127,7 +128,8 @@ def _locked_export(opts: ExportOptions) -> Manifest:
 
         samples = opts.calib_samples if opts.calib_samples is not None else default_samples(
             resources.checkpoint_weights(path))
-        calib = load_calibration(opts.calib, samples, checkpoint=path)  # bad data fails before export
+        rate = getattr(family, "TAKES", "images") == "audio" and _audio_rate(path)
+        calib = load_calibration(opts.calib, samples, checkpoint=path, audio_rate=rate or None)  # fails before export
     manifest = _export(opts, path, family, plan, calib)
     if opts.build_engines:
         from mmedge.runtimes.backends.tensorrt_build import build_package
@@ -354,6 +356,12 @@ def generate_once(package: Path, manifest: Manifest) -> dict:
                           "nothing was written") from exc
     return {"passed": True, "backend": backend, "prompt_tokens": pipe.timings.prompt_tokens,
             "new_tokens": len(tokens)}
+
+
+def _audio_rate(checkpoint: Path) -> int:
+    """The sampling rate an audio checkpoint's feature extractor takes."""
+    path = Path(checkpoint) / "preprocessor_config.json"
+    return json.loads(path.read_text()).get("sampling_rate", 16000) if path.exists() else 16000
 
 
 def _target_module(name: str):

@@ -370,18 +370,26 @@ class Pipeline(RowBatching):
         """Yield generated token ids (EOS is not yielded)."""
         return self._tokens(image, prompt, self.options(**options), video)
 
-    def teacher_forced_logits(self, image: ImageInput, prompt: str, tokens: Sequence[int]) -> np.ndarray:
+    def teacher_forced_logits(self, image: ImageInput, prompt: str, tokens: Sequence[int],
+                              audio: AudioInput | None = None) -> np.ndarray:
         """Next-token logits after the prompt and after each of `tokens` fed in turn: [len(tokens) + 1, vocab].
+        An audio package takes `audio` instead (its first window, the language detected) and no image or prompt.
 
         Runs the same cached prefill and decode steps as generation, so two
         packages of one model (fp32 and quantized) can be compared position by
         position on the same token sequence.
         """
         with self._exclusive():
-            return self._teacher_forced_logits(image, prompt, tokens)
+            return self._teacher_forced_logits(image, prompt, tokens, audio)
 
-    def _teacher_forced_logits(self, image: ImageInput, prompt: str, tokens: Sequence[int]) -> np.ndarray:
-        seq = self._prepare(image, prompt, self.options())
+    def _teacher_forced_logits(self, image: ImageInput, prompt: str, tokens: Sequence[int], audio=None) -> np.ndarray:
+        if audio is not None:
+            from mmedge.runtimes.audio import log_mel
+
+            window = self._audio_windows(audio, None, None, None)[0]
+            seq = self._prepare_audio(log_mel(window, self.manifest.audio), None, None)
+        else:
+            seq = self._prepare(image, prompt, self.options())
         if len(seq.ids) + len(tokens) > self.cache.capacity:
             raise InputError(f"{len(seq.ids)} prompt and {len(tokens)} forced tokens exceed this package's context "
                              f"of {self.cache.capacity}")

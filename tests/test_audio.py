@@ -202,3 +202,19 @@ def test_audio_on_an_image_family(packages, tmp_path):
     speech = write_wav(tmp_path / "speech.wav", speech_like(1, 1), RATE)
     result = run_cli("run", str(packages(FIRST_SHAPES[0], "onnxruntime")), "--audio", str(speech))
     assert_one_line_error(result, "takes images, not audio")
+
+
+@pytest.mark.parametrize("shape,target,quant", [
+    pytest.param(s, t, q, marks=() if (t, q) == ("onnxruntime", "int4") else slow)
+    for s in AUDIO_SHAPES for t in ("onnxruntime", "openvino", "tensorrt") for q in ("int8", "int4")])
+def test_quantized_packages_calibrate_on_speech(shape, target, quant, packages):
+    """INT8 / INT4 packages calibrated through the real pipeline on the shipped speech (espeak-ng clips): the
+    encoder's static INT8 takes its recorded features, the report measures them against fp32, and the package
+    transcribes."""
+    pipe = Pipeline.load(packages(shape, target, quant), backend=BACKEND.get(target))
+    report = pipe.manifest.quantization
+    assert report["calibration"]["source"].startswith("builtin (espeak-ng speech")
+    assert report["plan"]["encoder"] == "int8" and report["plan"]["decoder"] == quant
+    assert set(report["plan"]) == {"embed_tokens", "decoder", "encoder"}
+    assert "held_out_max_abs_err" in report["graphs"]["encoder"]
+    assert len(pipe.transcribe_ids(CLIPS["2 s"], language="en", max_new_tokens=4, ignore_eos=True)[0]) == 4
