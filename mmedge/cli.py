@@ -500,8 +500,17 @@ def cmd_serve(args) -> int:
 
 
 def _prompt_line(m) -> str:
-    """How many image tokens a generative package's images take."""
-    pre = m.preprocess
+    """How many image tokens a generative package's images take (what an audio package hears); an encoder-
+    decoder's prompt goes through its encoder."""
+    pre, encoder = m.preprocess, {"prompt": "; through the encoder (encoder-decoder)"}.get(m.schemes.encoder, "")
+    if m.audio is not None:
+        a = m.audio
+        return (f"audio at {a.sampling_rate} Hz, {a.chunk_length}-s windows of {a.feature_size} mel bins; "
+                f"{len(m.prompt.languages)} languages, tasks {', '.join(m.prompt.speech_tasks) or 'none'}")
+    return _image_line(m, pre) + encoder
+
+
+def _image_line(m, pre) -> str:
     if pre.resize_mode == "smart_resize":  # dynamic resolution: the budget, not a count
         most = pre.max_pixels // pre.token_pixels()
         video = f"; video at {pre.video_fps:g} frames/s" if m.prompt.video_marker else ""
