@@ -5,7 +5,7 @@ from __future__ import annotations
 from mmedge.errors import ExportError
 
 PARTS = ("vision_encoder", "projector", "embed_tokens", "decoder")
-# an encoder-decoder's (Florence-2) graph beside those: in every plan, used where the package has it
+# an encoder-decoder's (Florence-2, Whisper) graph beside those: in the plans of families that have one
 ENCODER = "encoder"
 PLAN_PARTS = (*PARTS, ENCODER)
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
@@ -22,7 +22,7 @@ PRESETS = {
 # an embedding package's graphs (CLIP, SigLIP): no decoder, so no INT4 (weight-only INT4 pays off where weights
 # are the bytes read per token)
 EMBEDDING_PARTS = ("vision_encoder", "text_encoder")
-KIND_PARTS = {"generative": PLAN_PARTS, "embedding": EMBEDDING_PARTS}
+KIND_PARTS = {"generative": PARTS, "embedding": EMBEDDING_PARTS}
 KIND_PRESETS = {"generative": PRESETS,
                 "embedding": {p: dict.fromkeys(EMBEDDING_PARTS, p) for p in ("fp32", "fp16", "int8")}}
 ALLOWED = {part: ("fp32", "fp16", "int8") for part in (*PLAN_PARTS, *EMBEDDING_PARTS)} | {"decoder": PRECISIONS}
@@ -37,16 +37,18 @@ INT4_BLOCK_SIZES = (32, 64, 128)  # the first is the default
 INT4_BLOCK_SIZES_FOR = {"tensorrt": (64, 128)}  # TensorRT's block-quantized INT4 weights
 
 
-def parse_quant(text: str, target: str | None = None, kind: str | None = "generative") -> dict[str, str]:
+def parse_quant(text: str, target: str | None = None, kind: str | None = "generative",
+                encoder: bool = False) -> dict[str, str]:
     """Per-graph precisions from --quant: a preset, `part=precision` pairs, or a preset followed by pairs;
     within what `target` can hold (TARGET_LIMITS), for a package of `kind` ("generative", "embedding"; None:
-    either, a check of the text before the model's kind is known)."""
+    either, a check of the text before the model's kind is known); `encoder`: the family has an `encoder` graph
+    (an encoder-decoder's), which the plan then covers too."""
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
         raise ExportError(f"--quant is empty; choose one of {', '.join(PRECISIONS)} or part=precision pairs")
     presets = KIND_PRESETS[kind or "generative"]
-    parts = KIND_PARTS[kind] if kind else (*PLAN_PARTS, *EMBEDDING_PARTS)
-    plan = dict(presets["fp32"]) if kind else dict.fromkeys(parts, "fp32")
+    parts = (PLAN_PARTS if encoder else KIND_PARTS[kind]) if kind else (*PLAN_PARTS, *EMBEDDING_PARTS)
+    plan = {p: presets["fp32"][p] for p in parts} if kind else dict.fromkeys(parts, "fp32")
     if "=" not in items[0]:
         preset = items.pop(0)
         if preset not in presets:
@@ -54,7 +56,7 @@ def parse_quant(text: str, target: str | None = None, kind: str | None = "genera
                 raise ExportError(f"--quant {preset} is for generative models (their decoder); an embedding model "
                                   f"takes {', '.join(presets)}")
             raise ExportError(f"unknown precision {preset!r} in --quant; choose one of {', '.join(PRECISIONS)}")
-        plan = dict(presets[preset]) if kind else dict.fromkeys(parts, preset)
+        plan = {p: presets[preset][p] for p in parts} if kind else dict.fromkeys(parts, preset)
     limits = TARGET_LIMITS.get(target, {})
     for part, allowed in limits.items():
         if part in plan and plan[part] not in allowed:

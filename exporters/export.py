@@ -117,7 +117,8 @@ def _locked_export(opts: ExportOptions) -> Manifest:
     path = ckpt.resolve(opts.model)
     family = ckpt.family_for(ckpt.read_config(path)["model_type"])
     calib = None
-    plan = parse_quant(opts.quant, opts.target, kind=getattr(family, "KIND", "generative"))
+    plan = parse_quant(opts.quant, opts.target, kind=getattr(family, "KIND", "generative"),
+                       encoder=getattr(family, "ENCODER", False))
     resources.check(path, Path(opts.output).resolve(), quantized=set(plan.values()) != {"fp32"},
                     whole=not getattr(_target_module(opts.target), "LAZY_WEIGHTS", False))
     needs = getattr(_target_module(opts.target), "needs_calibration", lambda plan, opts: set(plan.values()) != {"fp32"})

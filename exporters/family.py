@@ -9,6 +9,8 @@ A family is one module in mmedge/exporters/families/ with:
     def load(checkpoint: Path) -> torch model   # optional: `load_pretrained` when absent
     KIND = "embedding"                     # optional: a dual encoder (CLIP, SigLIP), whose split() gives
                                            # EncoderParts and describe() an EmbeddingDescription
+    ENCODER = True                         # optional: an encoder-decoder (Parts.encoder: an `encoder` graph)
+    TAKES = "audio"                        # optional: the packages read audio, not images (Whisper)
 
 The exporter turns `Parts` into graphs and `Description` into manifest
 fields; the runtime never sees the family code. Families are discovered by

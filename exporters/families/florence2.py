@@ -34,6 +34,7 @@ from mmedge.exporters.family import (Description, EncoderKV, Parts, decoder_star
 from mmedge.manifest import PreprocessSpec, PromptSpec, SchemeSpec
 
 MODEL_TYPES = ("florence2",)
+ENCODER = True
 ALIASES = {"florence-2": "florence-community/Florence-2-base", "florence-2-large": "florence-community/Florence-2-large"}
 IMAGE = "<image>"
 PUBLISHED_SIZE = 768

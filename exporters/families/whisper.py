@@ -33,6 +33,7 @@ MODEL_TYPES = ("whisper",)
 ALIASES = {"whisper-tiny": "openai/whisper-tiny", "whisper-base": "openai/whisper-base",
            "whisper-small": "openai/whisper-small"}
 TAKES = "audio"  # what the family's packages read instead of images
+ENCODER = True
 
 
 class WhisperDecoderStack(torch.nn.Module):
