@@ -40,8 +40,9 @@ class QFormerProjector(torch.nn.Module):
 
     def forward(self, image_features):
         queries = self.query_tokens.expand(image_features.shape[0], -1, -1)
-        mask = torch.ones(image_features.shape[:-1], dtype=torch.long, device=image_features.device)
-        out = self.qformer(query_embeds=queries, encoder_hidden_states=image_features, encoder_attention_mask=mask,
+        # no masks: every query sees every state, as with transformers' all-ones masks (whose construction
+        # coremltools cannot convert)
+        out = self.qformer(query_embeds=queries, encoder_hidden_states=image_features,
                            return_dict=True).last_hidden_state
         return self.language_projection(out)
 
