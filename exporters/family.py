@@ -267,9 +267,12 @@ class Description:
 
 def description(model, tokenizer, **fields) -> Description:
     """A Description whose special tokens, generation defaults and context length come from the model as every
-    family takes them; `fields` are the family's own (preprocess, prompt, schemes, chat_template)."""
+    family takes them; `fields` are the family's own (preprocess, prompt, schemes, chat_template; a
+    max_position_embeddings for a decoder whose config has none: relative positions)."""
+    if "max_position_embeddings" not in fields:
+        fields["max_position_embeddings"] = model.config.text_config.max_position_embeddings
     return Description(special_tokens=special_tokens(model, tokenizer), generation=generation_defaults(model),
-                       max_position_embeddings=model.config.text_config.max_position_embeddings, **fields)
+                       **fields)
 
 
 @cache
