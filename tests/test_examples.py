@@ -105,3 +105,23 @@ def test_zero_shot_names_each_scene_as_the_embedder_does(demo_packages, tmp_path
         best = emb.classify(path, list(shapes.SHAPES), template="a {}")[0][0]
         assert f"{path}: {best} (" in out and best == ex.answer, out
     assert f"{len(scenes)} images" in out
+
+
+def test_voice_command_transcribes_each_recording(packages, tmp_path):
+    """examples/voice_command.py on the tiny Whisper with the shipped speech clips: each line is the recording's
+    transcription (as Pipeline.transcribe gives it) and the action its words pick."""
+    from conftest import AUDIO_SHAPES
+    from mmedge.calibration.data import SPEECH
+
+    package = packages(AUDIO_SHAPES[0])
+    voice = example("voice_command.py")
+    code, out = run(voice, str(package), str(SPEECH), "--language", "en", "--max-new-tokens", "6")
+    assert code == 0, out
+    pipe = Pipeline.load(package)
+    clips = sorted(SPEECH.glob("*.wav"))
+    assert len(out.strip().splitlines()) == len(clips) == 16
+    for path in clips[:3]:
+        text = pipe.transcribe(path, language="en", max_new_tokens=6)
+        assert f"{path.name}: {text.strip()!r} -> {voice.action(text) or 'no command'} (" in out
+    assert voice.action("Please stop now, then go forward.") == "stop"
+    assert run(voice, str(package), str(tmp_path / "missing.wav"))[0] == 2
