@@ -649,6 +649,10 @@ class Florence2Recipe(ChatRecipe):
 
     family_name = "florence2"
     chat_template = ""  # none: the processor's fixed format
+    # The first run (1500 + 7000 steps, cells aligned with shape and colour words only) scored 90.9% held-out:
+    # where 75.4%, left_of 89.2%, caption 92.2%, count 92.8%, colour 98.2%, exists 97.6% (loss still falling). As
+    # for Llama 3.2 Vision, stage 1 here also aligns each cell with its row and column words, and stage 2 runs longer.
+    align_positions = True
     dims = tiny.TinyShape(
         "shapes demo Florence-2",
         vision=dict(depths=[1, 2], patch_size=[8, 3], patch_stride=[8, 3], patch_padding=[0, 0],
