@@ -651,7 +651,8 @@ class Florence2Recipe(ChatRecipe):
     chat_template = ""  # none: the processor's fixed format
     # The first run (1500 + 7000 steps, cells aligned with shape and colour words only) scored 90.9% held-out:
     # where 75.4%, left_of 89.2%, caption 92.2%, count 92.8%, colour 98.2%, exists 97.6% (loss still falling). As
-    # for Llama 3.2 Vision, stage 1 here also aligns each cell with its row and column words, and stage 2 runs longer.
+    # for Llama 3.2 Vision, stage 1 here also aligns each cell with its row and column words, and stage 2 runs longer
+    # (14000 steps): 98.9% held-out (where 100%, left_of 99.4%, caption 96.4%), the shipped shapes-florence2.
     align_positions = True
     dims = tiny.TinyShape(
         "shapes demo Florence-2",
