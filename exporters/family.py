@@ -107,6 +107,13 @@ class EncoderKV(torch.nn.Module):
         return tuple(out)
 
 
+def mask_and_kv(mask, rows, kv) -> dict:
+    """Parts.cross_arg of a text model that takes the cross mask and the keys and values as `cross_mask` /
+    `cross_kv` and derives whether a token sees anything from the mask (no `rows`): IDEFICS, and the encoder-
+    decoder stacks, whose every token sees the whole source."""
+    return {"cross_mask": mask, "cross_kv": kv}
+
+
 class _GivenLayer:
     def __init__(self, keys, values):
         self.keys, self.values, self.is_initialized = keys, values, True

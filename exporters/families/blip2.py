@@ -29,7 +29,7 @@ from types import SimpleNamespace
 import torch
 
 from mmedge.errors import ExportError
-from mmedge.exporters import tiny
+from mmedge.exporters import family, tiny
 from mmedge.exporters.checkpoint import CLIP_MEAN, CLIP_STD, image_processor_config, pixel_fields, processor_config
 from mmedge.exporters.family import (Description, EncoderKV, LastHiddenState, Parts, decoder_start_ids, description,
                                      encoder_decoder_cache)
@@ -121,10 +121,6 @@ class _ScaledHead(torch.nn.Module):
         return self.lm_head(hidden * self.scale)
 
 
-def _cross_arg(mask, rows, kv):
-    return {"cross_mask": mask, "cross_kv": kv}
-
-
 def _t5_split(model, parts: dict) -> Parts:
     t5 = model.language_model
     text = model.config.text_config
@@ -140,7 +136,7 @@ def _t5_split(model, parts: dict) -> Parts:
         hidden_size=text.d_model,
         vocab_size=text.vocab_size,
         cross_attention=text.num_decoder_layers,
-        cross_arg=_cross_arg,
+        cross_arg=family.mask_and_kv,
         encoder=EncoderKV(t5.encoder, [_T5Cross(block.layer[1].EncDecAttention) for block in t5.decoder.block]),
         encoder_length=T5_SOURCE,
     )

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 import torch
 
-from mmedge.exporters import tiny
+from mmedge.exporters import family, tiny
 from mmedge.exporters.checkpoint import image_processor_config, pixel_fields
 from mmedge.exporters.family import (Description, EncoderKV, Parts, decoder_start_ids, description,
                                      encoder_decoder_cache)
@@ -88,11 +88,6 @@ class BartDecoderStack(torch.nn.Module):
         return SimpleNamespace(last_hidden_state=hidden)
 
 
-def _cross_arg(mask, rows, kv):
-    """Every decoder token sees the whole source: `rows` is not taken."""
-    return {"cross_mask": mask, "cross_kv": kv}
-
-
 def split(model) -> Parts:
     cfg, text = model.config, model.config.text_config
     language = model.model.language_model
@@ -110,7 +105,7 @@ def split(model) -> Parts:
         hidden_size=text.d_model,
         vocab_size=text.vocab_size,
         cross_attention=text.decoder_layers,
-        cross_arg=_cross_arg,
+        cross_arg=family.mask_and_kv,
         encoder=EncoderKV(language.encoder, [layer.encoder_attn for layer in language.decoder.layers]),
         encoder_length=text.max_position_embeddings,
     )

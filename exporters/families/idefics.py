@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from mmedge.exporters import tiny
+from mmedge.exporters import family, tiny
 from mmedge.exporters.checkpoint import image_processor_config, pixel_fields
 from mmedge.exporters.family import Description, LastHiddenState, Parts, generation_defaults, special_tokens
 from mmedge.manifest import PreprocessSpec, PromptSpec, SchemeSpec
@@ -158,11 +158,6 @@ class TextModel(torch.nn.Module):
                               **states)
 
 
-def _cross_arg(mask, rows, kv):
-    """The model derives its gate (does the token see any image) from the mask itself: `rows` is not taken."""
-    return {"cross_mask": mask, "cross_kv": kv}
-
-
 def split(model) -> Parts:
     cfg = model.config
     inner = model.model
@@ -181,7 +176,7 @@ def split(model) -> Parts:
         hidden_size=cfg.hidden_size,
         vocab_size=cfg.vocab_size + cfg.additional_vocab_size,
         cross_attention=len(attentions),
-        cross_arg=_cross_arg,
+        cross_arg=family.mask_and_kv,
     )
 
 

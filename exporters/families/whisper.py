@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 import torch
 
-from mmedge.exporters import tiny
+from mmedge.exporters import family, tiny
 from mmedge.exporters.family import Description, EncoderKV, Parts, encoder_decoder_cache, generation_defaults, \
     special_tokens
 from mmedge.manifest import AudioSpec, PromptSpec, SchemeSpec
@@ -54,10 +54,6 @@ class WhisperDecoderStack(torch.nn.Module):
         return SimpleNamespace(last_hidden_state=d.layer_norm(hidden))
 
 
-def _cross_arg(mask, rows, kv):
-    return {"cross_mask": mask, "cross_kv": kv}
-
-
 def split(model) -> Parts:
     cfg = model.config
     decoder = model.model.decoder
@@ -74,7 +70,7 @@ def split(model) -> Parts:
         hidden_size=cfg.d_model,
         vocab_size=cfg.vocab_size,
         cross_attention=cfg.decoder_layers,
-        cross_arg=_cross_arg,
+        cross_arg=family.mask_and_kv,
         encoder=EncoderKV(model.model.encoder, [layer.encoder_attn for layer in decoder.layers],
                           input_name="input_features"),
         encoder_length=cfg.max_source_positions,
