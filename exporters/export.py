@@ -115,10 +115,11 @@ def _locked_export(opts: ExportOptions) -> Manifest:
     from mmedge.exporters import resources
 
     path = ckpt.resolve(opts.model)
-    family = ckpt.family_for(ckpt.read_config(path)["model_type"])
+    config = ckpt.read_config(path)
+    family = ckpt.family_for(config["model_type"])
     calib = None
-    plan = parse_quant(opts.quant, opts.target, kind=getattr(family, "KIND", "generative"),
-                       encoder=getattr(family, "ENCODER", False))
+    encoder = family.has_encoder(config) if hasattr(family, "has_encoder") else getattr(family, "ENCODER", False)
+    plan = parse_quant(opts.quant, opts.target, kind=getattr(family, "KIND", "generative"), encoder=encoder)
     resources.check(path, Path(opts.output).resolve(), quantized=set(plan.values()) != {"fp32"},
                     whole=not getattr(_target_module(opts.target), "LAZY_WEIGHTS", False))
     needs = getattr(_target_module(opts.target), "needs_calibration", lambda plan, opts: set(plan.values()) != {"fp32"})

@@ -115,6 +115,19 @@ BUILTIN = {
         image_size=448, patch_size=14, seed=3, vocab_size=151936, sharp_init=False, family="qwen2_vl",
         extra=dict(model_type="qwen2_5_vl", min_pixels=56 * 56, max_pixels=1280 * 28 * 28), dtype="bfloat16",
     ),
+    # for benchmarks (tools/bench_peers.py --model qwen2-vl-2b-shaped): Qwen/Qwen2-VL-2B-Instruct's architecture,
+    # 2.2B parameters (ViT 1280x32, 2x2 merger to 1536; Qwen2-1.5B decoder, 28 layers, 12 heads, 2 KV heads, vocab
+    # 151936, tied LM head), random weights, saved in bfloat16 as the published checkpoint is (4.4 GB on disk, built
+    # on first use); images up to 448 x 448 (256 tokens) to keep the export's checks at several sizes short
+    "qwen2-vl-2b-shaped": TinyShape(
+        "random Qwen2-VL-2B-Instruct architecture, 2.2B parameters, bfloat16 (for benchmarks)",
+        vision=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4),
+        text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                  num_key_value_heads=2, mrope_section=[16, 24, 24], rope_theta=1000000.0,
+                  max_position_embeddings=32768, tie_word_embeddings=True, rms_norm_eps=1e-6),
+        image_size=448, patch_size=14, seed=3, vocab_size=151936, sharp_init=False, family="qwen2_vl",
+        extra=dict(model_type="qwen2_vl", min_pixels=56 * 56, max_pixels=448 * 448), dtype="bfloat16",
+    ),
     # for measuring how a cross-attention decoder takes its image keys and values (tools/bench_cross.py): Llama 3.2
     # Vision's text geometry at a smaller width (8 layers, cross-attention in 3 and 7, 8 heads of 128, as 11B has
     # 8 KV heads of 128) and its image size (4 tiles of 448 px / 14: 4100 image positions) behind a small tower

@@ -133,3 +133,16 @@ def test_coreml_int4_package(shape, packages):
                               "encoder": "int8", "decoder": "int4"}
     assert report["int4_clip"]["layers"] > 0
     assert len(list(pipe.generate_ids(picture(), "<OD>", max_new_tokens=4, ignore_eos=True))) == 4
+
+
+def test_encoder_plan_only_where_the_checkpoint_has_one(checkpoints, tmp_path):
+    """BLIP-2 is an encoder-decoder with Flan-T5 but not with OPT: --quant names an `encoder` graph only for the
+    former, and the latter refuses it in one line before anything is exported."""
+    args = ["--target", "onnxruntime", "--quant", "int8,encoder=fp32"]
+    assert_one_line_error(run_cli("export", "--model", str(checkpoints["blip2-opt"]), *args, "-o",
+                                  str(tmp_path / "opt")), "unknown graph 'encoder'")
+    assert not (tmp_path / "opt").exists()
+    from mmedge.exporters import checkpoint as ckpt
+    from mmedge.exporters.families import blip2
+
+    assert blip2.has_encoder(ckpt.read_config(checkpoints["blip2-flan-t5"]))

@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_peers import write_section  # tools/, this script's folder, is on the path
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "clip-vit-b16-shaped"
 PACKAGES = [(t, q) for t in ("onnxruntime", "openvino") for q in ("fp32", "int8")]
@@ -139,13 +141,7 @@ def main() -> None:
                      f"{med['texts']:.1f} ({med['texts'] / base['texts']:.2f}x) |")
     text = "\n".join(lines) + "\n"
     print(text)
-    old = args.out.read_text() if args.out.exists() else "# Benchmarks\n"
-    if SECTION in old:  # replace this tool's section, up to the next one
-        head, _, tail = old.partition(SECTION)
-        rest = tail[tail.index("\n## ") + 1:] if "\n## " in tail else ""
-        old = head.rstrip("\n") + "\n"
-        text = text + ("\n" + rest if rest else "")
-    args.out.write_text(old.rstrip("\n") + "\n\n" + text)
+    write_section(args.out, SECTION, text)
     log.info("wrote %s", args.out)
 
 

@@ -1,11 +1,13 @@
 """Benchmark mmedge against what users would pick instead, on this machine, in one run.
 
-    python tools/bench_peers.py [--prepare] [--work /tmp/bench-peers] [--new-tokens 64] [--runs 5] [--rounds 3]
+    python tools/bench_peers.py [--model smolvlm-256m-shaped] [--prepare] [--work /tmp/bench-peers] [--new-tokens 64] [--runs 5] [--rounds 3]
                                 [--threads 2]
 
-The model is `smolvlm-256m-shaped` (the published SmolVLM-256M-Instruct
+The model (--model) is `smolvlm-256m-shaped` (the published SmolVLM-256M-Instruct
 architecture, random weights from a fixed seed, built locally; one 512 x 512
-image, splitting off). Every system answers the same prompt about the same
+image, splitting off), the page's head table, or `qwen2-vl-2b-shaped` (the
+published Qwen2-VL-2B-Instruct architecture; one 224 x 224 image), its section
+"## Qwen2-VL-2B". Every system answers the same prompt about the same
 image, greedy, with exactly --new-tokens new tokens (EOS suppressed), each in
 its own process:
 
@@ -23,7 +25,7 @@ the read bandwidth by the bytes each mmedge decoder reads per new token (its
 weights, minus the embedding table, plus the KV cache at the final length):
 the roofline. `--prepare` only exports (optimum-intel's venv and models,
 mmedge's packages), so that part can share the machine with other work.
-Writes docs/benchmarks.md (table, machine, versions) and docs/benchmarks.png.
+Writes docs/benchmarks.md (table, machine, versions; the other sections kept) and a chart beside it.
 """
 
 from __future__ import annotations
@@ -36,18 +38,40 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = "smolvlm-256m-shaped"
 PROMPT = "Describe this image."
 # optimum-intel 2.2 installs transformers 5.5 but refuses to export idefics3 with anything newer than
 # 4.57.6 ("Maximum required is 4.57.6"), so that is pinned; torch stays at this environment's build
 OPTIMUM = ["optimum-intel[openvino]==2.2.0", "transformers==4.57.6"]
-# INT4 group size for both: optimum-intel's default, 128, does not divide SmolLM2's hidden size (576) and
-# NNCF refuses it; 64 does, and mmedge's int4 packages are exported at the same block size
-INT4_GROUP = 64
 MMEDGE_PACKAGES = [(t, q) for t in ("onnxruntime", "openvino") for q in ("fp32", "int8", "int4")]
+
+
+@dataclass(frozen=True)
+class Bench:
+    """A model the benchmark runs: built-in checkpoint, image, INT4 group, and where its table goes."""
+
+    model: str
+    about: str  # the table's model line
+    image_size: int
+    # INT4 group size for both systems (mmedge's --int4-block-size, optimum-cli's --group-size)
+    int4_group: int
+    section: str | None = None  # None: the page's head table; else its own "## ..." section of the page
+    chart: str = "benchmarks.png"
+
+
+BENCHES = {b.model: b for b in (
+    # optimum-intel's default group, 128, does not divide SmolLM2's hidden size (576) and NNCF refuses it; 64 does
+    Bench("smolvlm-256m-shaped", "the SmolVLM-256M-Instruct architecture with random weights: SigLIP 768x12 at "
+          "512 px, 64 image tokens, SmolLM2-135M decoder, untied LM head; one 512 x 512 image, splitting off", 512, 64),
+    # the smallest published Qwen2-VL; optimum-intel's default group (128) divides its widths (1280, 1536, 8960)
+    Bench("qwen2-vl-2b-shaped", "the Qwen2-VL-2B-Instruct architecture with random weights (2.2B parameters, stored "
+          "in bfloat16 as published): ViT 1280x32, 2x2 merger, Qwen2-1.5B decoder (28 layers, 12 heads, 2 KV heads, "
+          "tied LM head), multimodal rotary positions; one 224 x 224 image (256 patches, 64 image tokens)", 224, 128,
+          section="## Qwen2-VL-2B", chart="benchmarks-qwen2vl.png"),
+)}
 OPTIMUM_FORMATS = ("fp32", "int8", "int4")
 
 
@@ -115,7 +139,7 @@ def worker_transformers(args) -> dict:
     processor = AutoProcessor.from_pretrained(args.model_dir)
     load_ms = (time.perf_counter() - start) * 1e3
     result = _hf_generate_timings(model, processor, Image.open(args.image), args.new_tokens, args.runs, args.warmup,
-                                  vision_part=model.model.vision_model)
+                                  vision_part=getattr(model.model, "vision_model", None) or model.model.visual)
     return {**result, "load_ms": load_ms, "version": f"transformers {_version('transformers')}, "
                                                      f"torch {_version('torch')}"}
 
@@ -129,13 +153,35 @@ def worker_optimum(args) -> dict:
     start = time.perf_counter()
     config = {"INFERENCE_NUM_THREADS": args.threads} if args.threads else {}
     model = OVModelForVisualCausalLM.from_pretrained(args.model_dir, ov_config=config)
-    processor = AutoProcessor.from_pretrained(args.model_dir)
+    try:
+        processor = AutoProcessor.from_pretrained(args.model_dir)
+    except ImportError:  # its video processor needs torchvision, which does not load beside the CPU torch
+        processor = _image_only_processor(args.model_dir)
     load_ms = (time.perf_counter() - start) * 1e3
     result = _hf_generate_timings(model, processor, Image.open(args.image), args.new_tokens, args.runs, args.warmup,
                                   vision_part=model.vision_embeddings)
     return {**result, "load_ms": load_ms, "version": f"optimum-intel {_version('optimum-intel')}, "
                                                      f"openvino {_version('openvino')}, "
                                                      f"transformers {_version('transformers')}"}
+
+
+def _image_only_processor(model_dir: Path):
+    """The checkpoint's processor (transformers 4.57) without its video processor: images and text as they are."""
+    import transformers
+    from transformers import AutoConfig, AutoImageProcessor
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    cls = getattr(transformers, PROCESSOR_MAPPING_NAMES[AutoConfig.from_pretrained(model_dir).model_type])
+    names = cls.tokenizer_class if isinstance(cls.tokenizer_class, tuple) else (cls.tokenizer_class,)
+    tokenizer = getattr(transformers, names[-1]).from_pretrained(model_dir)  # the fast one where there are two
+    template = Path(model_dir) / "chat_template.jinja"
+
+    class ImageOnly(cls):
+        def check_argument_for_proper_class(self, name, argument):  # video_processor None: no video is given
+            return None if name == "video_processor" else super().check_argument_for_proper_class(name, argument)
+
+    return ImageOnly(image_processor=AutoImageProcessor.from_pretrained(model_dir), tokenizer=tokenizer,
+                     video_processor=None, chat_template=template.read_text() if template.exists() else None)
 
 
 def worker_bandwidth(args) -> dict:
@@ -239,9 +285,47 @@ def legacy_processor(checkpoint: Path, out: Path) -> None:
     tok.pop("backend", None)
     tok.update(tokenizer_class="PreTrainedTokenizerFast", additional_special_tokens=extra)
     (out / "tokenizer_config.json").write_text(json.dumps(tok, indent=2))
-    proc = json.loads((checkpoint / "processor_config.json").read_text())
-    (out / "preprocessor_config.json").write_text(json.dumps(proc.pop("image_processor"), indent=2))
-    (out / "processor_config.json").write_text(json.dumps(proc, indent=2))
+    if (checkpoint / "processor_config.json").exists():  # the processor's settings and its image processor's
+        proc = json.loads((checkpoint / "processor_config.json").read_text())
+        (out / "preprocessor_config.json").write_text(json.dumps(proc.pop("image_processor"), indent=2))
+        (out / "processor_config.json").write_text(json.dumps(proc, indent=2))
+    else:
+        shutil.copy(checkpoint / "preprocessor_config.json", out / "preprocessor_config.json")
+
+
+def legacy_config(config: dict) -> dict:
+    """A transformers 5 config.json as transformers 4.57 reads it: `rope_parameters` back to `rope_theta` and,
+    for multimodal rotary positions, `rope_scaling` {"type": "mrope", "mrope_section": ...} (4.57 ignores
+    `rope_parameters`, and its Qwen2-VL attention reads the sections from `rope_scaling`)."""
+    config = dict(config)
+    rope = config.pop("rope_parameters", None)
+    if rope is not None and "model_type" in config and not config["model_type"].endswith("_vision"):
+        config["rope_theta"] = rope.get("rope_theta", 10000.0)
+        if "mrope_section" in rope:
+            config["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+        elif rope.get("rope_type", "default") != "default":
+            config["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    for key, value in config.items():
+        if isinstance(value, dict) and "model_type" in value:
+            config[key] = legacy_config(value)
+    return config
+
+
+def legacy_checkpoint(checkpoint: Path, out: Path) -> Path:
+    """The checkpoint as transformers 4.57 (optimum-intel's) reads it: its weight files linked, its config and
+    processor rewritten (legacy_config, legacy_processor). The same weights, so both systems run one model."""
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
+    for f in checkpoint.iterdir():
+        if f.name.endswith((".safetensors", ".safetensors.index.json")) and not (out / f.name).exists():
+            (out / f.name).symlink_to(f.resolve())
+    if (checkpoint / "generation_config.json").exists():
+        shutil.copy(checkpoint / "generation_config.json", out / "generation_config.json")
+    config = legacy_config(json.loads((checkpoint / "config.json").read_text()))
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    legacy_processor(checkpoint, out)
+    return out
 
 
 def decoder_bytes_per_token(package: Path, kv_positions: int, weight_scale: float = 1.0) -> int:
@@ -290,7 +374,10 @@ def chart(rows: list[dict], out: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--work", type=Path, default=Path("/tmp/bench-peers"), help="packages, exports, the venv")
+    p.add_argument("--model", default="smolvlm-256m-shaped", choices=sorted(BENCHES),
+                   help="the built-in checkpoint to run (default: smolvlm-256m-shaped, the page's head table)")
+    p.add_argument("--work", type=Path, default=Path("/tmp/bench-peers"),
+                   help="the optimum-intel venv, and per model its exports and packages")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--runs", type=int, default=5, help="timed runs per system per round (default: 5)")
     p.add_argument("--rounds", type=int, default=3,
@@ -318,12 +405,13 @@ def main(argv=None) -> int:
     from mmedge.exporters import tiny
     from mmedge.tasks import shapes
 
-    work = args.work
+    bench = BENCHES[args.model]
+    work = args.work / bench.model
     work.mkdir(parents=True, exist_ok=True)
-    checkpoint = tiny.materialize(MODEL)
+    checkpoint = tiny.materialize(bench.model)
     image = work / "image.png"
     rng = np.random.default_rng(0)
-    shapes.draw(shapes._scene(rng), rng, 512).save(image)
+    shapes.draw(shapes._scene(rng), rng, bench.image_size).save(image)
     dir_size = lambda d: sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())  # noqa: E731
 
     # 1. everything to time, exported first (optimum's venv and exports, mmedge's packages)
@@ -332,13 +420,14 @@ def main(argv=None) -> int:
         jobs.append(("transformers", "transformers eager fp32",
                      lambda: _worker(sys.executable, "transformers", args, checkpoint, image), dir_size(checkpoint), None))
     if "optimum" not in args.skip:
-        python = optimum_python(work)
+        python = optimum_python(args.work)
         cli = str(Path(python).parent / "optimum-cli")
+        source = legacy_checkpoint(checkpoint, work / "checkpoint-4.x")
         for fmt in OPTIMUM_FORMATS:
             out = work / f"optimum-{fmt}"
             if not (out / ".complete").exists():
-                group = ["--group-size", str(INT4_GROUP)] if fmt == "int4" else []
-                _run([cli, "export", "openvino", "--model", str(checkpoint), "--task", "image-text-to-text",
+                group = ["--group-size", str(bench.int4_group)] if fmt == "int4" else []
+                _run([cli, "export", "openvino", "--model", str(source), "--task", "image-text-to-text",
                       "--weight-format", fmt, *group, str(out)], f"optimum-cli export openvino --weight-format {fmt}")
                 legacy_processor(checkpoint, out)
                 (out / ".complete").touch()
@@ -349,10 +438,10 @@ def main(argv=None) -> int:
         for target, quant in MMEDGE_PACKAGES:
             pkg = work / f"mmedge-{target}-{quant}"
             if not (pkg / "mmedge.json").exists():
-                block = ["--int4-block-size", str(INT4_GROUP)] if quant == "int4" else []
+                block = ["--int4-block-size", str(bench.int4_group)] if quant == "int4" else []
                 # calibration size sets accuracy, not speed: 16 samples keep the exports short
                 calib = ["--calib-samples", "16"] if quant != "fp32" else []
-                _run(mmedge + ["export", "--model", MODEL, "--target", target, "--quant", quant, *block, *calib,
+                _run(mmedge + ["export", "--model", bench.model, "--target", target, "--quant", quant, *block, *calib,
                                "-o", str(pkg), "--overwrite"], f"mmedge export --target {target} --quant {quant}")
             # optimum-intel leaves OpenVINO's CPU default compute precision, bf16 on CPUs that have it, so its
             # "fp32" runs in bf16; mmedge pins f32 unless asked, and is timed both ways there
@@ -401,12 +490,9 @@ def main(argv=None) -> int:
                      "bytes_per_token": per_token, "version": rs[0].get("version", "")})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     (work / "results.json").write_text(json.dumps({"bandwidth_gb_s": bandwidth, "rows": rows}, indent=2))
-    chart(rows, args.out.with_suffix(".png"))
-    # the sections other tools write into the same page (tools/bench_embed.py: "## Embedding models") are kept
-    old = args.out.read_text() if args.out.exists() else ""
-    kept = old[old.index("\n## ") + 1:] if "\n## " in old else ""
-    args.out.write_text(report(rows, bandwidth, args).rstrip("\n") + ("\n\n" + kept if kept else "\n"))
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    chart(rows, args.out.parent / bench.chart)
+    write_section(args.out, bench.section, report(rows, bandwidth, args, bench))
+    print(f"wrote {args.out} and {args.out.parent / bench.chart}")
     return 0
 
 
@@ -432,20 +518,41 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores{mem_s}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
-def report(rows: list[dict], bandwidth: dict, args) -> str:
+def write_section(page: Path, section: str | None, text: str) -> None:
+    """Write `text` into the benchmark page: as its head (section None: the title and the head table, up to the
+    first "## " section), or as the section titled `section` (replacing it, or appended); the rest is kept."""
+    old = page.read_text() if page.exists() else "# Benchmarks\n"
+    cut = old.find("\n## ")
+    head, sections = (old, "") if cut < 0 else (old[:cut + 1], old[cut + 1:])
+    if section is None:
+        head = text
+    else:
+        parts = [p for p in ("\n" + sections).split("\n## ") if p.strip()]
+        parts = ["## " + p.strip("\n") + "\n" for p in parts]
+        mine = text.strip("\n") + "\n"
+        at = [i for i, p in enumerate(parts) if p.splitlines()[0] == section]
+        if at:
+            parts[at[0]] = mine
+        else:
+            parts.append(mine)
+        sections = "\n".join(parts)
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text(head.rstrip("\n") + "\n" + ("\n" + sections if sections else ""))
+
+
+def report(rows: list[dict], bandwidth: dict, args, bench: Bench) -> str:
     def cell(r, key, fmt="{:.0f}"):
         m = r["metrics"].get(key)
         return f"{fmt.format(m['median'])} ({fmt.format(m['min'])}-{fmt.format(m['max'])})" if m else "-"
 
     lines = [
-        "# Benchmarks",
+        bench.section or "# Benchmarks",
         "",
         f"`python tools/bench_peers.py` on {time.strftime('%Y-%m-%d')}: {_machine()}; memory bandwidth "
         f"{bandwidth['read_gb_s']:.1f} GB/s read (ONNX Runtime ReduceSum over 512 MB, {args.threads} threads), "
         f"{bandwidth['copy_gb_s']:.1f} GB/s copy (numpy, read + write), best of 10, median over rounds.",
         "",
-        f"Model: `{MODEL}` (the SmolVLM-256M-Instruct architecture with random weights: SigLIP 768x12 at 512 px,"
-        " 64 image tokens, SmolLM2-135M decoder, untied LM head); one 512 x 512 image, splitting off; prompt"
+        f"Model: `{bench.model}` ({bench.about}); INT4 in groups of {bench.int4_group} for both systems; prompt"
         f" \"{PROMPT}\" through the chat template; greedy, {args.new_tokens} new tokens forced (EOS suppressed);"
         f" {args.threads} threads; each system in its own process, {args.rounds} rounds over all systems in turn;"
         f" {args.runs} runs per round after {args.warmup} warm-up; median of the {args.rounds * args.runs} runs"
@@ -462,7 +569,7 @@ def report(rows: list[dict], bandwidth: dict, args) -> str:
         lines.append(f"| {r['name']} | {cell(r, 'ttft_ms')} | {cell(r, 'vision_encoder_ms')} | "
                      f"{cell(r, 'decode_tok_s', '{:.1f}')} | {cell(r, 'e2e_ms')} | {r['load_ms']:.0f} | "
                      f"{r['peak_rss_mb']:.0f} | {r['size_mb']:.0f} | {f'{roof:.0f}' if roof else '-'} | {frac} |")
-    lines += ["", "![decode tokens/s and time to first token](benchmarks.png)", "",
+    lines += ["", f"![decode tokens/s and time to first token]({bench.chart})", "",
               f"Compute precision: optimum-intel runs OpenVINO with its CPU default, {_ov_cpu_default()} on this"
               " machine (so its fp32 rows compute in that precision); mmedge pins f32 unless a row says otherwise"
               " (`--inference-precision`). Weights are what the row names.", "",

@@ -58,6 +58,8 @@ class PaliGemmaRecipe:
     # (projector_output: "last"), or keeps stage 1's ("none"); projector_lr scales its learning rate.
     train_projector = "all"
     projector_lr = 1.0
+    # Stage 2's question kinds after the curriculum, in rotation: a kind named twice is drawn twice as often
+    kinds = shapes.KINDS
 
     def __init__(self, image_size: int | None = None, patch_size: int | None = None):
         if image_size or patch_size:

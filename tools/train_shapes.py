@@ -78,7 +78,7 @@ def train(recipe, steps: int, batch_size: int, lr: float, seed: int, progress: b
     first_kinds, first_steps = curriculum
     first_steps = min(first_steps, steps)
     early = shapes.examples(first_steps * batch_size, seed=seed, kinds=first_kinds)
-    rest = shapes.examples((steps - first_steps) * batch_size, seed=seed + 1)
+    rest = shapes.examples((steps - first_steps) * batch_size, seed=seed + 1, kinds=recipe.kinds)
     bar = tqdm(range(steps), desc="train", disable=not progress, mininterval=2)
     ema = None
     for step in bar:
@@ -140,6 +140,8 @@ def main(argv=None) -> int:
     p.add_argument("--train-projector", choices=("all", "last", "none"),
                    help="stage 2: train the whole projector, its last linear map, or none of it (default: the recipe's)")
     p.add_argument("--projector-lr", type=float, help="the projector's learning rate as a multiple of --lr")
+    p.add_argument("--kinds", help="stage 2's question kinds in rotation, comma-separated; a kind named twice is "
+                   "drawn twice as often (default: the recipe's)")
     p.add_argument("--eval-n", type=int, default=1000)
     p.add_argument("--device", default="cpu", help="torch device; the shipped model is trained on cpu")
     p.add_argument("--image-size", type=int, help="override the recipe's input size")
@@ -153,6 +155,11 @@ def main(argv=None) -> int:
         recipe.align_cosine = args.align == "cosine"
     if args.train_projector:
         recipe.train_projector = args.train_projector
+    if args.kinds:
+        recipe.kinds = tuple(k.strip() for k in args.kinds.split(","))
+        unknown = set(recipe.kinds) - set(shapes.KINDS)
+        if unknown:
+            p.error(f"unknown kinds {sorted(unknown)}; known: {', '.join(shapes.KINDS)}")
     if args.projector_lr:
         recipe.projector_lr = args.projector_lr
     start = time.perf_counter()

@@ -37,7 +37,11 @@ from mmedge.manifest import PreprocessSpec, PromptSpec, SchemeSpec
 
 MODEL_TYPES = ("blip-2",)
 ALIASES = {"blip2-opt": "Salesforce/blip2-opt-2.7b", "blip2-flan-t5": "Salesforce/blip2-flan-t5-xl"}
-ENCODER = True  # with Flan-T5 (the plan's encoder entry is unused with OPT)
+
+
+def has_encoder(config: dict) -> bool:
+    """An encoder-decoder (an `encoder` graph the quantization plan covers) with Flan-T5, not with OPT."""
+    return config.get("text_config", {}).get("model_type") == "t5"
 
 
 class QFormerProjector(torch.nn.Module):
