@@ -373,34 +373,44 @@ def cmd_run(args) -> int:
         raise InputError("give --prompt (a question) or --detect (objects to box), one of them")
     image = args.image[0] if len(args.image) == 1 else (args.image or None)
     if args.detect is not None or args.draw:
-        if len(args.image) != 1 or args.video:
-            raise InputError("--detect and --draw take one --image")
-        if args.stream:
-            raise InputError("--detect and --draw print the boxes once the answer is complete; drop --stream")
-        if args.detect is None:
-            pipe.boxes(image, "")  # a family that writes no boxes is refused before generating
-        found = (pipe.detect(image, args.detect, **options) if args.detect is not None
-                 else pipe.boxes(image, pipe.generate(image, args.prompt, **options)))
-        print(found.text)
-        for box in found.boxes:
-            print(f"{box.label or '-'}: {box.x0:.0f} {box.y0:.0f} {box.x1:.0f} {box.y1:.0f}")
-        if found.segments:
-            print(f"mask tokens for {', '.join(found.segments)}: not decoded (PaliGemma's mask decoder is a model of "
-                  "its own)")
-        if args.draw:
-            from mmedge.runtimes.boxes import draw
-            from mmedge.runtimes.preprocess import load_image
-
-            draw(load_image(image), found.boxes, args.draw)
-            log.info("drew %d box(es) on %s", len(found.boxes), args.draw)
-        return 0
+        return _detect(pipe, args, image, options)
     if args.stream:
-        for piece in pipe.stream(image, args.prompt, video=args.video, **options):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+        _write_stream(pipe.stream(image, args.prompt, video=args.video, **options))
     else:
         print(pipe.generate(image, args.prompt, video=args.video, **options))
+    return 0
+
+
+def _write_stream(pieces) -> None:
+    """Text pieces to stdout as they come, then a newline."""
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def _detect(pipe, args, image, options: dict) -> int:
+    """`run --detect` / `--draw`: the boxes found, a line each, and drawn on a copy of the image."""
+    if len(args.image) != 1 or args.video:
+        raise InputError("--detect and --draw take one --image")
+    if args.stream:
+        raise InputError("--detect and --draw print the boxes once the answer is complete; drop --stream")
+    if args.detect is None:
+        pipe.boxes(image, "")  # a family that writes no boxes is refused before generating
+    found = (pipe.detect(image, args.detect, **options) if args.detect is not None
+             else pipe.boxes(image, pipe.generate(image, args.prompt, **options)))
+    print(found.text)
+    for box in found.boxes:
+        print(f"{box.label or '-'}: {box.x0:.0f} {box.y0:.0f} {box.x1:.0f} {box.y1:.0f}")
+    if found.segments:
+        print(f"mask tokens for {', '.join(found.segments)}: not decoded (PaliGemma's mask decoder is a model of "
+              "its own)")
+    if args.draw:
+        from mmedge.runtimes.boxes import draw
+        from mmedge.runtimes.preprocess import load_image
+
+        draw(load_image(image), found.boxes, args.draw)
+        log.info("drew %d box(es) on %s", len(found.boxes), args.draw)
     return 0
 
 
@@ -411,10 +421,7 @@ def _transcribe(pipe, args, options: dict) -> int:
         if given:
             raise InputError(f"--audio takes no {flag}: a speech package transcribes what it hears")
     if args.stream:
-        for piece in pipe.stream_transcription(args.audio, language=args.language, task=args.task, **options):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+        _write_stream(pipe.stream_transcription(args.audio, language=args.language, task=args.task, **options))
     else:
         print(pipe.transcribe(args.audio, language=args.language, task=args.task, **options))
     return 0
@@ -454,10 +461,7 @@ def cmd_chat(args) -> int:
                 print(f"mmedge: error: {error}", file=sys.stderr)
             continue
         try:
-            for piece in chat.stream(images or None, line, **options):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
+            _write_stream(chat.stream(images or None, line, **options))
             images = []
         except MmedgeError as exc:
             if not interactive:

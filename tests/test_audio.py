@@ -166,6 +166,9 @@ def test_long_audio_windows_and_cache(shape, packages, reference, tmp_path):
     result = run_cli("run", str(pipe.path), "--audio", str(path), "--language", "en", "--max-new-tokens", "5")
     assert result.returncode == 0, result.stderr
     assert result.stdout.rstrip("\n") == pipe.transcribe(str(path), language="en", max_new_tokens=5)
+    streamed = run_cli("run", str(pipe.path), "--audio", str(path), "--language", "en", "--max-new-tokens", "5",
+                       "--stream")
+    assert streamed.returncode == 0 and streamed.stdout == result.stdout, streamed.stderr
     shown = run_cli("inspect", str(pipe.path))
     assert shown.returncode == 0 and "audio at 16000 Hz, 30-s windows of 80 mel bins" in shown.stdout
 
