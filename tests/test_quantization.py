@@ -260,6 +260,43 @@ def test_streamed_matmulnbits_is_onnxruntimes_quantizer_byte_for_byte(tmp_path, 
     assert np.array_equal(run(tmp_path / "streamed.onnx"), run(tmp_path / "whole.onnx"))
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_lean_minmax_ranges_quantize_as_onnxruntimes_calibrator_does(tmp_path, monkeypatch, symmetric):
+    """Static INT8 with the ranges measured by mmedge's lean pass (two numbers per tensor, weights left in their
+    file) writes the graph onnxruntime's own MinMax calibrator makes: the same scales, zero points and weights; and
+    leaves nothing beside the source graph."""
+    from mmedge.calibration import onnxruntime as ortq
+
+    if not ortq._takes_ranges():
+        pytest.skip("this onnxruntime's quantize_static takes no calibration cache (1.24+)")
+    rng = np.random.default_rng(3)
+    w1, w2 = rng.normal(size=(16, 32)).astype(np.float32), rng.normal(size=(32, 16)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Transpose", ["r"], ["rt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["r", "rt"], ["scores"]),  # activation x activation: stays fp32
+             helper.make_node("Softmax", ["scores"], ["p"], axis=-1), helper.make_node("MatMul", ["p", "r"], ["a"]),
+             helper.make_node("MatMul", ["a", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, None, 16])],
+                              [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    src = tmp_path / "src" / "g.onnx"
+    src.parent.mkdir()
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src),
+                    save_as_external_data=True, location="g.onnx.data", size_threshold=0)
+    feeds = [{"x": rng.normal(size=(1, n, 16)).astype(np.float32) * (n / 4)} for n in (3, 7, 5)]
+    made = {}
+    for lean in (False, True):
+        monkeypatch.setattr(ortq, "_takes_ranges", lambda lean=lean: lean)
+        dst = tmp_path / f"lean-{lean}" / "g.onnx"
+        dst.parent.mkdir()
+        ortq.quantize_static_int8(src, dst, feeds, "minmax", symmetric=symmetric)
+        made[lean] = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(dst)).graph.initializer}
+    assert made[True].keys() == made[False].keys() and len(made[True]) > 2
+    for name, value in made[False].items():
+        assert np.array_equal(made[True][name], value), name
+    assert sorted(p.name for p in src.parent.iterdir()) == ["g.onnx", "g.onnx.data"]
+
+
 def test_activation_aware_scales_beat_round_to_nearest_on_outlier_channels():
     rng = np.random.default_rng(1)
     k, n = 128, 64
