@@ -386,6 +386,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     p.add_argument("--skip", action="append", default=[], help="transformers, optimum or mmedge (repeatable)")
+    p.add_argument("--target", action="append", choices=("onnxruntime", "openvino"),
+                   help="mmedge's packages for this target only (repeatable; default: both)")
     p.add_argument("--prepare", action="store_true",
                    help="only export what is missing (the venv, optimum's and mmedge's packages), time nothing: "
                         "exports may share the machine, timings should not")
@@ -435,7 +437,7 @@ def main(argv=None) -> int:
                          lambda out=out: _worker(python, "optimum", args, out, image), dir_size(out), None))
     if "mmedge" not in args.skip:
         mmedge = [sys.executable, "-m", "mmedge.cli"]
-        for target, quant in MMEDGE_PACKAGES:
+        for target, quant in [(t, q) for t, q in MMEDGE_PACKAGES if t in (args.target or (t,))]:
             pkg = work / f"mmedge-{target}-{quant}"
             if not (pkg / "mmedge.json").exists():
                 block = ["--int4-block-size", str(bench.int4_group)] if quant == "int4" else []
