@@ -77,7 +77,7 @@ OPTIMUM_FORMATS = ("fp32", "int8", "int4")
 
 # -- workers: each runs in its own process and prints one JSON line ---------------------------------
 
-def _hf_generate_timings(model, processor, image, new_tokens: int, runs: int, warmup: int, vision_part=None) -> dict:
+def _hf_generate_timings(model, processor, image, new_tokens: int, runs: int, warmup: int, vision_parts=()) -> dict:
     """Time HF-style generate(): a logits processor stamps each step, so TTFT and decode rate come from one run."""
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
@@ -92,16 +92,15 @@ def _hf_generate_timings(model, processor, image, new_tokens: int, runs: int, wa
             stamps.append(time.perf_counter())
             return scores
 
-    if vision_part is not None:  # wrap the vision encoder's forward to time it
-        forward = vision_part.forward
+    for part in vision_parts:  # wrap the vision encoder's forward (or each of its parts') to time it
 
-        def timed(*args, **kwargs):
+        def timed(*args, forward=part.forward, **kwargs):
             start = time.perf_counter()
             out = forward(*args, **kwargs)
             vision.append(time.perf_counter() - start)
             return out
 
-        vision_part.forward = timed
+        part.forward = timed
     samples: dict[str, list[float]] = {k: [] for k in ("preprocess_ms", "vision_encoder_ms", "ttft_ms", "decode_tok_s",
                                                        "e2e_ms")}
     prompt_tokens = 0
@@ -139,7 +138,7 @@ def worker_transformers(args) -> dict:
     processor = AutoProcessor.from_pretrained(args.model_dir)
     load_ms = (time.perf_counter() - start) * 1e3
     result = _hf_generate_timings(model, processor, Image.open(args.image), args.new_tokens, args.runs, args.warmup,
-                                  vision_part=getattr(model.model, "vision_model", None) or model.model.visual)
+                                  vision_parts=[getattr(model.model, "vision_model", None) or model.model.visual])
     return {**result, "load_ms": load_ms, "version": f"transformers {_version('transformers')}, "
                                                      f"torch {_version('torch')}"}
 
@@ -159,7 +158,9 @@ def worker_optimum(args) -> dict:
         processor = _image_only_processor(args.model_dir)
     load_ms = (time.perf_counter() - start) * 1e3
     result = _hf_generate_timings(model, processor, Image.open(args.image), args.new_tokens, args.runs, args.warmup,
-                                  vision_part=model.vision_embeddings)
+                                  # Qwen2-VL's patch embedding, then its blocks and merger, are two models there
+                                  vision_parts=[p for p in (model.vision_embeddings,
+                                                            getattr(model, "vision_embeddings_merger", None)) if p is not None])
     return {**result, "load_ms": load_ms, "version": f"optimum-intel {_version('optimum-intel')}, "
                                                      f"openvino {_version('openvino')}, "
                                                      f"transformers {_version('transformers')}"}

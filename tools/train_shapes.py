@@ -39,19 +39,21 @@ CURRICULUM = (("color", "count", "exists"), 1000)
 
 
 def train(recipe, steps: int, batch_size: int, lr: float, seed: int, progress: bool = True, device: str = "cpu",
-          vision_steps: int = 0, curriculum: tuple[tuple[str, ...], int] = CURRICULUM):
+          vision_steps: int = 0, curriculum: tuple[tuple[str, ...], int] = CURRICULUM, init: Path | None = None):
     """Stage 1 (vision_steps): align the vision tower with the word embeddings; stage 2: train the VLM on the task.
 
     In stage 2 the vision tower is frozen (the projector and decoder train).
     The first curriculum[1] steps draw only curriculum[0]'s question kinds.
+    init: a checkpoint this script wrote, trained further (stage 2 only, the recipe's freezing as after stage 1).
     """
     torch.manual_seed(seed)
-    model = recipe.model().to(device).train()
+    model = (recipe.model() if init is None else type(recipe.model()).from_pretrained(init)).to(device).train()
     params = sum(p.numel() for p in model.parameters())
     log.info("%s: %.2fM parameters; %d alignment steps, then %d steps of %d",
              type(recipe).__name__, params / 1e6, vision_steps, steps, batch_size)
     if vision_steps:
         recipe.align_vision(model, vision_steps, batch_size, 1e-3, seed, device=device, progress=progress)
+    if vision_steps or init is not None:
         tower, projector = recipe.vision_parts(model)
         tower.requires_grad_(not recipe.freeze_tower)
         if recipe.train_projector != "all":
@@ -142,6 +144,7 @@ def main(argv=None) -> int:
     p.add_argument("--projector-lr", type=float, help="the projector's learning rate as a multiple of --lr")
     p.add_argument("--kinds", help="stage 2's question kinds in rotation, comma-separated; a kind named twice is "
                    "drawn twice as often (default: the recipe's)")
+    p.add_argument("--init", type=Path, help="train this checkpoint (one this script wrote) further: stage 2 only")
     p.add_argument("--eval-n", type=int, default=1000)
     p.add_argument("--device", default="cpu", help="torch device; the shipped model is trained on cpu")
     p.add_argument("--image-size", type=int, help="override the recipe's input size")
@@ -164,7 +167,8 @@ def main(argv=None) -> int:
         recipe.projector_lr = args.projector_lr
     start = time.perf_counter()
     model = train(recipe, args.steps, args.batch_size, args.lr, args.seed, device=args.device,
-                  vision_steps=args.vision_steps)
+                  vision_steps=0 if args.init else args.vision_steps, init=args.init,
+                  curriculum=(shapes.KINDS, 0) if args.init else CURRICULUM)
     minutes = (time.perf_counter() - start) / 60
     log.info("trained in %.1f min", minutes)
     recipe.save(model, args.out)
@@ -188,7 +192,7 @@ def main(argv=None) -> int:
         image_size=recipe.dims.image_size,
         command="python tools/train_shapes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         steps=args.steps,
-        vision_steps=args.vision_steps,
+        vision_steps=0 if args.init else args.vision_steps,
         batch=args.batch_size,
         seed=args.seed,
         minutes=minutes,
