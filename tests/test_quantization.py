@@ -21,7 +21,8 @@ from mmedge.manifest import MANIFEST_NAME
 
 DEMO = "shapes-paligemma"
 # The other families' demos (issue 6): fp32 at least FAMILY_BAR on every target, INT4 within MAX_DROP of it
-FAMILY_DEMOS = ("shapes-llava", "shapes-gemma3", "shapes-smolvlm", "shapes-internvl", "shapes-qwen2vl", "shapes-florence2")
+FAMILY_DEMOS = ("shapes-llava", "shapes-gemma3", "shapes-smolvlm", "shapes-internvl", "shapes-qwen2vl", "shapes-florence2",
+                "shapes-mllama")
 FAMILY_BAR = 0.95
 # Accuracy a quantized package may lose against the fp32 one, on N_EVAL held-out examples (0.005 = half a point).
 MAX_DROP = {"int8": 0.005, "int4": 0.02}
