@@ -291,7 +291,9 @@ def _tile_canvas_jobs(parts: Parts, g: torch.Generator) -> tuple[GraphJob, Graph
         ["image_features"],
         {"pixel_values": {0: "batch"}, **{name: {0: "batch"} for name in names}},
         trace,
-        [inputs([arrangements[1]])[0], inputs([arrangements[len(arrangements) // 2], (1, 1), arrangements[-2]])[0]],
+        # other arrangements than traced, where the model has them (one-tile models have one: other batch sizes)
+        [inputs([arrangements[min(1, len(arrangements) - 1)]])[0],
+         inputs([arrangements[len(arrangements) // 2], (1, 1), arrangements[max(-2, -len(arrangements))]])[0]],
     )
     return vision, _projector_job(parts, vision, g)
 
