@@ -47,7 +47,8 @@ def train(recipe, steps: int, batch_size: int, lr: float, seed: int, progress: b
     init: a checkpoint this script wrote, trained further (stage 2 only, the recipe's freezing as after stage 1).
     """
     torch.manual_seed(seed)
-    model = (recipe.model() if init is None else type(recipe.model()).from_pretrained(init)).to(device).train()
+    model = recipe.model() if init is None else recipe.model().from_pretrained(init)
+    model = model.to(device).train()
     params = sum(p.numel() for p in model.parameters())
     log.info("%s: %.2fM parameters; %d alignment steps, then %d steps of %d",
              type(recipe).__name__, params / 1e6, vision_steps, steps, batch_size)
@@ -165,9 +166,10 @@ def main(argv=None) -> int:
             p.error(f"unknown kinds {sorted(unknown)}; known: {', '.join(shapes.KINDS)}")
     if args.projector_lr:
         recipe.projector_lr = args.projector_lr
+    vision_steps = 0 if args.init else args.vision_steps  # a checkpoint trained further is aligned already
     start = time.perf_counter()
     model = train(recipe, args.steps, args.batch_size, args.lr, args.seed, device=args.device,
-                  vision_steps=0 if args.init else args.vision_steps, init=args.init,
+                  vision_steps=vision_steps, init=args.init,
                   curriculum=(shapes.KINDS, 0) if args.init else CURRICULUM)
     minutes = (time.perf_counter() - start) / 60
     log.info("trained in %.1f min", minutes)
@@ -192,7 +194,7 @@ def main(argv=None) -> int:
         image_size=recipe.dims.image_size,
         command="python tools/train_shapes.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         steps=args.steps,
-        vision_steps=0 if args.init else args.vision_steps,
+        vision_steps=vision_steps,
         batch=args.batch_size,
         seed=args.seed,
         minutes=minutes,
