@@ -51,7 +51,7 @@ def _embedder(stage: Path, manifest: Manifest, files: dict[str, Path], record: b
     from tokenizers import Tokenizer
 
     target = importlib.import_module(f"mmedge.calibration.{manifest.target}")
-    engine = get_backend(getattr(target, "BACKEND", manifest.target))
+    engine = get_backend(getattr(target, "BACKEND", manifest.target), model_cache=False)
     graphs = {part: engine.load(path) for part, path in files.items()}
     if record:
         graphs = {part: Recorder(graph) for part, graph in graphs.items()}

@@ -110,7 +110,7 @@ def _pipeline(stage: Path, manifest: Manifest, files: dict[str, Path], wrap: dic
     name = getattr(_target(manifest), "BACKEND", manifest.target)
     # a quantized graph is not copied by prepacking, it is packed (MatMulNBits runs its int8 kernels on that)
     big = fp32 and _big_decoder(stage, manifest)
-    engine = get_backend(name, **({"low_memory": True} if big and name == "onnxruntime" else {}))
+    engine = get_backend(name, model_cache=False, **({"low_memory": True} if big and name == "onnxruntime" else {}))
     graphs = {part: engine.load(files[part]) for part in files}
     for part, make in (wrap or {}).items():
         graphs[part] = make(graphs[part])

@@ -118,7 +118,7 @@ def embed_once(package, manifest) -> dict:
     backend = CHECK_BACKEND.get(manifest.target, manifest.target)
     ramp = np.linspace(0, 255, 96 * 64 * 3).reshape(64, 96, 3).astype(np.uint8)
     try:
-        embedder = Embedder.load(package, backend=backend, verify=False)
+        embedder = Embedder.load(package, backend=backend, verify=False, model_cache=False)
         images = embedder.embed_images([Image.fromarray(ramp), Image.fromarray(ramp[:, ::-1])])
         texts = embedder.embed_texts(["a photo", "a photo of two red circles and a blue square"])
     except Exception as exc:

@@ -345,7 +345,8 @@ def generate_once(package: Path, manifest: Manifest) -> dict:
     backend = CHECK_BACKEND.get(manifest.target, manifest.target)
     ramp = np.linspace(0, 255, 96 * 64 * 3).reshape(64, 96, 3).astype(np.uint8)  # not square: resizing is exercised
     try:
-        pipe = Pipeline.load(package, backend=backend, verify=False, low_memory=backend == "onnxruntime")
+        pipe = Pipeline.load(package, backend=backend, verify=False, low_memory=backend == "onnxruntime",
+                             model_cache=False)
         if manifest.audio is not None:  # a second of a 440 Hz tone
             rate = manifest.audio.sampling_rate
             tone = 0.3 * np.sin(2 * np.pi * 440 * np.arange(rate) / rate)

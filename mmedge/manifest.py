@@ -565,7 +565,26 @@ def _write_record(directory: Path, manifest_digest: str, files: dict[str, list[i
                                    "files": files}))
         os.replace(tmp, path)
     except OSError:
-        pass  # a read-only home: every load hashes, as before
+        return  # a read-only home: every load hashes, as before
+    global _records_pruned
+    if not _records_pruned:
+        _records_pruned = True
+        _prune_records(path.parent)
+
+
+_records_pruned = False
+
+
+def _prune_records(folder: Path) -> None:
+    """Drop the verification records of packages that are no longer there (once per process, at the first record
+    written): temporary and moved packages would otherwise leave one file each, forever."""
+    for record in folder.glob("*.json"):
+        try:
+            package = json.loads(record.read_text()).get("package")
+            if isinstance(package, str) and not Path(package, MANIFEST_NAME).is_file():
+                record.unlink()
+        except (OSError, ValueError, AttributeError):
+            continue
 
 
 def verify_package_files(directory: Path, manifest: Manifest, remember: bool = True, manifest_digest: str = ""

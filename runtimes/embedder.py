@@ -49,7 +49,7 @@ class Embedder:
     @classmethod
     def load(cls, path: str | Path, backend: str | None = None, providers: Sequence[str] | None = None,
              threads: int = 0, verify: bool | str = True, device: str | None = None,
-             inference_precision: str | None = None) -> "Embedder":
+             inference_precision: str | None = None, model_cache: bool = True) -> "Embedder":
         """Open an embedding package written by `mmedge export` (options as Pipeline.load's)."""
         from tokenizers import Tokenizer
 
@@ -64,7 +64,7 @@ class Embedder:
         if missing:
             raise PackageError(f"package {path} lacks the graphs {', '.join(missing)}; re-export it")
         engine = open_engine(path, manifest, backend, threads=threads, providers=providers, device=device,
-                             inference_precision=inference_precision)
+                             inference_precision=inference_precision, model_cache=model_cache)
         graphs = {part: engine.load(path / manifest.graphs[part].file) for part in ("vision_encoder", "text_encoder")}
         try:
             tokenizer = Tokenizer.from_file(str(path / manifest.tokenizer))

@@ -179,6 +179,7 @@ class Pipeline(RowBatching, Transcription):
         max_video_tokens: int | None = None,
         image_cache_mb: float = DEFAULT_MB,
         low_memory: bool = False,
+        model_cache: bool = True,
     ) -> "Pipeline":
         """Open a package directory written by `mmedge export`.
 
@@ -203,6 +204,8 @@ class Pipeline(RowBatching, Transcription):
         low_memory (ONNX Runtime): float graphs' weights are not repacked into
         copies of their own; their memory is their memory-mapped files (fp32
         MatMuls a little slower). Quantized graphs are packed as always.
+        model_cache (OpenVINO): keep the compiled graphs under $MMEDGE_CACHE/openvino so that the next load
+        imports them (default; pruned, docs/performance.md); False for a package opened once.
         """
         path = Path(path)
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
@@ -220,7 +223,7 @@ class Pipeline(RowBatching, Transcription):
             raise PackageError(f"package {path} lacks the graphs {', '.join(missing)}; re-export it")
         engine = open_engine(path, manifest, backend, threads=threads, providers=providers, device=device,
                              inference_precision=inference_precision, kv_cache_precision=kv_cache_precision,
-                             low_memory=low_memory)
+                             low_memory=low_memory, model_cache=model_cache)
         graphs = {part: engine.load(path / manifest.graphs[part].file) for part in parts}
         codec = TextCodec.from_package(path, manifest)
         pipe = cls(path, manifest, graphs, codec)
@@ -233,7 +236,7 @@ class Pipeline(RowBatching, Transcription):
         pipe._load_options = dict(backend=backend, providers=providers, threads=threads, device=device,
                                   inference_precision=inference_precision,
                                   kv_cache_precision=kv_cache_precision, image_cache_mb=image_cache_mb,
-                                  low_memory=low_memory, **pipe.defaults)
+                                  low_memory=low_memory, model_cache=model_cache, **pipe.defaults)
         return pipe
 
     def clone(self) -> "Pipeline":

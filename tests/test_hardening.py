@@ -291,6 +291,75 @@ def test_without_a_writable_cache_every_load_hashes_everything(packages, tmp_pat
     assert first > 0 and len(hashed) == 2 * first
 
 
+def _tiny_package(where, seed):
+    """A folder holding one OpenVINO graph (x @ W) and a manifest file: what the model cache keys on."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    weights = np.random.default_rng(seed).standard_normal((64, 64)).astype(np.float32)
+    x = ops.parameter([1, 64], np.float32, name="x")
+    where.mkdir(parents=True, exist_ok=True)
+    ov.save_model(ov.Model([ops.matmul(x, ops.constant(weights), False, False)], [x], "g"), str(where / "g.xml"),
+                  compress_to_fp16=False)
+    (where / MANIFEST_NAME).write_text(json.dumps({"seed": seed}))
+    return where / "g.xml", weights
+
+
+def test_openvino_model_cache_keeps_one_folder_per_package_and_prunes_the_rest(tmp_path, monkeypatch):
+    """Entries of deleted or re-exported packages go, the least recently opened go while the cache is over its
+    limit, the package being opened stays, and every load still computes its own graph."""
+    from mmedge.runtimes.backends.openvino import CACHE_LIMIT_ENV, OpenVinoBackend
+
+    root = tmp_path / "cache"
+    x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
+
+    def load(graph, weights):
+        out = OpenVinoBackend(cache_dir=root).load(graph).run({"x": x})
+        np.testing.assert_allclose(next(iter(out.values())), x @ weights, rtol=1e-4, atol=1e-4)
+
+    def folders():
+        return {json.loads((f / "package.json").read_text())["package"]: sorted(p.name for p in f.iterdir())
+                for f in root.iterdir() if f.is_dir()}
+
+    a, b, c = (_tiny_package(tmp_path / name, seed) for seed, name in enumerate("abc"))
+    root.mkdir()
+    (root / "1234.blob").write_bytes(b"an entry of the flat layout")
+    load(*a)
+    load(*b)
+    assert set(folders()) == {str(tmp_path / "a"), str(tmp_path / "b")}
+    assert not (root / "1234.blob").exists()
+    assert all(any(n.endswith(".blob") for n in names) for names in folders().values())
+    shutil.rmtree(tmp_path / "a")  # a deleted package: its entry goes at the next load of any package
+    load(*b)
+    assert set(folders()) == {str(tmp_path / "b")}
+    b = _tiny_package(tmp_path / "b", 7)  # re-exported at the same path: compiled afresh, the old entry gone
+    load(*b)
+    assert len([n for n in folders()[str(tmp_path / "b")] if n.endswith(".blob")]) == 1
+    monkeypatch.setenv(CACHE_LIMIT_ENV, "0.001")  # over the limit: the least recently opened goes, never this one
+    load(*c)
+    assert set(folders()) == {str(tmp_path / "c")}
+    monkeypatch.setenv(CACHE_LIMIT_ENV, "lots")
+    from mmedge.errors import MmedgeError
+
+    with pytest.raises(MmedgeError, match=CACHE_LIMIT_ENV):
+        OpenVinoBackend(cache_dir=root)
+
+
+def test_verification_records_of_packages_that_are_gone_are_dropped(packages, tmp_path, monkeypatch):
+    from mmedge import manifest
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MMEDGE_CACHE", str(cache))
+    monkeypatch.setattr(manifest, "_records_pruned", False)
+    (cache / "verified").mkdir(parents=True)
+    gone = cache / "verified" / "gone.json"
+    gone.write_text(json.dumps({"package": str(tmp_path / "deleted"), "manifest": "0", "files": {}}))
+    kept = _copy(packages, tmp_path)
+    manifest.load_manifest(kept)
+    assert not gone.exists()
+    assert [json.loads(r.read_text())["package"] for r in (cache / "verified").iterdir()] == [str(kept.resolve())]
+
+
 def test_openvino_compiles_once_and_never_serves_a_stale_graph(packages, tmp_path, monkeypatch):
     """The model cache ($MMEDGE_CACHE/openvino) fills on the first load and is used after; another package
     copied to the same path runs its own graphs, not the cached ones of the path's earlier package."""
@@ -312,10 +381,12 @@ def test_openvino_compiles_once_and_never_serves_a_stale_graph(packages, tmp_pat
         shutil.rmtree(where, ignore_errors=True)
         shutil.copytree(source, where)
         assert tokens(where) == expected[shape], shape
-        blobs = sorted((cache / "openvino").iterdir())
+        blobs = {p: p.stat().st_mtime_ns for p in (cache / "openvino").rglob("*.blob")}
         assert blobs
         assert tokens(where) == expected[shape], shape  # from the cache
-        assert sorted((cache / "openvino").iterdir()) == blobs  # nothing compiled again
+        # nothing compiled again, and one folder: the path's entries of the earlier package were dropped
+        assert {p: p.stat().st_mtime_ns for p in (cache / "openvino").rglob("*.blob")} == blobs
+        assert len([f for f in (cache / "openvino").iterdir() if f.is_dir()]) == 1
     assert expected["paligemma-gqa"] != expected["paligemma-mqa"]
     from mmedge.runtimes.backends.openvino import OpenVinoBackend
 

@@ -71,22 +71,27 @@ def default_threads() -> int:
     return int(raw)
 
 
-def get_backend(name: str, **options: Any) -> Backend:
+def get_backend(name: str, model_cache: bool = True, **options: Any) -> Backend:
+    """Backend `name` with its options. model_cache False: nothing compiled is kept on disk for a later load
+    (OpenVINO's model cache off), for graphs opened once (export's checks and calibration)."""
     if name not in _BACKENDS:
         raise MmedgeError(f"unknown backend {name!r}; choose one of: {', '.join(sorted(_BACKENDS))}")
     module_name, class_name = _BACKENDS[name]
     module = importlib.import_module(module_name)
     options["threads"] = options.get("threads") or default_threads()
+    if not model_cache and name == "openvino":
+        options["cache_dir"] = None
     return getattr(module, class_name)(**options)
 
 
 def open_engine(path: Path, manifest, backend: str | None = None, threads: int = 0,
                 providers: Sequence[str] | None = None, device: str | None = None,
                 inference_precision: str | None = None, kv_cache_precision: str | None = None,
-                low_memory: bool = False) -> Backend:
+                low_memory: bool = False, model_cache: bool = True) -> Backend:
     """The engine that runs package `path` (its manifest read): `backend`, else the target's own, with the
     options only some backends take refused by the others; opened on the package where the backend holds
-    whole packages (TensorRT's engines)."""
+    whole packages (TensorRT's engines). model_cache False: nothing compiled is kept on disk for the next load
+    (OpenVINO's model cache off), for packages opened once (export's checks)."""
     from mmedge.errors import PackageError
 
     name = backend or DEFAULT_BACKEND_FOR_TARGET.get(manifest.target)
@@ -110,7 +115,7 @@ def open_engine(path: Path, manifest, backend: str | None = None, threads: int =
         if name != "onnxruntime":
             raise InputError(f"low_memory is for the onnxruntime backend, not {name}")
         options["low_memory"] = True
-    engine = get_backend(name, **options)
+    engine = get_backend(name, model_cache=model_cache, **options)
     if hasattr(engine, "open_package"):
         engine.open_package(path, manifest)
     return engine

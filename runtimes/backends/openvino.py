@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +19,132 @@ log = logging.getLogger(__name__)
 HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 PRECISIONS = ("f32", "bf16", "f16")
 KV_PRECISIONS = ("f32", "f16", "u8")
+CACHE_LIMIT_ENV = "MMEDGE_OPENVINO_CACHE_MB"
+CACHE_LIMIT_MB = 8192  # the compiled graphs of ~3 fp32 SmolVLM-256M packages, or one 2B-class package at int4
+
+
+class ModelCache:
+    """OpenVINO's compiled-model cache, one folder per package directory, kept from growing without bound.
+
+    OpenVINO names each entry by a hash of the graph and the compile settings and never deletes one: every
+    re-export, every copy and every temporary package left its compiled weights behind (16 GB in 15,018 files
+    here after the test suite had run a few times). Here a package's entries live in a folder keyed by its
+    path, with a record of its manifest's sha256. When a package is opened, that folder is emptied if the
+    package was re-exported since, and the other folders are pruned (once per process): those whose package
+    is gone or changed, then the least recently opened ones while the whole is over the limit
+    ($MMEDGE_OPENVINO_CACHE_MB, default 8192; the package being opened is always kept).
+    """
+
+    RECORD = "package.json"
+    ORPHAN_S = 600  # a folder without a record may be one another process is filling
+
+    def __init__(self, root: Path, limit_mb: float | None = None):
+        self.root = Path(root)
+        if limit_mb is None:
+            raw = os.environ.get(CACHE_LIMIT_ENV, "").strip()
+            try:
+                limit_mb = float(raw) if raw else CACHE_LIMIT_MB
+            except ValueError:
+                raise MmedgeError(f"{CACHE_LIMIT_ENV} must be a number of megabytes, got {raw!r}") from None
+        self.limit = int(limit_mb * (1 << 20))
+        self._pruned = False
+
+    @staticmethod
+    def _manifest_digest(package: Path) -> str:
+        from mmedge.manifest import MANIFEST_NAME
+
+        try:
+            return hashlib.sha256((package / MANIFEST_NAME).read_bytes()).hexdigest()
+        except OSError:
+            return ""
+
+    def folder(self, package: Path) -> Path:
+        """The cache folder for the graphs of `package` (made, emptied if the package changed since, recorded)."""
+        package = Path(package).resolve()
+        folder = self.root / hashlib.sha256(str(package).encode()).hexdigest()[:32]
+        digest = self._manifest_digest(package)
+        record = self._read(folder)
+        if record is not None and record.get("manifest") != digest:
+            shutil.rmtree(folder, ignore_errors=True)  # compiled from the files of an earlier export at this path
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f"{self.RECORD}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({"package": str(package), "manifest": digest}))
+        os.replace(tmp, folder / self.RECORD)  # its mtime: when the package was last opened
+        if not self._pruned:
+            self._pruned = True
+            self.prune(keep=folder)
+        return folder
+
+    def _read(self, folder: Path) -> dict | None:
+        try:
+            record = json.loads((folder / self.RECORD).read_text())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    def prune(self, keep: Path | None = None) -> list[Path]:
+        """Remove the entries of packages that are gone or changed, then the least recently opened while the
+        cache is over its limit; returns the folders (and stray files) removed."""
+        removed, live = [], []
+        try:
+            entries = list(self.root.iterdir())
+        except OSError:
+            return removed
+        now = time.time()
+        for entry in entries:
+            if entry == keep:
+                continue
+            if entry.is_file():  # the flat layout of earlier versions: no package to tell it by
+                if entry.suffix == ".blob":
+                    entry.unlink(missing_ok=True)
+                    removed.append(entry)
+                continue
+            record = self._read(entry)
+            if record is None:
+                try:
+                    young = now - entry.stat().st_mtime < self.ORPHAN_S
+                except OSError:
+                    continue
+                if young:
+                    continue
+                stale = True
+            else:
+                package = Path(str(record.get("package", "")))
+                stale = not package.is_absolute() or self._manifest_digest(package) != record.get("manifest")
+            if stale:
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+            else:
+                live.append(entry)
+        sizes = {entry: _size(entry) for entry in live}
+        total = sum(sizes.values()) + (_size(keep) if keep else 0)
+        for entry in sorted(live, key=lambda e: _mtime(e / self.RECORD)):
+            if total <= self.limit:
+                break
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+            total -= sizes[entry]
+        if removed:
+            log.info("OpenVINO model cache: removed %d stale or old entries from %s", len(removed), self.root)
+        return removed
+
+
+def _size(folder: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 class OpenVinoGraph:
@@ -68,7 +199,8 @@ class OpenVinoBackend:
     cache_dir: where OpenVINO keeps each compiled graph (its model cache, CACHE_DIR), so that the next load of
     the same file with the same settings imports it instead of compiling; default $MMEDGE_CACHE/openvino,
     None or "" for none (also when the folder cannot be made). OpenVINO keys each entry on the graph file
-    and the compile settings, and compiles again when the file changes.
+    and the compile settings, and compiles again when the file changes; `ModelCache` keeps one folder per
+    package and prunes the rest.
     """
 
     name = "openvino"
@@ -113,18 +245,25 @@ class OpenVinoBackend:
 
             cache_dir = user_cache_dir() / "openvino"
         self.cache_dir = None
+        self.cache = None
         if cache_dir:
             try:
                 Path(cache_dir).mkdir(parents=True, exist_ok=True)
-                self.core.set_property({"CACHE_DIR": str(cache_dir)})
+                self.cache = ModelCache(Path(cache_dir))
                 self.cache_dir = Path(cache_dir)
             except OSError as exc:
                 log.info("OpenVINO model cache off: %s", exc)
 
     def load(self, path: Path):
+        config = self.config
+        if self.cache is not None:
+            try:
+                config = {**config, "CACHE_DIR": str(self.cache.folder(Path(path).parent))}
+            except OSError as exc:
+                log.info("OpenVINO model cache off for %s: %s", path, exc)
         try:
             # from the path: with a cache entry for this file and these settings, the graph is not even read
-            compiled = self.core.compile_model(str(path), self.device, self.config)
+            compiled = self.core.compile_model(str(path), self.device, config)
         except Exception as exc:  # openvino raises RuntimeError with multi-line messages
             raise MmedgeError(f"OpenVINO could not load {Path(path).name}: {reason(exc)}") from None
         return OpenVinoGraph(compiled)
