@@ -313,7 +313,18 @@ def awq_scales(w: np.ndarray, act_mean: np.ndarray, rows: np.ndarray, block: int
 # AVX-512 VNNI) a decode step took 10.4 ms at level 0 and 8.2 ms at level 4 with an fp32 LM head, 5.0 ms with
 # the LM head in 8 bits too (tools/bench_peers.py, docs/benchmarks.md).
 ACCURACY_LEVEL = 4
-INT8_BLOCK = 32
+# INT8 blocks: 32 values, or 128 where a weight's K is at least INT8_WIDE_K. At a real model's width the
+# 32-blocks' float scales are an eighth of the int8 bytes and the kernel is slower: Qwen2-VL-2B's LM head (K 1536,
+# N 151936), one decode step on 2 threads here, took X ms in blocks of 32 and Y ms in blocks of 128
+# (docs/quantization.md). Every demo model is narrower (K <= 512), so its packages are as before.
+INT8_BLOCK, INT8_WIDE_BLOCK, INT8_WIDE_K = 32, 128, 1024
+
+
+def int8_block(k: int) -> int:
+    return INT8_WIDE_BLOCK if k >= INT8_WIDE_K else INT8_BLOCK
+
+
+INT8_BLOCKS = f"block {INT8_BLOCK}, {INT8_WIDE_BLOCK} where K >= {INT8_WIDE_K}"
 
 
 def quantize_decoder_int8(src: Path, dst: Path) -> dict:
@@ -321,9 +332,9 @@ def quantize_decoder_int8(src: Path, dst: Path) -> dict:
     graph = GraphWeights(src)
     _name_nodes(graph.model)
     matmuls = _weight_matmuls(graph.model)
-    deferred = to_matmul_nbits(graph, matmuls, 8, INT8_BLOCK, ACCURACY_LEVEL)
+    deferred = to_matmul_nbits(graph, matmuls, 8, int8_block, ACCURACY_LEVEL)
     graph.write(dst, deferred, external=_has_external_data(src))
-    return {"scheme": f"int8 block-wise weights (MatMulNBits, block {INT8_BLOCK}, symmetric); activations int8 "
+    return {"scheme": f"int8 block-wise weights (MatMulNBits, {INT8_BLOCKS}, symmetric); activations int8 "
                       f"per block at run time (accuracy level {ACCURACY_LEVEL})", "matmuls": len(matmuls)}
 
 
@@ -423,10 +434,10 @@ def quantize_decoder_int4(src: Path, dst: Path, block: int, method: str, stats: 
     heads = lm_heads(graph.model, matmuls, lm_head_vocab)
     awq = apply_awq(graph, matmuls, heads, block, stats) if method == "awq" else {}
     deferred = to_matmul_nbits(graph, [n for n in matmuls if n.name not in heads], 4, block, ACCURACY_LEVEL)
-    deferred.update(to_matmul_nbits(graph, [n for n in matmuls if n.name in heads], 8, INT8_BLOCK, ACCURACY_LEVEL))
+    deferred.update(to_matmul_nbits(graph, [n for n in matmuls if n.name in heads], 8, int8_block, ACCURACY_LEVEL))
     graph.write(dst, deferred, external=_has_external_data(src))
     return {"scheme": f"int4 block-wise (MatMulNBits, block {block}, symmetric) weights; LM head int8 block-wise "
-                      f"(block {INT8_BLOCK}); activations int8 per block at run time (accuracy level {ACCURACY_LEVEL})",
+                      f"({INT8_BLOCKS}); activations int8 per block at run time (accuracy level {ACCURACY_LEVEL})",
             "int4_method": method, "int4_matmuls": len(matmuls) - len(heads), **awq}
 
 

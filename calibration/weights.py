@@ -111,9 +111,10 @@ def quantize_columns(w_columns, k: int, n: int, bits: int, block: int):
     return packed, scales
 
 
-def to_matmul_nbits(weights: GraphWeights, nodes: list, bits: int, block: int, accuracy_level: int) -> dict:
-    """Replace each MatMul of `nodes` (weight [K, N] in `weights`) by MatMulNBits of `bits`; returns the deferred
-    initializers (name -> function) that GraphWeights.write computes one at a time."""
+def to_matmul_nbits(weights: GraphWeights, nodes: list, bits: int, block, accuracy_level: int) -> dict:
+    """Replace each MatMul of `nodes` (weight [K, N] in `weights`) by MatMulNBits of `bits` in blocks of `block`
+    (or of `block(K)`); returns the deferred initializers (name -> function) that GraphWeights.write computes one
+    at a time."""
     graph = weights.model.graph
     deferred = {}
     done: dict[str, tuple] = {}  # the last weight quantized: its packed values wait for their scales' turn
@@ -122,10 +123,11 @@ def to_matmul_nbits(weights: GraphWeights, nodes: list, bits: int, block: int, a
         name = node.input[1]
         k, n = weights.shape(name)
         packed_name, scales_name = f"{name}_Q{bits}", f"{name}_scales"
+        blk = block(k) if callable(block) else block
 
-        def quantized(name=name, k=k, n=n):
+        def quantized(name=name, k=k, n=n, blk=blk):
             base = weights.array(name)  # one weight, AWQ factors applied
-            return quantize_columns(lambda a, b: base[:, a:b], k, n, bits, block)
+            return quantize_columns(lambda a, b: base[:, a:b], k, n, bits, blk)
 
         def packed(name=name, quantized=quantized):
             done.clear()
@@ -135,12 +137,12 @@ def to_matmul_nbits(weights: GraphWeights, nodes: list, bits: int, block: int, a
         def scales(name=name, quantized=quantized):
             return (done.pop(name, None) or quantized())[1]
 
-        k_blocks = (k + block - 1) // block
+        k_blocks = (k + blk - 1) // blk
         graph.initializer.append(TensorProto(name=packed_name, data_type=TensorProto.UINT8,
-                                             dims=[n, k_blocks, block * bits // 8]))
+                                             dims=[n, k_blocks, blk * bits // 8]))
         graph.initializer.append(TensorProto(name=scales_name, data_type=TensorProto.FLOAT, dims=[n, k_blocks]))
         deferred[packed_name], deferred[scales_name] = packed, scales
-        attrs = dict(K=k, N=n, bits=bits, block_size=block)
+        attrs = dict(K=k, N=n, bits=bits, block_size=blk)
         if accuracy_level:
             attrs["accuracy_level"] = accuracy_level
         quantized = helper.make_node("MatMulNBits", [node.input[0], packed_name, scales_name], list(node.output),

@@ -30,8 +30,8 @@ class ModelCache:
     re-export, every copy and every temporary package left its compiled weights behind (16 GB in 15,018 files
     here after the test suite had run a few times). Here a package's entries live in a folder keyed by its
     path, with a record of its manifest's sha256. When a package is opened, that folder is emptied if the
-    package was re-exported since, and the other folders are pruned (once per process): those whose package
-    is gone or changed, then the least recently opened ones while the whole is over the limit
+    package was re-exported since, and the other folders are pruned (at the first graph of each load): those
+    whose package is gone or changed, then the least recently opened ones while the whole is over the limit
     ($MMEDGE_OPENVINO_CACHE_MB, default 8192; the package being opened is always kept).
     """
 
