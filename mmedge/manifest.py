@@ -540,9 +540,13 @@ def _identity(stat) -> list[int]:
     return [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
 
 
+def package_key(directory: Path) -> str:
+    """A package directory's name in mmedge's caches: a hash of its resolved path."""
+    return hashlib.sha256(str(Path(directory).resolve()).encode()).hexdigest()[:32]
+
+
 def _record_path(directory: Path) -> Path:
-    key = hashlib.sha256(str(Path(directory).resolve()).encode()).hexdigest()[:32]
-    return user_cache_dir() / "verified" / f"{key}.json"
+    return user_cache_dir() / "verified" / f"{package_key(directory)}.json"
 
 
 def _read_record(directory: Path, manifest_digest: str) -> dict[str, list[int]]:

@@ -48,6 +48,7 @@ class ModelCache:
                 raise MmedgeError(f"{CACHE_LIMIT_ENV} must be a number of megabytes, got {raw!r}") from None
         self.limit = int(limit_mb * (1 << 20))
         self._pruned = False
+        self._folders: dict[Path, Path] = {}  # package -> its folder, made and recorded once per load
 
     @staticmethod
     def _manifest_digest(package: Path) -> str:
@@ -60,8 +61,12 @@ class ModelCache:
 
     def folder(self, package: Path) -> Path:
         """The cache folder for the graphs of `package` (made, emptied if the package changed since, recorded)."""
+        from mmedge.manifest import package_key
+
         package = Path(package).resolve()
-        folder = self.root / hashlib.sha256(str(package).encode()).hexdigest()[:32]
+        if package in self._folders:
+            return self._folders[package]
+        folder = self.root / package_key(package)
         digest = self._manifest_digest(package)
         record = self._read(folder)
         if record is not None and record.get("manifest") != digest:
@@ -70,6 +75,7 @@ class ModelCache:
         tmp = folder / f"{self.RECORD}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps({"package": str(package), "manifest": digest}))
         os.replace(tmp, folder / self.RECORD)  # its mtime: when the package was last opened
+        self._folders[package] = folder
         if not self._pruned:
             self._pruned = True
             self.prune(keep=folder)
