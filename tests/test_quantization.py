@@ -92,6 +92,12 @@ def test_quantized_demo_model_keeps_its_accuracy_and_shrinks(demo_packages, scor
     assert "teacher-forced: top-1 agreement" in stdout  # the table printed at export
     weights = low_precision_weights(package, "decoder")
     assert ("int4" in weights) == (quant == "int4") and weights & {"int8", "uint8"}  # int4 body, int8 LM head
+    if target == "openvino":  # the group of activations quantized together, as written into the graph
+        import openvino as ov
+
+        compiled = ov.Core().compile_model(str(package / "decoder.xml"), "CPU")
+        assert compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE") == decoder["activation_group"]
+        assert "activation_group" not in q["graphs"]["embed_tokens"]
 
     shown = run_cli("inspect", str(package))
     assert shown.returncode == 0 and "greedy answers identical to fp32" in shown.stdout
@@ -126,6 +132,39 @@ def test_per_graph_overrides_and_block_size(demo_packages, scores):
     assert "QuantizeLinear" not in vision
     ref = accuracy(scores, quantized(demo_packages, "fp32")[0])
     assert accuracy(scores, package)["accuracy"] >= ref["accuracy"] - MAX_DROP["int4"]
+
+
+def test_openvino_activation_group_divides_every_compressed_weight():
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    from mmedge.calibration.openvino import set_activation_group
+
+    def weight(values, kind, shape):  # a compressed weight as NNCF writes it: constant, Convert, scale
+        w = ops.multiply(ops.convert(ops.constant(values, kind), ov.Type.f32), ops.constant(np.float32(0.1)))
+        return ops.reshape(w, ops.constant(np.array(shape, np.int64)), False)
+
+    def model(*int4_groups, int8_width=None, table=False):
+        x = ops.parameter([1, 384], ov.Type.f32, name="x")
+        h = x
+        for g in int4_groups:
+            h = ops.matmul(h, weight(np.zeros((384, 384 // g, g), np.int8), ov.Type.i4, [384, 384]), False, True)
+        if int8_width:
+            h = ops.matmul(h, weight(np.zeros((8, int8_width), np.uint8), ov.Type.u8, [8, int8_width]), False, True)
+        if table:  # gathered, not multiplied: no group of its own
+            h = ops.gather(weight(np.zeros((10, 8), np.uint8), ov.Type.u8, [10, 8]), ops.constant(np.int64(1)), 0)
+        return ov.Model([h], [x])
+
+    def option(m):
+        return m.get_rt_info()["runtime_options"]["DYNAMIC_QUANTIZATION_GROUP_SIZE"].astype(int)
+
+    m = model(128, 64)
+    assert set_activation_group(m) == 64 and option(m) == 64  # the widest group dividing both
+    m = model(128, int8_width=384)  # an int8 weight is per channel: its width counts, gcd(128, 384) = 128
+    assert set_activation_group(m) == 128 and option(m) == 128
+    m = model(16)  # below OpenVINO's default: the default stays, nothing written
+    assert set_activation_group(m) == 32 and "runtime_options" not in m.get_rt_info()
+    assert set_activation_group(model(table=True)) is None
 
 
 def _weight_types(package, graph: str) -> list[str]:
