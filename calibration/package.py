@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from mmedge.calibration.data import CalibrationSet
 from mmedge.calibration.plan import describe
-from mmedge.runtimes.pipeline import graph_parts
+from mmedge.runtimes.loading import graph_parts
 from mmedge.errors import ExportError, first_line
 from mmedge.manifest import Manifest
 

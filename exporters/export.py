@@ -118,7 +118,7 @@ def _locked_export(opts: ExportOptions) -> Manifest:
     config = ckpt.read_config(path)
     family = ckpt.family_for(config["model_type"])
     calib = None
-    encoder = family.has_encoder(config) if hasattr(family, "has_encoder") else getattr(family, "ENCODER", False)
+    encoder = family.has_encoder(config) if hasattr(family, "has_encoder") else False
     plan = parse_quant(opts.quant, opts.target, kind=getattr(family, "KIND", "generative"), encoder=encoder)
     resources.check(path, Path(opts.output).resolve(), quantized=set(plan.values()) != {"fp32"},
                     whole=not getattr(_target_module(opts.target), "LAZY_WEIGHTS", False))

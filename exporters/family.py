@@ -9,9 +9,9 @@ A family is one module in mmedge/exporters/families/ with:
     def load(checkpoint: Path) -> torch model   # optional: `load_pretrained` when absent
     KIND = "embedding"                     # optional: a dual encoder (CLIP, SigLIP), whose split() gives
                                            # EncoderParts and describe() an EmbeddingDescription
-    ENCODER = True                         # optional: an encoder-decoder (Parts.encoder: an `encoder` graph)
-    def has_encoder(config: dict) -> bool  # optional, instead of ENCODER: whether this checkpoint (its
-                                           # config.json) is one (BLIP-2: with Flan-T5, not with OPT)
+    def has_encoder(config: dict) -> bool  # optional: whether this checkpoint (its config.json) is an
+                                           # encoder-decoder (Parts.encoder: an `encoder` graph): Florence-2,
+                                           # Whisper; BLIP-2 with Flan-T5, not with OPT. Absent: it is not
     TAKES = "audio"                        # optional: the packages read audio, not images (Whisper)
 
 The exporter turns `Parts` into graphs and `Description` into manifest

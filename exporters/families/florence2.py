@@ -34,11 +34,16 @@ from mmedge.exporters.family import (Description, EncoderKV, Parts, decoder_star
 from mmedge.manifest import PreprocessSpec, PromptSpec, SchemeSpec
 
 MODEL_TYPES = ("florence2",)
-ENCODER = True
 ALIASES = {"florence-2": "florence-community/Florence-2-base", "florence-2-large": "florence-community/Florence-2-large"}
 IMAGE = "<image>"
 PUBLISHED_SIZE = 768
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def has_encoder(config: dict) -> bool:
+    return True  # every Florence-2: its BART encoder reads the image features and the prompt
+
 
 # Florence2Processor's task tokens: those taking no text become its sentence; those taking text put it at {input}
 TASKS = {

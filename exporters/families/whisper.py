@@ -33,7 +33,10 @@ MODEL_TYPES = ("whisper",)
 ALIASES = {"whisper-tiny": "openai/whisper-tiny", "whisper-base": "openai/whisper-base",
            "whisper-small": "openai/whisper-small"}
 TAKES = "audio"  # what the family's packages read instead of images
-ENCODER = True
+
+
+def has_encoder(config: dict) -> bool:
+    return True  # every Whisper: its encoder reads the log-mel features
 
 
 class WhisperDecoderStack(torch.nn.Module):
