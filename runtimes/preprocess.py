@@ -26,7 +26,7 @@ from mmedge.manifest import PreprocessSpec
 
 ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 
-_RESAMPLE = {
+RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
@@ -162,18 +162,18 @@ def preprocess_with_grid(image: ImageInput, spec: PreprocessSpec) -> tuple[np.nd
         if spec.do_resize:
             size = _resized(img.size, spec)
             if img.size != size:
-                img = img.resize(size, resample=_RESAMPLE[spec.resample])
-        arr = _rgb_array(img)
+                img = img.resize(size, resample=RESAMPLE[spec.resample])
+        arr = rgb_array(img)
         frames, grid = [_center_crop(arr, spec.height, spec.width) if spec.do_center_crop else arr], (0, 0)
-    return np.ascontiguousarray(np.stack([_normalized(f, spec) for f in frames])), grid
+    return np.ascontiguousarray(np.stack([normalized(f, spec) for f in frames])), grid
 
 
-def _rgb_array(img: Image.Image) -> np.ndarray:
+def rgb_array(img: Image.Image) -> np.ndarray:
     arr = np.asarray(img)
     return np.repeat(arr[..., None], 3, axis=2) if arr.ndim == 2 else arr
 
 
-def _normalized(arr: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+def normalized(arr: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """HxWx3 uint8 -> 3xHxW float32, rescaled in float64 then normalized in float32 as transformers does."""
     pixels = arr.astype(np.float64)
     if spec.do_rescale:
@@ -190,7 +190,7 @@ def _tiles(img: Image.Image, spec: PreprocessSpec) -> tuple[list[np.ndarray], tu
     """Idefics3 / SmolVLM: longest edge to `longest_edge`, then either one square of `tile_size` (no
     splitting) or tiles of tile_size x tile_size, row by row, followed by the whole image squashed to one
     tile. Every resize is Pillow's filter on 8-bit RGB, with the processor's own rounding."""
-    resample = _RESAMPLE[spec.resample]
+    resample = RESAMPLE[spec.resample]
     tile = spec.tile_size
 
     def resize(im, h, w):
@@ -199,7 +199,7 @@ def _tiles(img: Image.Image, spec: PreprocessSpec) -> tuple[list[np.ndarray], tu
     if spec.do_resize:
         img = resize(img, *_longest_edge_size(img.height, img.width, spec.longest_edge))
     if not spec.do_image_splitting:
-        return [_rgb_array(resize(img, tile, tile))], (0, 0)
+        return [rgb_array(resize(img, tile, tile))], (0, 0)
     h, w = img.height, img.width
     ratio = w / h
     if w >= h:
@@ -210,11 +210,11 @@ def _tiles(img: Image.Image, spec: PreprocessSpec) -> tuple[list[np.ndarray], tu
         w = math.ceil(int(h * ratio) / tile) * tile
     img = resize(img, h, w)
     if h <= tile and w <= tile:
-        return [_rgb_array(img)], (0, 0)
+        return [rgb_array(img)], (0, 0)
     rows, cols = h // tile, w // tile
-    arr = _rgb_array(img)
+    arr = rgb_array(img)
     frames = [arr[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] for r in range(rows) for c in range(cols)]
-    frames.append(_rgb_array(resize(img, tile, tile)))
+    frames.append(rgb_array(resize(img, tile, tile)))
     return frames, (rows, cols)
 
 
@@ -239,20 +239,20 @@ def _aspect_tiles(img: Image.Image, spec: PreprocessSpec) -> tuple[list[np.ndarr
     """InternVL / GOT-OCR2: the image resized to the grid of `tile_grid`, cut into tiles row by row, and with more
     than one tile the whole image resized to a last one; without splitting, one tile-sized square. Pillow's
     filter on 8-bit RGB, as the processor's PIL backend resizes."""
-    resample = _RESAMPLE[spec.resample]
+    resample = RESAMPLE[spec.resample]
     tile = spec.tile_size
 
     def resize(im, h, w):
         return im if im.size == (w, h) else im.resize((w, h), resample=resample)
 
     if not spec.do_image_splitting:
-        return [_rgb_array(resize(img, tile, tile) if spec.do_resize else img)], (0, 0)
+        return [rgb_array(resize(img, tile, tile) if spec.do_resize else img)], (0, 0)
     cols, rows = tile_grid(img.height, img.width, tile, spec.min_tiles or 1, spec.max_tiles or 1)
     if cols * rows == 1:
-        return [_rgb_array(resize(img, tile, tile))], (0, 0)
-    arr = _rgb_array(resize(img, rows * tile, cols * tile))
+        return [rgb_array(resize(img, tile, tile))], (0, 0)
+    arr = rgb_array(resize(img, rows * tile, cols * tile))
     frames = [arr[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] for r in range(rows) for c in range(cols)]
-    frames.append(_rgb_array(resize(img, tile, tile)))
+    frames.append(rgb_array(resize(img, tile, tile)))
     return frames, (rows, cols)
 
 
@@ -288,11 +288,11 @@ def _tile_canvas(img: Image.Image, spec: PreprocessSpec) -> tuple[np.ndarray, tu
     canvas_h, canvas_w = tiled_canvas(img.height, img.width, most, tile)
     h, w = _fit_to_canvas(img.height, img.width, canvas_h, canvas_w, tile)
     if img.size != (w, h):
-        img = img.resize((w, h), resample=_RESAMPLE[spec.resample])
+        img = img.resize((w, h), resample=RESAMPLE[spec.resample])
     canvas = np.zeros((canvas_h, canvas_w, 3), np.uint8)
-    canvas[:h, :w] = _rgb_array(img)
+    canvas[:h, :w] = rgb_array(img)
     rows, cols = canvas_h // tile, canvas_w // tile
-    pixels = _normalized(canvas, spec).reshape(3, rows, tile, cols, tile).transpose(1, 3, 0, 2, 4)
+    pixels = normalized(canvas, spec).reshape(3, rows, tile, cols, tile).transpose(1, 3, 0, 2, 4)
     out = np.zeros((most, 3, tile, tile), np.float32)
     out[: rows * cols] = pixels.reshape(rows * cols, 3, tile, tile)
     return out, (rows, cols)
@@ -330,8 +330,8 @@ def _patches(img: Image.Image, spec: PreprocessSpec, frames: int = 1) -> tuple[n
     if spec.do_resize:
         h, w = smart_resize(img.height, img.width, spec)
         if img.size != (w, h):
-            img = img.resize((w, h), resample=_RESAMPLE[spec.resample])
-    arr = _normalized(_rgb_array(img), spec)  # [3, H, W]
+            img = img.resize((w, h), resample=RESAMPLE[spec.resample])
+    arr = normalized(rgb_array(img), spec)  # [3, H, W]
     p, m, t = spec.patch_size, spec.merge_size, spec.temporal_patch_size
     c, height, width = arr.shape
     gh, gw = height // p, width // p

@@ -132,7 +132,7 @@ def prepare_video(video: VideoInput, spec: PreprocessSpec, fps: float | None = N
     max_tokens: the most tokens the video may take: its frames resized down to fit (dynamic resolution), or, where
     each frame takes a fixed `tokens_per_frame`, at most that many frames sampled from a file (a list of frames
     over it is refused)."""
-    from mmedge.runtimes.preprocess import _normalized, _rgb_array, _RESAMPLE, load_image, smart_resize, to_rgb
+    from mmedge.runtimes.preprocess import RESAMPLE, load_image, normalized, rgb_array, smart_resize, to_rgb
 
     if spec.video_fps is None:
         raise InputError("this package's model takes no video")
@@ -175,8 +175,8 @@ def prepare_video(video: VideoInput, spec: PreprocessSpec, fps: float | None = N
             size["hw"] = smart_resize(h, w, budget, *bounds(count)) if spec.do_resize else (h, w)
         h, w = size["hw"]
         if frame.size != (w, h):
-            frame = frame.resize((w, h), resample=_RESAMPLE[spec.resample])
-        return _normalized(_rgb_array(frame), spec)
+            frame = frame.resize((w, h), resample=RESAMPLE[spec.resample])
+        return normalized(rgb_array(frame), spec)
 
     if isinstance(video, (str, os.PathLike)):
         arrays, rate, indices, native = read_video(video, spec, convert)
