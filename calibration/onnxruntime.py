@@ -2,7 +2,9 @@
 
 - vision encoder, projector: INT8 QDQ, activations and weights, ranges
   calibrated (MinMax / Entropy / Percentile) on their recorded inputs;
-- embedding table: INT8 per row (a scale per token), dequantized by Gather;
+- embedding table: INT8 per row (a scale per token), dequantized by Gather; where the LM head is the same table
+  (tied weights) and the decoder keeps its weights in a data file, the embedding instead gathers rows of the
+  head's INT8 blocks from that file (GatherBlockQuantized), so the table is stored and mapped once;
 - decoder INT8: block-wise INT8 MatMulNBits weights, activations quantized per
   block at run time, since a decoder's activation ranges move with the text;
 - decoder INT4: block-wise INT4 MatMulNBits for every weight MatMul but the LM
@@ -256,6 +258,74 @@ def quantize_embedding_int8(src: Path, dst: Path) -> dict:
         raise ExportError(f"{src.name} has no embedding table (Gather on a 2-D initializer) to quantize")
     save_model(model, dst)
     return {"scheme": "int8 weight-only, one scale per row"}
+
+
+def share_tied_table(embed_src: Path, embed_dst: Path, decoder_src: Path, decoder_dst: Path) -> dict | None:
+    """Write `embed_dst` as a graph that gathers its rows from the quantized decoder's LM head, when the head is
+    the embedding table (tied weights); None (nothing written) when it is not, or cannot be shared.
+
+    The head is 8-bit MatMulNBits in blocks along the hidden size, stored [vocab, blocks, block] with scales
+    [vocab, blocks] in `decoder.onnx.data`: byte for byte an embedding table quantized per row block, which
+    GatherBlockQuantized reads as [vocab, hidden] (same zero point, 128). The embedding graph's two tensors
+    point into the decoder's data file (same folder), so the table is on disk once and ONNX Runtime maps the
+    same pages for both graphs. Shared where the decoder has a data file (past 64 MB of weights) and the block
+    divides the hidden size; the fp32 tables are compared value for value first.
+    """
+    if not _has_external_data(decoder_dst):
+        return None
+    embed = GraphWeights(embed_src)
+    gathers = [n for n in embed.model.graph.node
+               if n.op_type == "Gather" and n.input[0] in embed.inits and len(embed.shape(n.input[0])) == 2]
+    if len(gathers) != 1:
+        return None
+    gather, table = gathers[0], embed.inits[gathers[0].input[0]]
+    others = [i for i in embed.model.graph.initializer if i is not table and i.data_location == onnx.TensorProto.EXTERNAL]
+    vocab, hidden = table.dims
+    decoder = GraphWeights(decoder_src)
+    heads = [n for n in _weight_matmuls(decoder.model) if decoder.shape(n.input[1]) == (hidden, vocab)]
+    if others or len(heads) != 1:
+        return None
+    quantized = onnx.load(str(decoder_dst), load_external_data=False)
+    head = next((n for n in quantized.graph.node if n.op_type == "MatMulNBits" and n.output[0] == heads[0].output[0]),
+                None)
+    attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute} if head is not None else {}
+    if attrs.get("bits") != 8 or len(head.input) != 3 or hidden % attrs["block_size"] \
+            or not _same_table(embed, table.name, decoder, heads[0].input[1]):
+        return None
+    block = attrs["block_size"]
+    inits = {i.name: i for i in quantized.graph.initializer}
+    values = _external_view(inits[head.input[1]], table.name + "_head_q8", onnx.TensorProto.UINT8, [vocab, hidden])
+    scales = _external_view(inits[head.input[2]], table.name + "_head_scales", onnx.TensorProto.FLOAT,
+                            [vocab, hidden // block])
+    model = embed.model
+    model.graph.initializer.remove(table)
+    model.graph.initializer.extend([values, scales])
+    at = list(model.graph.node).index(gather)
+    model.graph.node.remove(gather)
+    model.graph.node.insert(at, helper.make_node(
+        "GatherBlockQuantized", [values.name, gather.input[1], scales.name], list(gather.output), name=gather.name,
+        domain="com.microsoft", bits=8, block_size=block, gather_axis=0, quantize_axis=1))
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    embed_dst.with_name(embed_dst.name + ".data").unlink(missing_ok=True)
+    onnx.save_model(model, str(embed_dst))  # the graph only: its two tensors point into the decoder's data file
+    return {"scheme": f"int8 blocks of {block} shared with the LM head (tied): GatherBlockQuantized over the "
+                      f"decoder's MatMulNBits weights in {values.external_data[0].value}", "shared_with": "decoder"}
+
+
+def _external_view(tensor: onnx.TensorProto, name: str, dtype: int, dims: list[int]) -> onnx.TensorProto:
+    """A tensor named `name` with `dims` over the bytes of external `tensor` (same file, offset and length)."""
+    view = onnx.TensorProto(name=name, data_type=dtype, dims=dims, data_location=onnx.TensorProto.EXTERNAL)
+    for entry in tensor.external_data:
+        view.external_data.add(key=entry.key, value=entry.value)
+    return view
+
+
+def _same_table(embed: GraphWeights, table: str, decoder: GraphWeights, head: str, rows: int = 8192) -> bool:
+    """Whether embedding `table` [vocab, hidden] equals LM head weight `head` [hidden, vocab] transposed, compared
+    a slice of rows at a time from the mapped files."""
+    a, b = embed.mapped(table), decoder.mapped(head)
+    return all(np.array_equal(a[i:i + rows], b[:, i:i + rows].T) for i in range(0, a.shape[0], rows))
 
 
 def convert_fp16(src: Path, dst: Path) -> dict:

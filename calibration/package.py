@@ -8,6 +8,8 @@ Target-independent; the graph transforms live in one module per target
         how the decoder is run during calibration when its quantizer needs data
     BACKEND (optional): the runtime backend that runs the graphs here, if not the target's own
     quantize_graph(part, precision, src, dst, options, feeds, decoder_data) -> report dict
+    share_tied_table(embed_src, embed_dst, decoder_src, decoder_dst) (optional) -> report dict or None
+        an INT8 embedding that reads the quantized LM head's table when they are one (tied weights)
 
 Flow: the fp32 package runs the calibration samples through the real runtime
 (preprocessing, vision encoder, projector, embeddings, prefill and cached
@@ -182,13 +184,16 @@ def _quantize(target, stage, work, manifest, fp32, plan, calib, options, progres
             capture[0].unlink(missing_ok=True)  # a decoder copy that returned its MatMul inputs (ONNX Runtime)
 
     graphs = {}
-    bar = tqdm([p for p in fp32 if plan[p] != "fp32"], desc="quantize", unit="graph", disable=not progress)
+    # the embedding after the decoder: where the LM head is the same table, it may be stored once (share_tied_table)
+    parts = sorted((p for p in fp32 if plan[p] != "fp32"), key=lambda p: p == "embed_tokens")
+    bar = tqdm(parts, desc="quantize", unit="graph", disable=not progress)
     for part in bar:
         bar.set_postfix_str(f"{part} {plan[part]}")
         src, dst = fp32[part], work / fp32[part].name
         try:
             with quiet():
-                graphs[part] = target.quantize_graph(part, plan[part], src, dst, options, feeds, decoder_data)
+                graphs[part] = _shared_table(target, part, plan, fp32, work) \
+                    or target.quantize_graph(part, plan[part], src, dst, options, feeds, decoder_data)
         except ExportError:
             raise
         except Exception as exc:  # the quantization libraries raise whatever they meet
@@ -214,6 +219,15 @@ def _quantize(target, stage, work, manifest, fp32, plan, calib, options, progres
         "bytes": sum(g["bytes"] for g in graphs.values()),
         **measured,
     }
+
+
+def _shared_table(target, part: str, plan: dict, fp32: dict, work: Path) -> dict | None:
+    """An INT8 embedding that reads the quantized LM head's table, where the target can share it (its
+    `share_tied_table`) and the head is that table; None otherwise."""
+    share = getattr(target, "share_tied_table", None)
+    if share is None or part != "embed_tokens" or plan[part] != "int8" or plan.get("decoder") not in ("int8", "int4"):
+        return None
+    return share(fp32[part], work / fp32[part].name, fp32["decoder"], work / fp32["decoder"].name)
 
 
 def graph_bytes(target, path: Path) -> int:

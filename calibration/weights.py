@@ -54,13 +54,26 @@ class GraphWeights:
         init = self.inits[name]
         if init.data_location != TensorProto.EXTERNAL:
             return numpy_helper.to_array(init)
+        file, offset = self._external(init)
+        dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
+        count = int(np.prod(init.dims, dtype=np.int64))
+        return np.fromfile(file, dtype=dtype, count=count, offset=offset).reshape(init.dims)
+
+    def mapped(self, name: str) -> np.ndarray:
+        """Initializer `name` as stored (no factors), memory-mapped where it is in a data file: read as sliced."""
+        init = self.inits[name]
+        if init.data_location != TensorProto.EXTERNAL:
+            return numpy_helper.to_array(init)
+        file, offset = self._external(init)
+        return np.memmap(file, dtype=helper.tensor_dtype_to_np_dtype(init.data_type), mode="r", offset=offset,
+                         shape=tuple(init.dims))
+
+    def _external(self, init) -> tuple[Path, int]:
         info = {e.key: e.value for e in init.external_data}
         file = (self.path.parent / info["location"]).resolve()
         if not file.is_relative_to(self.path.parent.resolve()):
             raise ValueError(f"{init.name}'s data file {info['location']!r} is outside {self.path.parent}")
-        dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
-        count = int(np.prod(init.dims, dtype=np.int64))
-        return np.fromfile(file, dtype=dtype, count=count, offset=int(info.get("offset", 0))).reshape(init.dims)
+        return file, int(info.get("offset", 0))
 
     def array(self, name: str) -> np.ndarray:
         array = self._base(name)

@@ -5,6 +5,8 @@ One runner over every tiny family shape and target (conftest.CASES).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -220,11 +222,47 @@ def test_external_data_package(checkpoints, packages, tmp_path, monkeypatch):
     assert list(external.generate_ids(image, "caption en", max_new_tokens=12, ignore_eos=True)) == list(
         inline.generate_ids(image, "caption en", max_new_tokens=12, ignore_eos=True)
     )
-    # quantized from external-data graphs: the same graphs as from inline ones
+    # quantized from external-data graphs: the same graphs as from inline ones, but for the tied embedding table,
+    # stored once: the embedding gathers the LM head's INT8 blocks from the decoder's data file
     quantized = export(ExportOptions(model=str(checkpoints["paligemma-gqa"]), output=tmp_path / "int8",
                                      quant="int8", calib_samples=8, progress=False))
-    assert all(f"{spec.file}.data" in quantized.files for spec in quantized.graphs.values())
+    embed = quantized.graphs["embed_tokens"].file
+    assert all(f"{spec.file}.data" in quantized.files for part, spec in quantized.graphs.items() if part != "embed_tokens")
+    assert f"{embed}.data" not in quantized.files
+    assert quantized.quantization["graphs"]["embed_tokens"]["shared_with"] == "decoder"
     inline = Pipeline.load(packages("paligemma-gqa", "onnxruntime", "int8"))
-    assert list(Pipeline.load(tmp_path / "int8").generate_ids(image, "caption en", max_new_tokens=12,
-                                                                ignore_eos=True)) == list(
+    shared = Pipeline.load(tmp_path / "int8")
+    # the shared embedding is the fp32 embedding graph over the head's dequantized table
+    table = _dequantized_head(tmp_path / "int8" / quantized.graphs["decoder"].file)
+    ids = np.arange(len(table), dtype=np.int64)[None]
+    want = _with_table(packages("paligemma-gqa") / embed, table, {"input_ids": ids})
+    got = shared.graphs["embed_tokens"].run({"input_ids": ids})["inputs_embeds"]
+    assert np.array_equal(got, want)
+    # the other graphs are those quantized from inline graphs
+    shared.graphs["embed_tokens"] = inline.graphs["embed_tokens"]
+    assert list(shared.generate_ids(image, "caption en", max_new_tokens=12, ignore_eos=True)) == list(
         inline.generate_ids(image, "caption en", max_new_tokens=12, ignore_eos=True))
+
+
+def _dequantized_head(decoder: Path) -> np.ndarray:
+    """An INT8 MatMulNBits decoder's LM head as a [vocab, hidden] table: (q - 128) x its block's scale."""
+    from mmedge.calibration.weights import GraphWeights
+
+    graph = GraphWeights(decoder)
+    nbits = [n for n in graph.model.graph.node if n.op_type == "MatMulNBits"]
+    head = max(nbits, key=lambda n: next(a.i for a in n.attribute if a.name == "N"))
+    q, scales = graph.array(head.input[1]).astype(np.float32), graph.array(head.input[2])
+    return ((q - 128) * scales[..., None]).reshape(len(q), -1)
+
+
+def _with_table(graph: Path, table: np.ndarray, feeds: dict) -> np.ndarray:
+    """The output of embedding graph `graph` run with its Gather's table replaced by `table`."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    model = onnx.load(str(graph))
+    gather = next(n for n in model.graph.node if n.op_type == "Gather")
+    init = next(i for i in model.graph.initializer if i.name == gather.input[0])
+    init.CopyFrom(numpy_helper.from_array(table.astype(np.float32), init.name))
+    return ort.InferenceSession(model.SerializeToString()).run(["inputs_embeds"], feeds)[0]
