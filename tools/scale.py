@@ -8,7 +8,8 @@ resident memory is sampled every 0.2 s and two peaks kept: RSS as the kernel cou
 files included) and its anonymous part (resident pages no file backs). Results accumulate in docs/scale.json,
 one entry per (model, target, quant), so runs can be made a few at a time; docs/scale.md is written from all
 of them after each export. With --bench, each int4
-package is then run with `mmedge bench` too.
+package is then run with `mmedge bench` too. Beside each export's log in --work, NAME.timeline has the memory
+every 2 s with the log's last line at that moment: where in the export the peak is.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ QUANTS = ("fp32", "fp16", "int8", "int4")
 class PeakRSS:
     """The highest sum of resident memory over a process and all its descendants, sampled in a thread."""
 
-    def __init__(self, pid: int, every: float = 0.2):
+    def __init__(self, pid: int, every: float = 0.2, timeline: Path | None = None, log: Path | None = None):
         self.root, self.every, self.peak, self.peak_anon = psutil.Process(pid), every, 0, 0
+        # every 2 s, a line of the timeline: seconds, RSS and anonymous GiB, and the export's last log line
+        self.timeline, self.log, self._next = timeline, log, 0.0
+        self._started = time.perf_counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -54,7 +58,22 @@ class PeakRSS:
             except psutil.Error:
                 break
             self.peak, self.peak_anon = max(self.peak, total), max(self.peak_anon, anon)
+            self._record(total, anon)
             self._stop.wait(self.every)
+
+    def _record(self, total: int, anon: int) -> None:
+        elapsed = time.perf_counter() - self._started
+        if self.timeline is None or elapsed < self._next:
+            return
+        self._next = elapsed + 2.0
+        last = ""
+        if self.log is not None and self.log.exists():
+            with self.log.open("rb") as f:  # the tail only: a progress bar rewrites its line with \r
+                f.seek(max(0, f.seek(0, 2) - 400))
+                tail = f.read().decode(errors="replace").replace("\r", "\n").strip().splitlines()
+                last = tail[-1][-120:] if tail else ""
+        with self.timeline.open("a") as out:
+            out.write(f"{elapsed:8.1f} s  rss {total / 2**30:6.2f}  anon {anon / 2**30:6.2f} GiB  {last}\n")
 
     def stop(self) -> tuple[int, int]:
         self._stop.set()
@@ -68,9 +87,10 @@ def mmedge(*args: str) -> list[str]:
 
 def measure(command: list[str], log: Path) -> dict:
     started = time.perf_counter()
+    log.with_suffix(".timeline").unlink(missing_ok=True)
     with log.open("w") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-        rss = PeakRSS(proc.pid)
+        rss = PeakRSS(proc.pid, timeline=log.with_suffix(".timeline"), log=log)
         code = proc.wait()
     peak, anon = rss.stop()
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
