@@ -8,8 +8,9 @@ resident memory is sampled every 0.2 s and two peaks kept: RSS as the kernel cou
 files included) and its anonymous part (resident pages no file backs). Results accumulate in docs/scale.json,
 one entry per (model, target, quant), so runs can be made a few at a time; docs/scale.md is written from all
 of them after each export. With --bench, each int4
-package is then run with `mmedge bench` too. Beside each export's log in --work, NAME.timeline has the memory
-every 2 s with the log's last line at that moment: where in the export the peak is.
+package is then run with `mmedge bench` too. Beside each export's log in --work, NAME.timeline has the
+memory every 2 s (the highest of the samples since the line before) with the log's last line at that moment:
+where in the export the peak is.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class PeakRSS:
     def __init__(self, pid: int, every: float = 0.2, timeline: Path | None = None, log: Path | None = None):
         self.root, self.every, self.peak, self.peak_anon = psutil.Process(pid), every, 0, 0
         # every 2 s, a line of the timeline: seconds, RSS and anonymous GiB, and the export's last log line
-        self.timeline, self.log, self._next = timeline, log, 0.0
+        self.timeline, self.log, self._next, self._window = timeline, log, 0.0, (0, 0)
         self._started = time.perf_counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -63,9 +64,11 @@ class PeakRSS:
 
     def _record(self, total: int, anon: int) -> None:
         elapsed = time.perf_counter() - self._started
+        self._window = (max(self._window[0], total), max(self._window[1], anon))  # the highest since the last line
         if self.timeline is None or elapsed < self._next:
             return
         self._next = elapsed + 2.0
+        (total, anon), self._window = self._window, (0, 0)
         last = ""
         if self.log is not None and self.log.exists():
             with self.log.open("rb") as f:  # the tail only: a progress bar rewrites its line with \r
@@ -97,6 +100,19 @@ def measure(command: list[str], log: Path) -> dict:
     return {"exit": code, "wall_s": round(time.perf_counter() - started, 1), "peak_rss_gb": round(peak / 2**30, 2),
             "peak_anon_gb": round(anon / 2**30, 2),
             "last_line": lines[-1][-300:] if lines else ""}
+
+
+def cpu_name() -> str:
+    """' (the CPU's model name, its widest vector extension)' from /proc/cpuinfo; empty where there is none."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    fields = dict(line.split(":", 1) for line in info.splitlines()[:40] if ":" in line)
+    name = fields.get("model name\t", "").strip()
+    flags = fields.get("flags\t\t", "").split()
+    vector = next((f for f in ("avx512_vnni", "avx512f", "avx2") if f in flags), "")
+    return f" ({', '.join(x for x in (name, vector) if x)})" if name or vector else ""
 
 
 def size_gb(path: Path) -> float | None:
@@ -133,7 +149,7 @@ package, so RSS there is about the package's size plus the anonymous part.
 
 def render(results: dict, out: Path) -> None:
     rows = sorted(results.values(), key=lambda r: (r["model"], TARGETS.index(r["target"]), QUANTS.index(r["quant"])))
-    machine = rows[0]["machine"] if rows else ""
+    machines = list(dict.fromkeys(r["machine"] for r in rows))
     lines = [
         "# Export at real model sizes",
         "",
@@ -143,7 +159,7 @@ def render(results: dict, out: Path) -> None:
         "exhaust memory) and the anonymous part alone (what the process cannot give back); and the package's",
         "size on disk.",
         "",
-        f"Machine: {machine}.",
+        *(f"Machine: {m} ({', '.join(sorted({r['date'] for r in rows if r['machine'] == m}))})." for m in machines),
         "",
         "| model | target | quant | result | wall | peak RSS | peak anonymous | package | measured |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -157,6 +173,10 @@ def render(results: dict, out: Path) -> None:
     if missing:
         lines += ["", f"Not measured yet ({len(missing)}): " + "; ".join(missing) + "."]
     lines += ["", HOW.strip()]
+    # a hand-written "## Also seen" section (measurements made outside this script) is kept as it is
+    kept = out.read_text().split("\n## Also seen", 1) if out.exists() else []
+    if len(kept) == 2:
+        lines += ["", "## Also seen" + kept[1].split("\n## ", 1)[0].rstrip()]
     benches = [r for r in rows if r.get("bench")]
     if benches:
         lines += ["", "## Running the packages (`mmedge bench`)", ""]
@@ -179,7 +199,7 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     store = args.out.with_suffix(".json")  # every measurement so far, kept beside the page
     results = json.loads(store.read_text()) if store.exists() else {}
-    machine = (f"{platform.machine()}, {psutil.cpu_count(logical=True)} cores, "
+    machine = (f"{platform.machine()}{cpu_name()}, {psutil.cpu_count(logical=True)} cores, "
                f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, {platform.system()} {platform.release()}")
     for model in args.models:
         # a built-in checkpoint is built first, in a process of its own: building it is not the export's cost
