@@ -4,12 +4,12 @@ whole process tree, package size (docs/scale.md).
     python tools/scale.py --models paligemma-3b-shaped --targets onnxruntime --quants fp32 int4
 
 Each export runs as its own `mmedge export` process (nothing else should run meanwhile); the process tree's
-resident memory is sampled every 0.2 s and two peaks kept: RSS as the kernel counts it (memory-mapped weight
-files included) and its anonymous part (resident pages no file backs). Results accumulate in docs/scale.json,
-one entry per (model, target, quant), so runs can be made a few at a time; docs/scale.md is written from all
-of them after each export. With --bench, each int4
-package is then run with `mmedge bench` too. Beside each export's log in --work, NAME.timeline has the
-memory every 2 s (the highest of the samples since the line before) with the log's last line at that moment:
+resident memory is sampled every 0.2 s and two peaks kept: all of it (memory-mapped weight files included) and
+its anonymous part (resident pages no file backs), each page shared between processes counted once (Linux's
+proportional Pss; a child forked from a 10 GB export is not another 10 GB). Results accumulate in
+docs/scale.json, one entry per (model, target, quant), so runs can be made a few at a time; docs/scale.md is
+written from all of them after each export. With --bench, each int4 package is then run with `mmedge bench`
+too. Beside each export's log in --work, NAME.timeline has the memory every 2 s (the highest of the samples since the line before) with the log's last line at that moment:
 where in the export the peak is.
 """
 
@@ -33,6 +33,22 @@ TARGETS = ("onnxruntime", "openvino", "tensorrt", "coreml")
 QUANTS = ("fp32", "fp16", "int8", "int4")
 
 
+def resident(proc: psutil.Process, shared: bool) -> tuple[int, int]:
+    """(resident bytes, the anonymous part) of one process: RSS, and RSS less its file-backed pages. `shared`
+    (the tree has more than one process), on Linux, the proportional counts instead (Pss, Pss_Anon of
+    /proc/PID/smaps_rollup): a page two processes share counts half in each, so a child forked from a big export
+    (copy-on-write: all of its parent's pages resident in both until it execs) does not count the parent twice.
+    Reading smaps_rollup walks every mapping (~70 ms for an export with its weights mapped), so only then."""
+    if not shared:
+        info = proc.memory_info()
+        return info.rss, info.rss - getattr(info, "shared", 0)
+    try:
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{proc.pid}/smaps_rollup").read_text().splitlines()[1:])
+        return int(fields["Pss"].split()[0]) * 1024, int(fields["Pss_Anon"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return resident(proc, shared=False)
+
+
 class PeakRSS:
     """The highest sum of resident memory over a process and all its descendants, sampled in a thread."""
 
@@ -49,11 +65,11 @@ class PeakRSS:
         while not self._stop.is_set():
             total = anon = 0
             try:
-                for proc in [self.root, *self.root.children(recursive=True)]:
+                procs = [self.root, *self.root.children(recursive=True)]
+                for proc in procs:
                     try:
-                        info = proc.memory_info()
-                        total += info.rss
-                        anon += info.rss - getattr(info, "shared", 0)  # Linux: resident pages not backed by a file
+                        rss, own = resident(proc, shared=len(procs) > 1)
+                        total, anon = total + rss, anon + own
                     except psutil.Error:
                         pass
             except psutil.Error:
@@ -135,11 +151,14 @@ HOW = """
 - **Quantization** (ONNX Runtime decoder) reads one weight at a time from the data file, keeps AWQ's scales as
   factors applied on read, and writes `MatMulNBits` tensor by tensor (calibration/weights.py). A big decoder
   is calibrated on its prefills (each decode step reads every weight for one row of statistics) with fewer
-  samples by default (21 for a 3B model), and the fp32 and quantized packages are measured one after the
-  other.
+  samples by default (22 for PaliGemma-3B's 2.92B parameters), and the fp32 and quantized packages are measured
+  one after the other. A tied embedding table is not quantized on its own: the embedding reads the LM head's
+  INT8 blocks (docs/package-format.md), which also spares the per-row INT8 pass over the whole table (PaliGemma-3B
+  int4: 10.92 GiB anonymous at the peak before, 4.68 after).
 - **Still whole**: Core ML converts a traced torch module (coremltools needs the model in memory, in float32);
-  OpenVINO's conversion reads the ONNX graph whole (`ov.convert_model`); TensorRT's int8/int4/fp16 rewrites and
-  ONNX Runtime's fp16 conversion load the graph with onnx.load.
+  OpenVINO's conversion copies a graph's constants (`ov.convert_model`'s transformations) and its CPU plugin makes
+  its own copy of the fp32 weights to run them (verification, the generation check); TensorRT's int8/int4/fp16
+  rewrites, ONNX Runtime's fp16 conversion and an untied embedding's INT8 pass load the graph with onnx.load.
 
 Peak RSS counts memory-mapped graph files, whose pages the kernel can drop and read again; the anonymous
 peak is what an export cannot give back. The final generation check and calibration map the whole float32
@@ -154,10 +173,11 @@ def render(results: dict, out: Path) -> None:
         "# Export at real model sizes",
         "",
         "Measured by `python tools/scale.py` (each export its own process, nothing else running): wall time, the",
-        "peak resident memory of the export's whole process tree (sampled every 0.2 s): RSS as the kernel counts",
-        "it (memory-mapped weight files included: their pages can be dropped and read again, so they do not",
-        "exhaust memory) and the anonymous part alone (what the process cannot give back); and the package's",
-        "size on disk.",
+        "peak resident memory of the export's whole process tree (sampled every 0.2 s): RSS (memory-mapped weight",
+        "files included: their pages can be dropped and read again, so they do not exhaust memory) and the",
+        "anonymous part alone (what the process cannot give back); and the package's size on disk. Since",
+        "2026-12-04 a page shared by processes counts once (Linux's Pss): before, a child forked from the export",
+        "counted the parent's pages again (the 19.69 GiB anonymous once seen for openvino fp32 was 2 x 9.85).",
         "",
         *(f"Machine: {m} ({', '.join(sorted({r['date'] for r in rows if r['machine'] == m}))})." for m in machines),
         "",
