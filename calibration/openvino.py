@@ -76,10 +76,17 @@ def quantize_graph(part, precision, src, dst, options, feeds, decoder_data) -> d
         return {"scheme": "fp16 weights"}
     # text_encoder: a dual encoder's (CLIP, SigLIP); encoder: an encoder-decoder's (Florence-2)
     if part in ("vision_encoder", "projector", "text_encoder", "encoder"):
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+
         kind = None if part == "projector" else nncf.ModelType.TRANSFORMER
-        quantized = nncf.quantize(model, nncf.Dataset(feeds[part]), subset_size=len(feeds[part]), model_type=kind)
+        # 7-bit weights in every layer (NNCF's default: the first only): see calibration/onnxruntime.py's
+        # SEVEN_BIT_WEIGHTS, the same overflow on CPUs without VNNI
+        advanced = AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE)
+        quantized = nncf.quantize(model, nncf.Dataset(feeds[part]), subset_size=len(feeds[part]), model_type=kind,
+                                  advanced_parameters=advanced)
         ov.save_model(quantized, str(dst), compress_to_fp16=False)
-        return {"scheme": "int8 static (nncf.quantize): activations and weights", "calibration_batches": len(feeds[part])}
+        return {"scheme": "int8 static (nncf.quantize): activations and weights (7-bit, overflow fix on every layer)",
+                "calibration_batches": len(feeds[part])}
     if precision == "int8":
         compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
         group = set_activation_group(compressed)

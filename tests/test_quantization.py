@@ -366,6 +366,11 @@ def test_lean_minmax_ranges_quantize_as_onnxruntimes_calibrator_does(tmp_path, m
     for name, value in made[False].items():
         assert np.array_equal(made[True][name], value), name
     assert sorted(p.name for p in src.parent.iterdir()) == ["g.onnx", "g.onnx.data"]
+    # the CPU targets' weights in 7 bits, which a CPU without VNNI cannot saturate (SEVEN_BIT_WEIGHTS); TensorRT's 8
+    weights = [v for v in made[True].values() if v.dtype == np.int8 and v.ndim == 2]
+    assert len(weights) == 2
+    top = max(int(np.abs(v.astype(np.int32)).max()) for v in weights)
+    assert top > 64 if symmetric else top <= 64, top
 
 
 def test_activation_aware_scales_beat_round_to_nearest_on_outlier_channels():
