@@ -7,7 +7,8 @@ import pytest
 
 
 def test_the_scale_tool_counts_the_memory_of_the_whole_process_tree(tmp_path):
-    """tools/scale.py's peak RSS includes children: here a child holds 300 MB that its parent never touches."""
+    """tools/scale.py's peak RSS includes children: here a child holds 300 MB that its parent never touches; and a
+    forked child's pages, shared with its parent, are not counted twice."""
     import importlib.util
     import sys
     from pathlib import Path
@@ -19,6 +20,11 @@ def test_the_scale_tool_counts_the_memory_of_the_whole_process_tree(tmp_path):
     parent = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child!r}])"
     result = scale.measure([sys.executable, "-c", parent], tmp_path / "log")
     assert result["exit"] == 0 and result["peak_rss_gb"] >= 0.29, result
+    # a child forked without exec (OpenVINO's telemetry does so) shares its parent's pages: counted once, not twice
+    forks = ("import os, time; b = bytearray(300 << 20); b[::4096] = b'x' * len(b[::4096]); time.sleep(0.5)\n"
+             "pid = os.fork()\nif pid == 0:\n    time.sleep(1.5); os._exit(0)\nos.waitpid(pid, 0)")
+    result = scale.measure([sys.executable, "-c", forks], tmp_path / "fork-log")
+    assert result["exit"] == 0 and 0.28 <= result["peak_anon_gb"] < 0.45, result
 
 
 def test_low_memory_sessions_keep_one_copy_of_the_weights_and_the_same_tokens(packages):
