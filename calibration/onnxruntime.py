@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from mmedge.calibration.package import QuantOptions
+from mmedge.calibration.package import SEVEN_BIT_WEIGHTS, QuantOptions
 from mmedge.calibration.weights import GraphWeights, to_matmul_nbits
 from mmedge.exporters.onnxruntime_target import save_model
 from mmedge.errors import ExportError
@@ -114,17 +114,6 @@ class _FeedReader:
         return next(self._it, None)
 
 
-# Static INT8 weights in 7 bits (-64..63) for the CPU targets. x86 CPUs without VNNI (AVX2, AVX-512 without
-# VNNI) multiply uint8 activations by int8 weights with vpmaddubsw, which adds two products into an int16 and
-# saturates past 32767 (255 x 127 x 2 = 64770): the package runs fine on a VNNI machine and loses accuracy on an
-# AVX2 laptop. Measured on this project's AVX2 test machine (AMD EPYC): the tiny CLIP's INT8 vision encoder at a
-# mean cosine of 0.969 against fp32 (0.964 in OpenVINO) with 8-bit weights; the Llama 3.2 Vision demo's INT4
-# package (its vision encoder static INT8) at 91.2% held-out against 97.8% fp32. 7-bit weights cannot saturate,
-# on any CPU; ONNX Runtime's and NNCF's documented remedy (reduce_range, OverflowFix). TensorRT (symmetric int8
-# activations, GPU) keeps 8 bits.
-SEVEN_BIT_WEIGHTS = True
-
-
 def quantize_static_int8(src: Path, dst: Path, feeds: list[dict], method: str, symmetric: bool = False) -> dict:
     """INT8 QDQ: activations uint8 with calibrated ranges (int8 around zero if `symmetric`, as TensorRT
     wants them), weights int8 symmetric per output channel.
@@ -153,6 +142,7 @@ def quantize_static_int8(src: Path, dst: Path, feeds: list[dict], method: str, s
     named = src.with_name(f".named-{src.name}")  # beside src: it reads src's data file
     onnx.save_model(model, str(named))
     lean = method == "minmax" and _takes_ranges()
+    seven_bits = SEVEN_BIT_WEIGHTS and not symmetric  # TensorRT (symmetric, on a GPU) keeps 8
     cwd = os.getcwd()
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -175,7 +165,7 @@ def quantize_static_int8(src: Path, dst: Path, feeds: list[dict], method: str, s
                     weight_type=QuantType.QInt8,
                     calibrate_method=methods[method],
                     use_external_data_format=external,
-                    reduce_range=SEVEN_BIT_WEIGHTS and not symmetric,
+                    reduce_range=seven_bits,
                     # TensorRT: zero points 0, and float biases (its parser takes no INT32 DequantizeLinear)
                     extra_options={"WeightSymmetric": True, "ActivationSymmetric": symmetric,
                                    "QuantizeBias": not symmetric},
@@ -186,7 +176,7 @@ def quantize_static_int8(src: Path, dst: Path, feeds: list[dict], method: str, s
     finally:
         named.unlink(missing_ok=True)
     activations = "int8 symmetric" if symmetric else "uint8"
-    weights = "int8" if symmetric or not SEVEN_BIT_WEIGHTS else "int8 in 7 bits"
+    weights = "int8 in 7 bits" if seven_bits else "int8"
     return {"scheme": f"int8 QDQ: activations {activations} (calibrated), weights {weights} per channel; attention "
                       "MatMuls fp32",
             "calibration": method, "calibration_batches": len(feeds), "layers": len(nodes)}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmedge.calibration.package import QuantOptions, Recorder
+from mmedge.calibration.package import SEVEN_BIT_WEIGHTS, QuantOptions, Recorder
 
 MAX_DECODER_STEPS = 256  # recorded decoder calls kept for the data-aware INT4 compression
 CPU_ACTIVATION_GROUP = 32  # OpenVINO's CPU default for DYNAMIC_QUANTIZATION_GROUP_SIZE
@@ -79,13 +79,14 @@ def quantize_graph(part, precision, src, dst, options, feeds, decoder_data) -> d
         from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
 
         kind = None if part == "projector" else nncf.ModelType.TRANSFORMER
-        # 7-bit weights in every layer (NNCF's default: the first only): see calibration/onnxruntime.py's
-        # SEVEN_BIT_WEIGHTS, the same overflow on CPUs without VNNI
-        advanced = AdvancedQuantizationParameters(overflow_fix=OverflowFix.ENABLE)
+        # SEVEN_BIT_WEIGHTS: in every layer (NNCF's default overflow fix covers the first only)
+        advanced = AdvancedQuantizationParameters(
+            overflow_fix=OverflowFix.ENABLE if SEVEN_BIT_WEIGHTS else OverflowFix.FIRST_LAYER)
         quantized = nncf.quantize(model, nncf.Dataset(feeds[part]), subset_size=len(feeds[part]), model_type=kind,
                                   advanced_parameters=advanced)
         ov.save_model(quantized, str(dst), compress_to_fp16=False)
-        return {"scheme": "int8 static (nncf.quantize): activations and weights (7-bit, overflow fix on every layer)",
+        weights = "weights in 7 bits" if SEVEN_BIT_WEIGHTS else "weights"
+        return {"scheme": f"int8 static (nncf.quantize): activations and {weights}",
                 "calibration_batches": len(feeds[part])}
     if precision == "int8":
         compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)

@@ -9,8 +9,8 @@ its anonymous part (resident pages no file backs), each page shared between proc
 proportional Pss; a child forked from a 10 GB export is not another 10 GB). Results accumulate in
 docs/scale.json, one entry per (model, target, quant), so runs can be made a few at a time; docs/scale.md is
 written from all of them after each export. With --bench, each int4 package is then run with `mmedge bench`
-too. Beside each export's log in --work, NAME.timeline has the memory every 2 s (the highest of the samples since the line before) with the log's last line at that moment:
-where in the export the peak is.
+too. Beside each export's log in --work, NAME.timeline has the memory every 2 s (the highest of the samples
+since the line before) with the log's last line at that moment: where in the export the peak is.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def resident(proc: psutil.Process, shared: bool) -> tuple[int, int]:
         info = proc.memory_info()
         return info.rss, info.rss - getattr(info, "shared", 0)
     try:
-        fields = dict(line.split(":", 1) for line in Path(f"/proc/{proc.pid}/smaps_rollup").read_text().splitlines()[1:])
+        rollup = Path(f"/proc/{proc.pid}/smaps_rollup").read_text().splitlines()[1:]  # the first names the range
+        fields = dict(line.split(":", 1) for line in rollup)
         return int(fields["Pss"].split()[0]) * 1024, int(fields["Pss_Anon"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return resident(proc, shared=False)
@@ -124,9 +125,9 @@ def cpu_name() -> str:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         return ""
-    fields = dict(line.split(":", 1) for line in info.splitlines()[:40] if ":" in line)
-    name = fields.get("model name\t", "").strip()
-    flags = fields.get("flags\t\t", "").split()
+    fields = {key.strip(): value.strip() for key, value in
+              (line.split(":", 1) for line in info.splitlines()[:40] if ":" in line)}
+    name, flags = fields.get("model name", ""), fields.get("flags", "").split()
     vector = next((f for f in ("avx512_vnni", "avx512f", "avx2") if f in flags), "")
     return f" ({', '.join(x for x in (name, vector) if x)})" if name or vector else ""
 
@@ -177,7 +178,7 @@ def render(results: dict, out: Path) -> None:
         "files included: their pages can be dropped and read again, so they do not exhaust memory) and the",
         "anonymous part alone (what the process cannot give back); and the package's size on disk. Since",
         "2026-12-04 a page shared by processes counts once (Linux's Pss): before, a child forked from the export",
-        "counted the parent's pages again (the 19.69 GiB anonymous once seen for openvino fp32 was 2 x 9.85).",
+        "counted the parent's pages again (the 19.69 GiB anonymous seen twice for openvino fp32, 2 x 9.85: below).",
         "",
         *(f"Machine: {m} ({', '.join(sorted({r['date'] for r in rows if r['machine'] == m}))})." for m in machines),
         "",
