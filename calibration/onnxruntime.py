@@ -26,7 +26,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from mmedge.calibration.package import SEVEN_BIT_WEIGHTS, QuantOptions
-from mmedge.calibration.weights import GraphWeights, to_matmul_nbits
+from mmedge.calibration.weights import GraphWeights, to_float16, to_matmul_nbits
 from mmedge.exporters.onnxruntime_target import save_model
 from mmedge.errors import ExportError
 
@@ -333,10 +333,9 @@ def _same_table(embed: GraphWeights, table: str, decoder: GraphWeights, head: st
 
 
 def convert_fp16(src: Path, dst: Path) -> dict:
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
-    save_model(model, dst)
+    """float16 weights and compute (onnxruntime's converter and its default block list), one weight at a time."""
+    graph = GraphWeights(src)
+    graph.write(dst, to_float16(graph, keep_io_types=True), external=_has_external_data(src))
     return {"scheme": "fp16 weights and compute, fp32 inputs and outputs"}
 
 

@@ -27,13 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from mmedge.calibration import onnxruntime as ort_quant
-from mmedge.calibration.weights import GraphWeights
+from mmedge.calibration.weights import GraphWeights, to_float16
 from mmedge.calibration.package import QuantOptions
 from mmedge.errors import ExportError
-from mmedge.exporters.onnxruntime_target import save_model
 
 OPSET = 19  # float16 inputs to QuantizeLinear
 OPSET_INT4 = 21  # DequantizeLinear's block_size and INT4 tensors (IR 10); only where needed: ONNX Runtime's
@@ -56,16 +55,24 @@ def fp16_islands(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in island + extra]
 
 
-def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """float16 weights and compute, float32 islands and I/O; opset 19 (21 with INT4 weights)."""
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+def to_fp16(graph: GraphWeights, deferred: dict | None = None) -> dict:
+    """`graph` to float16 weights and compute, float32 islands and I/O, opset 19 (21 with INT4 weights), its
+    weights read as they are written (calibration/weights.py to_float16): returns the deferred initializers."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
 
-    ort_quant._name_nodes(model)
-    model = convert_float_to_float16(model, keep_io_types=True, op_block_list=DEFAULT_OP_BLOCK_LIST,
-                                     node_block_list=fp16_islands(model))
-    _drop_cast_round_trips(model)
-    _sort_topologically(model)
-    return _opset(model)
+    ort_quant._name_nodes(graph.model)
+    deferred = to_float16(graph, deferred, keep_io_types=True, op_block_list=DEFAULT_OP_BLOCK_LIST,
+                          node_block_list=fp16_islands(graph.model))
+    _drop_cast_round_trips(graph.model)
+    _sort_topologically(graph.model)
+    _opset(graph.model)
+    return deferred
+
+
+def fp16_file(src: Path, dst: Path) -> None:
+    """The graph at `src` in float16 (to_fp16) at `dst`, one weight at a time."""
+    graph = GraphWeights(src)
+    graph.write(dst, to_fp16(graph), external=ort_quant._has_external_data(src))
 
 
 def _drop_cast_round_trips(model: onnx.ModelProto) -> None:
@@ -131,33 +138,52 @@ def _opset(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def weight_only(model: onnx.ModelProto, bits: dict[str, int], block: int) -> int:
+def weight_only(graph: GraphWeights, bits: dict[str, int], block: int) -> tuple[dict, int]:
     """Replace each weight MatMul's initializer named in `bits` (MatMul name -> 4 or 8) by INT4 blocks along K
     (`block`; INT8 per channel where K is not a multiple of it) or INT8 per output channel, and a
-    DequantizeLinear that makes the weight; returns how many became INT4."""
-    inits = {i.name: i for i in model.graph.initializer}
-    int4 = 0
-    for node in ort_quant._weight_matmuls(model):
+    DequantizeLinear that makes the weight. Returns the deferred initializers (each weight read, with its AWQ
+    factors, and quantized as it is written) and how many became INT4."""
+    deferred, int4 = {}, 0
+    done: dict[str, tuple] = {}  # the last weight quantized: its values wait for their scale's turn
+    nodes = graph.model.graph.node
+    for node in ort_quant._weight_matmuls(graph.model):
         if node.name not in bits:
             continue
         name = node.input[1]
-        w = numpy_helper.to_array(inits[name]).astype(np.float32)
-        if bits[node.name] == 4 and w.shape[0] % block == 0:
-            q, scale = ort_quant.int4_blocks(w, block)
-            q = q.reshape(w.shape).astype(_int4())
-            scale, attrs = scale[:, 0, :], dict(axis=0, block_size=block)
+        k, n = graph.shape(name)
+        four = bits[node.name] == 4 and k % block == 0
+
+        def quantized(name=name, four=four):
+            if name not in done:
+                done.clear()
+                done[name] = _weight_only(graph.array(name).astype(np.float32), four, block)
+            return done[name]
+
+        if four:
             int4 += 1
+            q_type, scale_dims, attrs = TensorProto.INT4, [k // block, n], dict(axis=0, block_size=block)
         else:
-            scale = np.abs(w).max(axis=0) / 127.0
-            scale[scale == 0] = 1.0
-            q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
-            attrs = dict(axis=1)
-        model.graph.initializer.remove(inits[name])
-        model.graph.initializer.extend([numpy_helper.from_array(q, name + "_quantized"),
-                                        numpy_helper.from_array(scale.astype(np.float32), name + "_scale")])
-        model.graph.node.insert(0, helper.make_node("DequantizeLinear", [name + "_quantized", name + "_scale"],
-                                                    [name], name=node.name + "_weight_dq", **attrs))
-    return int4
+            q_type, scale_dims, attrs = TensorProto.INT8, [n], dict(axis=1)
+        graph.model.graph.initializer.remove(graph.inits[name])
+        graph.model.graph.initializer.extend([TensorProto(name=name + "_quantized", data_type=q_type, dims=[k, n]),
+                                              TensorProto(name=name + "_scale", data_type=TensorProto.FLOAT,
+                                                          dims=scale_dims)])
+        deferred[name + "_quantized"] = lambda quantized=quantized: quantized()[0]
+        deferred[name + "_scale"] = lambda quantized=quantized: quantized()[1]
+        nodes.insert(0, helper.make_node("DequantizeLinear", [name + "_quantized", name + "_scale"], [name],
+                                         name=node.name + "_weight_dq", **attrs))
+    return deferred, int4
+
+
+def _weight_only(w: np.ndarray, four: bool, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the weight's stored bytes: INT4 packed two to a byte, or INT8; its float32 scales)."""
+    if four:
+        q, scale = ort_quant.int4_blocks(w, block)
+        packed = numpy_helper.from_array(q.reshape(w.shape).astype(_int4()), "q").raw_data
+        return np.frombuffer(packed, dtype=np.uint8), scale[:, 0, :].astype(np.float32)
+    scale = np.abs(w).max(axis=0) / 127.0
+    scale[scale == 0] = 1.0
+    return np.clip(np.round(w / scale), -127, 127).astype(np.int8), scale.astype(np.float32)
 
 
 def _int4():
@@ -167,19 +193,18 @@ def _int4():
 
 
 def quantize_decoder(src: Path, dst: Path, precision: str, options: QuantOptions, stats, vocab: int) -> dict:
-    """Weight-only INT8 or INT4 (+ activation-aware scales) on the fp16 decoder."""
-    model = onnx.load(str(src))
-    ort_quant._name_nodes(model)
-    matmuls = ort_quant._weight_matmuls(model)
-    heads = ort_quant.lm_heads(model, matmuls, vocab)
+    """Weight-only INT8 or INT4 (+ activation-aware scales) on the fp16 decoder, one weight at a time."""
+    graph = GraphWeights(src)
+    ort_quant._name_nodes(graph.model)
+    matmuls = ort_quant._weight_matmuls(graph.model)
+    heads = ort_quant.lm_heads(graph.model, matmuls, vocab)
     awq = {}
     if precision == "int4" and options.int4_method == "awq":
-        weights = GraphWeights.in_memory(model)
-        awq = ort_quant.apply_awq(weights, matmuls, heads, options.int4_block_size, stats)
-        weights.bake()
+        awq = ort_quant.apply_awq(graph, matmuls, heads, options.int4_block_size, stats)
     wide = 8 if precision == "int8" else 4
-    int4 = weight_only(model, {n.name: 8 if n.name in heads else wide for n in matmuls}, options.int4_block_size)
-    save_model(to_fp16(model), dst)
+    deferred, int4 = weight_only(graph, {n.name: 8 if n.name in heads else wide for n in matmuls},
+                                 options.int4_block_size)
+    graph.write(dst, to_fp16(graph, deferred), external=ort_quant._has_external_data(src))
     if precision == "int8":
         return {"scheme": "int8 weight-only (per-channel DequantizeLinear), fp16 compute", "matmuls": len(matmuls)}
     return {"scheme": f"int4 weight-only (block-quantized DequantizeLinear, block {options.int4_block_size}, "
@@ -189,11 +214,16 @@ def quantize_decoder(src: Path, dst: Path, precision: str, options: QuantOptions
 
 def quantize_graph(part, precision, src, dst, options, feeds, stats) -> dict:
     if precision == "fp16":
-        save_model(to_fp16(onnx.load(str(src))), dst)
+        fp16_file(src, dst)
         return {"scheme": "fp16 weights and compute, fp32 islands (norm variance, softmax), fp32 inputs and outputs"}
     if part == "decoder":
         return quantize_decoder(src, dst, precision, options, stats, ort_quant._lm_head_vocab(src))
     # vision encoder, projector (the embedding table is never int8 here: calibration/plan.py TARGET_LIMITS)
-    report = ort_quant.quantize_static_int8(src, dst, feeds[part], options.calib_method, symmetric=True)
-    save_model(to_fp16(onnx.load(str(dst))), dst)
+    int8 = dst.with_name(".int8-" + dst.name)
+    try:
+        report = ort_quant.quantize_static_int8(src, int8, feeds[part], options.calib_method, symmetric=True)
+        fp16_file(int8, dst)
+    finally:
+        for path in ort_quant.graph_files(int8):
+            path.unlink(missing_ok=True)
     return {**report, "scheme": report["scheme"] + "; fp16 elsewhere"}

@@ -7,11 +7,13 @@ weight is read from the data file when it is needed (AWQ's search, then its quan
 on a weight are kept as factors applied as it is read, and the quantized graph is written tensor by tensor
 (lazy.write_model). The packing is onnxruntime's own (`quantize_matmul_4bits` / `_8bits`, the kernels
 MatMulNBitsQuantizer calls), over column slices of each weight, so the graph is the one MatMulNBitsQuantizer
-would write, with no weight ever held more than once.
+would write, with no weight ever held more than once. A graph goes to float16 the same way (`to_float16`): the
+converter sees every big weight's type and shape, not its values, and each is halved as it is written.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -167,3 +169,72 @@ def to_matmul_nbits(weights: GraphWeights, nodes: list, bits: int, block, accura
         del graph.node[:]
         graph.node.extend(kept)
     return deferred
+
+
+# float16's limits as onnxruntime's converter applies them (convert_np_to_float16's defaults)
+FP16_MIN_POSITIVE, FP16_MAX_FINITE = 5.96e-08, 65504.0
+HALF_CHUNK = 1 << 22  # values halved per step: a 2 GB embedding table is never copied whole
+
+
+def half(array: np.ndarray) -> np.ndarray:
+    """`array` in float16 as onnxruntime's convert_np_to_float16 makes it (magnitudes under the smallest subnormal
+    raised to it, finite ones past float16's range clipped to its largest, sign, zero, inf and NaN kept), a chunk
+    at a time: that function's masks and copies hold a big weight four times over."""
+    flat = np.ascontiguousarray(array).reshape(-1)
+    out = np.empty(flat.shape, dtype=np.float16)
+    for start in range(0, flat.size, HALF_CHUNK):
+        x = np.array(flat[start:start + HALF_CHUNK], dtype=np.float32)
+        tiny = (np.abs(x) < FP16_MIN_POSITIVE) & (x != 0)
+        x[tiny] = np.copysign(FP16_MIN_POSITIVE, x[tiny])
+        big = (np.abs(x) > FP16_MAX_FINITE) & np.isfinite(x)
+        x[big] = np.copysign(FP16_MAX_FINITE, x[big])
+        out[start:start + HALF_CHUNK] = x
+    return out.reshape(np.shape(array))
+
+
+@contextmanager
+def _value_info_from_dims():
+    """onnxruntime's converter reads an initializer's values to learn its shape (make_value_info_from_tensor);
+    the dims say the same without the values, which a streamed graph does not hold."""
+    from onnxruntime.transformers import float16
+
+    original = float16.make_value_info_from_tensor
+    float16.make_value_info_from_tensor = lambda t: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+    try:
+        yield
+    finally:
+        float16.make_value_info_from_tensor = original
+
+
+def to_float16(weights: GraphWeights, deferred: dict | None = None, **convert) -> dict:
+    """onnxruntime's convert_float_to_float16 (`convert`: its options) on `weights.model` without reading a weight:
+    each initializer held outside the graph (in a data file, with factors, or in `deferred`) is shown to the
+    converter as its type and shape only, and comes back as a deferred function (halved as it is written where
+    the converter made it float16). Returns every deferred initializer for GraphWeights.write."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    sources = dict(deferred or {})
+    for init in weights.model.graph.initializer:
+        if init.name in sources:
+            continue
+        if init.data_location == TensorProto.EXTERNAL or init.name in weights.factors:
+            kept = TensorProto()
+            kept.CopyFrom(init)  # read from here from now on: the graph's own becomes a shape
+            weights.inits[init.name] = kept
+            sources[init.name] = lambda name=init.name: weights.array(name)
+        else:
+            continue
+        for field in ("raw_data", "float_data"):
+            init.ClearField(field)
+        init.data_location = TensorProto.DEFAULT
+        del init.external_data[:]
+    with _value_info_from_dims():
+        weights.model = convert_float_to_float16(weights.model, **convert)
+    out = {}
+    for init in weights.model.graph.initializer:
+        source = sources.get(init.name)
+        if source is not None and init.data_type == TensorProto.FLOAT16:
+            out[init.name] = lambda source=source: half(source())
+        elif source is not None:
+            out[init.name] = source
+    return out

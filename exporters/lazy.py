@@ -312,7 +312,11 @@ def write_model(model, deferred: dict, path: Path, external: bool) -> None:
     if not external:
         for init in model.graph.initializer:
             if init.name in deferred:
-                init.CopyFrom(numpy_helper.from_array(deferred[init.name](), init.name))
+                tensor = numpy_helper.from_array(deferred[init.name](), init.name)
+                if init.data_type and tensor.data_type != init.data_type:  # a packed type's bytes (INT4 as uint8)
+                    init.raw_data = tensor.raw_data
+                else:
+                    init.CopyFrom(tensor)
         onnx.save_model(model, str(path))
         return
     location = path.name + ".data"

@@ -300,6 +300,47 @@ def test_streamed_matmulnbits_is_onnxruntimes_quantizer_byte_for_byte(tmp_path, 
     assert np.array_equal(run(tmp_path / "streamed.onnx"), run(tmp_path / "whole.onnx"))
 
 
+def test_streamed_float16_is_onnxruntimes_converter_byte_for_byte(tmp_path, monkeypatch):
+    """The float16 conversion that reads one weight at a time (the converter sees shapes, each weight is halved as
+    it is written, in chunks) writes the graph onnxruntime's converter writes from the graph loaded whole: the
+    same nodes and bytes, float16's clipping included, a weight consumed only by a blocked op left float32."""
+    import onnxruntime as ort
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from mmedge.calibration import weights
+
+    monkeypatch.setattr(weights, "HALF_CHUNK", 1000)  # several chunks per weight
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(64, 48)).astype(np.float32)
+    w.flat[:8] = [1e-9, -1e-9, 1e6, -1e6, np.inf, -np.inf, 0.0, -0.0]  # under, over float16's range; kept as they are
+    gamma, beta = rng.normal(size=48).astype(np.float32), rng.normal(size=48).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("LayerNormalization", ["h", "gamma", "beta"], ["y"], name="ln", axis=-1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 48])],
+                              [numpy_helper.from_array(a, name) for a, name in ((w, "w"), (gamma, "gamma"),
+                                                                                 (beta, "beta"))])
+    src = tmp_path / "src.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(src),
+                    save_as_external_data=True, location="src.onnx.data", size_threshold=0)
+    options = dict(keep_io_types=True, node_block_list=["ln"])
+    streamed = weights.GraphWeights(src)
+    streamed.write(tmp_path / "streamed.onnx", weights.to_float16(streamed, **options), external=True)
+    onnx.save(convert_float_to_float16(onnx.load(str(src)), **options), str(tmp_path / "whole.onnx"))
+    a, b = onnx.load(str(tmp_path / "streamed.onnx")), onnx.load(str(tmp_path / "whole.onnx"))
+    assert [(n.op_type, list(n.input), list(n.output)) for n in a.graph.node] == \
+        [(n.op_type, list(n.input), list(n.output)) for n in b.graph.node]
+    arrays = lambda m: {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}  # noqa: E731
+    got, want = arrays(a), arrays(b)
+    assert {k: v.dtype for k, v in got.items()} == {k: v.dtype for k, v in want.items()}
+    assert got["w"].dtype == np.float16 and got["gamma"].dtype == np.float32  # gamma feeds only the blocked op
+    assert all(got[k].tobytes() == want[k].tobytes() for k in want)
+    assert got["w"].flat[0] > 0 and got["w"].flat[2] == 65504 and np.isinf(got["w"].flat[4])
+    x = rng.normal(size=(3, 64)).astype(np.float32)
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa
+    assert np.array_equal(run(tmp_path / "streamed.onnx"), run(tmp_path / "whole.onnx"), equal_nan=True)
+
+
 def test_int8_blocks_widen_with_the_weights_width(tmp_path):
     """An INT8 decoder weight gets blocks of 32 at a demo model's width and of 128 at a real model's (K >= 1024:
     fewer scale bytes per token, a faster kernel); both stay within int8's error of the fp32 product."""
