@@ -23,11 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from mmedge.calibration.package import SEVEN_BIT_WEIGHTS, QuantOptions
 from mmedge.calibration.weights import GraphWeights, to_float16, to_matmul_nbits
-from mmedge.exporters.onnxruntime_target import save_model
 from mmedge.errors import ExportError
 
 log = logging.getLogger(__name__)
@@ -231,24 +230,37 @@ def _minmax_ranges(graph: Path, model: onnx.ModelProto, nodes: list[str], feeds:
 
 
 def quantize_embedding_int8(src: Path, dst: Path) -> dict:
-    """The embedding table as int8 with one scale per row; Gather picks rows and scales, a Mul dequantizes."""
-    model = onnx.load(str(src))
-    inits = {i.name: i for i in model.graph.initializer}
-    done = 0
-    for node in list(model.graph.node):
-        if node.op_type != "Gather" or node.input[0] not in inits or len(inits[node.input[0]].dims) != 2:
-            continue
-        table = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
-        scale = np.abs(table).max(axis=1, keepdims=True) / 127.0
-        scale[scale == 0] = 1.0
-        q = np.clip(np.round(table / scale), -127, 127).astype(np.int8)
+    """The embedding table as int8 with one scale per row; Gather picks rows and scales, a Mul dequantizes. The
+    table is read from its file and quantized rows at a time as it is written (LLaVA-1.5-7B's is 0.5 GB)."""
+    if src.resolve() == dst.resolve():  # rewritten in place (a dual encoder's text encoder): read from a moved copy
+        with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".embedding-") as tmp:
+            for path in graph_files(src):
+                if path.exists():
+                    path.replace(Path(tmp) / path.name)
+            return quantize_embedding_int8(Path(tmp) / src.name, dst)
+    graph = GraphWeights(src)
+    nodes, inits = graph.model.graph.node, graph.model.graph.initializer
+    deferred, done = {}, {}
+    for node in list(nodes):
         base = node.input[0]
-        model.graph.initializer.remove(inits[base])
-        model.graph.initializer.extend([numpy_helper.from_array(q, base + "_int8"),
-                                        numpy_helper.from_array(scale.astype(np.float32), base + "_scale")])
+        if node.op_type != "Gather" or base not in graph.inits or len(graph.shape(base)) != 2:
+            continue
+
+        def rows(base=base):
+            if base not in done:
+                done.clear()
+                done[base] = _int8_rows(graph.mapped(base))
+            return done[base]
+
+        inits.remove(graph.inits[base])
+        inits.extend([onnx.TensorProto(name=base + "_int8", data_type=onnx.TensorProto.INT8, dims=graph.shape(base)),
+                      onnx.TensorProto(name=base + "_scale", data_type=onnx.TensorProto.FLOAT,
+                                       dims=[graph.shape(base)[0], 1])])
+        deferred[base + "_int8"] = lambda rows=rows: rows()[0]
+        deferred[base + "_scale"] = lambda rows=rows: rows()[1]
         out, ids = node.output[0], node.input[1]
-        at = list(model.graph.node).index(node)
-        model.graph.node.remove(node)
+        at = list(nodes).index(node)
+        nodes.remove(node)
         new = [
             helper.make_node("Gather", [base + "_int8", ids], [out + "_q"], name=node.name + "_q", axis=0),
             helper.make_node("Cast", [out + "_q"], [out + "_f"], name=node.name + "_cast", to=onnx.TensorProto.FLOAT),
@@ -256,12 +268,27 @@ def quantize_embedding_int8(src: Path, dst: Path) -> dict:
             helper.make_node("Mul", [out + "_f", out + "_s"], [out], name=node.name + "_dequant"),
         ]
         for i, n in enumerate(new):
-            model.graph.node.insert(at + i, n)
-        done += 1
-    if not done:
+            nodes.insert(at + i, n)
+    if not deferred:
         raise ExportError(f"{src.name} has no embedding table (Gather on a 2-D initializer) to quantize")
-    save_model(model, dst)
+    graph.write(dst, deferred, external=_has_external_data(src))
     return {"scheme": "int8 weight-only, one scale per row"}
+
+
+EMBEDDING_ROWS = 4096  # table rows quantized at a time
+
+
+def _int8_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 [V, H], float32 scales [V, 1]): each row over its largest magnitude / 127, a slice of rows at a time."""
+    q = np.empty(table.shape, dtype=np.int8)
+    scale = np.empty((table.shape[0], 1), dtype=np.float32)
+    for start in range(0, table.shape[0], EMBEDDING_ROWS):
+        rows = np.asarray(table[start:start + EMBEDDING_ROWS], dtype=np.float32)
+        s = np.abs(rows).max(axis=1, keepdims=True) / 127.0
+        s[s == 0] = 1.0
+        q[start:start + EMBEDDING_ROWS] = np.clip(np.round(rows / s), -127, 127)
+        scale[start:start + EMBEDDING_ROWS] = s
+    return q, scale
 
 
 def share_tied_table(embed_src: Path, embed_dst: Path, decoder_src: Path, decoder_dst: Path) -> dict | None:

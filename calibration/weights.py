@@ -35,20 +35,6 @@ class GraphWeights:
         self.inits = {i.name: i for i in self.model.graph.initializer}
         self.factors: dict[str, list[np.ndarray]] = {}
 
-    @classmethod
-    def in_memory(cls, model: onnx.ModelProto) -> "GraphWeights":
-        """A graph already loaded with its weights (small graphs, or targets that rewrite them in memory)."""
-        graph = cls.__new__(cls)
-        graph.path, graph.model, graph.factors = None, model, {}
-        graph.inits = {i.name: i for i in model.graph.initializer}
-        return graph
-
-    def bake(self) -> None:
-        """Write the recorded factors into an in-memory graph's initializers."""
-        for name in list(self.factors):
-            self.inits[name].CopyFrom(numpy_helper.from_array(self.array(name).astype(np.float32), name))
-            del self.factors[name]
-
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.inits[name].dims)
 

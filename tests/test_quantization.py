@@ -341,6 +341,36 @@ def test_streamed_float16_is_onnxruntimes_converter_byte_for_byte(tmp_path, monk
     assert np.array_equal(run(tmp_path / "streamed.onnx"), run(tmp_path / "whole.onnx"), equal_nan=True)
 
 
+@pytest.mark.parametrize("external", [False, True])
+def test_streamed_int8_embedding_rows_gather_the_rows_quantized(tmp_path, monkeypatch, external):
+    """The embedding table quantized per row a slice of rows at a time (several slices here), from its file and in
+    place (a text encoder's table is rewritten where it lies): each gathered row is round(row / s) * s with
+    s = max |row| / 127, an all-zero row stays zero, and nothing is left beside the graph."""
+    import onnxruntime as ort
+
+    from mmedge.calibration import onnxruntime as ortq
+
+    monkeypatch.setattr(ortq, "EMBEDDING_ROWS", 7)
+    rng = np.random.default_rng(6)
+    table = rng.normal(size=(40, 24)).astype(np.float32)
+    table[3] = 0.0
+    graph = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["embeds"], name="embed", axis=0)], "g",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, [None])],
+                              [helper.make_tensor_value_info("embeds", TensorProto.FLOAT, [None, 24])],
+                              [numpy_helper.from_array(table, "table")])
+    path = tmp_path / "embed_tokens.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path),
+                    save_as_external_data=external, location="embed_tokens.onnx.data", size_threshold=0)
+    ortq.quantize_embedding_int8(path, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["embed_tokens.onnx"] + (["embed_tokens.onnx.data"] * external)
+    ids = np.arange(40, dtype=np.int64)[::-1].copy()
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    scale = np.abs(table).max(axis=1, keepdims=True) / 127.0
+    want = (np.round(table / np.where(scale == 0, 1.0, scale)) * np.where(scale == 0, 1.0, scale))[ids]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert not got[ids == 3].any() and np.abs(got - table[ids]).max() <= scale.max() / 2 + 1e-6
+
+
 def test_int8_blocks_widen_with_the_weights_width(tmp_path):
     """An INT8 decoder weight gets blocks of 32 at a demo model's width and of 128 at a real model's (K >= 1024:
     fewer scale bytes per token, a faster kernel); both stay within int8's error of the fp32 product."""
