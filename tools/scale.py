@@ -148,9 +148,14 @@ HOW = """
   written, weight transposes included; the fused ONNX Runtime decoder's weights likewise.
 - **Verification** runs PyTorch first, each module's weights read just before it runs and dropped after,
   then the engine on the written graph with its weights memory-mapped (ONNX Runtime without prepacking, which
-  would copy them): the two are never held at once.
-- **Quantization** (ONNX Runtime decoder) reads one weight at a time from the data file, keeps AWQ's scales as
-  factors applied on read, and writes `MatMulNBits` tensor by tensor (calibration/weights.py). A big decoder
+  would copy them): the two are never held at once. The fused decoder's checks give it 32-slot cache buffers,
+  not max_context ones (at LLaVA-1.5-7B's 32 layers x 32 heads, full-length buffers took 7.8 GiB for the check
+  inputs and as much again for the references: 17.5 GiB anonymous at the peak, 2026-12-04).
+- **Quantization** reads one weight at a time from the data file, keeps AWQ's scales as factors applied on read,
+  and writes each quantized tensor as the graph file is written (calibration/weights.py): ONNX Runtime's
+  `MatMulNBits` and per-row INT8 embedding, TensorRT's INT4/INT8 `DequantizeLinear` weights, and the float16
+  graphs of both (onnxruntime's converter is shown each weight's type and shape only; the weight is halved, in
+  chunks, as it is written). A big decoder
   is calibrated on its prefills (each decode step reads every weight for one row of statistics) with fewer
   samples by default (22 for PaliGemma-3B's 2.92B parameters), and the fp32 and quantized packages are measured
   one after the other. A tied embedding table is not quantized on its own: the embedding reads the LM head's
@@ -158,8 +163,9 @@ HOW = """
   int4: 10.92 GiB anonymous at the peak before, 4.68 after).
 - **Still whole**: Core ML converts a traced torch module (coremltools needs the model in memory, in float32);
   OpenVINO's conversion copies a graph's constants (`ov.convert_model`'s transformations) and its CPU plugin makes
-  its own copy of the fp32 weights to run them (verification, the generation check); TensorRT's int8/int4/fp16
-  rewrites, ONNX Runtime's fp16 conversion and an untied embedding's INT8 pass load the graph with onnx.load.
+  its own copy of the fp32 weights to run them (verification, calibration, the generation check); static INT8
+  (vision encoders, projectors) goes through onnxruntime's quantize_static, which loads the graph (0.4B
+  parameters at PaliGemma-3B's size).
 
 Peak RSS counts memory-mapped graph files, whose pages the kernel can drop and read again; the anonymous
 peak is what an export cannot give back. The final generation check and calibration map the whole float32
