@@ -54,3 +54,20 @@ def test_low_memory_sessions_keep_one_copy_of_the_weights_and_the_same_tokens(pa
     assert prepacking(int4)
     with pytest.raises(InputError, match="low_memory is for the onnxruntime backend"):
         Pipeline.load(package, backend="openvino", low_memory=True)
+
+
+def test_graphs_run_once_per_request_hand_back_their_arena(packages):
+    """The vision encoder and projector (run once per image) shrink ONNX Runtime's CPU arena after each run, so
+    their activations do not stay allocated beside the weights; the per-token graphs keep theirs (no allocation
+    per token)."""
+    from mmedge import Pipeline
+    from mmedge.runtimes.backends.onnxruntime import ARENA_SHRINK
+
+    pipe = Pipeline.load(packages("paligemma-gqa"))
+
+    def shrinks(part) -> bool:
+        options = pipe.graphs[part].run_options
+        return options is not None and options.get_run_config_entry(ARENA_SHRINK[0]) == ARENA_SHRINK[1]
+
+    assert shrinks("vision_encoder") and shrinks("projector")
+    assert not shrinks("decoder") and not shrinks("embed_tokens")

@@ -13,9 +13,18 @@ from mmedge.errors import MmedgeError, first_line
 log = logging.getLogger(__name__)
 
 
+# the graphs run for every token; the others (vision encoder, projector, text or audio encoder) run once per
+# request, and their arena's memory is handed back after each run (ARENA_SHRINK)
+PER_TOKEN = ("decoder", "embed_tokens")
+# ONNX Runtime's CPU arena keeps the most a session ever allocated for its activations. A vision encoder's, over a
+# 512 x 512 image, stayed allocated for the rest of the process: shrinking it after each run took the SmolVLM-256M
+# fp32 package's peak from 1,247 to 1,136 MB (its weights are 1,027 MB; docs/performance.md)
+ARENA_SHRINK = ("memory.enable_memory_arena_shrinkage", "cpu:0")
+
+
 class OnnxRuntimeGraph:
-    def __init__(self, session, ort):
-        self.session, self._ort = session, ort
+    def __init__(self, session, ort, run_options=None):
+        self.session, self._ort, self.run_options = session, ort, run_options
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
         self._binding = None
@@ -24,7 +33,7 @@ class OnnxRuntimeGraph:
 
     def run(self, inputs: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         if not into:
-            values = self.session.run(self.output_names, inputs)
+            values = self.session.run(self.output_names, inputs, self.run_options)
             return dict(zip(self.output_names, values))
         # IO binding: inputs and the `into` outputs are bound over the caller's arrays (no copies). A binding
         # persists between runs, so an array bound last time (the KV cache) is not bound again.
@@ -37,7 +46,7 @@ class OnnxRuntimeGraph:
             else:  # allocated by ONNX Runtime each run (a binding would otherwise keep last run's shape)
                 io.bind_output(name, "cpu")
                 self._bound.pop(("out", name), None)
-        self.session.run_with_iobinding(io)
+        self.session.run_with_iobinding(io, self.run_options)
         if len(into) == len(self.output_names):
             return {}
         values = io.get_outputs()  # in the order first bound: output_names, as every run binds them all
@@ -145,7 +154,16 @@ class OnnxRuntimeBackend:
                                                  provider_options=self._provider_options(Path(path)))
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise MmedgeError(f"onnxruntime could not load {path.name}: {first_line(exc)}") from None
-        return OnnxRuntimeGraph(session, self._ort)
+        return OnnxRuntimeGraph(session, self._ort, self._run_options(Path(path)))
+
+    def _run_options(self, path: Path):
+        """A graph run once per request hands its arena's memory back after each run (ARENA_SHRINK)."""
+        part = self.manifest.graph_of(path.name) if self.manifest else None
+        if part is None or part in PER_TOKEN:
+            return None
+        options = self._ort.RunOptions()
+        options.add_run_config_entry(*ARENA_SHRINK)
+        return options
 
 
 def ort_profile_shapes(profiles: list[dict]) -> dict[str, str]:
