@@ -145,6 +145,17 @@ def _big_decoder(stage: Path, manifest: Manifest) -> bool:
     return graph_bytes(_target(manifest), stage / manifest.graphs["decoder"].file) > BIG_DECODER_BYTES
 
 
+def _held_out_steps(stage: Path, manifest: Manifest, options: QuantOptions) -> int:
+    """New tokens per held-out sample: options.decode_steps, or 1 where the fp32 decoder's weights are more than
+    the memory available. A decode step reads every weight: LLaVA-1.5-7B's 27 GB decoder on a 24 GB machine
+    re-read them from disk at ~0.7 GB/s, ~40 s a token, about 14 minutes a held-out sample (2026-12-04)."""
+    from mmedge.exporters.resources import available_memory
+
+    free = available_memory()
+    size = graph_bytes(_target(manifest), stage / manifest.graphs["decoder"].file)
+    return 1 if free is not None and size > free else options.decode_steps
+
+
 def _target(manifest: Manifest):
     return importlib.import_module(f"mmedge.calibration.{manifest.target}")
 
@@ -271,13 +282,14 @@ def measure(stage: Path, manifest: Manifest, fp32_files: dict, quant_files: dict
     The fp32 package runs all samples first and is let go before the quantized one loads, so a big model's
     two packages are never in memory together."""
     parts = [p for p in (*RECORDED, "embed_tokens") if p in fp32_files]
+    steps = _held_out_steps(stage, manifest, options)
     ref = _pipeline(stage, manifest, fp32_files, dict.fromkeys(parts, Recorder))
     rec = {p: ref.graphs[p] for p in parts}
     expected = []  # per sample: fp32 greedy tokens and teacher-forced logits
     for sample in tqdm(calib.held_out, desc="measure fp32", unit="sample", disable=not progress):
         for r in rec.values():
             r.keep = True  # record each held-out input once, in the generation pass
-        tokens = answer(ref, sample, options.decode_steps)
+        tokens = answer(ref, sample, steps)
         for r in rec.values():
             r.keep = False
         expected.append((tokens, forced_logits(ref, sample, tokens)))
@@ -291,7 +303,7 @@ def measure(stage: Path, manifest: Manifest, fp32_files: dict, quant_files: dict
     logits_err = None
     for sample, (tokens, a) in zip(tqdm(calib.held_out, desc="measure", unit="sample", disable=not progress),
                                    expected):
-        agree += tokens == answer(quant, sample, options.decode_steps)
+        agree += tokens == answer(quant, sample, steps)
         b = forced_logits(quant, sample, tokens)
         top1 += int((a.argmax(-1) == b.argmax(-1)).sum())
         positions += len(a)
@@ -308,6 +320,7 @@ def measure(stage: Path, manifest: Manifest, fp32_files: dict, quant_files: dict
     return {
         "graphs": {p: {f"held_out_{k}": v for k, v in e.items()} for p, e in graph_err.items() if e},
         "held_out_samples": n,
+        "held_out_new_tokens": steps,
         "greedy_agreement": agree / n,
         "teacher_forced_top1_agreement": top1 / max(1, positions),
         "teacher_forced_kl": kl_sum / max(1, positions),

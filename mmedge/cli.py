@@ -116,7 +116,9 @@ def _print_quantization(q: dict) -> None:
           f"   ({q['bytes_fp32'] / max(1, q['bytes']):.1f}x smaller)")
     print(f"decoder logits, teacher-forced: top-1 agreement {q['teacher_forced_top1_agreement']:.1%}, "
           f"KL {q['teacher_forced_kl']:.2e} over {q['teacher_forced_positions']} positions; "
-          f"greedy answers identical to fp32: {q['greedy_agreement']:.1%}")
+          f"greedy answers identical to fp32: {q['greedy_agreement']:.1%}"
+          + (f" (first {q['held_out_new_tokens']} token{'s' * (q['held_out_new_tokens'] > 1)} of each)"
+             if "held_out_new_tokens" in q else ""))
 
 
 def cmd_run(args) -> int:

@@ -71,3 +71,22 @@ def test_graphs_run_once_per_request_hand_back_their_arena(packages):
 
     assert shrinks("vision_encoder") and shrinks("projector")
     assert not shrinks("decoder") and not shrinks("embed_tokens")
+
+
+def test_held_out_generation_is_cut_to_one_token_where_the_fp32_decoder_does_not_fit(tmp_path, monkeypatch):
+    """Measuring a quantized package generates 16 tokens a held-out sample with the fp32 one, each token reading every
+    fp32 weight; where those are more than the memory available (LLaVA-1.5-7B's 27 GB decoder on 24 GB), each token
+    re-read them from disk, so only the first token is generated."""
+    from types import SimpleNamespace
+
+    from mmedge.calibration import package
+    from mmedge.exporters import resources
+
+    (tmp_path / "decoder.onnx").write_bytes(b"\0" * 1000)
+    (tmp_path / "decoder.onnx.data").write_bytes(b"\0" * 5000)
+    manifest = SimpleNamespace(target="onnxruntime", graphs={"decoder": SimpleNamespace(file="decoder.onnx")})
+    options = package.QuantOptions()
+    monkeypatch.setattr(resources, "available_memory", lambda: 5999)
+    assert package._held_out_steps(tmp_path, manifest, options) == 1
+    monkeypatch.setattr(resources, "available_memory", lambda: 6000)
+    assert package._held_out_steps(tmp_path, manifest, options) == options.decode_steps == 16
