@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 PER_TOKEN = ("decoder", "embed_tokens")
 # ONNX Runtime's CPU arena keeps the most a session ever allocated for its activations. A vision encoder's, over a
 # 512 x 512 image, stayed allocated for the rest of the process: shrinking it after each run took the SmolVLM-256M
-# fp32 package's peak from 1,247 to 1,136 MB (its weights are 1,027 MB; docs/performance.md)
+# fp32 package's peak from 1,241 to 1,130 MB (its weights are 1,027 MB), at the cost of allocating it again on the
+# next image: the vision encoder's run 1.86-1.90 -> 1.97-2.11 s (docs/performance.md)
 ARENA_SHRINK = ("memory.enable_memory_arena_shrinkage", "cpu:0")
 
 
