@@ -114,7 +114,11 @@ def staged_package(out: Path, overwrite: bool) -> Iterator[Path]:
         yield stage
         if not (stage / MANIFEST_NAME).exists():
             raise ExportError("internal error: package staged without a manifest")
+        # a package is read by whoever runs it (a service account, another user): mkdtemp made the folder 0700,
+        # and onnx writes external data files 0600
         os.chmod(stage, 0o755)
+        for path in stage.rglob("*"):
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.rename(out, old / "pkg")

@@ -230,6 +230,9 @@ def test_external_data_package(checkpoints, packages, tmp_path, monkeypatch):
     assert all(f"{spec.file}.data" in quantized.files for part, spec in quantized.graphs.items() if part != "embed_tokens")
     assert f"{embed}.data" not in quantized.files
     assert quantized.quantization["graphs"]["embed_tokens"]["shared_with"] == "decoder"
+    # readable by other users (a service account): onnx writes external data files 0600
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in (tmp_path / "int8").rglob("*")), \
+        {p.name: oct(p.stat().st_mode) for p in (tmp_path / "int8").rglob("*")}
     inline = Pipeline.load(packages("paligemma-gqa", "onnxruntime", "int8"))
     shared = Pipeline.load(tmp_path / "int8")
     # the shared embedding is the fp32 embedding graph over the head's dequantized table
