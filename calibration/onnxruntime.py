@@ -26,7 +26,7 @@ import onnx
 from onnx import helper
 
 from mmedge.calibration.package import SEVEN_BIT_WEIGHTS, QuantOptions
-from mmedge.calibration.weights import GraphWeights, to_float16, to_matmul_nbits
+from mmedge.calibration.weights import GraphWeights, Pairs, to_float16, to_matmul_nbits
 from mmedge.errors import ExportError
 
 log = logging.getLogger(__name__)
@@ -240,24 +240,18 @@ def quantize_embedding_int8(src: Path, dst: Path) -> dict:
             return quantize_embedding_int8(Path(tmp) / src.name, dst)
     graph = GraphWeights(src)
     nodes, inits = graph.model.graph.node, graph.model.graph.initializer
-    deferred, done = {}, {}
+    deferred, pairs = {}, Pairs()
     for node in list(nodes):
         base = node.input[0]
         if node.op_type != "Gather" or base not in graph.inits or len(graph.shape(base)) != 2:
             continue
 
-        def rows(base=base):
-            if base not in done:
-                done.clear()
-                done[base] = _int8_rows(graph.mapped(base))
-            return done[base]
-
         inits.remove(graph.inits[base])
         inits.extend([onnx.TensorProto(name=base + "_int8", data_type=onnx.TensorProto.INT8, dims=graph.shape(base)),
                       onnx.TensorProto(name=base + "_scale", data_type=onnx.TensorProto.FLOAT,
                                        dims=[graph.shape(base)[0], 1])])
-        deferred[base + "_int8"] = lambda rows=rows: rows()[0]
-        deferred[base + "_scale"] = lambda rows=rows: rows()[1]
+        deferred[base + "_int8"], deferred[base + "_scale"] = pairs.deferred(
+            base, lambda base=base: _int8_rows(graph.mapped(base)))
         out, ids = node.output[0], node.input[1]
         at = list(nodes).index(node)
         nodes.remove(node)

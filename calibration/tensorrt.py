@@ -30,7 +30,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from mmedge.calibration import onnxruntime as ort_quant
-from mmedge.calibration.weights import GraphWeights, to_float16
+from mmedge.calibration.weights import GraphWeights, Pairs, to_float16
 from mmedge.calibration.package import QuantOptions
 from mmedge.errors import ExportError
 
@@ -144,7 +144,7 @@ def weight_only(graph: GraphWeights, bits: dict[str, int], block: int) -> tuple[
     DequantizeLinear that makes the weight. Returns the deferred initializers (each weight read, with its AWQ
     factors, and quantized as it is written) and how many became INT4."""
     deferred, int4 = {}, 0
-    done: dict[str, tuple] = {}  # the last weight quantized: its values wait for their scale's turn
+    pairs = Pairs()
     nodes = graph.model.graph.node
     for node in ort_quant._weight_matmuls(graph.model):
         if node.name not in bits:
@@ -154,10 +154,7 @@ def weight_only(graph: GraphWeights, bits: dict[str, int], block: int) -> tuple[
         four = bits[node.name] == 4 and k % block == 0
 
         def quantized(name=name, four=four):
-            if name not in done:
-                done.clear()
-                done[name] = _weight_only(graph.array(name).astype(np.float32), four, block)
-            return done[name]
+            return _weight_only(graph.array(name).astype(np.float32), four, block)
 
         if four:
             int4 += 1
@@ -168,8 +165,7 @@ def weight_only(graph: GraphWeights, bits: dict[str, int], block: int) -> tuple[
         graph.model.graph.initializer.extend([TensorProto(name=name + "_quantized", data_type=q_type, dims=[k, n]),
                                               TensorProto(name=name + "_scale", data_type=TensorProto.FLOAT,
                                                           dims=scale_dims)])
-        deferred[name + "_quantized"] = lambda quantized=quantized: quantized()[0]
-        deferred[name + "_scale"] = lambda quantized=quantized: quantized()[1]
+        deferred[name + "_quantized"], deferred[name + "_scale"] = pairs.deferred(name, quantized)
         nodes.insert(0, helper.make_node("DequantizeLinear", [name + "_quantized", name + "_scale"], [name],
                                          name=node.name + "_weight_dq", **attrs))
     return deferred, int4

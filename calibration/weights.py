@@ -112,13 +112,31 @@ def quantize_columns(w_columns, k: int, n: int, bits: int, block: int):
     return packed, scales
 
 
+class Pairs:
+    """Deferred tensors made two at a time from one weight (its quantized values and their scales): the pair last
+    made is kept until the next is asked for, so a weight is read and quantized once and one pair is held."""
+
+    def __init__(self):
+        self._key, self._pair = None, None
+
+    def deferred(self, key, make) -> tuple:
+        """(values, scales) as deferred functions over `make()` -> (values, scales)."""
+        def part(i):
+            if self._key != key:
+                self._key, self._pair = None, None  # let the last pair go before making the next
+                self._pair, self._key = make(), key
+            return self._pair[i]
+
+        return (lambda: part(0)), (lambda: part(1))
+
+
 def to_matmul_nbits(weights: GraphWeights, nodes: list, bits: int, block, accuracy_level: int) -> dict:
     """Replace each MatMul of `nodes` (weight [K, N] in `weights`) by MatMulNBits of `bits` in blocks of `block`
     (or of `block(K)`); returns the deferred initializers (name -> function) that GraphWeights.write computes one
     at a time."""
     graph = weights.model.graph
     deferred = {}
-    done: dict[str, tuple] = {}  # the last weight quantized: its packed values wait for their scales' turn
+    pairs = Pairs()
     replaced: dict[str, onnx.NodeProto] = {}  # by the MatMul's output (unique in the graph): its MatMulNBits
     for node in nodes:
         name = node.input[1]
@@ -130,19 +148,11 @@ def to_matmul_nbits(weights: GraphWeights, nodes: list, bits: int, block, accura
             base = weights.array(name)  # one weight, AWQ factors applied
             return quantize_columns(lambda a, b: base[:, a:b], k, n, bits, blk)
 
-        def packed(name=name, quantized=quantized):
-            done.clear()
-            done[name] = quantized()
-            return done[name][0]
-
-        def scales(name=name, quantized=quantized):
-            return (done.pop(name, None) or quantized())[1]
-
         k_blocks = (k + blk - 1) // blk
         graph.initializer.append(TensorProto(name=packed_name, data_type=TensorProto.UINT8,
                                              dims=[n, k_blocks, blk * bits // 8]))
         graph.initializer.append(TensorProto(name=scales_name, data_type=TensorProto.FLOAT, dims=[n, k_blocks]))
-        deferred[packed_name], deferred[scales_name] = packed, scales
+        deferred[packed_name], deferred[scales_name] = pairs.deferred(name, quantized)
         attrs = dict(K=k, N=n, bits=bits, block_size=blk)
         if accuracy_level:
             attrs["accuracy_level"] = accuracy_level
