@@ -13,6 +13,7 @@ converter sees every big weight's type and shape, not its values, and each is ha
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -188,18 +189,24 @@ def half(array: np.ndarray) -> np.ndarray:
     return out.reshape(np.shape(array))
 
 
+_PATCHING = threading.Lock()  # the converter's module is patched: one conversion at a time in a process
+
+
 @contextmanager
 def _value_info_from_dims():
     """onnxruntime's converter reads an initializer's values to learn its shape (make_value_info_from_tensor);
-    the dims say the same without the values, which a streamed graph does not hold."""
+    the dims say the same without the values, which a streamed graph does not hold. Held under a lock: another
+    thread converting meanwhile would see (and might restore) the patch."""
     from onnxruntime.transformers import float16
 
-    original = float16.make_value_info_from_tensor
-    float16.make_value_info_from_tensor = lambda t: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-    try:
-        yield
-    finally:
-        float16.make_value_info_from_tensor = original
+    with _PATCHING:
+        original = float16.make_value_info_from_tensor
+        float16.make_value_info_from_tensor = lambda t: helper.make_tensor_value_info(t.name, t.data_type,
+                                                                                        list(t.dims))
+        try:
+            yield
+        finally:
+            float16.make_value_info_from_tensor = original
 
 
 def to_float16(weights: GraphWeights, deferred: dict | None = None, **convert) -> dict:
