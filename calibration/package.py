@@ -156,6 +156,49 @@ def _held_out_steps(stage: Path, manifest: Manifest, options: QuantOptions) -> i
     return 1 if free is not None and size > free else options.decode_steps
 
 
+def _vision_first(stage: Path, manifest: Manifest, pipe) -> list[str]:
+    """The vision side's graphs to run on every sample before the decoder runs on any, and let go: where the
+    decoder is big, so that its weights and theirs are not resident at once (PaliGemma-3B: a 1.6 GB vision encoder
+    beside a 10 GB decoder, every page of both read per sample). Where the image cache keeps what they make, which
+    an encoder-decoder's encoder (it reads the prompt too) does not: none there."""
+    if pipe.encoder or not _big_decoder(stage, manifest):
+        return []
+    return [part for part in ("vision_encoder", "projector") if part in pipe.graphs]
+
+
+class _LetGo:
+    """Stands in for a graph whose engine was let go (its weights unmapped)."""
+
+    def __init__(self, part: str):
+        self.part = part
+
+    def run(self, inputs, into=None):
+        raise RuntimeError(f"the {self.part} graph was let go after every sample's media was encoded, and was run "
+                           "again: a sample's media was not in the image cache")
+
+
+def _encode_media(pipe, samples, desc: str, progress: bool) -> None:
+    """Every sample's media through the vision side now (Pipeline.encode_media), all of it kept in the image cache
+    for the decoder's passes."""
+    from mmedge.runtimes.media_cache import MediaCache
+
+    pipe.media = MediaCache(1 << 62)  # every sample's: a few MB each (LLaVA-1.5-7B: 576 x 4096 float32)
+    for sample in tqdm(samples, desc=desc, unit="sample", disable=not progress):
+        pipe.encode_media(sample.image, sample.prompt)
+
+
+def _let_go(pipe, parts: list[str]) -> None:
+    """The engines of `parts` (Recorders: what they recorded is kept) let go, their weights unmapped."""
+    for part in parts:
+        pipe.graphs[part].graph = _LetGo(part)
+
+
+def _replayed(recorders: dict) -> dict:
+    """Per graph, each recorded input with the graph's outputs for it (copies: an engine reuses its buffers)."""
+    return {part: [(feeds, {k: np.array(v, copy=True) for k, v in r.graph.run(feeds).items()}) for feeds in r.feeds]
+            for part, r in recorders.items()}
+
+
 def _target(manifest: Manifest):
     return importlib.import_module(f"mmedge.calibration.{manifest.target}")
 
@@ -197,6 +240,10 @@ def _quantize(target, stage, work, manifest, fp32, plan, calib, options, progres
     samples = calib.calibrate if calibrated else []  # fp16 and weight-only int8 need no calibration data
     # a decode step reads every weight for one row of activations: a big decoder is calibrated on its prefills
     steps = 1 if _big_decoder(stage, manifest) else options.decode_steps
+    first = _vision_first(stage, manifest, pipe) if samples else []
+    if first:
+        _encode_media(pipe, samples, "calibrate vision", progress)
+        _let_go(pipe, first)
     for sample in tqdm(samples, desc="calibrate", unit="sample", disable=not progress):
         answer(pipe, sample, steps)
     del pipe
@@ -285,16 +332,23 @@ def measure(stage: Path, manifest: Manifest, fp32_files: dict, quant_files: dict
     steps = _held_out_steps(stage, manifest, options)
     ref = _pipeline(stage, manifest, fp32_files, dict.fromkeys(parts, Recorder))
     rec = {p: ref.graphs[p] for p in parts}
+    first = _vision_first(stage, manifest, ref)
+    graph_feeds = {}  # per graph: (recorded inputs, fp32 outputs)
+    if first:  # each held-out input recorded once, as the media is encoded; the outputs taken before they go
+        for part, r in rec.items():
+            r.keep = part in first
+        _encode_media(ref, calib.held_out, "measure fp32 vision", progress)
+        graph_feeds = _replayed({part: rec[part] for part in first})
+        _let_go(ref, first)
     expected = []  # per sample: fp32 greedy tokens and teacher-forced logits
     for sample in tqdm(calib.held_out, desc="measure fp32", unit="sample", disable=not progress):
-        for r in rec.values():
-            r.keep = True  # record each held-out input once, in the generation pass
+        for part, r in rec.items():
+            r.keep = part not in first  # record each held-out input once, in the generation pass
         tokens = answer(ref, sample, steps)
         for r in rec.values():
             r.keep = False
         expected.append((tokens, forced_logits(ref, sample, tokens)))
-    graph_feeds = {part: [(feeds, {k: np.array(v, copy=True) for k, v in r.graph.run(feeds).items()})
-                          for feeds in r.feeds] for part, r in rec.items()}  # copies: an engine reuses its buffers
+    graph_feeds.update(_replayed({part: r for part, r in rec.items() if part not in first}))
     del ref, rec
     quant = _pipeline(stage, manifest, quant_files, fp32=False)
     graph_err: dict[str, dict | None] = dict.fromkeys(fp32_files)

@@ -118,6 +118,24 @@ class Pipeline(PackageGraphs, RowBatching, Transcription):
         opts = self.options(**options)
         yield from self._pieces(self._tokens(image, prompt, opts, video), opts)
 
+    def encode_media(self, image: ImageInput | Sequence[ImageInput] | None, prompt: str = "",
+                     video: VideoInput | None = None, **options: Any) -> None:
+        """Run the vision encoder and projector on `image` (and `video`) now, keeping what they make in the image
+        cache (`image_cache_mb`, `self.media`): a later generate() about the same media starts at its prompt (a
+        robot encodes a camera frame while the question is still being asked). `prompt` and `options` as
+        generate() takes them: they decide how many images a prompt holds and how a dynamic-resolution image is
+        cut. Media over the cache's budget is computed and not kept."""
+        if self.encoder:
+            raise InputError(f"this {self.manifest.model_type} package's encoder reads the prompt with the "
+                             f"{'audio' if self.encoder == 'audio' else 'image'}: nothing of it can be computed "
+                             "ahead; call generate()")
+        with self._exclusive():
+            seq = self._prepare(image, prompt, self.options(**options), video)
+            if self.cross_names:
+                self._with_cross_states(seq)
+            else:
+                self._image_embeddings([seq])
+
     def _pieces(self, tokens, opts: GenerationOptions) -> Iterator[str]:
         """Text of `tokens` as it becomes final, up to the first stop string."""
         decoder = StreamDecoder(self.codec, opts.stop)

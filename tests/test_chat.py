@@ -227,6 +227,13 @@ def test_an_image_seen_before_skips_the_vision_encoder(packages):
     assert off.graphs["vision_encoder"].calls == 2 * runs and len(off.media) == 0
     with pytest.raises(InputError, match="image_cache_mb must be a number of megabytes >= 0"):
         Pipeline.load(packages(shape), image_cache_mb=-1)
+    # a frame encoded ahead (while the question is still being asked): generate() starts at the prompt
+    ahead = Pipeline.load(packages(shape))
+    ahead.graphs["vision_encoder"] = Counting(ahead.graphs["vision_encoder"])
+    ahead.encode_media(image)
+    assert ahead.graphs["vision_encoder"].calls == runs and len(ahead.media) == 1
+    assert ahead.generate(image, "what is this?", max_new_tokens=6) == first
+    assert ahead.graphs["vision_encoder"].calls == runs and ahead.media.hits == 1
 
 
 def test_media_cache_keeps_the_most_recent_within_its_bytes():

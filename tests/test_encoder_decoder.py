@@ -12,6 +12,7 @@ from PIL import Image
 from conftest import SHAPES
 from conftest import run_cli_in_process as run_cli
 from mmedge import Pipeline
+from mmedge.errors import InputError
 from mmedge.evaluate import generated_from, load_processor
 from mmedge.runtimes import boxes
 from test_chat import Counting
@@ -115,6 +116,8 @@ def test_bad_input(florence, tmp_path):
     assert_one_line_error(run_cli("run", path, "--prompt", "<OD>"), "image")
     with pytest.raises(Exception, match="one prompt at a time"):
         pipe.chat()
+    with pytest.raises(InputError, match="encoder reads the prompt with the image"):
+        pipe.encode_media(picture(), "<OD>")
     rng = np.random.default_rng(0)
     noise = Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8))
     assert list(pipe.generate_ids(noise, "<OD>", max_new_tokens=3, ignore_eos=True))  # still answers after errors

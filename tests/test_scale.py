@@ -90,3 +90,44 @@ def test_held_out_generation_is_cut_to_one_token_where_the_fp32_decoder_does_not
     assert package._held_out_steps(tmp_path, manifest, options) == 1
     monkeypatch.setattr(resources, "available_memory", lambda: 6000)
     assert package._held_out_steps(tmp_path, manifest, options) == options.decode_steps == 16
+
+
+def test_a_big_decoder_is_calibrated_after_every_images_vision_side_is_let_go(packages, tmp_path, monkeypatch):
+    """Where the decoder is big, calibration and the fp32 side of the held-out measurement run the vision encoder
+    and projector on every sample first (their outputs kept in the image cache) and let their engines go before the
+    decoder runs, so the two sets of weights are never resident together. Same recorded inputs, same quantized
+    graphs byte for byte, same measurements as running each sample whole."""
+    import gc
+    import shutil
+    import weakref
+
+    from mmedge.calibration import package
+    from mmedge.calibration.data import load_calibration
+    from mmedge.calibration.plan import parse_quant
+    from mmedge.manifest import load_manifest
+
+    monkeypatch.setattr(package, "BIG_DECODER_BYTES", 0)  # both runs: this tiny decoder counts as big
+    released = []
+    let_go = package._let_go
+
+    def spy(pipe, parts):
+        engines = [weakref.ref(pipe.graphs[part].graph) for part in parts]
+        let_go(pipe, parts)
+        gc.collect()
+        released.append((tuple(parts), [e() is None for e in engines]))
+
+    monkeypatch.setattr(package, "_let_go", spy)
+    calib = load_calibration("builtin", 8, held_out=2)
+    runs, vision_first = {}, package._vision_first
+    for staged in (False, True):
+        monkeypatch.setattr(package, "_vision_first", vision_first if staged else lambda *a: [])
+        stage = tmp_path / str(staged)
+        shutil.copytree(packages("paligemma-gqa"), stage)
+        manifest = load_manifest(stage, verify_files=False)
+        report = package.quantize_package(stage, manifest, parse_quant("int4", "onnxruntime"), calib,
+                                          package.QuantOptions(), progress=False)
+        runs[staged] = report, {p.name: p.read_bytes() for p in sorted(stage.glob("*.onnx*"))}
+    # calibration, then the held-out measurement: the vision encoder and projector let go, their sessions freed
+    assert released == [(("vision_encoder", "projector"), [True, True])] * 2
+    assert runs[True][0] == runs[False][0]
+    assert runs[True][1] == runs[False][1]
