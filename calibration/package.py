@@ -327,7 +327,8 @@ def measure(stage: Path, manifest: Manifest, fp32_files: dict, quant_files: dict
     """Quantized vs fp32 on the held-out samples: per-graph error, teacher-forced logits, greedy answers.
 
     The fp32 package runs all samples first and is let go before the quantized one loads, so a big model's
-    two packages are never in memory together."""
+    two packages are never in memory together. Its teacher-forced logits are those its greedy generation computed
+    (Pipeline.logits_out): forcing its own answer would compute them again."""
     parts = [p for p in (*RECORDED, "embed_tokens") if p in fp32_files]
     steps = _held_out_steps(stage, manifest, options)
     ref = _pipeline(stage, manifest, fp32_files, dict.fromkeys(parts, Recorder))
@@ -340,14 +341,18 @@ def measure(stage: Path, manifest: Manifest, fp32_files: dict, quant_files: dict
         _encode_media(ref, calib.held_out, "measure fp32 vision", progress)
         graph_feeds = _replayed({part: rec[part] for part in first})
         _let_go(ref, first)
-    expected = []  # per sample: fp32 greedy tokens and teacher-forced logits
+    expected = []  # per sample: fp32 greedy tokens, the tokens forced, and the fp32 logits along them
     for sample in tqdm(calib.held_out, desc="measure fp32", unit="sample", disable=not progress):
         for part, r in rec.items():
             r.keep = part not in first  # record each held-out input once, in the generation pass
+        ref.logits_out = [] if sample.audio is None else None  # (speech: every window's; forced on the first)
         tokens = answer(ref, sample, steps)
         for r in rec.values():
             r.keep = False
-        expected.append((tokens, forced_logits(ref, sample, tokens)))
+        if ref.logits_out:  # the generation's own logits: teacher forcing on its answer, up to its last token
+            expected.append((tokens, tokens[:len(ref.logits_out) - 1], np.stack(ref.logits_out)))
+        else:
+            expected.append((tokens, tokens, forced_logits(ref, sample, tokens)))
     graph_feeds.update(_replayed({part: r for part, r in rec.items() if part not in first}))
     del ref, rec
     quant = _pipeline(stage, manifest, quant_files, fp32=False)
@@ -355,10 +360,10 @@ def measure(stage: Path, manifest: Manifest, fp32_files: dict, quant_files: dict
     agree = top1 = positions = 0
     kl_sum = 0.0
     logits_err = None
-    for sample, (tokens, a) in zip(tqdm(calib.held_out, desc="measure", unit="sample", disable=not progress),
-                                   expected):
+    for sample, (tokens, forced, a) in zip(tqdm(calib.held_out, desc="measure", unit="sample", disable=not progress),
+                                           expected):
         agree += tokens == answer(quant, sample, steps)
-        b = forced_logits(quant, sample, tokens)
+        b = forced_logits(quant, sample, forced)
         top1 += int((a.argmax(-1) == b.argmax(-1)).sum())
         positions += len(a)
         la, lb = _log_softmax(a), _log_softmax(b)

@@ -104,6 +104,10 @@ class PackageGraphs:
         # a call's prompt starts from what the cache holds of the call before, where they agree (docs/apps.md);
         # False: every call computes its whole prompt (benchmarks of one question, recording graph inputs)
         self.reuse_prefix = True
+        # a list: generation appends each next-token logits row it computes to it (after the prompt, after each
+        # token but the last), [vocab]: what teacher forcing on its own answer would give, without running
+        # the answer twice (measuring a quantized package against its fp32 one)
+        self.logits_out: list[np.ndarray] | None = None
 
     @classmethod
     def load(

@@ -300,6 +300,8 @@ class Pipeline(PackageGraphs, RowBatching, Transcription):
         start = time.perf_counter()
         logits = step(embeds[:, keep:] if keep else embeds, seq)
         t.prefill = time.perf_counter() - start
+        if self.logits_out is not None:
+            self.logits_out.append(logits[0, -1].copy())
         if opts.use_cache and seq.spans is not None:
             self._held = held = _Held(ids, seq.block_of, seq.spans)
         eos = self.manifest.special_tokens.eos_ids
@@ -320,6 +322,8 @@ class Pipeline(PackageGraphs, RowBatching, Transcription):
             start = time.perf_counter()
             logits = step(self._embed(np.array([[token]], dtype=np.int64)), seq)
             t.steps.append(time.perf_counter() - start)
+            if self.logits_out is not None:
+                self.logits_out.append(logits[0, -1].copy())
             t.decode += t.steps[-1]
             if self._held is not None:
                 held.fed.append(token)

@@ -131,3 +131,22 @@ def test_a_big_decoder_is_calibrated_after_every_images_vision_side_is_let_go(pa
     assert released == [(("vision_encoder", "projector"), [True, True])] * 2
     assert runs[True][0] == runs[False][0]
     assert runs[True][1] == runs[False][1]
+
+
+def test_the_logits_generation_computes_are_teacher_forcing_on_its_answer(packages):
+    """The held-out measurement takes the fp32 package's teacher-forced logits from its greedy generation
+    (Pipeline.logits_out) instead of forcing the answer again: the same rows, bit for bit."""
+    import numpy as np
+
+    from conftest import sample_images
+    from mmedge import Pipeline
+
+    pipe = Pipeline.load(packages("paligemma-gqa"))
+    image = sample_images()["shapes"]
+    pipe.logits_out = []
+    tokens = list(pipe.generate_ids(image, "caption en", max_new_tokens=8, ignore_eos=True))
+    rows = np.stack(pipe.logits_out)
+    pipe.logits_out = None
+    assert len(tokens) == 8 and rows.shape[0] == 8  # after the prompt and after each token but the last
+    assert np.array_equal(rows, pipe.teacher_forced_logits(image, "caption en", tokens[:-1]))
+    assert [int(np.argmax(r)) for r in rows] == tokens
