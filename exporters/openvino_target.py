@@ -32,7 +32,7 @@ SUFFIX = ".xml"
 KV_STORAGE = ("state", "buffer")  # the first is the default
 ONNX_DIR = ".onnx"  # intermediate ONNX graphs inside the staged package, removed by finish()
 LAZY_WEIGHTS = True  # traced from ONNX graphs whose weights are read from the checkpoint as they are written
-CONVERSION = "stateful-sdpa"  # how the IR is made from the trace (part of its trace-cache key): fuse_attention
+CONVERSION = "stateful-sdpa-fc"  # how the IR is made from the trace (its trace-cache key): fuse_projections, fuse_attention
 
 
 def _onnx_path(path: Path) -> Path:
@@ -48,7 +48,7 @@ def export_graph(job: GraphJob, path: Path) -> None:
 
     def convert(dest: Path) -> None:
         try:
-            model = ov.convert_model(str(onnx_path))
+            model = fuse_projections(ov.convert_model(str(onnx_path)))
             if job.kv_storage == "state":
                 model = fuse_attention(make_stateful(model, _cache_pairs(job)))
             ov.save_model(model, str(dest), compress_to_fp16=False)
@@ -91,6 +91,48 @@ def make_stateful(model, pairs: dict[str, str]):
         empty = ops.broadcast(ops.constant(np.array(0, info.data_type.to_dtype())), shape)
         node.output(0).replace(opset6.read_value(empty, variable).output(0))
     model.validate_nodes_and_infer_types()
+    return model
+
+
+def fuse_projections(model):
+    """Each set of MatMuls that multiply one input by constant weights (a layer's query, key and value
+    projections; an MLP's gate and up) as one MatMul over their weights side by side, its output split back.
+
+    One fully connected kernel reads the input once and runs over all the output channels: on a SmolVLM-256M-
+    shaped decoder stack at INT4 (group 64, 2 threads) a token took 2.92 ms instead of 3.49. Exact: every output
+    channel is the same dot product, and weight compression quantizes per output channel (INT8) or per group of
+    one output channel's inputs (INT4), so the compressed weights are the separate layers' side by side.
+    """
+    import numpy as np
+    import openvino.opset13 as ops
+
+    groups: dict[tuple, list] = {}
+    for node in model.get_ordered_ops():
+        if node.get_type_name() != "MatMul" or node.get_attributes()["transpose_a"]:
+            continue
+        weight = node.input_value(1).get_node()
+        if weight.get_type_name() != "Constant" or len(weight.get_output_partial_shape(0)) != 2:
+            continue
+        source = node.input_value(0)
+        groups.setdefault((source.get_node().get_instance_id(), source.get_index(),
+                           node.get_attributes()["transpose_b"], weight.get_element_type().get_type_name()),
+                          []).append(node)
+    fused = 0
+    for (_, _, transposed, _), nodes in groups.items():
+        inner = 1 if transposed else 0  # the weights' input axis; they are joined on the other
+        weights = [n.input_value(1).get_node().get_data() for n in nodes]
+        if len(nodes) < 2 or len({w.shape[inner] for w in weights}) > 1:
+            continue
+        sizes = [w.shape[1 - inner] for w in weights]
+        joined = ops.constant(np.concatenate(weights, axis=1 - inner))
+        del weights
+        matmul = ops.matmul(nodes[0].input_value(0), joined, False, transposed)
+        parts = ops.variadic_split(matmul, ops.constant(np.int64(-1)), ops.constant(np.array(sizes, np.int64)))
+        for i, node in enumerate(nodes):
+            node.output(0).replace(parts.output(i))
+        fused += 1
+    if fused:
+        model.validate_nodes_and_infer_types()
     return model
 
 
