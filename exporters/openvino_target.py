@@ -118,7 +118,8 @@ def fuse_projections(model):
                            node.get_attributes()["transpose_b"], weight.get_element_type().get_type_name()),
                           []).append(node)
     fused = 0
-    for (_, _, transposed, _), nodes in groups.items():
+    while groups:  # popped, so that each set's separate weights are let go once it is joined (one copy at a time)
+        (_, _, transposed, _), nodes = groups.popitem()
         inner = 1 if transposed else 0  # the weights' input axis; they are joined on the other
         weights = [n.input_value(1).get_node().get_data() for n in nodes]
         if len(nodes) < 2 or len({w.shape[inner] for w in weights}) > 1:
@@ -130,6 +131,7 @@ def fuse_projections(model):
         parts = ops.variadic_split(matmul, ops.constant(np.int64(-1)), ops.constant(np.array(sizes, np.int64)))
         for i, node in enumerate(nodes):
             node.output(0).replace(parts.output(i))
+        del nodes, node, joined, matmul, parts
         fused += 1
     if fused:
         model.validate_nodes_and_infer_types()

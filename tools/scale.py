@@ -200,6 +200,8 @@ def render(results: dict, out: Path) -> None:
     ]
     for r in rows:
         result = "ok" if r["exit"] == 0 else f"exit {r['exit']}: {r['last_line']}"
+        if r.get("note"):  # e.g. the machine was shared: its wall time is not this export's alone
+            result += f" ({r['note']})"
         size = f"{r['package_gb']} GiB" if r.get("package_gb") is not None else "-"
         lines.append(f"| {r['model']} | {r['target']} | {r['quant']} | {result} | {r['wall_s'] / 60:.1f} min | "
                      f"{r['peak_rss_gb']} GiB | {r.get('peak_anon_gb', '-')} GiB | {size} | {r['date']} |")
@@ -229,6 +231,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "scale.md")
     ap.add_argument("--keep", action="store_true", help="keep each package (default: removed once measured)")
     ap.add_argument("--bench", action="store_true", help="run `mmedge bench` on each int4 package")
+    ap.add_argument("--note", help="said beside each row measured now (e.g. what else shared the machine)")
     args = ap.parse_args()
 
     args.work.mkdir(parents=True, exist_ok=True)
@@ -250,6 +253,8 @@ def main() -> int:
                                         "-o", str(package)), args.work / f"{name}.log")
                 result.update(model=model, target=target, quant=quant, machine=machine,
                               date=time.strftime("%Y-%m-%d"), package_gb=size_gb(package))
+                if args.note:
+                    result["note"] = args.note
                 if args.bench and result["exit"] == 0 and quant == "int4" and target != "coreml":
                     bench = subprocess.run(mmedge("bench", str(package), "--threads", str(psutil.cpu_count())),
                                            capture_output=True, text=True)
