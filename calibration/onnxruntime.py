@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from mmedge.calibration.package import SEVEN_BIT_WEIGHTS, QuantOptions
 from mmedge.calibration.weights import GraphWeights, Pairs, to_float16, to_matmul_nbits
@@ -227,7 +227,7 @@ def _minmax_ranges(graph: Path, model: onnx.ModelProto, nodes: list[str], feeds:
             probe.graph.output.append(helper.make_tensor_value_info(f"mmedge_range_{i}_{op}", onnx.TensorProto.FLOAT, []))
     path = graph.with_name(".ranges-" + graph.name.lstrip("."))
     onnx.save_model(probe, str(path))
-    del probe
+    probe.Clear()  # (not del: reduce() above closes over it)
     try:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as the calibrator runs it
@@ -477,7 +477,34 @@ def _fold_target(graph: GraphWeights, x: str, readers: list):
             if up is not None and up.op_type == "MatMul" and up.input[1] in inits and used(operand) == 1 \
                     and used(up.input[1]) == 1:
                 return scaling(up.input[1], (1, -1))
+            if up is not None and up.op_type == "Split" and used(operand) == 1:  # gate|up joined, then split
+                return _split_columns(graph, up, operand, used)
     return None
+
+
+def _split_columns(graph: GraphWeights, split: onnx.NodeProto, part: str, used):
+    """For `part`, one output of a Split along the last axis of a weight MatMul's output (the fused decoder's
+    gate|up): a function scaling that part's columns of the weight, or None."""
+    model, inits = graph.model, graph.inits
+    matmul = next((n for n in model.graph.node if split.input[0] in n.output), None)
+    axis = next((a.i for a in split.attribute if a.name == "axis"), 0)
+    if matmul is None or matmul.op_type != "MatMul" or matmul.input[1] not in inits or len(split.input) < 2 \
+            or split.input[1] not in inits or used(matmul.input[1]) != 1 or used(split.input[0]) != 1 \
+            or axis != -1:
+        return None
+    weight = matmul.input[1]
+    width = graph.shape(weight)[1]
+    sizes = numpy_helper.to_array(inits[split.input[1]])
+    start = int(sizes[: list(split.output).index(part)].sum())
+    stop = start + int(sizes[list(split.output).index(part)])
+    if int(sizes.sum()) != width:
+        return None
+
+    def fold(factor: np.ndarray) -> None:
+        full = np.ones((1, width), dtype=np.float32)
+        full[0, start:stop] = factor.reshape(-1)
+        graph.scale(weight, full)
+    return fold
 
 
 def apply_awq(graph: GraphWeights, matmuls: list[onnx.NodeProto], skip: list[str], block: int,

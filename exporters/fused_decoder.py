@@ -13,7 +13,7 @@ is ~11 nodes a layer, and the INT4 step takes ~5.5 ms (docs/performance.md):
     GroupQueryAttention  (rotary, causal GQA, KV cache written in place)
     MatMul  [o_proj]
     SkipSimplifiedLayerNormalization
-    MatMul gate, MatMul up, Sigmoid, Mul, Mul  (SwiGLU)
+    MatMul  [hidden -> gate|up], Split, Sigmoid, Mul, Mul  (SwiGLU)
     MatMul  [down_proj]
 
 Contract (kv_cache storage "in_place"): inputs inputs_embeds [batch, seq,
@@ -252,8 +252,15 @@ def build(parts: Parts, max_positions: int, attention: str = "causal", position_
         return context
 
     def mlp_op(x: str, mlp, i: int) -> str:
-        gate = b.linear(x, mlp.gate_proj, f"layers.{i}.gate_proj")
-        up = b.linear(x, mlp.up_proj, f"layers.{i}.up_proj")
+        # gate and up read the same input: one MatMul over their joined weights, split after (one kernel call
+        # and one read of x a token instead of two)
+        gate_up = b.op("MatMul", [x, b.weights(f"layers.{i}.gate_up", mlp.gate_proj.weight, mlp.up_proj.weight,
+                                               transpose=True)])
+        if mlp.gate_proj.bias is not None:
+            gate_up = b.op("Add", [gate_up, b.weights(f"layers.{i}.gate_up_bias", mlp.gate_proj.bias,
+                                                      mlp.up_proj.bias)])
+        width = mlp.gate_proj.weight.shape[0]
+        gate, up = b.op("Split", [gate_up, b.weight_int("gate_up_sizes", [width, width])], n_out=2, axis=-1)
         if ACTIVATIONS[type(mlp.act_fn).__name__] == "gelu_tanh":
             act = b.op("FastGelu", [gate], domain=MS)  # 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
         else:

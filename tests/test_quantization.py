@@ -564,3 +564,47 @@ def test_too_small_or_missing_calibration_set_is_one_clear_line(tmp_path):
     assert result.returncode == 2 and "calibration source not found" in result.stderr
     result = run_cli("export", "--model", DEMO, "-o", str(out), "--quant", "int4", "--int4-block-size", "48")
     assert result.returncode == 2 and "--int4-block-size must be one of" in result.stderr
+
+
+def test_activation_aware_scales_fold_into_the_norm_and_the_up_half_of_a_joined_gate_up(tmp_path):
+    """The fused decoder's MLP: RMSNorm -> one MatMul over gate|up -> Split -> SwiGLU -> down. AWQ's 1/s for the
+    MLP input goes into the norm's weight, the down projection's into the up half's columns of the joined
+    weight: no node is added, and the scaled fp32 graph computes what the unscaled one did."""
+    import onnxruntime as ort
+
+    from mmedge.calibration.onnxruntime import _ActivationStats, apply_awq
+    from mmedge.calibration.weights import GraphWeights
+
+    rng = np.random.default_rng(2)
+    hidden, inner, rows = 64, 96, 512
+    inits = [numpy_helper.from_array(rng.uniform(0.5, 1.5, hidden).astype(np.float32), "gamma"),
+             numpy_helper.from_array(rng.normal(size=(hidden, 2 * inner)).astype(np.float32), "gate_up"),
+             numpy_helper.from_array(np.array([inner, inner], np.int64), "sizes"),
+             numpy_helper.from_array(rng.normal(size=(inner, hidden)).astype(np.float32), "down")]
+    nodes = [helper.make_node("SimplifiedLayerNormalization", ["h", "gamma"], ["x"], axis=-1, epsilon=1e-6),
+             helper.make_node("MatMul", ["x", "gate_up"], ["gu"]),
+             helper.make_node("Split", ["gu", "sizes"], ["gate", "up"], axis=-1),
+             helper.make_node("Sigmoid", ["gate"], ["sig"]), helper.make_node("Mul", ["gate", "sig"], ["act"]),
+             helper.make_node("Mul", ["act", "up"], ["m"]), helper.make_node("MatMul", ["m", "down"], ["y"])]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, "s", hidden])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    src, dst = tmp_path / "mlp.onnx", tmp_path / "awq.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), src)
+
+    weights = GraphWeights(src)
+    matmuls = [n for n in weights.model.graph.node if n.op_type == "MatMul"]
+    for i, node in enumerate(weights.model.graph.node):
+        node.name = f"n{i}"
+    stats = _ActivationStats(None, [])
+    for tap, width in (("x", hidden), ("m", inner)):  # a few channels carrying most of the signal
+        sample = (rng.normal(size=(rows, width)) * np.exp(rng.normal(0, 1.5, width))).astype(np.float32)
+        stats.abs_sum[tap], stats.count[tap], stats.rows[tap] = np.abs(sample).sum(0), rows, [sample]
+    report = apply_awq(weights, matmuls, [], 32, stats)
+    assert report["awq_scales_folded"] == 2 and all(a > 0 for a in report["awq_alpha"].values()), report
+    weights.write(dst, external=False)
+    assert [n.op_type for n in onnx.load(dst).graph.node] == [n.op_type for n in nodes]  # nothing added
+
+    feed = {"h": rng.normal(size=(1, 7, hidden)).astype(np.float32)}
+    before, after = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+                     for p in (src, dst))
+    np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4 * np.abs(before).max())
