@@ -494,11 +494,11 @@ def _split_columns(graph: GraphWeights, split: onnx.NodeProto, part: str, used):
         return None
     weight = matmul.input[1]
     width = graph.shape(weight)[1]
-    sizes = numpy_helper.to_array(inits[split.input[1]])
-    start = int(sizes[: list(split.output).index(part)].sum())
-    stop = start + int(sizes[list(split.output).index(part)])
-    if int(sizes.sum()) != width:
+    sizes = [int(n) for n in numpy_helper.to_array(inits[split.input[1]])]
+    if sum(sizes) != width:
         return None
+    j = list(split.output).index(part)
+    start, stop = sum(sizes[:j]), sum(sizes[: j + 1])
 
     def fold(factor: np.ndarray) -> None:
         full = np.ones((1, width), dtype=np.float32)

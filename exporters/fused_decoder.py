@@ -152,10 +152,13 @@ class _Builder:
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name(op_type), domain=domain, **attrs))
         return outs if len(outs) > 1 else outs[0]
 
-    def linear(self, x: str, layer: torch.nn.Linear, hint: str) -> str:
-        y = self.op("MatMul", [x, self.weights(hint, layer.weight, transpose=True)])
-        if layer.bias is not None:
-            y = self.op("Add", [y, self.weights(hint + "_bias", layer.bias)])
+    def linear(self, x: str, layer: torch.nn.Linear | list[torch.nn.Linear], hint: str) -> str:
+        """x through `layer`, or through several layers reading x as one MatMul over their weights joined along
+        the outputs (q|k|v, gate|up: one kernel call and one read of x a token), biases likewise."""
+        layers = layer if isinstance(layer, list) else [layer]
+        y = self.op("MatMul", [x, self.weights(hint, *(m.weight for m in layers), transpose=True)])
+        if layers[0].bias is not None:
+            y = self.op("Add", [y, self.weights(hint + "_bias", *(m.bias for m in layers))])
         return y
 
 
@@ -252,13 +255,7 @@ def build(parts: Parts, max_positions: int, attention: str = "causal", position_
         return context
 
     def mlp_op(x: str, mlp, i: int) -> str:
-        # gate and up read the same input: one MatMul over their joined weights, split after (one kernel call
-        # and one read of x a token instead of two)
-        gate_up = b.op("MatMul", [x, b.weights(f"layers.{i}.gate_up", mlp.gate_proj.weight, mlp.up_proj.weight,
-                                               transpose=True)])
-        if mlp.gate_proj.bias is not None:
-            gate_up = b.op("Add", [gate_up, b.weights(f"layers.{i}.gate_up_bias", mlp.gate_proj.bias,
-                                                      mlp.up_proj.bias)])
+        gate_up = b.linear(x, [mlp.gate_proj, mlp.up_proj], f"layers.{i}.gate_up")
         width = mlp.gate_proj.weight.shape[0]
         gate, up = b.op("Split", [gate_up, b.weight_int("gate_up_sizes", [width, width])], n_out=2, axis=-1)
         if ACTIVATIONS[type(mlp.act_fn).__name__] == "gelu_tanh":
@@ -271,11 +268,7 @@ def build(parts: Parts, max_positions: int, attention: str = "causal", position_
     for i, layer in enumerate(stack.layers):
         attn = layer.self_attn
         x, residual = norm(hidden, residual, layer.input_layernorm)
-        qkv = b.op("MatMul", [x, b.weights(f"layers.{i}.qkv", attn.q_proj.weight, attn.k_proj.weight,
-                                           attn.v_proj.weight, transpose=True)])
-        if attn.q_proj.bias is not None:
-            qkv = b.op("Add", [qkv, b.weights(f"layers.{i}.qkv_bias", attn.q_proj.bias, attn.k_proj.bias,
-                                              attn.v_proj.bias)])
+        qkv = b.linear(x, [attn.q_proj, attn.k_proj, attn.v_proj], f"layers.{i}.qkv")
         out = b.linear(attention_op(i, qkv, attn), attn.o_proj, f"layers.{i}.o_proj")
         if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma 2/3: a norm after attention and after the MLP
             x, residual = norm(rms(out, layer.post_attention_layernorm), residual, layer.pre_feedforward_layernorm)
