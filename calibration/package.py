@@ -22,6 +22,7 @@ KL of the decoder's logits, greedy-answer agreement, bytes before/after).
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import io
 import logging
@@ -112,18 +113,20 @@ def quiet():
 # -- the whole package -------------------------------------------------------
 
 
-def _pipeline(stage: Path, manifest: Manifest, files: dict[str, Path], wrap: dict | None = None,
-              fp32: bool = True):
-    """A runtime Pipeline over `files` (part -> graph path), optionally with wrapped graphs; `fp32`: the files are
-    the staged fp32 graphs (or a copy reading their data), run without prepacking where the decoder is big."""
+def _pipeline(stage: Path, manifest: Manifest, files: dict[str, Path], wrap: dict | None = None):
+    """A runtime Pipeline over `files` (part -> graph path), optionally with wrapped graphs. Where the decoder is
+    big, ONNX Runtime runs them low_memory: float32 graphs (the staged ones, or a copy reading their data) without
+    prepacking, float16 ones widened weight by weight as they run (a float16 package's measurement held a float32
+    copy of PaliGemma-3B's decoder: 12 GiB anonymous), quantized ones prepacked as always."""
     from mmedge.runtimes.backends import get_backend
     from mmedge.runtimes.pipeline import Pipeline
     from mmedge.runtimes.text import TextCodec
 
     name = getattr(_target(manifest), "BACKEND", manifest.target)
-    # a quantized graph is not copied by prepacking, it is packed (MatMulNBits runs its int8 kernels on that)
-    big = fp32 and _big_decoder(stage, manifest)
+    big = _big_decoder(stage, manifest)
     engine = get_backend(name, model_cache=False, **({"low_memory": True} if big and name == "onnxruntime" else {}))
+    if name == "onnxruntime":  # what each graph holds (its precision) decides how low_memory opens it
+        engine.open_package(stage, manifest)
     graphs = {part: engine.load(files[part]) for part in files}
     for part, make in (wrap or {}).items():
         graphs[part] = make(graphs[part])
@@ -275,7 +278,7 @@ def _quantize(target, stage, work, manifest, fp32, plan, calib, options, progres
         graphs[part]["bytes"] = graph_bytes(target, work / fp32[part].name) if plan[part] != "fp32" else graphs[part]["bytes_fp32"]
 
     quant_files = {p: (work / fp32[p].name if plan[p] != "fp32" else fp32[p]) for p in fp32}
-    measured = measure(stage, manifest, fp32, quant_files, calib, options, progress)
+    measured = measure(stage, manifest, fp32, quant_files, calib, options, progress, plan)
     for part, errors in measured.pop("graphs").items():
         graphs[part].update(errors)
     return {
@@ -323,8 +326,9 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def measure(stage: Path, manifest: Manifest, fp32_files: dict, quant_files: dict, calib: CalibrationSet,
-            options: QuantOptions, progress: bool = True) -> dict:
-    """Quantized vs fp32 on the held-out samples: per-graph error, teacher-forced logits, greedy answers.
+            options: QuantOptions, progress: bool = True, plan: dict[str, str] | None = None) -> dict:
+    """Quantized vs fp32 on the held-out samples: per-graph error, teacher-forced logits, greedy answers. `plan`
+    (part -> precision of quant_files) tells the engine what each quantized graph holds.
 
     The fp32 package runs all samples first and is let go before the quantized one loads, so a big model's
     two packages are never in memory together. Its teacher-forced logits are those its greedy generation computed
@@ -355,7 +359,10 @@ def measure(stage: Path, manifest: Manifest, fp32_files: dict, quant_files: dict
             expected.append((tokens, tokens, forced_logits(ref, sample, tokens)))
     graph_feeds.update(_replayed({part: r for part, r in rec.items() if part not in first}))
     del ref, rec
-    quant = _pipeline(stage, manifest, quant_files, fp32=False)
+    quantized = copy.deepcopy(manifest)
+    for part, precision in (plan or {}).items():
+        quantized.graphs[part].precision = precision
+    quant = _pipeline(stage, quantized, quant_files)
     graph_err: dict[str, dict | None] = dict.fromkeys(fp32_files)
     agree = top1 = positions = 0
     kl_sum = 0.0

@@ -203,7 +203,8 @@ def engine_args(r) -> None:
                    "change: u8 cost the int4 demo packages 1-1.2 points)")
     r.add_argument("--threads", type=int, default=0, help="intra-op threads (default: engine's choice)")
     r.add_argument("--low-memory", action="store_true",
-                   help="ONNX Runtime: keep weights memory-mapped, no repacked copies (less memory, slower fp32)")
+                   help="ONNX Runtime: keep weights memory-mapped, no repacked copies; on the CPU, fp16 weights "
+                   "widened as each is used, not all at load (less memory; slower fp32 and fp16)")
     verify = r.add_mutually_exclusive_group()
     verify.add_argument("--no-verify", action="store_true", help="skip checking file hashes at load")
     verify.add_argument("--verify-full", action="store_true",
