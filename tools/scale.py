@@ -171,8 +171,8 @@ HOW = """
 - **Float16 graphs checked weight by weight.** A float16 package (tensorrt fp16, onnxruntime fp16) is checked
   through ONNX Runtime's CPU, which has no float16 MatMul: by default it widens every float16 weight into a float32
   copy as the session opens (its `FuseFp16InitializerToFp32NodeTransformer`), a float32 copy of the whole decoder
-  in anonymous memory. The export's checks of a big model (the held-out measurement, the final generation) open
-  float16 graphs `low_memory`: that transformer off, no CPU arena, the nodes in the graph's order, so each weight
+  in anonymous memory. The export's checks (a big model's held-out measurement, every final generation check)
+  open float16 graphs `low_memory`: that transformer off, no CPU arena, the nodes in the graph's order, so each weight
   is widened by its Cast as the run reaches it and let go after its MatMul. Slower runs (paligemma-135m-shaped's
   tensorrt fp16 package decodes at 13.3 tok/s instead of 26.5), the same tokens; 831 -> 97 MB anonymous there.
 - **Still whole**: Core ML converts a traced torch module (coremltools needs the model in memory, in float32);
