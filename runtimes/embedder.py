@@ -23,7 +23,7 @@ import numpy as np
 
 from mmedge.errors import InputError, PackageError
 from mmedge.manifest import Manifest, load_manifest
-from mmedge.runtimes.backends import open_engine
+from mmedge.runtimes.backends import load_graphs, open_engine
 from mmedge.runtimes.preprocess import ImageInput, preprocess
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -65,7 +65,7 @@ class Embedder:
             raise PackageError(f"package {path} lacks the graphs {', '.join(missing)}; re-export it")
         engine = open_engine(path, manifest, backend, threads=threads, providers=providers, device=device,
                              inference_precision=inference_precision, model_cache=model_cache)
-        graphs = {part: engine.load(path / manifest.graphs[part].file) for part in ("vision_encoder", "text_encoder")}
+        graphs = load_graphs(engine, path, manifest, ("vision_encoder", "text_encoder"))
         try:
             tokenizer = Tokenizer.from_file(str(path / manifest.tokenizer))
         except Exception as exc:

@@ -15,7 +15,7 @@ import numpy as np
 from mmedge.errors import InputError, PackageError
 from mmedge.manifest import Manifest, load_manifest
 from mmedge.runtimes import schemes
-from mmedge.runtimes.backends import open_engine
+from mmedge.runtimes.backends import load_graphs, open_engine
 from mmedge.runtimes.batch import Timings
 from mmedge.runtimes.kv_cache import EngineCache, make_cache
 from mmedge.runtimes.media_cache import DEFAULT_MB, MediaCache
@@ -171,7 +171,7 @@ class PackageGraphs:
         engine = open_engine(path, manifest, backend, threads=threads, providers=providers, device=device,
                              inference_precision=inference_precision, kv_cache_precision=kv_cache_precision,
                              low_memory=low_memory, model_cache=model_cache)
-        graphs = {part: engine.load(path / manifest.graphs[part].file) for part in parts}
+        graphs = load_graphs(engine, path, manifest, parts)
         codec = TextCodec.from_package(path, manifest)
         pipe = cls(path, manifest, graphs, codec)
         pipe.defaults = {k: v for k, v in dict(max_pixels=max_pixels, min_pixels=min_pixels,

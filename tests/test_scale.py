@@ -56,6 +56,42 @@ def test_low_memory_sessions_keep_one_copy_of_the_weights_and_the_same_tokens(pa
         Pipeline.load(package, backend="openvino", low_memory=True)
 
 
+def test_onnx_runtime_opens_a_packages_graphs_side_by_side(packages, monkeypatch):
+    """ONNX Runtime creates a session (optimizing its graph, repacking its weights) outside Python's lock, so
+    Pipeline.load opens a package's graphs on worker threads, the biggest first; one thread where the engine may use
+    one core. Either way, the same graphs by part and the same tokens."""
+    import threading
+
+    from conftest import sample_images
+    from mmedge import Pipeline
+    from mmedge.runtimes.backends.onnxruntime import OnnxRuntimeBackend
+
+    package = packages("paligemma-gqa")
+    seen, load = [], OnnxRuntimeBackend.load
+
+    def spy(self, path):
+        seen.append((path.name, threading.current_thread().name))
+        return load(self, path)
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "load", spy)
+    ask = dict(max_new_tokens=6, ignore_eos=True)
+    image = sample_images()["shapes"]
+    tokens = {}
+    for threads in (2, 1):
+        seen.clear()
+        pipe = Pipeline.load(package, threads=threads)
+        assert list(pipe.graphs) == ["vision_encoder", "projector", "embed_tokens", "decoder"]
+        workers = {name for _, name in seen}
+        if threads == 2:
+            sizes = [sum(f.stat().st_size for f in package.glob(name + "*")) for name, _ in seen]
+            assert len(workers) == 2 and all(w.startswith("mmedge-load") for w in workers), seen
+            assert sizes == sorted(sizes, reverse=True), seen  # the biggest started first
+        else:
+            assert workers == {threading.current_thread().name}, seen
+        tokens[threads] = list(pipe.generate_ids(image, "caption en", **ask))
+    assert tokens[2] == tokens[1]
+
+
 def test_graphs_run_once_per_request_hand_back_their_arena(packages):
     """The vision encoder and projector (run once per image) shrink ONNX Runtime's CPU arena after each run, so
     their activations do not stay allocated beside the weights; the per-token graphs keep theirs (no allocation

@@ -5,7 +5,9 @@ named numpy arrays and returns a dict of named numpy arrays, writing any
 output the caller names in `into` into the caller's array instead (ONNX
 Runtime binds it, so the engine writes there directly). A backend that
 needs the whole package first (TensorRT: engines built per device) also has
-`open_package(path, manifest)`, called before its graphs load. Nothing else of
+`open_package(path, manifest)`, called before its graphs load; one whose
+`load` runs outside Python's lock, a core each (`loads_in_parallel`), has a
+package's graphs opened side by side (`load_graphs`). Nothing else of
 an engine leaks into the runtime, so adding an engine is one module here plus
 one line in `_BACKENDS`.
 """
@@ -34,6 +36,27 @@ class Backend(Protocol):
     name: str
 
     def load(self, path: Path) -> Graph: ...
+
+
+def load_graphs(engine: Backend, package: Path, manifest, parts: Sequence[str]) -> dict[str, Graph]:
+    """The graphs of `parts` on `engine`, by part. An engine that `loads_in_parallel` opens them side by side, the
+    biggest first (it sets the wall time), on as many threads as it may use cores (its `threads`, else the
+    machine's): each graph's weights are read and repacked on its own core."""
+    files = {part: Path(package) / manifest.graphs[part].file for part in parts}
+    workers = min(len(files), getattr(engine, "threads", 0) or os.cpu_count() or 1)
+    if not getattr(engine, "loads_in_parallel", False) or workers < 2:
+        return {part: engine.load(file) for part, file in files.items()}
+
+    def size(part: str) -> int:
+        data = files[part].with_name(files[part].name + ".data")
+        return files[part].stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    order = sorted(files, key=size, reverse=True)
+    with ThreadPoolExecutor(workers, thread_name_prefix="mmedge-load") as pool:
+        loaded = dict(zip(order, pool.map(lambda part: engine.load(files[part]), order)))
+    return {part: loaded[part] for part in files}
 
 
 # backend name -> (module, class). Imported lazily so a device needs only the
