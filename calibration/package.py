@@ -360,8 +360,8 @@ def measure(stage: Path, manifest: Manifest, fp32_files: dict, quant_files: dict
     graph_feeds.update(_replayed({part: r for part, r in rec.items() if part not in first}))
     del ref, rec
     quantized = copy.deepcopy(manifest)
-    for part, precision in (plan or {}).items():
-        quantized.graphs[part].precision = precision
+    for part in quant_files:
+        quantized.graphs[part].precision = (plan or {}).get(part, quantized.graphs[part].precision)
     quant = _pipeline(stage, quantized, quant_files)
     graph_err: dict[str, dict | None] = dict.fromkeys(fp32_files)
     agree = top1 = positions = 0

@@ -80,10 +80,6 @@ class OnnxRuntimeBackend:
     """
 
     name = "onnxruntime"
-    # a session is created (its graph optimized, its weights repacked) outside Python's lock, on one core: a
-    # package's sessions side by side opened SmolVLM-256M's fp32 package in 0.60-0.64 s instead of 0.91-0.95
-    # (int4: 0.23-0.26 instead of 0.36), peak RSS within 35 MB of one at a time (load_graphs)
-    loads_in_parallel = True
 
     def __init__(self, providers: Sequence[str] | None = None, threads: int = 0, device: str | None = None,
                  inference_precision: str | None = None, low_memory: bool = False):
@@ -139,6 +135,14 @@ class OnnxRuntimeBackend:
                 opts.update(ort_profile_shapes(profiles[part]))
             options.append(opts)
         return options
+
+    @property
+    def loads_in_parallel(self) -> bool:
+        """On the CPU a session is created (its graph optimized, its weights repacked) outside Python's lock, on
+        one core: a package's sessions side by side opened SmolVLM-256M's fp32 package in 0.60-0.64 s instead of
+        0.91-0.95 (int4: 0.23-0.26 instead of 0.36), peak RSS within 35 MB of one at a time (load_graphs). GPU
+        providers (engine builds on one device) are not measured: one at a time there."""
+        return self.providers == ["CPUExecutionProvider"]
 
     def _precision(self, path: Path) -> str | None:
         part = self.manifest.graph_of(path.name) if self.manifest else None
