@@ -118,15 +118,14 @@ def _pipeline(stage: Path, manifest: Manifest, files: dict[str, Path], wrap: dic
     big, ONNX Runtime runs them low_memory: float32 graphs (the staged ones, or a copy reading their data) without
     prepacking, float16 ones widened weight by weight as they run (a float16 package's measurement held a float32
     copy of PaliGemma-3B's decoder: 12 GiB anonymous), quantized ones prepacked as always."""
-    from mmedge.runtimes.backends import get_backend
+    from mmedge.runtimes.backends import open_engine
     from mmedge.runtimes.pipeline import Pipeline
     from mmedge.runtimes.text import TextCodec
 
     name = getattr(_target(manifest), "BACKEND", manifest.target)
     big = _big_decoder(stage, manifest)
-    engine = get_backend(name, model_cache=False, **({"low_memory": True} if big and name == "onnxruntime" else {}))
-    if name == "onnxruntime":  # what each graph holds (its precision) decides how low_memory opens it
-        engine.open_package(stage, manifest)
+    # opened on the package (open_engine), the engine knows what each graph holds: how low_memory opens it
+    engine = open_engine(stage, manifest, name, low_memory=big and name == "onnxruntime", model_cache=False)
     graphs = {part: engine.load(files[part]) for part in files}
     for part, make in (wrap or {}).items():
         graphs[part] = make(graphs[part])

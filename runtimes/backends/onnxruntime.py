@@ -142,7 +142,11 @@ class OnnxRuntimeBackend:
         one core: a package's sessions side by side opened SmolVLM-256M's fp32 package in 0.60-0.64 s instead of
         0.91-0.95 (int4: 0.23-0.26 instead of 0.36), peak RSS within 35 MB of one at a time (load_graphs). GPU
         providers (engine builds on one device) are not measured: one at a time there."""
-        return self.providers == ["CPUExecutionProvider"]
+        return self._on_cpu
+
+    @property
+    def _on_cpu(self) -> bool:
+        return self.providers[0] == "CPUExecutionProvider"  # the first provider takes every node it can run
 
     def _precision(self, path: Path) -> str | None:
         part = self.manifest.graph_of(path.name) if self.manifest else None
@@ -163,19 +167,20 @@ class OnnxRuntimeBackend:
         package, 2 threads: 831 -> 97 MB anonymous after a generation, decode 26.5 -> 13.3 tok/s, the same tokens.
         This is the export's check of a float16 package (tensorrt, onnxruntime fp16) on a machine without their
         GPU, and `--low-memory`."""
-        return (self.low_memory and self._precision(path) == "fp16"
-                and self.providers[0] == "CPUExecutionProvider")
+        return self.low_memory and self._on_cpu and self._precision(path) == "fp16"
 
     def load(self, path: Path) -> OnnxRuntimeGraph:
+        path = Path(path)
         opts = self._ort.SessionOptions()
         opts.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.threads:
             opts.intra_op_num_threads = self.threads
         opts.log_severity_level = 3
-        if not self._prepacks(Path(path)):  # weights stay mapped from the package's files, not copied
+        if not self._prepacks(path):  # weights stay mapped from the package's files, not copied
             opts.add_session_config_entry("session.disable_prepacking", "1")
         extra = {}
-        if self._widens_per_run(Path(path)):
+        widens = self._widens_per_run(path)
+        if widens:
             extra["disabled_optimizers"] = [WIDENS_FP16]
             opts.enable_cpu_mem_arena = False  # the arena would keep every widened weight's block
             opts.execution_order = self._ort.ExecutionOrder.PRIORITY_BASED  # each Cast just before its MatMul
@@ -183,15 +188,16 @@ class OnnxRuntimeBackend:
         # but peaked at 1,445 MB instead of 1,040 while doing it (int4: +50 MB), which a 3B model cannot spare
         try:
             session = self._ort.InferenceSession(str(path), sess_options=opts, providers=self.providers,
-                                                 provider_options=self._provider_options(Path(path)), **extra)
+                                                 provider_options=self._provider_options(path), **extra)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise MmedgeError(f"onnxruntime could not load {path.name}: {first_line(exc)}") from None
-        return OnnxRuntimeGraph(session, self._ort, self._run_options(Path(path)))
+        return OnnxRuntimeGraph(session, self._ort, None if widens else self._run_options(path))
 
     def _run_options(self, path: Path):
-        """A graph run once per request hands its arena's memory back after each run (ARENA_SHRINK)."""
+        """A graph run once per request hands its arena's memory back after each run (ARENA_SHRINK; load() asks
+        only where the session has an arena)."""
         part = self.manifest.graph_of(path.name) if self.manifest else None
-        if part is None or part in PER_TOKEN or self._widens_per_run(path):  # the latter: no arena to shrink
+        if part is None or part in PER_TOKEN:
             return None
         options = self._ort.RunOptions()
         options.add_run_config_entry(*ARENA_SHRINK)
