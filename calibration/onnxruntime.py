@@ -63,6 +63,9 @@ class _ActivationStats:
                 keep.append(x[self.rng.choice(len(x), take, replace=False)])
         return out
 
+    def __getattr__(self, name):  # the rest of the graph's interface (reset_state of a decoder held as state)
+        return getattr(self.graph, name)
+
     def stats(self, tap: str) -> tuple[np.ndarray, np.ndarray]:
         return self.abs_sum[tap] / max(1, self.count[tap]), np.concatenate(self.rows[tap])
 

@@ -15,20 +15,117 @@ runtime pipeline as the ONNX Runtime target:
   steps (--int4-method awq), or data-free round-to-nearest (rtn); NNCF keeps
   the LM head in INT8;
 - fp16: weights stored in float16.
+
+A big decoder (exporters/openvino_target.py: its float32 graph over
+BIG_DECODER_BYTES, bound for INT8/INT4) is staged as ONNX, never compiled by
+OpenVINO in float32: calibration and the float32 side of the measurement run
+it through ONNX Runtime (memory-mapped weights, no prepacking), its cache held
+between calls by `StatefulOnnx` as OpenVINO holds its state; its weights are
+quantized by the ONNX quantizer (calibration/tensorrt.py's DequantizeLinear
+weights with the activation-aware scales of calibration/onnxruntime.py, float32
+compute), one weight at a time, and that graph converted to IR, where the CPU
+plugin keeps INT4 blocks and INT8 channels compressed. NNCF's compression would
+compile the whole float32 decoder to collect its statistics (PaliGemma-3B:
+14.6 GiB anonymous, 10.7 min).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
+from mmedge.calibration import onnxruntime as ort_quant
 from mmedge.calibration.package import SEVEN_BIT_WEIGHTS, QuantOptions, Recorder
+from mmedge.errors import ExportError
+from mmedge.exporters.openvino_target import convert, staged_source  # noqa: F401 (staged_source: the target API)
 
 MAX_DECODER_STEPS = 256  # recorded decoder calls kept for the data-aware INT4 compression
 CPU_ACTIVATION_GROUP = 32  # OpenVINO's CPU default for DYNAMIC_QUANTIZATION_GROUP_SIZE
 
 
 def graph_files(path: Path) -> list[Path]:
+    if path.suffix == ".onnx":  # a big decoder staged as ONNX until quantized
+        return ort_quant.graph_files(path)
     return [path, path.with_suffix(".bin")]
+
+
+class StatefulOnnx:
+    """An ONNX decoder with explicit past inputs and past + new present outputs, run as OpenVINO runs its stateful
+    IR: the caller feeds the new tokens only; the presents are kept and fed back as the next call's past."""
+
+    def __init__(self, graph):
+        self.graph, self.past = graph, {}
+        shapes = {i.name: i.shape for i in graph.session.get_inputs()}  # past: [batch, kv_heads, past, head_dim]
+        self.empty = {name: (shape[1], shape[3]) for name, shape in shapes.items() if name.startswith("past.")}
+
+    @classmethod
+    def open(cls, path: Path):
+        """`path` through ONNX Runtime, its weights memory-mapped (no prepacked copy); a graph without past inputs
+        as it is."""
+        from mmedge.runtimes.backends import get_backend
+
+        graph = get_backend("onnxruntime", model_cache=False, low_memory=True).load(path)
+        return cls(graph) if any(n.startswith("past.") for n in graph.input_names) else graph
+
+    def reset_state(self) -> None:
+        self.past = {}
+
+    def truncate_state(self, length: int) -> None:
+        self.past = {name: np.ascontiguousarray(v[:, :, :length]) for name, v in self.past.items()}
+
+    def run(self, inputs: dict[str, np.ndarray], into=None) -> dict[str, np.ndarray]:
+        batch = next(iter(inputs.values())).shape[0]
+        feeds = dict(inputs)
+        for name, (heads, dim) in self.empty.items():
+            feeds[name] = self.past.get(name, np.zeros((batch, heads, 0, dim), np.float32))
+        out = self.graph.run(feeds)
+        self.past = {name: out.pop(name.replace("past.", "present.", 1)) for name in self.empty}
+        for name, target in (into or {}).items():
+            np.copyto(target, out.pop(name))
+        return out
+
+
+def load_graph(engine, path: Path, manifest):
+    """`path` on the package's engine, or, staged as ONNX (a big decoder), through ONNX Runtime (StatefulOnnx)."""
+    return StatefulOnnx.open(path) if path.suffix == ".onnx" else engine.load(path)
+
+
+def check_conversion(onnx_path: Path, ir_path: Path, rtol: float = 1e-3) -> dict:
+    """The converted decoder IR in OpenVINO against the ONNX graph it was made from in ONNX Runtime, on the same
+    random prefill of 6 tokens and 2 cached steps: the logits each step (its weights compressed the same way, the
+    plugin's int8 activations off). An ExportError where they differ by more than rtol x max(1, |reference|)."""
+    import onnx
+    import openvino as ov
+
+    from mmedge.runtimes.backends import default_threads
+
+    inputs = onnx.load(str(onnx_path), load_external_data=False).graph.input
+    dims = {i.name: i.type.tensor_type.shape.dim for i in inputs}
+    hidden = dims["inputs_embeds"][-1].dim_value
+    config = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
+    if default_threads():
+        config["INFERENCE_NUM_THREADS"] = default_threads()
+    request = ov.Core().compile_model(str(ir_path), "CPU", config).create_infer_request()
+    reference = StatefulOnnx.open(onnx_path)
+    rng = np.random.default_rng(0)
+    worst = {"max_abs_err": 0.0, "max_abs_ref": 0.0}
+    done = 0
+    for n in (6, 1, 1):
+        feeds = {"inputs_embeds": rng.standard_normal((1, n, hidden)).astype(np.float32),
+                 "attention_mask": np.zeros((1, 1, n, done + n), np.float32),
+                 "position_ids": np.arange(done, done + n, dtype=np.int64)[None]}
+        want = reference.run(feeds)["logits"]
+        got = request.infer({k: v for k, v in feeds.items() if k in dims})
+        got = next(got[port] for port in request.model_outputs if "logits" in port.get_names())
+        err = float(np.abs(got - want).max())
+        worst = {"max_abs_err": max(worst["max_abs_err"], err),
+                 "max_abs_ref": max(worst["max_abs_ref"], float(np.abs(want).max()))}
+        done += n
+    if worst["max_abs_err"] > rtol * max(1.0, worst["max_abs_ref"]):
+        raise ExportError(f"the decoder converted to OpenVINO does not match its quantized ONNX graph: logits max abs "
+                          f"error {worst['max_abs_err']:.3g} (tolerance {rtol} x max(1, |ref|)); nothing was written")
+    return {**worst, "rtol": rtol, "passed": True}
 
 
 class _CappedRecorder(Recorder):
@@ -61,6 +158,8 @@ class _CappedRecorder(Recorder):
 
 
 def decoder_capture(work: Path, decoder: Path, plan: dict, options: QuantOptions):
+    if decoder.suffix == ".onnx":  # staged as ONNX: its MatMul inputs' statistics, as for onnxruntime
+        return ort_quant.decoder_capture(work, decoder, plan, options)
     if plan["decoder"] != "int4" or options.int4_method != "awq":
         return None
     return decoder, _CappedRecorder
@@ -70,6 +169,8 @@ def quantize_graph(part, precision, src, dst, options, feeds, decoder_data) -> d
     import nncf
     import openvino as ov
 
+    if src.suffix == ".onnx":
+        return _quantize_onnx_decoder(src, dst, precision, options, decoder_data)
     model = ov.Core().read_model(str(src))
     if precision == "fp16":
         ov.save_model(model, str(dst), compress_to_fp16=True)
@@ -118,7 +219,32 @@ def quantize_graph(part, precision, src, dst, options, feeds, decoder_data) -> d
     return report
 
 
-def set_activation_group(model) -> int | None:
+def _quantize_onnx_decoder(src: Path, dst: Path, precision: str, options: QuantOptions, stats) -> dict:
+    """A big decoder staged as ONNX: its weights quantized in the ONNX graph, one at a time (INT4 blocks along the
+    input axis with activation-aware scales, INT8 per output channel, the LM head INT8), then converted to IR."""
+    from mmedge.calibration import tensorrt as dq_quant
+
+    if precision == "int4" and options.int4_ratio != 1.0:
+        raise ExportError(f"--int4-ratio {options.int4_ratio} needs NNCF's compression of the whole float32 decoder, "
+                          "which a decoder this big does not get here (it would hold ~2x its float32 size in memory); "
+                          "leave --int4-ratio at 1.0")
+    quantized = dst.with_name(".quantized-" + src.name)
+    groups = []
+    try:
+        report = dq_quant.quantize_decoder(src, quantized, precision, options, stats, ort_quant._lm_head_vocab(src),
+                                           fp16=False)
+        convert(quantized, dst, "decoder", stateful=True,
+                finish=lambda model: groups.append(set_activation_group(model, input_axis_first=True)))
+        report["conversion_check"] = check_conversion(quantized, dst)
+    finally:
+        for path in ort_quant.graph_files(quantized):
+            path.unlink(missing_ok=True)
+    report["scheme"] = report["scheme"].replace(", float32 compute", "") + \
+        " (ONNX DequantizeLinear weights converted to OpenVINO's compressed weights)"
+    return {**report, "activation_group": groups[0]} if groups[0] else report
+
+
+def set_activation_group(model, input_axis_first: bool = False) -> int | None:
     """How many activations OpenVINO's CPU plugin quantizes to int8 together (one scale) when it multiplies
     them with these compressed weights; written into the graph as a runtime option, where OpenVINO reads it
     when it compiles (a setting given at load still wins). None where no compressed weight is multiplied.
@@ -150,11 +276,14 @@ def set_activation_group(model) -> int | None:
             continue
         shape = list(op.get_output_shape(0))
         kind = op.get_element_type()
-        # weights only: [out, groups, group] for int4, [out, in] for int8; zero points and scales end in 1
-        if kind in (ov.Type.i4, ov.Type.u4) and len(shape) == 3 and shape[2] > 1:
-            groups.append(shape[2])
-        elif kind in (ov.Type.i8, ov.Type.u8) and len(shape) == 2 and shape[1] > 1:
-            groups.append(shape[1])
+        # weights only (zero points and scales have a dimension of 1): NNCF's int4 [out, groups, group] and int8
+        # [out, in]; converted from ONNX DequantizeLinear weights (input_axis_first): [groups, group, out], [in, out]
+        if kind in (ov.Type.i4, ov.Type.u4) and len(shape) == 3:
+            groups.append(shape[1] if input_axis_first else shape[2])
+        elif kind in (ov.Type.i8, ov.Type.u8) and len(shape) == 2:
+            groups.append(shape[0] if input_axis_first else shape[1])
+        if groups and groups[-1] == 1:
+            groups.pop()
     if not groups:
         return None  # no compressed weight is multiplied (an embedding table)
     group = math.gcd(*groups)

@@ -126,7 +126,8 @@ def _pipeline(stage: Path, manifest: Manifest, files: dict[str, Path], wrap: dic
     big = _big_decoder(stage, manifest)
     # opened on the package (open_engine), the engine knows what each graph holds: how low_memory opens it
     engine = open_engine(stage, manifest, name, low_memory=big and name == "onnxruntime", model_cache=False)
-    graphs = {part: engine.load(files[part]) for part in files}
+    load = getattr(_target(manifest), "load_graph", None)  # a target with graphs staged for another engine
+    graphs = {part: load(engine, files[part], manifest) if load else engine.load(files[part]) for part in files}
     for part, make in (wrap or {}).items():
         graphs[part] = make(graphs[part])
     codec = TextCodec.from_package(stage, manifest)
@@ -144,7 +145,7 @@ BIG_DECODER_BYTES = 1 << 30
 
 def _big_decoder(stage: Path, manifest: Manifest) -> bool:
     """Whether the staged fp32 decoder is over BIG_DECODER_BYTES."""
-    return graph_bytes(_target(manifest), stage / manifest.graphs["decoder"].file) > BIG_DECODER_BYTES
+    return graph_bytes(_target(manifest), staged(stage, manifest, "decoder")) > BIG_DECODER_BYTES
 
 
 def _held_out_steps(stage: Path, manifest: Manifest, options: QuantOptions) -> int:
@@ -154,7 +155,7 @@ def _held_out_steps(stage: Path, manifest: Manifest, options: QuantOptions) -> i
     from mmedge.exporters.resources import available_memory
 
     free = available_memory()
-    size = graph_bytes(_target(manifest), stage / manifest.graphs["decoder"].file)
+    size = graph_bytes(_target(manifest), staged(stage, manifest, "decoder"))
     return 1 if free is not None and size > free else options.decode_steps
 
 
@@ -211,15 +212,16 @@ def quantize_package(stage: Path, manifest: Manifest, plan: dict[str, str], cali
     target = _target(manifest)
     work = stage / ".quantize"
     work.mkdir()
-    fp32 = {part: stage / manifest.graphs[part].file for part in graph_parts(manifest)}
+    fp32 = {part: staged(stage, manifest, part) for part in graph_parts(manifest)}
+    names = {part: manifest.graphs[part].file for part in fp32}  # each quantized graph's file
     try:
-        report = _quantize(target, stage, work, manifest, fp32, plan, calib, options, progress)
+        report = _quantize(target, stage, work, manifest, fp32, names, plan, calib, options, progress)
         for part in fp32:
             if plan[part] == "fp32":
                 continue
             for old in target.graph_files(fp32[part]):
                 old.unlink(missing_ok=True)
-            for new in target.graph_files(work / fp32[part].name):
+            for new in target.graph_files(work / names[part]):
                 if new.exists():
                     new.replace(stage / new.name)
             manifest.graphs[part].precision = plan[part]
@@ -228,7 +230,7 @@ def quantize_package(stage: Path, manifest: Manifest, plan: dict[str, str], cali
     return report
 
 
-def _quantize(target, stage, work, manifest, fp32, plan, calib, options, progress) -> dict:
+def _quantize(target, stage, work, manifest, fp32, names, plan, calib, options, progress) -> dict:
     recorded = [p for p in RECORDED if p in fp32]
     wrap = {part: Recorder for part in recorded}
     files = dict(fp32)
@@ -260,10 +262,10 @@ def _quantize(target, stage, work, manifest, fp32, plan, calib, options, progres
     bar = tqdm(parts, desc="quantize", unit="graph", disable=not progress)
     for part in bar:
         bar.set_postfix_str(f"{part} {plan[part]}")
-        src, dst = fp32[part], work / fp32[part].name
+        src, dst = fp32[part], work / names[part]
         try:
             with quiet():
-                graphs[part] = _shared_table(target, part, plan, fp32, work) \
+                graphs[part] = _shared_table(target, part, plan, fp32, work, names) \
                     or target.quantize_graph(part, plan[part], src, dst, options, feeds, decoder_data)
         except ExportError:
             raise
@@ -274,9 +276,10 @@ def _quantize(target, stage, work, manifest, fp32, plan, calib, options, progres
     for part in fp32:
         graphs.setdefault(part, {"precision": "fp32"})
         graphs[part]["bytes_fp32"] = graph_bytes(target, fp32[part])
-        graphs[part]["bytes"] = graph_bytes(target, work / fp32[part].name) if plan[part] != "fp32" else graphs[part]["bytes_fp32"]
+        graphs[part]["bytes"] = (graph_bytes(target, work / names[part]) if plan[part] != "fp32"
+                                 else graphs[part]["bytes_fp32"])
 
-    quant_files = {p: (work / fp32[p].name if plan[p] != "fp32" else fp32[p]) for p in fp32}
+    quant_files = {p: (work / names[p] if plan[p] != "fp32" else fp32[p]) for p in fp32}
     measured = measure(stage, manifest, fp32, quant_files, calib, options, progress, plan)
     for part, errors in measured.pop("graphs").items():
         graphs[part].update(errors)
@@ -292,13 +295,20 @@ def _quantize(target, stage, work, manifest, fp32, plan, calib, options, progres
     }
 
 
-def _shared_table(target, part: str, plan: dict, fp32: dict, work: Path) -> dict | None:
+def _shared_table(target, part: str, plan: dict, fp32: dict, work: Path, names: dict) -> dict | None:
     """An INT8 embedding that reads the quantized LM head's table, where the target can share it (its
     `share_tied_table`) and the head is that table; None otherwise."""
     share = getattr(target, "share_tied_table", None)
     if share is None or part != "embed_tokens" or plan[part] != "int8" or plan.get("decoder") not in ("int8", "int4"):
         return None
-    return share(fp32[part], work / fp32[part].name, fp32["decoder"], work / fp32["decoder"].name)
+    return share(fp32[part], work / names[part], fp32["decoder"], work / names["decoder"])
+
+
+def staged(stage: Path, manifest: Manifest, part: str) -> Path:
+    """The staged float32 graph of `part`: its manifest file, or what the target stages in its place until it is
+    quantized (`staged_source`: OpenVINO's big decoder, as ONNX)."""
+    path = stage / manifest.graphs[part].file
+    return getattr(_target(manifest), "staged_source", lambda p: p)(path)
 
 
 def graph_bytes(target, path: Path) -> int:

@@ -188,8 +188,10 @@ def _int4():
     return ml_dtypes.int4
 
 
-def quantize_decoder(src: Path, dst: Path, precision: str, options: QuantOptions, stats, vocab: int) -> dict:
-    """Weight-only INT8 or INT4 (+ activation-aware scales) on the fp16 decoder, one weight at a time."""
+def quantize_decoder(src: Path, dst: Path, precision: str, options: QuantOptions, stats, vocab: int,
+                     fp16: bool = True) -> dict:
+    """Weight-only INT8 or INT4 (+ activation-aware scales) on the fp16 decoder (float32 compute where not
+    `fp16`: what OpenVINO's conversion makes compressed weights of), one weight at a time."""
     graph = GraphWeights(src)
     ort_quant._name_nodes(graph.model)
     matmuls = ort_quant._weight_matmuls(graph.model)
@@ -200,11 +202,17 @@ def quantize_decoder(src: Path, dst: Path, precision: str, options: QuantOptions
     wide = 8 if precision == "int8" else 4
     deferred, int4 = weight_only(graph, {n.name: 8 if n.name in heads else wide for n in matmuls},
                                  options.int4_block_size)
-    graph.write(dst, to_fp16(graph, deferred), external=ort_quant._has_external_data(src))
+    if fp16:
+        deferred = to_fp16(graph, deferred)
+    else:
+        _opset(graph.model)
+    graph.write(dst, deferred, external=ort_quant._has_external_data(src))
+    compute = "fp16 compute" if fp16 else "float32 compute"
     if precision == "int8":
-        return {"scheme": "int8 weight-only (per-channel DequantizeLinear), fp16 compute", "matmuls": len(matmuls)}
+        return {"scheme": f"int8 weight-only (per-channel DequantizeLinear), {compute}", "matmuls": len(matmuls)}
+    scales = "fp16 scales" if fp16 else "float32 scales"
     return {"scheme": f"int4 weight-only (block-quantized DequantizeLinear, block {options.int4_block_size}, "
-                      "fp16 scales), LM head int8 per channel, fp16 compute",
+                      f"{scales}), LM head int8 per channel, {compute}",
             "int4_method": options.int4_method, "int4_matmuls": int4, **awq}
 
 

@@ -16,6 +16,15 @@ sized by the batch of inputs_embeds; nothing of the cache crosses the API
 per token. "buffer": explicit cache inputs and outputs, the same contract as
 the ONNX Runtime target (the runtime's preallocated buffers). docs/targets.md
 has the decode-speed measurement behind the default.
+
+A big decoder bound for INT8/INT4 (its float32 ONNX graph over
+calibration/package.BIG_DECODER_BYTES) is converted only once quantized:
+OpenVINO's conversion copies a graph's constants and its CPU plugin makes its
+own, repacked copy of float32 weights to run them (PaliGemma-3B: ~10 GiB each),
+so the float32 decoder is verified, calibrated and measured as ONNX through
+ONNX Runtime, its weights memory-mapped, and its quantized ONNX graph
+(INT4 blocks / INT8 channels as DequantizeLinear weights) is what becomes the
+IR, where the CPU plugin keeps the weights compressed (calibration/openvino.py).
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from mmedge.exporters.graphs import GraphJob
 
 SUFFIX = ".xml"
 KV_STORAGE = ("state", "buffer")  # the first is the default
-ONNX_DIR = ".onnx"  # intermediate ONNX graphs inside the staged package, removed by finish()
+ONNX_DIR = ".onnx"  # intermediate ONNX graphs in the staged package, removed by finish() (finalize())
 LAZY_WEIGHTS = True  # traced from ONNX graphs whose weights are read from the checkpoint as they are written
 CONVERSION = "stateful-sdpa-fc"  # how the IR is made from the trace (its trace-cache key): fuse_projections, fuse_attention
 
@@ -45,22 +54,50 @@ def export_graph(job: GraphJob, path: Path) -> None:
     onnx_path = _onnx_path(path)
     onnx_path.parent.mkdir(exist_ok=True)
     onnx_target.export_graph(job, onnx_path)
-
-    def convert(dest: Path) -> None:
-        try:
-            model = fuse_projections(ov.convert_model(str(onnx_path)))
-            if job.kv_storage == "state":
-                model = fuse_attention(make_stateful(model, _cache_pairs(job)))
-            ov.save_model(model, str(dest), compress_to_fp16=False)
-        except Exception as exc:
-            raise ExportError(f"OpenVINO could not convert {job.name}: {first_line(exc)}") from exc
-
-    trace_cache.converted(job, f"OpenVINO IR|{ov.__version__}|{CONVERSION}", convert, path)
+    if converted_once_quantized(job, onnx_path):
+        path.unlink(missing_ok=True)  # (an IR left by an earlier attempt at this stage)
+        return
+    trace_cache.converted(job, f"OpenVINO IR|{ov.__version__}|{CONVERSION}",
+                          lambda dest: convert(onnx_path, dest, job.name, job.kv_storage == "state"), path)
 
 
-def _cache_pairs(job: GraphJob) -> dict[str, str]:
+def convert(onnx_path: Path, dest: Path, name: str, stateful: bool, finish=None) -> None:
+    """The ONNX graph as OpenVINO IR at `dest`: projections side by side, and for a decoder that keeps its cache
+    as state, its past/present pairs as state variables with the attention OpenVINO fuses over them; `finish`
+    (the model) before it is saved."""
+    import openvino as ov
+
+    try:
+        model = fuse_projections(ov.convert_model(str(onnx_path)))
+        if stateful:
+            names = [n for port in model.inputs for n in port.get_names()]
+            model = fuse_attention(make_stateful(model, _cache_pairs(names)))
+        if finish is not None:
+            finish(model)
+        ov.save_model(model, str(dest), compress_to_fp16=False)
+    except Exception as exc:
+        raise ExportError(f"OpenVINO could not convert {name}: {first_line(exc)}") from exc
+
+
+def converted_once_quantized(job: GraphJob, onnx_path: Path) -> bool:
+    """Whether this graph stays ONNX until it is quantized: a decoder bound for INT8/INT4 whose float32 weights
+    are more than calibration/package.BIG_DECODER_BYTES (module docstring)."""
+    from mmedge.calibration.package import BIG_DECODER_BYTES
+    from mmedge.calibration.onnxruntime import graph_files
+
+    return (job.name == "decoder" and job.precision in ("int8", "int4") and job.kv_storage == "state"
+            and sum(p.stat().st_size for p in graph_files(onnx_path) if p.exists()) > BIG_DECODER_BYTES)
+
+
+def staged_source(path: Path) -> Path:
+    """The staged float32 graph behind manifest path `path`: the IR, or the ONNX graph of a decoder converted only
+    once quantized."""
+    return _onnx_path(path) if not path.exists() and _onnx_path(path).exists() else path
+
+
+def _cache_pairs(inputs) -> dict[str, str]:
     """past input -> present output, per layer and kind."""
-    past = [n for n in job.input_names if n.startswith("past.")]
+    past = [n for n in inputs if n.startswith("past.")]
     return dict(zip(past, [n.replace("past.", "present.", 1) for n in past]))
 
 
@@ -194,10 +231,14 @@ def io_specs(path: Path, job: GraphJob | None = None):
     """The ONNX graph's specs (OpenVINO keeps the names, ONNX the axis names) for the tensors the IR still has."""
     import openvino as ov
 
+    inputs, outputs = onnx_target.io_specs(_onnx_path(path))
+    if not path.exists():  # converted once quantized: a stateful IR keeps no past inputs or present outputs
+        state = job is None or job.kv_storage == "state"
+        return ({k: v for k, v in inputs.items() if not (state and k.startswith("past."))},
+                {k: v for k, v in outputs.items() if not (state and k.startswith("present."))})
     model = ov.Core().read_model(str(path))
     kept_in = {n for p in model.inputs for n in p.get_names()}
     kept_out = {n for p in model.outputs for n in p.get_names()}
-    inputs, outputs = onnx_target.io_specs(_onnx_path(path))
     return ({k: v for k, v in inputs.items() if k in kept_in}, {k: v for k, v in outputs.items() if k in kept_out})
 
 
@@ -212,6 +253,9 @@ def verify_graph(job: GraphJob, path: Path, rtol: float = 1e-3) -> dict:
 
     from mmedge.runtimes.backends import default_threads
 
+    if not path.exists():  # converted once quantized: checked as the ONNX graph the IR will be made from
+        return {**onnx_target.verify_graph(job, _onnx_path(path), rtol),
+                "engine": "onnxruntime (the float32 ONNX graph; OpenVINO runs it once quantized)"}
     expected = onnx_target.reference_outputs(job)  # before compiling: one copy of the weights at a time
     core = ov.Core()
     config = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
@@ -220,7 +264,7 @@ def verify_graph(job: GraphJob, path: Path, rtol: float = 1e-3) -> dict:
     compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
     request = compiled.create_infer_request()
     ports = {name: p for p in compiled.outputs for name in p.get_names()}  # a tensor may carry several names
-    pairs = _cache_pairs(job) if job.kv_storage == "state" else {}
+    pairs = _cache_pairs(job.input_names) if job.kv_storage == "state" else {}
     states = {}
     for state in request.query_state():
         past = next(p for p in pairs if state.name == p + pairs[p])  # OpenVINO names a variable input + output
@@ -241,4 +285,16 @@ def verify_graph(job: GraphJob, path: Path, rtol: float = 1e-3) -> dict:
 
 
 def finish(stage: Path) -> None:
+    """The intermediate ONNX graphs removed, but for those converted once quantized (finalize removes them)."""
+    for path in (stage / ONNX_DIR).glob("*.onnx"):
+        if not (stage / (path.stem + SUFFIX)).exists():
+            continue
+        for file in (path, path.with_name(path.name + ".data")):
+            file.unlink(missing_ok=True)
+
+
+def finalize(stage: Path, manifest) -> None:
+    missing = [g.file for g in manifest.graphs.values() if not (stage / g.file).exists()]
+    if missing:  # a graph left to convert once quantized that was not quantized: cannot happen from the CLI
+        raise ExportError(f"internal error: {', '.join(missing)} not converted; please report it")
     shutil.rmtree(stage / ONNX_DIR, ignore_errors=True)
