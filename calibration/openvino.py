@@ -38,7 +38,7 @@ import numpy as np
 from mmedge.calibration import onnxruntime as ort_quant
 from mmedge.calibration.package import SEVEN_BIT_WEIGHTS, QuantOptions, Recorder
 from mmedge.errors import ExportError
-from mmedge.exporters.openvino_target import convert, staged_source  # noqa: F401 (staged_source: the target API)
+from mmedge.exporters.openvino_target import convert, converted_from, staged_source  # noqa: F401 (the target API)
 
 MAX_DECODER_STEPS = 256  # recorded decoder calls kept for the data-aware INT4 compression
 CPU_ACTIVATION_GROUP = 32  # OpenVINO's CPU default for DYNAMIC_QUANTIZATION_GROUP_SIZE
@@ -159,6 +159,10 @@ class _CappedRecorder(Recorder):
 
 def decoder_capture(work: Path, decoder: Path, plan: dict, options: QuantOptions):
     if decoder.suffix == ".onnx":  # staged as ONNX: its MatMul inputs' statistics, as for onnxruntime
+        if plan["decoder"] == "int4" and options.int4_ratio != 1.0:  # before calibration, not after it
+            raise ExportError(f"--int4-ratio {options.int4_ratio} needs NNCF's compression of the whole float32 "
+                              "decoder, which a decoder this big does not get here (it would hold ~2x its float32 "
+                              "size in memory); leave --int4-ratio at 1.0")
         return ort_quant.decoder_capture(work, decoder, plan, options)
     if plan["decoder"] != "int4" or options.int4_method != "awq":
         return None
@@ -169,9 +173,9 @@ def quantize_graph(part, precision, src, dst, options, feeds, decoder_data) -> d
     import nncf
     import openvino as ov
 
-    if src.suffix == ".onnx":
+    if src.suffix == ".onnx" and part == "decoder":
         return _quantize_onnx_decoder(src, dst, precision, options, decoder_data)
-    model = ov.Core().read_model(str(src))
+    model = ov.Core().read_model(str(converted_from(src)))  # (the embedding calibration ran as ONNX: its IR)
     if precision == "fp16":
         ov.save_model(model, str(dst), compress_to_fp16=True)
         return {"scheme": "fp16 weights"}
@@ -224,10 +228,6 @@ def _quantize_onnx_decoder(src: Path, dst: Path, precision: str, options: QuantO
     input axis with activation-aware scales, INT8 per output channel, the LM head INT8), then converted to IR."""
     from mmedge.calibration import tensorrt as dq_quant
 
-    if precision == "int4" and options.int4_ratio != 1.0:
-        raise ExportError(f"--int4-ratio {options.int4_ratio} needs NNCF's compression of the whole float32 decoder, "
-                          "which a decoder this big does not get here (it would hold ~2x its float32 size in memory); "
-                          "leave --int4-ratio at 1.0")
     quantized = dst.with_name(".quantized-" + src.name)
     groups = []
     try:

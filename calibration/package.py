@@ -192,8 +192,11 @@ def _encode_media(pipe, samples, desc: str, progress: bool) -> None:
 
 def _let_go(pipe, parts: list[str]) -> None:
     """The engines of `parts` (Recorders: what they recorded is kept) let go, their weights unmapped."""
+    from mmedge.exporters.resources import release_freed_memory
+
     for part in parts:
         pipe.graphs[part].graph = _LetGo(part)
+    release_freed_memory()
 
 
 def _replayed(recorders: dict) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import importlib
 import importlib.util
 import json
@@ -225,7 +224,9 @@ def _export(opts: ExportOptions, checkpoint: Path, family, plan: dict[str, str],
         else:
             del model, parts, jobs  # nothing reads the torch model from here on: free it before quantizing
             if calib is not None:
-                gc.collect()  # a full collection costs ~0.3-1 s in a big process: only where memory is needed next
+                from mmedge.exporters.resources import release_freed_memory
+
+                release_freed_memory()
                 from mmedge.calibration.package import QuantOptions, quantize_package
 
                 options = QuantOptions(calib_method=opts.calib_method, int4_method=opts.int4_method,

@@ -90,9 +90,14 @@ def converted_once_quantized(job: GraphJob, onnx_path: Path) -> bool:
 
 
 def staged_source(path: Path) -> Path:
-    """The staged float32 graph behind manifest path `path`: the IR, or the ONNX graph of a decoder converted only
-    once quantized."""
-    return _onnx_path(path) if not path.exists() and _onnx_path(path).exists() else path
+    """The staged float32 graph that calibration runs for manifest path `path`: its ONNX graph where finish() kept
+    one (a decoder converted only once quantized, and the embedding beside it), else the IR."""
+    return _onnx_path(path) if _onnx_path(path).exists() else path
+
+
+def converted_from(path: Path) -> Path:
+    """The IR converted from the staged ONNX graph `path` (the file itself where it is not ONNX)."""
+    return path.parent.parent / (path.stem + SUFFIX) if path.suffix == ".onnx" else path
 
 
 def _cache_pairs(inputs) -> dict[str, str]:
@@ -138,7 +143,9 @@ def fuse_projections(model):
     One fully connected kernel reads the input once and runs over all the output channels: on a SmolVLM-256M-
     shaped decoder stack at INT4 (group 64, 2 threads) a token took 2.92 ms instead of 3.49. Exact: every output
     channel is the same dot product, and weight compression quantizes per output channel (INT8) or per group of
-    one output channel's inputs (INT4), so the compressed weights are the separate layers' side by side.
+    one output channel's inputs (INT4), so the compressed weights are the separate layers' side by side. Weights
+    already compressed (converted from ONNX DequantizeLinear weights: `_compressed`) are joined the same way, their
+    integers and scales side by side.
     """
     import numpy as np
     import openvino.opset13 as ops
@@ -148,22 +155,30 @@ def fuse_projections(model):
         if node.get_type_name() != "MatMul" or node.get_attributes()["transpose_a"]:
             continue
         weight = node.input_value(1).get_node()
-        if weight.get_type_name() != "Constant" or len(weight.get_output_partial_shape(0)) != 2:
+        if weight.get_type_name() == "Constant" and len(weight.get_output_partial_shape(0)) == 2:
+            kind = weight.get_element_type().get_type_name()
+        elif not node.get_attributes()["transpose_b"] and _compressed(weight):
+            kind = "compressed " + _compressed(weight)[0].get_element_type().get_type_name()
+        else:
             continue
         source = node.input_value(0)
         groups.setdefault((source.get_node().get_instance_id(), source.get_index(),
-                           node.get_attributes()["transpose_b"], weight.get_element_type().get_type_name()),
-                          []).append(node)
+                           node.get_attributes()["transpose_b"], kind), []).append(node)
     fused = 0
     while groups:  # popped, so that each set's separate weights are let go once it is joined (one copy at a time)
-        (_, _, transposed, _), nodes = groups.popitem()
-        inner = 1 if transposed else 0  # the weights' input axis; they are joined on the other
-        weights = [n.input_value(1).get_node().get_data() for n in nodes]
-        if len(nodes) < 2 or len({w.shape[inner] for w in weights}) > 1:
-            continue
-        sizes = [w.shape[1 - inner] for w in weights]
-        joined = ops.constant(np.concatenate(weights, axis=1 - inner))
-        del weights
+        (_, _, transposed, kind), nodes = groups.popitem()
+        if kind.startswith("compressed"):
+            joined, sizes = _join_compressed([n.input_value(1).get_node() for n in nodes])
+            if joined is None:
+                continue
+        else:
+            inner = 1 if transposed else 0  # the weights' input axis; they are joined on the other
+            weights = [n.input_value(1).get_node().get_data() for n in nodes]
+            if len(nodes) < 2 or len({w.shape[inner] for w in weights}) > 1:
+                continue
+            sizes = [w.shape[1 - inner] for w in weights]
+            joined = ops.constant(np.concatenate(weights, axis=1 - inner))
+            del weights
         matmul = ops.matmul(nodes[0].input_value(0), joined, False, transposed)
         parts = ops.variadic_split(matmul, ops.constant(np.int64(-1)), ops.constant(np.array(sizes, np.int64)))
         for i, node in enumerate(nodes):
@@ -173,6 +188,54 @@ def fuse_projections(model):
     if fused:
         model.validate_nodes_and_infer_types()
     return model
+
+
+def _compressed(weight):
+    """(integers, scales, the Reshape or None) of a weight OpenVINO's CPU plugin multiplies compressed, as its
+    ONNX frontend converts a DequantizeLinear weight: Convert(Constant i4 [groups, group, out] or i8 [in, out])
+    -> Multiply(Constant scales over the last axis) [-> Reshape to [in, out]]; None for anything else."""
+    reshape = None
+    if weight.get_type_name() == "Reshape" and weight.get_output_partial_shape(0).is_static:  # (shape: a Concat)
+        reshape, weight = weight, weight.input_value(0).get_node()
+    if weight.get_type_name() != "Multiply":
+        return None
+    convert, scale = (weight.input_value(i).get_node() for i in (0, 1))
+    if convert.get_type_name() != "Convert" or scale.get_type_name() != "Constant":
+        return None
+    integers = convert.input_value(0).get_node()
+    if integers.get_type_name() != "Constant" or integers.get_element_type().get_type_name() not in ("i4", "i8"):
+        return None
+    shape, scales = list(integers.get_output_shape(0)), list(scale.get_output_shape(0))
+    if len(shape) != (3 if reshape is not None else 2) or scales[-1] != shape[-1]:
+        return None
+    return integers, scale, reshape
+
+
+def _join_compressed(weights) -> tuple:
+    """One compressed weight of `weights` side by side on the output axis (the integers' and scales' last): the
+    decompression chain over the joined constants and the output sizes; (None, None) where they do not join."""
+    import numpy as np
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    found = [_compressed(w) for w in weights]
+    shapes = [list(q.get_output_shape(0)) for q, _, _ in found]
+    four = found[0][0].get_element_type() == ov.Type.i4
+    if (len(found) < 2 or len({tuple(s[:-1]) for s in shapes}) > 1 or (four and any(s[-1] % 2 for s in shapes))
+            or len({len(sc.get_output_shape(0)) for _, sc, _ in found}) > 1):
+        return None, None
+    sizes = [s[-1] for s in shapes]
+    # int4: two to a byte along the last axis (even widths), so the packed bytes join on their last axis too
+    data = [q.get_data().reshape(*s[:-1], -1) for (q, _, _), s in zip(found, shapes)]
+    tensor = ov.Tensor(found[0][0].get_element_type(), ov.Shape([*shapes[0][:-1], sum(sizes)]))
+    tensor.data[...] = np.concatenate(data, axis=-1).reshape(tensor.data.shape)
+    integers = ops.convert(ov.op.Constant(tensor), found[0][1].get_element_type())
+    scales = ops.constant(np.concatenate([sc.get_data() for _, sc, _ in found], axis=-1))
+    joined = ops.multiply(integers, scales)
+    if found[0][2] is not None:
+        inner = found[0][2].get_output_shape(0)[0]
+        joined = ops.reshape(joined, ops.constant(np.array([inner, sum(sizes)], np.int64)), False)
+    return joined, sizes
 
 
 def fuse_attention(model):
@@ -285,9 +348,13 @@ def verify_graph(job: GraphJob, path: Path, rtol: float = 1e-3) -> dict:
 
 
 def finish(stage: Path) -> None:
-    """The intermediate ONNX graphs removed, but for those converted once quantized (finalize removes them)."""
+    """The intermediate ONNX graphs removed, but for a decoder converted only once quantized, and then the
+    embedding's too (finalize removes them): calibration and the float32 side of the measurement run both through
+    ONNX Runtime, whose Gather reads the rows it needs from the mapped table, where OpenVINO's CPU plugin copied
+    PaliGemma-3B's 2.1 GB float32 table when it compiled the IR (+2.0 GiB anonymous, measured)."""
+    deferred = not (stage / f"decoder{SUFFIX}").exists() and (stage / ONNX_DIR / "decoder.onnx").exists()
     for path in (stage / ONNX_DIR).glob("*.onnx"):
-        if not (stage / (path.stem + SUFFIX)).exists():
+        if deferred and path.stem in ("decoder", "embed_tokens"):
             continue
         for file in (path, path.with_name(path.name + ".data")):
             file.unlink(missing_ok=True)

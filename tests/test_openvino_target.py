@@ -46,6 +46,52 @@ def test_projections_of_one_input_become_one_matmul_with_the_same_outputs():
         np.testing.assert_allclose(after[i], before[i], rtol=1e-6, atol=1e-6)
 
 
+def test_compressed_projections_of_one_input_are_joined_integers_and_scales_side_by_side(tmp_path):
+    """Weights converted from ONNX DequantizeLinear (INT4 blocks along the input axis, INT8 per output channel: a big
+    decoder's, calibration/openvino.py) are joined too: one MatMul over the joined integers and scales, still
+    compressed, the same outputs."""
+    import ml_dtypes
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mmedge.exporters.openvino_target import fuse_projections
+
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+
+    def weight(name, k, n, four):
+        w = rng.integers(-7 if four else -127, 8 if four else 128, (k, n))
+        q = numpy_helper.from_array(w.astype(ml_dtypes.int4 if four else np.int8), name + "_q")
+        scale = rng.uniform(0.01, 0.1, (k // 16, n) if four else (n,)).astype(np.float32)
+        inits.extend([q, numpy_helper.from_array(scale, name + "_s")])
+        attrs = dict(axis=0, block_size=16) if four else dict(axis=1)
+        nodes.append(helper.make_node("DequantizeLinear", [name + "_q", name + "_s"], [name], **attrs))
+        return name
+
+    outputs = []
+    for x, specs in (("x", [("q", 64, True), ("k", 32, True), ("v", 32, True)]),
+                     ("y", [("gate", 48, False), ("up", 48, False)])):
+        for name, n, four in specs:
+            nodes.append(helper.make_node("MatMul", [x, weight(name + "_w", 64, n, four)], [name]))
+            outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, "s", 64])
+                                           for x in "xy"], outputs, inits)
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10),
+                    str(tmp_path / "g.onnx"))
+    config = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
+    feed = {"x": rng.normal(size=(1, 5, 64)).astype(np.float32), "y": rng.normal(size=(1, 5, 64)).astype(np.float32)}
+    before = ov.Core().compile_model(ov.convert_model(str(tmp_path / "g.onnx")), "CPU", config)(feed)
+    fused = fuse_projections(ov.convert_model(str(tmp_path / "g.onnx")))
+    types = [op.get_type_name() for op in fused.get_ordered_ops()]
+    assert types.count("MatMul") == 2 and types.count("VariadicSplit") == 2
+    kinds = sorted(op.get_element_type().get_type_name() for op in fused.get_ordered_ops()
+                   if op.get_type_name() == "Constant" and op.get_element_type() in (ov.Type.i4, ov.Type.i8))
+    assert kinds == ["i4", "i8"]  # one joined weight each, still compressed
+    after = ov.Core().compile_model(fused, "CPU", config)(feed)
+    for i in range(5):
+        np.testing.assert_allclose(after[i], before[i], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("quant", ["fp32", "int4"])
 def test_the_demo_decoders_projections_are_fused_at_every_precision(demo_packages, quant):
     """No two weight MatMuls of the shipped demo's openvino decoder read the same input, fp32 or INT4-compressed

@@ -225,3 +225,78 @@ def test_the_logits_generation_computes_are_teacher_forcing_on_its_answer(packag
     assert len(tokens) == 8 and rows.shape[0] == 8  # after the prompt and after each token but the last
     assert np.array_equal(rows, pipe.teacher_forced_logits(image, "caption en", tokens[:-1]))
     assert [int(np.argmax(r)) for r in rows] == tokens
+
+
+def test_a_big_openvino_decoder_is_quantized_as_onnx_and_converted_with_compressed_weights(
+        checkpoints, packages, tmp_path, monkeypatch):
+    """OpenVINO's conversion copies a graph's constants and its CPU plugin repacks float32 weights to run them
+    (PaliGemma-3B: ~10 GiB each). A big decoder bound for INT4 is therefore never compiled by OpenVINO in float32:
+    verified, calibrated and measured as ONNX through ONNX Runtime, quantized in ONNX, and only then converted; the
+    IR keeps the weights compressed, matches the quantized ONNX graph (a broken conversion is refused), and measures
+    as NNCF's compression of the same tiny model does."""
+    import numpy as np
+    import onnx
+    import openvino as ov
+
+    from conftest import TINY_CALIB_SAMPLES
+    from mmedge.calibration import openvino as ov_quant
+    from mmedge.calibration import package
+    from mmedge.errors import ExportError
+    from mmedge.exporters.export import ExportOptions, export
+    from mmedge.manifest import load_manifest
+
+    monkeypatch.setattr(package, "BIG_DECODER_BYTES", 0)  # this tiny decoder counts as big
+    compiled, compile_model = [], ov.Core.compile_model
+
+    def watch(core, model, *args, **kwargs):  # what OpenVINO is asked to run: never a float32 decoder
+        model = core.read_model(model) if isinstance(model, str) else model
+        inputs = {n for port in model.inputs for n in port.get_names()}
+        compiled.append(("inputs_embeds" in inputs, any(op.get_type_name() == "Constant" and op.get_element_type()
+                                                         == ov.Type.i4 for op in model.get_ordered_ops())))
+        return compile_model(core, model, *args, **kwargs)
+
+    monkeypatch.setattr(ov.Core, "compile_model", watch)
+
+    def run(out, **extra):
+        return export(ExportOptions(model=str(checkpoints["paligemma-gqa"]), output=out, progress=False, quant="int4",
+                                    calib_samples=TINY_CALIB_SAMPLES, target="openvino", **extra))
+
+    manifest = run(tmp_path / "big")
+    decoders = [compressed for decoder, compressed in compiled if decoder]
+    assert len(decoders) >= 3 and all(decoders)  # conversion check, measurement, generation check: INT4 IR only
+    report = manifest.quantization["graphs"]["decoder"]
+    assert "onnxruntime" in manifest.verification["graphs"]["decoder"]["engine"]
+    assert report["conversion_check"]["passed"] and report["conversion_check"]["max_abs_err"] < 1e-4
+    assert "converted to OpenVINO's compressed weights" in report["scheme"]
+    model = ov.Core().read_model(str(tmp_path / "big" / "decoder.xml"))
+    weights = [op for op in model.get_ordered_ops() if op.get_type_name() == "Constant"
+               and len(op.get_output_shape(0)) >= 2 and op.get_element_type() in (ov.Type.i4, ov.Type.f32)]
+    smallest = min(int(np.prod(op.get_output_shape(0))) for op in weights if op.get_element_type() == ov.Type.i4)
+    assert not [op for op in weights if op.get_element_type() == ov.Type.f32
+                and np.prod(op.get_output_shape(0)) >= smallest]  # no float32 weight matrix left
+    assert not (tmp_path / "big" / ".onnx").exists() and manifest.verification["generation"]["passed"]
+    load_manifest(tmp_path / "big")  # every file hashed, nothing outside the package
+    # as accurate as NNCF's whole-graph compression of the same model (AWQ both; tiny random weights)
+    nncf = load_manifest(packages("paligemma-gqa", "openvino", "int4")).quantization
+    mine = manifest.quantization
+    assert mine["teacher_forced_kl"] <= 1.5 * nncf["teacher_forced_kl"], (mine, nncf)
+    assert mine["teacher_forced_top1_agreement"] >= nncf["teacher_forced_top1_agreement"] - 0.1
+
+    # a conversion that changes the quantized weights (one scale negated) is caught, and nothing is written
+    convert = ov_quant.convert
+
+    def broken(src, dst, *args, **kwargs):
+        model = onnx.load(str(src))
+        scale = next(i for i in model.graph.initializer if i.name.endswith("_scale"))
+        values = onnx.numpy_helper.to_array(scale)
+        scale.CopyFrom(onnx.numpy_helper.from_array(-values, scale.name))
+        onnx.save_model(model, str(src.with_name("broken.onnx")))
+        convert(src.with_name("broken.onnx"), dst, *args, **kwargs)
+
+    monkeypatch.setattr(ov_quant, "convert", broken)
+    with pytest.raises(ExportError, match="does not match its quantized ONNX graph"):
+        run(tmp_path / "broken")
+    assert not (tmp_path / "broken").exists()
+    monkeypatch.setattr(ov_quant, "convert", convert)
+    with pytest.raises(ExportError, match="--int4-ratio 0.5 needs NNCF"):
+        run(tmp_path / "ratio", int4_ratio=0.5)
