@@ -175,9 +175,18 @@ HOW = """
   open float16 graphs `low_memory`: that transformer off, no CPU arena, the nodes in the graph's order, so each weight
   is widened by its Cast as the run reaches it and let go after its MatMul. Slower runs (paligemma-135m-shaped's
   tensorrt fp16 package decodes at 13.3 tok/s instead of 26.5), the same tokens; 831 -> 97 MB anonymous there.
+- **OpenVINO gets a big decoder quantized.** OpenVINO's conversion copies a graph's constants
+  (`ov.convert_model`'s transformations), its CPU plugin makes its own copy of float32 weights to run them
+  (PaliGemma-3B's decoder: ~10 GiB each; its 2.1 GB embedding table is copied too), and NNCF's weight compression
+  compiles the whole float32 decoder to collect its statistics. A decoder over 1 GiB bound for INT8/INT4 therefore
+  stays ONNX until it is quantized (exporters/openvino_target.py, calibration/openvino.py): verified, calibrated and
+  measured in float32 through ONNX Runtime with its weights mapped (its cache held between calls as OpenVINO holds
+  its state), the embedding beside it; its weights quantized one at a time in the ONNX graph as for tensorrt (INT4
+  blocks with activation-aware scales, INT8 channels, float32 compute), and only then converted to IR, where the CPU
+  plugin keeps them compressed; the export checks the IR against the quantized ONNX graph. docs/quantization.md.
 - **Still whole**: Core ML converts a traced torch module (coremltools needs the model in memory, in float32);
-  OpenVINO's conversion copies a graph's constants (`ov.convert_model`'s transformations) and its CPU plugin makes
-  its own copy of the fp32 weights to run them (verification, calibration, the generation check); static INT8
+  OpenVINO's float packages (fp32, fp16): its conversion copies a graph's constants and its CPU plugin makes its
+  own copy of the weights to run them (verification, the generation check); static INT8
   (vision encoders, projectors) goes through onnxruntime's quantize_static, which loads the graph (0.4B
   parameters at PaliGemma-3B's size).
 
