@@ -45,7 +45,7 @@ CPU_ACTIVATION_GROUP = 32  # OpenVINO's CPU default for DYNAMIC_QUANTIZATION_GRO
 
 
 def graph_files(path: Path) -> list[Path]:
-    if path.suffix == ".onnx":  # a big decoder staged as ONNX until quantized
+    if path.suffix == ".onnx":  # a big decoder (and the embedding beside it) staged as ONNX until quantized
         return ort_quant.graph_files(path)
     return [path, path.with_suffix(".bin")]
 
@@ -87,7 +87,8 @@ class StatefulOnnx:
 
 
 def load_graph(engine, path: Path, manifest):
-    """`path` on the package's engine, or, staged as ONNX (a big decoder), through ONNX Runtime (StatefulOnnx)."""
+    """`path` on the package's engine, or, staged as ONNX (a big decoder and its embedding), through ONNX Runtime
+    (StatefulOnnx)."""
     return StatefulOnnx.open(path) if path.suffix == ".onnx" else engine.load(path)
 
 

@@ -163,8 +163,8 @@ def fuse_projections(model):
         weight = node.input_value(1).get_node()
         if weight.get_type_name() == "Constant" and len(weight.get_output_partial_shape(0)) == 2:
             kind = weight.get_element_type().get_type_name()
-        elif not node.get_attributes()["transpose_b"] and _compressed(weight):
-            kind = "compressed " + _compressed(weight)[0].get_element_type().get_type_name()
+        elif not node.get_attributes()["transpose_b"] and (found := _compressed(weight)):
+            kind = "compressed " + found[0].get_element_type().get_type_name()
         else:
             continue
         source = node.input_value(0)
