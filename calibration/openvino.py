@@ -245,8 +245,7 @@ def _quantize_onnx_decoder(src: Path, dst: Path, precision: str, options: QuantO
     finally:
         for path in ort_quant.graph_files(quantized):
             path.unlink(missing_ok=True)
-    report["scheme"] = report["scheme"].replace(", float32 compute", "") + \
-        " (ONNX DequantizeLinear weights converted to OpenVINO's compressed weights)"
+    report["scheme"] += "; ONNX DequantizeLinear weights converted to OpenVINO's compressed weights"
     return {**report, "activation_group": groups[0]} if groups[0] else report
 
 

@@ -86,13 +86,13 @@ CHECKED_DIMS = {"batch", "seq", "total_len"}
 def converted_once_quantized(job: GraphJob, onnx_path: Path) -> bool:
     """Whether this graph stays ONNX until it is quantized: a decoder bound for INT8/INT4 whose float32 weights
     are more than calibration/package.BIG_DECODER_BYTES (module docstring)."""
-    from mmedge.calibration.package import BIG_DECODER_BYTES
-    from mmedge.calibration.onnxruntime import graph_files
+    from mmedge.calibration import onnxruntime as ort_quant
+    from mmedge.calibration.package import BIG_DECODER_BYTES, graph_bytes
 
     per_token = all(set(axes.values()) <= CHECKED_DIMS for name, axes in job.dynamic_axes.items()
                     if not name.startswith("past."))  # (not a cross-attention decoder's image keys and values)
     return (job.name == "decoder" and job.precision in ("int8", "int4") and job.kv_storage == "state" and per_token
-            and sum(p.stat().st_size for p in graph_files(onnx_path) if p.exists()) > BIG_DECODER_BYTES)
+            and graph_bytes(ort_quant, onnx_path) > BIG_DECODER_BYTES)
 
 
 def staged_source(path: Path) -> Path:
