@@ -11,12 +11,19 @@ docs/scale.json, one entry per (model, target, quant), so runs can be made a few
 written from all of them after each export. With --bench, each int4 package is then run with `mmedge bench`
 too. Beside each export's log in --work, NAME.timeline has the memory every 2 s (the highest of the samples
 since the line before) with the log's last line at that moment: where in the export the peak is.
+
+With --memory-limit GIB (Linux, root: a cgroup's memory controller, v2 or v1), each export runs in a cgroup that
+holds it to that much memory, the page cache its reads fill included, as a machine of that size would: the kernel
+takes clean pages of mapped weight files back when the export needs more (they are read again when touched), and
+kills the export if the memory it cannot give back goes over. Such a row is kept beside the unlimited one; its
+result gives the cgroup's own peak (page cache included).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -101,20 +108,73 @@ class PeakRSS:
         return self.peak, self.peak_anon
 
 
+class MemoryCage:
+    """A cgroup holding a process tree to `limit` bytes of memory (page cache included): cgroup v2 where the memory
+    controller is there, else v1. Raises SystemExit with one line where neither can be made (not Linux, not
+    root, no memory controller)."""
+
+    def __init__(self, limit: int):
+        roots = [Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")]
+        v2 = next((r for r in roots if "memory" in _read(r / "cgroup.controllers").split()), None)
+        self.v2 = v2 is not None
+        parent = v2 if v2 is not None else Path("/sys/fs/cgroup/memory")
+        self.path = parent / f"mmedge-scale-{os.getpid()}"
+        try:
+            self.path.mkdir()
+            (self.path / ("memory.max" if self.v2 else "memory.limit_in_bytes")).write_text(str(limit))
+            if self.v2 and (self.path / "memory.swap.max").exists():
+                (self.path / "memory.swap.max").write_text("0")  # held in memory, not pushed to swap
+        except OSError as e:
+            self.path.rmdir() if self.path.exists() else None
+            raise SystemExit(f"scale.py: --memory-limit needs a cgroup memory controller it may write to "
+                             f"({self.path}: {e.strerror}); run as root on Linux, or leave the limit out")
+
+    @staticmethod
+    def drop_page_cache() -> None:
+        """Empties the page cache (before a run): a page already cached stays charged to the cgroup that read it
+        first, so the weights an earlier run left cached would be the export's for free, not held to its limit."""
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("1")
+
+    def enter(self) -> None:
+        """Moves the calling process into the cgroup (a child's preexec_fn: before it execs the export)."""
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def peak(self) -> int:
+        return int(_read(self.path / ("memory.peak" if self.v2 else "memory.max_usage_in_bytes")) or 0)
+
+    def oom_kills(self) -> int:
+        fields = dict(line.split() for line in _read(self.path / ("memory.events" if self.v2 else
+                                                                   "memory.oom_control")).splitlines())
+        return int(fields.get("oom_kill", 0))
+
+    def close(self) -> None:
+        self.path.rmdir()
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
 def mmedge(*args: str) -> list[str]:
     return [str(Path(sys.executable).parent / "mmedge"), *args]
 
 
-def measure(command: list[str], log: Path) -> dict:
+def measure(command: list[str], log: Path, cage: MemoryCage | None = None) -> dict:
     started = time.perf_counter()
     log.with_suffix(".timeline").unlink(missing_ok=True)
     with log.open("w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=cage.enter if cage else None)
         rss = PeakRSS(proc.pid, timeline=log.with_suffix(".timeline"), log=log)
         code = proc.wait()
     peak, anon = rss.stop()
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    return {"exit": code, "wall_s": round(time.perf_counter() - started, 1), "peak_rss_gb": round(peak / 2**30, 2),
+    held = {} if cage is None else {"cgroup_peak_gb": round(cage.peak() / 2**30, 2), "oom_kills": cage.oom_kills()}
+    return {**held, "exit": code, "wall_s": round(time.perf_counter() - started, 1), "peak_rss_gb": round(peak / 2**30, 2),
             "peak_anon_gb": round(anon / 2**30, 2),
             "last_line": lines[-1][-300:] if lines else ""}
 
@@ -216,6 +276,9 @@ def render(results: dict, out: Path) -> None:
     ]
     for r in rows:
         result = "ok" if r["exit"] == 0 else f"exit {r['exit']}: {r['last_line']}"
+        if r.get("memory_limit_gb"):
+            result += (f" in a {r['memory_limit_gb']} GiB cgroup (its peak, page cache included: "
+                       f"{r['cgroup_peak_gb']} GiB; {r['oom_kills']} OOM kills)")
         if r.get("note"):  # e.g. the machine was shared: its wall time is not this export's alone
             result += f" ({r['note']})"
         size = f"{r['package_gb']} GiB" if r.get("package_gb") is not None else "-"
@@ -247,6 +310,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "scale.md")
     ap.add_argument("--keep", action="store_true", help="keep each package (default: removed once measured)")
     ap.add_argument("--bench", action="store_true", help="run `mmedge bench` on each int4 package")
+    ap.add_argument("--memory-limit", type=float, metavar="GIB",
+                    help="run each export in a cgroup holding it to this much memory, page cache included")
     ap.add_argument("--note", help="said beside each row measured now (e.g. what else shared the machine)")
     args = ap.parse_args()
 
@@ -263,10 +328,20 @@ def main() -> int:
             for quant in args.quants:
                 name = f"{model}-{target}-{quant}"
                 package = args.work / name
+                if args.memory_limit:  # kept beside the unlimited row
+                    name += f"@{args.memory_limit:g}GiB"
                 shutil.rmtree(package, ignore_errors=True)
                 print(f"{name}: exporting ...", flush=True)
-                result = measure(mmedge("export", "--model", model, "--target", target, "--quant", quant,
-                                        "-o", str(package)), args.work / f"{name}.log")
+                cage = MemoryCage(int(args.memory_limit * 2**30)) if args.memory_limit else None
+                if cage:
+                    cage.drop_page_cache()
+                try:
+                    result = measure(mmedge("export", "--model", model, "--target", target, "--quant", quant,
+                                            "-o", str(package)), args.work / f"{name}.log", cage)
+                finally:
+                    cage.close() if cage else None
+                if cage:
+                    result["memory_limit_gb"] = args.memory_limit
                 result.update(model=model, target=target, quant=quant, machine=machine,
                               date=time.strftime("%Y-%m-%d"), package_gb=size_gb(package))
                 if args.note:
