@@ -134,7 +134,11 @@ class MemoryCage:
         """Empties the page cache (before a run): a page already cached stays charged to the cgroup that read it
         first, so the weights an earlier run left cached would be the export's for free, not held to its limit."""
         os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("1")
+        try:
+            Path("/proc/sys/vm/drop_caches").write_text("1")
+        except OSError as e:
+            raise SystemExit(f"scale.py: --memory-limit empties the page cache first and could not "
+                             f"(/proc/sys/vm/drop_caches: {e.strerror}); run as root") from None
 
     def enter(self) -> None:
         """Moves the calling process into the cgroup (a child's preexec_fn: before it execs the export)."""
@@ -244,6 +248,9 @@ HOW = """
   its state), the embedding beside it; its weights quantized one at a time in the ONNX graph as for tensorrt (INT4
   blocks with activation-aware scales, INT8 channels, float32 compute), and only then converted to IR, where the CPU
   plugin keeps them compressed; the export checks the IR against the quantized ONNX graph. docs/quantization.md.
+  NNCF's static INT8 of a vision encoder measures its activations in graphs whose reductions are listed first, so
+  OpenVINO runs each as its tensor is made instead of holding every measured tensor to the end (Qwen2.5-VL-3B's
+  dynamic-resolution encoder on a 4,900-patch calibration image: 10 GiB held before).
 - **Still whole**: Core ML converts a traced torch module (coremltools needs the model in memory, in float32);
   OpenVINO's float packages (fp32, fp16): its conversion copies a graph's constants and its CPU plugin makes its
   own copy of the weights to run them (verification, the generation check); static INT8
@@ -333,9 +340,9 @@ def main() -> int:
                 shutil.rmtree(package, ignore_errors=True)
                 print(f"{name}: exporting ...", flush=True)
                 cage = MemoryCage(int(args.memory_limit * 2**30)) if args.memory_limit else None
-                if cage:
-                    cage.drop_page_cache()
                 try:
+                    if cage:
+                        cage.drop_page_cache()
                     result = measure(mmedge("export", "--model", model, "--target", target, "--quant", quant,
                                             "-o", str(package)), args.work / f"{name}.log", cage)
                 finally:
