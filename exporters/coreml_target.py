@@ -80,7 +80,8 @@ def build_jobs(parts, kv_storage: str, max_context: int, preprocess) -> list[Gra
     elif parts.patch_grid:  # one image a call, up to the package's max_pixels
         unit = preprocess.merge_size ** 2
         most = preprocess.max_pixels // preprocess.token_pixels() * unit
-        vision.bounds = projector.bounds = {"patches": most, "tokens": most // unit}
+        # a window holds at least one merged token: never more windows than tokens
+        vision.bounds = projector.bounds = {"patches": most, "tokens": most // unit, "windows": most // unit}
     else:
         vision.bounds = projector.bounds = {"batch": preprocess.frames_per_image()}
     source = parts.encoder_length if parts.encoder_input is None else 0  # a prompt encoder's source is tokens too

@@ -328,6 +328,7 @@ def _patch_grid_jobs(parts: Parts, g: torch.Generator) -> tuple[GraphJob, GraphJ
     """Vision encoder over the patches of any images (scheme "patch_grid"), with the per-patch indices the
     runtime computes (the runtime's own code makes them here), and the projector (patch merger) over its
     features; traced at one grid, checked at PATCH_GRIDS_CHECKS."""
+    from mmedge.exporters.patch_grid import PatchGridEncoder
     from mmedge.manifest import SchemeSpec
     from mmedge.runtimes.schemes import vision_inputs
 
@@ -337,13 +338,14 @@ def _patch_grid_jobs(parts: Parts, g: torch.Generator) -> tuple[GraphJob, GraphJ
 
     def inputs(grids):
         extra = vision_inputs(scheme, grid["merge_size"], grids)
-        n = len(extra["frame_segments"])
-        pixels = torch.rand(n, grid["patch_dim"], generator=g) * 2 - 1
-        return (pixels, *(torch.from_numpy(a) for a in extra.values())), list(extra)
+        names = PatchGridEncoder.takes(extra)
+        pixels = torch.rand(len(extra["frame_segments"]), grid["patch_dim"], generator=g) * 2 - 1
+        return (pixels, *(torch.from_numpy(extra[name]) for name in names)), names
 
     trace, names = inputs(PATCH_GRIDS_TRACE)
     axes = {"pixel_values": {0: "patches"}, "vision_positions": {0: "patches"}, "frame_segments": {0: "patches"},
-            "window_index": {0: "tokens"}, "window_segments": {0: "patches"}, "pos_indices": {0: "patches"},
+            "window_index": {0: "tokens"}, "window_slots": {0: "windows"}, "window_slot_of": {0: "patches"},
+            "pos_indices": {0: "patches"},
             "pos_weights": {0: "patches"}}
     deepstack = ["deepstack_embeds"] if grid.get("deepstack") else []
     vision = GraphJob(

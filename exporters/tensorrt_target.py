@@ -49,7 +49,11 @@ def vision_ranges(manifest: Manifest) -> tuple[dict[str, tuple[int, int, int]], 
         unit = pre.merge_size ** 2
         most = pre.max_pixels // pre.token_pixels() * unit
         opt = min(most, max(unit, 448 * 448 // pre.patch_size ** 2 // unit * unit))
-        return {"patches": (unit, opt, most), "tokens": (1, opt // unit, most // unit)}, most // unit
+        dims = {"patches": (unit, opt, most), "tokens": (1, opt // unit, most // unit)}
+        side = manifest.schemes.vision_window
+        if side:  # at least one merged token a window; the optimum's windows as full as they come
+            dims["windows"] = (1, -(-opt // unit // side ** 2), most // unit)
+        return dims, most // unit
     if pre.resize_mode == "tile_canvas":  # one image a call, its tiles (padded to max_tiles) inside the batch row
         return {"batch": (1, 1, 1)}, manifest.prompt.image_seq_len
     images = pre.frames_per_image()

@@ -160,7 +160,11 @@ def vision_inputs(schemes: SchemeSpec, merge_size: int, grids: list) -> dict[str
     frame_segments [N]: which frame each patch is in (attention stays within a frame);
     with a window (`schemes.vision_window` merged tokens a side, Qwen2.5-VL):
     window_index [N / m^2]: the merged tokens regrouped window by window (the order the blocks run in);
-    window_segments [N]: which window each patch is in, in that order;
+    window_slots [windows, side^2 m^2]: each window's patches, in that order (-1 pads a window at a frame's
+    edge), so a windowed block attends window by window rather than over a mask of the whole image;
+    window_slot_of [N]: where each patch sits in window_slots flattened (the way back);
+    window_segments [N]: which window each patch is in, in window order (what packages exported before
+    window_slots masked attention with);
     with a learned position table (`schemes.vision_pos_grid` a side, Qwen3-VL, GLM-4V):
     pos_indices, pos_weights [N, k]: the table rows and weights that resample it to the frame's grid, in
     float32 as transformers computes them: bilinearly with aligned corners (k = 4, Qwen3-VL) or, with
@@ -201,8 +205,15 @@ def vision_inputs(schemes: SchemeSpec, merge_size: int, grids: list) -> dict[str
         out["pos_indices"] = (rows[:, :, None] * schemes.vision_pos_grid + cols[:, None, :]).reshape(-1, k)
         out["pos_weights"] = (row_w[:, :, None] * col_w[:, None, :]).reshape(-1, k)
     if schemes.vision_window:
+        segments = np.concatenate(windows).astype(np.int64)
+        counts = np.bincount(segments)
+        at = np.arange(len(segments)) - (np.cumsum(counts) - counts)[segments]  # each patch's place in its window
+        width = schemes.vision_window ** 2 * m * m
+        slots = np.full((len(counts), width), -1, np.int64)
+        slots[segments, at] = np.arange(len(segments))
         out["window_index"] = np.concatenate(order).astype(np.int64)
-        out["window_segments"] = np.concatenate(windows).astype(np.int64)
+        out["window_slots"], out["window_slot_of"] = slots, segments * width + at
+        out["window_segments"] = segments
     return out
 
 

@@ -421,21 +421,24 @@ class _PatchGridTower(torch.nn.Module):
         super().__init__()
         self.encoder, self.grid, self.schemes, self.merge = encoder, grid, schemes, merge
 
+    def _inputs(self, images: int, device) -> list:
+        from mmedge.exporters.patch_grid import PatchGridEncoder
+        from mmedge.runtimes.schemes import vision_inputs
+
+        extra = vision_inputs(self.schemes, self.merge, [self.grid] * images)
+        return [torch.from_numpy(extra[name]).to(device) for name in PatchGridEncoder.takes(extra)]
+
     def forward(self, pixels, chunk: int = 32):
         """The images `chunk` at a time: the encoder masks attention across all patches of a call, so one call
         over hundreds of images would cost their patch count squared."""
-        from mmedge.runtimes.schemes import vision_inputs
-
         per = math.prod(self.grid)
-        extra = [torch.from_numpy(a).to(pixels.device)
-                 for a in vision_inputs(self.schemes, self.merge, [self.grid] * chunk).values()]
+        extra = self._inputs(chunk, pixels.device)
         outs = []
         for start in range(0, pixels.shape[0], chunk * per):
             part = pixels[start : start + chunk * per]
             n = part.shape[0] // per
             if n != chunk:
-                extra = [torch.from_numpy(a).to(pixels.device)
-                         for a in vision_inputs(self.schemes, self.merge, [self.grid] * n).values()]
+                extra = self._inputs(n, pixels.device)
             outs.append(self.encoder(part, *extra))
         return torch.cat(outs)
 
