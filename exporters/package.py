@@ -21,6 +21,16 @@ from mmedge.manifest import MANIFEST_NAME, FileEntry, sha256_file
 
 log = logging.getLogger(__name__)
 
+_STAGED: set[Path] = set()  # this process's staging folders, for remove_staged() when it is stopped by force
+
+
+def remove_staged() -> None:
+    """Remove this process's staging folders now: for a process about to end without unwinding (mmedge.cli's
+    stop on SIGTERM during a long engine call). What an engine call still running writes there afterwards is
+    removed by the next export into the same folder (_remove_stale: no process holds its lock by then)."""
+    for stage in list(_STAGED):
+        shutil.rmtree(stage, ignore_errors=True)
+
 
 def check_output(out: Path, overwrite: bool) -> None:
     parent = next((p for p in out.parents if p.exists()), None)
@@ -110,6 +120,7 @@ def staged_package(out: Path, overwrite: bool) -> Iterator[Path]:
     check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    _STAGED.add(stage)
     try:
         yield stage
         if not (stage / MANIFEST_NAME).exists():
@@ -129,6 +140,8 @@ def staged_package(out: Path, overwrite: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+    finally:
+        _STAGED.discard(stage)
 
 
 def file_entries(directory: Path) -> dict[str, FileEntry]:

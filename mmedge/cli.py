@@ -548,11 +548,42 @@ def _terminated(signum, frame):
     raise SystemExit(128 + signum)
 
 
+STOP_GRACE_S = 5.0  # how long SIGTERM or Ctrl-C waits for an export to unwind before it is ended by force
+
+
+def _stop_within(grace: float) -> None:
+    """An export asked to stop ends within `grace` seconds even inside one long engine call. Python runs signal
+    handlers between bytecodes only, so SIGTERM or Ctrl-C waits for the call to return (one OpenVINO run of
+    Qwen2.5-VL-3B's vision encoder over a 4,900-patch image: ~35 s). The C-level handler also writes the
+    signal's number to a wakeup pipe; a thread woken by it waits `grace` seconds for the export to unwind as
+    usual and, if the process is still there, removes the staging folders itself and ends the process with
+    the status the handler would have given (128 + the signal). The output's lock ends with the process."""
+    from mmedge.exporters.package import remove_staged
+
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+
+    def watch() -> None:
+        while True:
+            signum = os.read(read, 1)[0]
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                threading.Event().wait(grace)
+                print(f"mmedge: stopped ({signal.Signals(signum).name}; the engine call did not return within "
+                      f"{grace:g} s): staging folder removed", file=sys.stderr, flush=True)
+                remove_staged()
+                os._exit(128 + signum)
+
+    threading.Thread(target=watch, name="mmedge-stop", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     _setup_logging(args.verbose)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminated)
+        if argv is None and args.command == "export":  # the process is this command's (not a caller's main())
+            _stop_within(STOP_GRACE_S)
     try:
         return COMMANDS[args.command](args)
     except MmedgeError as exc:

@@ -118,3 +118,68 @@ def test_a_package_that_cannot_generate_is_not_written(checkpoints, tmp_path, mo
     with pytest.raises(ExportError, match="cannot generate through the runtime"):
         export(ExportOptions(model=str(checkpoints["paligemma-gqa"]), output=out, progress=False))
     assert list(tmp_path.iterdir()) == []
+
+
+# a stand-in for a long engine call (one OpenVINO run of a 3B vision encoder: ~35 s), in the export's own process:
+# ONNX Runtime running a Loop that never ends, a native call Python cannot interrupt to run a signal handler
+_ENDLESS_VERIFY = '''
+import sys
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper
+from mmedge import cli
+from mmedge.exporters import onnxruntime_target
+
+def endless(job, path, rtol=1e-3):
+    scalar = lambda name, kind: helper.make_tensor_value_info(name, kind, [])
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond"], ["cond_out"]), helper.make_node("Add", ["x", "one"], ["x_out"])],
+        "body", [scalar("i", TensorProto.INT64), scalar("cond", TensorProto.BOOL), scalar("x", TensorProto.FLOAT)],
+        [scalar("cond_out", TensorProto.BOOL), scalar("x_out", TensorProto.FLOAT)],
+        [helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])])
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "cond", "x0"], ["x"], body=body)], "endless",
+        [scalar("trips", TensorProto.INT64), scalar("cond", TensorProto.BOOL), scalar("x0", TensorProto.FLOAT)],
+        [scalar("x", TensorProto.FLOAT)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    print("engine call", flush=True)
+    session.run(None, {"trips": np.array(2**62), "cond": np.array(True), "x0": np.array(0.0, np.float32)})
+
+onnxruntime_target.verify_graph = endless
+sys.exit(cli.main())
+'''
+
+
+def test_sigterm_inside_an_engine_call_stops_the_export_within_the_grace(checkpoints, tmp_path):
+    """Python would run the SIGTERM handler only when the engine call returns (here: never); the export's stop
+    thread removes the staging folder and ends the process STOP_GRACE_S after the signal."""
+    import sys
+
+    from mmedge.cli import STOP_GRACE_S
+
+    out, log = tmp_path / "pkg", tmp_path.parent / f"{tmp_path.name}-stderr.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", _ENDLESS_VERIFY, "export", "--model",
+                                 str(checkpoints["paligemma-gqa"]), "-o", str(out)],
+                                stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
+    try:
+        assert any(line.strip() == "engine call" for line in iter(proc.stdout.readline, "")), log.read_text()
+        assert len(list(tmp_path.glob(".pkg.partial-*"))) == 1
+        time.sleep(0.5)  # inside session.run by now
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=STOP_GRACE_S + 30)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    stderr = log.read_text()
+    assert code == 128 + signal.SIGTERM, stderr
+    assert "mmedge: stopped (SIGTERM" in stderr and "Traceback" not in stderr, stderr
+    assert STOP_GRACE_S <= took < STOP_GRACE_S + 10
+    assert not out.exists() and not list(tmp_path.glob(".pkg.partial-*"))
+    # the lock ended with the process: the next export to the same path goes ahead
+    again = run_cli("export", "--model", str(checkpoints["paligemma-gqa"]), "-o", str(out))
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
