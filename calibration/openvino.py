@@ -268,9 +268,9 @@ def _statistics_run_as_they_come(graph):
                     node = node.input_value(0).get_node()
                 return order.get(node.get_friendly_name(), len(order))
 
-            reductions = sorted((r for r, mine in zip(results, own) if not mine), key=measured)
-            model = ov.Model(reductions + [r for r, mine in zip(results, own) if mine], model.get_parameters(),
-                             model.friendly_name)
+            # the reductions first, in the order of what they measure; the graph's own outputs after, as they were
+            ranked = sorted(zip(own, results), key=lambda pair: (1, 0) if pair[0] else (0, measured(pair[1])))
+            model = ov.Model([r for _, r in ranked], model.get_parameters(), model.friendly_name)
         build(self, model, *args, **kwargs)
 
     engine.OVNativeEngine.__init__ = reordered
