@@ -139,8 +139,7 @@ def quantize_static_int8(src: Path, dst: Path, feeds: list[dict], method: str, s
     external = _has_external_data(src)
     model = onnx.load(str(src), load_external_data=False)  # the graph; its weights stay in the data file
     _name_nodes(model)
-    nodes = [n.name for n in _weight_matmuls(model)] + [n.name for n in model.graph.node
-                                                        if n.op_type in ("Conv", "Gemm")]
+    nodes = _quantized_nodes(model)
     named = src.with_name(f".named-{src.name}")  # beside src: it reads src's data file
     onnx.save_model(model, str(named))
     lean = method == "minmax" and _takes_ranges()
@@ -153,7 +152,9 @@ def quantize_static_int8(src: Path, dst: Path, feeds: list[dict], method: str, s
                 from onnxruntime.quantization.calibrate import save_tensors_data
 
                 cache = Path(tmp) / "ranges.json"
-                save_tensors_data(_minmax_ranges(named, model, nodes, feeds), cache)
+                # measured as calibration ran the graph (RangeProbe), or now over the recorded inputs
+                measured = getattr(feeds, "ranges", None)
+                save_tensors_data(measured if measured is not None else _minmax_ranges(named, model, feeds), cache)
             del model
             os.chdir(tmp)  # the calibrator writes its augmented model to the working directory, and the quantizer
             try:           # refuses to write dst's <name>.data where one exists in it
@@ -193,59 +194,99 @@ def _takes_ranges() -> bool:
     return "calibration_cache_path" in inspect.signature(quantize_static).parameters
 
 
-def _minmax_ranges(graph: Path, model: onnx.ModelProto, nodes: list[str], feeds: list[dict]):
-    """The MinMax ranges onnxruntime's calibrator gives the quantized layers' tensors (the float inputs and outputs
-    of `nodes`): each tensor's min and max over every feed, reduced inside a copy of `graph` (beside it, reading its
-    weights from the same file, unpacked) so that a run returns two numbers per tensor."""
-    import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationMethod
-    from onnxruntime.quantization.calibrate import TensorsData
+def _quantized_nodes(model: onnx.ModelProto) -> list[str]:
+    """The nodes static INT8 quantizes (named by _name_nodes): MatMuls by a 2-D weight, Conv, Gemm."""
+    return [n.name for n in _weight_matmuls(model)] + [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
 
-    inits = {i.name for i in model.graph.initializer}
-    wanted = set(nodes)
-    tensors = list(dict.fromkeys(t for n in model.graph.node if n.name in wanted
-                                 for t in (*n.input, *n.output) if t and t not in inits))
-    index = {t: i for i, t in enumerate(tensors)}
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    del probe.graph.node[:]
 
-    def reduce(produced):
-        for t in produced:
-            if t in index:
-                for op in ("ReduceMin", "ReduceMax"):
-                    out = f"mmedge_range_{index[t]}_{op}"
-                    probe.graph.node.append(helper.make_node(op, [t], [out], keepdims=0, name=out))
+class RangeProbe:
+    """Runs a float graph as the engine would and measures, as it runs, the MinMax ranges onnxruntime's calibrator
+    gives the tensors static INT8 quantizes (the float inputs and outputs of the quantized nodes): each tensor's
+    min and max over every run, reduced inside a copy of the graph (beside it, reading its weights from the same
+    file, unpacked) so that a run returns two numbers per tensor besides the graph's own outputs. Calibration runs
+    the vision side once through it and quantize_static_int8 takes the ranges, instead of running the graph over
+    the recorded inputs again (Qwen2.5-VL-3B's vision encoder over 17 images: ~4 min)."""
 
-    # Each reduction right after the node that makes its tensor, run in that order: appended at the end, every
-    # probed tensor stayed alive until the last layer (a 24-layer chain of 16 MB activations: 1.6 GB at the
-    # peak instead of 64 MB; the Qwen2.5-VL-3B vision encoder's step held 20 GiB)
-    reduce(i.name for i in model.graph.input)
-    for node in model.graph.node:
-        probe.graph.node.append(node)
-        reduce(node.output)
-    for i in range(len(tensors)):
-        for op in ("ReduceMin", "ReduceMax"):
-            probe.graph.output.append(helper.make_tensor_value_info(f"mmedge_range_{i}_{op}", onnx.TensorProto.FLOAT, []))
-    path = graph.with_name(".ranges-" + graph.name.lstrip("."))
-    onnx.save_model(probe, str(path))
-    probe.Clear()  # (not del: reduce() above closes over it)
-    try:
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as the calibrator runs it
-        opts.add_session_config_entry("session.disable_prepacking", "1")  # weights stay the mapped file
-        opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED  # the graph's order (the default runs them last)
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        low = np.full(len(tensors), np.inf, dtype=np.float32)
-        high = np.full(len(tensors), -np.inf, dtype=np.float32)
-        for feed in feeds:
-            out = np.asarray(session.run(None, feed), dtype=np.float32).reshape(len(tensors), 2)
-            low, high = np.fmin(low, out[:, 0]), np.fmax(high, out[:, 1])
-        del session
-    finally:
-        path.unlink(missing_ok=True)
-    return TensorsData(CalibrationMethod.MinMax, {t: (low[i:i + 1], high[i:i + 1]) for i, t in enumerate(tensors)})
+    def __init__(self, graph: Path, model: onnx.ModelProto | None = None):
+        import onnxruntime as ort
+
+        if model is None:
+            model = onnx.load(str(graph), load_external_data=False)
+            _name_nodes(model)
+        inits, wanted = {i.name for i in model.graph.initializer}, set(_quantized_nodes(model))
+        self.tensors = list(dict.fromkeys(t for n in model.graph.node if n.name in wanted
+                                          for t in (*n.input, *n.output) if t and t not in inits))
+        self.own = [o.name for o in model.graph.output]
+        index = {t: i for i, t in enumerate(self.tensors)}
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        del probe.graph.node[:]
+
+        def reduce(produced):
+            for t in produced:
+                if t in index:
+                    for op in ("ReduceMin", "ReduceMax"):
+                        out = f"mmedge_range_{index[t]}_{op}"
+                        probe.graph.node.append(helper.make_node(op, [t], [out], keepdims=0, name=out))
+
+        # Each reduction right after the node that makes its tensor, run in that order: appended at the end, every
+        # probed tensor stayed alive until the last layer (a 24-layer chain of 16 MB activations: 1.6 GB at the
+        # peak instead of 64 MB; the Qwen2.5-VL-3B vision encoder's step held 20 GiB)
+        reduce(i.name for i in model.graph.input)
+        for node in model.graph.node:
+            probe.graph.node.append(node)
+            reduce(node.output)
+        for i in range(len(self.tensors)):
+            for op in ("ReduceMin", "ReduceMax"):
+                probe.graph.output.append(
+                    helper.make_tensor_value_info(f"mmedge_range_{i}_{op}", onnx.TensorProto.FLOAT, []))
+        self.path = graph.with_name(".ranges-" + graph.name.lstrip("."))
+        onnx.save_model(probe, str(self.path))
+        del probe
+        try:
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as the calibrator runs it
+            opts.add_session_config_entry("session.disable_prepacking", "1")  # weights stay the mapped file
+            opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED  # the graph's order (the default runs them last)
+            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        finally:
+            self.path.unlink(missing_ok=True)  # the session holds the graph; its weights are the original's file
+        self.low = np.full(len(self.tensors), np.inf, dtype=np.float32)
+        self.high = np.full(len(self.tensors), -np.inf, dtype=np.float32)
+        self.runs = 0
+
+    def run(self, inputs: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        assert not into, "a range probe returns its outputs (no bound buffers)"
+        out = self.session.run(None, inputs)
+        n = len(self.own)
+        ranges = np.asarray(out[n:], dtype=np.float32).reshape(len(self.tensors), 2)
+        self.low, self.high = np.fmin(self.low, ranges[:, 0]), np.fmax(self.high, ranges[:, 1])
+        self.runs += 1
+        return dict(zip(self.own, out[:n]))
+
+    def ranges(self):
+        """onnxruntime.quantization's TensorsData of what the runs so far measured."""
+        from onnxruntime.quantization import CalibrationMethod
+        from onnxruntime.quantization.calibrate import TensorsData
+
+        return TensorsData(CalibrationMethod.MinMax,
+                           {t: (self.low[i:i + 1], self.high[i:i + 1]) for i, t in enumerate(self.tensors)})
+
+
+def range_probe(part: str, graph: Path, options):
+    """The graph calibration runs for `part`: a RangeProbe where its static INT8 takes MinMax ranges measured
+    elsewhere, else None (the engine's own graph; the ranges come from its recorded inputs)."""
+    if options.calib_method != "minmax" or not _takes_ranges():
+        return None
+    return RangeProbe(graph)
+
+
+def _minmax_ranges(graph: Path, model: onnx.ModelProto, feeds: list[dict]):
+    """The MinMax ranges of `graph` (whose nodes `model` names) over `feeds`, measured by a RangeProbe."""
+    probe = RangeProbe(graph, model)
+    for feed in feeds:
+        probe.run(feed)
+    return probe.ranges()
 
 
 def quantize_embedding_int8(src: Path, dst: Path) -> dict:

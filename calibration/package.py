@@ -79,11 +79,18 @@ SEVEN_BIT_WEIGHTS = True
 RECORDED = ("vision_encoder", "projector", "encoder")
 
 
+class Recorded(list):
+    """A graph's recorded inputs and, where they were measured as it ran (a target's range_probe), the ranges its
+    static INT8 takes (else None: measured from the inputs when it is quantized)."""
+
+    ranges = None
+
+
 class Recorder:
     """Stands in for one graph of a Pipeline: runs it and keeps copies of its inputs."""
 
     def __init__(self, graph, keep: bool = True):
-        self.graph, self.keep, self.feeds = graph, keep, []
+        self.graph, self.keep, self.feeds = graph, keep, Recorded()
 
     def run(self, inputs: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         if self.keep:
@@ -113,8 +120,10 @@ def quiet():
 # -- the whole package -------------------------------------------------------
 
 
-def _pipeline(stage: Path, manifest: Manifest, files: dict[str, Path], wrap: dict | None = None):
-    """A runtime Pipeline over `files` (part -> graph path), optionally with wrapped graphs. Where the decoder is
+def _pipeline(stage: Path, manifest: Manifest, files: dict[str, Path], wrap: dict | None = None,
+              ready: dict | None = None):
+    """A runtime Pipeline over `files` (part -> graph path) or graphs `ready` to run (part -> graph), optionally
+    wrapped. Where the decoder is
     big, ONNX Runtime runs them low_memory: float32 graphs (the staged ones, or a copy reading their data) without
     prepacking, float16 ones widened weight by weight as they run (a float16 package's measurement held a float32
     copy of PaliGemma-3B's decoder: 12 GiB anonymous), quantized ones prepacked as always."""
@@ -127,7 +136,9 @@ def _pipeline(stage: Path, manifest: Manifest, files: dict[str, Path], wrap: dic
     # opened on the package (open_engine), the engine knows what each graph holds: how low_memory opens it
     engine = open_engine(stage, manifest, name, low_memory=big and name == "onnxruntime", model_cache=False)
     load = getattr(_target(manifest), "load_graph", None)  # a target with graphs staged for another engine
-    graphs = {part: load(engine, files[part], manifest) if load else engine.load(files[part]) for part in files}
+    ready = ready or {}
+    graphs = {part: ready[part] if part in ready else load(engine, files[part], manifest) if load
+              else engine.load(files[part]) for part in files}
     for part, make in (wrap or {}).items():
         graphs[part] = make(graphs[part])
     codec = TextCodec.from_package(stage, manifest)
@@ -199,6 +210,13 @@ def _let_go(pipe, parts: list[str]) -> None:
     release_freed_memory()
 
 
+def _take_ranges(feeds: dict, probes: dict, parts: list[str]) -> None:
+    """The ranges the range probes of `parts` measured, kept with their recorded inputs; the probes let go."""
+    for part in parts:
+        if part in probes:
+            feeds[part].ranges = probes.pop(part).ranges()
+
+
 def _replayed(recorders: dict) -> dict:
     """Per graph, each recorded input with the graph's outputs for it (copies: an engine reuses its buffers)."""
     return {part: [(feeds, {k: np.array(v, copy=True) for k, v in r.graph.run(feeds).items()}) for feeds in r.feeds]
@@ -240,7 +258,11 @@ def _quantize(target, stage, work, manifest, fp32, names, plan, calib, options, 
     capture = target.decoder_capture(work, fp32["decoder"], plan, options)
     if capture:
         files["decoder"], wrap["decoder"] = capture
-    pipe = _pipeline(stage, manifest, files, wrap)
+    # the static INT8 graphs' ranges measured as calibration runs them, where the target measures them so
+    probe = getattr(target, "range_probe", lambda part, graph, options: None)
+    probes = {part: probe(part, fp32[part], options) for part in recorded if plan[part] == "int8"}
+    probes = {part: graph for part, graph in probes.items() if graph is not None}
+    pipe = _pipeline(stage, manifest, files, wrap, ready=probes)
     feeds = {part: pipe.graphs[part].feeds for part in recorded}
     decoder_data = pipe.graphs["decoder"] if capture else None
     calibrated = bool(capture) or any(plan[p] == "int8" for p in feeds)
@@ -250,12 +272,14 @@ def _quantize(target, stage, work, manifest, fp32, names, plan, calib, options, 
     first = _vision_first(stage, manifest, pipe) if samples else []
     if first:
         _encode_media(pipe, samples, "calibrate vision", progress)
+        _take_ranges(feeds, probes, first)
         _let_go(pipe, first)
     # the decoder's pass records what the vision side did not: its own statistics, an encoder's inputs (a big
     # decoder's weight-only INT8 needs none: PaliGemma-3B's 22 prefills took 2.4 min for nothing)
     if capture or any(part not in first for part in recorded if plan[part] == "int8"):
         for sample in tqdm(samples, desc="calibrate", unit="sample", disable=not progress):
             answer(pipe, sample, steps)
+    _take_ranges(feeds, probes, list(probes))
     del pipe
     if capture:
         decoder_data.graph = None  # what it recorded is kept; the session is let go

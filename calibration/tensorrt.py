@@ -44,6 +44,7 @@ ISLAND_OPS = {"Pow", "ReduceMean", "Sqrt", "Reciprocal", "Softmax", "LayerNormal
 BACKEND = "onnxruntime"
 graph_files = ort_quant.graph_files
 decoder_capture = ort_quant.decoder_capture
+range_probe = ort_quant.range_probe
 
 
 def fp16_islands(model: onnx.ModelProto) -> list[str]:

@@ -405,8 +405,11 @@ def test_int8_blocks_widen_with_the_weights_width(tmp_path):
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_lean_minmax_ranges_quantize_as_onnxruntimes_calibrator_does(tmp_path, monkeypatch, symmetric):
     """Static INT8 with the ranges measured by mmedge's lean pass (two numbers per tensor, weights left in their
-    file) writes the graph onnxruntime's own MinMax calibrator makes: the same scales, zero points and weights; and
-    leaves nothing beside the source graph."""
+    file) writes the graph onnxruntime's own MinMax calibrator makes: the same scales, zero points and weights,
+    whether measured after calibration over its recorded inputs or while it ran the graph; and leaves nothing
+    beside the source graph."""
+    import onnxruntime as ort
+
     from mmedge.calibration import onnxruntime as ortq
 
     if not ortq._takes_ranges():
@@ -426,16 +429,26 @@ def test_lean_minmax_ranges_quantize_as_onnxruntimes_calibrator_does(tmp_path, m
     onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src),
                     save_as_external_data=True, location="g.onnx.data", size_threshold=0)
     feeds = [{"x": rng.normal(size=(1, n, 16)).astype(np.float32) * (n / 4)} for n in (3, 7, 5)]
+    # calibration's pass through the graph measures them as it runs (RangeProbe): the graph's own outputs as the
+    # engine gives them, and the ranges handed over with the recorded inputs
+    from mmedge.calibration.package import Recorded
+
+    probe = ortq.RangeProbe(src)
+    plain = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    for feed in feeds:
+        np.testing.assert_allclose(probe.run(feed)["y"], plain.run(None, feed)[0], rtol=1e-5, atol=1e-5)
+    measured = Recorded(feeds)
+    measured.ranges = probe.ranges()
     made = {}
-    for lean in (False, True):
-        monkeypatch.setattr(ortq, "_takes_ranges", lambda lean=lean: lean)
+    for lean, given in ((False, feeds), (True, feeds), ("probe", measured)):
+        monkeypatch.setattr(ortq, "_takes_ranges", lambda lean=lean: bool(lean))
         dst = tmp_path / f"lean-{lean}" / "g.onnx"
         dst.parent.mkdir()
-        ortq.quantize_static_int8(src, dst, feeds, "minmax", symmetric=symmetric)
+        ortq.quantize_static_int8(src, dst, given, "minmax", symmetric=symmetric)
         made[lean] = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(dst)).graph.initializer}
-    assert made[True].keys() == made[False].keys() and len(made[True]) > 2
+    assert made[True].keys() == made[False].keys() == made["probe"].keys() and len(made[True]) > 2
     for name, value in made[False].items():
-        assert np.array_equal(made[True][name], value), name
+        assert np.array_equal(made[True][name], value) and np.array_equal(made["probe"][name], value), name
     assert sorted(p.name for p in src.parent.iterdir()) == ["g.onnx", "g.onnx.data"]
     # the CPU targets' weights in 7 bits, which a CPU without VNNI cannot saturate (SEVEN_BIT_WEIGHTS); TensorRT's 8
     weights = [v for v in made[True].values() if v.dtype == np.int8 and v.ndim == 2]
@@ -483,7 +496,7 @@ def test_range_measurement_lets_each_probed_tensor_go_after_its_layer(tmp_path):
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        ranges = ortq._minmax_ranges(src, model, [f"mm{i}" for i in range(layers)], [feed])
+        ranges = ortq._minmax_ranges(src, model, [feed])
     finally:
         done.set()
         watcher.join()
@@ -608,3 +621,60 @@ def test_activation_aware_scales_fold_into_the_norm_and_the_up_half_of_a_joined_
     before, after = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)[0]
                      for p in (src, dst))
     np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4 * np.abs(before).max())
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
+def test_calibration_measures_the_vision_ranges_as_it_runs_the_vision_encoder(packages, tmp_path, monkeypatch, target):
+    """ONNX Runtime and TensorRT packages: calibration runs the static INT8 graphs through their range probes, so
+    their ranges are not measured again over the recorded inputs; the quantized graphs are those of measuring
+    afterwards: the vision encoder byte for byte, the projector up to float rounding in its input's ranges (the
+    probe runs the vision encoder unoptimized, as the range measurement does, and its features feed the
+    projector), and the report the same to float rounding."""
+    import shutil
+
+    from mmedge.calibration import onnxruntime as ortq
+    from mmedge.calibration import package
+    from mmedge.calibration.data import load_calibration
+    from mmedge.calibration.plan import parse_quant
+    from mmedge.manifest import load_manifest
+
+    if not ortq._takes_ranges():
+        pytest.skip("this onnxruntime's quantize_static takes no calibration cache (1.24+)")
+    calib = load_calibration("builtin", 8, held_out=2)
+    measured_after, measure = [], ortq._minmax_ranges
+    monkeypatch.setattr(ortq, "_minmax_ranges", lambda *a: measured_after.append(1) or measure(*a))
+    target_module = package._target(load_manifest(packages("paligemma-gqa", target), verify_files=False))
+    runs = {}
+    for probed in (True, False):
+        if not probed:
+            monkeypatch.setattr(target_module, "range_probe", lambda part, graph, options: None)
+        stage = tmp_path / str(probed)
+        shutil.copytree(packages("paligemma-gqa", target), stage)
+        manifest = load_manifest(stage, verify_files=False)
+        report = package.quantize_package(stage, manifest, parse_quant("int8", target), calib,
+                                          package.QuantOptions(), progress=False)
+        graphs = {p.name: {i.name: numpy_helper.to_array(i) for i in onnx.load(str(p)).graph.initializer}
+                  for p in sorted(stage.glob("*.onnx"))}
+        runs[probed] = report, graphs, (stage / "vision_encoder.onnx").read_bytes(), len(measured_after)
+    assert runs[True][3] == 0 and runs[False][3] == 2  # vision encoder and projector: measured again without
+    assert runs[True][2] == runs[False][2]
+    for name, graph in runs[False][1].items():
+        assert graph.keys() == runs[True][1][name].keys(), name
+        for key, value in graph.items():
+            got = runs[True][1][name][key]
+            if value.dtype.kind == "f":
+                np.testing.assert_allclose(got, value, rtol=1e-5, err_msg=f"{name} {key}")
+            else:  # a zero point may round the other way
+                assert np.abs(got.astype(np.int64) - value.astype(np.int64)).max(initial=0) <= 1, (name, key)
+
+    def same(a, b, path=()):
+        if isinstance(a, dict):
+            assert a.keys() == b.keys(), path
+            for key in a:
+                same(a[key], b[key], (*path, key))
+        elif isinstance(a, float):
+            assert a == pytest.approx(b, rel=1e-4, abs=1e-9), path
+        else:
+            assert a == b, path
+
+    same(runs[True][0], runs[False][0])
