@@ -253,7 +253,6 @@ class RangeProbe:
             self.path.unlink(missing_ok=True)  # the session holds the graph; its weights are the original's file
         self.low = np.full(len(self.tensors), np.inf, dtype=np.float32)
         self.high = np.full(len(self.tensors), -np.inf, dtype=np.float32)
-        self.runs = 0
 
     def run(self, inputs: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         assert not into, "a range probe returns its outputs (no bound buffers)"
@@ -261,7 +260,6 @@ class RangeProbe:
         n = len(self.own)
         ranges = np.asarray(out[n:], dtype=np.float32).reshape(len(self.tensors), 2)
         self.low, self.high = np.fmin(self.low, ranges[:, 0]), np.fmax(self.high, ranges[:, 1])
-        self.runs += 1
         return dict(zip(self.own, out[:n]))
 
     def ranges(self):

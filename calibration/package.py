@@ -122,11 +122,11 @@ def quiet():
 
 def _pipeline(stage: Path, manifest: Manifest, files: dict[str, Path], wrap: dict | None = None,
               ready: dict | None = None):
-    """A runtime Pipeline over `files` (part -> graph path) or graphs `ready` to run (part -> graph), optionally
-    wrapped. Where the decoder is
-    big, ONNX Runtime runs them low_memory: float32 graphs (the staged ones, or a copy reading their data) without
-    prepacking, float16 ones widened weight by weight as they run (a float16 package's measurement held a float32
-    copy of PaliGemma-3B's decoder: 12 GiB anonymous), quantized ones prepacked as always."""
+    """A runtime Pipeline over `files` (part -> graph path; the graphs of `ready` as given), optionally with wrapped
+    graphs. Where the decoder is big, ONNX Runtime runs them low_memory: float32 graphs (the staged ones, or a copy
+    reading their data) without prepacking, float16 ones widened weight by weight as they run (a float16 package's
+    measurement held a float32 copy of PaliGemma-3B's decoder: 12 GiB anonymous), quantized ones prepacked as
+    always."""
     from mmedge.runtimes.backends import open_engine
     from mmedge.runtimes.pipeline import Pipeline
     from mmedge.runtimes.text import TextCodec
