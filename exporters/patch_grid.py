@@ -59,6 +59,7 @@ class PatchGridEncoder(torch.nn.Module):
         window = None
         if self.full_blocks is not None:
             window_index, slots, slot_of = rest
+            # the blocks run in window order; the frames are whole in it, so `full` (by frame) holds there too
             hidden, cos, sin = (_by_token(t, window_index, self.unit) for t in (hidden, cos, sin))
             # padded slots read patch 0 and are masked as keys; their query rows are never read back (a product,
             # not torch.where: coremltools types a where of two scalars as a scalar)
