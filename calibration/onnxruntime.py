@@ -242,7 +242,7 @@ class RangeProbe:
                     helper.make_tensor_value_info(f"mmedge_range_{i}_{op}", onnx.TensorProto.FLOAT, []))
         self.path = graph.with_name(".ranges-" + graph.name.lstrip("."))
         onnx.save_model(probe, str(self.path))
-        del probe
+        probe.Clear()  # (not del: reduce() above closes over it)
         try:
             opts = ort.SessionOptions()
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as the calibrator runs it
