@@ -136,8 +136,15 @@ class _Builder:
         self.inits.append(TensorProto(name=name, data_type=TensorProto.FLOAT, dims=dims[::-1] if transpose else dims))
 
         def value() -> np.ndarray:
-            joined = np.concatenate([lazy.values(p) for p in params]) if len(params) > 1 else lazy.values(params[0])
-            return np.ascontiguousarray(joined.T if transpose else joined, dtype=np.float32)
+            if not transpose:
+                joined = np.concatenate([lazy.values(p) for p in params]) if len(params) > 1 else lazy.values(params[0])
+                return np.ascontiguousarray(joined, dtype=np.float32)
+            out, at = np.empty(dims[::-1], np.float32), 0  # each part transposed into its columns: no joined copy
+            for p in params:
+                part = lazy.values(p)
+                lazy.transposed(part, out=out[:, at:at + part.shape[0]])
+                at += part.shape[0]
+            return out
 
         self.deferred[name] = value
         return name
