@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import importlib
 import io
 import logging
@@ -87,15 +88,35 @@ class Recorded(list):
 
 
 class Recorder:
-    """Stands in for one graph of a Pipeline: runs it and keeps copies of its inputs."""
+    """Stands in for one graph of a Pipeline: runs it and keeps copies of its inputs (and, with `outputs`, of what
+    it returned for them, in `self.outputs`)."""
 
-    def __init__(self, graph, keep: bool = True):
+    def __init__(self, graph, keep: bool = True, outputs: bool = False):
         self.graph, self.keep, self.feeds = graph, keep, Recorded()
+        self.outputs: list[dict[str, np.ndarray]] | None = [] if outputs else None
 
     def run(self, inputs: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        if self.keep:
-            self.feeds.append({k: np.array(v, copy=True) for k, v in inputs.items()})
-        return self.graph.run(inputs, into=into)
+        if not self.keep:
+            return self.graph.run(inputs, into=into)
+        self.feeds.append({k: np.array(v, copy=True) for k, v in inputs.items()})
+        out = self.graph.run(inputs, into=into)
+        if self.outputs is not None:  # copies: an engine reuses its buffers
+            self.outputs.append({k: np.array(v, copy=True) for k, v in out.items()})
+        return out
+
+    def runs(self) -> list[tuple[dict, dict]]:
+        """Each recorded input with what the graph returned for it."""
+        return list(zip(self.feeds, self.outputs))
+
+
+def _with_outputs(graph) -> Recorder:
+    return Recorder(graph, outputs=True)
+
+
+def _digest(feeds: dict[str, np.ndarray]) -> tuple:
+    """What a graph's inputs are known by, to find a run of them again."""
+    return tuple((k, v.dtype.str, v.shape, hashlib.blake2b(np.ascontiguousarray(v).tobytes()).digest())
+                 for k, v in sorted(feeds.items()))
 
     def __getattr__(self, name):  # the rest of the graph's interface (e.g. reset_state of a stateful decoder)
         return getattr(self.graph, name)
@@ -215,12 +236,6 @@ def _take_ranges(feeds: dict, probes: dict, parts: list[str]) -> None:
     for part in parts:
         if part in probes:
             feeds[part].ranges = probes.pop(part).ranges()
-
-
-def _replayed(recorders: dict) -> dict:
-    """Per graph, each recorded input with the graph's outputs for it (copies: an engine reuses its buffers)."""
-    return {part: [(feeds, {k: np.array(v, copy=True) for k, v in r.graph.run(feeds).items()}) for feeds in r.feeds]
-            for part, r in recorders.items()}
 
 
 def _target(manifest: Manifest):
@@ -374,15 +389,15 @@ def measure(stage: Path, manifest: Manifest, fp32_files: dict, quant_files: dict
     (Pipeline.logits_out): forcing its own answer would compute them again."""
     parts = [p for p in (*RECORDED, "embed_tokens") if p in fp32_files]
     steps = _held_out_steps(stage, manifest, options)
-    ref = _pipeline(stage, manifest, fp32_files, dict.fromkeys(parts, Recorder))
+    # each graph's held-out inputs and fp32 outputs recorded as the pipeline runs them (running them again took
+    # Qwen2.5-VL-3B's vision encoder 27 s over 4 images)
+    ref = _pipeline(stage, manifest, fp32_files, dict.fromkeys(parts, _with_outputs))
     rec = {p: ref.graphs[p] for p in parts}
     first = _vision_first(stage, manifest, ref)
-    graph_feeds = {}  # per graph: (recorded inputs, fp32 outputs)
-    if first:  # each held-out input recorded once, as the media is encoded; the outputs taken before they go
+    if first:  # each held-out input recorded once, as the media is encoded
         for part, r in rec.items():
             r.keep = part in first
         _encode_media(ref, calib.held_out, "measure fp32 vision", progress)
-        graph_feeds = _replayed({part: rec[part] for part in first})
         _let_go(ref, first)
     expected = []  # per sample: fp32 greedy tokens, the tokens forced, and the fp32 logits along them
     for sample in tqdm(calib.held_out, desc="measure fp32", unit="sample", disable=not progress):
@@ -396,28 +411,32 @@ def measure(stage: Path, manifest: Manifest, fp32_files: dict, quant_files: dict
             expected.append((tokens, tokens[:len(ref.logits_out) - 1], np.stack(ref.logits_out)))
         else:
             expected.append((tokens, tokens, forced_logits(ref, sample, tokens)))
-    graph_feeds.update(_replayed({part: r for part, r in rec.items() if part not in first}))
+    graph_feeds = {part: r.runs() for part, r in rec.items()}  # per graph: (recorded inputs, fp32 outputs)
     del ref, rec
     quantized = copy.deepcopy(manifest)
     for part in quant_files:
         quantized.graphs[part].precision = (plan or {}).get(part, quantized.graphs[part].precision)
-    quant = _pipeline(stage, quantized, quant_files)
+    # the quantized graphs' outputs for the same inputs, kept as its pipeline makes them (not run twice)
+    quant = _pipeline(stage, quantized, quant_files, dict.fromkeys(graph_feeds, _with_outputs))
     graph_err: dict[str, dict | None] = dict.fromkeys(fp32_files)
     agree = top1 = positions = 0
     kl_sum = 0.0
     logits_err = None
     for sample, (tokens, forced, a) in zip(tqdm(calib.held_out, desc="measure", unit="sample", disable=not progress),
                                            expected):
-        agree += tokens == answer(quant, sample, steps)
         b = forced_logits(quant, sample, forced)
+        # greedy generation would make the forced tokens' own steps while it agrees with them: whether it gives
+        # the fp32 answer is read off the forced rows, not generated again (speech: generated, by its windows)
+        agree += tokens == (quant.greedy_along(b) if sample.audio is None else answer(quant, sample, steps))
         top1 += int((a.argmax(-1) == b.argmax(-1)).sum())
         positions += len(a)
         la, lb = _log_softmax(a), _log_softmax(b)
         kl_sum += float((np.exp(la) * (la - lb)).sum())
         logits_err = _worst(logits_err, _err(a, b))
     for part, cases in graph_feeds.items():
+        seen = {_digest(feeds): out for feeds, out in quant.graphs[part].runs()}
         for feeds, want in cases:
-            got = quant.graphs[part].run(feeds)
+            got = seen.get(_digest(feeds)) or quant.graphs[part].graph.run(feeds)
             for name in manifest.graphs[part].outputs:  # the contract's names (an engine may add aliases)
                 graph_err[part] = _worst(graph_err[part], _err(want[name], got[name]))
     graph_err["decoder"] = logits_err

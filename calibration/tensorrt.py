@@ -155,7 +155,7 @@ def weight_only(graph: GraphWeights, bits: dict[str, int], block: int) -> tuple[
         four = bits[node.name] == 4 and k % block == 0
 
         def quantized(name=name, four=four):
-            return _weight_only(graph.array(name).astype(np.float32), four, block)
+            return _weight_only(graph.array(name).astype(np.float32, copy=False), four, block)
 
         if four:
             int4 += 1

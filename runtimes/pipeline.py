@@ -305,14 +305,13 @@ class Pipeline(PackageGraphs, RowBatching, Transcription):
         if opts.use_cache and seq.spans is not None:
             self._held = held = _Held(ids, seq.block_of, seq.spans)
         eos = self.manifest.special_tokens.eos_ids
-        never = [*(eos if opts.ignore_eos else []), *opts.suppress_ids]  # and, first, begin_suppress_ids
         budget = min(opts.max_new_tokens, capacity - len(ids))
         if budget < opts.max_new_tokens:
             log.warning("max_new_tokens %d is more than the %d tokens this package's context (max_context %d) has "
                         "left after the %d-token prompt: generating at most %d", opts.max_new_tokens, budget,
                         capacity, len(ids), budget)
         for i in range(budget):
-            token = choose(logits[0, -1], opts, rng, (never + opts.begin_suppress_ids if i == 0 else never) or None)
+            token = choose(logits[0, -1], opts, rng, self._banned(opts, i))
             if token in eos:
                 return
             t.new_tokens += 1
@@ -327,6 +326,29 @@ class Pipeline(PackageGraphs, RowBatching, Transcription):
             t.decode += t.steps[-1]
             if self._held is not None:
                 held.fed.append(token)
+
+    def _banned(self, opts: GenerationOptions, i: int) -> list[int] | None:
+        """The tokens generation's `i`-th new token may not be."""
+        never = [*(self.manifest.special_tokens.eos_ids if opts.ignore_eos else []), *opts.suppress_ids]
+        return (never + opts.begin_suppress_ids if i == 0 else never) or None
+
+    def greedy_along(self, logits: np.ndarray) -> list[int]:
+        """The tokens greedy generation (the package's default options) picks from each row of teacher-forced
+        `logits` [positions, vocab], up to the first end of sequence (not included). Generation makes the same
+        cached steps (teacher_forced_logits), so while its tokens are the forced ones it sees these very rows:
+        the result equals `generate_ids` wherever it reproduces the forced tokens, and differs from them
+        wherever generation would."""
+        opts = self.options()
+        if opts.do_sample:
+            raise ValueError("greedy_along needs greedy default options")
+        eos = self.manifest.special_tokens.eos_ids
+        out = []
+        for i, row in enumerate(logits):
+            token = choose(row, opts, None, self._banned(opts, i))
+            if token in eos:
+                break
+            out.append(token)
+        return out
 
     def _reusable(self, held: _Held | None, seq: _Sequence) -> int:
         """The prompt's leading tokens whose keys and values the cache holds (0: none, or unknown)."""

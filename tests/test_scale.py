@@ -227,6 +227,30 @@ def test_the_logits_generation_computes_are_teacher_forcing_on_its_answer(packag
     assert [int(np.argmax(r)) for r in rows] == tokens
 
 
+def test_whether_greedy_generation_gives_an_answer_is_read_off_its_teacher_forced_rows(packages):
+    """The held-out measurement reads whether the quantized package's greedy answer is the fp32 one off its
+    teacher-forced rows along that answer (Pipeline.greedy_along) instead of generating again: generation makes
+    those very steps while it agrees, so the two give the same tokens, and a forced token generation would not
+    choose shows where it parts."""
+    import numpy as np
+
+    from conftest import sample_images
+    from mmedge import Pipeline
+
+    pipe = Pipeline.load(packages("paligemma-gqa"))
+    image = sample_images()["shapes"]
+    for budget in (3, 40):  # cut by the budget (its last token's row not computed), and ended by EOS
+        tokens = list(pipe.generate_ids(image, "caption en", max_new_tokens=budget))
+        forced = tokens[:-1] if len(tokens) == budget else tokens
+        rows = pipe.teacher_forced_logits(image, "caption en", forced)
+        assert pipe.greedy_along(rows) == tokens
+    other = next(t for t in range(rows.shape[1]) if t != tokens[0] and t not in pipe.manifest.special_tokens.eos_ids)
+    rows = pipe.teacher_forced_logits(image, "caption en", [other, *tokens[1:]])
+    along = pipe.greedy_along(rows)
+    assert along[0] == tokens[0] != other  # generation picks its own first token: the forced answer is not its
+    assert np.array_equal(rows[0], pipe.teacher_forced_logits(image, "caption en", tokens)[0])
+
+
 def test_a_big_openvino_decoder_is_quantized_as_onnx_and_converted_with_compressed_weights(
         checkpoints, packages, tmp_path, monkeypatch):
     """OpenVINO's conversion copies a graph's constants and its CPU plugin repacks float32 weights to run them
