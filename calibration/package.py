@@ -89,24 +89,27 @@ class Recorded(list):
 
 class Recorder:
     """Stands in for one graph of a Pipeline: runs it and keeps copies of its inputs (and, with `outputs`, of what
-    it returned for them, in `self.outputs`)."""
+    it returned for them, in `self.returned`)."""
 
     def __init__(self, graph, keep: bool = True, outputs: bool = False):
         self.graph, self.keep, self.feeds = graph, keep, Recorded()
-        self.outputs: list[dict[str, np.ndarray]] | None = [] if outputs else None
+        self.returned: list[dict[str, np.ndarray]] | None = [] if outputs else None
 
     def run(self, inputs: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         if not self.keep:
             return self.graph.run(inputs, into=into)
         self.feeds.append({k: np.array(v, copy=True) for k, v in inputs.items()})
         out = self.graph.run(inputs, into=into)
-        if self.outputs is not None:  # copies: an engine reuses its buffers
-            self.outputs.append({k: np.array(v, copy=True) for k, v in out.items()})
+        if self.returned is not None:  # copies: an engine reuses its buffers
+            self.returned.append({k: np.array(v, copy=True) for k, v in out.items()})
         return out
 
     def runs(self) -> list[tuple[dict, dict]]:
         """Each recorded input with what the graph returned for it."""
-        return list(zip(self.feeds, self.outputs))
+        return list(zip(self.feeds, self.returned))
+
+    def __getattr__(self, name):  # the rest of the graph's interface (e.g. reset_state of a stateful decoder)
+        return getattr(self.graph, name)
 
 
 def _with_outputs(graph) -> Recorder:
@@ -117,9 +120,6 @@ def _digest(feeds: dict[str, np.ndarray]) -> tuple:
     """What a graph's inputs are known by, to find a run of them again."""
     return tuple((k, v.dtype.str, v.shape, hashlib.blake2b(np.ascontiguousarray(v).tobytes()).digest())
                  for k, v in sorted(feeds.items()))
-
-    def __getattr__(self, name):  # the rest of the graph's interface (e.g. reset_state of a stateful decoder)
-        return getattr(self.graph, name)
 
 
 @contextlib.contextmanager
