@@ -27,6 +27,14 @@ compute), one weight at a time, and that graph converted to IR, where the CPU
 plugin keeps INT4 blocks and INT8 channels compressed. NNCF's compression would
 compile the whole float32 decoder to collect its statistics (PaliGemma-3B:
 14.6 GiB anonymous, 10.7 min).
+
+A big vision encoder or projector bound for static INT8 (its float32 graph over
+exporters/openvino_target.STATIC_INT8_ONNX_BYTES) is staged as ONNX too:
+calibration runs it through ONNX Runtime with its MinMax ranges measured in
+that pass (calibration/onnxruntime.RangeProbe), the ONNX quantizer makes it
+static INT8 QuantizeLinear/DequantizeLinear (the onnxruntime target's scheme),
+and that graph is converted to IR and checked against it. NNCF's two statistics
+passes over the float32 graph took Qwen2.5-VL-3B's vision encoder 7.9 min.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ import numpy as np
 from mmedge.calibration import onnxruntime as ort_quant
 from mmedge.calibration.package import SEVEN_BIT_WEIGHTS, QuantOptions, Recorder
 from mmedge.errors import ExportError
-from mmedge.exporters.openvino_target import convert, converted_from, staged_source  # noqa: F401 (the target API)
+from mmedge.exporters.openvino_target import STATIC_INT8_PARTS, convert, converted_from, staged_source  # noqa: F401
 
 MAX_DECODER_STEPS = 256  # recorded decoder calls kept for the data-aware INT4 compression
 CPU_ACTIVATION_GROUP = 32  # OpenVINO's CPU default for DYNAMIC_QUANTIZATION_GROUP_SIZE
@@ -176,12 +184,20 @@ def decoder_capture(work: Path, decoder: Path, plan: dict, options: QuantOptions
     return decoder, _CappedRecorder
 
 
+def range_probe(part: str, graph: Path, options):
+    """A vision encoder or projector staged as ONNX (exporters/openvino_target.STATIC_INT8_PARTS) has its INT8
+    ranges measured as calibration runs it, as on the onnxruntime target; NNCF measures the others itself."""
+    return ort_quant.range_probe(part, graph, options) if graph.suffix == ".onnx" else None
+
+
 def quantize_graph(part, precision, src, dst, options, feeds, decoder_data) -> dict:
     import nncf
     import openvino as ov
 
     if src.suffix == ".onnx" and part == "decoder":
         return _quantize_onnx_decoder(src, dst, precision, options, decoder_data)
+    if src.suffix == ".onnx" and part in STATIC_INT8_PARTS:
+        return _quantize_onnx_static(part, src, dst, options, feeds[part])
     model = ov.Core().read_model(str(converted_from(src)))  # (the embedding calibration ran as ONNX: its IR)
     if precision == "fp16":
         ov.save_model(model, str(dst), compress_to_fp16=True)
@@ -278,6 +294,60 @@ def _statistics_run_as_they_come(graph):
         yield
     finally:
         engine.OVNativeEngine.__init__ = build
+
+
+# the converted INT8 graph's error against float32, relative L2 over one calibration input, may be this much more than
+# the quantized ONNX graph's: OpenVINO's CPU plugin runs the QuantizeLinear/DequantizeLinear pairs as its own INT8
+# kernels, which round their rescaling another way (the two land apart by about as much as either is from float32),
+# while a scale lost or negated in conversion takes the output far from float32
+STATIC_CONVERSION_SLACK = 1.5
+def _quantize_onnx_static(part: str, src: Path, dst: Path, options: QuantOptions, feeds: list[dict]) -> dict:
+    """A big vision encoder or projector staged as ONNX: static INT8 QuantizeLinear/DequantizeLinear by the ONNX
+    quantizer (its ranges measured as calibration ran it), converted to IR, and checked against that graph."""
+    quantized = dst.with_name(".quantized-" + src.name)
+    try:
+        report = ort_quant.quantize_static_int8(src, quantized, feeds, options.calib_method)
+        convert(quantized, dst, part, stateful=False)
+        report["conversion_check"] = check_static_conversion(part, src, quantized, dst, feeds[0])
+    finally:
+        for path in ort_quant.graph_files(quantized):
+            path.unlink(missing_ok=True)
+    report["scheme"] += "; ONNX QuantizeLinear/DequantizeLinear converted to OpenVINO, run in INT8"
+    return report
+
+
+def check_static_conversion(part: str, fp32: Path, onnx_path: Path, ir_path: Path, feeds: dict,
+                            slack: float = STATIC_CONVERSION_SLACK) -> dict:
+    """The converted INT8 IR in OpenVINO against float32 (`fp32`, the ONNX graph quantized) on one calibration
+    input, beside the quantized ONNX graph it was made from, in ONNX Runtime: the relative L2 error of each output
+    from float32. An ExportError where the IR's is over `slack` times the ONNX graph's (+ 0.01)."""
+    import openvino as ov
+
+    from mmedge.runtimes.backends import default_threads, get_backend
+
+    onnxruntime = get_backend("onnxruntime", model_cache=False, low_memory=True)
+    want = onnxruntime.load(fp32).run(feeds)
+    want = {name: np.array(value, copy=True) for name, value in want.items()}
+    qdq = onnxruntime.load(onnx_path).run(feeds)
+    config = {"INFERENCE_PRECISION_HINT": "f32"}
+    if default_threads():
+        config["INFERENCE_NUM_THREADS"] = default_threads()
+    request = ov.Core().compile_model(str(ir_path), "CPU", config).create_infer_request()
+    result = request.infer(feeds)
+
+    def rel(got, ref):
+        return float(np.linalg.norm(got - ref) / max(np.linalg.norm(ref), 1e-12))
+
+    ir_err = onnx_err = 0.0
+    for port in request.model_outputs:
+        name = next((n for n in port.get_names() if n in want), None)
+        if name is not None:
+            ir_err, onnx_err = max(ir_err, rel(result[port], want[name])), max(onnx_err, rel(qdq[name], want[name]))
+    if ir_err > slack * onnx_err + 0.01:
+        raise ExportError(f"the {part} converted to OpenVINO does not match its quantized ONNX graph: relative L2 "
+                          f"error from float32 {ir_err:.3g}, the ONNX graph's {onnx_err:.3g} (at most {slack} x that "
+                          "+ 0.01); nothing was written")
+    return {"rel_l2_err": ir_err, "onnx_rel_l2_err": onnx_err, "slack": slack, "passed": True}
 
 
 def _quantize_onnx_decoder(src: Path, dst: Path, precision: str, options: QuantOptions, stats) -> dict:

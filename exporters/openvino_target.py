@@ -25,6 +25,15 @@ so the float32 decoder is verified, calibrated and measured as ONNX through
 ONNX Runtime, its weights memory-mapped, and its quantized ONNX graph
 (INT4 blocks / INT8 channels as DequantizeLinear weights) is what becomes the
 IR, where the CPU plugin keeps the weights compressed (calibration/openvino.py).
+
+A big vision encoder or projector bound for static INT8 (its float32 graph over
+STATIC_INT8_ONNX_BYTES) likewise: NNCF's static quantization compiles the
+float32 graph and runs every calibration image through it twice more for its
+statistics (Qwen2.5-VL-3B's 2.5 GB vision encoder: 7.9 of its 30.8 minutes).
+It is calibrated as ONNX through ONNX Runtime, its MinMax ranges measured in
+that same pass, quantized to INT8 QuantizeLinear/DequantizeLinear by the ONNX
+quantizer (the onnxruntime target's scheme), and that graph converted, which
+OpenVINO's CPU plugin runs in INT8.
 """
 
 from __future__ import annotations
@@ -83,12 +92,21 @@ def convert(onnx_path: Path, dest: Path, name: str, stateful: bool, finish=None)
 CHECKED_DIMS = {"batch", "seq", "total_len"}
 
 
+# a vision encoder or projector bound for static INT8 whose float32 graph is bigger is quantized as ONNX, then
+# converted (module docstring)
+STATIC_INT8_ONNX_BYTES = 1 << 30
+STATIC_INT8_PARTS = ("vision_encoder", "projector")
+
+
 def converted_once_quantized(job: GraphJob, onnx_path: Path) -> bool:
     """Whether this graph stays ONNX until it is quantized: a decoder bound for INT8/INT4 whose float32 weights
-    are more than calibration/package.BIG_DECODER_BYTES (module docstring)."""
+    are more than calibration/package.BIG_DECODER_BYTES, or a vision encoder or projector bound for static INT8
+    over STATIC_INT8_ONNX_BYTES (module docstring)."""
     from mmedge.calibration import onnxruntime as ort_quant
     from mmedge.calibration.package import BIG_DECODER_BYTES, graph_bytes
 
+    if job.name in STATIC_INT8_PARTS:
+        return job.precision == "int8" and graph_bytes(ort_quant, onnx_path) > STATIC_INT8_ONNX_BYTES
     per_token = all(set(axes.values()) <= CHECKED_DIMS for name, axes in job.dynamic_axes.items()
                     if not name.startswith("past."))  # (not a cross-attention decoder's image keys and values)
     return (job.name == "decoder" and job.precision in ("int8", "int4") and job.kv_storage == "state" and per_token
@@ -354,13 +372,15 @@ def verify_graph(job: GraphJob, path: Path, rtol: float = 1e-3) -> dict:
 
 
 def finish(stage: Path) -> None:
-    """The intermediate ONNX graphs removed, but for a decoder converted only once quantized, and then the
-    embedding's too (finalize removes them): calibration and the float32 side of the measurement run both through
+    """The intermediate ONNX graphs removed, but for those converted only once quantized, and, beside such a
+    decoder, the embedding's too (finalize removes them): calibration and the float32 side of the measurement run both through
     ONNX Runtime, whose Gather reads the rows it needs from the mapped table, where OpenVINO's CPU plugin copied
     PaliGemma-3B's 2.1 GB float32 table when it compiled the IR (+2.0 GiB anonymous, measured)."""
-    deferred = not (stage / f"decoder{SUFFIX}").exists() and (stage / ONNX_DIR / "decoder.onnx").exists()
+    deferred = {path.stem for path in (stage / ONNX_DIR).glob("*.onnx") if not (stage / (path.stem + SUFFIX)).exists()}
+    if "decoder" in deferred:
+        deferred.add("embed_tokens")
     for path in (stage / ONNX_DIR).glob("*.onnx"):
-        if deferred and path.stem in ("decoder", "embed_tokens"):
+        if path.stem in deferred:
             continue
         for file in (path, path.with_name(path.name + ".data")):
             file.unlink(missing_ok=True)

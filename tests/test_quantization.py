@@ -262,6 +262,60 @@ def test_fake_int4_is_what_matmulnbits_computes(tmp_path):
     assert np.abs(got - simulated).max() < 0.05 * np.abs(got - exact).max()
 
 
+def test_int4_blocks_on_torch_are_the_numpy_formulation_ties_and_zero_blocks_included():
+    """int4_blocks runs on torch with max/min reductions instead of argmax (the AWQ search calls it 12 times a
+    weight; TensorRT's INT4 weights are its output): the same q and scales as the plain numpy formulation, on
+    bfloat16-like weights whose blocks often hold +a and -a both (the first one then wins), all-zero blocks, and
+    K that is not a multiple of the block."""
+    from mmedge.calibration.onnxruntime import int4_blocks
+
+    def reference(w, block):
+        k, n = w.shape
+        wp = np.pad(w, ((0, (-k) % block), (0, 0))).reshape(-1, block, n)
+        scale = np.take_along_axis(wp, np.abs(wp).argmax(axis=1)[:, None, :], axis=1) / -8.0
+        scale[scale == 0] = 1.0
+        return np.clip(np.round(wp / scale), -8, 7), scale
+
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((200, 48)) * 0.02).astype(np.float32)
+    coarse = ((w.view(np.uint32) >> 26) << 26).view(np.float32)  # 2 mantissa bits: magnitudes tie often
+    coarse[:40, :5] = 0.0
+    ties = 0
+    for block in (32, 64, 128):
+        wp = np.pad(coarse, ((0, (-200) % block), (0, 0))).reshape(-1, block, 48)
+        ties += int((wp.max(1) == -wp.min(1)).sum())
+        for case in (w, coarse):
+            q, scale = int4_blocks(case, block)
+            want_q, want_scale = reference(case, block)
+            assert np.array_equal(q, want_q) and np.array_equal(scale, want_scale), block
+    assert ties > 20  # the tie rule was exercised
+
+
+def test_a_recorder_is_its_graph_to_the_pipeline():
+    """Calibration wraps graphs in Recorders; a stateful decoder's interface (reset_state, truncate_state) must
+    still reach the engine through one, or the runtime quietly starts its cache over."""
+    from mmedge.calibration.package import Recorder
+
+    class Graph:
+        def __init__(self):
+            self.cut = None
+
+        def run(self, inputs, into=None):
+            return {"y": inputs["x"] * 2}
+
+        def truncate_state(self, length):
+            self.cut = length
+
+    graph = Graph()
+    rec = Recorder(graph, outputs=True)
+    rec.truncate_state(7)
+    assert graph.cut == 7
+    x = np.arange(3.0)
+    assert np.array_equal(rec.run({"x": x})["y"], 2 * x)
+    (feeds, returned), = rec.runs()
+    assert np.array_equal(feeds["x"], x) and np.array_equal(returned["y"], 2 * x)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_streamed_matmulnbits_is_onnxruntimes_quantizer_byte_for_byte(tmp_path, bits):
     """The streamed quantizer (one weight read from the data file at a time, columns in slices) writes the
