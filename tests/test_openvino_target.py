@@ -153,3 +153,54 @@ def test_nncf_statistics_run_each_reduction_as_its_tensor_is_made_with_the_same_
     assert got["as_built"][1] == got["reordered"][1]  # the same quantized weights and ranges
     assert got["as_built"][0] > 100 * 2**20, got  # the measured tensors held (what the reordering is for)
     assert got["reordered"][0] < got["as_built"][0] / 3, got
+
+
+def test_a_static_int8_graph_quantized_as_onnx_is_converted_and_checked(tmp_path, monkeypatch):
+    """A big vision encoder's path (calibration/openvino._quantize_onnx_static): the ONNX quantizer's static INT8
+    converted to IR runs in INT8 on OpenVINO's CPU plugin and lands about as near float32 as the QDQ graph does; a
+    conversion that negates the weight scales is refused."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mmedge.calibration import openvino as ov_quant
+    from mmedge.calibration.package import QuantOptions, Recorded
+    from mmedge.errors import ExportError
+
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for i, (k, n) in enumerate([(64, 128), (128, 128), (128, 32)]):
+        inits.append(numpy_helper.from_array((rng.normal(size=(k, n)) / np.sqrt(k)).astype(np.float32), f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"h{i}"], name=f"mm{i}"))
+        x = f"h{i}"
+        if i < 2:
+            nodes.append(helper.make_node("Relu", [x], [f"r{i}"], name=f"relu{i}"))
+            x = f"r{i}"
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["n", 32])], inits)
+    src = tmp_path / "vision_encoder.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    feeds = Recorded({"x": rng.normal(size=(40, 64)).astype(np.float32)} for _ in range(8))
+
+    report = ov_quant._quantize_onnx_static("vision_encoder", src, tmp_path / "vision_encoder.xml", QuantOptions(),
+                                            feeds)
+    check = report["conversion_check"]
+    assert check["passed"] and 0 < check["rel_l2_err"] < 0.05, check
+    compiled = ov.Core().compile_model(str(tmp_path / "vision_encoder.xml"), "CPU")
+    kernels = {op.get_rt_info()["runtimePrecision"].astype(str) for op in compiled.get_runtime_model().get_ops()
+               if op.get_rt_info()["layerType"].astype(str) == "FullyConnected"}
+    assert kernels & {"i8", "u8"}, kernels
+    assert not list(tmp_path.glob(".quantized-*"))  # the QDQ graph is not left behind
+
+    convert = ov_quant.convert
+
+    def broken(path, dst, *args, **kwargs):
+        model = onnx.load(str(path))
+        for init in model.graph.initializer:
+            if init.name.endswith("_scale") and init.dims:  # the per-channel weight scales
+                init.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(init), init.name))
+        onnx.save_model(model, str(tmp_path / "broken.onnx"))
+        convert(tmp_path / "broken.onnx", dst, *args, **kwargs)
+
+    monkeypatch.setattr(ov_quant, "convert", broken)
+    with pytest.raises(ExportError, match="vision_encoder converted to OpenVINO does not match"):
+        ov_quant._quantize_onnx_static("vision_encoder", src, tmp_path / "again.xml", QuantOptions(), feeds)

@@ -248,9 +248,12 @@ HOW = """
   its state), the embedding beside it; its weights quantized one at a time in the ONNX graph as for tensorrt (INT4
   blocks with activation-aware scales, INT8 channels, float32 compute), and only then converted to IR, where the CPU
   plugin keeps them compressed; the export checks the IR against the quantized ONNX graph. docs/quantization.md.
-  NNCF's static INT8 of a vision encoder measures its activations in graphs whose reductions are listed first, so
-  OpenVINO runs each as its tensor is made instead of holding every measured tensor to the end (Qwen2.5-VL-3B's
-  dynamic-resolution encoder on a 4,900-patch calibration image: 10 GiB held before).
+  A vision encoder or projector over 1 GiB bound for static INT8 (Qwen2.5-VL-3B's 2.5 GB encoder) likewise stays
+  ONNX: calibrated through ONNX Runtime with its INT8 ranges measured in that pass, made static INT8 by the ONNX
+  quantizer and then converted, checked against float32 beside the quantized ONNX graph; NNCF's two statistics
+  passes over the float32 graph took 7.9 min there. A smaller one is NNCF's, measured in graphs whose reductions are
+  listed first, so OpenVINO runs each as its tensor is made instead of holding every measured tensor to the end
+  (Qwen2.5-VL-3B's dynamic-resolution encoder on a 4,900-patch calibration image: 10 GiB held before).
 - **Still whole**: Core ML converts a traced torch module (coremltools needs the model in memory, in float32);
   OpenVINO's float packages (fp32, fp16): its conversion copies a graph's constants and its CPU plugin makes its
   own copy of the weights to run them (verification, the generation check); static INT8
