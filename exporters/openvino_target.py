@@ -373,13 +373,14 @@ def verify_graph(job: GraphJob, path: Path, rtol: float = 1e-3) -> dict:
 
 def finish(stage: Path) -> None:
     """The intermediate ONNX graphs removed, but for those converted only once quantized, and, beside such a
-    decoder, the embedding's too (finalize removes them): calibration and the float32 side of the measurement run both through
-    ONNX Runtime, whose Gather reads the rows it needs from the mapped table, where OpenVINO's CPU plugin copied
-    PaliGemma-3B's 2.1 GB float32 table when it compiled the IR (+2.0 GiB anonymous, measured)."""
-    deferred = {path.stem for path in (stage / ONNX_DIR).glob("*.onnx") if not (stage / (path.stem + SUFFIX)).exists()}
+    decoder, the embedding's too (finalize removes them): calibration and the float32 side of the measurement run
+    both through ONNX Runtime, whose Gather reads the rows it needs from the mapped table, where OpenVINO's CPU plugin
+    copied PaliGemma-3B's 2.1 GB float32 table when it compiled the IR (+2.0 GiB anonymous, measured)."""
+    onnx = list((stage / ONNX_DIR).glob("*.onnx"))
+    deferred = {path.stem for path in onnx if not (stage / (path.stem + SUFFIX)).exists()}
     if "decoder" in deferred:
         deferred.add("embed_tokens")
-    for path in (stage / ONNX_DIR).glob("*.onnx"):
+    for path in onnx:
         if path.stem in deferred:
             continue
         for file in (path, path.with_name(path.name + ".data")):
