@@ -301,6 +301,8 @@ def _statistics_run_as_they_come(graph):
 # kernels, which round their rescaling another way (the two land apart by about as much as either is from float32),
 # while a scale lost or negated in conversion takes the output far from float32
 STATIC_CONVERSION_SLACK = 1.5
+
+
 def _quantize_onnx_static(part: str, src: Path, dst: Path, options: QuantOptions, feeds: list[dict]) -> dict:
     """A big vision encoder or projector staged as ONNX: static INT8 QuantizeLinear/DequantizeLinear by the ONNX
     quantizer (its ranges measured as calibration ran it), converted to IR, and checked against that graph."""

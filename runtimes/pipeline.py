@@ -310,8 +310,9 @@ class Pipeline(PackageGraphs, RowBatching, Transcription):
             log.warning("max_new_tokens %d is more than the %d tokens this package's context (max_context %d) has "
                         "left after the %d-token prompt: generating at most %d", opts.max_new_tokens, budget,
                         capacity, len(ids), budget)
+        first, banned = self._banned(opts, 0), self._banned(opts, 1)  # once, not per step
         for i in range(budget):
-            token = choose(logits[0, -1], opts, rng, self._banned(opts, i))
+            token = choose(logits[0, -1], opts, rng, banned if i else first)
             if token in eos:
                 return
             t.new_tokens += 1
@@ -342,9 +343,9 @@ class Pipeline(PackageGraphs, RowBatching, Transcription):
         if opts.do_sample:
             raise ValueError("greedy_along needs greedy default options")
         eos = self.manifest.special_tokens.eos_ids
-        out = []
+        out, first, banned = [], self._banned(opts, 0), self._banned(opts, 1)
         for i, row in enumerate(logits):
-            token = choose(row, opts, None, self._banned(opts, i))
+            token = choose(row, opts, None, banned if i else first)
             if token in eos:
                 break
             out.append(token)
