@@ -124,3 +124,39 @@ def test_the_state_decoder_outputs_the_concat_the_buffer_graph_computes():
     assert logits.item() == present.sum()
     with pytest.raises(ExportError, match="expected one Concat of past.0.key and present.0.key"):
         outputs_past_and_new(graph(False), {"past.0.key": "present.0.key"})
+
+
+def test_tracing_leaves_out_the_two_node_rewrite_and_puts_it_back(tmp_path, monkeypatch):
+    """The one onnxscript rewrite whose pattern is two nodes (SlicesSplit) is not tried while a traced graph is
+    optimized (it cost Qwen2.5-VL-3B's vision encoder 18.6 s and cannot match torch's five-input Slices); the
+    other rules are, the graph computes what the module does, and the rule set is as it was afterwards."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnxscript import rewriter
+    from onnxscript.rewriter import _rewrite_rule
+
+    from mmedge.exporters.graphs import GraphJob
+    from mmedge.exporters.onnxruntime_target import export_graph
+
+    class Halves(torch.nn.Module):  # rotate_half's two Slices, the shape of that rule's pattern
+        def forward(self, x):
+            return torch.cat((-x[..., 4:], x[..., :4]), dim=-1).transpose(0, 1).transpose(0, 1) * 2
+
+    tried = set()
+    try_rewrite = _rewrite_rule.RewriteRule.try_rewrite
+
+    def spy(rule, *args, **kwargs):
+        tried.add(rule.name)
+        return try_rewrite(rule, *args, **kwargs)
+
+    monkeypatch.setattr(_rewrite_rule.RewriteRule, "try_rewrite", spy)
+    rules = rewriter._DEFAULT_REWRITE_RULES
+    assert "SlicesSplit" in {r.name for r in rules}
+    x = torch.randn(3, 8)
+    job = GraphJob("halves", Halves(), ["x"], ["y"], {"x": {0: "rows"}}, (x,), [(x,)])
+    export_graph(job, tmp_path / "halves.onnx")
+    assert "SlicesSplit" not in tried and {"TransposeTranspose", "TransposeIdentity"} <= tried
+    assert rewriter._DEFAULT_REWRITE_RULES is rules
+    session = ort.InferenceSession(str(tmp_path / "halves.onnx"), providers=["CPUExecutionProvider"])
+    x2 = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    np.testing.assert_allclose(session.run(None, {"x": x2})[0], Halves()(torch.from_numpy(x2)).numpy(), rtol=1e-6)
