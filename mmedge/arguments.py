@@ -63,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--image", action="append", default=[],
                    help="image file (PNG, JPEG, ...); repeat for several images, in the order the prompt takes them")
     r.add_argument("--video", help="video file (MP4, WebM, MKV, ...; read with PyAV), for families that take video "
-                                   "(Qwen2-VL, Qwen2.5-VL, Qwen3-VL); frames are sampled at the package's rate")
+                                   "(Qwen-VL, InternVL, GLM-4.1V); frames are sampled at the package's rate")
     r.add_argument("--prompt", help='the question or task, e.g. "caption en"')
     r.add_argument("--audio", help="speech to transcribe, for packages that take audio (Whisper): WAV (PCM or float, "
                                    "any rate: resampled), or FLAC/MP3/... with PyAV; longer than the model's "
