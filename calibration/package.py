@@ -38,6 +38,7 @@ from mmedge.calibration.data import CalibrationSet
 from mmedge.calibration.plan import describe
 from mmedge.runtimes.loading import graph_parts
 from mmedge.errors import ExportError, first_line
+from mmedge.exporters.resources import release_freed_memory
 from mmedge.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -224,8 +225,6 @@ def _encode_media(pipe, samples, desc: str, progress: bool) -> None:
 
 def _let_go(pipe, parts: list[str]) -> None:
     """The engines of `parts` (Recorders: what they recorded is kept) let go, their weights unmapped."""
-    from mmedge.exporters.resources import release_freed_memory
-
     for part in parts:
         pipe.graphs[part].graph = _LetGo(part)
     release_freed_memory()
@@ -268,38 +267,13 @@ def quantize_package(stage: Path, manifest: Manifest, plan: dict[str, str], cali
 
 def _quantize(target, stage, work, manifest, fp32, names, plan, calib, options, progress) -> dict:
     recorded = [p for p in RECORDED if p in fp32]
-    wrap = {part: Recorder for part in recorded}
-    files = dict(fp32)
     capture = target.decoder_capture(work, fp32["decoder"], plan, options)
-    if capture:
-        files["decoder"], wrap["decoder"] = capture
-    # the static INT8 graphs' ranges measured as calibration runs them, where the target measures them so
-    probe = getattr(target, "range_probe", lambda part, graph, options: None)
-    probes = {part: probe(part, fp32[part], options) for part in recorded if plan[part] == "int8"}
-    probes = {part: graph for part, graph in probes.items() if graph is not None}
-    pipe = _pipeline(stage, manifest, files, wrap, ready=probes)
-    feeds = {part: pipe.graphs[part].feeds for part in recorded}
-    decoder_data = pipe.graphs["decoder"] if capture else None
-    calibrated = bool(capture) or any(plan[p] == "int8" for p in feeds)
-    samples = calib.calibrate if calibrated else []  # fp16 and weight-only int8 need no calibration data
-    # a decode step reads every weight for one row of activations: a big decoder is calibrated on its prefills
-    steps = 1 if _big_decoder(stage, manifest) else options.decode_steps
-    first = _vision_first(stage, manifest, pipe) if samples else []
-    if first:
-        _encode_media(pipe, samples, "calibrate vision", progress)
-        _take_ranges(feeds, probes, first)
-        _let_go(pipe, first)
-    # the decoder's pass records what the vision side did not: its own statistics, an encoder's inputs (a big
-    # decoder's weight-only INT8 needs none: PaliGemma-3B's 22 prefills took 2.4 min for nothing)
-    if capture or any(part not in first for part in recorded if plan[part] == "int8"):
-        for sample in tqdm(samples, desc="calibrate", unit="sample", disable=not progress):
-            answer(pipe, sample, steps)
-    _take_ranges(feeds, probes, list(probes))
-    del pipe
-    if capture:
-        decoder_data.graph = None  # what it recorded is kept; the session is let go
-        if capture[0] != fp32["decoder"]:
-            capture[0].unlink(missing_ok=True)  # a decoder copy that returned its MatMul inputs (ONNX Runtime)
+    calibrated = bool(capture) or any(plan[p] == "int8" for p in recorded)
+    feeds = {part: Recorded() for part in recorded}
+    decoder_data = None
+    if calibrated:  # fp16 and weight-only int8 need no calibration data, nor the fp32 package opened for it
+        feeds, decoder_data = _calibrate(target, stage, manifest, fp32, recorded, capture, plan, calib, options,
+                                         progress)
 
     graphs = {}
     # the embedding after the decoder: where the LM head is the same table, it may be stored once (share_tied_table)
@@ -338,6 +312,44 @@ def _quantize(target, stage, work, manifest, fp32, names, plan, calib, options, 
         "bytes": sum(g["bytes"] for g in graphs.values()),
         **measured,
     }
+
+
+def _calibrate(target, stage, manifest, fp32, recorded, capture, plan, calib, options, progress):
+    """The fp32 package run over the calibration samples: each recorded graph's inputs (and, where the target
+    measures them so, its static INT8 ranges), and the decoder's activation statistics where `capture` taps them.
+    Returns (recorded inputs by part, the decoder's statistics or None)."""
+    wrap = {part: Recorder for part in recorded}
+    files = dict(fp32)
+    if capture:
+        files["decoder"], wrap["decoder"] = capture
+    # the static INT8 graphs' ranges measured as calibration runs them, where the target measures them so
+    probe = getattr(target, "range_probe", lambda part, graph, options: None)
+    probes = {part: probe(part, fp32[part], options) for part in recorded if plan[part] == "int8"}
+    probes = {part: graph for part, graph in probes.items() if graph is not None}
+    pipe = _pipeline(stage, manifest, files, wrap, ready=probes)
+    feeds = {part: pipe.graphs[part].feeds for part in recorded}
+    decoder_data = pipe.graphs["decoder"] if capture else None
+    samples = calib.calibrate
+    # a decode step reads every weight for one row of activations: a big decoder is calibrated on its prefills
+    steps = 1 if _big_decoder(stage, manifest) else options.decode_steps
+    first = _vision_first(stage, manifest, pipe) if samples else []
+    if first:
+        _encode_media(pipe, samples, "calibrate vision", progress)
+        _take_ranges(feeds, probes, first)
+        _let_go(pipe, first)
+    # the decoder's pass records what the vision side did not: its own statistics, an encoder's inputs (a big
+    # decoder's weight-only INT8 needs none: PaliGemma-3B's 22 prefills took 2.4 min for nothing)
+    if capture or any(part not in first for part in recorded if plan[part] == "int8"):
+        for sample in tqdm(samples, desc="calibrate", unit="sample", disable=not progress):
+            answer(pipe, sample, steps)
+    _take_ranges(feeds, probes, list(probes))
+    del pipe
+    if capture:
+        decoder_data.graph = None  # what it recorded is kept; the session is let go
+        if capture[0] != fp32["decoder"]:
+            capture[0].unlink(missing_ok=True)  # a decoder copy that returned its MatMul inputs (ONNX Runtime)
+    release_freed_memory()  # the fp32 engines' memory back before the quantizers need theirs
+    return feeds, decoder_data
 
 
 def _shared_table(target, part: str, plan: dict, fp32: dict, work: Path, names: dict) -> dict | None:
@@ -413,6 +425,9 @@ def measure(stage: Path, manifest: Manifest, fp32_files: dict, quant_files: dict
             expected.append((tokens, tokens, forced_logits(ref, sample, tokens)))
     graph_feeds = {part: r.runs() for part, r in rec.items()}  # per graph: (recorded inputs, fp32 outputs)
     del ref, rec
+    # the fp32 engines' memory handed back before the quantized package loads: PaliGemma-3B's openvino fp16
+    # export was killed here, the float32 decoder's 12 GiB still held as the float16 one compiled (2026-12-06)
+    release_freed_memory()
     quantized = copy.deepcopy(manifest)
     for part in quant_files:
         quantized.graphs[part].precision = (plan or {}).get(part, quantized.graphs[part].precision)

@@ -172,7 +172,9 @@ def test_a_big_decoder_is_calibrated_after_every_images_vision_side_is_let_go(pa
 def test_a_big_float16_package_is_measured_widening_one_weight_at_a_time(packages, tmp_path, monkeypatch):
     """Measuring a big model's float16 package (tensorrt, onnxruntime fp16) on the CPU: ONNX Runtime would widen
     every float16 weight into a float32 copy as the session opens (PaliGemma-3B: 12 GiB anonymous); low_memory
-    widens each as the run reaches it: the same report as the default path's."""
+    widens each as the run reaches it: the same report as the default path's. Float16 needs no calibration data:
+    no pipeline is opened over the fp32 package for it (OpenVINO compiled PaliGemma-3B's float32 decoder for
+    nothing: 12.9 GiB anonymous)."""
     import shutil
 
     from mmedge.calibration import package
@@ -189,8 +191,10 @@ def test_a_big_float16_package_is_measured_widening_one_weight_at_a_time(package
         stage = tmp_path / str(big)
         shutil.copytree(packages("paligemma-gqa", "tensorrt"), stage)
         manifest = load_manifest(stage, verify_files=False)
+        before = len(opened)
         reports[big] = package.quantize_package(stage, manifest, parse_quant("fp16", "tensorrt"), calib,
                                                 package.QuantOptions(), progress=False)
+        assert len(opened) - before == 2  # the measurement's: the fp32 reference, then the float16 package
         decoder = opened[-1].graphs["decoder"].session.get_session_options()
         arenas[big] = decoder.enable_cpu_mem_arena
     assert arenas == {False: True, True: False}  # the float16 decoder measured without the arena's copies
