@@ -56,25 +56,28 @@ def bench(package: str | Path, image: Any = None, prompt: str = "caption", new_t
     image = default_image() if image is None else image
     samples: dict[str, list[float]] = {k: [] for k in METRICS if k != "encoder_ms" or pipe.encoder}
     bar = tqdm(total=warmup + runs, desc="bench", unit="run", disable=not progress, file=sys.stderr)
-    for i in range(warmup + runs):
-        start = time.perf_counter()
-        tokens = pipe.generate_ids(image, prompt, max_new_tokens=new_tokens, ignore_eos=True)
-        next(tokens)
-        ttft = time.perf_counter() - start
-        n = 1 + sum(1 for _ in tokens)
-        e2e = time.perf_counter() - start
-        bar.update()
-        if i < warmup:
-            continue
-        if n < new_tokens:
-            raise InputError(f"the context filled after {n} new tokens; pass a smaller --new-tokens")
-        t = pipe.timings
-        got = dict(preprocess_ms=t.preprocess * 1e3, vision_encoder_ms=t.vision * 1e3, projector_ms=t.projector * 1e3,
-                   prefill_ms=t.prefill * 1e3, ttft_ms=ttft * 1e3, decode_tok_s=(n - 1) / t.decode, e2e_ms=e2e * 1e3,
-                   **({"encoder_ms": t.encoder * 1e3} if pipe.encoder else {}))  # an encoder-decoder's encoder
-        for k, v in got.items():
-            samples[k].append(v)
-    bar.close()
+    try:  # the bar closed before any error line, which would otherwise be written on it
+        for i in range(warmup + runs):
+            start = time.perf_counter()
+            tokens = pipe.generate_ids(image, prompt, max_new_tokens=new_tokens, ignore_eos=True)
+            next(tokens)
+            ttft = time.perf_counter() - start
+            n = 1 + sum(1 for _ in tokens)
+            e2e = time.perf_counter() - start
+            bar.update()
+            if n < new_tokens:  # known from the first run, warm-up or not
+                raise InputError(f"the context filled after {n} new tokens; pass a smaller --new-tokens")
+            if i < warmup:
+                continue
+            t = pipe.timings
+            got = dict(preprocess_ms=t.preprocess * 1e3, vision_encoder_ms=t.vision * 1e3,
+                       projector_ms=t.projector * 1e3, prefill_ms=t.prefill * 1e3, ttft_ms=ttft * 1e3,
+                       decode_tok_s=(n - 1) / t.decode, e2e_ms=e2e * 1e3,
+                       **({"encoder_ms": t.encoder * 1e3} if pipe.encoder else {}))  # an encoder-decoder's encoder
+            for k, v in got.items():
+                samples[k].append(v)
+    finally:
+        bar.close()
     manifest = pipe.manifest
     return {
         "package": str(package),

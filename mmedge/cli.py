@@ -122,16 +122,11 @@ def _print_quantization(q: dict) -> None:
 
 
 def cmd_run(args) -> int:
+    _check_run_flags(args)  # before the package loads: seconds to minutes for a big one
     pipe = _load(args)
     options = dict(generation_options(args), raw_prompt=args.raw_prompt or None)
     if args.audio is not None:
         return _transcribe(pipe, args, options)
-    if args.language is not None or args.task is not None:
-        raise InputError("--language and --task are for --audio (packages that take speech: Whisper)")
-    if not args.image and not args.video:
-        raise InputError("give an image (--image) or, for families that take video, --video")
-    if (args.prompt is None) == (args.detect is None):
-        raise InputError("give --prompt (a question) or --detect (objects to box), one of them")
     image = args.image[0] if len(args.image) == 1 else (args.image or None)
     if args.detect is not None or args.draw:
         return _detect(pipe, args, image, options)
@@ -140,6 +135,31 @@ def cmd_run(args) -> int:
     else:
         print(pipe.generate(image, args.prompt, video=args.video, **options))
     return 0
+
+
+def _check_run_flags(args) -> None:
+    """`run`'s flags that cannot go together, and --draw's file, refused with one line."""
+    if args.audio is not None:
+        for flag, given in (("--image", args.image), ("--video", args.video), ("--prompt", args.prompt),
+                            ("--detect", args.detect), ("--draw", args.draw), ("--raw-prompt", args.raw_prompt)):
+            if given:
+                raise InputError(f"--audio takes no {flag}: a speech package transcribes what it hears")
+        return
+    if args.language is not None or args.task is not None:
+        raise InputError("--language and --task are for --audio (packages that take speech: Whisper)")
+    if not args.image and not args.video:
+        raise InputError("give an image (--image) or, for families that take video, --video")
+    if (args.prompt is None) == (args.detect is None):
+        raise InputError("give --prompt (a question) or --detect (objects to box), one of them")
+    if args.detect is not None or args.draw:
+        if len(args.image) != 1 or args.video:
+            raise InputError("--detect and --draw take one --image")
+        if args.stream:
+            raise InputError("--detect and --draw print the boxes once the answer is complete; drop --stream")
+    if args.draw:
+        from mmedge.runtimes.boxes import check_drawing
+
+        check_drawing(args.draw)
 
 
 def _write_stream(pieces) -> None:
@@ -152,10 +172,6 @@ def _write_stream(pieces) -> None:
 
 def _detect(pipe, args, image, options: dict) -> int:
     """`run --detect` / `--draw`: the boxes found, a line each, and drawn on a copy of the image."""
-    if len(args.image) != 1 or args.video:
-        raise InputError("--detect and --draw take one --image")
-    if args.stream:
-        raise InputError("--detect and --draw print the boxes once the answer is complete; drop --stream")
     if args.detect is None:
         pipe.boxes(image, "")  # a family that writes no boxes is refused before generating
     found = (pipe.detect(image, args.detect, **options) if args.detect is not None
@@ -177,10 +193,6 @@ def _detect(pipe, args, image, options: dict) -> int:
 
 def _transcribe(pipe, args, options: dict) -> int:
     """`run --audio`: the text spoken, streamed or at once."""
-    for flag, given in (("--image", args.image), ("--video", args.video), ("--prompt", args.prompt),
-                        ("--detect", args.detect), ("--draw", args.draw), ("--raw-prompt", args.raw_prompt)):
-        if given:
-            raise InputError(f"--audio takes no {flag}: a speech package transcribes what it hears")
     if args.stream:
         _write_stream(pipe.stream_transcription(args.audio, language=args.language, task=args.task, **options))
     else:
@@ -384,6 +396,8 @@ def cmd_eval(args) -> int:
 
         path = shipped_models().get(str(path), path)  # a shipped demo model by name
     seed = DEFAULT_SEED if args.seed is None else args.seed
+    if seed < 0:
+        raise InputError(f"--seed must be a whole number >= 0, got {seed}")
     package = (path / MANIFEST_NAME).exists() or not (path / "config.json").exists()
     if _embedding(path, package):  # a dual encoder: the zero-shot form of the task
         from mmedge.evaluate import ReferenceEmbedder, evaluate_zero_shot

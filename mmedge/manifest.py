@@ -390,6 +390,7 @@ def _check_kind(manifest: "Manifest") -> None:
         if getattr(manifest, takes) is None:
             raise _Malformed(f"missing field {takes} (a package of scheme encoder {manifest.schemes.encoder!r} states "
                              "it)")
+        _check_cache(manifest)
     elif manifest.preprocess is None:
         raise _Malformed("missing field preprocess (an embedding package states it)")
     spec = manifest.embedding
@@ -400,6 +401,33 @@ def _check_kind(manifest: "Manifest") -> None:
             raise _Malformed(f"embedding.text_padding must be longest or max_length, got {spec.text_padding!r}")
         if spec.text_normalize not in (None, "siglip"):
             raise _Malformed(f"embedding.text_normalize must be null or siglip, got {spec.text_normalize!r}")
+
+
+KV_DTYPES = ("float32", "float16")
+
+
+def _check_cache(manifest: "Manifest") -> None:
+    """The KV cache against the decoder it feeds: where the runtime holds the buffers (storage buffer, in_place),
+    each layer's past inputs are the decoder's, of its heads and head size, so a damaged manifest cannot make the
+    runtime allocate what the graph never takes."""
+    kv = manifest.kv_cache
+    if kv.dtype not in KV_DTYPES:
+        raise _Malformed(f"kv_cache.dtype must be one of {', '.join(KV_DTYPES)}, got {kv.dtype!r}")
+    decoder = manifest.graphs.get("decoder")
+    if kv.storage == "state" or decoder is None:
+        return
+    if 2 * kv.num_layers > len(decoder.inputs):
+        raise _Malformed(f"kv_cache.num_layers is {kv.num_layers}, but the decoder takes {len(decoder.inputs)} inputs")
+    sizes = {"kv_heads": ("num_kv_heads", kv.num_kv_heads), "head_dim": ("head_dim", kv.head_dim)}
+    for layer in range(kv.num_layers):
+        for name in (kv.past_key.format(layer=layer), kv.past_value.format(layer=layer)):
+            spec = decoder.inputs.get(name)
+            if spec is None:
+                raise _Malformed(f"kv_cache names the decoder input {name}, which the decoder does not take")
+            for axis, dim in zip(kv.layout.split(","), spec.shape):
+                if axis in sizes and isinstance(dim, int) and dim != sizes[axis][1]:
+                    raise _Malformed(f"kv_cache.{sizes[axis][0]} is {sizes[axis][1]}, but the decoder's {name} has "
+                                     f"{dim}")
 
 
 # the smallest value a count may take (a manifest with a zero or negative one cannot run)
@@ -499,7 +527,15 @@ def load_manifest(directory: str | Path, verify_files: bool | str = True) -> Man
     path = directory / MANIFEST_NAME
     if not path.exists():
         raise PackageError(f"{directory} is not an mmedge package (no {MANIFEST_NAME}); create one with `mmedge export`")
-    raw = path.read_bytes()
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise PackageError(f"{path} is a link to a file outside the package directory; refusing to read it (a package "
+                           "may only hold its own files): re-export the package or copy the file in")
+    if not path.is_file():
+        raise PackageError(f"{path} is not a file; re-export the package")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PackageError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -499,10 +499,31 @@ def parse_packages(specs: list[str]) -> dict[str, Path]:
         name, sep, path = spec.partition("=")
         if not sep:
             name, path = Path(spec).name.removesuffix(".pkg"), spec
-        if not name or name in out:
+        if not name or not path:
+            raise InputError(f"{spec!r}: give a package as PATH or NAME=PATH, both parts non-empty")
+        if name in out:
             raise InputError(f"two packages are named {name!r}: give them names, NAME=PATH")
         out[name] = Path(path)
     return out
+
+
+def check_listen(host: str, port: int) -> None:
+    """That a server can listen on host:port, tried before any package loads: a port in use or an address not on
+    this machine was uvicorn's log lines and exit 3, after every package had loaded."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise InputError(f"cannot listen on {host}:{port}: {exc.strerror}; pass another --host") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server's own socket
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise InputError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port or --host") \
+                from None
 
 
 def serve(packages: dict[str, Path], host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None,
@@ -512,6 +533,7 @@ def serve(packages: dict[str, Path], host: str = "127.0.0.1", port: int = 8000, 
 
     from mmedge.runtimes.pipeline import Pipeline
 
+    check_listen(host, port)
     models = {}
     for name, path in packages.items():
         models[name] = Pipeline.load(path, **load_options)

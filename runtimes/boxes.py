@@ -93,11 +93,27 @@ def parse(fmt: str, text: str, size: tuple[int, int], seen: tuple[int, int] | No
 def detect_prompt(template: str, fmt: str, objects: str | list[str]) -> str:
     """The family's detection prompt for `objects` (a list, or one string with the objects separated by ";" or
     ",")."""
+    if not isinstance(objects, (str, list, tuple)) or not all(isinstance(n, str) for n in objects):
+        raise InputError(f"the objects to detect are text (\"cat ; dog\") or a list of texts, not "
+                         f"{type(objects).__name__}")
     names = objects if isinstance(objects, (list, tuple)) else re.split(r"\s*[;,]\s*", objects)
-    names = [str(n).strip() for n in names if str(n).strip()]
+    names = [n.strip() for n in names if n.strip()]
     if not names:
         raise InputError("name the objects to detect, e.g. \"cat ; dog\"")
     return template.replace("{objects}", SEPARATOR.get(fmt, ", ").join(names))
+
+
+def check_drawing(out) -> None:
+    """That an image can be written to `out`: its folder exists and its extension names an image format."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    out = Path(out)
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise InputError(f"cannot write {out}: name an image file (.png, .jpg, ...)")
+    if not out.parent.is_dir():
+        raise InputError(f"cannot write {out}: the folder {out.parent} does not exist")
 
 
 def draw(image, boxes: list[Box], out) -> None:

@@ -42,6 +42,7 @@ class KVCache:
         self.spec = spec
         shape = (batch, spec.num_kv_heads, spec.max_context, spec.head_dim)
         dtype = np.dtype(spec.dtype)
+        _check_fits(spec, 2 * spec.num_layers * int(np.prod(shape, dtype=np.float64)) * dtype.itemsize, batch)
         layers = range(spec.num_layers)
         self.keys = [np.zeros(shape, dtype) for _ in layers]
         self.values = [np.zeros(shape, dtype) for _ in layers]
@@ -109,6 +110,20 @@ class KVCache:
             raise ValueError(f"KV cache overflow: {end} > {self.capacity}")
         self.length = end
         return start, end
+
+
+def _check_fits(spec: KVCacheSpec, nbytes: int, batch: int) -> None:
+    """Buffers larger than the memory available are refused with the numbers, before any is allocated (the
+    kernel would otherwise end the process as they fill)."""
+    from mmedge.exporters.resources import available_memory
+
+    free = available_memory()
+    if free is not None and nbytes > free:
+        raise PackageError(
+            f"this package's KV cache takes {nbytes / 2**30:.1f} GiB ({spec.num_layers} layers x {batch} "
+            f"sequence(s) x {spec.max_context} positions x {spec.num_kv_heads} heads x {spec.head_dim}, "
+            f"{spec.dtype}), more than the {free / 2**30:.1f} GiB of memory available here; export it with a "
+            "smaller --max-context (or run fewer sequences at once)")
 
 
 class InPlaceCache(KVCache):

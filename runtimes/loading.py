@@ -19,6 +19,7 @@ from mmedge.runtimes.backends import load_graphs, open_engine
 from mmedge.runtimes.batch import Timings
 from mmedge.runtimes.kv_cache import EngineCache, make_cache
 from mmedge.runtimes.media_cache import DEFAULT_MB, MediaCache
+from mmedge.runtimes.preprocess import check_spec
 from mmedge.runtimes.text import TextCodec
 
 if TYPE_CHECKING:
@@ -157,13 +158,15 @@ class PackageGraphs:
         path = Path(path)
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
             raise InputError(f"threads must be a whole number >= 0 (0: the engine's choice), got {threads!r}")
-        if isinstance(image_cache_mb, bool) or not isinstance(image_cache_mb, (int, float)) or not image_cache_mb >= 0:
+        if isinstance(image_cache_mb, bool) or not isinstance(image_cache_mb, (int, float)) \
+                or not 0 <= image_cache_mb < float("inf"):
             raise InputError(f"image_cache_mb must be a number of megabytes >= 0, got {image_cache_mb!r}")
         manifest = load_manifest(path, verify_files=verify)
         if manifest.kind != "generative":
             raise PackageError(f"{path} is an {manifest.kind} package ({manifest.model_type}), which does not generate "
                                "text: open it with mmedge.Embedder.load (CLI: mmedge embed, mmedge classify)")
         schemes.check_schemes(manifest.schemes)
+        check_spec(manifest.preprocess)
         parts = graph_parts(manifest)
         missing = [p for p in parts if p not in manifest.graphs]
         if missing:

@@ -38,6 +38,13 @@ RESAMPLE = {
 RESAMPLE_FROM_INT = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 
+def check_spec(spec: PreprocessSpec | None) -> None:
+    """What a package's preprocessing names is known here: checked as it loads, not at its first image."""
+    if spec is not None and spec.resample not in RESAMPLE:
+        raise PackageError(f"the package's preprocess.resample is {spec.resample!r}, not one of {', '.join(RESAMPLE)}; "
+                           "re-export the package")
+
+
 def load_image(image: ImageInput) -> Image.Image:
     """Open an image from a path, encoded bytes, a PIL image or an array; errors are one clear line.
 

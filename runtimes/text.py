@@ -52,6 +52,7 @@ class TextCodec:
         (`video_marker`) become one video token per merged patch, or with `video_frame_expansion` one such
         text per temporal patch, stamped with its time from `seconds` / `starts` (a list per video).
         """
+        checked_text(prompt)
         grids = [tuple(grid)] if grids is None else [tuple(g) for g in grids]
         videos = [tuple(v) for v in videos or []]
         if not raw and self.prompt.tasks:
@@ -127,6 +128,10 @@ class TextCodec:
         if self.chat is None:
             raise InputError("this package's model takes its prompt in a fixed format, not as a conversation (it has "
                              "no chat template): ask each question on its own with generate()")
+        for message in messages:
+            for item in message["content"]:
+                if "text" in item:
+                    checked_text(item["text"], f"the {message['role']} message")
         return _expand(self._apply_template(messages), self.prompt.image_marker, [tuple(g) for g in grids],
                        self.image_text, "image")
 
@@ -193,6 +198,18 @@ class TextCodec:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def checked_text(text, what: str = "the prompt") -> str:
+    """`text`, if it is text a tokenizer takes: a str of valid Unicode. (A command-line argument in another encoding
+    than UTF-8 reaches Python with unpaired surrogates, which the tokenizer refuses with a TypeError.)"""
+    if not isinstance(text, str):
+        raise InputError(f"{what} must be text (a str), not {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{what} is not valid UTF-8 text (bytes in another encoding?): pass it as UTF-8") from None
+    return text
 
 
 def _expand(text: str, marker: str | None, items: list, expand, what: str) -> str:

@@ -240,3 +240,56 @@ def test_inspect_into_a_closed_pipe_is_quiet(package):
 def test_raw_prompt_without_image_tokens_says_where_the_image_goes(package, image_file):
     assert_one_line_error(run_cli("run", str(package), "--image", str(image_file), "--prompt", "hello",
                                   "--raw-prompt"), "a raw prompt must say where the image goes", "'<image>' x ")
+
+
+def test_a_prompt_that_is_not_text_is_one_line(package, image_file):
+    """A command-line prompt in another encoding than UTF-8 (Python holds its bytes as unpaired surrogates), and
+    prompts or objects that are not str through the API."""
+    from mmedge import Pipeline
+    from mmedge.errors import InputError
+
+    assert_one_line_error(run_cli("run", str(package), "--image", str(image_file), "--prompt", "caption \udcff"),
+                          "not valid UTF-8")
+    pipe = Pipeline.load(package)
+    for prompt in (None, b"caption"):
+        with pytest.raises(InputError, match="must be text"):
+            pipe.generate(str(image_file), prompt)
+    with pytest.raises(InputError, match="objects to detect are text"):
+        pipe.detect(str(image_file), None)
+
+
+def test_run_refuses_flags_that_cannot_go_together_before_loading(image_file, tmp_path):
+    """The package named does not exist: the flag mistake is what is reported (found before the load)."""
+    missing = str(tmp_path / "no-package")
+    assert_one_line_error(run_cli("run", missing, "--image", str(image_file), "--detect", "cat", "--stream"),
+                          "drop --stream")
+    assert_one_line_error(run_cli("run", missing, "--image", str(image_file), "--detect", "cat", "--draw",
+                                  str(tmp_path / "no-folder" / "boxes.png")), "does not exist")
+    assert_one_line_error(run_cli("run", missing, "--image", str(image_file), "--detect", "cat", "--draw",
+                                  str(tmp_path / "boxes.txt")), "name an image file")
+
+
+def test_eval_with_a_negative_seed_is_one_line(package):
+    assert_one_line_error(run_cli("eval", str(package), "-n", "2", "--seed", "-1"), "--seed must be")
+
+
+def test_an_in_place_cache_package_on_another_engine_is_one_line(package, image_file):
+    """ONNX Runtime's GroupQueryAttention writes the cache into its bound buffers; OpenVINO reads the same graph
+    as something else (it crashed with a broadcast error)."""
+    pytest.importorskip("openvino")
+    assert json.loads((package / "mmedge.json").read_text())["kv_cache"]["storage"] == "in_place"
+    assert_one_line_error(run_cli("run", str(package), "--image", str(image_file), "--prompt", "x", "--backend",
+                                  "openvino"), "KV cache in_place", "not openvino")
+
+
+def test_serve_that_cannot_listen_is_one_line_before_loading(tmp_path):
+    pytest.importorskip("uvicorn")
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert_one_line_error(run_cli("serve", str(tmp_path / "no-package"), "--port", str(port)),
+                              f"cannot listen on 127.0.0.1:{port}")
+    assert_one_line_error(run_cli("serve", f"={tmp_path}"), "both parts non-empty")

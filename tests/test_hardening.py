@@ -107,6 +107,19 @@ def test_a_symlink_out_of_the_package_is_refused(packages, tmp_path):
         Pipeline.load(package)
 
 
+def test_a_manifest_linked_from_outside_the_package_is_refused(packages, tmp_path):
+    package = _copy(packages, tmp_path)
+    outside = tmp_path / "elsewhere.json"
+    shutil.move(package / MANIFEST_NAME, outside)
+    os.symlink(outside, package / MANIFEST_NAME)
+    with pytest.raises(PackageError, match="outside the package directory"):
+        Pipeline.load(package)
+    (package / MANIFEST_NAME).unlink()
+    (package / MANIFEST_NAME).mkdir()
+    with pytest.raises(PackageError, match="is not a file"):
+        Pipeline.load(package)
+
+
 def test_a_manifest_of_the_wrong_shape_is_one_line(packages, tmp_path):
     package = _copy(packages, tmp_path)
     (package / MANIFEST_NAME).write_text("[1, 2]")
@@ -124,6 +137,13 @@ def test_a_manifest_of_the_wrong_shape_is_one_line(packages, tmp_path):
     ("preprocess.mean", [0.5, "a", 0.5], "preprocess.mean[1] must be float"),
     ("generation.temperature", "NaN", "generation.temperature must be"),
     ("prompt.image_token_id", True, "prompt.image_token_id must be int"),
+    # a damaged cache spec is checked against the decoder's inputs before anything is allocated (1e9 layers of
+    # buffers filled the machine's memory until the kernel ended the process)
+    ("kv_cache.num_layers", 10 ** 9, "kv_cache.num_layers is 1000000000, but the decoder takes"),
+    ("kv_cache.num_kv_heads", 10 ** 6, "kv_cache.num_kv_heads is 1000000, but the decoder's past.0.key has"),
+    ("kv_cache.dtype", "float99", "kv_cache.dtype must be one of float32, float16"),
+    ("kv_cache.max_context", 10 ** 12, "more than the"),  # the buffers' size against the memory available
+    ("preprocess.resample", "magic", "preprocess.resample is 'magic'"),
 ])
 def test_manifest_fields_of_the_wrong_type_or_range_name_the_field(packages, tmp_path, field, value, needle):
     package = _copy(packages, tmp_path)

@@ -77,6 +77,9 @@ DEFAULT_BACKEND_FOR_TARGET = {
 }
 # targets whose graphs only their own backend reads
 ONLY_OWN_BACKEND = ("coreml",)
+# KV-cache storages only some backends keep: "in_place" is ONNX Runtime's GroupQueryAttention writing each new key
+# and value into the buffer bound as its output (another engine reading the graph computes something else)
+STORAGE_BACKENDS = {"in_place": ("onnxruntime",)}
 
 
 THREADS_ENV = "MMEDGE_THREADS"
@@ -123,6 +126,11 @@ def open_engine(path: Path, manifest, backend: str | None = None, threads: int =
     if manifest.target in ONLY_OWN_BACKEND and name != manifest.target:
         raise PackageError(f"a {manifest.target} package runs with the {manifest.target} backend only, "
                            f"not {name}; export for {name} to run there")
+    storage = manifest.kv_cache.storage if manifest.kv_cache is not None else None
+    if name not in STORAGE_BACKENDS.get(storage, (name,)):
+        raise PackageError(f"this package's decoder keeps its KV cache {storage} ({manifest.target} target), which "
+                           f"the {' or '.join(STORAGE_BACKENDS[storage])} backend runs, not {name}; export for {name} "
+                           "to run there")
     options: dict[str, Any] = {"threads": threads}
     if providers:
         options["providers"] = providers

@@ -84,7 +84,8 @@ class OnnxRuntimeBackend:
     def __init__(self, providers: Sequence[str] | None = None, threads: int = 0, device: str | None = None,
                  inference_precision: str | None = None, low_memory: bool = False):
         if device:
-            raise MmedgeError("onnxruntime picks its device through execution providers: pass --providers, not --device")
+            raise MmedgeError("onnxruntime picks its device through execution providers, not a device name: "
+                              "providers=[...] (`--providers` on run, chat and serve)")
         if inference_precision:
             raise MmedgeError("onnxruntime computes in the precision the package was exported at; "
                               "--inference-precision is for openvino packages (export with --quant fp16 instead)")
