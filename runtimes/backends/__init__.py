@@ -126,11 +126,6 @@ def open_engine(path: Path, manifest, backend: str | None = None, threads: int =
     if manifest.target in ONLY_OWN_BACKEND and name != manifest.target:
         raise PackageError(f"a {manifest.target} package runs with the {manifest.target} backend only, "
                            f"not {name}; export for {name} to run there")
-    storage = manifest.kv_cache.storage if manifest.kv_cache is not None else None
-    if name not in STORAGE_BACKENDS.get(storage, (name,)):
-        raise PackageError(f"this package's decoder keeps its KV cache {storage} ({manifest.target} target), which "
-                           f"the {' or '.join(STORAGE_BACKENDS[storage])} backend runs, not {name}; export for {name} "
-                           "to run there")
     options: dict[str, Any] = {"threads": threads}
     if providers:
         options["providers"] = providers
@@ -146,6 +141,11 @@ def open_engine(path: Path, manifest, backend: str | None = None, threads: int =
         if name != "onnxruntime":
             raise InputError(f"low_memory is for the onnxruntime backend, not {name}")
         options["low_memory"] = True
+    storage = manifest.kv_cache.storage if manifest.kv_cache is not None else None
+    if name not in STORAGE_BACKENDS.get(storage, (name,)):
+        raise PackageError(f"this package's decoder keeps its KV cache {storage} ({manifest.target} target), which "
+                           f"the {' or '.join(STORAGE_BACKENDS[storage])} backend runs, not {name}; export for {name} "
+                           "to run there")
     engine = get_backend(name, model_cache=model_cache, **options)
     if hasattr(engine, "open_package"):
         engine.open_package(path, manifest)
