@@ -34,6 +34,9 @@ def remove_staged() -> None:
 
 def check_output(out: Path, overwrite: bool) -> None:
     parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ExportError(f"cannot write the package into {out.parent}: {parent} is a file, not a folder; choose "
+                          "another -o")
     if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
         raise ExportError(f"cannot write the package into {parent} (permission denied); choose another -o")
     if out.exists() and overwrite and out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
@@ -76,7 +79,11 @@ def output_lock(out: Path) -> Iterator[None]:
     """Held for a whole export to `out`: a second export to the same path at the same time fails at once with one
     line instead of both writing and one silently replacing the other."""
     out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    created = [folder for folder in out.parents if not folder.exists()]  # innermost first
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"cannot create the folder {out.parent}: {exc.strerror or exc}; choose another -o") from None
     path = _lock_path(out)
     fh = _try_lock(path)
     if fh is None:
@@ -93,6 +100,10 @@ def output_lock(out: Path) -> Iterator[None]:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         fh.close()
+        if not out.exists():  # an export that wrote nothing leaves none of the folders it made for it
+            for folder in created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
 
 def _remove_stale(parent: Path, own: str) -> None:

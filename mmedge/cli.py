@@ -204,6 +204,7 @@ def cmd_chat(args) -> int:
     """Questions from stdin, a line each, answers streamed to stdout; see the `chat` command's help."""
     pipe = _load(args)
     chat = pipe.chat(system=args.system, overflow="drop_oldest" if args.drop_oldest else "error")
+    chat.overflow_advice = "start a new conversation (/reset), or run mmedge chat with --drop-oldest"
     options = generation_options(args)
     pipe.options(**options)  # a bad option fails before the first question
     interactive = sys.stdin.isatty()

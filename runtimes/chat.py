@@ -56,6 +56,8 @@ class Chat:
             raise InputError(f"system must be text, not {type(system).__name__}")
         self.pipe, self.system, self.overflow = pipe, system, overflow
         self.history: list[Turn] = []
+        # what the error of a turn that does not fit tells the caller to do (the CLI names its own commands)
+        self.overflow_advice = "start a new conversation (reset()), open it with overflow='drop_oldest'"
 
     def ask(self, image: ImageInput | Sequence[ImageInput] | None, text: str, **options: Any) -> str:
         """The answer to `text`, about `image` (one, a list, or None: the images of earlier turns stay in view),
@@ -86,8 +88,7 @@ class Chat:
                 yield token
 
         with pipe._exclusive():
-            tokens = pipe._generate(lambda: self._sequence(user, opts), opts, too_long=(
-                "start a new conversation (reset()), open it with overflow='drop_oldest'"))
+            tokens = pipe._generate(lambda: self._sequence(user, opts), opts, too_long=self.overflow_advice)
             try:
                 for piece in pipe._pieces(recorded(tokens), opts):
                     pieces.append(piece)

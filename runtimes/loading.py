@@ -6,6 +6,7 @@ runtimes/pipeline.py's Pipeline builds on this to generate; the checks here are 
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, TypeVar
@@ -155,6 +156,8 @@ class PackageGraphs:
         model_cache (OpenVINO): keep the compiled graphs under $MMEDGE_CACHE/openvino so that the next load
         imports them (default; pruned, docs/performance.md); False for a package opened once.
         """
+        if not isinstance(path, (str, os.PathLike)):
+            raise InputError(f"the package is a folder's path (str or Path), not {type(path).__name__}")
         path = Path(path)
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
             raise InputError(f"threads must be a whole number >= 0 (0: the engine's choice), got {threads!r}")

@@ -40,9 +40,14 @@ RESAMPLE_FROM_INT = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4:
 
 def check_spec(spec: PreprocessSpec | None) -> None:
     """What a package's preprocessing names is known here: checked as it loads, not at its first image."""
-    if spec is not None and spec.resample not in RESAMPLE:
+    if spec is None:
+        return
+    if spec.resample not in RESAMPLE:
         raise PackageError(f"the package's preprocess.resample is {spec.resample!r}, not one of {', '.join(RESAMPLE)}; "
                            "re-export the package")
+    if not all(value > 0 for value in spec.std):
+        raise PackageError(f"the package's preprocess.std is {spec.std}: each must be > 0 (pixels are divided by "
+                           "it); re-export the package")
 
 
 def load_image(image: ImageInput) -> Image.Image:

@@ -43,6 +43,11 @@ class GenerationOptions:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
                                       or self.seed < 0):
             raise InputError(f"seed must be a whole number >= 0, got {self.seed!r}")
+        for name in ("suppress_ids", "begin_suppress_ids"):
+            ids = getattr(self, name)
+            if not isinstance(ids, (list, tuple)) or not all(
+                    isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise InputError(f"{name} must be a list of token ids (whole numbers >= 0), got {ids!r}")
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
             raise InputError(f"stop must be a list of non-empty strings, got {self.stop!r}")
         for name in ("do_sample", "ignore_eos", "use_cache", "raw_prompt"):
@@ -68,6 +73,9 @@ def choose(
 ) -> int:
     """Pick the next token from logits [vocab], never one of `banned`."""
     if banned:
+        if max(banned) >= logits.shape[-1]:
+            raise InputError(f"token id {max(banned)} is not in the model's vocabulary of {logits.shape[-1]} "
+                             "(suppress_ids / begin_suppress_ids)")
         logits = logits.copy()
         logits[banned] = -np.inf
     if not opts.do_sample:

@@ -172,6 +172,9 @@ def test_chat_command_reads_questions_from_stdin(packages, tmp_path, monkeypatch
     assert_one_line_error(run_cli("chat", str(package), "--max-new-tokens", "2"), "unknown command '/teleport'")
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
     assert_one_line_error(run_cli("chat", str(package), "--image", str(tmp_path / "none.png")), "not found")
+    # a turn past the context names the command's own ways out, not the API's
+    monkeypatch.setattr("sys.stdin", io.StringIO("tell me more " * Pipeline.load(package).cache.capacity + "\n"))
+    assert_one_line_error(run_cli("chat", str(package), "--image", str(image)), "(/reset)", "--drop-oldest")
 
 
 # -- a prompt that starts as the last one did -------------------------------------------------------------------

@@ -293,3 +293,28 @@ def test_serve_that_cannot_listen_is_one_line_before_loading(tmp_path):
         assert_one_line_error(run_cli("serve", str(tmp_path / "no-package"), "--port", str(port)),
                               f"cannot listen on 127.0.0.1:{port}")
     assert_one_line_error(run_cli("serve", f"={tmp_path}"), "both parts non-empty")
+
+
+def test_export_into_a_path_it_cannot_make_is_one_line_and_leaves_no_folders(tmp_path):
+    blocker = tmp_path / "a-file.png"
+    blocker.write_bytes(b"x")
+    assert_one_line_error(run_cli("export", "--model", str(tmp_path / "no-model"), "-o", str(blocker / "pkg")),
+                          "is a file, not a folder")
+    result = run_cli("export", "--model", str(tmp_path / "no-model"), "-o", str(tmp_path / "deep" / "a" / "pkg"))
+    assert result.returncode == 2 and not (tmp_path / "deep").exists(), result.stderr
+
+
+def test_load_and_generation_arguments_of_the_wrong_kind_through_the_api(package, image_file):
+    from mmedge import Pipeline
+    from mmedge.errors import InputError, MmedgeError
+
+    for path in (None, 123):
+        with pytest.raises(InputError, match="folder's path"):
+            Pipeline.load(path)
+    with pytest.raises(MmedgeError, match="list of ONNX Runtime execution provider names"):
+        Pipeline.load(package, providers="CPUExecutionProvider")
+    pipe = Pipeline.load(package)
+    with pytest.raises(InputError, match="not in the model's vocabulary"):
+        pipe.generate(str(image_file), "x", suppress_ids=[10 ** 9])
+    with pytest.raises(InputError, match="suppress_ids must be a list of token ids"):
+        pipe.generate(str(image_file), "x", suppress_ids="x")

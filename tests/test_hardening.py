@@ -144,6 +144,7 @@ def test_a_manifest_of_the_wrong_shape_is_one_line(packages, tmp_path):
     ("kv_cache.dtype", "float99", "kv_cache.dtype must be one of float32, float16"),
     ("kv_cache.max_context", 10 ** 12, "more than the"),  # the buffers' size against the memory available
     ("preprocess.resample", "magic", "preprocess.resample is 'magic'"),
+    ("preprocess.std", [0, 0, 0], "preprocess.std is [0"),
 ])
 def test_manifest_fields_of_the_wrong_type_or_range_name_the_field(packages, tmp_path, field, value, needle):
     package = _copy(packages, tmp_path)

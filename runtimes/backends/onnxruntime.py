@@ -96,6 +96,9 @@ class OnnxRuntimeBackend:
         self._ort = ort
         self.low_memory = low_memory
         available = ort.get_available_providers()
+        if providers is not None and (isinstance(providers, str) or not all(isinstance(p, str) for p in providers)):
+            raise MmedgeError(f"providers is a list of ONNX Runtime execution provider names, e.g. "
+                              f"[\"CPUExecutionProvider\"], not {providers!r}")
         self.providers = list(providers) if providers else ["CPUExecutionProvider"]
         unknown = [p for p in self.providers if p not in available]
         if unknown:
