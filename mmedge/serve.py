@@ -47,10 +47,18 @@ SUPPORTED = {"model", "messages", "stream", "max_tokens", "max_completion_tokens
              "stop", "n", "stream_options", "user", "logprobs", "presence_penalty", "frequency_penalty"}
 
 
+MAX_MESSAGE = 400  # characters of an error message
+
+
 class ServeError(Exception):
     """An HTTP error with an OpenAI-style body."""
 
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
+        # a client's own values echoed back stay short, and JSON-encodable (a path or text with unpaired
+        # surrogates was a 500: the body could not be written)
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+        if len(message) > MAX_MESSAGE:
+            message = message[:MAX_MESSAGE - 5] + " ... "
         super().__init__(message)
         self.status, self.message, self.kind, self.code = status, message, kind, code
 
@@ -170,7 +178,7 @@ def parse_request(raw: bytes) -> Request:
     """The request body, checked field by field; the first thing wrong is a 400 that says what and where."""
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, 4,300+ digit numbers, nesting
         raise ServeError(400, f"the request body is not valid JSON: {first_line(exc)}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ServeError(400, "the request body must be a JSON object", code="invalid_json")
@@ -199,8 +207,8 @@ def parse_request(raw: bytes) -> Request:
     unsupported = sorted(k for k in body if k not in SUPPORTED)
     if unsupported:
         raise ServeError(400, f"unsupported field(s) {', '.join(unsupported)}", code="unsupported_parameter")
-    if _number(body, "n", int, 1, 1) not in (None, 1):
-        raise ServeError(400, "n: one choice a request")
+    if _number(body, "n", int, 1) not in (None, 1):
+        raise ServeError(400, "n must be 1: one choice a request", code="invalid_value")
     if body.get("logprobs"):
         raise ServeError(400, "logprobs are not supported", code="unsupported_parameter")
     for name in ("presence_penalty", "frequency_penalty"):
@@ -259,6 +267,8 @@ def decode_image(url: str, config: ServeConfig) -> bytes | str:
         raise ServeError(400, "image_url must be a data URI (data:image/jpeg;base64,...); local file paths are off "
                          "(the server's --allow-local-files turns them on)", code="invalid_image")
     path = Path(url[len("file://"):] if url.startswith("file://") else url)
+    if path.exists() and not path.is_file():  # a folder, a device, a FIFO (whose read would never end)
+        raise ServeError(400, f"{path} is not an image file", code="invalid_image")
     if path.is_file() and path.stat().st_size > limit:
         raise ServeError(413, f"{path} is over --max-image-mb {config.max_image_mb:g}", code="image_too_large")
     return str(path)
@@ -266,21 +276,31 @@ def decode_image(url: str, config: ServeConfig) -> bytes | str:
 
 # -- running -----------------------------------------------------------------------------------------------------
 
-def pieces(served: Served, request: Request, config: ServeConfig, result: Result) -> Iterator[str]:
-    """The answer's text in pieces, from the worker thread; `result` filled in when it ends."""
+def prepare(served: Served, request: Request, config: ServeConfig) -> list:
+    """What is wrong with a request short of running the model, found before it queues (behind a full queue it was
+    a 429, behind slow ones a 504, not what was wrong): max_tokens against the context, a conversation sent to a
+    fixed-format model, each image decoded. Returns the turns with their images' bytes (or paths)."""
     pipe = served.pipe
-    options = request.options
-    max_new = pipe.options(**options).max_new_tokens  # checked before any image is decoded
+    max_new = pipe.options(**request.options).max_new_tokens  # checked before any image is decoded
     if max_new > pipe.cache.capacity:
         raise ServeError(400, f"max_tokens {max_new} is more than {served.name}'s context holds "
                          f"({pipe.cache.capacity} tokens, prompt included)", code="context_length_exceeded")
     if pipe.codec.chat is None and (len(request.turns) > 1 or request.system is not None):
         raise ServeError(400, f"{served.name} takes one question in a fixed format ({pipe.manifest.model_type}"
                          " has no chat template): send a single user message")
-    turns = [(role, text, [decode_image(u, config) for u in urls]) for role, text, urls in request.turns]
+    return [(role, text, [decode_image(u, config) for u in urls]) for role, text, urls in request.turns]
+
+
+def pieces(served: Served, request: Request, turns: list, result: Result) -> Iterator[str]:
+    """The answer's text in pieces, from the worker thread (`turns`: prepare()'s); `result` filled in when it
+    ends."""
+    pipe = served.pipe
+    options = request.options
+    max_new = pipe.options(**options).max_new_tokens
     *history, (_, question, images) = turns
     if pipe.codec.chat is not None:
         chat = pipe.chat(system=request.system)
+        chat.overflow_advice = "send fewer or shorter messages, or fewer images"
         for role, text, turn_images in history:
             chat.add(role, text, turn_images, **options)
         stream = chat.stream(images or None, question, **options)
@@ -290,7 +310,9 @@ def pieces(served: Served, request: Request, config: ServeConfig, result: Result
     t = pipe.timings
     result.prompt_tokens, result.completion_tokens, result.cached_tokens = (
         t.prompt_tokens, t.new_tokens, t.reused_tokens)
-    result.finish_reason = "length" if t.new_tokens >= max_new else "stop"
+    # cut by max_tokens, or by the context (generation stops where the cache is full)
+    full = t.prompt_tokens + t.new_tokens >= pipe.cache.capacity
+    result.finish_reason = "length" if t.new_tokens >= max_new or full else "stop"
 
 
 _END = object()
@@ -299,8 +321,9 @@ _END = object()
 class Job:
     """One request on its package's worker thread; the event loop reads its pieces from an asyncio queue."""
 
-    def __init__(self, served: Served, request: Request, config: ServeConfig, loop: asyncio.AbstractEventLoop):
-        self.served, self.request, self.config, self.loop = served, request, config, loop
+    def __init__(self, served: Served, request: Request, config: ServeConfig, loop: asyncio.AbstractEventLoop,
+                 turns: list):
+        self.served, self.request, self.config, self.loop, self.turns = served, request, config, loop, turns
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
         self.deadline = time.monotonic() + config.timeout
@@ -312,15 +335,17 @@ class Job:
     def run(self) -> None:  # on the worker thread
         try:
             if self.cancelled.is_set():
+                self._put(_END)  # the handler, if still waiting, ends instead of waiting out the deadline
                 return
             if time.monotonic() > self.deadline:
                 raise ServeError(504, f"the request waited in the queue longer than --timeout {self.config.timeout:g}"
                                  " s", "timeout_error", "timeout")
-            gen = pieces(self.served, self.request, self.config, self.result)
+            gen = pieces(self.served, self.request, self.turns, self.result)
             try:
                 for piece in gen:
                     self._put(piece)
                     if self.cancelled.is_set():
+                        self._put(_END)
                         return
                     if time.monotonic() > self.deadline:
                         raise ServeError(504, f"the answer took longer than --timeout {self.config.timeout:g} s: ask "
@@ -354,6 +379,15 @@ class Job:
             if isinstance(item, ServeError):
                 raise item
             yield item
+
+
+async def _cancel_when_gone(http, job: Job, every: float = 0.25) -> None:
+    """Cancels `job` once the client has disconnected (polled every `every` seconds until cancelled itself)."""
+    while not job.cancelled.is_set():
+        if await http.is_disconnected():
+            job.cancelled.set()
+            return
+        await asyncio.sleep(every)
 
 
 def _chunk(rid: str, created: int, model: str, delta: dict, finish: str | None = None, usage: dict | None = None):
@@ -442,17 +476,25 @@ def create_app(models: dict[str, Any], config: ServeConfig | None = None):
         if target is None:
             raise ServeError(404, f"no model {request.model!r}: this server has {', '.join(served)}",
                              code="model_not_found")
+        try:  # off the event loop: images of up to --max-image-mb each are decoded
+            turns = await asyncio.to_thread(prepare, target, request, config)
+        except MmedgeError as exc:  # a bad option (pipe.options)
+            raise ServeError(400, exc.message) from None
         target.admit(config.max_queue)
-        job = Job(target, request, config, asyncio.get_running_loop())
+        job = Job(target, request, config, asyncio.get_running_loop(), turns)
         target.worker.submit(job.run)
         rid, created = f"chatcmpl-{next(ids)}-{int(time.time() * 1000)}", int(time.time())
         items = job.items()
+        # a client that leaves while its request waits or (not streamed) runs: the job is cancelled, its place in
+        # the queue freed (a stream's own end does that once it has started)
+        watch = asyncio.create_task(_cancel_when_gone(http, job))
         try:  # errors found before the first piece (bad image, prompt too long) are an HTTP status
             first = await items.__anext__()
         except StopAsyncIteration:
             first = None
         except BaseException:
             job.cancelled.set()
+            watch.cancel()
             raise
         if not request.stream:
             text = [first] if first is not None else []
@@ -461,10 +503,13 @@ def create_app(models: dict[str, Any], config: ServeConfig | None = None):
                     text.append(piece)
             finally:
                 job.cancelled.set()
+                watch.cancel()
             r = job.result
             return {"id": rid, "object": "chat.completion", "created": created, "model": request.model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
                                  "finish_reason": r.finish_reason}], "usage": _usage(r)}
+
+        watch.cancel()  # from here the stream's end notices a client that leaves
 
         async def events():
             try:

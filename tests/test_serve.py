@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import logging
 import re
 import socket
@@ -180,6 +181,11 @@ def test_bad_requests_are_http_errors_and_the_server_keeps_serving(server, clien
     cases = {
         "malformed JSON": (400, dict(raw=b'{"model": "x", "messages": [')),
         "not an object": (400, dict(raw=b"[1, 2]")),
+        # valid JSON that Python's parser refuses (a 500 and a traceback in the log before)
+        "a 5000-digit number": (400, dict(raw=b'{"model": "x", "max_tokens": ' + b"9" * 5000 + b"}")),
+        "nesting 100,000 deep": (400, dict(raw=b'{"model": "x", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")),
+        "a 100,000-character role, echoed": (400, dict(body={"model": CHAT, "messages": [
+            {"role": "x" * 100_000, "content": "hi"}]})),
         "no messages": (400, dict(body={"model": CHAT, "messages": []})),
         "bad role": (400, dict(body={"model": CHAT, "messages": [{"role": "robot", "content": "hi"}]})),
         "bad base64": (400, dict(body={"model": CHAT, "messages": [{"role": "user", "content": [
@@ -208,6 +214,7 @@ def test_bad_requests_are_http_errors_and_the_server_keeps_serving(server, clien
         assert r.status_code == status, (what, r.status_code, r.text)
         err = r.json()["error"]
         assert isinstance(err["message"], str) and err["message"] and "\n" not in err["message"], (what, err)
+        assert len(err["message"]) <= 400, (what, len(err["message"]))
     assert httpx.get(server[0] + "/v1/nowhere", headers={"Authorization": f"Bearer {KEY}"}).status_code == 404
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server[0] + "/v1", api_key="wrong", max_retries=0).models.list()
@@ -299,5 +306,27 @@ def test_a_request_past_its_timeout_is_504_and_the_next_is_served(direct, questi
     late = TestClient(create_app({CHAT: direct[CHAT]}, ServeConfig(timeout=1e-6)))
     r = late.post("/v1/chat/completions", json=body)
     assert r.status_code == 504 and "--timeout" in r.json()["error"]["message"]
+    # what is wrong with a request short of the model is found before it queues: a 400, not the queue's 504
+    bad = {"model": CHAT, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}, {"type": "text", "text": "x"}]}]}
+    r = late.post("/v1/chat/completions", json=bad)
+    assert r.status_code == 400 and "base64" in r.json()["error"]["message"], r.text
     r = TestClient(create_app({CHAT: direct[CHAT]}, ServeConfig(timeout=60))).post("/v1/chat/completions", json=body)
     assert r.status_code == 200
+
+
+def test_local_files_that_are_not_images_or_not_text_are_400s(direct, tmp_path):
+    """--allow-local-files: a FIFO (whose read would never end: the worker hung and every later request was a 504)
+    and a path with an unpaired surrogate (its error could not be written as JSON: a 500) are plain 400s."""
+    from fastapi.testclient import TestClient
+
+    from mmedge.serve import ServeConfig, create_app
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    app = TestClient(create_app({CHAT: direct[CHAT]}, ServeConfig(allow_local_files=True, timeout=30)))
+    for url, needle in ((str(fifo), "not an image file"), (str(tmp_path / "\udcff.png"), "not found")):
+        body = {"model": CHAT, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "caption"}]}]}
+        r = app.post("/v1/chat/completions", content=json.dumps(body), headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
