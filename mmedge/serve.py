@@ -381,13 +381,13 @@ class Job:
             yield item
 
 
-async def _cancel_when_gone(http, job: Job, every: float = 0.25) -> None:
-    """Cancels `job` once the client has disconnected (polled every `every` seconds until cancelled itself)."""
+async def _cancel_when_gone(http, job: Job) -> None:
+    """Cancels `job` once the client disconnects: its next ASGI message after the body is the disconnect
+    (Request.is_disconnected() never saw it through the middleware: it polls with a cancelled scope)."""
     while not job.cancelled.is_set():
-        if await http.is_disconnected():
+        if (await http.receive())["type"] == "http.disconnect":
             job.cancelled.set()
             return
-        await asyncio.sleep(every)
 
 
 def _chunk(rid: str, created: int, model: str, delta: dict, finish: str | None = None, usage: dict | None = None):
