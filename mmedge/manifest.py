@@ -347,8 +347,9 @@ class Manifest:
         if not isinstance(data, dict):
             raise PackageError(f"{MANIFEST_NAME} holds a JSON {type(data).__name__}, not an object; re-export the package")
         version = data.get("format_version")
-        if not isinstance(version, int):
-            raise PackageError(f"{MANIFEST_NAME} has no format_version; this is not an mmedge package")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise PackageError(f"{MANIFEST_NAME} has no format_version (a whole number from 1); this is not an mmedge "
+                               "package")
         if version > FORMAT_VERSION:
             raise PackageError(
                 f"package format {version} is newer than this mmedge reads ({FORMAT_VERSION}); upgrade mmedge"

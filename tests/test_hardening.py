@@ -145,6 +145,7 @@ def test_a_manifest_of_the_wrong_shape_is_one_line(packages, tmp_path):
     ("kv_cache.max_context", 10 ** 12, "more than the"),  # the buffers' size against the memory available
     ("preprocess.resample", "magic", "preprocess.resample is 'magic'"),
     ("preprocess.std", [0, 0, 0], "preprocess.std is [0"),
+    ("format_version", -1, "has no format_version"),
 ])
 def test_manifest_fields_of_the_wrong_type_or_range_name_the_field(packages, tmp_path, field, value, needle):
     package = _copy(packages, tmp_path)
