@@ -40,3 +40,12 @@ def test_bench_bad_input_is_one_line(packages, args, message):
     result = run_cli("bench", str(packages("paligemma-gqa")), *args)
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_more_new_tokens_than_the_context_holds_stops_after_the_first_run(packages):
+    """Found on the first run, warm-up or not, and the error is a line of its own (not written onto the bar)."""
+    result = run_cli("bench", str(packages("paligemma-gqa")), "--new-tokens", "100000", "--warmup", "2", "--runs", "3")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("mmedge: error: the context filled after"), result.stderr
+    assert "1/5" in result.stderr and "2/5" not in result.stderr  # one run, not the warm-ups and a timed one
