@@ -221,6 +221,9 @@ class Pipeline(PackageGraphs, RowBatching, Transcription):
             raise InputError(f"unknown generation option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         opts = GenerationOptions(**{**base, **{k: v for k, v in options.items() if v is not None}})
         opts.check()
+        if opts.max_video_tokens is not None and self.manifest.prompt.video_marker is None:
+            raise InputError(f"max_video_tokens is the token budget of a video; this {self.manifest.model_type} "
+                             "package's model takes none")
         return opts
 
     def encode_prompt(self, prompt: str, raw: bool = False, grid: tuple = (0, 0), grids: list | None = None
