@@ -437,6 +437,8 @@ def cmd_embed(args) -> int:
         raise InputError(f"--out must end in .json or .npy, got {out.name}")
     if out is not None and out.suffix.lower() == ".npy" and args.image and args.text:
         raise InputError("an .npy file holds one array: give --image or --text, not both (or write .json)")
+    if out is not None and not out.parent.is_dir():
+        raise InputError(f"cannot write {out}: the folder {out.parent} does not exist")
     for path in args.image:
         if not Path(path).is_file():
             raise InputError(f"image not found: {path}")
@@ -446,18 +448,22 @@ def cmd_embed(args) -> int:
         result["images"] = embedder.embed_images(args.image)
     if args.text:
         result["texts"] = embedder.embed_texts(args.text)
-    if out is not None and out.suffix.lower() == ".npy":
-        np.save(out, next(iter(result.values())))
-        log.info("wrote %s (%d x %d)", out, *next(iter(result.values())).shape)
-        return 0
-    doc = {"model_type": embedder.manifest.model_type, "dim": embedder.spec.dim}
-    doc.update({key: [{"input": str(src), "embedding": row.tolist()} for src, row in
-                      zip(args.image if key == "images" else args.text, rows)] for key, rows in result.items()})
-    if out is None:
-        print(json.dumps(doc))
-    else:
-        out.write_text(json.dumps(doc) + "\n")
-        log.info("wrote %s", out)
+    try:
+        if out is not None and out.suffix.lower() == ".npy":
+            with open(out, "wb") as fh:  # the name as given (np.save would add .npy to x.NPY)
+                np.save(fh, next(iter(result.values())))
+            log.info("wrote %s (%d x %d)", out, *next(iter(result.values())).shape)
+            return 0
+        doc = {"model_type": embedder.manifest.model_type, "dim": embedder.spec.dim}
+        doc.update({key: [{"input": str(src), "embedding": row.tolist()} for src, row in
+                          zip(args.image if key == "images" else args.text, rows)] for key, rows in result.items()})
+        if out is None:
+            print(json.dumps(doc))
+        else:
+            out.write_text(json.dumps(doc) + "\n")
+            log.info("wrote %s", out)
+    except OSError as exc:
+        raise InputError(f"cannot write {out}: {exc.strerror or exc}") from None
     return 0
 
 

@@ -14,6 +14,7 @@ need not sum to one).
 
 from __future__ import annotations
 
+import os
 import re
 import string
 from pathlib import Path
@@ -24,7 +25,8 @@ import numpy as np
 from mmedge.errors import InputError, PackageError
 from mmedge.manifest import Manifest, load_manifest
 from mmedge.runtimes.backends import load_graphs, open_engine
-from mmedge.runtimes.preprocess import ImageInput, preprocess
+from mmedge.runtimes.preprocess import ImageInput, check_spec, preprocess
+from mmedge.runtimes.text import checked_text
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
@@ -53,6 +55,8 @@ class Embedder:
         """Open an embedding package written by `mmedge export` (options as Pipeline.load's)."""
         from tokenizers import Tokenizer
 
+        if not isinstance(path, (str, os.PathLike)):
+            raise InputError(f"the package is a folder's path (str or Path), not {type(path).__name__}")
         path = Path(path)
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
             raise InputError(f"threads must be a whole number >= 0 (0: the engine's choice), got {threads!r}")
@@ -60,6 +64,11 @@ class Embedder:
         if manifest.kind != "embedding":
             raise PackageError(f"{path} is a {manifest.kind} package ({manifest.model_type}), not an embedding one: "
                                "open it with mmedge.Pipeline.load (CLI: mmedge run)")
+        check_spec(manifest.preprocess)
+        try:
+            template_field(manifest.embedding.template)
+        except InputError as exc:
+            raise PackageError(f"the package's embedding.template: {exc}; re-export the package") from None
         missing = [p for p in ("vision_encoder", "text_encoder") if p not in manifest.graphs]
         if missing:
             raise PackageError(f"package {path} lacks the graphs {', '.join(missing)}; re-export it")
@@ -88,8 +97,7 @@ class Embedder:
         """[N, dim] unit-length text embeddings, one row per text."""
         texts = _sequence(texts, "texts")
         for t in texts:
-            if not isinstance(t, str):
-                raise InputError(f"texts must be strings, got {type(t).__name__}")
+            checked_text(t, "each text")
         rows = []
         for start in range(0, len(texts), self.spec.max_batch):
             ids = self.token_ids(texts[start:start + self.spec.max_batch])
@@ -112,12 +120,12 @@ class Embedder:
         classifying frame after frame against the same labels runs the text encoder once."""
         cache = self._label_cache
         new = [t for t in dict.fromkeys(texts) if t not in cache]
-        if new:
-            for text, row in zip(new, self.embed_texts(new)):
-                cache[text] = row
-            while len(cache) > LABEL_CACHE:
-                cache.pop(next(iter(cache)))
-        return np.stack([cache[t] for t in texts])
+        rows = dict(zip(new, self.embed_texts(new))) if new else {}
+        out = np.stack([rows[t] if t in rows else cache[t] for t in texts])  # read before any is evicted
+        cache.update(rows)
+        while len(cache) > LABEL_CACHE:  # the oldest go (more labels than it holds in one call: this call's too)
+            cache.pop(next(iter(cache)))
+        return out
 
     # -- scores -------------------------------------------------------------------------------
 
@@ -140,13 +148,34 @@ class Embedder:
         labels = _sequence(labels, "labels")
         if not labels:
             raise InputError("classify needs at least one label")
+        for label in labels:
+            checked_text(label, "each label")
+        if len(set(labels)) < len(labels):
+            seen: set = set()
+            twice = next(lb for lb in labels if lb in seen or seen.add(lb))
+            raise InputError(f"the label {twice!r} is given more than once (the probability would be split between "
+                             "its copies)")
         template = self.spec.template if template is None else template
-        if not isinstance(template, str) or "{}" not in template:
-            raise InputError(f"the template must contain {{}} where the label goes, got {template!r}")
+        template_field(template)
         probs = self.probabilities(self.logits(self.embed_images([image]),
                                                self._label_embeddings([template.format(lb) for lb in labels])))[0]
         order = np.argsort(-probs, kind="stable")
         return [(labels[i], float(probs[i])) for i in order]
+
+
+def template_field(template) -> None:
+    """That `template` holds exactly one `{}` (no name, index, conversion or format) and is otherwise text that
+    str.format writes as it is."""
+    if not isinstance(template, str):
+        raise InputError(f"the template must be text with {{}} where the label goes, got {type(template).__name__}")
+    checked_text(template, "the template")
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        raise InputError(f"the template {template!r} is not a format string: {exc}") from None
+    if fields != [("", "", None)]:
+        raise InputError(f"the template must contain {{}} once, where the label goes (no other braces: write {{{{ }}}} "
+                         f"for a literal one), got {template!r}")
 
 
 LABEL_CACHE = 4096  # label texts whose embeddings classify keeps (a robot asks about the same labels every frame)

@@ -45,6 +45,9 @@ def check_spec(spec: PreprocessSpec | None) -> None:
     if spec.resample not in RESAMPLE:
         raise PackageError(f"the package's preprocess.resample is {spec.resample!r}, not one of {', '.join(RESAMPLE)}; "
                            "re-export the package")
+    if len(spec.mean) != 3 or len(spec.std) != 3:
+        raise PackageError(f"the package's preprocess.mean and std hold {len(spec.mean)} and {len(spec.std)} values, "
+                           "not one per channel (3); re-export the package")
     if not all(value > 0 for value in spec.std):
         raise PackageError(f"the package's preprocess.std is {spec.std}: each must be > 0 (pixels are divided by "
                            "it); re-export the package")
@@ -136,6 +139,10 @@ def _resized(size: tuple[int, int], spec: PreprocessSpec) -> tuple[int, int]:
         width, height = size
         short, long = (width, height) if width <= height else (height, width)
         new_short, new_long = spec.shortest_edge, int(spec.shortest_edge * long / short)
+        if Image.MAX_IMAGE_PIXELS and new_short * new_long > Image.MAX_IMAGE_PIXELS:  # 200000 x 1 -> 12,800,000 x 64
+            raise InputError(f"a {width} x {height} image is too narrow for this package: resized to "
+                             f"{spec.shortest_edge} pixels on its short side it would be {new_long:,} long; crop it "
+                             "nearer to a square")
         return (new_short, new_long) if width <= height else (new_long, new_short)
     raise PackageError(f"this mmedge does not know the resize mode {spec.resize_mode!r}; upgrade mmedge")
 

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import EMBEDDING_SHAPES, run_cli_in_process, sample_images, slow
 
@@ -178,6 +179,16 @@ def test_bad_input(packages, checkpoints, tmp_path):
         embedder.classify(sample_images()["noise"], ["a"], template="a photo")
     with pytest.raises(InputError, match="must be a list"):
         embedder.embed_texts("a cup")
+    # templates str.format would fail on, or that would write no label at all
+    for template in ("{} and {}", "{} {name}", "{} }", "{{}}", "a {0}"):
+        with pytest.raises(InputError, match="template"):
+            embedder.classify(sample_images()["noise"], ["a"], template=template)
+    for labels, message in ((["red", "red"], "more than once"), ([None, "red"], "must be text"),
+                            (["r\udcffed"], "not valid UTF-8")):
+        with pytest.raises(InputError, match=message):
+            embedder.classify(sample_images()["noise"], labels)
+    with pytest.raises(InputError, match="too narrow"):  # resized first, it would have taken 2.4 GB
+        embedder.embed_images([Image.new("RGB", (200_000, 1))])
     image = tmp_path / "x.png"
     sample_images()["noise"].save(image)
     cases = [
@@ -185,6 +196,7 @@ def test_bad_input(packages, checkpoints, tmp_path):
         (("embed", str(package), "--text", "a", "--out", str(tmp_path / "x.txt")), "must end in .json or .npy"),
         (("embed", str(package), "--text", "a", "--image", str(image), "--out", str(tmp_path / "x.npy")), "one array"),
         (("embed", str(package), "--image", str(tmp_path / "missing.png")), "image not found"),
+        (("embed", str(package), "--text", "a", "--out", str(tmp_path / "no-folder" / "x.json")), "does not exist"),
         (("classify", str(package), "--image", str(image), "--labels", " , "), "--labels is empty"),
         (("run", str(package), "--image", str(image), "--prompt", "hi"), "does not generate text"),
         (("export", "--model", str(checkpoints[EMBEDDING_SHAPES[0]]), "--quant", "int4", "-o", str(tmp_path / "p")),
@@ -240,3 +252,17 @@ def test_siglip_text_normalisation():
     text = "  Is there a CAT,\tor a dog?! (2 of them)  "
     assert normalize_text(text, "siglip") == "is there a cat or a dog 2 of them"
     assert normalize_text(text, None) == text
+
+
+def test_classify_takes_more_labels_than_its_cache_holds(packages, monkeypatch):
+    """The labels of one call are read before any is evicted (past LABEL_CACHE labels it was a KeyError)."""
+    from mmedge.runtimes import Embedder, embedder as module
+
+    embedder = Embedder.load(packages(EMBEDDING_SHAPES[0]))
+    labels = [f"shape {i}" for i in range(7)]
+    want = dict(embedder.classify(sample_images()["noise"], labels))
+    monkeypatch.setattr(module, "LABEL_CACHE", 3)
+    embedder._label_cache.clear()
+    got = dict(embedder.classify(sample_images()["noise"], labels))
+    assert got.keys() == want.keys() and all(abs(got[k] - want[k]) < 1e-6 for k in want)
+    assert len(embedder._label_cache) == 3

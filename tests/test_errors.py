@@ -177,6 +177,7 @@ def test_unavailable_provider(package, image_file):
     (["--seed", "-1"], "seed must be a whole number >= 0"),
     (["--top-p", "1.5"], "top_p must be in (0, 1]"),  # out of range is a mistake even when greedy
     (["--threads", "-3"], "threads must be a whole number >= 0"),
+    (["--threads", "99999999999999999999"], "threads must be at most 4096"),
     (["--max-video-tokens", "5"], "max_video_tokens is the token budget of a video"),  # this model takes none
 ])
 def test_bad_generation_values_are_one_line(package, image_file, args, needle):

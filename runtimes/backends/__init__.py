@@ -75,6 +75,7 @@ DEFAULT_BACKEND_FOR_TARGET = {
     "tensorrt": "tensorrt",  # its ONNX graphs also run with --backend onnxruntime, anywhere
     "coreml": "coreml",  # macOS / iOS only
 }
+MAX_THREADS = 4096  # more is a mistake (ONNX Runtime's binding overflows on 2**64)
 # targets whose graphs only their own backend reads
 ONLY_OWN_BACKEND = ("coreml",)
 # KV-cache storages only some backends keep: "in_place" is ONNX Runtime's GroupQueryAttention writing each new key
@@ -126,6 +127,8 @@ def open_engine(path: Path, manifest, backend: str | None = None, threads: int =
     if manifest.target in ONLY_OWN_BACKEND and name != manifest.target:
         raise PackageError(f"a {manifest.target} package runs with the {manifest.target} backend only, "
                            f"not {name}; export for {name} to run there")
+    if threads > MAX_THREADS:
+        raise InputError(f"threads must be at most {MAX_THREADS}, got {threads}")
     options: dict[str, Any] = {"threads": threads}
     if providers:
         options["providers"] = providers
