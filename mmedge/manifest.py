@@ -436,6 +436,11 @@ MINIMUM = {"embedding.dim": 1, "embedding.text_length": 2, "embedding.max_batch"
            "kv_cache.max_context": 2, "kv_cache.num_layers": 1, "kv_cache.num_kv_heads": 1, "kv_cache.head_dim": 1,
            "preprocess.height": 1, "preprocess.width": 1, "prompt.image_seq_len": 0, "prompt.image_token_id": -1,
            "generation.max_new_tokens": 1}
+# the largest a size may be (a damaged manifest's 2**70 or 1e9 made allocations of terabytes); far above any model's
+MAXIMUM = {"embedding.text_length": 1 << 16, "embedding.max_batch": 1 << 12, "embedding.pad_id": (1 << 31) - 1,
+           "embedding.dim": 1 << 16, "kv_cache.max_context": 1 << 24, "kv_cache.num_kv_heads": 1 << 12,
+           "kv_cache.head_dim": 1 << 12, "kv_cache.num_layers": 1 << 12, "preprocess.height": 1 << 14,
+           "preprocess.width": 1 << 14, "preprocess.shortest_edge": 1 << 14, "generation.max_new_tokens": 1 << 24}
 
 
 def _build(cls: type, data: Any, where: str = "") -> Any:
@@ -453,6 +458,9 @@ def _build(cls: type, data: Any, where: str = "") -> Any:
         low = MINIMUM.get(where + f.name)
         if low is not None and kwargs[f.name] is not None and kwargs[f.name] < low:
             raise _Malformed(f"{where}{f.name} must be at least {low}, got {kwargs[f.name]}")
+        high = MAXIMUM.get(where + f.name)
+        if high is not None and kwargs[f.name] is not None and kwargs[f.name] > high:
+            raise _Malformed(f"{where}{f.name} must be at most {high}, got {kwargs[f.name]}")
     return cls(**kwargs)
 
 

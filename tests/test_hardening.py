@@ -107,6 +107,15 @@ def test_a_symlink_out_of_the_package_is_refused(packages, tmp_path):
         Pipeline.load(package)
 
 
+def test_kv_buffers_larger_than_the_memory_available_are_refused_before_allocation():
+    from mmedge.manifest import KVCacheSpec
+    from mmedge.runtimes.kv_cache import KVCache
+
+    spec = KVCacheSpec(num_layers=64, num_kv_heads=64, head_dim=128, dtype="float32", max_context=1 << 20)
+    with pytest.raises(PackageError, match=r"KV cache takes 4096.0 GiB .* more than the .* GiB of memory available"):
+        KVCache(spec)
+
+
 def test_a_manifest_linked_from_outside_the_package_is_refused(packages, tmp_path):
     package = _copy(packages, tmp_path)
     outside = tmp_path / "elsewhere.json"
@@ -139,10 +148,12 @@ def test_a_manifest_of_the_wrong_shape_is_one_line(packages, tmp_path):
     ("prompt.image_token_id", True, "prompt.image_token_id must be int"),
     # a damaged cache spec is checked against the decoder's inputs before anything is allocated (1e9 layers of
     # buffers filled the machine's memory until the kernel ended the process)
-    ("kv_cache.num_layers", 10 ** 9, "kv_cache.num_layers is 1000000000, but the decoder takes"),
-    ("kv_cache.num_kv_heads", 10 ** 6, "kv_cache.num_kv_heads is 1000000, but the decoder's past.0.key has"),
+    ("kv_cache.num_layers", 10 ** 9, "kv_cache.num_layers must be at most 4096"),
+    ("kv_cache.num_layers", 4000, "kv_cache.num_layers is 4000, but the decoder takes"),
+    ("kv_cache.num_kv_heads", 64, "kv_cache.num_kv_heads is 64, but the decoder's past.0.key has"),
     ("kv_cache.dtype", "float99", "kv_cache.dtype must be one of float32, float16"),
-    ("kv_cache.max_context", 10 ** 12, "more than the"),  # the buffers' size against the memory available
+    ("kv_cache.max_context", 10 ** 12, "kv_cache.max_context must be at most"),
+    ("preprocess.height", 100_000, "preprocess.height must be at most"),
     ("preprocess.resample", "magic", "preprocess.resample is 'magic'"),
     ("preprocess.std", [0, 0, 0], "preprocess.std is [0"),
     ("format_version", -1, "has no format_version"),
