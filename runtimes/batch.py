@@ -90,7 +90,7 @@ class RowBatching:
                         "left after the batch's longest (%d-token) prompt: generating at most %d",
                         opts.max_new_tokens, budget, capacity, longest, budget)
         eos = self.manifest.special_tokens.eos_ids
-        never = [*(eos if opts.ignore_eos else []), *opts.suppress_ids]  # and, first, begin_suppress_ids
+        first, banned = self._banned(opts, logits.shape[-1])
         rngs = [np.random.default_rng(opts.seed) for _ in rows]  # as each row would draw alone
         out: list[list[int]] = [[] for _ in rows]
         order = np.arange(batch)  # the request each row of the running batch answers
@@ -98,8 +98,7 @@ class RowBatching:
         for i in range(budget):
             fed = np.zeros((len(order), 1), np.int64)  # a finished row still in the batch is fed token 0
             for j in np.flatnonzero(alive):
-                banned = never + opts.begin_suppress_ids if i == 0 else never
-                token = choose(logits[j, -1], opts, rngs[order[j]], banned or None)
+                token = choose(logits[j, -1], opts, rngs[order[j]], banned if i else first)
                 if token in eos:
                     alive[j] = False
                     continue

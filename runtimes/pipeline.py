@@ -313,7 +313,7 @@ class Pipeline(PackageGraphs, RowBatching, Transcription):
             log.warning("max_new_tokens %d is more than the %d tokens this package's context (max_context %d) has "
                         "left after the %d-token prompt: generating at most %d", opts.max_new_tokens, budget,
                         capacity, len(ids), budget)
-        first, banned = self._banned(opts, 0), self._banned(opts, 1)  # once, not per step
+        first, banned = self._banned(opts, logits.shape[-1])  # once, not per step
         for i in range(budget):
             token = choose(logits[0, -1], opts, rng, banned if i else first)
             if token in eos:
@@ -331,10 +331,15 @@ class Pipeline(PackageGraphs, RowBatching, Transcription):
             if self._held is not None:
                 held.fed.append(token)
 
-    def _banned(self, opts: GenerationOptions, i: int) -> list[int] | None:
-        """The tokens generation's `i`-th new token may not be."""
+    def _banned(self, opts: GenerationOptions, vocab: int) -> tuple[list[int] | None, list[int] | None]:
+        """The tokens generation's first new token may not be, and those the later ones may not be (None: any);
+        an id outside the `vocab` logits is refused, once, before the decode loop."""
         never = [*(self.manifest.special_tokens.eos_ids if opts.ignore_eos else []), *opts.suppress_ids]
-        return (never + opts.begin_suppress_ids if i == 0 else never) or None
+        first = never + opts.begin_suppress_ids
+        if first and max(first) >= vocab:
+            raise InputError(f"token id {max(first)} is not in the model's vocabulary of {vocab} "
+                             "(suppress_ids / begin_suppress_ids)")
+        return first or None, never or None
 
     def greedy_along(self, logits: np.ndarray) -> list[int]:
         """The tokens greedy generation (the package's default options) picks from each row of teacher-forced
@@ -346,7 +351,7 @@ class Pipeline(PackageGraphs, RowBatching, Transcription):
         if opts.do_sample:
             raise ValueError("greedy_along needs greedy default options")
         eos = self.manifest.special_tokens.eos_ids
-        out, first, banned = [], self._banned(opts, 0), self._banned(opts, 1)
+        out, (first, banned) = [], self._banned(opts, logits.shape[-1])
         for i, row in enumerate(logits):
             token = choose(row, opts, None, banned if i else first)
             if token in eos:

@@ -73,9 +73,6 @@ def choose(
 ) -> int:
     """Pick the next token from logits [vocab], never one of `banned`."""
     if banned:
-        if max(banned) >= logits.shape[-1]:
-            raise InputError(f"token id {max(banned)} is not in the model's vocabulary of {logits.shape[-1]} "
-                             "(suppress_ids / begin_suppress_ids)")
         logits = logits.copy()
         logits[banned] = -np.inf
     if not opts.do_sample:
