@@ -65,10 +65,13 @@ class CalibrationSet:
     calibrate: list[Sample]
     held_out: list[Sample]
     skipped: int = 0
+    token_budget: int | None = None  # calibration stops once its prompts reach this many tokens (token_budget())
+    prompt_tokens: int | None = None  # the calibration prompts' tokens, once counted against the budget
 
     def describe(self) -> dict:
+        budget = {"token_budget": self.token_budget, "prompt_tokens": self.prompt_tokens} if self.token_budget else {}
         return {"source": self.source, "calibration_samples": len(self.calibrate),
-                "held_out_samples": len(self.held_out), "skipped_unreadable": self.skipped}
+                "held_out_samples": len(self.held_out), "skipped_unreadable": self.skipped, **budget}
 
 
 DEFAULT_SAMPLES = 64
@@ -81,6 +84,19 @@ def default_samples(weights) -> int:
     if params <= 1e9:
         return DEFAULT_SAMPLES
     return max(16, round(DEFAULT_SAMPLES * 1e9 / params))
+
+
+SAMPLE_TOKENS = 320  # the prompt one sample of default_samples stands for: a 256-token image and its text
+
+
+def token_budget(weights) -> int | None:
+    """Where default_samples lowers the count for a big model, the prompt tokens those samples stand for
+    (default_samples x SAMPLE_TOKENS): calibration stops once its prompts reach them, at least MIN_SAMPLES. A
+    prefill costs in proportion to its tokens, and a dynamic-resolution image is as many tokens as its size
+    makes it (Qwen2.5-VL: 98 to 1,250 for the builtin photographs, PaliGemma: 256 each). None for a model
+    calibrated on the full DEFAULT_SAMPLES, and where --calib-samples is given."""
+    samples = default_samples(weights)
+    return samples * SAMPLE_TOKENS if samples < DEFAULT_SAMPLES else None
 
 
 def load_calibration(source: str, samples: int, checkpoint: Path | None = None,

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from mmedge.calibration.data import CalibrationSet
+from mmedge.calibration.data import MIN_SAMPLES, CalibrationSet
 from mmedge.calibration.plan import describe
 from mmedge.runtimes.loading import graph_parts
 from mmedge.errors import ExportError, first_line
@@ -329,7 +329,7 @@ def _calibrate(target, stage, manifest, fp32, recorded, capture, plan, calib, op
     pipe = _pipeline(stage, manifest, files, wrap, ready=probes)
     feeds = {part: pipe.graphs[part].feeds for part in recorded}
     decoder_data = pipe.graphs["decoder"] if capture else None
-    samples = calib.calibrate
+    samples = _within_budget(pipe, calib)
     # a decode step reads every weight for one row of activations: a big decoder is calibrated on its prefills
     steps = 1 if _big_decoder(stage, manifest) else options.decode_steps
     first = _vision_first(stage, manifest, pipe) if samples else []
@@ -350,6 +350,22 @@ def _calibrate(target, stage, manifest, fp32, recorded, capture, plan, calib, op
             capture[0].unlink(missing_ok=True)  # a decoder copy that returned its MatMul inputs (ONNX Runtime)
     release_freed_memory()  # the fp32 engines' memory back before the quantizers need theirs
     return feeds, decoder_data
+
+
+def _within_budget(pipe, calib: CalibrationSet) -> list:
+    """The calibration samples up to the set's token budget (CalibrationSet.token_budget: a big model's default),
+    at least MIN_SAMPLES, in their order; the set keeps what was used, and how many prompt tokens that was."""
+    if not calib.token_budget or any(s.audio is not None for s in calib.calibrate):
+        return calib.calibrate
+    kept, total = [], 0
+    for sample in calib.calibrate:
+        n = pipe.prompt_tokens(sample.image, sample.prompt)
+        if len(kept) >= MIN_SAMPLES and total + n > calib.token_budget:
+            break
+        kept.append(sample)
+        total += n
+    calib.calibrate, calib.prompt_tokens = kept, total
+    return kept
 
 
 def _shared_table(target, part: str, plan: dict, fp32: dict, work: Path, names: dict) -> dict | None:

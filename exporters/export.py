@@ -125,12 +125,14 @@ def _locked_export(opts: ExportOptions) -> Manifest:
     if needs(plan, opts):
         from mmedge.calibration.data import load_calibration
 
-        from mmedge.calibration.data import default_samples
+        from mmedge.calibration.data import default_samples, token_budget
 
-        samples = opts.calib_samples if opts.calib_samples is not None else default_samples(
-            resources.checkpoint_weights(path))
+        weights = resources.checkpoint_weights(path)
+        samples = opts.calib_samples if opts.calib_samples is not None else default_samples(weights)
         rate = getattr(family, "TAKES", "images") == "audio" and _audio_rate(path)
         calib = load_calibration(opts.calib, samples, checkpoint=path, audio_rate=rate or None)  # fails before export
+        if opts.calib_samples is None:
+            calib.token_budget = token_budget(weights)
     manifest = _export(opts, path, family, plan, calib)
     if opts.build_engines:
         from mmedge.runtimes.backends.tensorrt_build import build_package

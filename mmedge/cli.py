@@ -105,7 +105,9 @@ def _print_quantization(q: dict) -> None:
                   f"activation-weighted error {c['error_ratio']:.2f}x round-to-nearest's over {c['layers']} layers")
         return
     cal = q["calibration"]
-    used = f"calibrated on {cal['calibration_samples']} samples, " if cal.get("used", True) else ""
+    budget = (f" ({cal['prompt_tokens']:,} prompt tokens: a big model's default stops at {cal['token_budget']:,}; "
+              f"--calib-samples to choose)" if cal.get("token_budget") and cal.get("prompt_tokens") else "")
+    used = f"calibrated on {cal['calibration_samples']} samples{budget}, " if cal.get("used", True) else ""
     print(f"quantization {q['name']}: {used}measured on {cal['held_out_samples']} held-out samples "
           f"from {cal['source']}")
     print(f"{'graph':<16}{'precision':<11}{'fp32':>10}{'now':>10}{'max abs err':>13}{'rel L2 err':>12}")

@@ -136,6 +136,13 @@ class Pipeline(PackageGraphs, RowBatching, Transcription):
             else:
                 self._image_embeddings([seq])
 
+    def prompt_tokens(self, image: ImageInput | Sequence[ImageInput] | None, prompt: str,
+                      video: VideoInput | None = None, **options: Any) -> int:
+        """How many tokens the prompt is with its media (image tokens included) as generate() would give it:
+        what its prefill costs, and how much of max_context it takes."""
+        with self._exclusive():
+            return len(self._prepare(image, prompt, self.options(**options), video).ids)
+
     def _pieces(self, tokens, opts: GenerationOptions) -> Iterator[str]:
         """Text of `tokens` as it becomes final, up to the first stop string."""
         decoder = StreamDecoder(self.codec, opts.stop)

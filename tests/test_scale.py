@@ -362,3 +362,34 @@ def test_a_big_openvino_decoder_is_quantized_as_onnx_and_converted_with_compress
     monkeypatch.setattr(ov_quant, "convert", convert)
     with pytest.raises(ExportError, match="--int4-ratio 0.5 needs NNCF"):
         run(tmp_path / "ratio", int4_ratio=0.5)
+
+
+def test_a_big_models_default_calibration_stops_at_its_prompt_token_budget(checkpoints, packages):
+    """A dynamic-resolution image is as many tokens as its size makes it: a big model's default calibration stops
+    once its samples' prompts (counted as the processor counts them) reach its token budget, at least MIN_SAMPLES,
+    in their order; the set records what it used. Without a budget (--calib-samples given) every sample runs."""
+    from mmedge.calibration import package
+    from mmedge.calibration.data import MIN_SAMPLES, load_calibration
+    from mmedge.evaluate import load_processor
+    from mmedge.runtimes import Pipeline
+
+    from test_qwen_vl import hf_inputs
+
+    processor = load_processor(checkpoints["qwen2vl-gqa"])
+    pipe = Pipeline.load(packages("qwen2vl-gqa"))
+    fresh = lambda: load_calibration("builtin", 12, held_out=2)  # noqa: E731
+    lengths = [pipe.prompt_tokens(s.image, s.prompt) for s in fresh().calibrate]
+    assert lengths == [hf_inputs(processor, [s.image], s.prompt)["input_ids"].shape[1] for s in fresh().calibrate]
+    assert len(set(lengths)) > 4  # the photographs' sizes make prompts of many lengths
+
+    calib = fresh()
+    calib.token_budget = sum(lengths[:10]) + lengths[10] - 1  # the eleventh sample would pass it
+    assert package._within_budget(pipe, calib) == calib.calibrate == fresh().calibrate[:10]
+    assert calib.describe()["calibration_samples"] == 10
+    assert (calib.describe()["prompt_tokens"], calib.describe()["token_budget"]) == (sum(lengths[:10]),
+                                                                                  calib.token_budget)
+    calib = fresh()
+    calib.token_budget = 1  # the first sample is over it: the minimum still calibrates
+    assert len(package._within_budget(pipe, calib)) == MIN_SAMPLES
+    calib = fresh()
+    assert package._within_budget(pipe, calib) == fresh().calibrate and "token_budget" not in calib.describe()
