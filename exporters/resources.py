@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmedge.errors import ExportError
+from mmedge.runtimes.backends import available_memory  # noqa: F401 (export's checks read it from here)
 
 GB = 2**30
 
@@ -56,22 +57,6 @@ def checkpoint_weights(checkpoint: Path) -> Weights | None:
             elements += n
             largest = max(largest, n)
     return Weights(elements, largest)
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to a new process (Linux: MemAvailable), or None where unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        import psutil
-
-        return psutil.virtual_memory().available
-    except Exception:
-        return None
 
 
 def release_freed_memory() -> None:

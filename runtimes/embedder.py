@@ -95,9 +95,7 @@ class Embedder:
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """[N, dim] unit-length text embeddings, one row per text."""
-        texts = _sequence(texts, "texts")
-        for t in texts:
-            checked_text(t, "each text")
+        texts = _texts(texts)
         rows = []
         for start in range(0, len(texts), self.spec.max_batch):
             ids = self.token_ids(texts[start:start + self.spec.max_batch])
@@ -107,6 +105,9 @@ class Embedder:
     def token_ids(self, texts: Sequence[str]) -> np.ndarray:
         """input_ids [N, S] as the checkpoint's processor makes them: truncated to text_length, padded with
         pad_id to the longest text (or, "max_length", to text_length)."""
+        texts = _texts(texts)
+        if not texts:
+            return np.zeros((0, self.spec.text_length if self.spec.text_padding == "max_length" else 0), np.int64)
         encoded = [e.ids for e in self.tokenizer.encode_batch([normalize_text(t, self.spec.text_normalize)
                                                               for t in texts])]
         width = self.spec.text_length if self.spec.text_padding == "max_length" else max(map(len, encoded))
@@ -131,11 +132,31 @@ class Embedder:
 
     def logits(self, image_embeds: np.ndarray, text_embeds: np.ndarray) -> np.ndarray:
         """[images, texts] logit_scale x cosine + logit_bias, as the model's logits_per_image."""
+        image_embeds, text_embeds = self._rows(image_embeds, "image_embeds"), self._rows(text_embeds, "text_embeds")
         return self.spec.logit_scale * (image_embeds @ text_embeds.T) + self.spec.logit_bias
+
+    def _rows(self, embeds, what: str) -> np.ndarray:
+        """`embeds` as [N, dim] numbers, as embed_images / embed_texts return them."""
+        try:
+            rows = np.asarray(embeds, dtype=np.float32)
+        except (TypeError, ValueError):
+            rows = None
+        if rows is None or rows.ndim != 2 or rows.shape[1] != self.spec.dim:
+            shape = "x".join(map(str, rows.shape)) if rows is not None else type(embeds).__name__
+            raise InputError(f"{what} must be [N, {self.spec.dim}] embeddings as embed_images / embed_texts return "
+                             f"them, got {shape}")
+        return rows
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Each row's logits as the model turns them into probabilities: softmax over the row, or sigmoid each."""
-        logits = np.asarray(logits, dtype=np.float64)
+        try:
+            logits = np.asarray(logits, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise InputError(f"logits must be numbers, [images, texts] as logits() returns them, got "
+                             f"{type(logits).__name__}") from None
+        if logits.ndim == 0:
+            raise InputError("logits must be [images, texts] (or one row of texts) as logits() returns them, "
+                             "got a single number")
         if self.spec.activation == "sigmoid":
             return 1.0 / (1.0 + np.exp(-logits))
         shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
@@ -185,3 +206,10 @@ def _sequence(items, what: str) -> list:
     if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
         raise InputError(f"{what} must be a list, got {type(items).__name__}")
     return list(items)
+
+
+def _texts(texts) -> list[str]:
+    texts = _sequence(texts, "texts")
+    for t in texts:
+        checked_text(t, "each text")
+    return texts

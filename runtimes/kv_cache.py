@@ -115,7 +115,7 @@ class KVCache:
 def _check_fits(spec: KVCacheSpec, nbytes: int, batch: int) -> None:
     """Buffers larger than the memory available are refused with the numbers, before any is allocated (the
     kernel would otherwise end the process as they fill)."""
-    from mmedge.exporters.resources import available_memory
+    from mmedge.runtimes.backends import available_memory
 
     free = available_memory()
     if free is not None and nbytes > free:

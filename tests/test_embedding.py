@@ -189,6 +189,17 @@ def test_bad_input(packages, checkpoints, tmp_path):
             embedder.classify(sample_images()["noise"], labels)
     with pytest.raises(InputError, match="too narrow"):  # resized first, it would have taken 2.4 GB
         embedder.embed_images([Image.new("RGB", (200_000, 1))])
+    # the scoring API given what its own calls do not return (numpy's broadcast and type errors before)
+    images, texts = embedder.embed_images([sample_images()["noise"]]), embedder.embed_texts(["a", "b"])
+    assert embedder.probabilities(embedder.logits(images, texts)).shape == (1, 2)
+    for call, message in ((lambda: embedder.logits(images, texts[:, :3]), "text_embeds must be"),
+                          (lambda: embedder.logits([[1.0], [2.0, 3.0]], texts), "image_embeds must be"),
+                          (lambda: embedder.logits(images, "ab"), "text_embeds must be"),
+                          (lambda: embedder.probabilities("ab"), "logits must be numbers"),
+                          (lambda: embedder.probabilities(3.0), "single number"),
+                          (lambda: embedder.token_ids([1]), "must be text"), (lambda: embedder.token_ids("a"), "list")):
+        with pytest.raises(InputError, match=message):
+            call()
     image = tmp_path / "x.png"
     sample_images()["noise"].save(image)
     cases = [

@@ -98,6 +98,22 @@ def default_threads() -> int:
     return int(raw)
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to a new process (Linux: MemAvailable), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import psutil
+
+        return psutil.virtual_memory().available
+    except Exception:
+        return None
+
+
 def get_backend(name: str, model_cache: bool = True, **options: Any) -> Backend:
     """Backend `name` with its options. model_cache False: nothing compiled is kept on disk for a later load
     (OpenVINO's model cache off), for graphs opened once (export's checks and calibration)."""
