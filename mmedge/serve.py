@@ -243,7 +243,8 @@ def parse_request(raw: bytes) -> Request:
     return Request(model, system, turns, options, stream, bool(stream_options.get("include_usage")))
 
 
-_DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[^;,]*)*)(?P<b64>;base64)?,", re.S)
+_DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[^;,]*)*)(?P<b64>;base64)?,",
+                       re.S | re.I)  # a URI's scheme, and base64's token, in any case (RFC 3986, 2397)
 
 
 def decode_image(url: str, config: ServeConfig) -> bytes | str:
@@ -412,9 +413,10 @@ def create_app(models: dict[str, Any], config: ServeConfig | None = None):
     ids = itertools.count()
     app = FastAPI(title="mmedge", docs_url=None, redoc_url=None, openapi_url=None)
 
-    def error(exc: ServeError) -> JSONResponse:
+    def error(exc: ServeError, headers: dict | None = None) -> JSONResponse:
         log.info("%d %s", exc.status, exc.message)
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        if exc.status == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(ServeError)
@@ -427,8 +429,11 @@ def create_app(models: dict[str, Any], config: ServeConfig | None = None):
                                 "GET /v1/models, GET /health", code="not_found"))
 
     @app.exception_handler(405)
-    async def _bad_method(http: HttpRequest, _):
-        return error(ServeError(405, f"{http.method} is not allowed on {http.url.path}", code="method_not_allowed"))
+    async def _bad_method(http: HttpRequest, exc):
+        allow = (getattr(exc, "headers", None) or {}).get("Allow")  # the methods the route takes (RFC 9110)
+        return error(ServeError(405, f"{http.method} is not allowed on {http.url.path}"
+                                + (f": {allow}" if allow else ""), code="method_not_allowed"),
+                     {"Allow": allow} if allow else None)
 
     @app.middleware("http")
     async def _guard(http: HttpRequest, call_next: Callable):

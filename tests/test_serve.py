@@ -216,11 +216,16 @@ def test_bad_requests_are_http_errors_and_the_server_keeps_serving(server, clien
         assert isinstance(err["message"], str) and err["message"] and "\n" not in err["message"], (what, err)
         assert len(err["message"]) <= 400, (what, len(err["message"]))
     assert httpx.get(server[0] + "/v1/nowhere", headers={"Authorization": f"Bearer {KEY}"}).status_code == 404
+    r = httpx.get(server[0] + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"})
+    assert (r.status_code, r.headers.get("allow"), r.json()["error"]["code"]) == (405, "POST", "method_not_allowed")
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server[0] + "/v1", api_key="wrong", max_retries=0).models.list()
 
-    # still serving, and nothing in the log is a traceback
-    r = _post(server, good)
+    # still serving, and nothing in the log is a traceback; a data URI's scheme and base64 token in any case
+    message = user(ex.image, ex.prompt)
+    url = message["content"][0]["image_url"]
+    url["url"] = url["url"].replace("data:", "DATA:").replace(";base64,", ";Base64,")
+    r = _post(server, {**good, "messages": [message]})
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
     assert not [rec for rec in server[1] if rec.exc_info or "Traceback" in rec.getMessage()]
 
