@@ -402,6 +402,17 @@ def _check_kind(manifest: "Manifest") -> None:
             raise _Malformed(f"embedding.text_padding must be longest or max_length, got {spec.text_padding!r}")
         if spec.text_normalize not in (None, "siglip"):
             raise _Malformed(f"embedding.text_normalize must be null or siglip, got {spec.text_normalize!r}")
+        _check_embedding_dim(manifest)
+
+
+def _check_embedding_dim(manifest: "Manifest") -> None:
+    """embedding.dim against the encoders' outputs, where the package states their width."""
+    for part, output in (("vision_encoder", "image_embeds"), ("text_encoder", "text_embeds")):
+        graph = manifest.graphs.get(part)
+        tensor = graph.outputs.get(output) if graph else None
+        width = tensor.shape[-1] if tensor and tensor.shape else None
+        if isinstance(width, int) and width != manifest.embedding.dim:
+            raise _Malformed(f"embedding.dim is {manifest.embedding.dim}, but the {part}'s {output} has {width}")
 
 
 KV_DTYPES = ("float32", "float16")

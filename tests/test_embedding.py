@@ -229,7 +229,9 @@ def test_a_manifest_must_state_its_kinds_fields(packages, tmp_path):
     data = json.loads((package / "mmedge.json").read_text())
     for change, message in (({"embedding": None}, "missing field embedding"),
                             ({"kind": "both"}, "kind must be one of"),
-                            ({"embedding": {**data["embedding"], "activation": "relu"}}, "embedding.activation")):
+                            ({"embedding": {**data["embedding"], "activation": "relu"}}, "embedding.activation"),
+                            ({"embedding": {**data["embedding"], "dim": data["embedding"]["dim"] + 1}},
+                             "but the vision_encoder's image_embeds has")):
         (package / "mmedge.json").write_text(json.dumps({**data, **change}))
         with pytest.raises(PackageError, match=message):
             from mmedge.runtimes import Embedder
