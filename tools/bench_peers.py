@@ -151,6 +151,8 @@ def worker_optimum(args) -> dict:
 
     start = time.perf_counter()
     config = {"INFERENCE_NUM_THREADS": args.threads} if args.threads else {}
+    if args.compute:  # its fp32 package timed in f32 as well, like with like for mmedge's f32-compute rows
+        config["INFERENCE_PRECISION_HINT"] = args.compute
     model = OVModelForVisualCausalLM.from_pretrained(args.model_dir, ov_config=config)
     try:
         processor = AutoProcessor.from_pretrained(args.model_dir)
@@ -239,10 +241,10 @@ def _run(cmd: list[str], what: str, env: dict | None = None) -> str:
     return proc.stdout
 
 
-def _worker(python: str, kind: str, args, model_dir: Path, image: Path) -> dict:
+def _worker(python: str, kind: str, args, model_dir: Path, image: Path, compute: str | None = None) -> dict:
     cmd = [python, __file__, "--worker", kind, "--model-dir", str(model_dir), "--image", str(image),
            "--new-tokens", str(args.new_tokens), "--runs", str(args.runs), "--warmup", str(args.warmup),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), *(["--compute", compute] if compute else [])]
     out = _run(cmd, f"{kind}: {model_dir.name}")
     return json.loads(out.strip().splitlines()[-1])
 
@@ -395,6 +397,7 @@ def main(argv=None) -> int:
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--image", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--compute", help=argparse.SUPPRESS)  # optimum's worker: OpenVINO's INFERENCE_PRECISION_HINT
     args = p.parse_args(argv)
 
     if args.worker:
@@ -436,6 +439,9 @@ def main(argv=None) -> int:
                 (out / ".complete").touch()
             jobs.append(("optimum-intel", f"optimum-intel openvino {fmt}",
                          lambda out=out: _worker(python, "optimum", args, out, image), dir_size(out), None))
+            if fmt == "fp32" and _ov_cpu_default() != "f32":  # its default computes fp32 weights in bf16 here
+                jobs.append(("optimum-intel", "optimum-intel openvino fp32 (f32 compute)",
+                             lambda out=out: _worker(python, "optimum", args, out, image, "f32"), dir_size(out), None))
     if "mmedge" not in args.skip:
         mmedge = [sys.executable, "-m", "mmedge.cli"]
         for target, quant in [(t, q) for t, q in MMEDGE_PACKAGES if t in (args.target or (t,))]:
@@ -574,8 +580,8 @@ def report(rows: list[dict], bandwidth: dict, args, bench: Bench) -> str:
                      f"{r['peak_rss_mb']:.0f} | {r['size_mb']:.0f} | {f'{roof:.0f}' if roof else '-'} | {frac} |")
     lines += ["", f"![decode tokens/s and time to first token]({bench.chart})", "",
               f"Compute precision: optimum-intel runs OpenVINO with its CPU default, {_ov_cpu_default()} on this"
-              " machine (so its fp32 rows compute in that precision); mmedge pins f32 unless a row says otherwise"
-              " (`--inference-precision`). Weights are what the row names.", "",
+              " machine (so its fp32 rows compute in that precision unless a row says otherwise); mmedge pins f32"
+              " unless a row says otherwise (`--inference-precision`). Weights are what the row names.", "",
               "Roofline: read bandwidth / bytes the decoder reads per new token (its weights without the"
               " embedding table, plus the KV cache at the final length), for the mmedge packages, whose"
               " decoder bytes are known exactly from the package (halved for bf16 compute: OpenVINO converts"

@@ -221,7 +221,8 @@ HOW = """
   graphs of both (onnxruntime's converter is shown each weight's type and shape only; the weight is halved, in
   chunks, as it is written). A big decoder
   is calibrated on its prefills (each decode step reads every weight for one row of statistics) with fewer
-  samples by default (22 for PaliGemma-3B's 2.92B parameters), and the fp32 and quantized packages are measured
+  samples by default (22 for PaliGemma-3B's 2.92B parameters), stopping once their prompts reach 320 tokens a
+  sample (Qwen2.5-VL-3B's dynamic-resolution images are 153 to 1,274-token prompts: 9 of its 17), and the fp32 and quantized packages are measured
   one after the other (the fp32 package's teacher-forced logits are those its greedy answer computed, not a second
   pass over it: PaliGemma-3B's fp32 half of the measurement 2.4 -> 1.3 min). A tied embedding table is not
   quantized on its own: the embedding reads the LM head's INT8 blocks (docs/package-format.md), which also spares
