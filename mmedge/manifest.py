@@ -394,6 +394,7 @@ def _check_kind(manifest: "Manifest") -> None:
         _check_cache(manifest)
     elif manifest.preprocess is None:
         raise _Malformed("missing field preprocess (an embedding package states it)")
+    _check_pixels(manifest)
     spec = manifest.embedding
     if manifest.kind == "embedding":
         if spec.activation not in ACTIVATIONS:
@@ -403,6 +404,19 @@ def _check_kind(manifest: "Manifest") -> None:
         if spec.text_normalize not in (None, "siglip"):
             raise _Malformed(f"embedding.text_normalize must be null or siglip, got {spec.text_normalize!r}")
         _check_embedding_dim(manifest)
+
+
+def _check_pixels(manifest: "Manifest") -> None:
+    """preprocess's image (or tile) size against the vision encoder's pixel input, where the graph fixes it: a
+    damaged height was the engine's shape error at the first image (exit 1)."""
+    spec, graph = manifest.preprocess, manifest.graphs.get("vision_encoder")
+    if spec is None or graph is None or spec.resize_mode == "smart_resize":  # patches, not an image, go in
+        return
+    for name, tensor in graph.inputs.items():
+        size = tensor.shape[-2:] if len(tensor.shape) >= 4 else None
+        if size and all(isinstance(d, int) for d in size) and list(size) != [spec.height, spec.width]:
+            raise _Malformed(f"preprocess.height x width is {spec.height} x {spec.width}, but the vision_encoder's "
+                             f"{name} is {size[0]} x {size[1]}")
 
 
 def _check_embedding_dim(manifest: "Manifest") -> None:

@@ -155,6 +155,7 @@ def test_a_manifest_of_the_wrong_shape_is_one_line(packages, tmp_path):
     ("kv_cache.dtype", "float99", "kv_cache.dtype must be one of float32, float16"),
     ("kv_cache.max_context", 10 ** 12, "kv_cache.max_context must be at most"),
     ("preprocess.height", 100_000, "preprocess.height must be at most"),
+    ("preprocess.height", 40, "preprocess.height x width is 40 x 32, but the vision_encoder's pixel_values is 32 x 32"),
     ("preprocess.resample", "magic", "preprocess.resample is 'magic'"),
     ("preprocess.std", [0, 0, 0], "preprocess.std is [0"),
     ("format_version", -1, "has no format_version"),
