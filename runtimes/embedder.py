@@ -79,6 +79,10 @@ class Embedder:
             tokenizer = Tokenizer.from_file(str(path / manifest.tokenizer))
         except Exception as exc:
             raise PackageError(f"cannot read {manifest.tokenizer}: {exc}") from None
+        vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+        if manifest.embedding.pad_id >= vocab:
+            raise PackageError(f"the package's embedding.pad_id {manifest.embedding.pad_id} is not a token of its "
+                               f"tokenizer ({vocab} tokens); re-export the package")
         return cls(path, manifest, graphs, tokenizer)
 
     # -- embeddings ---------------------------------------------------------------------------

@@ -231,7 +231,8 @@ def test_a_manifest_must_state_its_kinds_fields(packages, tmp_path):
                             ({"kind": "both"}, "kind must be one of"),
                             ({"embedding": {**data["embedding"], "activation": "relu"}}, "embedding.activation"),
                             ({"embedding": {**data["embedding"], "dim": data["embedding"]["dim"] + 1}},
-                             "but the vision_encoder's image_embeds has")):
+                             "but the vision_encoder's image_embeds has"),
+                            ({"embedding": {**data["embedding"], "pad_id": 10 ** 6}}, "is not a token of its")):
         (package / "mmedge.json").write_text(json.dumps({**data, **change}))
         with pytest.raises(PackageError, match=message):
             from mmedge.runtimes import Embedder
