@@ -120,6 +120,13 @@ class _FeedReader:
         return next(self._it, None)
 
 
+# The quantized layers' outputs stay float on the CPU targets: ONNX Runtime then runs each as MatMulIntegerToFloat
+# (int8 product, float result) instead of QLinearMatMul + DequantizeLinear, one rounding fewer. SmolVLM-256M-shaped's
+# INT8 vision encoder, 2 threads, taking turns: 749 -> 687 ms a 512 x 512 image (median of 8), relative L2 error
+# from fp32 on two held-out photographs 0.0625 / 0.0624 -> 0.0533 / 0.0561. TensorRT (symmetric) keeps its Q/DQ.
+FLOAT_OUTPUTS = ("MatMul", "Conv", "Gemm")
+
+
 def quantize_static_int8(src: Path, dst: Path, feeds: list[dict], method: str, symmetric: bool = False) -> dict:
     """INT8 QDQ: activations uint8 with calibrated ranges (int8 around zero if `symmetric`, as TensorRT
     wants them), weights int8 symmetric per output channel.
@@ -175,7 +182,8 @@ def quantize_static_int8(src: Path, dst: Path, feeds: list[dict], method: str, s
                     reduce_range=seven_bits,
                     # TensorRT: zero points 0, and float biases (its parser takes no INT32 DequantizeLinear)
                     extra_options={"WeightSymmetric": True, "ActivationSymmetric": symmetric,
-                                   "QuantizeBias": not symmetric},
+                                   "QuantizeBias": not symmetric,
+                                   "OpTypesToExcludeOutputQuantization": [] if symmetric else list(FLOAT_OUTPUTS)},
                     **({"calibration_cache_path": str(cache)} if lean else {}),
                 )
             finally:
@@ -184,8 +192,9 @@ def quantize_static_int8(src: Path, dst: Path, feeds: list[dict], method: str, s
         named.unlink(missing_ok=True)
     activations = "int8 symmetric" if symmetric else "uint8"
     weights = "int8 in 7 bits" if seven_bits else "int8"
-    return {"scheme": f"int8 QDQ: activations {activations} (calibrated), weights {weights} per channel; attention "
-                      "MatMuls fp32",
+    outputs = "" if symmetric else "; outputs float"
+    return {"scheme": f"int8 QDQ: activations {activations} (calibrated), weights {weights} per channel{outputs}; "
+                      "attention MatMuls fp32",
             "calibration": method, "calibration_batches": len(feeds), "layers": len(nodes)}
 
 

@@ -504,6 +504,16 @@ def test_lean_minmax_ranges_quantize_as_onnxruntimes_calibrator_does(tmp_path, m
     for name, value in made[False].items():
         assert np.array_equal(made[True][name], value) and np.array_equal(made["probe"][name], value), name
     assert sorted(p.name for p in src.parent.iterdir()) == ["g.onnx", "g.onnx.data"]
+    # the CPU targets' layer outputs stay float, run by ONNX Runtime as MatMulIntegerToFloat (FLOAT_OUTPUTS);
+    # TensorRT's keep their Q/DQ
+    quantized = {n.input[0].removesuffix("_QuantizeLinear_Input")  # (a graph output's, renamed)
+                 for n in onnx.load(str(dst)).graph.node if n.op_type == "QuantizeLinear"}
+    assert "x" in quantized and ("h" in quantized) == ("y" in quantized) == symmetric, quantized
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(dst), options, providers=["CPUExecutionProvider"])
+    ran = {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    assert ("MatMulIntegerToFloat" in ran) != symmetric and ("QLinearMatMul" in ran) == symmetric, ran
     # the CPU targets' weights in 7 bits, which a CPU without VNNI cannot saturate (SEVEN_BIT_WEIGHTS); TensorRT's 8
     weights = [v for v in made[True].values() if v.dtype == np.int8 and v.ndim == 2]
     assert len(weights) == 2
