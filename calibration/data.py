@@ -69,7 +69,8 @@ class CalibrationSet:
     prompt_tokens: int | None = None  # the calibration prompts' tokens, once counted against the budget
 
     def describe(self) -> dict:
-        budget = {"token_budget": self.token_budget, "prompt_tokens": self.prompt_tokens} if self.token_budget else {}
+        budget = ({"token_budget": self.token_budget, "prompt_tokens": self.prompt_tokens}
+                  if self.prompt_tokens is not None else {})  # where calibration counted its prompts against it
         return {"source": self.source, "calibration_samples": len(self.calibrate),
                 "held_out_samples": len(self.held_out), "skipped_unreadable": self.skipped, **budget}
 

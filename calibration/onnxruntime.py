@@ -122,9 +122,9 @@ class _FeedReader:
 
 # The quantized layers' outputs stay float on the CPU targets: ONNX Runtime then runs each as MatMulIntegerToFloat
 # (int8 product, float result) instead of QLinearMatMul + DequantizeLinear, one rounding fewer. SmolVLM-256M-shaped's
-# INT8 vision encoder, 2 threads, taking turns: 749 -> 687 ms a 512 x 512 image (median of 8), relative L2 error
-# from fp32 on two held-out photographs 0.0625 / 0.0624 -> 0.0533 / 0.0561. TensorRT (symmetric) keeps its Q/DQ.
-FLOAT_OUTPUTS = ("MatMul", "Conv", "Gemm")
+# INT8 vision encoder, 2 threads, taking turns: 749 -> 699 ms a 512 x 512 image (median of 8), relative L2 error
+# from fp32 on two held-out photographs 0.0625 / 0.0624 -> 0.0574 / 0.0582. TensorRT (symmetric) keeps its Q/DQ.
+FLOAT_OUTPUTS = ("MatMul", "Gemm")  # (a Conv runs as QLinearConv only with its output quantized)
 
 
 def quantize_static_int8(src: Path, dst: Path, feeds: list[dict], method: str, symmetric: bool = False) -> dict:
@@ -165,7 +165,8 @@ def quantize_static_int8(src: Path, dst: Path, feeds: list[dict], method: str, s
                 cache = Path(tmp) / "ranges.json"
                 # measured as calibration ran the graph (RangeProbe), or now over the recorded inputs
                 measured = getattr(feeds, "ranges", None)
-                save_tensors_data(measured if measured is not None else _minmax_ranges(named, model, feeds), cache)
+                save_tensors_data(measured if measured is not None else _minmax_ranges(named, model, feeds, symmetric),
+                                  cache)
             del model
             os.chdir(tmp)  # the calibrator writes its augmented model to the working directory, and the quantizer
             try:           # refuses to write dst's <name>.data where one exists in it
@@ -220,15 +221,18 @@ class RangeProbe:
     the vision side once through it and quantize_static_int8 takes the ranges, instead of running the graph over
     the recorded inputs again (Qwen2.5-VL-3B's vision encoder over 17 images: ~4 min)."""
 
-    def __init__(self, graph: Path, model: onnx.ModelProto | None = None):
+    def __init__(self, graph: Path, model: onnx.ModelProto | None = None, outputs: bool = True):
+        """outputs False: the quantized nodes' inputs only, for static INT8 that leaves FLOAT_OUTPUTS float."""
         import onnxruntime as ort
 
         if model is None:
             model = onnx.load(str(graph), load_external_data=False)
             _name_nodes(model)
         inits, wanted = {i.name for i in model.graph.initializer}, set(_quantized_nodes(model))
-        self.tensors = list(dict.fromkeys(t for n in model.graph.node if n.name in wanted
-                                          for t in (*n.input, *n.output) if t and t not in inits))
+        self.tensors = list(dict.fromkeys(
+            t for n in model.graph.node if n.name in wanted
+            for t in (*n.input, *(n.output if outputs or n.op_type not in FLOAT_OUTPUTS else ()))
+            if t and t not in inits))
         self.own = [o.name for o in model.graph.output]
         index = {t: i for i, t in enumerate(self.tensors)}
         probe = onnx.ModelProto()
@@ -289,12 +293,12 @@ def range_probe(part: str, graph: Path, options):
     elsewhere, else None (the engine's own graph; the ranges come from its recorded inputs)."""
     if options.calib_method != "minmax" or not _takes_ranges():
         return None
-    return RangeProbe(graph)
+    return RangeProbe(graph, outputs=False)  # the CPU targets' static INT8 (FLOAT_OUTPUTS)
 
 
-def _minmax_ranges(graph: Path, model: onnx.ModelProto, feeds: list[dict]):
+def _minmax_ranges(graph: Path, model: onnx.ModelProto, feeds: list[dict], outputs: bool = True):
     """The MinMax ranges of `graph` (whose nodes `model` names) over `feeds`, measured by a RangeProbe."""
-    probe = RangeProbe(graph, model)
+    probe = RangeProbe(graph, model, outputs)
     for feed in feeds:
         probe.run(feed)
     return probe.ranges()

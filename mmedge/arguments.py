@@ -25,7 +25,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--calib", default="builtin",
                    help="calibration data: an image folder, a JSONL of {image, prompt}, or builtin (default)")
     e.add_argument("--calib-samples", type=int, help="calibration samples (default: 64; for a model over 1B "
-                   "parameters fewer, at least 16, and no more than their prompts' share of a token budget, at least 8)")
+                   "parameters fewer, at least 16, and on onnxruntime/openvino/tensorrt no more than their prompts' share of a "
+                   "token budget, at least 8)")
     e.add_argument("--calib-method", default="minmax", help="INT8 activation ranges: minmax, entropy or percentile")
     e.add_argument("--int4-method", default="awq", help="INT4 decoder weights: awq (activation-aware) or rtn")
     e.add_argument("--int4-block-size", type=int,

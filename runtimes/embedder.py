@@ -161,6 +161,8 @@ class Embedder:
         if logits.ndim == 0:
             raise InputError("logits must be [images, texts] (or one row of texts) as logits() returns them, "
                              "got a single number")
+        if logits.shape[-1] == 0:  # no texts
+            return logits
         if self.spec.activation == "sigmoid":
             return 1.0 / (1.0 + np.exp(-logits))
         shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))

@@ -138,10 +138,11 @@ class Pipeline(PackageGraphs, RowBatching, Transcription):
 
     def prompt_tokens(self, image: ImageInput | Sequence[ImageInput] | None, prompt: str,
                       video: VideoInput | None = None, **options: Any) -> int:
-        """How many tokens the prompt is with its media (image tokens included) as generate() would give it:
-        what its prefill costs, and how much of max_context it takes."""
+        """How many tokens the prompt is with its media (image tokens included) as generate() would give it: what
+        its prefill costs (an encoder-decoder's: what its encoder reads), and how much of the context it takes."""
         with self._exclusive():
-            return len(self._prepare(image, prompt, self.options(**options), video).ids)
+            seq = self._prepare(image, prompt, self.options(**options), video)
+        return len(seq.source if seq.source is not None else seq.ids)
 
     def _pieces(self, tokens, opts: GenerationOptions) -> Iterator[str]:
         """Text of `tokens` as it becomes final, up to the first stop string."""

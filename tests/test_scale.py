@@ -393,3 +393,10 @@ def test_a_big_models_default_calibration_stops_at_its_prompt_token_budget(check
     assert len(package._within_budget(pipe, calib)) == MIN_SAMPLES
     calib = fresh()
     assert package._within_budget(pipe, calib) == fresh().calibrate and "token_budget" not in calib.describe()
+    # an encoder-decoder's prompt is what its encoder reads, the image's tokens and the text's (Florence-2), not the
+    # decoder's start tokens
+    florence, processor = Pipeline.load(packages("florence2-tiny")), load_processor(checkpoints["florence2-tiny"])
+    image = fresh().calibrate[0].image
+    for task in ("<CAPTION>", "<OD>", "<CAPTION_TO_PHRASE_GROUNDING>a red square"):
+        expected = processor(text=task, images=image, return_tensors="np")["input_ids"].shape[1]
+        assert florence.prompt_tokens(image, task) == expected, task
