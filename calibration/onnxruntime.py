@@ -288,12 +288,12 @@ class RangeProbe:
                            {t: (self.low[i:i + 1], self.high[i:i + 1]) for i, t in enumerate(self.tensors)})
 
 
-def range_probe(part: str, graph: Path, options):
+def range_probe(part: str, graph: Path, options, outputs: bool = False):
     """The graph calibration runs for `part`: a RangeProbe where its static INT8 takes MinMax ranges measured
     elsewhere, else None (the engine's own graph; the ranges come from its recorded inputs)."""
     if options.calib_method != "minmax" or not _takes_ranges():
         return None
-    return RangeProbe(graph, outputs=False)  # the CPU targets' static INT8 (FLOAT_OUTPUTS)
+    return RangeProbe(graph, outputs=outputs)  # outputs: TensorRT's (the CPU targets leave FLOAT_OUTPUTS float)
 
 
 def _minmax_ranges(graph: Path, model: onnx.ModelProto, feeds: list[dict], outputs: bool = True):

@@ -44,7 +44,12 @@ ISLAND_OPS = {"Pow", "ReduceMean", "Sqrt", "Reciprocal", "Softmax", "LayerNormal
 BACKEND = "onnxruntime"
 graph_files = ort_quant.graph_files
 decoder_capture = ort_quant.decoder_capture
-range_probe = ort_quant.range_probe
+
+
+def range_probe(part: str, graph: Path, options):
+    """As the onnxruntime target's, with the quantized layers' outputs measured too: TensorRT's static INT8 keeps
+    their Q/DQ (symmetric)."""
+    return ort_quant.range_probe(part, graph, options, outputs=True)
 
 
 def fp16_islands(model: onnx.ModelProto) -> list[str]:
