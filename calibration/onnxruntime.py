@@ -127,6 +127,13 @@ class _FeedReader:
 FLOAT_OUTPUTS = ("MatMul", "Gemm")  # (a Conv runs as QLinearConv only with its output quantized)
 
 
+def float_outputs(symmetric: bool) -> tuple[str, ...]:
+    """The op types whose quantized outputs static INT8 leaves float: FLOAT_OUTPUTS on the CPU targets, none for
+    TensorRT's symmetric Q/DQ. The quantizer and the range probe both read it, so the probe measures exactly the
+    tensors the quantizer takes ranges for."""
+    return () if symmetric else FLOAT_OUTPUTS
+
+
 def quantize_static_int8(src: Path, dst: Path, feeds: list[dict], method: str, symmetric: bool = False) -> dict:
     """INT8 QDQ: activations uint8 with calibrated ranges (int8 around zero if `symmetric`, as TensorRT
     wants them), weights int8 symmetric per output channel.
@@ -184,7 +191,7 @@ def quantize_static_int8(src: Path, dst: Path, feeds: list[dict], method: str, s
                     # TensorRT: zero points 0, and float biases (its parser takes no INT32 DequantizeLinear)
                     extra_options={"WeightSymmetric": True, "ActivationSymmetric": symmetric,
                                    "QuantizeBias": not symmetric,
-                                   "OpTypesToExcludeOutputQuantization": [] if symmetric else list(FLOAT_OUTPUTS)},
+                                   "OpTypesToExcludeOutputQuantization": list(float_outputs(symmetric))},
                     **({"calibration_cache_path": str(cache)} if lean else {}),
                 )
             finally:
@@ -221,17 +228,18 @@ class RangeProbe:
     the vision side once through it and quantize_static_int8 takes the ranges, instead of running the graph over
     the recorded inputs again (Qwen2.5-VL-3B's vision encoder over 17 images: ~4 min)."""
 
-    def __init__(self, graph: Path, model: onnx.ModelProto | None = None, outputs: bool = True):
-        """outputs False: the quantized nodes' inputs only, for static INT8 that leaves FLOAT_OUTPUTS float."""
+    def __init__(self, graph: Path, model: onnx.ModelProto | None = None, symmetric: bool = False):
+        """`symmetric` as quantize_static_int8 takes it: the outputs it leaves float (float_outputs) not measured."""
         import onnxruntime as ort
 
         if model is None:
             model = onnx.load(str(graph), load_external_data=False)
             _name_nodes(model)
         inits, wanted = {i.name for i in model.graph.initializer}, set(_quantized_nodes(model))
+        unquantized = float_outputs(symmetric)
         self.tensors = list(dict.fromkeys(
             t for n in model.graph.node if n.name in wanted
-            for t in (*n.input, *(n.output if outputs or n.op_type not in FLOAT_OUTPUTS else ()))
+            for t in (*n.input, *(n.output if n.op_type not in unquantized else ()))
             if t and t not in inits))
         self.own = [o.name for o in model.graph.output]
         index = {t: i for i, t in enumerate(self.tensors)}
@@ -288,17 +296,18 @@ class RangeProbe:
                            {t: (self.low[i:i + 1], self.high[i:i + 1]) for i, t in enumerate(self.tensors)})
 
 
-def range_probe(part: str, graph: Path, options, outputs: bool = False):
-    """The graph calibration runs for `part`: a RangeProbe where its static INT8 takes MinMax ranges measured
-    elsewhere, else None (the engine's own graph; the ranges come from its recorded inputs)."""
+def range_probe(part: str, graph: Path, options, symmetric: bool = False):
+    """The graph calibration runs for `part`: a RangeProbe where its static INT8 (quantize_static_int8 with
+    `symmetric`) takes MinMax ranges measured elsewhere, else None (the engine's own graph; the ranges come from its
+    recorded inputs)."""
     if options.calib_method != "minmax" or not _takes_ranges():
         return None
-    return RangeProbe(graph, outputs=outputs)  # outputs: TensorRT's (the CPU targets leave FLOAT_OUTPUTS float)
+    return RangeProbe(graph, symmetric=symmetric)
 
 
-def _minmax_ranges(graph: Path, model: onnx.ModelProto, feeds: list[dict], outputs: bool = True):
+def _minmax_ranges(graph: Path, model: onnx.ModelProto, feeds: list[dict], symmetric: bool = False):
     """The MinMax ranges of `graph` (whose nodes `model` names) over `feeds`, measured by a RangeProbe."""
-    probe = RangeProbe(graph, model, outputs)
+    probe = RangeProbe(graph, model, symmetric)
     for feed in feeds:
         probe.run(feed)
     return probe.ranges()

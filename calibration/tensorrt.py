@@ -42,14 +42,16 @@ ISLAND_OPS = {"Pow", "ReduceMean", "Sqrt", "Reciprocal", "Softmax", "LayerNormal
 
 # the package is verified, calibrated and measured through this backend at export (no GPU needed)
 BACKEND = "onnxruntime"
+# static INT8 as TensorRT takes it: int8 activations around zero (zero points 0), every layer's Q/DQ kept; the
+# range probe and the quantizer both read it
+SYMMETRIC_INT8 = True
 graph_files = ort_quant.graph_files
 decoder_capture = ort_quant.decoder_capture
 
 
 def range_probe(part: str, graph: Path, options):
-    """As the onnxruntime target's, with the quantized layers' outputs measured too: TensorRT's static INT8 keeps
-    their Q/DQ (symmetric)."""
-    return ort_quant.range_probe(part, graph, options, outputs=True)
+    """As the onnxruntime target's, for TensorRT's symmetric static INT8 (its layers' outputs keep their Q/DQ)."""
+    return ort_quant.range_probe(part, graph, options, symmetric=SYMMETRIC_INT8)
 
 
 def fp16_islands(model: onnx.ModelProto) -> list[str]:
@@ -231,7 +233,8 @@ def quantize_graph(part, precision, src, dst, options, feeds, stats) -> dict:
     # vision encoder, projector (the embedding table is never int8 here: calibration/plan.py TARGET_LIMITS)
     int8 = dst.with_name(".int8-" + dst.name)
     try:
-        report = ort_quant.quantize_static_int8(src, int8, feeds[part], options.calib_method, symmetric=True)
+        report = ort_quant.quantize_static_int8(src, int8, feeds[part], options.calib_method,
+                                                symmetric=SYMMETRIC_INT8)
         fp16_file(int8, dst)
     finally:
         for path in ort_quant.graph_files(int8):

@@ -487,7 +487,7 @@ def test_lean_minmax_ranges_quantize_as_onnxruntimes_calibrator_does(tmp_path, m
     # engine gives them, and the ranges handed over with the recorded inputs
     from mmedge.calibration.package import Recorded
 
-    probe = ortq.RangeProbe(src, outputs=symmetric)  # as range_probe makes it for the CPU targets (TensorRT: outputs)
+    probe = ortq.RangeProbe(src, symmetric=symmetric)  # as range_probe makes it for each target
     plain = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
     for feed in feeds:
         np.testing.assert_allclose(probe.run(feed)["y"], plain.run(None, feed)[0], rtol=1e-5, atol=1e-5)
@@ -560,7 +560,7 @@ def test_range_measurement_lets_each_probed_tensor_go_after_its_layer(tmp_path):
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        ranges = ortq._minmax_ranges(src, model, [feed])
+        ranges = ortq._minmax_ranges(src, model, [feed], symmetric=True)  # the layers' outputs measured too
     finally:
         done.set()
         watcher.join()
