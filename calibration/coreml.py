@@ -63,24 +63,44 @@ def compression_config(precision: str, block_size: int):
     raise ExportError(f"Core ML has no weight compression called {precision!r}; choose one of {', '.join(COMPRESSED)}")
 
 
-def _int4_error(w: np.ndarray, act: np.ndarray, ratio: float) -> np.ndarray:
-    """Activation-weighted squared INT4 error per (row, block) with blocks clipped to `ratio` x max |w|.
-    w: [rows, blocks, block]; act: [blocks, block] mean squared inputs."""
-    scale = np.maximum(np.abs(w).max(-1, keepdims=True) * ratio / INT4_MAX, 1e-12)
-    q = np.clip(np.round(w / scale), -INT4_MAX, INT4_MAX) * scale
-    return (((w - q) ** 2) * act).sum(-1)
+# rows of a weight searched at once: about this many elements, so that the search's temporaries stay a few MB
+# (whole, PaliGemma-3B's 527M-element LM head took ~10 GB of float32 temporaries at a time)
+CLIP_CHUNK = 1 << 20
 
 
 def clip_ratios(w: np.ndarray, act: np.ndarray, block: int) -> tuple[np.ndarray, dict]:
     """Per (row, block) of `w` [out, in], the clipping ratio of CLIP_RATIOS with the least
-    activation-weighted INT4 error (act: mean squared input per input channel); and the errors."""
+    activation-weighted INT4 error (act: mean squared input per input channel), and the summed errors: RTN's
+    (ratio 1.0) and the chosen ratios'. A block clipped to `ratio` x max |w| has scale ratio x max |w| / 7, as
+    coremltools' data-free INT4 then computes it on the clipped block. Rows are searched CLIP_CHUNK elements at
+    a time, each ratio's error computed in place."""
     rows, cols = w.shape
-    wb = w.astype(np.float32).reshape(rows, cols // block, block)
-    ab = act.astype(np.float32).reshape(cols // block, block)
-    errors = np.stack([_int4_error(wb, ab, r) for r in CLIP_RATIOS])  # [ratios, rows, blocks]
-    best = errors.argmin(0)
-    chosen = np.take_along_axis(errors, best[None], 0)[0]
-    return np.asarray(CLIP_RATIOS, np.float32)[best], {"rtn": float(errors[0].sum()), "clipped": float(chosen.sum())}
+    blocks = cols // block
+    ab = act.astype(np.float32).reshape(blocks, block)
+    ratios = np.asarray(CLIP_RATIOS, np.float32)
+    best = np.empty((rows, blocks), np.float32)
+    rtn = clipped = 0.0
+    step = max(1, CLIP_CHUNK // cols)
+    for start in range(0, rows, step):
+        wb = np.asarray(w[start:start + step], np.float32).reshape(-1, blocks, block)
+        top = np.abs(wb).max(-1, keepdims=True)
+        q = np.empty_like(wb)
+        errors = np.empty((len(ratios), len(wb), blocks), np.float32)  # [ratios, rows, blocks]
+        for i, ratio in enumerate(CLIP_RATIOS):
+            scale = np.maximum(top * ratio / INT4_MAX, 1e-12)
+            np.divide(wb, scale, out=q)
+            np.round(q, out=q)
+            np.clip(q, -INT4_MAX, INT4_MAX, out=q)
+            q *= scale
+            np.subtract(wb, q, out=q)
+            np.square(q, out=q)
+            q *= ab
+            q.sum(-1, out=errors[i])
+        pick = errors.argmin(0)
+        best[start:start + len(wb)] = ratios[pick]
+        rtn += float(errors[0].sum(dtype=np.float64))
+        clipped += float(np.take_along_axis(errors, pick[None], 0).sum(dtype=np.float64))
+    return best, {"rtn": rtn, "clipped": clipped}
 
 
 def clip_blocks(w: np.ndarray, ratios: np.ndarray, block: int) -> np.ndarray:

@@ -361,7 +361,7 @@ def compress(stage: Path, manifest: Manifest, plan: dict[str, str], opts, jobs: 
     if calib is not None:
         decoder = next(job for job in jobs if job.name == "decoder")
         stats = activation_stats(stage, manifest, jobs, calib, opts.progress)
-        clip, errors = int4_clip_ratios(decoder.module, stats, opts.int4_block_size)
+        clip, errors = int4_clip_ratios(decoder.module, stats, opts.int4_block_size, opts.progress)
         report["calibration"] = {**calib.describe(), "used": True,
                                  "why": "INT4 block ranges chosen on the decoder's recorded inputs (clip search)"}
         report["int4_clip"] = errors
@@ -436,9 +436,11 @@ def activation_stats(stage: Path, manifest: Manifest, jobs: list[GraphJob], cali
     return {module: (total / count).numpy() for module, total, count in sums.values()}
 
 
-def int4_clip_ratios(module, stats: dict, block: int) -> tuple[dict, dict]:
+def int4_clip_ratios(module, stats: dict, block: int, progress: bool = False) -> tuple[dict, dict]:
     """Per linear layer of `module` that INT4 compression will take: the clip ratios per (row, block),
     keyed by the weight's name as the converted program has it; and the weighted errors, RTN vs clipped."""
+    from tqdm.auto import tqdm
+
     from mmedge.calibration import coreml as cq
 
     done: set[int] = set()
@@ -446,7 +448,7 @@ def int4_clip_ratios(module, stats: dict, block: int) -> tuple[dict, dict]:
     for name, p in module.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name.replace(".", "_"))
     clip, rtn, clipped = {}, 0.0, 0.0
-    for layer, act in stats.items():
+    for layer, act in tqdm(stats.items(), desc="clip search", unit="layer", disable=not progress):
         w = layer.weight.detach().numpy()
         if w.size <= cq.WEIGHT_THRESHOLD or w.shape[1] % block or id(layer.weight) in done:
             continue  # left float16, or not blockable: coremltools skips it as well; or seen already

@@ -221,9 +221,11 @@ def test_int4_decoder_weights_are_blockwise_int4(variants, checkpoints):
     assert [m.graphs[p].precision for p in m.graphs] == ["int8", "int8", "int8", "int4"]
 
 
-def test_clip_search_lowers_the_weighted_error():
+def test_clip_search_lowers_the_weighted_error(monkeypatch):
     """The chosen per-block ratios: the weights clipped with them, then rounded as coremltools rounds
-    (scale = max |w| / 7 per block), have the activation-weighted error the search reports, below RTN's."""
+    (scale = max |w| / 7 per block), have the activation-weighted error the search reports, below RTN's; the
+    same searched a few rows at a time (CLIP_CHUNK: a big model's LM head is not searched whole)."""
+    from mmedge.calibration import coreml
     from mmedge.calibration.coreml import CLIP_RATIOS, clip_blocks, clip_ratios
 
     rng = np.random.default_rng(0)
@@ -242,6 +244,9 @@ def test_clip_search_lowers_the_weighted_error():
     assert weighted_rtn_error(w) == pytest.approx(errors["rtn"], rel=1e-4)
     assert weighted_rtn_error(clip_blocks(w, ratios, 32)) == pytest.approx(errors["clipped"], rel=1e-4)
     assert errors["clipped"] < 0.9 * errors["rtn"]
+    monkeypatch.setattr(coreml, "CLIP_CHUNK", 3 * 128)  # 3 rows at a time: 16 rows in 6 pieces, the last of 1
+    chunked, again = clip_ratios(w, act, 32)
+    assert np.array_equal(chunked, ratios) and again == pytest.approx(errors, rel=1e-6)
 
 
 @pytest.mark.slow
