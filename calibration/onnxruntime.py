@@ -40,18 +40,26 @@ AWQ_SEARCH_COLUMNS = 512
 
 
 class _ActivationStats:
-    """Runs the decoder copy that exposes MatMul inputs; keeps mean |x| per channel and a sample of rows."""
+    """Runs the decoder copy that exposes MatMul inputs; keeps mean |x| per channel and a sample of rows (each tap's
+    own draws, so that the sample is the same whichever order the taps come in: whole runs or a layered replay)."""
 
     def __init__(self, graph, taps: list[str], seed: int = 0):
         self.graph, self.taps = graph, taps
         self.abs_sum: dict[str, np.ndarray] = {}
         self.count: dict[str, int] = {}
         self.rows: dict[str, list[np.ndarray]] = {}
-        self.rng = np.random.default_rng(seed)
+        self.rng = {tap: np.random.default_rng([seed, i]) for i, tap in enumerate(taps)}
 
     def run(self, inputs: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         out = self.graph.run(inputs, into=into)
+        self.take(out)
+        return out
+
+    def take(self, out: dict[str, np.ndarray]) -> None:
+        """The taps among `out` (popped: their arrays are the caller's to give, |x| is taken in place)."""
         for tap in self.taps:
+            if tap not in out:
+                continue
             x = out.pop(tap)
             x = x.reshape(-1, x.shape[-1])
             if x.dtype != np.float32 or not x.flags.writeable:
@@ -60,12 +68,11 @@ class _ActivationStats:
             have = sum(len(r) for r in keep)
             if have < ROW_SAMPLE:
                 take = min(len(x), ROW_SAMPLE - have, 32)  # spread the sample over many steps and samples
-                keep.append(x[self.rng.choice(len(x), take, replace=False)])
+                keep.append(x[self.rng[tap].choice(len(x), take, replace=False)])
             # |x| in place, the output being ours: a 1,300-token prefill of a 3B decoder returns 3.2 GB of MatMul
             # inputs, whose copy and |x| temporaries cost 2.2 s a sample (0.4 so)
             self.abs_sum[tap] = self.abs_sum.get(tap, 0) + np.abs(x, out=x).sum(0)
             self.count[tap] = self.count.get(tap, 0) + x.shape[0]
-        return out
 
     def __getattr__(self, name):  # the rest of the graph's interface (reset_state of a decoder held as state)
         return getattr(self.graph, name)

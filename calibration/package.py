@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from mmedge.calibration import layered
 from mmedge.calibration.data import MIN_SAMPLES, CalibrationSet
 from mmedge.calibration.plan import describe
 from mmedge.runtimes.loading import graph_parts
@@ -149,24 +150,31 @@ def _pipeline(stage: Path, manifest: Manifest, files: dict[str, Path], wrap: dic
     reading their data) without prepacking, float16 ones widened weight by weight as they run (a float16 package's
     measurement held a float32 copy of PaliGemma-3B's decoder: 12 GiB anonymous), quantized ones prepacked as
     always."""
-    from mmedge.runtimes.backends import open_engine
     from mmedge.runtimes.pipeline import Pipeline
     from mmedge.runtimes.text import TextCodec
 
-    name = getattr(_target(manifest), "BACKEND", manifest.target)
-    big = _big_decoder(stage, manifest)
-    # opened on the package (open_engine), the engine knows what each graph holds: how low_memory opens it
-    engine = open_engine(stage, manifest, name, low_memory=big and name == "onnxruntime", model_cache=False)
-    load = getattr(_target(manifest), "load_graph", None)  # a target with graphs staged for another engine
+    load = _loader(stage, manifest)
     ready = ready or {}
-    graphs = {part: ready[part] if part in ready else load(engine, files[part], manifest) if load
-              else engine.load(files[part]) for part in files}
+    graphs = {part: ready[part] if part in ready else load(files[part]) for part in files}
     for part, make in (wrap or {}).items():
         graphs[part] = make(graphs[part])
     codec = TextCodec.from_package(stage, manifest)
     pipe = Pipeline(stage, manifest, graphs, codec)
     pipe.reuse_prefix = False  # each recorded sample runs whole, from an empty cache, as the graphs are replayed
     return pipe
+
+
+def _loader(stage: Path, manifest: Manifest):
+    """How calibration opens a graph file of the staged package: on the engine that runs the package here (the
+    target's, or its BACKEND), opened on the package so that it knows what each graph holds (how low_memory opens
+    it), or as the target stages it (`load_graph`: OpenVINO's big decoder, as ONNX)."""
+    from mmedge.runtimes.backends import open_engine
+
+    name = getattr(_target(manifest), "BACKEND", manifest.target)
+    big = _big_decoder(stage, manifest)
+    engine = open_engine(stage, manifest, name, low_memory=big and name == "onnxruntime", model_cache=False)
+    load = getattr(_target(manifest), "load_graph", None)  # a target with graphs staged for another engine
+    return (lambda path: load(engine, path, manifest)) if load else engine.load
 
 
 # A decoder graph over this many bytes (float32: ~250M parameters) is calibrated on its prefills plus one decode
@@ -179,6 +187,22 @@ BIG_DECODER_BYTES = 1 << 30
 def _big_decoder(stage: Path, manifest: Manifest) -> bool:
     """Whether the staged fp32 decoder is over BIG_DECODER_BYTES."""
     return graph_bytes(_target(manifest), staged(stage, manifest, "decoder")) > BIG_DECODER_BYTES
+
+
+def _by_layers(stage: Path, manifest: Manifest, decoder: Path) -> bool:
+    """Whether the float32 decoder is run layer group by layer group where nothing depends on its answers
+    (calibration/layered.py): a big one, as ONNX (ONNX Runtime runs it here on every target that stages it so),
+    not a speech model's (its first token, the language, steers how its windows are decoded)."""
+    return decoder.suffix == ".onnx" and manifest.audio is None and _big_decoder(stage, manifest)
+
+
+def _replay(stage: Path, manifest: Manifest, decoder: Path, sequences: list, take, desc: str, progress: bool) -> None:
+    """The decoder graph `decoder` over the `sequences` a Deferred decoder recorded, piece by piece (layered.py)."""
+    pieces = layered.split(decoder)
+    try:
+        layered.replay(pieces, sequences, _loader(stage, manifest), manifest.kv_cache, take, desc, progress)
+    finally:
+        layered.remove(pieces)
 
 
 def _held_out_steps(stage: Path, manifest: Manifest, options: QuantOptions) -> int:
@@ -325,10 +349,17 @@ def _calibrate(target, stage, manifest, fp32, recorded, capture, plan, calib, op
     # the static INT8 graphs' ranges measured as calibration runs them, where the target measures them so
     probe = getattr(target, "range_probe", lambda part, graph, options: None)
     probes = {part: probe(part, fp32[part], options) for part in recorded if plan[part] == "int8"}
-    probes = {part: graph for part, graph in probes.items() if graph is not None}
-    pipe = _pipeline(stage, manifest, files, wrap, ready=probes)
+    ready = {part: graph for part, graph in probes.items() if graph is not None}
+    probes = dict(ready)
+    # a big decoder's prefills recorded as the samples run, then replayed layer group by layer group (layered.py)
+    deferred = capture and _by_layers(stage, manifest, capture[0]) and layered.Deferred(manifest)
+    if deferred:
+        ready["decoder"] = deferred
+        del wrap["decoder"]
+    pipe = _pipeline(stage, manifest, files, wrap, ready=ready)
+    del ready  # (the probes are let go one by one: _take_ranges)
     feeds = {part: pipe.graphs[part].feeds for part in recorded}
-    decoder_data = pipe.graphs["decoder"] if capture else None
+    decoder_data = pipe.graphs["decoder"] if capture and not deferred else None
     samples = _within_budget(pipe, calib)
     # a decode step reads every weight for one row of activations: a big decoder is calibrated on its prefills
     steps = 1 if _big_decoder(stage, manifest) else options.decode_steps
@@ -341,10 +372,17 @@ def _calibrate(target, stage, manifest, fp32, recorded, capture, plan, calib, op
     # decoder's weight-only INT8 needs none: PaliGemma-3B's 22 prefills took 2.4 min for nothing)
     if capture or any(part not in first for part in recorded if plan[part] == "int8"):
         for sample in tqdm(samples, desc="calibrate", unit="sample", disable=not progress):
+            if deferred:
+                deferred.begin()
             answer(pipe, sample, steps)
     _take_ranges(feeds, probes, list(probes))
     del pipe
-    if capture:
+    if deferred:
+        release_freed_memory()  # the vision side's and the embedding's engines gone before the decoder's pieces
+        decoder_data = capture[1](None)
+        _replay(stage, manifest, capture[0], deferred.sequences, lambda s, t, out: decoder_data.take(out),
+                "calibrate decoder by layers", progress)
+    elif capture:
         decoder_data.graph = None  # what it recorded is kept; the session is let go
         if capture[0] != fp32["decoder"]:
             capture[0].unlink(missing_ok=True)  # a decoder copy that returned its MatMul inputs (ONNX Runtime)
@@ -412,62 +450,36 @@ def measure(stage: Path, manifest: Manifest, fp32_files: dict, quant_files: dict
     """Quantized vs fp32 on the held-out samples: per-graph error, teacher-forced logits, greedy answers. `plan`
     (part -> precision of quant_files) tells the engine what each quantized graph holds.
 
-    The fp32 package runs all samples first and is let go before the quantized one loads, so a big model's
-    two packages are never in memory together. Its teacher-forced logits are those its greedy generation computed
-    (Pipeline.logits_out): forcing its own answer would compute them again."""
+    One package runs all samples and is let go before the other loads, so a big model's two packages are never in
+    memory together: the fp32 one first, its teacher-forced logits those its greedy generation computed
+    (Pipeline.logits_out: forcing its own answer would compute them again), the quantized one forced along its
+    answer. A big float32 decoder (`_by_layers`) runs second instead, forced along the quantized package's answer,
+    layer group by layer group (calibration/layered.py): whether its greedy answer is the same is read off those
+    rows (Pipeline.greedy_along), as it is read off the quantized rows the other way."""
     parts = [p for p in (*RECORDED, "embed_tokens") if p in fp32_files]
-    steps = _held_out_steps(stage, manifest, options)
-    # each graph's held-out inputs and fp32 outputs recorded as the pipeline runs them (running them again took
-    # Qwen2.5-VL-3B's vision encoder 27 s over 4 images)
-    ref = _pipeline(stage, manifest, fp32_files, dict.fromkeys(parts, _with_outputs))
-    rec = {p: ref.graphs[p] for p in parts}
-    first = _vision_first(stage, manifest, ref)
-    if first:  # each held-out input recorded once, as the media is encoded
-        for part, r in rec.items():
-            r.keep = part in first
-        _encode_media(ref, calib.held_out, "measure fp32 vision", progress)
-        _let_go(ref, first)
-    expected = []  # per sample: fp32 greedy tokens, the tokens forced, and the fp32 logits along them
-    for sample in tqdm(calib.held_out, desc="measure fp32", unit="sample", disable=not progress):
-        for part, r in rec.items():
-            r.keep = part not in first  # record each held-out input once, in the generation pass
-        ref.logits_out = [] if sample.audio is None else None  # (speech: every window's; forced on the first)
-        tokens = answer(ref, sample, steps)
-        for r in rec.values():
-            r.keep = False
-        if ref.logits_out:  # the generation's own logits: teacher forcing on its answer, up to its last token
-            expected.append((tokens, tokens[:len(ref.logits_out) - 1], np.stack(ref.logits_out)))
-        else:
-            expected.append((tokens, tokens, forced_logits(ref, sample, tokens)))
-    graph_feeds = {part: r.runs() for part, r in rec.items()}  # per graph: (recorded inputs, fp32 outputs)
-    del ref, rec
-    # the fp32 engines' memory handed back before the quantized package loads: PaliGemma-3B's openvino fp16
-    # export was killed here, the float32 decoder's 12 GiB still held as the float16 one compiled (2026-12-06)
-    release_freed_memory()
     quantized = copy.deepcopy(manifest)
     for part in quant_files:
         quantized.graphs[part].precision = (plan or {}).get(part, quantized.graphs[part].precision)
-    # the quantized graphs' outputs for the same inputs, kept as its pipeline makes them (not run twice)
-    quant = _pipeline(stage, quantized, quant_files, dict.fromkeys(graph_feeds, _with_outputs))
+    if _by_layers(stage, manifest, fp32_files["decoder"]):
+        steps = options.decode_steps  # each piece's weights are read once, however many steps
+        rows, cases = _compare_by_layers(stage, manifest, quantized, fp32_files, quant_files, parts, calib, steps,
+                                         progress)
+    else:
+        steps = _held_out_steps(stage, manifest, options)
+        rows, cases = _compare(stage, manifest, quantized, fp32_files, quant_files, parts, calib, steps, progress)
     graph_err: dict[str, dict | None] = dict.fromkeys(fp32_files)
     agree = top1 = positions = 0
     kl_sum = 0.0
     logits_err = None
-    for sample, (tokens, forced, a) in zip(tqdm(calib.held_out, desc="measure", unit="sample", disable=not progress),
-                                           expected):
-        b = forced_logits(quant, sample, forced)
-        # greedy generation would make the forced tokens' own steps while it agrees with them: whether it gives
-        # the fp32 answer is read off the forced rows, not generated again (speech: generated, by its windows)
-        agree += tokens == (quant.greedy_along(b) if sample.audio is None else answer(quant, sample, steps))
+    for same, a, b in rows:  # per sample: greedy answers the same, fp32 rows, quantized rows
+        agree += same
         top1 += int((a.argmax(-1) == b.argmax(-1)).sum())
         positions += len(a)
         la, lb = _log_softmax(a), _log_softmax(b)
         kl_sum += float((np.exp(la) * (la - lb)).sum())
         logits_err = _worst(logits_err, _err(a, b))
-    for part, cases in graph_feeds.items():
-        seen = {_digest(feeds): out for feeds, out in quant.graphs[part].runs()}
-        for feeds, want in cases:
-            got = seen.get(_digest(feeds)) or quant.graphs[part].graph.run(feeds)
+    for part, pairs in cases.items():
+        for want, got in pairs:
             for name in manifest.graphs[part].outputs:  # the contract's names (an engine may add aliases)
                 graph_err[part] = _worst(graph_err[part], _err(want[name], got[name]))
     graph_err["decoder"] = logits_err
@@ -481,3 +493,107 @@ def measure(stage: Path, manifest: Manifest, fp32_files: dict, quant_files: dict
         "teacher_forced_kl": kl_sum / max(1, positions),
         "teacher_forced_positions": positions,
     }
+
+
+def _fp32_side(stage, manifest, fp32_files, parts, calib, progress, ready=None):
+    """The fp32 package's pipeline with each graph of `parts` recording its held-out inputs and outputs once; where
+    the decoder is big, every sample's media encoded first and the vision side let go (_vision_first)."""
+    ref = _pipeline(stage, manifest, fp32_files, dict.fromkeys(parts, _with_outputs), ready=ready)
+    rec = {p: ref.graphs[p] for p in parts}
+    first = _vision_first(stage, manifest, ref)
+    if first:  # each held-out input recorded once, as the media is encoded
+        for part, r in rec.items():
+            r.keep = part in first
+        _encode_media(ref, calib.held_out, "measure fp32 vision", progress)
+        _let_go(ref, first)
+    return ref, rec, first
+
+
+def _recording(rec: dict, first: list[str], on: bool) -> None:
+    """Each held-out input recorded once: in a sample's first pass through the decoder, the vision side's before."""
+    for part, r in rec.items():
+        r.keep = on and part not in first
+
+
+def _compare(stage, manifest, quantized, fp32_files, quant_files, parts, calib, steps, progress):
+    """fp32 first (greedy, its own logits kept), then the quantized package forced along its answers. Returns per
+    sample (greedy answers the same, fp32 rows, quantized rows), and per graph its (fp32, quantized) outputs."""
+    ref, rec, first = _fp32_side(stage, manifest, fp32_files, parts, calib, progress)
+    expected = []  # per sample: fp32 greedy tokens, the tokens forced, and the fp32 logits along them
+    for sample in tqdm(calib.held_out, desc="measure fp32", unit="sample", disable=not progress):
+        ref.logits_out = [] if sample.audio is None else None  # (speech: every window's; forced on the first)
+        _recording(rec, first, True)
+        tokens = answer(ref, sample, steps)
+        _recording(rec, first, False)
+        if ref.logits_out:  # the generation's own logits: teacher forcing on its answer, up to its last token
+            expected.append((tokens, tokens[:len(ref.logits_out) - 1], np.stack(ref.logits_out)))
+        else:
+            expected.append((tokens, tokens, forced_logits(ref, sample, tokens)))
+    graph_feeds = {part: r.runs() for part, r in rec.items()}  # per graph: (recorded inputs, fp32 outputs)
+    del ref, rec
+    # the fp32 engines' memory handed back before the quantized package loads: PaliGemma-3B's openvino fp16
+    # export was killed here, the float32 decoder's 12 GiB still held as the float16 one compiled (2026-12-06)
+    release_freed_memory()
+    # the quantized graphs' outputs for the same inputs, kept as its pipeline makes them (not run twice)
+    quant = _pipeline(stage, quantized, quant_files, dict.fromkeys(graph_feeds, _with_outputs))
+    rows = []
+    for sample, (tokens, forced, a) in zip(tqdm(calib.held_out, desc="measure", unit="sample", disable=not progress),
+                                           expected):
+        b = forced_logits(quant, sample, forced)
+        # greedy generation would make the forced tokens' own steps while it agrees with them: whether it gives
+        # the fp32 answer is read off the forced rows, not generated again (speech: generated, by its windows)
+        rows.append((tokens == (quant.greedy_along(b) if sample.audio is None else answer(quant, sample, steps)),
+                     a, b))
+    cases = {}
+    for part, runs in graph_feeds.items():
+        seen = {_digest(feeds): out for feeds, out in quant.graphs[part].runs()}
+        cases[part] = [(want, seen.get(_digest(feeds)) or quant.graphs[part].graph.run(feeds))
+                       for feeds, want in runs]
+    return rows, cases
+
+
+def _compare_by_layers(stage, manifest, quantized, fp32_files, quant_files, parts, calib, steps, progress):
+    """The quantized package first (greedy, its own logits kept), then the fp32 one forced along its answers with
+    the decoder deferred and replayed by layers. Returns what _compare does."""
+    quant = _pipeline(stage, quantized, quant_files, dict.fromkeys(parts, _with_outputs))
+    answers = []  # per sample: quantized greedy tokens, the tokens forced, the quantized logits along them
+    for sample in tqdm(calib.held_out, desc="measure", unit="sample", disable=not progress):
+        quant.logits_out = []
+        tokens = answer(quant, sample, steps)
+        answers.append((tokens, tokens[:len(quant.logits_out) - 1], np.stack(quant.logits_out)))
+    quant_runs = {part: {_digest(feeds): out for feeds, out in quant.graphs[part].runs()} for part in parts}
+    del quant
+    release_freed_memory()  # the quantized engines' memory back before the fp32 side's
+    deferred = layered.Deferred(manifest)
+    ref, rec, first = _fp32_side(stage, manifest, fp32_files, parts, calib, progress, ready={"decoder": deferred})
+    for sample, (_, forced, _) in zip(tqdm(calib.held_out, desc="measure fp32", unit="sample",
+                                           disable=not progress), answers):
+        deferred.begin()
+        _recording(rec, first, True)
+        forced_logits(ref, sample, forced)
+        _recording(rec, first, False)
+    _let_go(ref, list(rec))  # (ref kept for greedy_along)
+    cases = {part: [] for part in parts}
+    load = _loader(stage, quantized)
+    for part, r in rec.items():
+        graph = None
+        for feeds, want in r.runs():
+            got = quant_runs[part].get(_digest(feeds))
+            if got is None:  # inputs of the fp32 side's own making (a projector's: the fp32 vision encoder's)
+                graph = graph or load(quant_files[part])
+                got = graph.run(feeds)
+            cases[part].append((want, got))
+        del graph
+    logits = [[None] * len(steps_) for steps_ in deferred.sequences]
+
+    def take(s, t, out):
+        if "logits" in out:
+            logits[s][t] = out["logits"][0, -1]
+
+    _replay(stage, manifest, fp32_files["decoder"], deferred.sequences, take, "measure fp32 decoder by layers",
+            progress)
+    rows = []
+    for (tokens, _, b), got in zip(answers, logits):
+        a = np.stack(got)
+        rows.append((tokens == ref.greedy_along(a), a, b))
+    return rows, cases

@@ -163,8 +163,11 @@ def test_a_big_decoder_is_calibrated_after_every_images_vision_side_is_let_go(pa
         report = package.quantize_package(stage, manifest, parse_quant("int4", "onnxruntime"), calib,
                                           package.QuantOptions(), progress=False)
         runs[staged] = report, {p.name: p.read_bytes() for p in sorted(stage.glob("*.onnx*"))}
-    # calibration, then the held-out measurement: the vision encoder and projector let go, their sessions freed
-    assert released == [(("vision_encoder", "projector"), [True, True])] * 2
+    # calibration, then the held-out measurement: the vision encoder and projector let go, their sessions freed;
+    # every graph of the fp32 side let go before its decoder is replayed by layers (calibration/layered.py)
+    vision, every = (("vision_encoder", "projector"), [True, True]), (("vision_encoder", "projector",
+                                                                        "embed_tokens"), [True] * 3)
+    assert released == [every, vision, vision, every]
     assert runs[True][0] == runs[False][0]
     assert runs[True][1] == runs[False][1]
 
@@ -194,8 +197,10 @@ def test_a_big_float16_package_is_measured_widening_one_weight_at_a_time(package
         before = len(opened)
         reports[big] = package.quantize_package(stage, manifest, parse_quant("fp16", "tensorrt"), calib,
                                                 package.QuantOptions(), progress=False)
-        assert len(opened) - before == 2  # the measurement's: the fp32 reference, then the float16 package
-        decoder = opened[-1].graphs["decoder"].session.get_session_options()
+        # the measurement's: the fp32 reference, then the float16 package; where the decoder is big, the float16
+        # package first, then the fp32 one, its decoder replayed by layers (calibration/layered.py)
+        assert len(opened) - before == 2
+        decoder = opened[-2 if big else -1].graphs["decoder"].session.get_session_options()
         arenas[big] = decoder.enable_cpu_mem_arena
     assert arenas == {False: True, True: False}  # the float16 decoder measured without the arena's copies
     # the same measurement up to float32 rounding: widened at load, ONNX Runtime fuses the widened weights into its
@@ -400,3 +405,73 @@ def test_a_big_models_default_calibration_stops_at_its_prompt_token_budget(check
     for task in ("<CAPTION>", "<OD>", "<CAPTION_TO_PHRASE_GROUNDING>a red square"):
         expected = processor(text=task, images=image, return_tensors="np")["input_ids"].shape[1]
         assert florence.prompt_tokens(image, task) == expected, task
+
+
+@pytest.mark.parametrize("shape,target", [("paligemma-gqa", "onnxruntime"), ("qwen2vl-gqa", "onnxruntime"),
+                                          ("paligemma-gqa", "tensorrt"), ("qwen2vl-gqa", "tensorrt")])
+def test_a_big_decoder_run_by_layers_gives_the_whole_graphs_outputs(packages, shape, target):
+    """calibration/layered.py: the decoder cut into pieces of a few layers, a Pipeline run with the decoder deferred
+    (its inputs kept), then every sequence replayed piece after piece over its own cache slots: the teacher-forced
+    logits and every MatMul input of the whole graph, for the fused decoder (GroupQueryAttention writing its cache in
+    place; Qwen2-VL's 3-D positions) and a traced one (the "buffer" cache, masks over the whole buffer)."""
+    import numpy as np
+
+    from mmedge.calibration import layered
+    from mmedge.calibration.data import load_calibration
+    from mmedge.calibration.onnxruntime import _tapped_copy
+    from mmedge.manifest import load_manifest
+    from mmedge.runtimes import Pipeline
+    from mmedge.runtimes.backends import get_backend
+
+    package = packages(shape, target)
+    manifest = load_manifest(package, verify_files=False)
+    decoder = package / manifest.graphs["decoder"].file
+    tapped = decoder.with_name(".tapped-" + decoder.name)
+    taps = _tapped_copy(decoder, tapped)
+    samples = load_calibration("builtin", 8, held_out=2).held_out
+    forced = [[5, 9, 2], [7]]
+    whole = Pipeline.load(package, backend="onnxruntime", low_memory=True)
+    recorded = []
+    graph = whole.graphs["decoder"]
+
+    class Taps:  # the whole graph's MatMul inputs, recorded as it runs
+        def __init__(self):
+            self.session = get_backend("onnxruntime", low_memory=True).load(tapped)
+            self.input_names = graph.input_names
+
+        def run(self, inputs, into=None):
+            out = self.session.run(inputs, into=into)
+            recorded[-1].append({t: out.pop(t) for t in taps})
+            return out
+
+    whole.graphs["decoder"] = Taps()
+    want = []
+    for sample, tokens in zip(samples, forced):
+        recorded.append([])
+        want.append(whole.teacher_forced_logits(sample.image, sample.prompt, tokens))
+
+    deferred = layered.Deferred(manifest)
+    pipe = Pipeline.load(package, backend="onnxruntime", low_memory=True)
+    pipe.graphs["decoder"] = deferred
+    for sample, tokens in zip(samples, forced):
+        deferred.begin()
+        pipe.teacher_forced_logits(sample.image, sample.prompt, tokens)
+    assert [len(s) for s in deferred.sequences] == [4, 2]  # the prefill and a step per forced token
+    size = sum(p.stat().st_size for p in package.glob(decoder.name + "*"))
+    pieces = layered.split(tapped, budget=size // 10)
+    try:
+        assert len(pieces) >= 3
+        got = [[{} for _ in steps] for steps in deferred.sequences]
+        load = get_backend("onnxruntime", low_memory=True).load
+        layered.replay(pieces, deferred.sequences, load, manifest.kv_cache,
+                       lambda s, t, out: got[s][t].update(out), progress=False)
+    finally:
+        layered.remove(pieces)
+        tapped.unlink()
+    assert not list(package.glob(".piece*"))
+    for s, steps in enumerate(got):
+        logits = np.stack([out["logits"][0, -1] for out in steps])
+        assert np.abs(logits - want[s]).max() < 1e-4 * max(1.0, np.abs(want[s]).max())
+        for t, out in enumerate(steps):
+            for tap in taps:
+                assert np.allclose(out[tap], recorded[s][t][tap], rtol=1e-4, atol=1e-5), tap

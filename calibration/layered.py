@@ -1,0 +1,289 @@
+"""A big float32 decoder run layer group by layer group over many sequences, each group's weights read once.
+
+Calibration and the held-out measurement run a 3B model's float32 decoder over
+every sample. Run whole, sample after sample, every weight is read for every
+sample and every page of the 12 GB graph is mapped at once (Qwen2.5-VL-3B:
+peak RSS 17 GiB in calibration; the kernel can drop the pages, but a machine
+with less memory than the decoder then reads it from disk again per sample).
+
+Here the decoder's ONNX graph is cut into pieces of about PIECE_BYTES of
+weights each (`split`: the graph's own nodes in their order, each piece a small
+graph file beside the decoder reading the same data file; cut where the fewest
+tensors cross). A Pipeline runs the samples with `Deferred` standing in for
+the decoder: it keeps each call's inputs and answers zeros, which is enough
+where the decoder's answers steer nothing: prefills (calibration) and teacher
+forcing along known tokens (the measurement). `replay` then runs piece by
+piece over every recorded sequence, each piece's cache slots its own, the
+tensors crossing to the next piece kept per step, and lets each piece's
+session go before opening the next: at most one piece's weights mapped, every
+weight read once. Its outputs are the whole graph's (the same nodes and
+weights; ONNX Runtime may fuse across a cut differently: float32 rounding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import helper
+from tqdm.auto import tqdm
+
+from mmedge.exporters.resources import release_freed_memory
+
+# weights per piece: what is mapped at once (the LM head, one weight of 1.2 GB at Qwen2.5-VL-3B's size, is a piece
+# of its own however small this is); each piece is a session opened and optimized once
+PIECE_BYTES = 1 << 30
+
+
+@dataclass
+class Piece:
+    path: Path
+    inputs: list[str]  # graph inputs and tensors made by earlier pieces
+    outputs: list[str]  # the whole graph's outputs made here, then tensors later pieces take
+    graph_outputs: list[str] = field(default_factory=list)
+
+
+def _initializer_bytes(init: onnx.TensorProto) -> int:
+    for entry in init.external_data:
+        if entry.key == "length":
+            return int(entry.value)
+    return len(init.raw_data) or int(np.prod(init.dims, dtype=np.int64)) * 4
+
+
+def _subgraph_names(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs (If, Loop, Scan) read from the graph around them."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for graph in graphs:
+            made = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+            for inner in graph.node:
+                names |= {n for n in (*inner.input, *_subgraph_names(inner)) if n and n not in made}
+                made |= set(inner.output)
+    return names
+
+
+def _reads(node: onnx.NodeProto) -> list[str]:
+    return [n for n in node.input if n] + sorted(_subgraph_names(node))
+
+
+def _cuts(nodes, inits: dict[str, int], last_use: dict[str, int], budget: int) -> list[int]:
+    """Node indices to cut before: once a piece holds `budget` bytes of weights, the position within the next
+    quarter budget's nodes where the fewest tensors cross (a layer's edge: its residual stream), at a node that
+    brings weights in; no cut leaving less than a quarter budget after it."""
+    fresh, seen = [], set()
+    for node in nodes:
+        new = {w for w in node.input if w in inits and w not in seen}
+        seen |= new
+        fresh.append(sum(inits[w] for w in new))
+    crossing = np.zeros(len(nodes) + 2, np.int64)  # crossing[i]: tensors made before node i and read from it on
+    for i, node in enumerate(nodes):
+        for o in node.output:
+            if o and last_use.get(o, -1) > i:
+                crossing[i + 1] += 1
+                crossing[min(last_use[o], len(nodes)) + 1] -= 1
+    crossing = np.cumsum(crossing)
+    tail = np.cumsum(fresh[::-1])[::-1]  # weight bytes from node i to the end
+    cuts, start = [], 0
+    while True:
+        held, i = 0, start
+        while i < len(nodes) and held < budget:
+            held, i = held + fresh[i], i + 1
+        best, window = None, 0
+        while i < len(nodes) and window < budget // 4:
+            if fresh[i] and (best is None or crossing[i] < crossing[best]):
+                best = i
+            window, i = window + fresh[i], i + 1
+        if best is None or tail[best] < budget // 4:
+            return cuts
+        cuts.append(best)
+        start = best
+
+
+def split(path: Path, budget: int = PIECE_BYTES, outputs: list[str] | None = None) -> list[Piece]:
+    """Cut the graph at `path` into pieces of about `budget` bytes of weights, written beside it (reading its data
+    file; `remove` them after). `outputs`: the whole graph's outputs wanted (default all)."""
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    nodes = list(graph.node)
+    inits = {i.name: _initializer_bytes(i) for i in graph.initializer}
+    wanted = list(outputs) if outputs is not None else [o.name for o in graph.output]
+    last_use: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        for name in _reads(node):
+            last_use[name] = i
+    for name in wanted:
+        last_use[name] = len(nodes)
+    cuts = _cuts(nodes, inits, last_use, budget)
+    bounds = list(zip([0, *cuts], [*cuts, len(nodes)]))
+    types = _tensor_types(model)
+    made_in: dict[str, int] = {}
+    for k, (a, b) in enumerate(bounds):
+        for node in nodes[a:b]:
+            for o in node.output:
+                made_in[o] = k
+    read_in: dict[str, set[int]] = {}
+    for k, (a, b) in enumerate(bounds):
+        for node in nodes[a:b]:
+            for name in _reads(node):
+                read_in.setdefault(name, set()).add(k)
+    graph_inputs = {i.name: i for i in graph.input}
+    by_name = {i.name: i for i in graph.initializer}
+    pieces = []
+    for k, (a, b) in enumerate(bounds):
+        part = nodes[a:b]
+        reads = list(dict.fromkeys(n for node in part for n in _reads(node)))
+        ins = [n for n in reads if n in graph_inputs or (n in made_in and made_in[n] < k)]
+        mine = [n for n in reads if n in by_name and n not in made_in]
+        made_here = [o for node in part for o in node.output if o]
+        outs_graph = [o for o in wanted if made_in.get(o) == k]
+        later = [o for o in made_here if any(j > k for j in read_in.get(o, ())) and o not in outs_graph]
+        sub = helper.make_graph(
+            part, f"{graph.name}_piece{k}",
+            [graph_inputs[n] if n in graph_inputs else _value_info(n, types) for n in ins],
+            [_value_info(n, types) for n in (*outs_graph, *later)],
+            [by_name[n] for n in mine])
+        piece_model = helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
+        piece_model.functions.extend(model.functions)
+        out = path.with_name(f".piece{k}-{path.name}")  # beside the graph: its weights' location holds
+        onnx.save_model(piece_model, str(out))
+        pieces.append(Piece(out, ins, [*outs_graph, *later], outs_graph))
+    return pieces
+
+
+def remove(pieces: list[Piece]) -> None:
+    for piece in pieces:
+        piece.path.unlink(missing_ok=True)
+
+
+def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor: ONNX's shape inference where it knows the op, else its first input's (the
+    contrib ops a fused decoder is built of keep their input's float type)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # noqa: BLE001 - inference is a help here, not a requirement
+        inferred = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.value_info, *inferred.input, *inferred.output)
+             if v.type.tensor_type.elem_type}
+    types.update({i.name: i.data_type for i in model.graph.initializer})
+    for node in model.graph.node:
+        for o in node.output:
+            if o and o not in types:
+                types[o] = next((types[i] for i in node.input if i in types), onnx.TensorProto.FLOAT)
+    return types
+
+
+def _value_info(name: str, types: dict[str, int]) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None)
+
+
+# -- recording and replaying -----------------------------------------------------
+
+
+def cache_names(spec) -> list[tuple[str, str, str, str]]:
+    """Per layer: (past key, past value, present key, present value) names of a KVCacheSpec."""
+    return [(spec.past_key.format(layer=i), spec.past_value.format(layer=i), spec.present_key.format(layer=i),
+             spec.present_value.format(layer=i)) for i in range(spec.num_layers)]
+
+
+class Deferred:
+    """Stands in for the decoder in a Pipeline: keeps each call's inputs but the cache's (one list of steps per
+    `begin()`), and answers zero logits, which is all a prefill or a teacher-forced run needs of it."""
+
+    def __init__(self, manifest):
+        spec = manifest.kv_cache
+        self.vocab = manifest.graphs["decoder"].outputs["logits"].shape[-1]
+        self.past = {name for names in cache_names(spec) for name in names[:2]}
+        self.presents = [name for names in cache_names(spec) for name in names[2:]]
+        self.sequences: list[list[dict[str, np.ndarray]]] = []
+        if spec.storage == "state":  # the Pipeline's StateCache resets it; the replay resets each piece per sequence
+            self.reset_state = lambda: None
+            self.truncate_state = lambda length: None
+
+    def begin(self) -> None:
+        self.sequences.append([])
+        self._last: dict[str, tuple] = {}
+
+    def run(self, inputs: dict[str, np.ndarray], into=None) -> dict[str, np.ndarray]:
+        step = {}
+        for name, value in inputs.items():
+            if name in self.past:
+                continue
+            fed, kept = self._last.get(name, (None, None))
+            # an array fed again (a cross-attention decoder's image keys, every step) is kept once
+            step[name] = kept if fed is value and np.array_equal(kept, value) else np.array(value, copy=True)
+            self._last[name] = (value, step[name])
+        self.sequences[-1].append(step)
+        batch = inputs["inputs_embeds"].shape[0]
+        out = {"logits": np.zeros((batch, 1, self.vocab), np.float32)}
+        out.update((name, np.float32(0)) for name in self.presents)  # a "buffer" cache writes them: zeros
+        for name in into or {}:
+            out.pop(name, None)
+        return out
+
+
+def replay(pieces: list[Piece], sequences: list[list[dict]], load: Callable[[Path], object], spec,
+           take: Callable[[int, int, dict], None], desc: str = "decoder by layers", progress: bool = True) -> None:
+    """Run every recorded sequence through the pieces, piece after piece (`load` opens one; it is let go before the
+    next opens), each sequence's steps in order over its own cache slots as the package holds them (`spec`);
+    `take(sequence, step, outputs)` gets the whole graph's outputs as each piece makes them (its own arrays)."""
+    layers = cache_names(spec)
+    crossing: list[list[dict]] = [[{} for _ in steps] for steps in sequences]
+    graph = cache = None
+    for k, piece in enumerate(tqdm(pieces, desc=desc, unit="piece", disable=not progress)):
+        later = {n for p in pieces[k + 1:] for n in p.inputs}
+        graph = load(piece.path)
+        inputs = set(getattr(graph, "input_names", piece.inputs))
+        mine = [names for names in layers if names[0] in inputs]
+        for s, steps in enumerate(sequences):
+            cache = _PieceCache(spec, mine, graph)
+            for t, feeds in enumerate(steps):
+                have = crossing[s][t]
+                run = {n: have[n] if n in have else feeds[n] for n in piece.inputs if n in have or n in feeds}
+                run.update(cache.feeds())
+                n_new = feeds["inputs_embeds"].shape[1]
+                out = graph.run(run, into=cache.into())
+                cache.write(out, n_new)
+                for name in [n for n in have if n not in later]:
+                    del have[name]
+                have.update((name, out[name]) for name in piece.outputs if name in out and name in later)
+                made = {n: (np.array(out[n], copy=True) if n in have else out[n])
+                        for n in piece.graph_outputs if n in out}
+                if made:
+                    take(s, t, made)
+        del graph, cache
+        release_freed_memory()
+
+
+class _PieceCache:
+    """One sequence's cache slots for the layers of one piece, held as the package holds them: "state" (the
+    piece's engine holds them: reset), "in_place" (bound as the presents), "buffer" (presents written by
+    position)."""
+
+    def __init__(self, spec, layers: list[tuple[str, str, str, str]], graph):
+        self.storage, self.length = spec.storage, 0
+        shape = (1, spec.num_kv_heads, spec.max_context, spec.head_dim)
+        self.buffers = {} if spec.storage == "state" else \
+            {name: np.zeros(shape, np.dtype(spec.dtype)) for names in layers for name in names[:2]}
+        self.layers = layers
+        if spec.storage == "state" and hasattr(graph, "reset_state"):  # (a piece without layers: the LM head)
+            graph.reset_state()
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        return self.buffers
+
+    def into(self) -> dict[str, np.ndarray] | None:
+        if self.storage != "in_place":
+            return None
+        return {present: self.buffers[past] for pk, pv, *presents in self.layers
+                for past, present in zip((pk, pv), presents)}
+
+    def write(self, out: dict[str, np.ndarray], n_new: int) -> None:
+        start, self.length = self.length, self.length + n_new
+        if self.storage == "buffer":
+            for pk, pv, rk, rv in self.layers:
+                self.buffers[pk][:, :, start:self.length] = out[rk]
+                self.buffers[pv][:, :, start:self.length] = out[rv]
