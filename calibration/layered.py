@@ -70,10 +70,11 @@ def _reads(node: onnx.NodeProto) -> list[str]:
     return [n for n in node.input if n] + sorted(_subgraph_names(node))
 
 
-def _cuts(nodes, inits: dict[str, int], last_use: dict[str, int], budget: int) -> list[int]:
+def _cuts(nodes, inits: dict[str, int], last_use: dict[str, int], budget: int, apart: np.ndarray) -> list[int]:
     """Node indices to cut before: once a piece holds `budget` bytes of weights, the position within the next
     quarter budget's nodes where the fewest tensors cross (a layer's edge: its residual stream), at a node that
-    brings weights in; no cut leaving less than a quarter budget after it."""
+    brings weights in and not where `apart[i]` (a layer's cache read on both sides); no cut leaving less than a
+    quarter budget after it."""
     fresh, seen = [], set()
     for node in nodes:
         new = {w for w in node.input if w in inits and w not in seen}
@@ -93,8 +94,8 @@ def _cuts(nodes, inits: dict[str, int], last_use: dict[str, int], budget: int) -
         while i < len(nodes) and held < budget:
             held, i = held + fresh[i], i + 1
         best, window = None, 0
-        while i < len(nodes) and window < budget // 4:
-            if fresh[i] and (best is None or crossing[i] < crossing[best]):
+        while i < len(nodes) and (window < budget // 4 or best is None):
+            if fresh[i] and not apart[i] and (best is None or crossing[i] < crossing[best]):
                 best = i
             window, i = window + fresh[i], i + 1
         if best is None or tail[best] < budget // 4:
@@ -103,9 +104,10 @@ def _cuts(nodes, inits: dict[str, int], last_use: dict[str, int], budget: int) -
         start = best
 
 
-def split(path: Path, budget: int = PIECE_BYTES, outputs: list[str] | None = None) -> list[Piece]:
-    """Cut the graph at `path` into pieces of about `budget` bytes of weights, written beside it (reading its data
-    file; `remove` them after). `outputs`: the whole graph's outputs wanted (default all)."""
+def split(path: Path, budget: int | None = None, outputs: list[str] | None = None) -> list[Piece]:
+    """Cut the graph at `path` into pieces of about `budget` (PIECE_BYTES) bytes of weights, written beside it
+    (reading its data file; `remove` them after). `outputs`: the whole graph's outputs wanted (default all)."""
+    budget = budget or PIECE_BYTES
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
     nodes = list(graph.node)
@@ -117,7 +119,16 @@ def split(path: Path, budget: int = PIECE_BYTES, outputs: list[str] | None = Non
             last_use[name] = i
     for name in wanted:
         last_use[name] = len(nodes)
-    cuts = _cuts(nodes, inits, last_use, budget)
+    # a layer's cache is read and written within one piece: the replay holds each piece's slots as its own, and a
+    # piece reading a past whose present a later piece makes would see it a step behind
+    # (its present too, made and read: a "state" piece's engine keeps its presents as its state)
+    apart = np.zeros(len(nodes) + 1, bool)
+    for past in (i.name for i in graph.input if i.name.startswith("past.")):
+        present = past.replace("past.", "present.", 1)
+        touch = [i for i, node in enumerate(nodes) if {past, present} & {*_reads(node), *node.output}]
+        if touch:
+            apart[touch[0] + 1:touch[-1] + 1] = True
+    cuts = _cuts(nodes, inits, last_use, budget, apart)
     bounds = list(zip([0, *cuts], [*cuts, len(nodes)]))
     types = _tensor_types(model)
     made_in: dict[str, int] = {}
@@ -231,22 +242,54 @@ def replay(pieces: list[Piece], sequences: list[list[dict]], load: Callable[[Pat
     next opens), each sequence's steps in order over its own cache slots as the package holds them (`spec`);
     `take(sequence, step, outputs)` gets the whole graph's outputs as each piece makes them (its own arrays)."""
     layers = cache_names(spec)
+
+    def begin(graph, piece):
+        inputs = set(getattr(graph, "input_names", piece.inputs))
+        return _PieceCache(spec, [names for names in layers if names[0] in inputs], graph)
+
+    def step(graph, cache, run, n_new):
+        run.update(cache.feeds())
+        out = graph.run(run, into=cache.into())
+        cache.write(out, n_new)
+        return out
+
+    _through(pieces, sequences, load, begin, step, take, desc, progress)
+
+
+def run_cases(pieces: list[Piece], cases: list[dict], load: Callable[[Path], object], in_place: bool = False,
+              desc: str = "check by layers", progress: bool = False) -> list[dict]:
+    """The whole graph's outputs for each of `cases` (every input given, the past included), run piece by piece;
+    `in_place`: each present bound to a copy of its past, as the runtime binds GroupQueryAttention's cache."""
+    results: list[dict] = [{} for _ in cases]
+
+    def step(graph, _, run, n_new):
+        into = {}
+        if in_place:
+            for name in [n for n in run if n.startswith("past.")]:
+                run[name] = into[name.replace("past.", "present.", 1)] = run[name].copy()
+        out = graph.run(run, into=into or None)
+        out.update(into)
+        return out
+
+    _through(pieces, [[case] for case in cases], load, lambda graph, piece: None, step,
+             lambda s, t, out: results[s].update(out), desc, progress)
+    return results
+
+
+def _through(pieces, sequences, load, begin, step, take, desc, progress) -> None:
+    """The loop of replay and run_cases: each piece opened in turn, every sequence's steps through it (`begin` its
+    state per sequence, `step` one run), the tensors crossing to later pieces kept per step; the piece let go."""
     crossing: list[list[dict]] = [[{} for _ in steps] for steps in sequences]
-    graph = cache = None
+    graph = None
     for k, piece in enumerate(tqdm(pieces, desc=desc, unit="piece", disable=not progress)):
         later = {n for p in pieces[k + 1:] for n in p.inputs}
         graph = load(piece.path)
-        inputs = set(getattr(graph, "input_names", piece.inputs))
-        mine = [names for names in layers if names[0] in inputs]
         for s, steps in enumerate(sequences):
-            cache = _PieceCache(spec, mine, graph)
+            state = begin(graph, piece)
             for t, feeds in enumerate(steps):
                 have = crossing[s][t]
                 run = {n: have[n] if n in have else feeds[n] for n in piece.inputs if n in have or n in feeds}
-                run.update(cache.feeds())
-                n_new = feeds["inputs_embeds"].shape[1]
-                out = graph.run(run, into=cache.into())
-                cache.write(out, n_new)
+                out = step(graph, state, run, feeds["inputs_embeds"].shape[1])
                 for name in [n for n in have if n not in later]:
                     del have[name]
                 have.update((name, out[name]) for name in piece.outputs if name in out and name in later)
@@ -254,7 +297,8 @@ def replay(pieces: list[Piece], sequences: list[list[dict]], load: Callable[[Pat
                         for n in piece.graph_outputs if n in out}
                 if made:
                     take(s, t, made)
-        del graph, cache
+            del state
+        del graph
         release_freed_memory()
 
 

@@ -257,6 +257,8 @@ def verify_graph(job: GraphJob, path: Path, rtol: float = 1e-3) -> dict:
     from mmedge.runtimes.backends import default_threads
 
     expected = reference_outputs(job)  # before the session: the torch weights and the graph's are not held at once
+    if _by_layers(job, path):
+        return _verify_by_layers(job, path, rtol, expected)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.intra_op_num_threads = default_threads()
@@ -275,6 +277,35 @@ def verify_graph(job: GraphJob, path: Path, rtol: float = 1e-3) -> dict:
         return [into[name] if name in into else out[name] for name in job.output_names]
 
     return compare_with_torch(job, run_in_place, rtol, expected)
+
+
+def _by_layers(job: GraphJob, path: Path) -> bool:
+    """A big decoder is checked piece by piece (calibration/layered.py): a 3B model's float32 decoder mapped whole
+    is 12.3 GB of resident pages."""
+    from mmedge.calibration.package import BIG_DECODER_BYTES
+
+    size = sum(p.stat().st_size for p in (path, path.with_name(path.name + ".data")) if p.exists())
+    return job.name == "decoder" and size > BIG_DECODER_BYTES
+
+
+def _verify_by_layers(job: GraphJob, path: Path, rtol: float, expected: list[tuple]) -> dict:
+    """verify_graph's check, the graph run a few layers at a time over every check input (the same nodes and
+    weights as the whole graph's; at most one piece's weights mapped at once)."""
+    from mmedge.calibration import layered
+    from mmedge.runtimes.backends import default_threads, get_backend
+
+    cases = [{name: t.numpy() for name, t in zip(job.input_names, inputs)} for inputs in job.check_inputs]
+    pieces = layered.split(path, outputs=job.output_names)
+    try:
+        load = get_backend("onnxruntime", threads=default_threads(), low_memory=True, model_cache=False).load
+        results = iter(layered.run_cases(pieces, cases, load, in_place=job.kv_storage == "in_place"))
+    finally:
+        layered.remove(pieces)
+    def run(feeds):  # the check inputs in their order
+        out = next(results)
+        return [out[name] for name in job.output_names]
+
+    return {**compare_with_torch(job, run, rtol, expected), "pieces": len(pieces)}
 
 
 def reference_outputs(job: GraphJob) -> list[tuple]:

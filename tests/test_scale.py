@@ -137,12 +137,13 @@ def test_a_big_decoder_is_calibrated_after_every_images_vision_side_is_let_go(pa
     import shutil
     import weakref
 
-    from mmedge.calibration import package
+    from mmedge.calibration import layered, package
     from mmedge.calibration.data import load_calibration
     from mmedge.calibration.plan import parse_quant
     from mmedge.manifest import load_manifest
 
     monkeypatch.setattr(package, "BIG_DECODER_BYTES", 0)  # both runs: this tiny decoder counts as big
+    monkeypatch.setattr(layered, "PIECE_BYTES", 1 << 14)  # ... and is run in pieces of a few layers
     released = []
     let_go = package._let_go
 
@@ -306,13 +307,14 @@ def test_a_big_openvino_decoder_is_quantized_as_onnx_and_converted_with_compress
     import openvino as ov
 
     from conftest import TINY_CALIB_SAMPLES
+    from mmedge.calibration import layered, package
     from mmedge.calibration import openvino as ov_quant
-    from mmedge.calibration import package
     from mmedge.errors import ExportError
     from mmedge.exporters.export import ExportOptions, export
     from mmedge.manifest import load_manifest
 
     monkeypatch.setattr(package, "BIG_DECODER_BYTES", 0)  # this tiny decoder counts as big
+    monkeypatch.setattr(layered, "PIECE_BYTES", 1 << 14)  # ... and is checked and calibrated in pieces
     compiled, compile_model = [], ov.Core.compile_model
 
     def watch(core, model, *args, **kwargs):  # what OpenVINO is asked to run: never a float32 decoder
@@ -333,6 +335,7 @@ def test_a_big_openvino_decoder_is_quantized_as_onnx_and_converted_with_compress
     assert len(decoders) >= 3 and all(decoders)  # conversion check, measurement, generation check: INT4 IR only
     report = manifest.quantization["graphs"]["decoder"]
     assert "onnxruntime" in manifest.verification["graphs"]["decoder"]["engine"]
+    assert manifest.verification["graphs"]["decoder"]["pieces"] >= 3  # checked in pieces, as calibrated
     assert report["conversion_check"]["passed"] and report["conversion_check"]["max_abs_err"] < 1e-4
     assert "converted to OpenVINO's compressed weights" in report["scheme"]
     model = ov.Core().read_model(str(tmp_path / "big" / "decoder.xml"))
@@ -475,3 +478,27 @@ def test_a_big_decoder_run_by_layers_gives_the_whole_graphs_outputs(packages, sh
         for t, out in enumerate(steps):
             for tap in taps:
                 assert np.allclose(out[tap], recorded[s][t][tap], rtol=1e-4, atol=1e-5), tap
+
+
+def test_a_big_decoder_is_checked_at_export_by_layers(checkpoints, packages, tmp_path, monkeypatch):
+    """The export's check of a big float32 decoder against PyTorch runs it a few layers at a time
+    (calibration/layered.py; GroupQueryAttention's presents bound to their past as the runtime binds them): the same
+    errors as the whole graph's check, no piece left in the package."""
+    import numpy as np
+
+    from conftest import TINY_CALIB_SAMPLES
+    from mmedge.calibration import layered, package
+    from mmedge.exporters.export import ExportOptions, export
+    from mmedge.manifest import load_manifest
+
+    monkeypatch.setattr(package, "BIG_DECODER_BYTES", 0)
+    monkeypatch.setattr(layered, "PIECE_BYTES", 1 << 14)
+    manifest = export(ExportOptions(model=str(checkpoints["qwen2vl-gqa"]), output=tmp_path / "pkg", progress=False,
+                                    calib_samples=TINY_CALIB_SAMPLES, target="onnxruntime"))
+    whole = load_manifest(packages("qwen2vl-gqa")).verification["graphs"]["decoder"]
+    pieces = manifest.verification["graphs"]["decoder"]
+    assert pieces["passed"] and pieces["pieces"] >= 3 and "pieces" not in whole
+    assert manifest.kv_cache.storage == "in_place"
+    for name, err in whole["outputs"].items():
+        assert np.isclose(pieces["outputs"][name]["max_abs_err"], err["max_abs_err"], rtol=0.05, atol=1e-6), name
+    assert not list((tmp_path / "pkg").glob(".piece*")) and manifest.verification["generation"]["passed"]
