@@ -113,12 +113,10 @@ def split(path: Path, budget: int | None = None, outputs: list[str] | None = Non
     nodes = list(graph.node)
     inits = {i.name: _initializer_bytes(i) for i in graph.initializer}
     wanted = list(outputs) if outputs is not None else [o.name for o in graph.output]
-    last_use: dict[str, int] = {}
+    last_read: dict[str, int] = {}  # what the cuts weigh: a graph output crosses only where a later node reads it
     for i, node in enumerate(nodes):
         for name in _reads(node):
-            last_use[name] = i
-    for name in wanted:
-        last_use[name] = len(nodes)
+            last_read[name] = i
     # a layer's cache is read and written within one piece: the replay holds each piece's slots as its own, and a
     # piece reading a past whose present a later piece makes would see it a step behind
     # (its present too, made and read: a "state" piece's engine keeps its presents as its state)
@@ -128,9 +126,8 @@ def split(path: Path, budget: int | None = None, outputs: list[str] | None = Non
         touch = [i for i, node in enumerate(nodes) if {past, present} & {*_reads(node), *node.output}]
         if touch:
             apart[touch[0] + 1:touch[-1] + 1] = True
-    cuts = _cuts(nodes, inits, last_use, budget, apart)
+    cuts = _cuts(nodes, inits, last_read, budget, apart)
     bounds = list(zip([0, *cuts], [*cuts, len(nodes)]))
-    types = _tensor_types(model)
     made_in: dict[str, int] = {}
     for k, (a, b) in enumerate(bounds):
         for node in nodes[a:b]:
@@ -141,9 +138,21 @@ def split(path: Path, budget: int | None = None, outputs: list[str] | None = Non
         for node in nodes[a:b]:
             for name in _reads(node):
                 read_in.setdefault(name, set()).add(k)
+    pieces: list[Piece] = []
+    try:
+        _write_pieces(path, model, nodes, bounds, wanted, made_in, read_in, pieces)
+    except BaseException:
+        remove(pieces)
+        raise
+    return pieces
+
+
+def _write_pieces(path, model, nodes, bounds, wanted, made_in, read_in, pieces) -> None:
+    """Each piece's graph written beside `path`, appended to `pieces` as it is."""
+    graph = model.graph
+    types = _tensor_types(model)
     graph_inputs = {i.name: i for i in graph.input}
     by_name = {i.name: i for i in graph.initializer}
-    pieces = []
     for k, (a, b) in enumerate(bounds):
         part = nodes[a:b]
         reads = list(dict.fromkeys(n for node in part for n in _reads(node)))
@@ -162,7 +171,6 @@ def split(path: Path, budget: int | None = None, outputs: list[str] | None = Non
         out = path.with_name(f".piece{k}-{path.name}")  # beside the graph: its weights' location holds
         onnx.save_model(piece_model, str(out))
         pieces.append(Piece(out, ins, [*outs_graph, *later], outs_graph))
-    return pieces
 
 
 def remove(pieces: list[Piece]) -> None:
@@ -245,7 +253,7 @@ def replay(pieces: list[Piece], sequences: list[list[dict]], load: Callable[[Pat
 
     def begin(graph, piece):
         inputs = set(getattr(graph, "input_names", piece.inputs))
-        return _PieceCache(spec, [names for names in layers if names[0] in inputs], graph)
+        return _PieceCache(spec, [names for names in layers if inputs & set(names[:2])], graph)
 
     def step(graph, cache, run, n_new):
         run.update(cache.feeds())

@@ -84,7 +84,7 @@ class StatefulOnnx:
         self.past = {name: np.ascontiguousarray(v[:, :, :length]) for name, v in self.past.items()}
 
     def run(self, inputs: dict[str, np.ndarray], into=None) -> dict[str, np.ndarray]:
-        batch = next(iter(inputs.values())).shape[0]
+        batch = (inputs["inputs_embeds"] if "inputs_embeds" in inputs else next(iter(inputs.values()))).shape[0]
         feeds = dict(inputs)
         for name, (heads, dim) in self.empty.items():
             feeds[name] = self.past.get(name, np.zeros((batch, heads, 0, dim), np.float32))

@@ -377,14 +377,16 @@ def _calibrate(target, stage, manifest, fp32, recorded, capture, plan, calib, op
             answer(pipe, sample, steps)
     _take_ranges(feeds, probes, list(probes))
     del pipe
-    if deferred:
-        release_freed_memory()  # the vision side's and the embedding's engines gone before the decoder's pieces
-        decoder_data = capture[1](None)
-        _replay(stage, manifest, capture[0], deferred.sequences, lambda s, t, out: decoder_data.take(out),
-                "calibrate decoder by layers", progress)
-    elif capture:
-        decoder_data.graph = None  # what it recorded is kept; the session is let go
-        if capture[0] != fp32["decoder"]:
+    try:
+        if deferred:
+            release_freed_memory()  # the vision side's and the embedding's engines gone before the decoder's pieces
+            decoder_data = capture[1](None)
+            _replay(stage, manifest, capture[0], deferred.sequences, lambda s, t, out: decoder_data.take(out),
+                    "calibrate decoder by layers", progress)
+        elif capture:
+            decoder_data.graph = None  # what it recorded is kept; the session is let go
+    finally:
+        if capture and capture[0] != fp32["decoder"]:
             capture[0].unlink(missing_ok=True)  # a decoder copy that returned its MatMul inputs (ONNX Runtime)
     release_freed_memory()  # the fp32 engines' memory back before the quantizers need theirs
     return feeds, decoder_data
@@ -580,7 +582,7 @@ def _compare_by_layers(stage, manifest, quantized, fp32_files, quant_files, part
         for feeds, want in r.runs():
             got = quant_runs[part].get(_digest(feeds))
             if got is None:  # inputs of the fp32 side's own making (a projector's: the fp32 vision encoder's)
-                graph = graph or load(quant_files[part])
+                graph = load(quant_files[part]) if graph is None else graph
                 got = graph.run(feeds)
             cases[part].append((want, got))
         del graph

@@ -164,6 +164,7 @@ def test_a_big_decoder_is_calibrated_after_every_images_vision_side_is_let_go(pa
         report = package.quantize_package(stage, manifest, parse_quant("int4", "onnxruntime"), calib,
                                           package.QuantOptions(), progress=False)
         runs[staged] = report, {p.name: p.read_bytes() for p in sorted(stage.glob("*.onnx*"))}
+        assert not list(stage.glob(".*.onnx"))  # the tapped copy and the pieces removed
     # calibration, then the held-out measurement: the vision encoder and projector let go, their sessions freed;
     # every graph of the fp32 side let go before its decoder is replayed by layers (calibration/layered.py)
     vision, every = (("vision_encoder", "projector"), [True, True]), (("vision_encoder", "projector",

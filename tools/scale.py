@@ -214,7 +214,20 @@ HOW = """
   then the engine on the written graph with its weights memory-mapped (ONNX Runtime without prepacking, which
   would copy them): the two are never held at once. The fused decoder's checks give it 32-slot cache buffers,
   not max_context ones (at LLaVA-1.5-7B's 32 layers x 32 heads, full-length buffers took 7.8 GiB for the check
-  inputs and as much again for the references: 17.5 GiB anonymous at the peak, 2026-12-04).
+  inputs and as much again for the references: 17.5 GiB anonymous at the peak, 2026-12-04). A decoder over 1 GiB
+  is checked a few layers at a time (below).
+- **A big float32 decoder runs by layer groups** (calibration/layered.py) wherever nothing depends on its answers:
+  calibration's prefills, the held-out measurement's fp32 side and the export's check. Its ONNX graph is cut into
+  pieces of about 1 GiB of weights (its own nodes in their order, each piece a small graph file reading the
+  decoder's data file, cut where the fewest tensors cross: the residual stream at a layer's edge). The samples
+  run through the real pipeline with the decoder deferred (each call's inputs kept, zeros answered), then every
+  sample's steps run through the first piece, each over its own cache slots as the package holds them, the tensors
+  crossing kept per step, then the second piece, and so on, each piece's session let go before the next opens: one
+  piece's weights mapped at a time, each weight read once for all the samples rather than once per sample. The
+  measurement therefore runs the quantized package first (its greedy answers and their logits) and forces the
+  fp32 decoder along those answers (docs/quantization.md). Outputs are the whole graph's up to float32 rounding:
+  tests/test_scale.py runs both on the fused decoder (GroupQueryAttention writing its cache in place, Qwen2-VL's
+  3-D positions) and on traced ones.
 - **Quantization** reads one weight at a time from the data file, keeps AWQ's scales as factors applied on read,
   and writes each quantized tensor as the graph file is written (calibration/weights.py): ONNX Runtime's
   `MatMulNBits` and per-row INT8 embedding, TensorRT's INT4/INT8 `DequantizeLinear` weights, and the float16
@@ -262,8 +275,9 @@ HOW = """
   parameters at PaliGemma-3B's size).
 
 Peak RSS counts memory-mapped graph files, whose pages the kernel can drop and read again; the anonymous
-peak is what an export cannot give back. The final generation check and calibration map the whole float32
-package, so RSS there is about the package's size plus the anonymous part.
+peak is what an export cannot give back. The final generation check maps the whole package (a float32
+package: RSS there is about its size plus the anonymous part); calibration and the measurement map the big
+float32 decoder one piece at a time (since 2026-12-07).
 """
 
 
