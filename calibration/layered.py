@@ -117,13 +117,15 @@ def split(path: Path, budget: int | None = None, outputs: list[str] | None = Non
     for i, node in enumerate(nodes):
         for name in _reads(node):
             last_read[name] = i
-    # a layer's cache is read and written within one piece: the replay holds each piece's slots as its own, and a
-    # piece reading a past whose present a later piece makes would see it a step behind
-    # (its present too, made and read: a "state" piece's engine keeps its presents as its state)
+    # a layer's cache is read and written within one piece (its present made and read there too): the replay holds
+    # each piece's slots as its own, and a piece reading a past whose present a later piece makes would see it a
+    # step behind. Only its shape read elsewhere (a traced graph's sequence length, from whichever layer's cache the
+    # tracer took it: Qwen2.5-VL-3B's from layers 3 and 20, at the top) is what the replay feeds there (_PieceCache)
     apart = np.zeros(len(nodes) + 1, bool)
     for past in (i.name for i in graph.input if i.name.startswith("past.")):
         present = past.replace("past.", "present.", 1)
-        touch = [i for i, node in enumerate(nodes) if {past, present} & {*_reads(node), *node.output}]
+        touch = [i for i, node in enumerate(nodes) if present in {*_reads(node), *node.output}
+                 or (past in _reads(node) and node.op_type != "Shape")]
         if touch:
             apart[touch[0] + 1:touch[-1] + 1] = True
     cuts = _cuts(nodes, inits, last_read, budget, apart)
@@ -249,11 +251,8 @@ def replay(pieces: list[Piece], sequences: list[list[dict]], load: Callable[[Pat
     """Run every recorded sequence through the pieces, piece after piece (`load` opens one; it is let go before the
     next opens), each sequence's steps in order over its own cache slots as the package holds them (`spec`);
     `take(sequence, step, outputs)` gets the whole graph's outputs as each piece makes them (its own arrays)."""
-    layers = cache_names(spec)
-
     def begin(graph, piece):
-        inputs = set(getattr(graph, "input_names", piece.inputs))
-        return _PieceCache(spec, [names for names in layers if inputs & set(names[:2])], graph)
+        return _PieceCache(spec, set(piece.inputs), set(piece.outputs))
 
     def step(graph, cache, run, n_new):
         run.update(cache.feeds())
@@ -270,16 +269,16 @@ def run_cases(pieces: list[Piece], cases: list[dict], load: Callable[[Path], obj
     `in_place`: each present bound to a copy of its past, as the runtime binds GroupQueryAttention's cache."""
     results: list[dict] = [{} for _ in cases]
 
-    def step(graph, _, run, n_new):
+    def step(graph, made, run, n_new):
         into = {}
-        if in_place:
-            for name in [n for n in run if n.startswith("past.")]:
+        if in_place:  # (a past whose present the piece makes: it may read another's shape)
+            for name in [n for n in run if n.startswith("past.") and n.replace("past.", "present.", 1) in made]:
                 run[name] = into[name.replace("past.", "present.", 1)] = run[name].copy()
         out = graph.run(run, into=into or None)
         out.update(into)
         return out
 
-    _through(pieces, [[case] for case in cases], load, lambda graph, piece: None, step,
+    _through(pieces, [[case] for case in cases], load, lambda graph, piece: set(piece.outputs), step,
              lambda s, t, out: results[s].update(out), desc, progress)
     return results
 
@@ -311,31 +310,39 @@ def _through(pieces, sequences, load, begin, step, take, desc, progress) -> None
 
 
 class _PieceCache:
-    """One sequence's cache slots for the layers of one piece, held as the package holds them: "state" (the
-    piece's engine holds them: reset), "in_place" (bound as the presents), "buffer" (presents written by
-    position)."""
+    """One sequence's cache for the layers one piece makes presents of, held as the package holds it: "buffer"
+    (max_context buffers, the new slots written by position), "in_place" (those buffers bound as the presents),
+    "state" (the graph takes the past and returns past + new: kept here, as OpenVINO keeps its state). A past the
+    piece reads only for its shape (a traced graph's sequence length, at its top) is fed zeros of that shape."""
 
-    def __init__(self, spec, layers: list[tuple[str, str, str, str]], graph):
-        self.storage, self.length = spec.storage, 0
-        shape = (1, spec.num_kv_heads, spec.max_context, spec.head_dim)
-        self.buffers = {} if spec.storage == "state" else \
-            {name: np.zeros(shape, np.dtype(spec.dtype)) for names in layers for name in names[:2]}
-        self.layers = layers
-        if spec.storage == "state" and hasattr(graph, "reset_state"):  # (a piece without layers: the LM head)
-            graph.reset_state()
+    def __init__(self, spec, inputs: set[str], outputs: set[str]):
+        self.spec, self.length, self.dtype = spec, 0, np.dtype(spec.dtype)
+        self.own = [names for names in cache_names(spec) if {names[2], names[3]} & outputs]
+        owned = {name for names in self.own for name in names[:2]}
+        self.foreign = [name for names in cache_names(spec) for name in names[:2]
+                        if name in inputs and name not in owned]
+        full = (1, spec.num_kv_heads, spec.max_context, spec.head_dim)
+        self.past = {name: self._empty() if spec.storage == "state" else np.zeros(full, self.dtype) for name in owned}
+        self.blank = np.zeros(full, self.dtype) if self.foreign and spec.storage != "state" else None
+
+    def _empty(self) -> np.ndarray:
+        return np.zeros((1, self.spec.num_kv_heads, self.length, self.spec.head_dim), self.dtype)
 
     def feeds(self) -> dict[str, np.ndarray]:
-        return self.buffers
+        feeds = dict(self.past)
+        feeds.update((name, self._empty() if self.blank is None else self.blank) for name in self.foreign)
+        return feeds
 
     def into(self) -> dict[str, np.ndarray] | None:
-        if self.storage != "in_place":
+        if self.spec.storage != "in_place":
             return None
-        return {present: self.buffers[past] for pk, pv, *presents in self.layers
-                for past, present in zip((pk, pv), presents)}
+        return {present: self.past[past] for pk, pv, rk, rv in self.own for past, present in ((pk, rk), (pv, rv))}
 
     def write(self, out: dict[str, np.ndarray], n_new: int) -> None:
         start, self.length = self.length, self.length + n_new
-        if self.storage == "buffer":
-            for pk, pv, rk, rv in self.layers:
-                self.buffers[pk][:, :, start:self.length] = out[rk]
-                self.buffers[pv][:, :, start:self.length] = out[rv]
+        for pk, pv, rk, rv in self.own:
+            for past, present in ((pk, rk), (pv, rv)):
+                if self.spec.storage == "buffer":
+                    self.past[past][:, :, start:self.length] = out[present]
+                elif self.spec.storage == "state":
+                    self.past[past] = out[present]  # past + new

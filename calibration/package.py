@@ -197,10 +197,14 @@ def _by_layers(stage: Path, manifest: Manifest, decoder: Path) -> bool:
 
 
 def _replay(stage: Path, manifest: Manifest, decoder: Path, sequences: list, take, desc: str, progress: bool) -> None:
-    """The decoder graph `decoder` over the `sequences` a Deferred decoder recorded, piece by piece (layered.py)."""
+    """The decoder graph `decoder` over the `sequences` a Deferred decoder recorded, piece by piece (layered.py),
+    through ONNX Runtime (what runs a staged ONNX decoder here on every target), its weights mapped."""
+    from mmedge.runtimes.backends import get_backend
+
     pieces = layered.split(decoder)
     try:
-        layered.replay(pieces, sequences, _loader(stage, manifest), manifest.kv_cache, take, desc, progress)
+        load = get_backend("onnxruntime", low_memory=True, model_cache=False).load
+        layered.replay(pieces, sequences, load, manifest.kv_cache, take, desc, progress)
     finally:
         layered.remove(pieces)
 
