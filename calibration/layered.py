@@ -220,7 +220,7 @@ class Deferred:
         self.past = {name for names in cache_names(spec) for name in names[:2]}
         self.presents = [name for names in cache_names(spec) for name in names[2:]]
         self.sequences: list[list[dict[str, np.ndarray]]] = []
-        if spec.storage == "state":  # the Pipeline's StateCache resets it; the replay resets each piece per sequence
+        if spec.storage == "state":  # the Pipeline's StateCache resets it (the replay holds each piece's state)
             self.reset_state = lambda: None
             self.truncate_state = lambda length: None
 
@@ -251,7 +251,7 @@ def replay(pieces: list[Piece], sequences: list[list[dict]], load: Callable[[Pat
     """Run every recorded sequence through the pieces, piece after piece (`load` opens one; it is let go before the
     next opens), each sequence's steps in order over its own cache slots as the package holds them (`spec`);
     `take(sequence, step, outputs)` gets the whole graph's outputs as each piece makes them (its own arrays)."""
-    def begin(graph, piece):
+    def begin(piece):
         return _PieceCache(spec, set(piece.inputs), set(piece.outputs))
 
     def step(graph, cache, run, n_new):
@@ -278,7 +278,7 @@ def run_cases(pieces: list[Piece], cases: list[dict], load: Callable[[Path], obj
         out.update(into)
         return out
 
-    _through(pieces, [[case] for case in cases], load, lambda graph, piece: set(piece.outputs), step,
+    _through(pieces, [[case] for case in cases], load, lambda piece: set(piece.outputs), step,
              lambda s, t, out: results[s].update(out), desc, progress)
     return results
 
@@ -287,12 +287,11 @@ def _through(pieces, sequences, load, begin, step, take, desc, progress) -> None
     """The loop of replay and run_cases: each piece opened in turn, every sequence's steps through it (`begin` its
     state per sequence, `step` one run), the tensors crossing to later pieces kept per step; the piece let go."""
     crossing: list[list[dict]] = [[{} for _ in steps] for steps in sequences]
-    graph = None
     for k, piece in enumerate(tqdm(pieces, desc=desc, unit="piece", disable=not progress)):
         later = {n for p in pieces[k + 1:] for n in p.inputs}
         graph = load(piece.path)
         for s, steps in enumerate(sequences):
-            state = begin(graph, piece)
+            state = begin(piece)
             for t, feeds in enumerate(steps):
                 have = crossing[s][t]
                 run = {n: have[n] if n in have else feeds[n] for n in piece.inputs if n in have or n in feeds}

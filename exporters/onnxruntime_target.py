@@ -282,10 +282,10 @@ def verify_graph(job: GraphJob, path: Path, rtol: float = 1e-3) -> dict:
 def _by_layers(job: GraphJob, path: Path) -> bool:
     """A big decoder is checked piece by piece (calibration/layered.py): a 3B model's float32 decoder mapped whole
     is 12.3 GB of resident pages."""
-    from mmedge.calibration.package import BIG_DECODER_BYTES
+    from mmedge.calibration import onnxruntime as ort_quant
+    from mmedge.calibration.package import BIG_DECODER_BYTES, graph_bytes
 
-    size = sum(p.stat().st_size for p in (path, path.with_name(path.name + ".data")) if p.exists())
-    return job.name == "decoder" and size > BIG_DECODER_BYTES
+    return job.name == "decoder" and graph_bytes(ort_quant, path) > BIG_DECODER_BYTES
 
 
 def _verify_by_layers(job: GraphJob, path: Path, rtol: float, expected: list[tuple]) -> dict:
@@ -301,6 +301,7 @@ def _verify_by_layers(job: GraphJob, path: Path, rtol: float, expected: list[tup
         results = iter(layered.run_cases(pieces, cases, load, in_place=job.kv_storage == "in_place"))
     finally:
         layered.remove(pieces)
+
     def run(feeds):  # the check inputs in their order
         out = next(results)
         return [out[name] for name in job.output_names]
