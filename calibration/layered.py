@@ -246,6 +246,36 @@ class Deferred:
         return out
 
 
+class ByLayers:
+    """Stands in for the decoder in a Pipeline that generates: each call runs the pieces in turn, each piece's
+    session opened, run and let go, the tensors crossing between pieces kept for the call. Its cache is the
+    Pipeline's own (every past is the whole graph's input; presents bound where the Pipeline binds them), so it
+    answers each step as the whole graph does with one piece's weights mapped at a time; every weight is read once
+    a step, as the whole graph reads them. For the export's generation check of a big float32 decoder ("buffer" and
+    "in_place" caches), where a few steps' session openings cost less than mapping the whole graph."""
+
+    def __init__(self, pieces: list[Piece], load: Callable[[Path], object]):
+        self.pieces, self.load = pieces, load
+        self.later = [{n for p in pieces[k + 1:] for n in p.inputs} for k in range(len(pieces))]
+        self.calls = 0
+
+    def run(self, inputs: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        crossing: dict[str, np.ndarray] = {}
+        out: dict[str, np.ndarray] = {}
+        for piece, later in zip(self.pieces, self.later):
+            graph = self.load(piece.path)
+            feeds = {name: crossing[name] if name in crossing else inputs[name] for name in piece.inputs}
+            bound = {name: into[name] for name in piece.outputs if into and name in into}
+            got = graph.run(feeds, into=bound or None)
+            del graph, feeds
+            crossing = {name: value for name, value in crossing.items() if name in later}
+            crossing.update((name, got[name]) for name in piece.outputs if name in got and name in later)
+            out.update((name, got[name]) for name in piece.graph_outputs if name in got)
+        release_freed_memory()
+        self.calls += 1
+        return out
+
+
 def replay(pieces: list[Piece], sequences: list[list[dict]], load: Callable[[Path], object], spec,
            take: Callable[[int, int, dict], None], desc: str = "decoder by layers", progress: bool = True) -> None:
     """Run every recorded sequence through the pieces, piece after piece (`load` opens one; it is let go before the

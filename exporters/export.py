@@ -335,7 +335,8 @@ CHECK_BACKEND = {"tensorrt": "onnxruntime"}
 def generate_once(package: Path, manifest: Manifest) -> dict:
     """Run the finished package through the runtime's own Pipeline once (a sample image and prompt, a few
     tokens: every part, every scheme the manifest names, the counts it states against the graphs' shapes);
-    a package that cannot generate is not written."""
+    a package that cannot generate is not written. A big float32 decoder runs a few layers at a time
+    (`_decoder_by_layers`)."""
     import sys
 
     import numpy as np
@@ -347,9 +348,11 @@ def generate_once(package: Path, manifest: Manifest) -> dict:
         return {"passed": None, "not_run": "Core ML runs models on macOS only"}
     backend = CHECK_BACKEND.get(manifest.target, manifest.target)
     ramp = np.linspace(0, 255, 96 * 64 * 3).reshape(64, 96, 3).astype(np.uint8)  # not square: resizing is exercised
+    pieces: list = []
     try:
         pipe = Pipeline.load(package, backend=backend, verify=False, low_memory=backend == "onnxruntime",
                              model_cache=False)
+        pieces = _decoder_by_layers(pipe, package, manifest, backend)
         if manifest.audio is not None:  # a second of a 440 Hz tone
             rate = manifest.audio.sampling_rate
             tone = 0.3 * np.sin(2 * np.pi * 440 * np.arange(rate) / rate)
@@ -360,8 +363,37 @@ def generate_once(package: Path, manifest: Manifest) -> dict:
     except Exception as exc:
         raise ExportError(f"the exported package cannot generate through the runtime ({first_line(exc)}); "
                           "nothing was written") from exc
+    finally:
+        if pieces:
+            from mmedge.calibration import layered
+
+            layered.remove(pieces)
     return {"passed": True, "backend": backend, "prompt_tokens": pipe.timings.prompt_tokens,
-            "new_tokens": len(tokens)}
+            "new_tokens": len(tokens), "tokens": [int(t) for t in tokens],
+            **({"pieces": len(pieces)} if pieces else {})}
+
+
+def _decoder_by_layers(pipe, package: Path, manifest: Manifest, backend: str) -> list:
+    """Where the package's decoder is a big float32 ONNX graph that ONNX Runtime runs here, the Pipeline's decoder
+    swapped for one run a few layers at a time (calibration/layered.ByLayers: the same nodes and weights; at most one
+    piece's weights mapped, not a 3B model's 12 GB at once). Returns the pieces written beside the decoder (removed
+    after the check), or [] where the decoder runs whole."""
+    from mmedge.calibration.package import BIG_DECODER_BYTES
+
+    spec = manifest.graphs["decoder"]
+    path = package / spec.file
+    if backend != "onnxruntime" or path.suffix != ".onnx" or spec.precision != "fp32" \
+            or manifest.kv_cache.storage not in ("buffer", "in_place"):
+        return []
+    if sum(p.stat().st_size for p in (path, path.with_name(path.name + ".data")) if p.exists()) <= BIG_DECODER_BYTES:
+        return []
+    from mmedge.calibration import layered
+    from mmedge.runtimes.backends import get_backend
+
+    pieces = layered.split(path)
+    pipe.graphs["decoder"] = layered.ByLayers(pieces, get_backend("onnxruntime", low_memory=True,
+                                                                   model_cache=False).load)
+    return pieces
 
 
 def _audio_rate(checkpoint: Path) -> int:

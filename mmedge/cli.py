@@ -360,7 +360,8 @@ def cmd_inspect(args) -> int:
         print()
         if generation["passed"]:
             print(f"generation through the runtime at export: ok ({generation['prompt_tokens']} prompt tokens, "
-                  f"{generation['new_tokens']} new, {generation['backend']})")
+                  f"{generation['new_tokens']} new, {generation['backend']}"
+                  + (f", the decoder in {generation['pieces']} pieces" if "pieces" in generation else "") + ")")
         else:
             print(f"generation through the runtime at export: not run: {generation.get('not_run', '')}")
     if m.quantization:

@@ -481,6 +481,43 @@ def test_a_big_decoder_run_by_layers_gives_the_whole_graphs_outputs(packages, sh
                 assert np.allclose(out[tap], recorded[s][t][tap], rtol=1e-4, atol=1e-5), tap
 
 
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
+def test_a_big_decoder_generates_by_layers_as_the_whole_graph_does(packages, target):
+    """The export's generation check of a big float32 decoder (layered.ByLayers: each step through the pieces in
+    turn, over the Pipeline's own cache): the whole graph's tokens and next-token logits, for GroupQueryAttention
+    writing its cache in place and for a traced decoder over "buffer" slots."""
+    import numpy as np
+
+    from mmedge.calibration import layered
+    from mmedge.calibration.data import load_calibration
+    from mmedge.manifest import load_manifest
+    from mmedge.runtimes import Pipeline
+    from mmedge.runtimes.backends import get_backend
+
+    package = packages("qwen2vl-gqa", target)
+    manifest = load_manifest(package, verify_files=False)
+    decoder = package / manifest.graphs["decoder"].file
+    sample = load_calibration("builtin", 8, held_out=1).held_out[0]
+    answers = []
+    for by_layers in (False, True):
+        pipe = Pipeline.load(package, backend="onnxruntime", low_memory=True, verify=False)
+        if by_layers:
+            size = sum(p.stat().st_size for p in package.glob(decoder.name + "*"))
+            pieces = layered.split(decoder, budget=size // 10)
+            pipe.graphs["decoder"] = layered.ByLayers(pieces, get_backend("onnxruntime", low_memory=True).load)
+        pipe.logits_out = []
+        try:
+            tokens = list(pipe.generate_ids(sample.image, sample.prompt, max_new_tokens=5, ignore_eos=True))
+        finally:
+            if by_layers:
+                layered.remove(pieces)
+        answers.append((tokens, np.stack(pipe.logits_out)))
+    assert len(pieces) >= 3 and pipe.graphs["decoder"].calls == 5 and not list(package.glob(".piece*"))
+    (want, want_logits), (got, got_logits) = answers
+    assert got == want
+    assert np.abs(got_logits - want_logits).max() < 1e-4 * max(1.0, np.abs(want_logits).max())
+
+
 def test_a_big_decoder_is_checked_at_export_by_layers(checkpoints, packages, tmp_path, monkeypatch):
     """The export's check of a big float32 decoder against PyTorch runs it a few layers at a time
     (calibration/layered.py; GroupQueryAttention's presents bound to their past as the runtime binds them): the same
@@ -502,4 +539,6 @@ def test_a_big_decoder_is_checked_at_export_by_layers(checkpoints, packages, tmp
     assert manifest.kv_cache.storage == "in_place"
     for name, err in whole["outputs"].items():
         assert np.isclose(pieces["outputs"][name]["max_abs_err"], err["max_abs_err"], rtol=0.05, atol=1e-6), name
-    assert not list((tmp_path / "pkg").glob(".piece*")) and manifest.verification["generation"]["passed"]
+    generation = manifest.verification["generation"]  # the package run once, its decoder by layers too
+    assert generation["passed"] and generation["pieces"] >= 3 and len(generation["tokens"]) == 3
+    assert not list((tmp_path / "pkg").glob(".piece*"))

@@ -217,7 +217,8 @@ HOW = """
   inputs and as much again for the references: 17.5 GiB anonymous at the peak, 2026-12-04). A decoder over 1 GiB
   is checked a few layers at a time (below).
 - **A big float32 decoder runs by layer groups** (calibration/layered.py) wherever nothing depends on its answers:
-  calibration's prefills, the held-out measurement's fp32 side and the export's check. Its ONNX graph is cut into
+  calibration's prefills, the held-out measurement's fp32 side and the export's check against PyTorch. Its
+  ONNX graph is cut into
   pieces of about 1 GiB of weights (its own nodes in their order, each piece a small graph file reading the
   decoder's data file, cut where the fewest tensors cross: the residual stream at a layer's edge). The samples
   run through the real pipeline with the decoder deferred (each call's inputs kept, zeros answered), then every
@@ -228,6 +229,9 @@ HOW = """
   fp32 decoder along those answers (docs/quantization.md). Outputs are the whole graph's up to float32 rounding:
   tests/test_scale.py runs both on the fused decoder (GroupQueryAttention writing its cache in place, Qwen2-VL's
   3-D positions) and on traced ones.
+  The package's last check, a few tokens generated through the runtime's Pipeline, runs a big float32 decoder
+  by the same pieces (layered.ByLayers): each step through every piece in turn over the Pipeline's own cache,
+  so a float32 package is never mapped whole either (Qwen2.5-VL-3B's is 15 GiB).
 - **Quantization** reads one weight at a time from the data file, keeps AWQ's scales as factors applied on read,
   and writes each quantized tensor as the graph file is written (calibration/weights.py): ONNX Runtime's
   `MatMulNBits` and per-row INT8 embedding, TensorRT's INT4/INT8 `DequantizeLinear` weights, and the float16
