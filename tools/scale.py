@@ -279,9 +279,10 @@ HOW = """
   parameters at PaliGemma-3B's size).
 
 Peak RSS counts memory-mapped graph files, whose pages the kernel can drop and read again; the anonymous
-peak is what an export cannot give back. The final generation check maps the whole package (a float32
-package: RSS there is about its size plus the anonymous part); calibration and the measurement map the big
-float32 decoder one piece at a time (since 2026-12-07).
+peak is what an export cannot give back. Calibration, the measurement and the export's check against PyTorch
+map a big float32 decoder one piece at a time (since 2026-12-07), and so does the final generation check where
+ONNX Runtime runs it (onnxruntime, tensorrt); other graphs, quantized or float16 decoders and OpenVINO's float
+packages are mapped whole while they run.
 """
 
 
