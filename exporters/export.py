@@ -375,24 +375,24 @@ def generate_once(package: Path, manifest: Manifest) -> dict:
 
 def _decoder_by_layers(pipe, package: Path, manifest: Manifest, backend: str) -> list:
     """Where the package's decoder is a big float32 ONNX graph that ONNX Runtime runs here, the Pipeline's decoder
-    swapped for one run a few layers at a time (calibration/layered.ByLayers: the same nodes and weights; at most one
-    piece's weights mapped, not a 3B model's 12 GB at once). Returns the pieces written beside the decoder (removed
-    after the check), or [] where the decoder runs whole."""
-    from mmedge.calibration.package import BIG_DECODER_BYTES
+    swapped for one run a few layers at a time (calibration/layered.ByLayers: the same nodes and weights, one piece's
+    read at a time, not a 3B model's 12 GB resident at once; the whole graph's session, opened by the load without
+    reading its weights, is let go unrun). Returns the pieces written beside the decoder (removed after the check), or
+    [] where the decoder runs whole."""
+    from mmedge.calibration import onnxruntime as ort_quant
+    from mmedge.calibration.package import BIG_DECODER_BYTES, graph_bytes
 
     spec = manifest.graphs["decoder"]
     path = package / spec.file
     if backend != "onnxruntime" or path.suffix != ".onnx" or spec.precision != "fp32" \
-            or manifest.kv_cache.storage not in ("buffer", "in_place"):
-        return []
-    if sum(p.stat().st_size for p in (path, path.with_name(path.name + ".data")) if p.exists()) <= BIG_DECODER_BYTES:
+            or manifest.kv_cache.storage not in ("buffer", "in_place") or graph_bytes(ort_quant, path) <= BIG_DECODER_BYTES:
         return []
     from mmedge.calibration import layered
     from mmedge.runtimes.backends import get_backend
 
+    load = get_backend("onnxruntime", low_memory=True, model_cache=False).load
     pieces = layered.split(path)
-    pipe.graphs["decoder"] = layered.ByLayers(pieces, get_backend("onnxruntime", low_memory=True,
-                                                                   model_cache=False).load)
+    pipe.graphs["decoder"] = layered.ByLayers(pieces, load)
     return pieces
 
 

@@ -472,7 +472,7 @@ def test_a_big_decoder_run_by_layers_gives_the_whole_graphs_outputs(packages, sh
     finally:
         layered.remove(pieces)
         tapped.unlink()
-    assert not list(package.glob(".piece*"))
+    assert not any(p.path.exists() for p in pieces)  # (another test may be writing its own into this package)
     for s, steps in enumerate(got):
         logits = np.stack([out["logits"][0, -1] for out in steps])
         assert np.abs(logits - want[s]).max() < 1e-4 * max(1.0, np.abs(want[s]).max())
@@ -512,7 +512,7 @@ def test_a_big_decoder_generates_by_layers_as_the_whole_graph_does(packages, tar
             if by_layers:
                 layered.remove(pieces)
         answers.append((tokens, np.stack(pipe.logits_out)))
-    assert len(pieces) >= 3 and pipe.graphs["decoder"].calls == 5 and not list(package.glob(".piece*"))
+    assert len(pieces) >= 3 and pipe.graphs["decoder"].calls == 5 and not any(p.path.exists() for p in pieces)
     (want, want_logits), (got, got_logits) = answers
     assert got == want
     assert np.abs(got_logits - want_logits).max() < 1e-4 * max(1.0, np.abs(want_logits).max())
@@ -526,19 +526,21 @@ def test_a_big_decoder_is_checked_at_export_by_layers(checkpoints, packages, tmp
 
     from conftest import TINY_CALIB_SAMPLES
     from mmedge.calibration import layered, package
-    from mmedge.exporters.export import ExportOptions, export
+    from mmedge.exporters.export import ExportOptions, export, generate_once
     from mmedge.manifest import load_manifest
 
+    whole_package = packages("qwen2vl-gqa")
+    whole_tokens = generate_once(whole_package, load_manifest(whole_package, verify_files=False))["tokens"]
     monkeypatch.setattr(package, "BIG_DECODER_BYTES", 0)
     monkeypatch.setattr(layered, "PIECE_BYTES", 1 << 14)
     manifest = export(ExportOptions(model=str(checkpoints["qwen2vl-gqa"]), output=tmp_path / "pkg", progress=False,
                                     calib_samples=TINY_CALIB_SAMPLES, target="onnxruntime"))
-    whole = load_manifest(packages("qwen2vl-gqa")).verification["graphs"]["decoder"]
+    whole = load_manifest(whole_package).verification["graphs"]["decoder"]
     pieces = manifest.verification["graphs"]["decoder"]
     assert pieces["passed"] and pieces["pieces"] >= 3 and "pieces" not in whole
     assert manifest.kv_cache.storage == "in_place"
     for name, err in whole["outputs"].items():
         assert np.isclose(pieces["outputs"][name]["max_abs_err"], err["max_abs_err"], rtol=0.05, atol=1e-6), name
     generation = manifest.verification["generation"]  # the package run once, its decoder by layers too
-    assert generation["passed"] and generation["pieces"] >= 3 and len(generation["tokens"]) == 3
+    assert generation["passed"] and generation["pieces"] >= 3 and generation["tokens"] == whole_tokens
     assert not list((tmp_path / "pkg").glob(".piece*"))

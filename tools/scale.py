@@ -231,7 +231,7 @@ HOW = """
   3-D positions) and on traced ones.
   The package's last check, a few tokens generated through the runtime's Pipeline, runs a big float32 decoder
   by the same pieces (layered.ByLayers): each step through every piece in turn over the Pipeline's own cache,
-  so a float32 package is never mapped whole either (Qwen2.5-VL-3B's is 15 GiB).
+  so a float32 package's decoder is never resident whole either (Qwen2.5-VL-3B's is 12.3 GB).
 - **Quantization** reads one weight at a time from the data file, keeps AWQ's scales as factors applied on read,
   and writes each quantized tensor as the graph file is written (calibration/weights.py): ONNX Runtime's
   `MatMulNBits` and per-row INT8 embedding, TensorRT's INT4/INT8 `DequantizeLinear` weights, and the float16
