@@ -70,13 +70,14 @@ def test_mutated_manifests_load_or_fail_in_one_line(manifest_data, data):
         path = data.draw(st.sampled_from(paths))
         parent = mutated
         for key in path[:-1]:  # an earlier mutation may have removed or replaced part of the path
-            inside = isinstance(parent, dict) and key in parent or isinstance(parent, list) and key < len(parent)
+            inside = isinstance(parent, dict) and key in parent \
+                or isinstance(parent, list) and isinstance(key, int) and key < len(parent)
             parent = parent[key] if inside else None
         if isinstance(parent, (dict, list)):
             action = data.draw(st.sampled_from(["replace", "delete"]))
             if action == "delete" and isinstance(parent, dict):
                 parent.pop(path[-1], None)
-            elif isinstance(parent, dict) or path[-1] < len(parent):
+            elif isinstance(parent, dict) or isinstance(path[-1], int) and path[-1] < len(parent):
                 parent[path[-1]] = data.draw(json_values)
     try:
         Manifest.from_dict(mutated)
