@@ -256,22 +256,14 @@ class ByLayers:
 
     def __init__(self, pieces: list[Piece], load: Callable[[Path], object]):
         self.pieces, self.load = pieces, load
-        self.later = [{n for p in pieces[k + 1:] for n in p.inputs} for k in range(len(pieces))]
         self.calls = 0
 
     def run(self, inputs: dict[str, np.ndarray], into: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        crossing: dict[str, np.ndarray] = {}
         out: dict[str, np.ndarray] = {}
-        for piece, later in zip(self.pieces, self.later):
-            graph = self.load(piece.path)
-            feeds = {name: crossing[name] if name in crossing else inputs[name] for name in piece.inputs}
-            bound = {name: into[name] for name in piece.outputs if into and name in into}
-            got = graph.run(feeds, into=bound or None)
-            del graph, feeds
-            crossing = {name: value for name, value in crossing.items() if name in later}
-            crossing.update((name, got[name]) for name in piece.outputs if name in got and name in later)
-            out.update((name, got[name]) for name in piece.graph_outputs if name in got)
-        release_freed_memory()
+        _through(self.pieces, [[inputs]], self.load,
+                 lambda piece: {name: into[name] for name in piece.outputs if into and name in into},
+                 lambda graph, bound, run, n_new: graph.run(run, into=bound or None),
+                 lambda s, t, made: out.update(made), "decoder by layers", False)
         self.calls += 1
         return out
 
