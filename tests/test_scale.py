@@ -519,6 +519,55 @@ def test_a_big_decoder_generates_by_layers_as_the_whole_graph_does(packages, tar
     assert np.abs(got_logits - want_logits).max() < 1e-4 * max(1.0, np.abs(want_logits).max())
 
 
+def test_a_quantized_decoder_is_cut_with_each_dequantized_weight_beside_its_matmul(packages, tmp_path):
+    """layered.split on a decoder whose quantizer put every DequantizeLinear at the graph's top (weight-only INT8 with
+    float32 compute: what OpenVINO's staged big decoder is converted from, and the reference of that conversion's
+    check): each DequantizeLinear moves beside the MatMul that reads it, no dequantized weight crosses a cut (at
+    Qwen2.5-VL-3B's size every one of them did: 23 GiB), and the pieces give the whole graph's logits."""
+    import numpy as np
+    import onnx
+
+    from mmedge.calibration import layered
+    from mmedge.calibration import onnxruntime as ort_quant
+    from mmedge.calibration import tensorrt as dq_quant
+    from mmedge.calibration.data import load_calibration
+    from mmedge.calibration.package import QuantOptions
+    from mmedge.manifest import load_manifest
+    from mmedge.runtimes import Pipeline
+    from mmedge.runtimes.backends import get_backend
+
+    package = packages("qwen2vl-gqa", "tensorrt")  # a traced decoder, "buffer" cache
+    manifest = load_manifest(package, verify_files=False)
+    src = package / manifest.graphs["decoder"].file
+    quantized = tmp_path / "decoder.onnx"
+    dq_quant.quantize_decoder(src, quantized, "int8", QuantOptions(), None, ort_quant._lm_head_vocab(src), fp16=False)
+    graph = onnx.load(str(quantized), load_external_data=False).graph
+    nodes, weights = graph.node, sum(layered._initializer_bytes(i) for i in graph.initializer)
+    assert nodes[0].op_type == "DequantizeLinear"
+    dequantized = {n.output[0] for n in nodes if n.op_type == "DequantizeLinear"}
+    deferred = layered.Deferred(manifest)
+    pipe = Pipeline.load(package, backend="onnxruntime", low_memory=True, verify=False)
+    pipe.graphs["decoder"] = deferred
+    sample = load_calibration("builtin", 8, held_out=1).held_out[0]
+    deferred.begin()
+    pipe.teacher_forced_logits(sample.image, sample.prompt, [5, 9, 2])
+    load = get_backend("onnxruntime", low_memory=True).load
+    answers = []
+    for budget in (4 * weights, weights // 8):
+        pieces = layered.split(quantized, budget=budget)
+        crossing = {name for piece in pieces[1:] for name in piece.inputs}
+        got = [{} for _ in deferred.sequences[0]]
+        try:
+            layered.replay(pieces, deferred.sequences, load, manifest.kv_cache, lambda s, t, out: got[t].update(out),
+                           progress=False)
+        finally:
+            layered.remove(pieces)
+        answers.append((len(pieces), crossing & dequantized, np.stack([out["logits"][0, -1] for out in got])))
+    (whole_pieces, _, whole), (pieces, crossed, by_layers) = answers
+    assert whole_pieces == 1 and pieces >= 3 and not crossed
+    assert np.abs(by_layers - whole).max() < 1e-4 * max(1.0, np.abs(whole).max())
+
+
 def test_a_big_decoder_is_checked_at_export_by_layers(checkpoints, packages, tmp_path, monkeypatch):
     """The export's check of a big float32 decoder against PyTorch runs it a few layers at a time
     (calibration/layered.py; GroupQueryAttention's presents bound to their past as the runtime binds them): the same
