@@ -232,6 +232,10 @@ HOW = """
   The package's last check, a few tokens generated through the runtime's Pipeline, runs a big float32 decoder
   by the same pieces (layered.ByLayers): each step through every piece in turn over the Pipeline's own cache,
   so a float32 package's decoder is never resident whole either (Qwen2.5-VL-3B's is 12.3 GB).
+  OpenVINO's conversion check of a big quantized decoder runs its reference, the quantized ONNX graph, by the
+  same pieces before the IR compiles (ONNX Runtime would make float32 weights of its INT8 ones: 9 GiB at 3B). The
+  cut first moves each node computed from weights alone (a DequantizeLinear) beside its first reader, so no
+  dequantized weight crosses a cut.
 - **Quantization** reads one weight at a time from the data file, keeps AWQ's scales as factors applied on read,
   and writes each quantized tensor as the graph file is written (calibration/weights.py): ONNX Runtime's
   `MatMulNBits` and per-row INT8 embedding, TensorRT's INT4/INT8 `DequantizeLinear` weights, and the float16
