@@ -13,7 +13,7 @@ import onnx
 import torch
 
 from mmedge.errors import ExportError, first_line
-from mmedge.exporters import lazy, trace_cache
+from mmedge.exporters import lazy, repeat_layers, trace_cache
 from mmedge.exporters.graphs import GraphJob
 from mmedge.manifest import TensorSpec
 
@@ -47,22 +47,37 @@ def export_graph(job: GraphJob, path: Path) -> None:
 
     dynamic = [{axis: dim(n) for axis, n in job.dynamic_axes.get(name, {}).items()} for name in job.input_names]
 
+    def export(inputs, input_names, output_names):
+        try:
+            return torch.onnx.export(
+                job.module,
+                inputs,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_shapes=_match_signature(job.module, dynamic[: len(input_names)]),
+                opset_version=OPSET,
+                dynamo=True,
+                optimize=False,  # after its weights are bound: folding must not read placeholders
+                verbose=False,
+            )
+        except Exception as exc:
+            raise ExportError(f"tracing {job.name} failed: {first_line(exc)}") from exc
+
     def trace(dest: Path) -> None:
         with _quiet(), _one_translation_table(), torch.no_grad():
-            try:
-                program = torch.onnx.export(
-                    job.module,
-                    job.trace_inputs,
-                    input_names=job.input_names,
-                    output_names=job.output_names,
-                    dynamic_shapes=_match_signature(job.module, dynamic),
-                    opset_version=OPSET,
-                    dynamo=True,
-                    optimize=False,  # after its weights are bound: folding must not read placeholders
-                    verbose=False,
-                )
-            except Exception as exc:
-                raise ExportError(f"tracing {job.name} failed: {first_line(exc)}") from exc
+            program = None
+            layers = repeat_layers.plan(job)  # a deep decoder: its first layers traced, the rest repeated
+            if layers is not None:
+                inputs, input_names, output_names = repeat_layers.truncated(job, layers)
+                with repeat_layers.first_layers(layers):
+                    program = export(inputs, input_names, output_names)
+                try:
+                    repeat_layers.expand(program.model.graph, layers, job.input_names, job.output_names)
+                except repeat_layers.NotRepeatable as why:
+                    log.info("%s traced whole: %s", job.name, why)
+                    program = None
+            if program is None:
+                program = export(job.trace_inputs, job.input_names, job.output_names)
             lazy.bind_program(program, job.module)
             with _single_node_rewrites():
                 program.optimize()
