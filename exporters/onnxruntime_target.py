@@ -66,7 +66,6 @@ def export_graph(job: GraphJob, path: Path) -> None:
     def trace(dest: Path) -> None:
         with _quiet(), _one_translation_table(), torch.no_grad():
             program = None
-            layers = repeat_layers.plan(job)  # a deep decoder: its first layers traced, the rest repeated
             if layers is not None:
                 inputs, input_names, output_names = repeat_layers.truncated(job, layers)
                 with repeat_layers.first_layers(layers):
@@ -75,7 +74,7 @@ def export_graph(job: GraphJob, path: Path) -> None:
                     repeat_layers.expand(program.model.graph, layers, job.input_names, job.output_names)
                 except repeat_layers.NotRepeatable as why:
                     log.info("%s traced whole: %s", job.name, why)
-                    program = None
+                    program, job.repeated_layers = None, 0
             if program is None:
                 program = export(job.trace_inputs, job.input_names, job.output_names)
             lazy.bind_program(program, job.module)
@@ -83,6 +82,10 @@ def export_graph(job: GraphJob, path: Path) -> None:
                 program.optimize()
         save_program(program, dest, job)
 
+    # a deep decoder: its first layers traced, the rest repeated (repeat_layers.py); export_jobs sets
+    # job.repeated_layers to None to have it traced whole
+    layers = repeat_layers.plan(job) if job.repeated_layers is not None else None
+    job.repeated_layers = layers.count - repeat_layers.TRACED if layers is not None else 0
     trace_cache.cached_trace(job, trace, path, job.trace_cache)
     if path.stat().st_size > EXTERNAL_DATA_BYTES:  # read back inline from a cache an export with a higher limit filled
         save_model(onnx.load(str(path)), path)
@@ -104,6 +107,7 @@ def _past_and_new_from_buffer_trace(job: GraphJob, path: Path) -> None:
     source = with_kv_storage(job, "buffer")
     source.trace_cache = job.trace_cache
     export_graph(source, path)
+    job.repeated_layers = source.repeated_layers
     if getattr(source, "_trace_key", None):  # what is converted from this graph is kept under a key of its own
         job._trace_key = source._trace_key + "|past and new"
     model = onnx.load(str(path), load_external_data=False)  # weights beside a big graph stay where they are

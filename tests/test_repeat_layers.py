@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 
 import onnx
 import pytest
+import torch
 
 from mmedge.exporters import checkpoint as ckpt
 from mmedge.exporters import onnxruntime_target as ort_target
@@ -74,3 +76,26 @@ def test_a_repeated_decoder_keeps_its_cache_as_openvino_state(tmp_path):
     ort_target.export_graph(job, path)
     check = ort_target.verify_graph(job, path, rtol=1e-4)
     assert check["passed"], check
+
+
+def test_a_repeated_decoder_that_does_not_match_pytorch_is_traced_whole(tmp_path, caplog):
+    """plan() compares the layers' modules and settings, not their code: a layer that computes otherwise with
+    the same settings (here one layer's output doubled) makes a repeated graph that does not match PyTorch;
+    the export then traces the decoder whole, and that graph matches."""
+    from mmedge.exporters.export import ExportOptions, export_jobs
+
+    job = _decoder(_deep("llava-gqa", tmp_path / "ckpt"))
+    layer = job.module.text_model.layers[LAYERS - 2]
+    forward = layer.forward
+
+    def doubled(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        return out * 2 if torch.is_tensor(out) else (out[0] * 2, *out[1:])
+
+    layer.forward = doubled
+    assert repeat_layers.plan(job) is not None
+    caplog.set_level(logging.WARNING)
+    _, report = export_jobs(ort_target, [job], {"decoder": "fp32"}, tmp_path,
+                            ExportOptions(model=str(tmp_path / "ckpt"), output=tmp_path / "out", progress=False))
+    assert report["decoder"]["passed"] and job.repeated_layers == 0
+    assert "tracing it whole" in caplog.text
