@@ -156,12 +156,17 @@ def expand(graph, p: Plan, input_names: list[str], output_names: list[str]) -> i
                 continue
             if layer_of[id(v.producer())] != TRACED - 2:
                 raise NotRepeatable(f"layer {TRACED - 1} reads {v.name}, made by neither it nor the layer before")
-    outside_after = {id(n): n for n in nodes if layer_of[id(n)] is None and index[id(n)] > index[id(last[-1])]}
-    for n in outside_after.values():
+    end = index[id(last[-1])]
+    outside_after = {id(n): n for n in nodes if layer_of[id(n)] is None and index[id(n)] > end}
+    for n in nodes:
+        if layer_of[id(n)] is not None:
+            continue
         for v in n.inputs:
-            if (v is not None and id(v) in particular and v.producer() is not None
-                    and layer_of[id(v.producer())] not in (None, TRACED - 1)):
-                raise NotRepeatable(f"{v.name} of layer {layer_of[id(v.producer())]} is read after the layers")
+            made_in = layer_of[id(v.producer())] if v is not None and v.producer() is not None else None
+            if made_in is None or id(v) not in particular:
+                continue
+            if made_in != TRACED - 1 or id(n) not in outside_after:
+                raise NotRepeatable(f"{v.name} of layer {made_in} is read outside the layers, not after the last")
 
     inputs = {v.name: v for v in graph.inputs}
     outputs = {v.name: v for v in graph.outputs}
