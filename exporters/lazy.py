@@ -56,14 +56,21 @@ class Source:
     begin: int  # absolute byte offsets in the file
     end: int
 
-    def array(self) -> np.ndarray:
+    def array(self, axes: tuple[int, ...] | None = None) -> np.ndarray:
+        """The tensor as float32 (integers as stored), its axes permuted by `axes` (contiguous) when given."""
         raw = np.fromfile(self.file, dtype=_DTYPES[self.dtype], count=int(np.prod(self.shape, dtype=np.int64)),
                           offset=self.begin).reshape(self.shape)
-        if self.dtype == "BF16":  # the upper half of a float32, widened in one pass (3.3x the speed of
-            out = np.empty(raw.shape, np.uint32)  # astype-then-shift's two fresh arrays, measured on 2.95 GB)
-            np.left_shift(raw, 16, out=out, dtype=np.uint32)
-            return out.view(np.float32)
-        return raw.astype(np.float32, copy=False) if raw.dtype.kind == "f" else raw
+        if raw.dtype.kind == "f" and raw.dtype != np.float32 or self.dtype == "BF16":
+            # widened (and transposed) by torch in one multi-threaded pass: a [11008, 2048] bfloat16 weight in
+            # 0.1 s transposed, 0.02 s not, against 0.37 and 0.30 s for numpy's shift and torch's transpose
+            # after it (2 cores); float16 likewise
+            stored = torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16) if self.dtype == "BF16" \
+                else torch.from_numpy(raw)
+            if axes is not None:
+                stored = stored.permute(*axes)
+            return torch.empty(tuple(stored.shape), dtype=torch.float32).copy_(stored).numpy()
+        out = raw.astype(np.float32, copy=False) if raw.dtype.kind == "f" else raw
+        return out if axes is None else transposed(out, axes)
 
     def tensor(self) -> torch.Tensor:
         return torch.from_numpy(self.array())
@@ -287,8 +294,7 @@ def _lazy(source: Source, perm: tuple[int, ...] | None = None):
     axes = None if perm is None else (perm or tuple(reversed(range(len(source.shape)))))
 
     def value():
-        array = source.array()
-        return ir.tensor(array if axes is None else transposed(array, axes))
+        return ir.tensor(source.array(axes))
 
     dims = source.shape if axes is None else tuple(source.shape[i] for i in axes)
     return ir.LazyTensor(value, dtype=ir.DataType.FLOAT, shape=ir.Shape(list(dims)))
