@@ -184,6 +184,14 @@ def _loader(stage: Path, manifest: Manifest):
 BIG_DECODER_BYTES = 1 << 30
 
 
+def big_onnx_decoder(path: Path) -> bool:
+    """Whether the ONNX graph at `path` holds over BIG_DECODER_BYTES of weights (its data file included): a
+    decoder checked, calibrated and measured a few layers at a time (calibration/layered.py)."""
+    from mmedge.calibration import onnxruntime as ort_quant
+
+    return graph_bytes(ort_quant, path) > BIG_DECODER_BYTES
+
+
 def _big_decoder(stage: Path, manifest: Manifest) -> bool:
     """Whether the staged fp32 decoder is over BIG_DECODER_BYTES."""
     return graph_bytes(_target(manifest), staged(stage, manifest, "decoder")) > BIG_DECODER_BYTES

@@ -386,13 +386,12 @@ def _decoder_by_layers(pipe, package: Path, manifest: Manifest, backend: str) ->
     read at a time, not a 3B model's 12 GB resident at once; the whole graph's session, opened by the load without
     reading its weights, is let go unrun). Returns the pieces written beside the decoder (removed after the check), or
     [] where the decoder runs whole."""
-    from mmedge.calibration import onnxruntime as ort_quant
-    from mmedge.calibration.package import BIG_DECODER_BYTES, graph_bytes
+    from mmedge.calibration.package import big_onnx_decoder
 
     spec = manifest.graphs["decoder"]
     path = package / spec.file
     if backend != "onnxruntime" or path.suffix != ".onnx" or spec.precision != "fp32" \
-            or manifest.kv_cache.storage not in ("buffer", "in_place") or graph_bytes(ort_quant, path) <= BIG_DECODER_BYTES:
+            or manifest.kv_cache.storage not in ("buffer", "in_place") or not big_onnx_decoder(path):
         return []
     from mmedge.calibration import layered
     from mmedge.runtimes.backends import get_backend

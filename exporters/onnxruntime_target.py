@@ -301,10 +301,9 @@ def verify_graph(job: GraphJob, path: Path, rtol: float = 1e-3) -> dict:
 def _by_layers(job: GraphJob, path: Path) -> bool:
     """A big decoder is checked piece by piece (calibration/layered.py): a 3B model's float32 decoder mapped whole
     is 12.3 GB of resident pages."""
-    from mmedge.calibration import onnxruntime as ort_quant
-    from mmedge.calibration.package import BIG_DECODER_BYTES, graph_bytes
+    from mmedge.calibration.package import big_onnx_decoder
 
-    return job.name == "decoder" and graph_bytes(ort_quant, path) > BIG_DECODER_BYTES
+    return job.name == "decoder" and big_onnx_decoder(path)
 
 
 def _verify_by_layers(job: GraphJob, path: Path, rtol: float, expected: list[tuple]) -> dict:
