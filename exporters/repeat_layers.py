@@ -93,7 +93,8 @@ def first_layers(p: Plan):
         p.owner.layers = p.layers
 
 
-def _layer(node, scope: str) -> int | None:
+def _layer(node, pattern: re.Pattern) -> int | None:
+    """The index of the layer whose module made `node` (torch.onnx's name scopes), None outside the layers."""
     text = node.metadata_props.get(_SCOPES)
     if not text:
         return None
@@ -101,7 +102,6 @@ def _layer(node, scope: str) -> int | None:
         scopes = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return None
-    pattern = re.compile(re.escape(scope) + r"\.(\d+)$")
     for s in scopes:
         m = pattern.match(s)
         if m:
@@ -123,7 +123,8 @@ def expand(graph, p: Plan, input_names: list[str], output_names: list[str]) -> i
     import onnx_ir as ir
 
     nodes = list(graph)
-    layer_of = {id(n): _layer(n, p.scope) for n in nodes}
+    scope = re.compile(re.escape(p.scope) + r"\.(\d+)$")
+    layer_of = {id(n): _layer(n, scope) for n in nodes}
     by_layer = {i: [n for n in nodes if layer_of[id(n)] == i] for i in range(TRACED)}
     prev, last = by_layer[TRACED - 2], by_layer[TRACED - 1]
     if not last or len(prev) != len(last) or not all(_same_node(a, b) for a, b in zip(prev, last)):
