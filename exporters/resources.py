@@ -5,8 +5,11 @@ with the numbers, not from the kernel's OOM killer half an hour in. The estimate
 own weight files (the safetensors headers give every tensor's type and shape) and count only what the export
 cannot do without:
 
-- memory, where the target converts from the torch model whole (Core ML): the model's weights in float32,
-  plus the largest single weight tensor (a converter's or quantizer's working copy);
+- memory, where the target converts from the torch model whole (Core ML): the model's weights in float32, plus
+  the largest graph's weights in float32 again (coremltools' program holds its own copy of the graph's weights
+  beside the torch model's while it converts: PaliGemma-3B's fp16 export peaked at 20.0 GiB anonymous, its
+  10.9 GiB torch model and 9.3 GiB decoder). The largest graph is at least the largest `graph_groups` of the
+  checkpoint's tensors;
 - memory, where export reads weights from the checkpoint as it writes graphs (ONNX Runtime, OpenVINO,
   TensorRT: exporters/lazy.py): a graph serialized whole below protobuf's 2 GB limit, plus three copies of the
   largest tensor (read, transposed or quantized, written). The engines that check the graphs map their files
@@ -20,6 +23,7 @@ Only a clear shortfall is refused: these are lower bounds, and the export may st
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import struct
 from dataclasses import dataclass
@@ -35,6 +39,24 @@ GB = 2**30
 class Weights:
     elements: int  # every weight tensor's element count, summed
     largest: int  # the largest single tensor's element count
+    largest_graph: int = 0  # the largest of graph_group's sums: a lower bound on the largest graph's elements
+
+
+# Tensors, by name, that one exported graph holds together: a vision tower (and what feeds it), a text or audio
+# encoder, and the rest (a decoder's layers, its norm and LM head: the decoder graph, which also holds a tied
+# embedding table as its head; the table itself, its own graph, is counted in none of them).
+_VISION = re.compile(r"vision|visual|image|multi_modal|mm_projector|qformer|query_tokens|connector")
+_ENCODER = re.compile(r"(^|\.)encoder\.")
+_EMBEDDING = re.compile(r"embed_tokens|wte\.|word_embeddings")
+
+
+def graph_group(name: str) -> str | None:
+    """Which group of graph_groups a checkpoint tensor belongs to; None for the token embedding table."""
+    if _VISION.search(name):
+        return "vision"
+    if _ENCODER.search(name):
+        return "encoder"
+    return None if _EMBEDDING.search(name) else "decoder"
 
 
 def checkpoint_weights(checkpoint: Path) -> Weights | None:
@@ -45,18 +67,22 @@ def checkpoint_weights(checkpoint: Path) -> Weights | None:
     if not files:
         return None
     elements = largest = 0
+    groups: dict[str, int] = {}
     for path in files:
         try:
             header, _ = read_header(path)
         except (OSError, struct.error, ValueError):
             return None  # unreadable: loading will say what is wrong
-        for info in header.values():
+        for name, info in header.items():
             n = 1
             for d in info["shape"]:
                 n *= d
             elements += n
             largest = max(largest, n)
-    return Weights(elements, largest)
+            group = graph_group(name)
+            if group is not None:
+                groups[group] = groups.get(group, 0) + n
+    return Weights(elements, largest, max(groups.values(), default=0))
 
 
 def release_freed_memory() -> None:
@@ -78,7 +104,10 @@ def needs(weights: Weights, quantized: bool, whole: bool = True) -> tuple[int, i
     """(memory, disk) bytes an export of these weights cannot do without; `whole`: the torch model is loaded
     whole (else its weights are read from the checkpoint as graphs are written)."""
     fp32 = weights.elements * 4
-    memory = fp32 + weights.largest * 4 if whole else INLINE_GRAPH_BYTES + 3 * weights.largest * 4
+    if whole:
+        memory = fp32 + max(weights.largest, weights.largest_graph) * 4
+    else:
+        memory = INLINE_GRAPH_BYTES + 3 * weights.largest * 4
     disk = fp32 + (fp32 // 2 if quantized else 0)  # int8 graphs are a quarter of fp32, int4 less; room for both
     return memory, disk
 
@@ -94,7 +123,8 @@ def check(checkpoint: Path, output: Path, quantized: bool, whole: bool = True) -
     memory, disk = needs(weights, quantized, whole)
     free_memory = available_memory()
     if free_memory is not None and free_memory < memory:
-        held = "holds its weights in float32" if whole else "holds its largest graph and weight in float32"
+        held = ("holds its weights in float32 and its largest graph's again while converting it" if whole
+                else "holds its largest graph and weight in float32")
         raise ExportError(
             f"not enough memory: exporting {checkpoint.name} ({weights.elements / 1e9:.2f}B parameters) {held}, "
             f"about {memory / GB:.1f} GB, and {free_memory / GB:.1f} GB is available; close "

@@ -117,6 +117,41 @@ def test_export_refuses_at_once_what_memory_or_disk_clearly_cannot_hold(checkpoi
     assert not (tmp_path / "out").exists()
 
 
+def test_core_ml_export_counts_the_converters_copy_of_its_largest_graph(checkpoints, tmp_path, monkeypatch):
+    """Core ML converts from the torch model whole, and coremltools holds its own float32 copy of the graph it
+    converts beside it: an export to it needs the model's float32 weights plus its decoder's again (the decoder's
+    layers, norm and head: the largest group of the checkpoint's tensors), not the largest tensor again only. A
+    machine with less is told so at once, before anything loads."""
+    import re
+    import struct
+
+    from mmedge.errors import ExportError
+    from mmedge.exporters import resources
+    from mmedge.exporters.export import ExportOptions, export
+    from mmedge.exporters.lazy import read_header
+
+    model = tmp_path / "deep"
+    shutil.copytree(checkpoints["paligemma-gqa"], model)
+    # a decoder whose layers outweigh its embedding table, as at real sizes (headers only: refused before loading)
+    extra = {f"language_model.model.layers.{i}.mlp.wide.weight": {"dtype": "F16", "shape": [5000, 10000],
+                                                                  "data_offsets": [0, 0]} for i in (7, 8)}
+    header = json.dumps(extra).encode()
+    (model / "extra.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    sizes = {name: int(np.prod(info["shape"])) for path in sorted(model.glob("*.safetensors"))
+             for name, info in read_header(path)[0].items()}
+    decoder = sum(n for name, n in sizes.items() if re.search(r"language_model\.(model\.)?(layers|norm)|lm_head", name))
+    weights = resources.checkpoint_weights(model)
+    assert weights.elements == sum(sizes.values()) and weights.largest_graph == decoder
+    whole, _ = resources.needs(weights, quantized=False, whole=True)
+    assert whole == 4 * (weights.elements + decoder)
+    enough_before = 4 * (weights.elements + weights.largest) + 1  # what the model and its largest tensor take
+    assert enough_before < whole
+    monkeypatch.setattr(resources, "available_memory", lambda: enough_before)
+    with pytest.raises(ExportError, match=r"not enough memory: .*its largest graph's again while converting"):
+        export(ExportOptions(model=str(model), target="coreml", output=tmp_path / "coreml", progress=False))
+    assert not (tmp_path / "coreml").exists()
+
+
 def test_unsupported_model_type(tmp_path):
     ck = tmp_path / "llama"
     ck.mkdir()
