@@ -180,7 +180,17 @@ def measure(command: list[str], log: Path, cage: MemoryCage | None = None) -> di
     held = {} if cage is None else {"cgroup_peak_gb": round(cage.peak() / 2**30, 2), "oom_kills": cage.oom_kills()}
     return {**held, "exit": code, "wall_s": round(time.perf_counter() - started, 1), "peak_rss_gb": round(peak / 2**30, 2),
             "peak_anon_gb": round(anon / 2**30, 2),
-            "last_line": lines[-1][-300:] if lines else ""}
+            "last_line": _last_line(lines)}
+
+
+def _last_line(lines: list[str]) -> str:
+    """What the export said last: a refusal (one line, exit 2) whole, from its start; anything else its last 300
+    characters (a traceback's or a progress bar's end)."""
+    if not lines:
+        return ""
+    if lines[-1].startswith("mmedge: error: "):
+        return "refused: " + lines[-1][len("mmedge: error: "):]
+    return lines[-1][-300:]
 
 
 def cpu_name() -> str:
