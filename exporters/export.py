@@ -119,9 +119,12 @@ def _locked_export(opts: ExportOptions) -> Manifest:
     calib = None
     encoder = family.has_encoder(config) if hasattr(family, "has_encoder") else False
     plan = parse_quant(opts.quant, opts.target, kind=getattr(family, "KIND", "generative"), encoder=encoder)
+    target = _target_module(opts.target)
+    float_decoder = plan.get("decoder") in ("fp32", "fp16") and getattr(target, "COMPILES_FLOAT_DECODER", None)
     resources.check(path, Path(opts.output).resolve(), quantized=set(plan.values()) != {"fp32"},
-                    whole=not getattr(_target_module(opts.target), "LAZY_WEIGHTS", False))
-    needs = getattr(_target_module(opts.target), "needs_calibration", lambda plan, opts: set(plan.values()) != {"fp32"})
+                    whole=not getattr(target, "LAZY_WEIGHTS", False),
+                    float_decoder=float_decoder and f"{float_decoder} at {plan['decoder']}")
+    needs = getattr(target, "needs_calibration", lambda plan, opts: set(plan.values()) != {"fp32"})
     if needs(plan, opts):
         from mmedge.calibration.data import load_calibration
 

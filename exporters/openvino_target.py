@@ -50,6 +50,9 @@ SUFFIX = ".xml"
 KV_STORAGE = ("state", "buffer")  # the first is the default
 ONNX_DIR = ".onnx"  # intermediate ONNX graphs in the staged package, removed by finish() (finalize())
 LAZY_WEIGHTS = True  # traced from ONNX graphs whose weights are read from the checkpoint as they are written
+# a float decoder is converted and checked whole: the conversion and the CPU plugin each copy its weights (the
+# export refuses at once where they clearly do not fit: exporters/resources.py)
+COMPILES_FLOAT_DECODER = "OpenVINO"
 CONVERSION = "stateful-sdpa-fc"  # how the IR is made from the trace (its trace-cache key): fuse_projections, fuse_attention
 
 

@@ -10,6 +10,10 @@ cannot do without:
   beside the torch model's while it converts: PaliGemma-3B's fp16 export peaked at 20.0 GiB anonymous, its
   10.9 GiB torch model and 9.3 GiB decoder). The largest graph is at least the largest `graph_groups` of the
   checkpoint's tensors;
+- memory, where the target compiles a float decoder whole to check it (OpenVINO at fp32 and fp16: its conversion
+  copies the graph's weights, and its CPU plugin repacks them into its own float32 copy to run them): the decoder
+  graph's weights in float32 (its layers and head: a tied head is the embedding table again). Qwen2.5-VL-3B's
+  12.3 GB decoder peaked at 12.9 GiB anonymous converting and 12.8 checking (docs/scale.md);
 - memory, where export reads weights from the checkpoint as it writes graphs (ONNX Runtime, OpenVINO,
   TensorRT: exporters/lazy.py): a graph serialized whole below protobuf's 2 GB limit, plus three copies of the
   largest tensor (read, transposed or quantized, written). The engines that check the graphs map their files
@@ -40,6 +44,7 @@ class Weights:
     elements: int  # every weight tensor's element count, summed
     largest: int  # the largest single tensor's element count
     largest_graph: int = 0  # the largest of graph_group's sums: a lower bound on the largest graph's elements
+    decoder_graph: int = 0  # the decoder group, with the embedding table where no LM head is stored (tied)
 
 
 # Tensors, by name, that one exported graph holds together: a vision tower (and what feeds it), a text or audio
@@ -48,6 +53,7 @@ class Weights:
 _VISION = re.compile(r"vision|visual|image|multi_modal|mm_projector|qformer|query_tokens|connector")
 _ENCODER = re.compile(r"(^|\.)encoder\.")
 _EMBEDDING = re.compile(r"embed_tokens|wte\.|word_embeddings")
+_HEAD = re.compile(r"lm_head|proj_out")
 
 
 def graph_group(name: str) -> str | None:
@@ -66,7 +72,8 @@ def checkpoint_weights(checkpoint: Path) -> Weights | None:
     files = sorted(Path(checkpoint).glob("*.safetensors"))
     if not files:
         return None
-    elements = largest = 0
+    elements = largest = table = 0
+    head = False
     groups: dict[str, int] = {}
     for path in files:
         try:
@@ -82,7 +89,11 @@ def checkpoint_weights(checkpoint: Path) -> Weights | None:
             group = graph_group(name)
             if group is not None:
                 groups[group] = groups.get(group, 0) + n
-    return Weights(elements, largest, max(groups.values(), default=0))
+            elif n > table:  # the embedding table (the largest tensor of no group)
+                table = n
+            head = head or bool(_HEAD.search(name))
+    return Weights(elements, largest, max(groups.values(), default=0),
+                   groups.get("decoder", 0) + (0 if head else table))
 
 
 def release_freed_memory() -> None:
@@ -100,14 +111,15 @@ def release_freed_memory() -> None:
         pass
 
 
-def needs(weights: Weights, quantized: bool, whole: bool = True) -> tuple[int, int]:
+def needs(weights: Weights, quantized: bool, whole: bool = True, float_decoder: bool = False) -> tuple[int, int]:
     """(memory, disk) bytes an export of these weights cannot do without; `whole`: the torch model is loaded
-    whole (else its weights are read from the checkpoint as graphs are written)."""
+    whole (else its weights are read from the checkpoint as graphs are written); `float_decoder`: the target
+    compiles a float decoder whole (module docstring)."""
     fp32 = weights.elements * 4
     if whole:
         memory = fp32 + max(weights.largest, weights.largest_graph) * 4
     else:
-        memory = INLINE_GRAPH_BYTES + 3 * weights.largest * 4
+        memory = max(INLINE_GRAPH_BYTES + 3 * weights.largest * 4, 4 * weights.decoder_graph if float_decoder else 0)
     disk = fp32 + (fp32 // 2 if quantized else 0)  # int8 graphs are a quarter of fp32, int4 less; room for both
     return memory, disk
 
@@ -115,19 +127,25 @@ def needs(weights: Weights, quantized: bool, whole: bool = True) -> tuple[int, i
 INLINE_GRAPH_BYTES = 2 * GB  # a graph under protobuf's limit is serialized whole
 
 
-def check(checkpoint: Path, output: Path, quantized: bool, whole: bool = True) -> None:
-    """Refuse, in one line with the numbers, an export this machine clearly has no room for."""
+def check(checkpoint: Path, output: Path, quantized: bool, whole: bool = True,
+          float_decoder: str | None = None) -> None:
+    """Refuse, in one line with the numbers, an export this machine clearly has no room for; `float_decoder`: the
+    target and precision (e.g. "OpenVINO at fp32") where the target compiles a float decoder whole."""
     weights = checkpoint_weights(checkpoint)
     if weights is None or os.environ.get("MMEDGE_SKIP_RESOURCE_CHECK"):
         return
-    memory, disk = needs(weights, quantized, whole)
+    memory, disk = needs(weights, quantized, whole, float_decoder is not None)
     free_memory = available_memory()
     if free_memory is not None and free_memory < memory:
         held = ("holds its weights in float32 and its largest graph's again while converting it" if whole
                 else "holds its largest graph and weight in float32")
+        advice = ""
+        if float_decoder and memory == 4 * weights.decoder_graph:
+            held = f"to {float_decoder} copies its decoder's weights in float32 to convert and check it"
+            advice = "--quant int8 or int4 (the decoder is quantized before it is converted), "
         raise ExportError(
             f"not enough memory: exporting {checkpoint.name} ({weights.elements / 1e9:.2f}B parameters) {held}, "
-            f"about {memory / GB:.1f} GB, and {free_memory / GB:.1f} GB is available; close "
+            f"about {memory / GB:.1f} GB, and {free_memory / GB:.1f} GB is available; {advice}close "
             "other programs or use a machine with more memory (MMEDGE_SKIP_RESOURCE_CHECK=1 tries anyway)")
     parent = output.parent
     while not parent.exists() and parent != parent.parent:

@@ -152,6 +152,43 @@ def test_core_ml_export_counts_the_converters_copy_of_its_largest_graph(checkpoi
     assert not (tmp_path / "coreml").exists()
 
 
+def test_openvino_float_export_counts_its_decoders_copies(checkpoints, tmp_path, monkeypatch):
+    """OpenVINO's conversion copies a float decoder's weights, and its CPU plugin repacks them into its own float32
+    copy to check it: an fp32 or fp16 export to OpenVINO needs the decoder graph's weights in float32 (a tied head
+    is the embedding table again), and where they do not fit it is refused at once, pointing at int8/int4 (whose
+    big decoder is quantized before it is converted); the same machine is enough for those by this count."""
+    import struct
+
+    from mmedge.errors import ExportError
+    from mmedge.exporters import resources
+    from mmedge.exporters.export import ExportOptions, export
+    from mmedge.exporters.lazy import read_header
+
+    model = tmp_path / "deep"
+    shutil.copytree(checkpoints["paligemma-gqa"], model)
+    # a 1e9-parameter decoder in tensors of 2.5e7 (headers only: refused before loading)
+    extra = {f"language_model.model.layers.{i}.mlp.wide.weight": {"dtype": "F16", "shape": [5000, 5000],
+                                                                  "data_offsets": [0, 0]} for i in range(40)}
+    header = json.dumps(extra).encode()
+    (model / "extra.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    weights = resources.checkpoint_weights(model)
+    header, _ = read_header(model / "model.safetensors")
+    assert not any("lm_head" in name for name in header)  # a tied head: the decoder graph holds the table again
+    table = int(np.prod(header["language_model.model.embed_tokens.weight"]["shape"]))
+    assert weights.decoder_graph == weights.largest_graph + table and weights.decoder_graph > 10**9
+    needed = 4 * weights.decoder_graph
+    assert resources.needs(weights, quantized=False, whole=False, float_decoder=True)[0] == needed
+    monkeypatch.setattr(resources, "available_memory", lambda: needed - 1)
+    for quant in ("fp32", "fp16"):
+        with pytest.raises(ExportError, match=rf"not enough memory: .* to OpenVINO at {quant} copies its decoder's "
+                                              r"weights .* --quant int8 or int4"):
+            export(ExportOptions(model=str(model), target="openvino", quant=quant, output=tmp_path / "ov",
+                                 progress=False))
+        assert not (tmp_path / "ov").exists()
+    assert resources.needs(weights, quantized=True, whole=False)[0] < needed - 1  # int8/int4, and other targets
+    resources.check(model, tmp_path / "ov", quantized=True, whole=False)
+
+
 def test_unsupported_model_type(tmp_path):
     ck = tmp_path / "llama"
     ck.mkdir()
