@@ -151,11 +151,11 @@ def _reference_logits(onnx_path: Path, steps: list[dict]) -> tuple[list[np.ndarr
     9 GiB anonymous, 12.03 GiB RSS with the IR compiled beside it), so each piece holds about a quarter of
     PIECE_BYTES of quantized weights."""
     from mmedge.calibration import layered
-    from mmedge.calibration.package import big_onnx_decoder
+    from mmedge.calibration.package import big_decoder
     from mmedge.manifest import KVCacheSpec
     from mmedge.runtimes.backends import get_backend
 
-    if not big_onnx_decoder(onnx_path):
+    if not big_decoder(onnx_path):
         reference = StatefulOnnx.open(onnx_path)
         return [reference.run(feeds)["logits"] for feeds in steps], 0
     import onnx

@@ -171,7 +171,7 @@ def _loader(stage: Path, manifest: Manifest):
     from mmedge.runtimes.backends import open_engine
 
     name = getattr(_target(manifest), "BACKEND", manifest.target)
-    big = _big_decoder(stage, manifest)
+    big = _big_staged_decoder(stage, manifest)
     engine = open_engine(stage, manifest, name, low_memory=big and name == "onnxruntime", model_cache=False)
     load = getattr(_target(manifest), "load_graph", None)  # a target with graphs staged for another engine
     return (lambda path: load(engine, path, manifest)) if load else engine.load
@@ -184,24 +184,24 @@ def _loader(stage: Path, manifest: Manifest):
 BIG_DECODER_BYTES = 1 << 30
 
 
-def big_onnx_decoder(path: Path) -> bool:
-    """Whether the ONNX graph at `path` holds over BIG_DECODER_BYTES of weights (its data file included): a
-    decoder checked, calibrated and measured a few layers at a time (calibration/layered.py)."""
+def big_decoder(path: Path, target=None) -> bool:
+    """Whether the graph at `path` (ONNX, or `target`'s) holds over BIG_DECODER_BYTES of weights (its data files
+    included): a decoder checked, calibrated and measured a few layers at a time (calibration/layered.py)."""
     from mmedge.calibration import onnxruntime as ort_quant
 
-    return graph_bytes(ort_quant, path) > BIG_DECODER_BYTES
+    return graph_bytes(target or ort_quant, path) > BIG_DECODER_BYTES
 
 
-def _big_decoder(stage: Path, manifest: Manifest) -> bool:
+def _big_staged_decoder(stage: Path, manifest: Manifest) -> bool:
     """Whether the staged fp32 decoder is over BIG_DECODER_BYTES."""
-    return graph_bytes(_target(manifest), staged(stage, manifest, "decoder")) > BIG_DECODER_BYTES
+    return big_decoder(staged(stage, manifest, "decoder"), _target(manifest))
 
 
 def _by_layers(stage: Path, manifest: Manifest, decoder: Path) -> bool:
     """Whether the float32 decoder is run layer group by layer group where nothing depends on its answers
     (calibration/layered.py): a big one, as ONNX (ONNX Runtime runs it here on every target that stages it so),
     not a speech model's (its first token, the language, steers how its windows are decoded)."""
-    return decoder.suffix == ".onnx" and manifest.audio is None and _big_decoder(stage, manifest)
+    return decoder.suffix == ".onnx" and manifest.audio is None and _big_staged_decoder(stage, manifest)
 
 
 def _replay(stage: Path, manifest: Manifest, decoder: Path, sequences: list, take, desc: str, progress: bool) -> None:
@@ -233,7 +233,7 @@ def _vision_first(stage: Path, manifest: Manifest, pipe) -> list[str]:
     decoder is big, so that its weights and theirs are not resident at once (PaliGemma-3B: a 1.6 GB vision encoder
     beside a 10 GB decoder, every page of both read per sample). Where the image cache keeps what they make, which
     an encoder-decoder's encoder (it reads the prompt too) does not: none there."""
-    if pipe.encoder or not _big_decoder(stage, manifest):
+    if pipe.encoder or not _big_staged_decoder(stage, manifest):
         return []
     return [part for part in ("vision_encoder", "projector") if part in pipe.graphs]
 
@@ -374,7 +374,7 @@ def _calibrate(target, stage, manifest, fp32, recorded, capture, plan, calib, op
     decoder_data = pipe.graphs["decoder"] if capture and not deferred else None
     samples = _within_budget(pipe, calib)
     # a decode step reads every weight for one row of activations: a big decoder is calibrated on its prefills
-    steps = 1 if _big_decoder(stage, manifest) else options.decode_steps
+    steps = 1 if _big_staged_decoder(stage, manifest) else options.decode_steps
     first = _vision_first(stage, manifest, pipe) if samples else []
     if first:
         _encode_media(pipe, samples, "calibrate vision", progress)

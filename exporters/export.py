@@ -277,7 +277,7 @@ def export_jobs(target, jobs: list, plan: dict[str, str], stage: Path, opts: Exp
             # a decoder whose layers looked alike but whose repeated graph does not match: traced whole instead
             log.warning("%s: its layers traced once and repeated do not match PyTorch; tracing it whole",
                         job.name)
-            job.repeated_layers, job.trace_cache = None, None
+            job.trace_whole = True  # (its own trace-cache entry)
             target.export_graph(job, stage / file)
             result = target.verify_graph(job, stage / file)
         report[job.name] = result
@@ -389,12 +389,12 @@ def _decoder_by_layers(pipe, package: Path, manifest: Manifest, backend: str) ->
     read at a time, not a 3B model's 12 GB resident at once; the whole graph's session, opened by the load without
     reading its weights, is let go unrun). Returns the pieces written beside the decoder (removed after the check), or
     [] where the decoder runs whole."""
-    from mmedge.calibration.package import big_onnx_decoder
+    from mmedge.calibration.package import big_decoder
 
     spec = manifest.graphs["decoder"]
     path = package / spec.file
     if backend != "onnxruntime" or path.suffix != ".onnx" or spec.precision != "fp32" \
-            or manifest.kv_cache.storage not in ("buffer", "in_place") or not big_onnx_decoder(path):
+            or manifest.kv_cache.storage not in ("buffer", "in_place") or not big_decoder(path):
         return []
     from mmedge.calibration import layered
     from mmedge.runtimes.backends import get_backend

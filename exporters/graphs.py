@@ -41,8 +41,10 @@ class GraphJob:
     reference: object = None  # a module the traced one must match in PyTorch (the stateful decoder's contract)
     traced: object = None  # the torch.jit.trace of `module`, for targets that convert a TorchScript trace
     trace_cache: object = None  # a folder of traced graphs to reuse (exporters/trace_cache.py), or None
-    # a deep decoder's layers made by repeating a traced one (exporters/repeat_layers.py); None: trace it whole
-    repeated_layers: int | None = 0
+    # a deep decoder's layers made by repeating traced ones (exporters/repeat_layers.py): how many were (a record),
+    # and whether it must be traced whole instead (export_jobs' fallback where the repeated graph did not verify)
+    repeated_layers: int = 0
+    trace_whole: bool = False
 
 
 class _Layer:

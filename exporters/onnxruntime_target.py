@@ -71,7 +71,9 @@ def export_graph(job: GraphJob, path: Path) -> None:
                 with repeat_layers.first_layers(layers):
                     program = export(inputs, input_names, output_names)
                 try:
-                    repeat_layers.expand(program.model.graph, layers, job.input_names, job.output_names)
+                    added = repeat_layers.expand(program.model.graph, layers, job.input_names, job.output_names)
+                    log.info("%s: %d layers traced, %d nodes repeated for the other %d", job.name,
+                             repeat_layers.TRACED, added, job.repeated_layers)
                 except repeat_layers.NotRepeatable as why:
                     log.info("%s traced whole: %s", job.name, why)
                     program, job.repeated_layers = None, 0
@@ -82,9 +84,9 @@ def export_graph(job: GraphJob, path: Path) -> None:
                 program.optimize()
         save_program(program, dest, job)
 
-    # a deep decoder: its first layers traced, the rest repeated (repeat_layers.py); export_jobs sets
-    # job.repeated_layers to None to have it traced whole
-    layers = repeat_layers.plan(job) if job.repeated_layers is not None else None
+    # a deep decoder: its first layers traced, the rest repeated (repeat_layers.py), unless export_jobs asks for it
+    # whole
+    layers = repeat_layers.plan(job) if not job.trace_whole else None
     job.repeated_layers = layers.count - repeat_layers.TRACED if layers is not None else 0
     trace_cache.cached_trace(job, trace, path, job.trace_cache)
     if path.stat().st_size > EXTERNAL_DATA_BYTES:  # read back inline from a cache an export with a higher limit filled
@@ -301,9 +303,9 @@ def verify_graph(job: GraphJob, path: Path, rtol: float = 1e-3) -> dict:
 def _by_layers(job: GraphJob, path: Path) -> bool:
     """A big decoder is checked piece by piece (calibration/layered.py): a 3B model's float32 decoder mapped whole
     is 12.3 GB of resident pages."""
-    from mmedge.calibration.package import big_onnx_decoder
+    from mmedge.calibration.package import big_decoder
 
-    return job.name == "decoder" and big_onnx_decoder(path)
+    return job.name == "decoder" and big_decoder(path)
 
 
 def _verify_by_layers(job: GraphJob, path: Path, rtol: float, expected: list[tuple]) -> dict:

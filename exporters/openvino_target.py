@@ -106,14 +106,14 @@ def converted_once_quantized(job: GraphJob, onnx_path: Path) -> bool:
     are more than calibration/package.BIG_DECODER_BYTES, or a vision encoder or projector bound for static INT8
     over STATIC_INT8_ONNX_BYTES (module docstring)."""
     from mmedge.calibration import onnxruntime as ort_quant
-    from mmedge.calibration.package import big_onnx_decoder, graph_bytes
+    from mmedge.calibration.package import big_decoder, graph_bytes
 
     if job.name in STATIC_INT8_PARTS:
         return job.precision == "int8" and graph_bytes(ort_quant, onnx_path) > STATIC_INT8_ONNX_BYTES
     per_token = all(set(axes.values()) <= CHECKED_DIMS for name, axes in job.dynamic_axes.items()
                     if not name.startswith("past."))  # (not a cross-attention decoder's image keys and values)
     return (job.name == "decoder" and job.precision in ("int8", "int4") and job.kv_storage == "state" and per_token
-            and big_onnx_decoder(onnx_path))
+            and big_decoder(onnx_path))
 
 
 def staged_source(path: Path) -> Path:

@@ -136,7 +136,8 @@ def job_key(job) -> str:
     """A digest of everything the traced graph of `job` depends on."""
     h = hashlib.sha256()
     h.update(_environment().encode())
-    for part in (job.name, job.input_names, job.output_names, job.dynamic_axes, job.output_axes, job.kv_storage):
+    for part in (job.name, job.input_names, job.output_names, job.dynamic_axes, job.output_axes, job.kv_storage,
+                 job.trace_whole):
         h.update(repr(part).encode())
     _hash_value(h, job.trace_inputs)
     _hash_module(h, job.module)
