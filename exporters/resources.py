@@ -8,7 +8,7 @@ cannot do without:
 - memory, where the target converts from the torch model whole (Core ML): the model's weights in float32, plus
   the largest graph's weights in float32 again (coremltools' program holds its own copy of the graph's weights
   beside the torch model's while it converts: PaliGemma-3B's fp16 export peaked at 20.0 GiB anonymous, its
-  10.9 GiB torch model and 9.3 GiB decoder). The largest graph is at least the largest `graph_groups` of the
+  10.9 GiB torch model and 9.3 GiB decoder). The largest graph is at least the largest group (`graph_group`) of the
   checkpoint's tensors;
 - memory, where the target compiles a float decoder whole to check it (OpenVINO at fp32 and fp16: its conversion
   copies the graph's weights, and its CPU plugin repacks them into its own float32 copy to run them): the decoder
