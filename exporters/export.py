@@ -121,8 +121,9 @@ def _locked_export(opts: ExportOptions) -> Manifest:
     plan = parse_quant(opts.quant, opts.target, kind=getattr(family, "KIND", "generative"), encoder=encoder)
     target = _target_module(opts.target)
     float_decoder = plan.get("decoder") in ("fp32", "fp16") and getattr(target, "COMPILES_FLOAT_DECODER", None)
-    resources.check(path, Path(opts.output).resolve(), quantized=set(plan.values()) != {"fp32"},
-                    whole=not getattr(target, "LAZY_WEIGHTS", False),
+    whole = not getattr(target, "LAZY_WEIGHTS", False)
+    resources.check(path, Path(opts.output).resolve(), quantized=set(plan.values()) != {"fp32"}, whole=whole,
+                    graph_copied=whole and "fp32" not in plan.values(),  # (Core ML: every graph in float16)
                     float_decoder=float_decoder and f"{float_decoder} at {plan['decoder']}")
     needs = getattr(target, "needs_calibration", lambda plan, opts: set(plan.values()) != {"fp32"})
     if needs(plan, opts):

@@ -6,10 +6,11 @@ own weight files (the safetensors headers give every tensor's type and shape) an
 cannot do without:
 
 - memory, where the target converts from the torch model whole (Core ML): the model's weights in float32, plus
-  the largest graph's weights in float32 again (coremltools' program holds its own copy of the graph's weights
-  beside the torch model's while it converts: PaliGemma-3B's fp16 export peaked at 20.0 GiB anonymous, its
-  10.9 GiB torch model and 9.3 GiB decoder). The largest graph is at least the largest group (`graph_group`) of the
-  checkpoint's tensors;
+  the largest single weight tensor (a converter's or quantizer's working copy); where every graph is converted to
+  compute in float16, the largest graph's weights in float32 instead (coremltools' float16 passes make their own
+  copies of the graph's weights beside the torch model's: PaliGemma-3B's fp16 export peaked at 20.0 GiB anonymous,
+  its 10.9 GiB torch model and 9.3 GiB decoder; converting to compute in float32, its program shares the torch
+  model's arrays). The largest graph is at least the largest group (`graph_group`) of the checkpoint's tensors;
 - memory, where the target compiles a float decoder whole to check it (OpenVINO at fp32 and fp16: its conversion
   copies the graph's weights, and its CPU plugin repacks them into its own float32 copy to run them): the decoder
   graph's weights in float32 (its layers and head: a tied head is the embedding table again). Qwen2.5-VL-3B's
@@ -111,13 +112,15 @@ def release_freed_memory() -> None:
         pass
 
 
-def needs(weights: Weights, quantized: bool, whole: bool = True, float_decoder: bool = False) -> tuple[int, int]:
+def needs(weights: Weights, quantized: bool, whole: bool = True, graph_copied: bool = False,
+          float_decoder: bool = False) -> tuple[int, int]:
     """(memory, disk) bytes an export of these weights cannot do without; `whole`: the torch model is loaded
-    whole (else its weights are read from the checkpoint as graphs are written); `float_decoder`: the target
-    compiles a float decoder whole (module docstring)."""
+    whole (else its weights are read from the checkpoint as graphs are written); `graph_copied`: its converter
+    copies each graph's weights (Core ML in float16); `float_decoder`: the target compiles a float decoder whole
+    (module docstring)."""
     fp32 = weights.elements * 4
     if whole:
-        memory = fp32 + max(weights.largest, weights.largest_graph) * 4
+        memory = fp32 + max(weights.largest, weights.largest_graph if graph_copied else 0) * 4
     else:
         memory = max(INLINE_GRAPH_BYTES + 3 * weights.largest * 4, 4 * weights.decoder_graph if float_decoder else 0)
     disk = fp32 + (fp32 // 2 if quantized else 0)  # int8 graphs are a quarter of fp32, int4 less; room for both
@@ -127,17 +130,19 @@ def needs(weights: Weights, quantized: bool, whole: bool = True, float_decoder: 
 INLINE_GRAPH_BYTES = 2 * GB  # a graph under protobuf's limit is serialized whole
 
 
-def check(checkpoint: Path, output: Path, quantized: bool, whole: bool = True,
+def check(checkpoint: Path, output: Path, quantized: bool, whole: bool = True, graph_copied: bool = False,
           float_decoder: str | None = None) -> None:
-    """Refuse, in one line with the numbers, an export this machine clearly has no room for; `float_decoder`: the
-    target and precision (e.g. "OpenVINO at fp32") where the target compiles a float decoder whole."""
+    """Refuse, in one line with the numbers, an export this machine clearly has no room for (`needs`);
+    `float_decoder`: the target and precision (e.g. "OpenVINO at fp32") where the target compiles a float decoder
+    whole."""
     weights = checkpoint_weights(checkpoint)
     if weights is None or os.environ.get("MMEDGE_SKIP_RESOURCE_CHECK"):
         return
-    memory, disk = needs(weights, quantized, whole, float_decoder is not None)
+    memory, disk = needs(weights, quantized, whole, graph_copied, float_decoder is not None)
     free_memory = available_memory()
     if free_memory is not None and free_memory < memory:
-        held = ("holds its weights in float32 and its largest graph's again while converting it" if whole
+        held = ("holds its weights in float32 and its largest graph's again while converting it"
+                if whole and graph_copied else "holds its weights in float32" if whole
                 else "holds its largest graph and weight in float32")
         advice = ""
         if float_decoder and memory == 4 * weights.decoder_graph:

@@ -118,10 +118,11 @@ def test_export_refuses_at_once_what_memory_or_disk_clearly_cannot_hold(checkpoi
 
 
 def test_core_ml_export_counts_the_converters_copy_of_its_largest_graph(checkpoints, tmp_path, monkeypatch):
-    """Core ML converts from the torch model whole, and coremltools holds its own float32 copy of the graph it
-    converts beside it: an export to it needs the model's float32 weights plus its decoder's again (the decoder's
-    layers, norm and head: the largest group of the checkpoint's tensors), not the largest tensor again only. A
-    machine with less is told so at once, before anything loads."""
+    """Core ML converts from the torch model whole, and converting a graph to compute in float16, coremltools
+    makes its own copies of the graph's weights beside it: an fp16 (int8, int4) export to it needs the model's
+    float32 weights plus its decoder's again (the decoder's layers, norm and head: the largest group of the
+    checkpoint's tensors), not the largest tensor again only. A machine with less is told so at once, before
+    anything loads; an fp32 export (its program shares the torch model's arrays) is not refused by that count."""
     import re
     import struct
 
@@ -142,14 +143,17 @@ def test_core_ml_export_counts_the_converters_copy_of_its_largest_graph(checkpoi
     decoder = sum(n for name, n in sizes.items() if re.search(r"language_model\.(model\.)?(layers|norm)|lm_head", name))
     weights = resources.checkpoint_weights(model)
     assert weights.elements == sum(sizes.values()) and weights.largest_graph == decoder
-    whole, _ = resources.needs(weights, quantized=False, whole=True)
+    whole, _ = resources.needs(weights, quantized=True, whole=True, graph_copied=True)
     assert whole == 4 * (weights.elements + decoder)
     enough_before = 4 * (weights.elements + weights.largest) + 1  # what the model and its largest tensor take
     assert enough_before < whole
     monkeypatch.setattr(resources, "available_memory", lambda: enough_before)
     with pytest.raises(ExportError, match=r"not enough memory: .*its largest graph's again while converting"):
-        export(ExportOptions(model=str(model), target="coreml", output=tmp_path / "coreml", progress=False))
+        export(ExportOptions(model=str(model), target="coreml", quant="fp16", output=tmp_path / "coreml",
+                             progress=False))
     assert not (tmp_path / "coreml").exists()
+    assert resources.needs(weights, quantized=False, whole=True)[0] < enough_before  # fp32: no such copy
+    resources.check(model, tmp_path / "coreml", quantized=False, whole=True)
 
 
 def test_openvino_float_export_counts_its_decoders_copies(checkpoints, tmp_path, monkeypatch):

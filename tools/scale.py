@@ -291,13 +291,14 @@ HOW = """
   listed first, so OpenVINO runs each as its tensor is made instead of holding every measured tensor to the end
   (Qwen2.5-VL-3B's dynamic-resolution encoder on a 4,900-patch calibration image: 10 GiB held before).
 - **Still whole**: Core ML converts a traced torch module (coremltools needs the model in memory, in float32, and
-  holds its own copy of the graph it converts beside it: PaliGemma-3B's fp16 export peaked at 20.0 GiB anonymous,
-  its 10.9 GiB model and 9.3 GiB decoder); OpenVINO's float packages (fp32, fp16): its conversion copies a graph's
-  constants and its CPU plugin makes its own float32 copy of the weights to run them (verification, the generation
-  check). Export counts these copies before it loads anything (from the checkpoint's headers:
-  exporters/resources.py) and refuses in one line where they clearly do not fit: Qwen2.5-VL-3B to Core ML needs
-  about 24.3 GiB, so on this 24 GiB machine it is refused in 4 s, where the kernel killed it after 110 s (below);
-  to OpenVINO at fp32 or fp16 at least 11.5 GiB, the line pointing at int8/int4. Static INT8
+  converting to compute in float16 it makes its own copies of the graph's weights: PaliGemma-3B's fp16 export
+  peaked at 20.0 GiB anonymous, its 10.9 GiB model and 9.3 GiB decoder); OpenVINO's float packages (fp32, fp16):
+  its conversion copies a graph's constants and its CPU plugin makes its own float32 copy of the weights to run
+  them (verification, the generation check). Export counts these copies before it loads anything (from the
+  checkpoint's headers: exporters/resources.py) and refuses in one line where they clearly do not fit:
+  Qwen2.5-VL-3B to Core ML at fp16, int8 or int4 needs about 24.3 GiB, so on this 24 GiB machine it is refused in
+  4 s, where the kernel killed it after 110 s (below); to OpenVINO at fp32 or fp16 at least 11.5 GiB, the line
+  pointing at int8/int4. Static INT8
   (vision encoders, projectors) goes through onnxruntime's quantize_static, which loads the graph (0.4B
   parameters at PaliGemma-3B's size).
 
