@@ -120,11 +120,8 @@ def _locked_export(opts: ExportOptions) -> Manifest:
     encoder = family.has_encoder(config) if hasattr(family, "has_encoder") else False
     plan = parse_quant(opts.quant, opts.target, kind=getattr(family, "KIND", "generative"), encoder=encoder)
     target = _target_module(opts.target)
-    float_decoder = plan.get("decoder") in ("fp32", "fp16") and getattr(target, "COMPILES_FLOAT_DECODER", None)
-    whole = not getattr(target, "LAZY_WEIGHTS", False)
-    resources.check(path, Path(opts.output).resolve(), quantized=set(plan.values()) != {"fp32"}, whole=whole,
-                    graph_copied=whole and "fp32" not in plan.values(),  # (Core ML: every graph in float16)
-                    float_decoder=float_decoder and f"{float_decoder} at {plan['decoder']}")
+    resources.check(path, Path(opts.output).resolve(), quantized=set(plan.values()) != {"fp32"},
+                    **resource_habits(target, plan))
     needs = getattr(target, "needs_calibration", lambda plan, opts: set(plan.values()) != {"fp32"})
     if needs(plan, opts):
         from mmedge.calibration.data import load_calibration
@@ -253,6 +250,17 @@ def finish_package(target, stage: Path, manifest: Manifest, check: str, run_once
     manifest.save(stage)
     manifest.verification[check] = run_once(stage, manifest)
     manifest.save(stage)
+
+
+def resource_habits(target, plan: dict[str, str]) -> dict:
+    """What `target` holds in memory for this plan, as resources.check counts it: the torch model whole (else read
+    from the checkpoint as graphs are written), each graph's weights copied by its converter (Core ML with every
+    graph in float16), a float decoder compiled whole ("OpenVINO at fp32"; None otherwise)."""
+    whole = not getattr(target, "LAZY_WEIGHTS", False)
+    compiles = getattr(target, "COMPILES_FLOAT_DECODER", None)
+    decoder = plan.get("decoder")
+    return {"whole": whole, "graph_copied": whole and "fp32" not in plan.values(),
+            "float_decoder": f"{compiles} at {decoder}" if compiles and decoder in ("fp32", "fp16") else None}
 
 
 def export_jobs(target, jobs: list, plan: dict[str, str], stage: Path, opts: ExportOptions

@@ -58,7 +58,8 @@ _HEAD = re.compile(r"lm_head|proj_out")
 
 
 def graph_group(name: str) -> str | None:
-    """Which group of graph_groups a checkpoint tensor belongs to; None for the token embedding table."""
+    """Which graph's group a checkpoint tensor belongs to (vision, encoder, decoder); None for the token embedding
+    table."""
     if _VISION.search(name):
         return "vision"
     if _ENCODER.search(name):
@@ -138,7 +139,7 @@ def check(checkpoint: Path, output: Path, quantized: bool, whole: bool = True, g
     weights = checkpoint_weights(checkpoint)
     if weights is None or os.environ.get("MMEDGE_SKIP_RESOURCE_CHECK"):
         return
-    memory, disk = needs(weights, quantized, whole, graph_copied, float_decoder is not None)
+    memory, disk = needs(weights, quantized, whole, graph_copied, bool(float_decoder))
     free_memory = available_memory()
     if free_memory is not None and free_memory < memory:
         held = ("holds its weights in float32 and its largest graph's again while converting it"

@@ -193,6 +193,28 @@ def test_openvino_float_export_counts_its_decoders_copies(checkpoints, tmp_path,
     resources.check(model, tmp_path / "ov", quantized=True, whole=False)
 
 
+def test_each_target_and_plan_is_counted_for_the_copies_it_makes():
+    """export's reading of a target and a plan for resources.check: only OpenVINO's float decoders count as compiled
+    whole (a quantized plan, or another target, adds nothing for them), and only a Core ML plan with every graph in
+    float16 counts coremltools' copies."""
+    from mmedge.calibration.plan import parse_quant
+    from mmedge.exporters import coreml_target, onnxruntime_target, openvino_target
+    from mmedge.exporters.export import resource_habits
+
+    def habits(target, quant):
+        return resource_habits(target, parse_quant(quant, target.__name__.rsplit(".", 1)[1].removesuffix("_target")))
+
+    assert habits(openvino_target, "fp32")["float_decoder"] == "OpenVINO at fp32"
+    assert habits(openvino_target, "fp16")["float_decoder"] == "OpenVINO at fp16"
+    for target, quant in ((openvino_target, "int8"), (openvino_target, "int4"), (onnxruntime_target, "fp32"),
+                          (onnxruntime_target, "int4"), (coreml_target, "fp16")):
+        assert habits(target, quant)["float_decoder"] is None, (target.__name__, quant)
+    assert habits(coreml_target, "fp16")["graph_copied"] and habits(coreml_target, "int4")["graph_copied"]
+    assert not habits(coreml_target, "fp32")["graph_copied"] and habits(coreml_target, "fp32")["whole"]
+    assert habits(openvino_target, "fp32") == {"whole": False, "graph_copied": False,
+                                               "float_decoder": "OpenVINO at fp32"}
+
+
 def test_unsupported_model_type(tmp_path):
     ck = tmp_path / "llama"
     ck.mkdir()
