@@ -248,5 +248,6 @@ def generation_options(args) -> dict:
 
 def inference_precision_arg(p) -> None:
     p.add_argument("--inference-precision", choices=("f32", "bf16", "f16"),
-                   help="OpenVINO on CPU: compute precision, f32 (default: the package's numbers), bf16 or f16 "
-                   "(faster where the CPU has AVX512-BF16/AMX or FP16; results move slightly)")
+                   help="OpenVINO on CPU: compute precision of every graph, f32, bf16 or f16 (faster where the CPU "
+                   "has AVX512-BF16/AMX or FP16; results move slightly). Default: f32 for float graphs, bf16 for "
+                   "int8/int4 graphs where that is OpenVINO's CPU default (else f32)")

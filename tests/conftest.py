@@ -229,15 +229,17 @@ def scores(shared):
     the CLI's main() in this process: a new one would import its engines again)."""
     from mmedge.evaluate import DEFAULT_SEED
 
-    def get(path: Path, backend: str | None = None, n: int = N_EVAL) -> dict:
+    def get(path: Path, backend: str | None = None, n: int = N_EVAL, precision: str | None = None) -> dict:
         def compute() -> dict:
             extra = ["--backend", backend] if backend else []
+            extra += ["--inference-precision", precision] if precision else []
             result = run_cli_in_process("eval", str(path), "--task", "shapes", "-n", str(n), "--seed",
                                         str(DEFAULT_SEED), "--json", *extra)
             assert result.returncode == 0, result.stderr
             return json.loads(result.stdout)
 
-        digest = hashlib.sha256(f"{Path(path).resolve()}|{backend}|{n}".encode()).hexdigest()[:16]
+        key = f"{Path(path).resolve()}|{backend}|{n}" + (f"|{precision}" if precision else "")
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         return shared.value(f"scores/{digest}", compute)
 
     return get

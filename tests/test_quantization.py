@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from conftest import BACKEND, FIRST_SHAPES, SHAPES, run_cli
+from mmedge import Pipeline
 from mmedge.calibration import data as cdata
 from mmedge.calibration.onnxruntime import _fake_int4, awq_scales
 from mmedge.calibration.plan import parse_quant
@@ -101,6 +102,37 @@ def test_quantized_demo_model_keeps_its_accuracy_and_shrinks(demo_packages, scor
 
     shown = run_cli("inspect", str(package))
     assert shown.returncode == 0 and "greedy answers identical to fp32" in shown.stdout
+
+
+@pytest.mark.slow
+def test_openvino_quantized_graphs_compute_in_the_cpus_fast_precision_and_float_graphs_in_f32(demo_packages, scores):
+    """Unless asked, an openvino package's int8/int4 graphs compile at bf16 where that is OpenVINO's CPU default
+    (f32 elsewhere) and its float graphs at f32, graph by graph; an explicit precision applies to every graph;
+    the held-out answers of a package so run stay those of the same package computing in f32."""
+    import openvino as ov
+
+    from mmedge.runtimes.backends.openvino import quantized_compute
+
+    fast = quantized_compute(ov.Core())
+    assert fast == ("bf16" if ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name() == "bf16"
+                    else "f32")
+    mixed, _ = quantized(demo_packages, "vision_encoder=fp32,decoder=int4", target="openvino")
+    fp32, _ = quantized(demo_packages, "fp32", target="openvino")
+
+    def hints(package, **options) -> dict:
+        pipe = Pipeline.load(package, threads=1, model_cache=False, **options)
+        return {part: g.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() for part, g in pipe.graphs.items()}
+
+    stored = {part: g["precision"] for part, g in json.loads((mixed / MANIFEST_NAME).read_text())["graphs"].items()}
+    assert stored["vision_encoder"] == "fp32" and stored["decoder"] == "int4", stored
+    assert hints(mixed) == {part: fast if precision in ("int8", "int4") else "f32"
+                            for part, precision in stored.items()}
+    assert set(hints(fp32).values()) == {"f32"}
+    assert set(hints(mixed, inference_precision="f32").values()) == {"f32"}
+    assert set(hints(fp32, inference_precision="bf16").values()) == {"bf16"}
+    # the same package computing in f32 and in the default: held-out answers alike
+    f32_run = scores(mixed, "openvino", precision="f32")
+    assert accuracy(scores, mixed, "openvino")["accuracy"] >= f32_run["accuracy"] - 0.01, f32_run
 
 
 @pytest.mark.slow

@@ -439,8 +439,9 @@ def main(argv=None) -> int:
                 (out / ".complete").touch()
             jobs.append(("optimum-intel", f"optimum-intel openvino {fmt}",
                          lambda out=out: _worker(python, "optimum", args, out, image), dir_size(out), None))
-            if fmt == "fp32" and _ov_cpu_default() != "f32":  # its default computes fp32 weights in bf16 here
-                jobs.append(("optimum-intel", "optimum-intel openvino fp32 (f32 compute)",
+            if _ov_cpu_default() != "f32":  # its default computes in bf16 here: timed in f32 too, like with like
+                # for mmedge's f32-compute rows (onnxruntime has no bf16 arithmetic on x86 CPUs)
+                jobs.append(("optimum-intel", f"optimum-intel openvino {fmt} (f32 compute)",
                              lambda out=out: _worker(python, "optimum", args, out, image, "f32"), dir_size(out), None))
     if "mmedge" not in args.skip:
         mmedge = [sys.executable, "-m", "mmedge.cli"]
@@ -453,9 +454,10 @@ def main(argv=None) -> int:
                 _run(mmedge + ["export", "--model", bench.model, "--target", target, "--quant", quant, *block, *calib,
                                "-o", str(pkg), "--overwrite"], f"mmedge export --target {target} --quant {quant}")
             # optimum-intel leaves OpenVINO's CPU default compute precision, bf16 on CPUs that have it, so its
-            # "fp32" runs in bf16; mmedge pins f32 unless asked, and is timed both ways there
-            bf16 = target == "openvino" and quant == "fp32" and _ov_cpu_default() == "bf16"
-            for compute in [None, "bf16"] if bf16 else [None]:
+            # "fp32" runs in bf16; mmedge's openvino packages compute float graphs in f32 and quantized graphs'
+            # float parts in bf16 there unless asked (runtimes/backends/openvino.py), and are timed both ways
+            bf16 = target == "openvino" and _ov_cpu_default() == "bf16"
+            for compute in ([None, "bf16"] if quant == "fp32" else [None, "f32"]) if bf16 else [None]:
                 extra = ["--inference-precision", compute] if compute else []
 
                 def run(pkg=pkg, extra=extra, target=target) -> dict:
@@ -467,7 +469,7 @@ def main(argv=None) -> int:
                     return r
 
                 jobs.append(("mmedge", f"mmedge {target} {quant}" + (f" ({compute} compute)" if compute else ""), run,
-                             dir_size(pkg), (pkg, 0.5 if compute else 1.0)))
+                             dir_size(pkg), (pkg, 0.5 if compute == "bf16" else 1.0)))
     if args.prepare:
         print(f"prepared {work}; run again without --prepare on a quiet machine to time it")
         return 0
@@ -580,8 +582,10 @@ def report(rows: list[dict], bandwidth: dict, args, bench: Bench) -> str:
                      f"{r['peak_rss_mb']:.0f} | {r['size_mb']:.0f} | {f'{roof:.0f}' if roof else '-'} | {frac} |")
     lines += ["", f"![decode tokens/s and time to first token]({bench.chart})", "",
               f"Compute precision: optimum-intel runs OpenVINO with its CPU default, {_ov_cpu_default()} on this"
-              " machine (so its fp32 rows compute in that precision unless a row says otherwise); mmedge pins f32"
-              " unless a row says otherwise (`--inference-precision`). Weights are what the row names.", "",
+              " machine, unless a row says otherwise. mmedge's openvino packages compute fp32 graphs in f32 and the"
+              " float parts of int8/int4 graphs in bf16 where that is OpenVINO's CPU default (f32 elsewhere), unless"
+              " a row says otherwise (`--inference-precision`); onnxruntime computes in f32 (no bf16 arithmetic in"
+              " its x86 CPU kernels). Weights are what the row names.", "",
               "Roofline: read bandwidth / bytes the decoder reads per new token (its weights without the"
               " embedding table, plus the KV cache at the final length), for the mmedge packages, whose"
               " decoder bytes are known exactly from the package (halved for bf16 compute: OpenVINO converts"

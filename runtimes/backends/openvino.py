@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
 PRECISIONS = ("f32", "bf16", "f16")
 KV_PRECISIONS = ("f32", "f16", "u8")
+QUANTIZED = ("int8", "int4")  # graph precisions (the manifest's) whose weights are quantized
 CACHE_LIMIT_ENV = "MMEDGE_OPENVINO_CACHE_MB"
 CACHE_LIMIT_MB = 8192  # the compiled graphs of ~3 fp32 SmolVLM-256M packages, or one 2B-class package at int4
 
@@ -197,8 +198,14 @@ class OpenVinoBackend:
     device: OpenVINO device name passed through (CPU, GPU, NPU, AUTO, ...;
     default CPU). threads: inference threads on CPU (0 = OpenVINO's choice).
     hint: performance hint, LATENCY (default) or THROUGHPUT. inference_precision
-    (CPU): f32 (default), bf16 or f16 compute; OpenVINO's own CPU default is
-    bf16 where the CPU has it, which would run an fp32 package in bf16 silently.
+    (CPU): f32, bf16 or f16 compute for every graph. Unless it is given, a graph
+    stored in float (fp32, fp16) computes in f32, so an fp32 package is not run in
+    bf16 silently (OpenVINO's own CPU default where the CPU has it); a graph with
+    quantized weights (int8, int4: `open_package` reads each graph's precision)
+    computes its float parts in bf16 where that is OpenVINO's CPU default (AVX512-BF16,
+    AMX), else in f32: its quantization moves its numbers far more than bf16 rounding
+    does (the held-out accuracy of five int8/int4 demo packages moved by at most 0.1
+    point), and it is faster (docs/performance.md, "Time to first token").
     kv_cache_precision (CPU): the precision OpenVINO keeps the decoder's KV cache in, f32 (default) or f16 / u8
     (OpenVINO's own CPU default). u8 decoded 1.20x faster on a PaliGemma-135M-shaped int4 package and cost the
     int4 demo packages 1.0-1.2 points of held-out accuracy (docs/performance.md), so it is opt-in.
@@ -236,8 +243,12 @@ class OpenVinoBackend:
         if kv_cache_precision not in (None, *KV_PRECISIONS):
             raise MmedgeError(f"unknown KV-cache precision {kv_cache_precision!r}; choose one of "
                               f"{', '.join(KV_PRECISIONS)}")
-        if base == "CPU":
-            # fp32 graphs stay fp32 (parity) unless asked otherwise, and so does a stateful KV cache (OpenVINO
+        self.on_cpu = base == "CPU"
+        self.precision = inference_precision
+        self.quantized_precision = None  # what a quantized graph computes in, unless asked: see quantized_compute
+        self.manifest = None
+        if self.on_cpu:
+            # float graphs stay f32 (parity) unless asked otherwise, and so does a stateful KV cache (OpenVINO
             # would keep it in u8); int8/int4 weights stay as they are
             self.config.update(INFERENCE_PRECISION_HINT=inference_precision or "f32",
                                KV_CACHE_PRECISION=kv_cache_precision or "f32")
@@ -260,8 +271,29 @@ class OpenVinoBackend:
             except OSError as exc:
                 log.info("OpenVINO model cache off: %s", exc)
 
+    def open_package(self, package: Path, manifest) -> None:
+        """The package's manifest, for each graph's stored precision (`load`)."""
+        self.manifest = manifest
+
+    def compute_precision(self, path: Path) -> str | None:
+        """The INFERENCE_PRECISION_HINT graph `path` compiles with (None: the device's own choice, off CPU)."""
+        if not self.on_cpu:
+            return self.precision
+        if self.precision:
+            return self.precision
+        part = self.manifest.graph_of(Path(path).name) if self.manifest else None
+        stored = self.manifest.graphs[part].precision if part is not None else None
+        if stored in QUANTIZED:
+            if self.quantized_precision is None:
+                self.quantized_precision = quantized_compute(self.core)
+            return self.quantized_precision
+        return "f32"
+
     def load(self, path: Path):
         config = self.config
+        precision = self.compute_precision(path)
+        if precision and config.get("INFERENCE_PRECISION_HINT") != precision:
+            config = {**config, "INFERENCE_PRECISION_HINT": precision}
         if self.cache is not None:
             try:
                 config = {**config, "CACHE_DIR": str(self.cache.folder(Path(path).parent))}
@@ -273,6 +305,16 @@ class OpenVinoBackend:
         except Exception as exc:  # openvino raises RuntimeError with multi-line messages
             raise MmedgeError(f"OpenVINO could not load {Path(path).name}: {reason(exc)}") from None
         return OpenVinoGraph(compiled)
+
+
+def quantized_compute(core) -> str:
+    """What a graph with quantized weights computes its float parts in on this CPU: bf16 where it is OpenVINO's
+    CPU default (AVX512-BF16, AMX), else f32. (OpenVINO's f16 default on ARM CPUs is not taken: not measured.)"""
+    try:
+        default = core.get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
+    except Exception:  # a build whose CPU plugin does not say
+        return "f32"
+    return "bf16" if default == "bf16" else "f32"
 
 
 def reason(exc: BaseException) -> str:
