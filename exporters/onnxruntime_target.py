@@ -13,7 +13,7 @@ import onnx
 import torch
 
 from mmedge.errors import ExportError, first_line
-from mmedge.exporters import lazy, repeat_layers, trace_cache
+from mmedge.exporters import encoder_attention, lazy, repeat_layers, trace_cache
 from mmedge.exporters.graphs import GraphJob
 from mmedge.manifest import TensorSpec
 
@@ -30,7 +30,24 @@ LAZY_WEIGHTS = True  # traced from ONNX graphs whose weights are read from the c
 
 
 def export_graph(job: GraphJob, path: Path) -> None:
-    """Trace `job.module` (or build it: the in-place decoder) and write `path` (weights external over 64 MB)."""
+    """The onnxruntime target's graph of `job` at `path`: its trace (`trace_graph`), where it is no decoder and
+    computes in float32, with each unmasked attention as ONNX Runtime's MultiHeadAttention (flash attention on
+    CPU: exporters/encoder_attention.py)."""
+    trace_graph(job, path)
+    if job.kv_storage is not None or job.precision == "fp16":  # (CPU MultiHeadAttention: float32 only)
+        return
+    model = onnx.load(str(path), load_external_data=False)  # the weights of a big graph stay in its data file
+    fused = encoder_attention.fuse(model)
+    if fused:
+        temporary = path.with_name(f".fused-{path.name}")  # beside it: the data file's relative path holds
+        onnx.save_model(model, str(temporary))
+        temporary.replace(path)
+        log.info("%s: %d attentions as MultiHeadAttention", job.name, fused)
+
+
+def trace_graph(job: GraphJob, path: Path) -> None:
+    """Trace `job.module` (or build it: the in-place decoder) and write `path` (weights external over 64 MB): the
+    ONNX graph every ONNX-fed target starts from (onnxruntime, tensorrt, openvino)."""
     if job.kv_storage == "in_place":
         model, deferred = job.module.build()
         lazy.write_model(model, deferred, path, external=_weight_bytes(model, deferred) > EXTERNAL_DATA_BYTES)
@@ -108,7 +125,7 @@ def _past_and_new_from_buffer_trace(job: GraphJob, path: Path) -> None:
 
     source = with_kv_storage(job, "buffer")
     source.trace_cache = job.trace_cache
-    export_graph(source, path)
+    trace_graph(source, path)
     job.repeated_layers = source.repeated_layers
     if getattr(source, "_trace_key", None):  # what is converted from this graph is kept under a key of its own
         job._trace_key = source._trace_key + "|past and new"

@@ -65,7 +65,7 @@ def export_graph(job: GraphJob, path: Path) -> None:
 
     onnx_path = _onnx_path(path)
     onnx_path.parent.mkdir(exist_ok=True)
-    onnx_target.export_graph(job, onnx_path)
+    onnx_target.trace_graph(job, onnx_path)
     if converted_once_quantized(job, onnx_path):
         path.unlink(missing_ok=True)  # (an IR left by an earlier attempt at this stage)
         return

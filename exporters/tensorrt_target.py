@@ -27,10 +27,10 @@ from mmedge.errors import ExportError
 from mmedge.exporters import tensorrt_ops
 from mmedge.exporters.onnxruntime_target import (  # noqa: F401 (the target API)
     LAZY_WEIGHTS,
-    export_graph,
     io_specs,
     verify_graph,
 )
+from mmedge.exporters.onnxruntime_target import trace_graph as export_graph  # noqa: F401 (no com.microsoft ops)
 from mmedge.manifest import Manifest
 
 SUFFIX = ".onnx"
