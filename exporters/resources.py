@@ -51,7 +51,10 @@ class Weights:
 # Tensors, by name, that one exported graph holds together: a vision tower (and what feeds it), a text or audio
 # encoder, and the rest (a decoder's layers, its norm and LM head: the decoder graph, which also holds a tied
 # embedding table as its head; the table itself, its own graph, is counted in none of them).
-_VISION = re.compile(r"vision|visual|image|multi_modal|mm_projector|qformer|query_tokens|connector")
+# (BLIP-2's language_projection, Idefics' perceiver and InternVL's remote-code mlp1 feed the decoder from the
+# vision side under names of their own)
+_VISION = re.compile(r"vision|visual|image|multi_modal|mm_projector|qformer|query_tokens|connector"
+                     r"|language_projection|perceiver|^mlp1\.")
 _ENCODER = re.compile(r"(^|\.)encoder\.")
 _EMBEDDING = re.compile(r"embed_tokens|wte\.|word_embeddings")
 _HEAD = re.compile(r"lm_head|proj_out")

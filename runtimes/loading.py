@@ -138,9 +138,9 @@ class PackageGraphs:
         else the engine's choice). inference_precision (OpenVINO on
         CPU): compute precision of every graph, "f32", "bf16" or "f16"; by
         default f32 for graphs stored in float, and bf16 for the float parts
-        of int8/int4 graphs where that is OpenVINO's CPU default (else f32). kv_cache_precision (OpenVINO): "f32" (default),
-        "f16" or "u8", the KV cache's precision (u8: faster decode, answers
-        may change). verify: check every file's size and sha256
+        of int8/int4 graphs where that is OpenVINO's CPU default (else f32).
+        kv_cache_precision (OpenVINO): "f32" (default), "f16" or "u8", the KV
+        cache's precision (u8: faster decode, answers may change). verify: check every file's size and sha256
         against the manifest first; a file that is the very file verified at
         an earlier load (same inode, size, mtime and ctime, recorded under
         $MMEDGE_CACHE/verified) is not read again; "full": hash every byte;

@@ -117,6 +117,23 @@ def test_export_refuses_at_once_what_memory_or_disk_clearly_cannot_hold(checkpoi
     assert not (tmp_path / "out").exists()
 
 
+def test_checkpoint_tensors_are_counted_with_the_graph_that_holds_them():
+    """The export's memory count groups a checkpoint's tensors by graph from their names: projectors named
+    otherwise than "projector" (BLIP-2, Idefics, InternVL's remote code) with the vision side, not the decoder."""
+    from mmedge.exporters.resources import graph_group
+
+    vision = ["vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight", "model.visual.blocks.0.attn.qkv.weight",
+              "multi_modal_projector.linear_1.weight", "qformer.encoder.layer.0.attention.attention.query.weight",
+              "language_projection.weight", "model.perceiver_resampler.latents", "mlp1.1.weight",
+              "model.connector.modality_projection.proj.weight"]
+    decoder = ["language_model.model.layers.0.mlp.gate_proj.weight", "model.language_model.norm.weight",
+               "lm_head.weight", "model.layers.3.mlp1.weight"]
+    assert {name: graph_group(name) for name in vision} == dict.fromkeys(vision, "vision")
+    assert {name: graph_group(name) for name in decoder} == dict.fromkeys(decoder, "decoder")
+    assert graph_group("model.encoder.layers.0.fc1.weight") == "encoder"
+    assert graph_group("language_model.model.embed_tokens.weight") is None
+
+
 def test_core_ml_export_counts_the_converters_copy_of_its_largest_graph(checkpoints, tmp_path, monkeypatch):
     """Core ML converts from the torch model whole, and converting a graph to compute in float16, coremltools
     makes its own copies of the graph's weights beside it: an fp16 (int8, int4) export to it needs the model's

@@ -204,7 +204,7 @@ class OpenVinoBackend:
     quantized weights (int8, int4: `open_package` reads each graph's precision)
     computes its float parts in bf16 where that is OpenVINO's CPU default (AVX512-BF16,
     AMX), else in f32: its quantization moves its numbers far more than bf16 rounding
-    does (the held-out accuracy of five int8/int4 demo packages moved by at most 0.1
+    does (the held-out accuracy of nine int8/int4 demo packages moved by at most 0.1
     point), and it is faster (docs/performance.md, "Time to first token").
     kv_cache_precision (CPU): the precision OpenVINO keeps the decoder's KV cache in, f32 (default) or f16 / u8
     (OpenVINO's own CPU default). u8 decoded 1.20x faster on a PaliGemma-135M-shaped int4 package and cost the
