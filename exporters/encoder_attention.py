@@ -35,6 +35,8 @@ def fuse(model: onnx.ModelProto) -> int:
             readers.setdefault(i, []).append(n)
     outputs = {o.name for o in g.output}
     dims = _dims(model)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    default_axis = -1 if opset >= 13 else 1  # Softmax's axis when the node names none
 
     def const(name: str):
         return numpy_helper.to_array(consts[name]) if name in consts else None
@@ -77,10 +79,12 @@ def fuse(model: onnx.ModelProto) -> int:
             return None, 0.0, None
         return made_by(node.input[1 - side], "MatMul"), value if node.op_type == "Mul" else 1.0 / value, node
 
-    fused: dict[int, onnx.NodeProto] = {}  # id(the final Reshape) -> the node taking its place
+    # nodes by their first output's name (unique in a graph; protobuf's message wrappers are no stable identity)
+    fused: dict[str, onnx.NodeProto] = {}  # the final Reshape's -> the node taking its place
     dropped: list[onnx.NodeProto] = []
     for softmax in [n for n in g.node if n.op_type == "Softmax"]:
-        if next((a.i for a in softmax.attribute if a.name == "axis"), -1) not in (-1, 3) or not read_once(softmax):
+        axis = next((a.i for a in softmax.attribute if a.name == "axis"), default_axis)
+        if axis not in (-1, 3) or not read_once(softmax):
             continue
         scores, scale, scaling = scaled(softmax.input[0])
         if scores is None or not read_once(scores):
@@ -97,14 +101,14 @@ def fuse(model: onnx.ModelProto) -> int:
         if shape is None or shape.shape != (3,) or int(shape[2]) != q[1] * v[2] \
                 or not _splits(dims.get(q[0]), [int(s) for s in shape[:2]], None):
             continue
-        fused[id(merge)] = helper.make_node("MultiHeadAttention", [q[0], k[0], v[0]], [merge.output[0]],
+        fused[merge.output[0]] = helper.make_node("MultiHeadAttention", [q[0], k[0], v[0]], [merge.output[0]],
                                             name=f"{softmax.name or merge.output[0]}/MultiHeadAttention",
                                             domain=DOMAIN, num_heads=q[1], scale=scale)
         dropped += [scores, softmax, mix, back, merge, *q[3], *k[3], *v[3]] + ([scaling] if scaling else [])
     if not fused:
         return 0
-    gone = {id(n) for n in dropped}
-    nodes = [fused.get(id(n), n) for n in g.node if id(n) in fused or id(n) not in gone]
+    gone = {n.output[0] for n in dropped}
+    nodes = [fused.get(n.output[0], n) for n in g.node if n.output[0] in fused or n.output[0] not in gone]
     del g.node[:]
     g.node.extend(nodes)
     # the constants only the rewritten nodes read (reshape targets, scales) go with them
