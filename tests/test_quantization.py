@@ -121,7 +121,8 @@ def test_openvino_quantized_graphs_compute_in_the_cpus_fast_precision_and_float_
 
     def hints(package, **options) -> dict:
         pipe = Pipeline.load(package, threads=1, model_cache=False, **options)
-        return {part: g.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() for part, g in pipe.graphs.items()}
+        return {part: g.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+                for part, g in pipe.graphs.items()}
 
     stored = {part: g["precision"] for part, g in json.loads((mixed / MANIFEST_NAME).read_text())["graphs"].items()}
     assert stored["vision_encoder"] == "fp32" and stored["decoder"] == "int4", stored

@@ -247,16 +247,10 @@ class OpenVinoBackend:
         self.precision = inference_precision
         self.quantized_precision = None  # what a quantized graph computes in, unless asked: see quantized_compute
         self.manifest = None
-        if self.on_cpu:
-            # float graphs stay f32 (parity) unless asked otherwise, and so does a stateful KV cache (OpenVINO
-            # would keep it in u8); int8/int4 weights stay as they are
-            self.config.update(INFERENCE_PRECISION_HINT=inference_precision or "f32",
-                               KV_CACHE_PRECISION=kv_cache_precision or "f32")
-        else:
-            if inference_precision:
-                self.config["INFERENCE_PRECISION_HINT"] = inference_precision
-            if kv_cache_precision:
-                self.config["KV_CACHE_PRECISION"] = kv_cache_precision
+        # a stateful KV cache stays f32 on CPU unless asked (OpenVINO would keep it in u8); each graph's compute
+        # precision is set as it loads (compute_precision)
+        if self.on_cpu or kv_cache_precision:
+            self.config["KV_CACHE_PRECISION"] = kv_cache_precision or "f32"
         if cache_dir == "default":
             from mmedge.manifest import user_cache_dir
 
@@ -276,10 +270,9 @@ class OpenVinoBackend:
         self.manifest = manifest
 
     def compute_precision(self, path: Path) -> str | None:
-        """The INFERENCE_PRECISION_HINT graph `path` compiles with (None: the device's own choice, off CPU)."""
-        if not self.on_cpu:
-            return self.precision
-        if self.precision:
+        """The INFERENCE_PRECISION_HINT graph `path` compiles with (None: the device's own choice, off CPU). On CPU:
+        the one asked for; else f32 for a graph stored in float (parity), and for int8/int4 ones quantized_compute."""
+        if self.precision or not self.on_cpu:
             return self.precision
         part = self.manifest.graph_of(Path(path).name) if self.manifest else None
         stored = self.manifest.graphs[part].precision if part is not None else None
@@ -292,7 +285,7 @@ class OpenVinoBackend:
     def load(self, path: Path):
         config = self.config
         precision = self.compute_precision(path)
-        if precision and config.get("INFERENCE_PRECISION_HINT") != precision:
+        if precision:
             config = {**config, "INFERENCE_PRECISION_HINT": precision}
         if self.cache is not None:
             try:
